@@ -1,0 +1,312 @@
+//! The one place that maps failures to HTTP: every error leaves as RFC 9457 problem+json.
+//!
+//! Handlers return [`ApiError`]. Its `IntoResponse` sets the status and headers and attaches a
+//! [`Problem`] to the response; [`render_problems`] (the outermost middleware after the request
+//! id) writes the body with the request id, and also turns bare error responses made by layers
+//! (405 from the router, 413 from the body limit, a caught panic, a timeout) into problems.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::request_id::RequestId;
+
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// A dependency the api cannot work without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Postgres,
+    Redis,
+    RabbitMq,
+}
+
+impl Dependency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dependency::Postgres => "postgres",
+            Dependency::Redis => "redis",
+            Dependency::RabbitMq => "rabbitmq",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the request body is larger than the limit")]
+    PayloadTooLarge,
+    #[error("the request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("the phone number is not valid")]
+    InvalidPhoneNumber,
+    #[error("OTPs cannot be sent to this country")]
+    CountryNotAllowed,
+    #[error("the OTP must be {length} digits")]
+    InvalidOtpFormat { length: u32 },
+    #[error("the OTP is wrong, expired, already used or was never requested")]
+    InvalidOtp,
+    #[error("too many wrong guesses: request a new OTP")]
+    TooManyAttempts,
+    #[error("too many OTP requests: retry later")]
+    RateLimited { retry_after: Duration },
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    #[error("the refresh token is unknown, expired, revoked or was already used")]
+    InvalidRefreshToken,
+    #[error("no such resource")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("{} is unavailable", .dependency.name())]
+    Unavailable {
+        dependency: Dependency,
+        #[source]
+        source: anyhow::Error,
+    },
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+/// Seconds a client should wait before retrying after a 503.
+const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
+
+impl ApiError {
+    pub fn unavailable(dependency: Dependency, source: impl Into<anyhow::Error>) -> Self {
+        Self::Unavailable {
+            dependency,
+            source: source.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::InvalidPhoneNumber | Self::CountryNotAllowed | Self::InvalidOtpFormat { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::InvalidOtp | Self::Unauthorized | Self::InvalidRefreshToken => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::TooManyAttempts | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable, machine-readable `code` of SPEC §3.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::InvalidPhoneNumber => "invalid_phone_number",
+            Self::CountryNotAllowed => "country_not_allowed",
+            Self::InvalidOtpFormat { .. } => "invalid_otp_format",
+            Self::InvalidOtp => "invalid_otp",
+            Self::TooManyAttempts => "too_many_attempts",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::InvalidRefreshToken => "invalid_refresh_token",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// What the client is told. Causes of 500s and 503s stay in the log.
+    fn detail(&self) -> String {
+        match self {
+            Self::Internal(_) => "an unexpected error occurred; it has been logged".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::Internal(source) => {
+                tracing::error!(error = ?source, "internal error");
+            }
+            Self::Unavailable { dependency, source } => {
+                tracing::warn!(dependency = dependency.name(), error = %error_chain(source), "dependency unavailable");
+            }
+            _ => {}
+        }
+        let status = self.status();
+        let mut response = status.into_response();
+        let headers = response.headers_mut();
+        match &self {
+            Self::RateLimited { retry_after } => {
+                // Round up: retrying a fraction of a second early would only be refused again.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            Self::Unavailable { .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS),
+                );
+            }
+            Self::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response.extensions_mut().insert(Problem {
+            code: self.code(),
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: self.detail(),
+            extra: None,
+        });
+        response
+    }
+}
+
+/// `a: b: c` for an error and its sources, for a log line.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    error
+        .chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// An RFC 9457 problem, rendered by [`render_problems`] once the request id is known.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub code: &'static str,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    /// More members, e.g. the per-dependency checks of `/readyz`.
+    pub extra: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ProblemBody<'a> {
+    /// A URI naming the problem type: `urn:otp-auth:problem:{code}`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'a str,
+    pub status: u16,
+    pub detail: &'a str,
+    /// Stable, machine-readable error code.
+    pub code: &'a str,
+    pub request_id: &'a str,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub extra: Option<&'a serde_json::Value>,
+}
+
+impl Problem {
+    /// The problem for an error response that a layer produced without one.
+    fn for_bare_status(status: StatusCode) -> Self {
+        let error = match status {
+            StatusCode::NOT_FOUND => ApiError::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+            StatusCode::REQUEST_TIMEOUT
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => {
+                return Problem {
+                    code: "unavailable",
+                    title: "Service Unavailable",
+                    status: StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+                    detail: "the request took too long; retry later".to_owned(),
+                    extra: None,
+                };
+            }
+            s if s.is_client_error() => {
+                ApiError::InvalidRequest(s.canonical_reason().unwrap_or("bad request").to_owned())
+            }
+            _ => ApiError::Internal(anyhow::anyhow!("unhandled {status}")),
+        };
+        Problem {
+            code: error.code(),
+            title: error.status().canonical_reason().unwrap_or("Error"),
+            status: error.status().as_u16(),
+            detail: error.detail(),
+            extra: None,
+        }
+    }
+
+    fn into_body(self, request_id: &str) -> Vec<u8> {
+        let body = ProblemBody {
+            kind: format!("urn:otp-auth:problem:{}", self.code),
+            title: self.title,
+            status: self.status,
+            detail: &self.detail,
+            code: self.code,
+            request_id,
+            extra: self.extra.as_ref(),
+        };
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+/// Writes every error response as problem+json carrying the request id.
+pub async fn render_problems(request: Request, next: Next) -> Response {
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default();
+    let response = next.run(request).await;
+    let status = response.status();
+    let problem = response.extensions().get::<Problem>().cloned();
+    let problem = match problem {
+        Some(problem) => problem,
+        None if status.is_client_error() || status.is_server_error() => {
+            let already_problem = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|ct| ct.as_bytes().starts_with(PROBLEM_CONTENT_TYPE.as_bytes()));
+            if already_problem {
+                return response;
+            }
+            let problem = Problem::for_bare_status(status);
+            if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(%status, "a layer answered with a bare server error");
+            }
+            problem
+        }
+        None => return response,
+    };
+    let (mut parts, _) = response.into_parts();
+    let body = problem.into_body(&request_id);
+    if matches!(
+        parts.status,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT
+    ) {
+        parts.status = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if parts.status == StatusCode::SERVICE_UNAVAILABLE
+        && !parts.headers.contains_key(header::RETRY_AFTER)
+    {
+        parts.headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS),
+        );
+    }
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
+}

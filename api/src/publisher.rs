@@ -1,0 +1,197 @@
+//! Publishes `OtpRequested` with publisher confirms. Many publishes share one confirm-mode
+//! channel and their confirms are awaited concurrently, so throughput is not bound by one round
+//! trip per request. The connection is (re)made on demand: an api started while the broker is
+//! down keeps serving, answers 503 for OTP requests, and recovers by itself.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+use shared::event::{CONTENT_TYPE, MESSAGE_TYPE, REQUEST_ID_HEADER, ROUTING_KEY};
+use shared::{OtpRequested, Topology};
+use time::OffsetDateTime;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Without a quorum majority a confirm never comes; a request must not wait forever for it.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed connect, fail fast for this long instead of making every request wait for
+/// its own connect attempt.
+const RECONNECT_COOLDOWN: Duration = Duration::from_millis(500);
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot connect to RabbitMQ: {0}")]
+    Connect(String),
+    #[error("RabbitMQ refused the publish: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("RabbitMQ did not confirm the publish in time")]
+    ConfirmTimeout,
+    #[error("RabbitMQ nacked the publish")]
+    Nacked,
+    #[error("the message could not be routed to the sms queue")]
+    Unroutable,
+    #[error("the OTP expired before it could be published")]
+    Expired,
+}
+
+struct Link {
+    // Kept so the connection lives as long as its channel.
+    _connection: Connection,
+    channel: Channel,
+}
+
+pub struct Publisher {
+    url: SecretString,
+    topology: Topology,
+    link: Mutex<Option<std::sync::Arc<Link>>>,
+    connecting: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl Publisher {
+    pub fn new(url: SecretString, topology: Topology) -> Self {
+        Self {
+            url,
+            topology,
+            link: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn current(&self) -> Option<std::sync::Arc<Link>> {
+        let link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        link.as_ref()
+            .filter(|l| l.channel.status().connected())
+            .cloned()
+    }
+
+    /// A connected confirm-mode channel, connecting first if need be (one connect at a time).
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        if let Some(link) = self.current() {
+            return Ok(link.channel.clone());
+        }
+        let mut last_failure = self.connecting.lock().await;
+        if let Some(link) = self.current() {
+            return Ok(link.channel.clone());
+        }
+        if last_failure.is_some_and(|at| at.elapsed() < RECONNECT_COOLDOWN) {
+            return Err(PublishError::Connect(
+                "recently failed; retrying shortly".into(),
+            ));
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
+            Ok(Ok(link)) => {
+                *last_failure = None;
+                let channel = link.channel.clone();
+                *self.link.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(std::sync::Arc::new(link));
+                tracing::info!("connected to RabbitMQ");
+                Ok(channel)
+            }
+            Ok(Err(e)) => {
+                *last_failure = Some(Instant::now());
+                Err(PublishError::Connect(e.to_string()))
+            }
+            Err(_) => {
+                *last_failure = Some(Instant::now());
+                Err(PublishError::Connect("timed out".into()))
+            }
+        }
+    }
+
+    async fn connect(&self) -> lapin::Result<Link> {
+        let properties = ConnectionProperties::default().with_connection_name("otp-api".into());
+        let connection = Connection::connect(self.url.expose_secret(), properties).await?;
+        let channel = connection.create_channel().await?;
+        self.topology.declare(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Link {
+            _connection: connection,
+            channel,
+        })
+    }
+
+    /// Forgets a channel that failed, so the next publish opens a fresh one (a channel can keep
+    /// rejecting publishes after a broker restart or a quorum leader change).
+    fn discard(&self, failed: &Channel) {
+        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        if link.as_ref().is_some_and(|l| l.channel.id() == failed.id()) {
+            *link = None;
+        }
+    }
+
+    /// Returns once the broker has confirmed that the event is stored.
+    pub async fn publish(&self, event: &OtpRequested) -> Result<(), PublishError> {
+        let ttl_ms = event.millis_left(OffsetDateTime::now_utc());
+        if ttl_ms == 0 {
+            return Err(PublishError::Expired);
+        }
+        let channel = self.channel().await?;
+        let result = self.publish_on(&channel, event, ttl_ms).await;
+        if matches!(
+            result,
+            Err(PublishError::Broker(_) | PublishError::ConfirmTimeout)
+        ) {
+            self.discard(&channel);
+        }
+        result
+    }
+
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        event: &OtpRequested,
+        ttl_ms: u64,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(event).expect("an event always serialises");
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from(REQUEST_ID_HEADER),
+            AMQPValue::LongString(event.request_id.clone().into()),
+        );
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type(CONTENT_TYPE.into())
+            .with_message_id(event.event_id.to_string().into())
+            .with_type(MESSAGE_TYPE.into())
+            .with_timestamp(u64::try_from(event.requested_at.unix_timestamp()).unwrap_or_default())
+            .with_headers(headers)
+            // The broker dead-letters the event (x-death reason `expired`) rather than deliver a
+            // code that no longer works.
+            .with_expiration(ttl_ms.to_string().into());
+        let confirm = async {
+            let pending = channel
+                .basic_publish(
+                    self.topology.events_exchange().into(),
+                    ROUTING_KEY.into(),
+                    // mandatory: an event that reaches no queue comes back instead of vanishing.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await?;
+            Ok::<_, lapin::Error>(pending.await?)
+        };
+        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Err(_) => Err(PublishError::ConfirmTimeout),
+            Ok(Err(e)) => Err(PublishError::Broker(e)),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
+            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        }
+    }
+
+    /// For `/readyz`: whether a channel is (or can now be) open.
+    pub async fn check(&self) -> Result<(), PublishError> {
+        self.channel().await.map(|_| ())
+    }
+}

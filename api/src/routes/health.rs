@@ -1,0 +1,98 @@
+//! `/healthz`, `/readyz`, `/metrics`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::Problem;
+use crate::state::AppState;
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Up")))]
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn probe<F, E>(check: F) -> Result<(), String>
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
+/// Whether PostgreSQL, Redis and RabbitMQ are reachable (and the schema migrated).
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready"),
+    (status = 503, description = "`unavailable`, naming the dependency that is down", body = crate::error::ProblemBody, content_type = "application/problem+json"),
+))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let postgres = probe(async {
+        sqlx::query("SELECT 1").execute(state.raw_pool()).await?;
+        if state.db().is_err() {
+            return Err(anyhow::anyhow!("migrations not applied yet"));
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let redis = probe(async {
+        let mut conn = state.redis();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+    });
+    let rabbitmq = probe(state.publisher.check());
+    let (postgres, redis, rabbitmq) = tokio::join!(postgres, redis, rabbitmq);
+    let results = [
+        ("postgres", postgres),
+        ("redis", redis),
+        ("rabbitmq", rabbitmq),
+    ];
+    let down: Vec<&str> = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(n, _)| *n)
+        .collect();
+    let checks: serde_json::Map<String, serde_json::Value> = results
+        .iter()
+        .map(|(name, result)| {
+            let value = match result {
+                Ok(()) => json!("up"),
+                Err(e) => json!(format!("down: {e}")),
+            };
+            ((*name).to_owned(), value)
+        })
+        .collect();
+    if down.is_empty() {
+        return Json(json!({"status": "ready", "checks": checks})).into_response();
+    }
+    let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, 2.into());
+    response.extensions_mut().insert(Problem {
+        code: "unavailable",
+        title: "Service Unavailable",
+        status: 503,
+        detail: format!("not ready: {} unavailable", down.join(", ")),
+        extra: Some(json!({"checks": checks})),
+    });
+    response
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared::telemetry::metrics_handle().render(),
+    )
+}

@@ -1,0 +1,293 @@
+//! Configuration comes only from environment variables, parsed once at start-up into types.
+//!
+//! Every variable has a default that works against the local services, except provider secrets.
+//! A bad value is reported as one line naming the variable, and the program exits non-zero.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::str::FromStr;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// One bad configuration variable: `NAME: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {name}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(name: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A snapshot of the environment. Tests build one from pairs instead of mutating the process's.
+#[derive(Clone, Default)]
+pub struct Env {
+    vars: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Env {
+    // Values may be secrets: only the names are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.vars.keys().collect();
+        names.sort();
+        f.debug_struct("Env").field("names", &names).finish()
+    }
+}
+
+impl Env {
+    pub fn from_process() -> Self {
+        Self {
+            vars: std::env::vars().collect(),
+        }
+    }
+
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    /// The raw value; an empty value counts as unset.
+    pub fn raw(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn string(&self, name: &'static str, default: &str) -> String {
+        self.raw(name).unwrap_or(default).to_owned()
+    }
+
+    pub fn optional_string(&self, name: &'static str) -> Option<String> {
+        self.raw(name).map(str::to_owned)
+    }
+
+    pub fn secret(&self, name: &'static str) -> Option<SecretString> {
+        self.raw(name).map(|v| SecretString::from(v.to_owned()))
+    }
+
+    /// Parses `name` with `FromStr`, or returns `default` when unset.
+    pub fn parse<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(value) => value
+                .parse()
+                .map_err(|e| ConfigError::new(name, format!("cannot parse {value:?}: {e}"))),
+        }
+    }
+
+    /// Like [`Env::parse`] for integers that must lie in `min..=max`.
+    pub fn integer_in<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + Display + Copy,
+        T::Err: Display,
+    {
+        let value = self.parse(name, default)?;
+        if value < min || value > max {
+            return Err(ConfigError::new(
+                name,
+                format!("{value} is out of range; expected {min} to {max}"),
+            ));
+        }
+        Ok(value)
+    }
+
+    pub fn boolean(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(name).map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(default),
+            Some("1" | "true" | "yes" | "on") => Ok(true),
+            Some("0" | "false" | "no" | "off") => Ok(false),
+            Some(other) => Err(ConfigError::new(
+                name,
+                format!("{other:?} is not a boolean; use true or false"),
+            )),
+        }
+    }
+}
+
+/// How the two AMQP queues are declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated Raft queue: survives the loss of a node in a cluster.
+    Quorum,
+    Classic,
+}
+
+impl FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "quorum" => Ok(Self::Quorum),
+            "classic" => Ok(Self::Classic),
+            _ => Err("expected quorum or classic".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "pretty" => Ok(Self::Pretty),
+            "json" => Ok(Self::Json),
+            _ => Err("expected pretty or json".into()),
+        }
+    }
+}
+
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_NAMESPACE: &str = "otp";
+
+/// What both programs read: where the shared services are and how they are named.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    /// May carry a password, hence secret.
+    pub redis_url: SecretString,
+    /// Carries the broker password, hence secret.
+    pub amqp_url: SecretString,
+    /// Prefix of every exchange, queue and Redis key.
+    pub namespace: String,
+    pub queue_type: QueueType,
+    pub log_format: LogFormat,
+}
+
+impl CommonConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let redis_url = env.string("REDIS_URL", DEFAULT_REDIS_URL);
+        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+            return Err(ConfigError::new(
+                "REDIS_URL",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        let amqp_url = env.string("AMQP_URL", DEFAULT_AMQP_URL);
+        if let Err(e) = amqp_url.parse::<lapin::uri::AMQPUri>() {
+            return Err(ConfigError::new(
+                "AMQP_URL",
+                format!("not an AMQP URI: {e}"),
+            ));
+        }
+        let namespace = env.string("NAMESPACE", DEFAULT_NAMESPACE);
+        validate_namespace(&namespace)?;
+        Ok(Self {
+            redis_url: redis_url.into(),
+            amqp_url: amqp_url.into(),
+            namespace,
+            queue_type: env.parse("AMQP_QUEUE_TYPE", QueueType::Quorum)?,
+            log_format: env.parse("LOG_FORMAT", LogFormat::Pretty)?,
+        })
+    }
+
+    /// Local defaults under another namespace: what tests start from.
+    pub fn local(namespace: &str) -> Self {
+        Self {
+            redis_url: DEFAULT_REDIS_URL.into(),
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            namespace: namespace.to_owned(),
+            queue_type: QueueType::Classic,
+            log_format: LogFormat::Pretty,
+        }
+    }
+
+    pub fn topology(&self) -> crate::Topology {
+        crate::Topology::new(&self.namespace, self.queue_type)
+    }
+}
+
+fn validate_namespace(namespace: &str) -> Result<(), ConfigError> {
+    let ok = namespace.len() <= 64
+        && namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            "NAMESPACE",
+            "use at most 64 letters, digits, '-', '_' or '.'",
+        ))
+    }
+}
+
+/// A URL with its password replaced, fit for a log line.
+pub fn redact_url(url: &SecretString) -> String {
+    let url = url.expose_secret();
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_with_an_empty_environment() {
+        let config = CommonConfig::from_env(&Env::default()).expect("defaults are valid");
+        assert_eq!(config.namespace, "otp");
+        assert_eq!(config.queue_type, QueueType::Quorum);
+        assert_eq!(config.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let env = Env::from_pairs([("AMQP_QUEUE_TYPE", "stream")]);
+        let err = CommonConfig::from_env(&env).unwrap_err();
+        assert_eq!(err.name, "AMQP_QUEUE_TYPE");
+        assert!(err.to_string().contains("AMQP_QUEUE_TYPE"));
+
+        let env = Env::from_pairs([("NAMESPACE", "a b")]);
+        assert_eq!(CommonConfig::from_env(&env).unwrap_err().name, "NAMESPACE");
+
+        let env = Env::from_pairs([("X", "11")]);
+        assert_eq!(env.integer_in("X", 6u32, 4, 10).unwrap_err().name, "X");
+        assert_eq!(env.integer_in("Y", 6u32, 4, 10), Ok(6));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let env = Env::from_pairs([("AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f")]);
+        let config = CommonConfig::from_env(&env).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert!(!format!("{env:?}").contains("hunter2"));
+        assert_eq!(
+            redact_url(&config.amqp_url),
+            "amqp://user:***@rabbit:5672/%2f"
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! What the `api` and the `sms-worker` both need: the `OtpRequested` event, configuration loading,
+//! the AMQP topology, telemetry (logs and metrics) and the phone-number mask used in every log line.
+
+pub mod config;
+pub mod event;
+pub mod phone;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::{CommonConfig, ConfigError, Env, LogFormat, QueueType};
+pub use event::OtpRequested;
+pub use phone::mask_phone;
+pub use topology::Topology;

@@ -1,0 +1,178 @@
+//! The AMQP objects of SPEC §4, declared idempotently by both programs at start-up, so either one
+//! can start first.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::QueueType;
+
+/// Redeliveries of one message before the broker dead-letters it itself. The worker handles
+/// retries while it holds a message, so a message only comes back when a worker died holding it;
+/// a message that kills workers repeatedly must not loop forever.
+pub const SMS_DELIVERY_LIMIT: i64 = 10;
+/// The dead-letter queue keeps at most this many entries (the oldest are dropped first) ...
+pub const DLQ_MAX_LENGTH: i64 = 100_000;
+/// ... for at most this long: a failed OTP has long expired by then and is only of forensic use.
+pub const DLQ_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
+
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub namespace: String,
+    pub queue_type: QueueType,
+}
+
+impl Topology {
+    pub fn new(namespace: &str, queue_type: QueueType) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            queue_type,
+        }
+    }
+
+    /// Topic exchange the api publishes `OtpRequested` to.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.namespace)
+    }
+
+    /// The work queue the sms-workers consume.
+    pub fn sms_queue(&self) -> String {
+        format!("{}.sms", self.namespace)
+    }
+
+    /// Fanout exchange for everything that could not be sent.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.namespace)
+    }
+
+    /// Where operators inspect failed sends.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.sms.dlq", self.namespace)
+    }
+
+    /// Declares exchanges, queues and bindings. Idempotent: the same arguments every time, so a
+    /// redeclaration by another process or version never fails with PRECONDITION_FAILED.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        // Durable everywhere: a broker restart must not lose accepted OTP requests.
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange().into(),
+                ExchangeKind::Fanout,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+
+        channel
+            .queue_declare(
+                self.sms_queue().into(),
+                durable_queue,
+                self.sms_queue_arguments(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.sms_queue().into(),
+                self.events_exchange().into(),
+                crate::event::ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+
+        channel
+            .queue_declare(
+                self.dead_letter_queue().into(),
+                durable_queue,
+                self.dead_letter_queue_arguments(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue().into(),
+                self.dead_letter_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn sms_queue_arguments(&self) -> FieldTable {
+        let mut args = self.queue_type_arguments();
+        // Expired messages (per-message TTL = time left on the OTP) and messages over the delivery
+        // limit go to the dead-letter exchange, with the reason in `x-death`.
+        insert(
+            &mut args,
+            "x-dead-letter-exchange",
+            string(self.dead_letter_exchange()),
+        );
+        if self.queue_type == QueueType::Quorum {
+            insert(
+                &mut args,
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(SMS_DELIVERY_LIMIT),
+            );
+            // At-least-once dead-lettering needs reject-publish overflow; at-most-once (the
+            // default) is kept because the worker publishes its own dead letters with confirms,
+            // and the broker only dead-letters expired or poison messages here.
+        }
+        args
+    }
+
+    fn dead_letter_queue_arguments(&self) -> FieldTable {
+        let mut args = self.queue_type_arguments();
+        // Bounded retention: a flood of failures must not fill the broker's disk.
+        insert(
+            &mut args,
+            "x-max-length",
+            AMQPValue::LongLongInt(DLQ_MAX_LENGTH),
+        );
+        insert(
+            &mut args,
+            "x-message-ttl",
+            AMQPValue::LongLongInt(DLQ_MAX_AGE_MS),
+        );
+        // No x-dead-letter-exchange and no x-delivery-limit on the DLQ: listing it returns every
+        // entry to the queue, and a quorum queue with a delivery limit would drop an entry once it
+        // had been looked at often enough. RabbitMQ 4 sets a limit of 20 by default; the worker's
+        // `dlq list` returns entries by closing its channel, which RabbitMQ 4 does not count as a
+        // failed delivery, and RabbitMQ 3.x has no default limit.
+        args
+    }
+
+    fn queue_type_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        let kind = match self.queue_type {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        insert(&mut args, "x-queue-type", string(kind.to_owned()));
+        args
+    }
+}
+
+fn insert(args: &mut FieldTable, key: &str, value: AMQPValue) {
+    args.insert(ShortString::from(key), value);
+}
+
+fn string(value: String) -> AMQPValue {
+    AMQPValue::LongString(value.into())
+}
