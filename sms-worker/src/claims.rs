@@ -1,0 +1,182 @@
+//! At most one SMS per event: a record per `event_id` in Redis.
+//!
+//! Key `{ns}:sms:{<event_id>}` (the braces make it a Redis Cluster hash tag). Values:
+//! - `sending:<token>`: a worker holds the claim and is sending. The key carries a short lease
+//!   (`SMS_CLAIM_LEASE_MS`) that the holder renews while it works, so a copy of the event
+//!   delivered at the same time waits instead of sending a second SMS, and a copy redelivered
+//!   after its worker died takes over once the lease has lapsed.
+//! - `sent`: the provider accepted the SMS. Later copies are acknowledged without sending.
+//! - `dead`: the event was dead-lettered. Later copies are acknowledged too, so an event ends as
+//!   exactly one of "sent" or "dead-lettered".
+//!
+//! `sent` and `dead` outlive any OTP (the api caps OTP lifetimes at 24 hours): by the time they
+//! expire, a copy would be dead-lettered as expired anyway.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisError, Script};
+use uuid::Uuid;
+
+/// How long a finished event is remembered, at least.
+pub const DONE_TTL: Duration = Duration::from_secs(48 * 3600);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimState {
+    /// This worker now holds the claim.
+    Acquired,
+    /// Another worker (or another copy in this one) is sending right now.
+    HeldElsewhere,
+    /// Already sent or dead-lettered: nothing left to do.
+    Done(Finished),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    Sent,
+    DeadLettered,
+}
+
+#[derive(Clone)]
+pub struct Claims {
+    redis: ConnectionManager,
+    namespace: String,
+    claim: Script,
+    renew: Script,
+    release: Script,
+}
+
+impl Claims {
+    pub fn new(redis: ConnectionManager, namespace: &str) -> Self {
+        Self {
+            redis,
+            namespace: namespace.to_owned(),
+            // One round trip, atomic: take the claim if the key is free, else say who has it.
+            claim: Script::new(
+                r"local v = redis.call('GET', KEYS[1])
+                  if not v then
+                    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+                    return 'acquired'
+                  end
+                  return v",
+            ),
+            // Only the holder may extend or drop its claim: after a lapse another worker owns it.
+            renew: Script::new(
+                r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+                    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                  end
+                  return 0",
+            ),
+            release: Script::new(
+                r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+                    return redis.call('DEL', KEYS[1])
+                  end
+                  return 0",
+            ),
+        }
+    }
+
+    pub fn key(&self, event_id: Uuid) -> String {
+        format!("{}:sms:{{{}}}", self.namespace, event_id)
+    }
+
+    /// What is known about the event, without claiming it.
+    pub async fn finished(&self, event_id: Uuid) -> Result<Option<Finished>, RedisError> {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(self.key(event_id))
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(value.as_deref().and_then(parse_finished))
+    }
+
+    pub async fn claim(
+        &self,
+        event_id: Uuid,
+        token: &str,
+        lease: Duration,
+    ) -> Result<ClaimState, RedisError> {
+        let value: String = self
+            .claim
+            .key(self.key(event_id))
+            .arg(token)
+            .arg(millis(lease))
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(match value.as_str() {
+            "acquired" => ClaimState::Acquired,
+            // Our own token: a previous attempt of this same task already holds it.
+            v if v == token => ClaimState::Acquired,
+            v => match parse_finished(v) {
+                Some(finished) => ClaimState::Done(finished),
+                None => ClaimState::HeldElsewhere,
+            },
+        })
+    }
+
+    /// Extends the lease; `false` when the claim was lost (it lapsed and someone took it).
+    pub async fn renew(
+        &self,
+        event_id: Uuid,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, RedisError> {
+        let renewed: i64 = self
+            .renew
+            .key(self.key(event_id))
+            .arg(token)
+            .arg(millis(lease))
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Gives the claim up so that a redelivered copy can try without waiting for the lease.
+    pub async fn release(&self, event_id: Uuid, token: &str) -> Result<(), RedisError> {
+        let _deleted: i64 = self
+            .release
+            .key(self.key(event_id))
+            .arg(token)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish(
+        &self,
+        event_id: Uuid,
+        finished: Finished,
+        ttl: Duration,
+    ) -> Result<(), RedisError> {
+        let value = match finished {
+            Finished::Sent => "sent",
+            Finished::DeadLettered => "dead",
+        };
+        let () = redis::cmd("SET")
+            .arg(self.key(event_id))
+            .arg(value)
+            .arg("PX")
+            .arg(millis(ttl.max(DONE_TTL)))
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+/// A fresh claim token: `sending:<uuid>`.
+pub fn new_token() -> String {
+    format!("sending:{}", Uuid::new_v4().simple())
+}
+
+fn parse_finished(value: &str) -> Option<Finished> {
+    match value {
+        "sent" => Some(Finished::Sent),
+        "dead" => Some(Finished::DeadLettered),
+        _ => None,
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}

@@ -1,0 +1,179 @@
+//! Dead letters: what could not be sent goes to `{ns}.dlx` with the reason in headers.
+
+use std::time::Duration;
+
+use lapin::Confirmation;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use shared::event::{CONTENT_TYPE, REQUEST_ID_HEADER};
+
+/// Header names of a dead-lettered copy (SPEC §4).
+pub const ERROR_KIND_HEADER: &str = "x-error-kind";
+pub const ERROR_HEADER: &str = "x-error";
+pub const ATTEMPTS_HEADER: &str = "x-attempts";
+pub const FAILED_AT_HEADER: &str = "x-failed-at";
+pub const PROVIDER_STATUS_HEADER: &str = "x-provider-status";
+pub const PROVIDER_CODE_HEADER: &str = "x-provider-code";
+
+/// Without a quorum majority a confirm never comes; the message then goes back to the queue.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+const PERSISTENT: u8 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The provider refused the message for good (a 4xx other than 408 and 429).
+    Permanent,
+    /// Retryable failures until `RETRY_MAX_ELAPSED_SECS` ran out.
+    RetriesExhausted,
+    /// The OTP expired before it could be sent (on arrival, or while retrying).
+    Expired,
+    /// The body is not an `OtpRequested` this worker can read.
+    InvalidMessage,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Permanent => "permanent",
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::Expired => "expired",
+            Self::InvalidMessage => "invalid_message",
+        }
+    }
+}
+
+/// Why one event is being dead-lettered.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub kind: ErrorKind,
+    pub error: String,
+    /// Provider calls made.
+    pub attempts: u32,
+    pub provider_status: Option<u16>,
+    pub provider_code: Option<i64>,
+}
+
+impl DeadLetter {
+    pub fn new(kind: ErrorKind, error: impl Into<String>, attempts: u32) -> Self {
+        Self {
+            kind,
+            error: error.into(),
+            attempts,
+            provider_status: None,
+            provider_code: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("no channel to RabbitMQ")]
+    NoChannel,
+    #[error("RabbitMQ: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("RabbitMQ did not confirm the dead letter in time")]
+    ConfirmTimeout,
+    #[error("RabbitMQ refused the dead letter")]
+    Nacked,
+    #[error("the dead letter reached no queue (is {0} bound?)")]
+    Unroutable(String),
+}
+
+/// Publishes the copy and waits for the broker's confirm. `body` is the event without its code,
+/// or the raw bytes of a message that could not be parsed.
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    original: &BasicProperties,
+    body: &[u8],
+    dead_letter: &DeadLetter,
+) -> Result<(), PublishError> {
+    let properties = properties(original, dead_letter, OffsetDateTime::now_utc());
+    let confirm = async {
+        let pending = channel
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                // mandatory: a copy that reaches no queue comes back instead of vanishing, and
+                // the original then stays in the work queue.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?;
+        pending.await
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Err(_) => Err(PublishError::ConfirmTimeout),
+        Ok(Err(e)) => Err(PublishError::Broker(e)),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(exchange.to_owned())),
+        Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
+    }
+}
+
+/// Persistent, JSON, the original's id, type and `x-request-id`, plus the failure headers. No
+/// `expiration`: the original's TTL would make the copy vanish from the dead-letter queue.
+pub fn properties(
+    original: &BasicProperties,
+    dead_letter: &DeadLetter,
+    now: OffsetDateTime,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(request_id) = original
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(REQUEST_ID_HEADER))
+    {
+        headers.insert(REQUEST_ID_HEADER.into(), request_id.clone());
+    }
+    insert_str(&mut headers, ERROR_KIND_HEADER, dead_letter.kind.as_str());
+    insert_str(
+        &mut headers,
+        ERROR_HEADER,
+        &truncate(&dead_letter.error, 1_000),
+    );
+    headers.insert(
+        ATTEMPTS_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(dead_letter.attempts)),
+    );
+    let failed_at = now.format(&Rfc3339).unwrap_or_default();
+    insert_str(&mut headers, FAILED_AT_HEADER, &failed_at);
+    if let Some(status) = dead_letter.provider_status {
+        headers.insert(
+            PROVIDER_STATUS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(status)),
+        );
+    }
+    if let Some(code) = dead_letter.provider_code {
+        headers.insert(PROVIDER_CODE_HEADER.into(), AMQPValue::LongLongInt(code));
+    }
+
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(ShortString::from(CONTENT_TYPE))
+        .with_timestamp(u64::try_from(now.unix_timestamp()).unwrap_or_default())
+        .with_headers(headers);
+    if let Some(id) = original.message_id() {
+        properties = properties.with_message_id(id.clone());
+    }
+    if let Some(kind) = original.kind() {
+        properties = properties.with_type(kind.clone());
+    }
+    properties
+}
+
+fn insert_str(headers: &mut FieldTable, name: &str, value: &str) {
+    headers.insert(name.into(), AMQPValue::LongString(value.into()));
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
+}

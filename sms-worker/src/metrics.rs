@@ -1,0 +1,35 @@
+//! Metric names, served in Prometheus text format on `/metrics`.
+
+/// Counter, label `outcome`: `sent`, `retried` (one per retried attempt), `dead_lettered`,
+/// `duplicate_skipped` (a copy of an event that was already handled), `requeued` (handed back to
+/// the broker, e.g. when the dead-letter publish failed).
+pub const SENDS: &str = "sms_sends_total";
+/// Counter, label `kind`: `permanent`, `retries_exhausted`, `expired`, `invalid_message`.
+pub const DEAD_LETTERS: &str = "sms_dead_letters_total";
+/// Histogram (seconds) of one provider call, labels `provider` and `outcome` (`accepted`,
+/// `retryable_error`, `permanent_error`).
+pub const PROVIDER_DURATION: &str = "sms_provider_request_duration_seconds";
+/// Gauge: deliveries being handled right now by this process.
+pub const IN_FLIGHT: &str = "sms_in_flight";
+/// Counter: connections to RabbitMQ opened (more than one means it reconnected).
+pub const AMQP_CONNECTS: &str = "sms_amqp_connections_total";
+
+pub(crate) fn send_outcome(outcome: &'static str) {
+    metrics::counter!(SENDS, "outcome" => outcome).increment(1);
+}
+
+/// Counts a delivery in [`IN_FLIGHT`] for as long as it lives.
+pub(crate) struct InFlight;
+
+impl InFlight {
+    pub(crate) fn start() -> Self {
+        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}
