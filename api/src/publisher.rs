@@ -179,7 +179,7 @@ impl Publisher {
                     properties,
                 )
                 .await?;
-            Ok::<_, lapin::Error>(pending.await?)
+            pending.await
         };
         match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
             Err(_) => Err(PublishError::ConfirmTimeout),

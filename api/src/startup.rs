@@ -65,6 +65,8 @@ impl Application {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let redis = ConnectionManager::new_lazy_with_config(redis_client, redis_config)?;
+        // Installed before the first request so no sample is lost.
+        shared::telemetry::metrics_handle();
         if config.uses_dev_otp_secret() {
             tracing::warn!(
                 "OTP_SECRET is not set: using a development value; set it in production, the same on every replica"
@@ -83,6 +85,12 @@ impl Application {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// Adds routes under the same middleware (tests use it for a handler that panics).
+    pub fn with_extra_routes(mut self, extra: Router<AppState>) -> Self {
+        self.router = router_with(self.state.clone(), extra);
+        self
     }
 
     pub fn state(&self) -> &AppState {
@@ -142,10 +150,10 @@ async fn migrate(state: &AppState) -> anyhow::Result<()> {
     let url = state.config.database_url.expose_secret();
     if !Postgres::database_exists(url).await? {
         // Another replica may win the race; that is fine.
-        if let Err(e) = Postgres::create_database(url).await {
-            if !Postgres::database_exists(url).await? {
-                return Err(e.into());
-            }
+        if let Err(e) = Postgres::create_database(url).await
+            && !Postgres::database_exists(url).await?
+        {
+            return Err(e.into());
         }
         tracing::info!("created the database");
     }
@@ -175,10 +183,17 @@ pub fn router(state: AppState) -> Router {
 }
 
 pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
+    // require_user wraps the handlers only, so a wrong method still gets 405, not 401.
+    let require_user = || middleware::from_fn(auth::require_user);
     let protected = Router::new()
-        .route("/v1/me", get(routes::session::me))
-        .route("/v1/logout", post(routes::session::logout))
-        .route_layer(middleware::from_fn(auth::require_user));
+        .route(
+            "/v1/me",
+            get(routes::session::me).route_layer(require_user()),
+        )
+        .route(
+            "/v1/logout",
+            post(routes::session::logout).route_layer(require_user()),
+        );
     let docs: Router<AppState> = utoipa_scalar::Scalar::with_url("/docs", ApiDoc::openapi()).into();
     Router::new()
         .route("/v1/otp", post(routes::otp::request_otp))

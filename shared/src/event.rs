@@ -66,6 +66,20 @@ impl OtpRequested {
         }
     }
 
+    /// A new event for a code valid for `ttl` from now; `expires_at - requested_at` is exactly `ttl`.
+    pub fn valid_for(
+        phone_number: String,
+        otp: String,
+        ttl: std::time::Duration,
+        request_id: String,
+    ) -> Self {
+        let requested_at = OffsetDateTime::now_utc();
+        Self {
+            requested_at,
+            ..Self::new(phone_number, otp, requested_at + ttl, request_id)
+        }
+    }
+
     /// Milliseconds until the OTP expires (0 when it already has).
     pub fn millis_left(&self, now: OffsetDateTime) -> u64 {
         let left = (self.expires_at - now).whole_milliseconds();

@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::{OtpRequested, mask_phone};
-use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use crate::db;
@@ -83,8 +82,7 @@ async fn issue(
     let policy = &state.config.otp;
     let code = otp::generate_code(policy.length);
     let digest = state.hasher.digest(&phone, &code);
-    let expires_at = OffsetDateTime::now_utc() + policy.ttl;
-    let event = OtpRequested::new(phone.clone(), code, expires_at, request_id.to_owned());
+    let event = OtpRequested::valid_for(phone.clone(), code, policy.ttl, request_id.to_owned());
     let event_id = event.event_id.to_string();
     let ip = ip.to_string();
     let mut redis = state.redis();

@@ -1,0 +1,222 @@
+//! Dependencies going away and coming back. Each test puts a TCP proxy of its own between the
+//! api and one server, and cuts it.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tests::proxy::TcpProxy;
+
+use crate::helpers::{PHONE, Spawn, eventually, spawn_with};
+
+async fn proxy(port: u16) -> TcpProxy {
+    TcpProxy::start(([127, 0, 0, 1], port).into())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_unreachable_gives_503_and_recovers() {
+    let redis = proxy(6379).await;
+    let app = spawn_with(
+        Spawn::default().var("REDIS_URL", format!("redis://127.0.0.1:{}", redis.port())),
+    )
+    .await;
+    assert_eq!(
+        app.request_otp("+14155550101").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    redis.go_down();
+    let reply = app.request_otp(PHONE).await;
+    reply.assert_problem(503, "unavailable");
+    assert!(reply.header("retry-after").is_some());
+    app.verify(PHONE, "123456")
+        .await
+        .assert_problem(503, "unavailable");
+    let ready = app.get("/readyz").await;
+    ready.assert_problem(503, "unavailable");
+    assert!(
+        ready.body["detail"].as_str().unwrap().contains("redis"),
+        "{}",
+        ready.body
+    );
+
+    redis.come_back();
+    eventually(
+        Duration::from_secs(15),
+        "the api to reconnect to Redis",
+        || async { (app.request_otp(PHONE).await.status == StatusCode::ACCEPTED).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
+    let broker = proxy(5672).await;
+    let app = spawn_with(Spawn::default().var(
+        "AMQP_URL",
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port()),
+    ))
+    .await;
+    assert_eq!(
+        app.request_otp("+14155550101").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    broker.go_down();
+    let reply = app.request_otp(PHONE).await;
+    reply.assert_problem(503, "unavailable");
+    assert!(reply.header("retry-after").is_some());
+    // Nothing half-done: no code is stored, and the failed attempt counts toward no limit.
+    let mut redis = app.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:otp:{{{PHONE}}}:*", app.namespace))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(keys, Vec::<String>::new());
+    let ready = app.get("/readyz").await;
+    assert!(
+        ready.body["detail"].as_str().unwrap().contains("rabbitmq"),
+        "{}",
+        ready.body
+    );
+
+    broker.come_back();
+    eventually(
+        Duration::from_secs(15),
+        "the api to reconnect to RabbitMQ",
+        || async { (app.request_otp(PHONE).await.status == StatusCode::ACCEPTED).then_some(()) },
+    )
+    .await;
+    let (event, _) = app.next_delivery(PHONE).await;
+    assert_eq!(
+        app.verify(PHONE, event.otp.as_deref().unwrap())
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn postgres_down_during_verify_keeps_the_code_usable() {
+    let postgres = proxy(5432).await;
+    let database = crate::helpers::unique("otp_test");
+    let app = spawn_with(Spawn::default().var(
+        "DATABASE_URL",
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{database}",
+            postgres.port()
+        ),
+    ))
+    .await;
+    let code = app.code_for(PHONE).await;
+
+    postgres.go_down();
+    app.verify(PHONE, &code)
+        .await
+        .assert_problem(503, "unavailable");
+    app.get_authed("/v1/me", "AAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .await
+        .assert_problem(503, "unavailable");
+
+    postgres.come_back();
+    let session = eventually(
+        Duration::from_secs(15),
+        "the api to reach PostgreSQL again",
+        || async {
+            let reply = app.verify(PHONE, &code).await;
+            (reply.status == StatusCode::OK).then_some(reply)
+        },
+    )
+    .await;
+    assert_eq!(session.body["new_user"], true);
+    drop(app);
+    crate::helpers::drop_database(&database).await;
+}
+
+#[tokio::test]
+async fn an_api_started_with_everything_down_runs_and_reports_it() {
+    let (postgres, redis, broker) = (proxy(5432).await, proxy(6379).await, proxy(5672).await);
+    postgres.go_down();
+    redis.go_down();
+    broker.go_down();
+    let database = crate::helpers::unique("otp_test");
+    let app = spawn_with(Spawn {
+        wait_ready: false,
+        ..Spawn::default()
+            .var(
+                "DATABASE_URL",
+                format!(
+                    "postgres://postgres@127.0.0.1:{}/{database}",
+                    postgres.port()
+                ),
+            )
+            .var("REDIS_URL", format!("redis://127.0.0.1:{}", redis.port()))
+            .var(
+                "AMQP_URL",
+                format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port()),
+            )
+    })
+    .await;
+    assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
+    let ready = app.get("/readyz").await;
+    ready.assert_problem(503, "unavailable");
+    let detail = ready.body["detail"].as_str().unwrap();
+    for dependency in ["postgres", "redis", "rabbitmq"] {
+        assert!(detail.contains(dependency), "{detail}");
+    }
+    app.request_otp(PHONE)
+        .await
+        .assert_problem(503, "unavailable");
+
+    postgres.come_back();
+    redis.come_back();
+    broker.come_back();
+    app.wait_until_ready().await;
+    let code = {
+        let reply = app.request_otp(PHONE).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+        // The reader is on the real broker; the event went through the proxy to it.
+        app.next_delivery(PHONE).await.0.otp.unwrap()
+    };
+    assert_eq!(app.verify(PHONE, &code).await.status, StatusCode::OK);
+    drop(app);
+    crate::helpers::drop_database(&database).await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let mut app = spawn_with(Spawn::default()).await;
+    let in_flight = {
+        let client = app.client.clone();
+        let url = app.url("/v1/otp");
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&serde_json::json!({ "phone_number": PHONE }))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    // Let the request reach the server before stopping it.
+    eventually(
+        Duration::from_secs(5),
+        "the request to be accepted",
+        || async {
+            let text = crate::helpers::captured_logs();
+            text.contains(&app.namespace)
+                .then_some(())
+                .or_else(|| in_flight.is_finished().then_some(()))
+        },
+    )
+    .await;
+    app.stop().await;
+    let status = in_flight.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(
+        reqwest::get(app.url("/healthz")).await.is_err(),
+        "no longer accepting"
+    );
+}

@@ -1,0 +1,399 @@
+//! `spawn_app`: the api in-process on port 0, with a fresh database and namespace, a reader of
+//! the events it publishes, and captured logs.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use api::{ApiConfig, Application};
+use axum::Router;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, Consumer};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shared::{Env, OtpRequested};
+use tokio::sync::oneshot;
+
+pub const PHONE: &str = "+14155550100";
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Every log line of every app in this test binary, to check what never may be logged.
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = CapturedLogs(buffer.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info,api=trace,shared=trace,tower_http=debug")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buffer
+    });
+}
+
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.get().expect("logs are captured").lock().unwrap()).into_owned()
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub namespace: String,
+    pub database: String,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    events: tokio::sync::Mutex<Option<(Connection, Consumer)>>,
+}
+
+pub struct Spawn {
+    pub vars: Vec<(String, String)>,
+    pub extra_routes: Option<Router<api::state::AppState>>,
+    /// Wait for /readyz before returning (off when a dependency is meant to be down).
+    pub wait_ready: bool,
+}
+
+impl Default for Spawn {
+    fn default() -> Self {
+        Self {
+            vars: Vec::new(),
+            extra_routes: None,
+            wait_ready: true,
+        }
+    }
+}
+
+impl Spawn {
+    pub fn var(mut self, name: &str, value: impl ToString) -> Self {
+        self.vars.push((name.to_owned(), value.to_string()));
+        self
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(Spawn::default()).await
+}
+
+pub async fn spawn_with(spawn: Spawn) -> TestApp {
+    capture_logs();
+    let namespace = unique("t");
+    let database = unique("otp_test");
+    let mut vars = vec![
+        ("NAMESPACE".to_owned(), namespace.clone()),
+        ("DATABASE_URL".to_owned(), format!("{POSTGRES}/{database}")),
+        ("API_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        // Classic queues: one Raft group per test would only slow the suite down.
+        ("AMQP_QUEUE_TYPE".to_owned(), "classic".to_owned()),
+        (
+            "OTP_SECRET".to_owned(),
+            "test-secret-0123456789abcdef".to_owned(),
+        ),
+    ];
+    vars.extend(spawn.vars);
+    let config = ApiConfig::from_env(&Env::from_pairs(vars)).expect("test config is valid");
+    let mut app = Application::build(config).await.expect("app builds");
+    if let Some(extra) = spawn.extra_routes {
+        app = app.with_extra_routes(extra);
+    }
+    let addr = app.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let test_app = TestApp {
+        addr,
+        namespace,
+        database,
+        client: reqwest::Client::new(),
+        stop: Some(stop),
+        server: Some(server),
+        events: tokio::sync::Mutex::new(None),
+    };
+    if spawn.wait_ready {
+        test_app.wait_until_ready().await;
+    }
+    test_app
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an RFC 9457 problem with this status and code.
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.body);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{}",
+            self.body
+        );
+        assert_eq!(self.body["code"], code, "{}", self.body);
+        assert_eq!(self.body["status"], status, "{}", self.body);
+        assert!(self.body["type"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(self.body["title"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(self.body["detail"].as_str().is_some());
+        let request_id = self
+            .header("x-request-id")
+            .expect("every response has a request id");
+        assert_eq!(self.body["request_id"], request_id);
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("the api answers");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send(self.client.post(self.url(path)).json(&body))
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.client.get(self.url(path))).await
+    }
+
+    pub async fn get_authed(&self, path: &str, token: &str) -> Reply {
+        self.send(self.client.get(self.url(path)).bearer_auth(token))
+            .await
+    }
+
+    pub async fn request_otp(&self, phone: &str) -> Reply {
+        self.post("/v1/otp", json!({ "phone_number": phone })).await
+    }
+
+    pub async fn verify(&self, phone: &str, otp: &str) -> Reply {
+        self.post(
+            "/v1/otp/verify",
+            json!({ "phone_number": phone, "otp": otp }),
+        )
+        .await
+    }
+
+    pub async fn wait_until_ready(&self) {
+        eventually(Duration::from_secs(30), "/readyz", || async {
+            let reply = self.client.get(self.url("/readyz")).send().await.ok()?;
+            (reply.status() == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+
+    async fn consumer(&self) -> tokio::sync::MutexGuard<'_, Option<(Connection, Consumer)>> {
+        let mut events = self.events.lock().await;
+        if events.is_none() {
+            let connection = Connection::connect(AMQP, ConnectionProperties::default())
+                .await
+                .expect("amqp");
+            let channel = connection.create_channel().await.expect("channel");
+            // The api declared the topology when it became ready.
+            let consumer = channel
+                .basic_consume(
+                    format!("{}.sms", self.namespace).into(),
+                    "test-reader".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("consume the sms queue");
+            *events = Some((connection, consumer));
+        }
+        events
+    }
+
+    /// The next published event for `phone`, with its AMQP delivery.
+    pub async fn next_delivery(&self, phone: &str) -> (OtpRequested, lapin::message::Delivery) {
+        let mut guard = self.consumer().await;
+        let (_, consumer) = guard.as_mut().expect("consumer");
+        let deadline = Duration::from_secs(10);
+        loop {
+            let delivery = tokio::time::timeout(deadline, consumer.next())
+                .await
+                .expect("an event within 10 s")
+                .expect("stream open")
+                .expect("delivery");
+            let event: OtpRequested =
+                serde_json::from_slice(&delivery.data).expect("a valid event");
+            if event.phone_number == phone {
+                return (event, delivery);
+            }
+        }
+    }
+
+    /// Requests an OTP and returns the code, read from the published event.
+    pub async fn code_for(&self, phone: &str) -> String {
+        let reply = self.request_otp(phone).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+        let (event, _) = self.next_delivery(phone).await;
+        event.otp.expect("the event carries the code")
+    }
+
+    /// Signs `phone` in and returns the session body.
+    pub async fn sign_in(&self, phone: &str) -> Value {
+        let code = self.code_for(phone).await;
+        let reply = self.verify(phone, &code).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body
+    }
+
+    pub async fn db(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&format!("{POSTGRES}/{}", self.database))
+            .await
+            .expect("test database")
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(REDIS)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    // Leaves nothing behind: the test's queues, exchanges, Redis keys and database.
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let namespace = self.namespace.clone();
+        let database = self.database.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(cleanup(namespace, database));
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn cleanup(namespace: String, database: String) {
+    if let Ok(Ok(connection)) = tokio::time::timeout(
+        Duration::from_secs(3),
+        Connection::connect(AMQP, ConnectionProperties::default()),
+    )
+    .await
+    {
+        if let Ok(channel) = connection.create_channel().await {
+            for queue in [format!("{namespace}.sms"), format!("{namespace}.sms.dlq")] {
+                let _ = channel
+                    .queue_delete(queue.into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for exchange in [format!("{namespace}.events"), format!("{namespace}.dlx")] {
+                let _ = channel
+                    .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = connection.close(200, "bye".into()).await;
+    }
+    if let Ok(client) = redis::Client::open(REDIS)
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{namespace}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+        }
+    }
+    drop_database(&database).await;
+}
+
+pub async fn drop_database(database: &str) {
+    if let Ok(pool) = sqlx::PgPool::connect(&format!("{POSTGRES}/postgres")).await {
+        let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&pool)
+            .await;
+    }
+}
