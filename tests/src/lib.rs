@@ -1,0 +1,5 @@
+//! Test support: `fake-sms` (a Twilio Messages API stand-in) and helpers shared by the end-to-end
+//! tests.
+
+pub mod fake_sms;
+pub mod proxy;
