@@ -214,6 +214,7 @@ async fn consume(shared: &Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     }
                     SessionEnd::Lost(reason) => {
                         warn!(%reason, "lost RabbitMQ; reconnecting");
+                        shared.set_publisher(None);
                         session.abandon().await;
                     }
                 }

@@ -1182,3 +1182,183 @@ async fn keeps_running_through_a_redis_outage() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn bad_credentials_are_a_permanent_failure() {
+    with_harness(QueueType::Classic, |h| async move {
+        let mut config = h.config();
+        config.provider = ProviderConfig::Twilio(TwilioConfig {
+            auth: TwilioAuth::AuthToken("wrong-token".to_owned().into()),
+            ..h.twilio()
+        });
+        let worker = h.start_worker(config).await;
+        let to = phone();
+        h.publish(&h.event(&to, Duration::from_secs(300))).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        assert_eq!(
+            header_str(&dead[0].0, "x-error-kind").as_deref(),
+            Some("permanent")
+        );
+        assert_eq!(header_int(&dead[0].0, "x-provider-status"), Some(401));
+        assert_eq!(header_int(&dead[0].0, "x-provider-code"), Some(20003));
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        worker.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fake-sms itself, over HTTP
+
+#[tokio::test]
+async fn fake_sms_answers_like_twilio() {
+    let fake = FakeSms::start(FakeSmsConfig::ephemeral()).await.unwrap();
+    let config = fake.config().clone();
+    let http = reqwest::Client::new();
+    let url = format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        fake.base_url(),
+        config.account_sid
+    );
+    let to = phone();
+    let form = [
+        ("To", to.as_str()),
+        ("From", "+15005550006"),
+        ("Body", "<b>hi</b> 123"),
+        ("ValidityPeriod", "60"),
+    ];
+
+    let response = http.post(&url).form(&form).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(response.headers().contains_key("www-authenticate"));
+    let error: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(error["code"], 20003);
+    assert_eq!(error["status"], 401);
+    assert_eq!(
+        error["more_info"],
+        "https://www.twilio.com/docs/errors/20003"
+    );
+
+    let other_account = format!(
+        "{}/2010-04-01/Accounts/AC{}/Messages.json",
+        fake.base_url(),
+        "1".repeat(32)
+    );
+    let response = http
+        .post(&other_account)
+        .basic_auth(&config.account_sid, Some(&config.auth_token))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let response = http
+        .post(format!(
+            "{}/2010-04-01/Accounts/nope/Messages.json",
+            fake.base_url()
+        ))
+        .basic_auth(&config.account_sid, Some(&config.auth_token))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+
+    // JSON is not what Twilio reads: the fields are missing.
+    let response = http
+        .post(&url)
+        .basic_auth(&config.account_sid, Some(&config.auth_token))
+        .json(&serde_json::json!({"To": to, "From": "+15005550006", "Body": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["code"],
+        21604
+    );
+
+    let response = http
+        .post(&url)
+        .basic_auth(&config.account_sid, Some(&config.auth_token))
+        .form(&[("To", to.as_str()), ("Body", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["code"],
+        21603
+    );
+
+    let response = http
+        .post(&url)
+        .basic_auth(&config.api_key_sid, Some(&config.api_key_secret))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let resource: serde_json::Value = response.json().await.unwrap();
+    assert!(resource["sid"].as_str().unwrap().starts_with("SM"));
+    assert_eq!(resource["status"], "queued");
+    assert_eq!(resource["to"], to);
+    assert_eq!(resource["account_sid"], config.account_sid);
+    assert_eq!(resource["direction"], "outbound-api");
+
+    let listed: serde_json::Value = http
+        .get(format!(
+            "{}/messages?to={}",
+            fake.base_url(),
+            to.replace('+', "%2B")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["body"], "<b>hi</b> 123");
+    assert_eq!(listed[0]["validity_period"], 60);
+
+    let inbox = http
+        .get(fake.base_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(inbox.contains("&lt;b&gt;hi&lt;/b&gt; 123"), "escaped");
+    assert!(!inbox.contains("<b>hi</b>"));
+
+    let faults = serde_json::json!({"responses": [{"status": 429, "retry_after_secs": 7}]});
+    let response = http
+        .post(format!("{}/control/faults", fake.base_url()))
+        .json(&faults)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = http
+        .post(&url)
+        .basic_auth(&config.account_sid, Some(&config.auth_token))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["code"],
+        20429
+    );
+
+    let response = http
+        .delete(format!("{}/messages", fake.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    assert!(fake.messages(None).is_empty() && fake.requests(None).is_empty());
+}
