@@ -13,7 +13,7 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
@@ -400,15 +400,11 @@ fn spawn_delivery(
             .catch_unwind()
             .await;
         if handled.is_err() {
-            // A bug, not the message's fault as far as we know: back to the queue. A quorum queue
-            // counts these returns and dead-letters a message that keeps failing.
+            // Back to the queue. basic.reject (not nack) is what every RabbitMQ version counts
+            // toward a quorum queue's delivery limit, so a message that keeps crashing the
+            // handler is dead-lettered by the broker instead of looping.
             error!("handling a message panicked; returning it to the queue");
-            let _ = acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
         }
     });
 }
