@@ -2,4 +2,5 @@
 //! tests.
 
 pub mod fake_sms;
+pub mod loadgen;
 pub mod proxy;
