@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use api::{ApiConfig, Application};
 use axum::Router;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, Consumer};
 use reqwest::StatusCode;
@@ -354,46 +354,10 @@ impl Drop for TestApp {
 }
 
 async fn cleanup(namespace: String, database: String) {
-    if let Ok(Ok(connection)) = tokio::time::timeout(
-        Duration::from_secs(3),
-        Connection::connect(AMQP, ConnectionProperties::default()),
-    )
-    .await
-    {
-        if let Ok(channel) = connection.create_channel().await {
-            for queue in [format!("{namespace}.sms"), format!("{namespace}.sms.dlq")] {
-                let _ = channel
-                    .queue_delete(queue.into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            for exchange in [format!("{namespace}.events"), format!("{namespace}.dlx")] {
-                let _ = channel
-                    .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
-        }
-        let _ = connection.close(200, "bye".into()).await;
-    }
-    if let Ok(client) = redis::Client::open(REDIS)
-        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-    {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{namespace}:*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
-        }
-    }
+    tests::cleanup::remove_namespace(&namespace).await;
     drop_database(&database).await;
 }
 
 pub async fn drop_database(database: &str) {
-    if let Ok(pool) = sqlx::PgPool::connect(&format!("{POSTGRES}/postgres")).await {
-        let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
-            .execute(&pool)
-            .await;
-    }
+    tests::cleanup::drop_database(database).await;
 }
