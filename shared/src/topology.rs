@@ -15,6 +15,11 @@ pub const SMS_DELIVERY_LIMIT: i64 = 10;
 pub const DLQ_MAX_LENGTH: i64 = 100_000;
 /// ... for at most this long: a failed OTP has long expired by then and is only of forensic use.
 pub const DLQ_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
+/// A quorum queue counts every requeue toward its delivery limit (RabbitMQ 4 sets 20 by default)
+/// and drops an entry past it, so a DLQ that operators inspect often would lose entries. `-1`
+/// means "no limit" on RabbitMQ 4 but drops a message on its first requeue on 3.x (checked on
+/// 3.10), so the DLQ gets the largest limit instead: two billion looks per entry.
+pub const DLQ_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -150,11 +155,10 @@ impl Topology {
             "x-message-ttl",
             AMQPValue::LongLongInt(DLQ_MAX_AGE_MS),
         );
-        // No x-dead-letter-exchange and no x-delivery-limit on the DLQ: listing it returns every
-        // entry to the queue, and a quorum queue with a delivery limit would drop an entry once it
-        // had been looked at often enough. RabbitMQ 4 sets a limit of 20 by default; the worker's
-        // `dlq list` returns entries by closing its channel, which RabbitMQ 4 does not count as a
-        // failed delivery, and RabbitMQ 3.x has no default limit.
+        // No x-dead-letter-exchange: nothing leaves the DLQ but by age, length or purge.
+        if self.queue_type == QueueType::Quorum {
+            insert(&mut args, "x-delivery-limit", AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT));
+        }
         args
     }
 
