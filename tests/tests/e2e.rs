@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -15,32 +15,8 @@ use tokio::process::{Child, Command};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A workspace binary, built once per test run (`cargo test` builds only this package's).
-fn binary(package: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "api",
-                "-p",
-                "sms-worker",
-                "--bins",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building api and sms-worker failed");
-        let exe = std::env::current_exe().unwrap();
-        exe.parent()
-            .and_then(|deps| deps.parent())
-            .unwrap()
-            .to_path_buf()
-    });
-    dir.join(package)
+fn binary(name: &str) -> PathBuf {
+    tests::binaries::workspace_binary(name)
 }
 
 fn free_port() -> u16 {

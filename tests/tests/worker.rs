@@ -13,7 +13,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
@@ -764,34 +764,8 @@ async fn twenty_slow_sends_run_concurrently() {
 // ---------------------------------------------------------------------------------------------
 // Processes: SIGTERM and SIGKILL
 
-/// `target/debug/sms-worker`, built (or brought up to date) once per test run. `cargo test` does
-/// not build other packages' binaries.
 fn worker_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let status = std::process::Command::new(cargo)
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "sms-worker",
-                    "--bin",
-                    "sms-worker",
-                ])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "cargo build -p sms-worker failed");
-            // The test binary is target/debug/deps/worker-<hash>.
-            let exe = std::env::current_exe().unwrap();
-            let debug = exe.parent().and_then(|deps| deps.parent()).unwrap();
-            let binary = debug.join("sms-worker");
-            assert!(binary.exists(), "{} was not built", binary.display());
-            binary
-        })
-        .clone()
+    tests::binaries::workspace_binary("sms-worker")
 }
 
 async fn spawn_worker_process(h: &Harness, extra: &[(&str, &str)]) -> tokio::process::Child {

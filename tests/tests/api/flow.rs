@@ -89,22 +89,9 @@ async fn request_publish_verify_and_me() {
     assert!(me.body["created_at"].as_str().unwrap().contains('T'));
 
     // A second sign-in finds the same user.
-    let again = spawn_again(&app).await;
+    let again = app.sign_in_again(PHONE).await;
     assert_eq!(again["new_user"], false);
     assert_eq!(again["user"]["id"], body["user"]["id"]);
-}
-
-async fn spawn_again(app: &crate::helpers::TestApp) -> serde_json::Value {
-    // Past the resend gap: a fresh app with the same database would share nothing in Redis,
-    // so instead drop the gap key directly.
-    let mut redis = app.redis().await;
-    let key = format!("{}:otp:{{{PHONE}}}:resend", app.namespace);
-    let _: () = redis::cmd("DEL")
-        .arg(key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    app.sign_in(PHONE).await
 }
 
 #[tokio::test]

@@ -25,17 +25,6 @@ async fn logout(app: &TestApp, access: &str, body: Option<Value>) -> crate::help
     app.send(request).await
 }
 
-async fn second_session(app: &TestApp) -> Value {
-    let mut redis = app.redis().await;
-    let key = format!("{}:otp:{{{PHONE}}}:resend", app.namespace);
-    let _: () = redis::cmd("DEL")
-        .arg(key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    app.sign_in(PHONE).await
-}
-
 #[tokio::test]
 async fn refresh_rotates_and_reuse_revokes_the_family() {
     let app = spawn_app().await;
@@ -113,7 +102,7 @@ async fn concurrent_refreshes_of_one_token_never_yield_two_live_sessions() {
 async fn logout_revokes_this_session_only() {
     let app = spawn_app().await;
     let one = app.sign_in(PHONE).await;
-    let two = second_session(&app).await;
+    let two = app.sign_in_again(PHONE).await;
     let reply = logout(&app, &token(&one, "access_token"), None).await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
     app.get_authed("/v1/me", &token(&one, "access_token"))
@@ -134,7 +123,7 @@ async fn logout_revokes_this_session_only() {
 async fn logout_all_revokes_every_session() {
     let app = spawn_app().await;
     let one = app.sign_in(PHONE).await;
-    let two = second_session(&app).await;
+    let two = app.sign_in_again(PHONE).await;
     let reply = logout(
         &app,
         &token(&two, "access_token"),
