@@ -157,7 +157,11 @@ impl Topology {
         );
         // No x-dead-letter-exchange: nothing leaves the DLQ but by age, length or purge.
         if self.queue_type == QueueType::Quorum {
-            insert(&mut args, "x-delivery-limit", AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT));
+            insert(
+                &mut args,
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT),
+            );
         }
         args
     }
