@@ -1,25 +1,31 @@
+use std::process::ExitCode;
+
 use api::{ApiConfig, Application};
 use shared::Env;
 
 #[tokio::main]
-async fn main() {
+async fn main() -> ExitCode {
     let config = match ApiConfig::from_env(&Env::from_process()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("api: {e}");
-            std::process::exit(2);
+            return ExitCode::from(2);
         }
     };
-    shared::telemetry::init_logging(config.common.log_format);
+    let _logs = shared::telemetry::init_logging(config.common.log_format);
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
+            tracing::error!("{e:#}");
             eprintln!("api: {e:#}");
-            std::process::exit(1);
+            return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = app.run_until(shared::telemetry::shutdown_signal()).await {
-        tracing::error!(error = %e, "server error");
-        std::process::exit(1);
+    match app.run_until(shared::telemetry::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server error");
+            ExitCode::FAILURE
+        }
     }
 }

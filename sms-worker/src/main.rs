@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            shared::telemetry::init_logging(config.common.log_format);
+            let _logs = shared::telemetry::init_logging(config.common.log_format);
             match runtime.block_on(sms_worker::run(
                 config,
                 shared::telemetry::shutdown_signal(),

@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
     let format = env
         .parse("LOG_FORMAT", LogFormat::Pretty)
         .unwrap_or(LogFormat::Pretty);
-    shared::telemetry::init_logging(format);
+    let _logs = shared::telemetry::init_logging(format);
     let listener = match tokio::net::TcpListener::bind(config.addr).await {
         Ok(listener) => listener,
         Err(e) => {
