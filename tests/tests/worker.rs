@@ -706,6 +706,12 @@ async fn the_same_event_published_twice_gives_one_sms() {
         })
         .await;
         h.publish(&event).await;
+        // Stop only once the worker has taken the third copy; stopping returns anything it
+        // has not acknowledged, which the assertions below would see.
+        wait_until(WAIT, "the third copy to be taken", || async {
+            h.ready_count(&h.topology.sms_queue()).await == 0
+        })
+        .await;
         worker.stop().await;
 
         assert_eq!(
