@@ -6,11 +6,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
-use shared::event::{CONTENT_TYPE, MESSAGE_TYPE, REQUEST_ID_HEADER, ROUTING_KEY};
+use shared::amqp::{ConfirmError, event_properties, publish_confirmed};
+use shared::event::ROUTING_KEY;
 use shared::{OtpRequested, Topology};
 use time::OffsetDateTime;
 
@@ -20,21 +20,13 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed connect, fail fast for this long instead of making every request wait for
 /// its own connect attempt.
 const RECONNECT_COOLDOWN: Duration = Duration::from_millis(500);
-/// AMQP delivery mode 2: the broker writes the message to disk.
-const PERSISTENT: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("cannot connect to RabbitMQ: {0}")]
     Connect(String),
-    #[error("RabbitMQ refused the publish: {0}")]
-    Broker(#[from] lapin::Error),
-    #[error("RabbitMQ did not confirm the publish in time")]
-    ConfirmTimeout,
-    #[error("RabbitMQ nacked the publish")]
-    Nacked,
-    #[error("the message could not be routed to the sms queue")]
-    Unroutable,
+    #[error(transparent)]
+    Confirm(#[from] ConfirmError),
     #[error("the OTP expired before it could be published")]
     Expired,
 }
@@ -133,61 +125,22 @@ impl Publisher {
             return Err(PublishError::Expired);
         }
         let channel = self.channel().await?;
-        let result = self.publish_on(&channel, event, ttl_ms).await;
-        if matches!(
-            result,
-            Err(PublishError::Broker(_) | PublishError::ConfirmTimeout)
-        ) {
+        let body = serde_json::to_vec(event).expect("an event always serialises");
+        let result = publish_confirmed(
+            &channel,
+            &self.topology.events_exchange(),
+            ROUTING_KEY,
+            &body,
+            event_properties(event, ttl_ms),
+            CONFIRM_TIMEOUT,
+        )
+        .await;
+        if let Err(e) = &result
+            && e.channel_suspect()
+        {
             self.discard(&channel);
         }
-        result
-    }
-
-    async fn publish_on(
-        &self,
-        channel: &Channel,
-        event: &OtpRequested,
-        ttl_ms: u64,
-    ) -> Result<(), PublishError> {
-        let body = serde_json::to_vec(event).expect("an event always serialises");
-        let mut headers = FieldTable::default();
-        headers.insert(
-            ShortString::from(REQUEST_ID_HEADER),
-            AMQPValue::LongString(event.request_id.clone().into()),
-        );
-        let properties = BasicProperties::default()
-            .with_delivery_mode(PERSISTENT)
-            .with_content_type(CONTENT_TYPE.into())
-            .with_message_id(event.event_id.to_string().into())
-            .with_type(MESSAGE_TYPE.into())
-            .with_timestamp(u64::try_from(event.requested_at.unix_timestamp()).unwrap_or_default())
-            .with_headers(headers)
-            // The broker dead-letters the event (x-death reason `expired`) rather than deliver a
-            // code that no longer works.
-            .with_expiration(ttl_ms.to_string().into());
-        let confirm = async {
-            let pending = channel
-                .basic_publish(
-                    self.topology.events_exchange().into(),
-                    ROUTING_KEY.into(),
-                    // mandatory: an event that reaches no queue comes back instead of vanishing.
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await?;
-            pending.await
-        };
-        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-            Err(_) => Err(PublishError::ConfirmTimeout),
-            Ok(Err(e)) => Err(PublishError::Broker(e)),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
-            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
-        }
+        Ok(result?)
     }
 
     /// For `/readyz`: whether a channel is (or can now be) open.

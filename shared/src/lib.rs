@@ -1,6 +1,7 @@
 //! What the `api` and the `sms-worker` both need: the `OtpRequested` event, configuration loading,
 //! the AMQP topology, telemetry (logs and metrics) and the phone-number mask used in every log line.
 
+pub mod amqp;
 pub mod config;
 pub mod event;
 pub mod phone;

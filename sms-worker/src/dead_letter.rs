@@ -2,13 +2,12 @@
 
 use std::time::Duration;
 
-use lapin::Confirmation;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use shared::amqp::{ConfirmError, PERSISTENT, publish_confirmed};
 use shared::event::{CONTENT_TYPE, REQUEST_ID_HEADER};
 
 /// Header names of a dead-lettered copy (SPEC §4).
@@ -21,7 +20,6 @@ pub const PROVIDER_CODE_HEADER: &str = "x-provider-code";
 
 /// Without a quorum majority a confirm never comes; the message then goes back to the queue.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-const PERSISTENT: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -73,18 +71,13 @@ impl DeadLetter {
 pub enum PublishError {
     #[error("no channel to RabbitMQ")]
     NoChannel,
-    #[error("RabbitMQ: {0}")]
-    Broker(#[from] lapin::Error),
-    #[error("RabbitMQ did not confirm the dead letter in time")]
-    ConfirmTimeout,
-    #[error("RabbitMQ refused the dead letter")]
-    Nacked,
-    #[error("the dead letter reached no queue (is {0} bound?)")]
-    Unroutable(String),
+    #[error("dead letter: {0}")]
+    Confirm(#[from] ConfirmError),
 }
 
 /// Publishes the copy and waits for the broker's confirm. `body` is the event without its code,
-/// or the raw bytes of a message that could not be parsed.
+/// or the raw bytes of a message that could not be parsed. A copy that reaches no queue comes
+/// back as an error, and the original then stays in the work queue.
 pub async fn publish(
     channel: &Channel,
     exchange: &str,
@@ -93,30 +86,8 @@ pub async fn publish(
     dead_letter: &DeadLetter,
 ) -> Result<(), PublishError> {
     let properties = properties(original, dead_letter, OffsetDateTime::now_utc());
-    let confirm = async {
-        let pending = channel
-            .basic_publish(
-                exchange.into(),
-                "".into(),
-                // mandatory: a copy that reaches no queue comes back instead of vanishing, and
-                // the original then stays in the work queue.
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await?;
-        pending.await
-    };
-    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-        Err(_) => Err(PublishError::ConfirmTimeout),
-        Ok(Err(e)) => Err(PublishError::Broker(e)),
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(exchange.to_owned())),
-        Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
-    }
+    publish_confirmed(channel, exchange, "", body, properties, CONFIRM_TIMEOUT).await?;
+    Ok(())
 }
 
 /// Persistent, JSON, the original's id, type and `x-request-id`, plus the failure headers. No

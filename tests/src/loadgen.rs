@@ -20,8 +20,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use futures_util::future::join_all;
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 use serde_json::{Value, json};
 use shared::OtpRequested;
@@ -573,18 +572,7 @@ async fn drain(args: &Args, sms: &SmsInbox) -> anyhow::Result<Report> {
             Duration::from_secs(600),
             format!("loadgen-{i}"),
         );
-        let mut headers = FieldTable::default();
-        headers.insert(
-            ShortString::from("x-request-id"),
-            AMQPValue::LongString(event.request_id.clone().into()),
-        );
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(event.event_id.to_string().into())
-            .with_type("OtpRequested".into())
-            .with_headers(headers)
-            .with_expiration("600000".into());
+        let properties = shared::amqp::event_properties(&event, 600_000);
         let body = serde_json::to_vec(&event)?;
         confirms.push(
             channel

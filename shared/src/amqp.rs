@@ -1,0 +1,89 @@
+//! Publishing with confirms, the one way both programs put messages on the broker.
+
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use crate::OtpRequested;
+use crate::event::{CONTENT_TYPE, MESSAGE_TYPE, REQUEST_ID_HEADER};
+
+/// AMQP delivery mode 2: the broker writes the message to disk.
+pub const PERSISTENT: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfirmError {
+    #[error("RabbitMQ refused the publish: {0}")]
+    Broker(#[from] lapin::Error),
+    /// Without a quorum majority a confirm never comes.
+    #[error("RabbitMQ did not confirm the publish in time")]
+    Timeout,
+    #[error("RabbitMQ nacked the publish")]
+    Nacked,
+    #[error("the message reached no queue")]
+    Unroutable,
+}
+
+impl ConfirmError {
+    /// Whether the channel is suspect and a fresh one should be used for the next publish (a
+    /// channel can keep failing after a broker restart or a quorum leader change).
+    pub fn channel_suspect(&self) -> bool {
+        matches!(self, Self::Broker(_) | Self::Timeout)
+    }
+}
+
+/// Publishes on a confirm-mode channel and waits up to `timeout` for the broker to confirm it
+/// stored the message. `mandatory` is set: a message that reaches no queue comes back as an
+/// error instead of vanishing.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+) -> Result<(), ConfirmError> {
+    let confirm = async {
+        let pending = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?;
+        pending.await
+    };
+    match tokio::time::timeout(timeout, confirm).await {
+        Err(_) => Err(ConfirmError::Timeout),
+        Ok(Err(e)) => Err(ConfirmError::Broker(e)),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(ConfirmError::Unroutable),
+        Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(ConfirmError::Nacked),
+    }
+}
+
+/// The properties of an `OtpRequested` message (SPEC §4): persistent, JSON, `message_id` =
+/// `event_id`, `type`, the `x-request-id` header, and `expiration` = `ttl_ms`, so the broker
+/// dead-letters the event (x-death reason `expired`) rather than deliver a code that no longer
+/// works.
+pub fn event_properties(event: &OtpRequested, ttl_ms: u64) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(REQUEST_ID_HEADER),
+        AMQPValue::LongString(event.request_id.clone().into()),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(CONTENT_TYPE.into())
+        .with_message_id(event.event_id.to_string().into())
+        .with_type(MESSAGE_TYPE.into())
+        .with_timestamp(u64::try_from(event.requested_at.unix_timestamp()).unwrap_or_default())
+        .with_headers(headers)
+        .with_expiration(ttl_ms.to_string().into())
+}
