@@ -16,7 +16,7 @@
 //! ([`DEFAULT_AUTH_TOKEN`]), `FAKE_SMS_API_KEY_SID` ([`DEFAULT_API_KEY_SID`]),
 //! `FAKE_SMS_API_KEY_SECRET` ([`DEFAULT_API_KEY_SECRET`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -173,9 +173,46 @@ pub struct RecordedRequest {
 #[derive(Default)]
 struct Inner {
     messages: VecDeque<RecordedMessage>,
+    /// Sequence number of `messages[0]`.
+    first_message: u64,
+    /// Sequence numbers of each number's messages, oldest first: `?to=` look-ups stay cheap
+    /// with a full inbox (loadgen polls one per sign-in).
+    by_to: HashMap<String, VecDeque<u64>>,
     requests: VecDeque<RecordedRequest>,
     faults: Faults,
     next_id: u64,
+}
+
+impl Inner {
+    fn record(&mut self, message: RecordedMessage) {
+        let seq = self.first_message + self.messages.len() as u64;
+        self.by_to
+            .entry(message.to.clone())
+            .or_default()
+            .push_back(seq);
+        self.messages.push_back(message);
+        if self.messages.len() > MAX_RECORDS
+            && let Some(oldest) = self.messages.pop_front()
+        {
+            self.first_message += 1;
+            if let Some(seqs) = self.by_to.get_mut(&oldest.to) {
+                seqs.pop_front();
+                if seqs.is_empty() {
+                    self.by_to.remove(&oldest.to);
+                }
+            }
+        }
+    }
+
+    fn messages_to(&self, to: &str) -> Vec<RecordedMessage> {
+        let Some(seqs) = self.by_to.get(to) else {
+            return Vec::new();
+        };
+        seqs.iter()
+            .filter_map(|seq| self.messages.get((seq - self.first_message) as usize))
+            .cloned()
+            .collect()
+    }
 }
 
 /// The fake's state, shared by the HTTP handlers and an in-process [`FakeSms`] handle.
@@ -197,12 +234,11 @@ impl FakeState {
     }
 
     pub fn messages(&self, to: Option<&str>) -> Vec<RecordedMessage> {
-        self.lock()
-            .messages
-            .iter()
-            .filter(|m| to.is_none_or(|to| m.to == to))
-            .cloned()
-            .collect()
+        let inner = self.lock();
+        match to {
+            Some(to) => inner.messages_to(to),
+            None => inner.messages.iter().cloned().collect(),
+        }
     }
 
     pub fn requests(&self, to: Option<&str>) -> Vec<RecordedRequest> {
@@ -224,7 +260,9 @@ impl FakeState {
 
     pub fn clear(&self) {
         let mut inner = self.lock();
+        inner.first_message += inner.messages.len() as u64;
         inner.messages.clear();
+        inner.by_to.clear();
         inner.requests.clear();
     }
 }
@@ -634,11 +672,7 @@ fn answer(
         received_at,
     };
     {
-        let mut inner = state.lock();
-        inner.messages.push_back(message);
-        if inner.messages.len() > MAX_RECORDS {
-            inner.messages.pop_front();
-        }
+        state.lock().record(message);
     }
     let date = received_at
         .format(&time::format_description::well_known::Rfc2822)
@@ -784,5 +818,32 @@ mod tests {
         assert!(is_sid(DEFAULT_API_KEY_SID, "SK"));
         assert_eq!(segments("hi"), 1);
         assert_eq!(segments(&"a".repeat(161)), 2);
+    }
+
+    #[test]
+    fn the_inbox_index_follows_eviction() {
+        let mut inner = Inner::default();
+        let message = |to: &str, n: usize| RecordedMessage {
+            sid: format!("SM{n}"),
+            to: to.to_owned(),
+            from: None,
+            messaging_service_sid: None,
+            body: format!("message {n}"),
+            validity_period: None,
+            received_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        inner.record(message("+1", 0));
+        for n in 1..MAX_RECORDS + 2 {
+            inner.record(message("+2", n));
+        }
+        inner.record(message("+1", MAX_RECORDS + 2));
+        // Three over the limit: "+1"'s first message and "+2"'s first two were evicted.
+        let ones = inner.messages_to("+1");
+        assert_eq!(ones.len(), 1);
+        assert_eq!(ones[0].sid, format!("SM{}", MAX_RECORDS + 2));
+        let twos = inner.messages_to("+2");
+        assert_eq!(twos.len(), MAX_RECORDS - 1);
+        assert_eq!(twos[0].sid, "SM3");
+        assert!(inner.messages_to("+3").is_empty());
     }
 }

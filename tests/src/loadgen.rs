@@ -3,6 +3,8 @@
 //! Scenarios:
 //! - `request`: `POST /v1/otp` for distinct phone numbers.
 //! - `signup`: the whole flow: request, read the code from fake-sms, verify, `GET /v1/me`.
+//! - `verify`: `POST /v1/otp/verify` alone, with codes requested and read from fake-sms before
+//!   the clock starts (`--count` codes, 10,000 by default).
 //! - `me`: authenticated reads with tokens from a few sign-ins.
 //! - `drain`: publish N events straight to RabbitMQ, then time how fast the workers deliver them
 //!   to fake-sms (with `--sms-latency-ms` injected there).
@@ -31,6 +33,7 @@ use time::OffsetDateTime;
 pub enum Scenario {
     Request,
     Signup,
+    Verify,
     Me,
     Drain,
 }
@@ -79,6 +82,7 @@ impl Args {
         let name = match scenario {
             Scenario::Request => "request",
             Scenario::Signup => "signup",
+            Scenario::Verify => "verify",
             Scenario::Me => "me",
             Scenario::Drain => "drain",
         };
@@ -247,8 +251,16 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     result
 }
 
-async fn load(args: Args, client: reqwest::Client, sms: &SmsInbox) -> anyhow::Result<Report> {
+async fn load(mut args: Args, client: reqwest::Client, sms: &SmsInbox) -> anyhow::Result<Report> {
     let api = args.api_url.trim_end_matches('/').to_owned();
+    let codes = if args.scenario == Scenario::Verify {
+        let codes = prepare_codes(&args, &client, sms).await?;
+        args.count = Some(codes.len() as u64);
+        codes
+    } else {
+        Vec::new()
+    };
+    let codes = Arc::new(codes);
     let tokens = if args.scenario == Scenario::Me {
         prepare_tokens(&args, &client, sms).await?
     } else {
@@ -265,6 +277,7 @@ async fn load(args: Args, client: reqwest::Client, sms: &SmsInbox) -> anyhow::Re
     let tasks = (0..args.concurrency.max(1)).map(|_| {
         let shared = shared.clone();
         let tokens = tokens.clone();
+        let codes = codes.clone();
         let api = api.clone();
         let sms = sms.clone();
         tokio::spawn(async move {
@@ -274,6 +287,7 @@ async fn load(args: Args, client: reqwest::Client, sms: &SmsInbox) -> anyhow::Re
                 let outcome = match shared.args.scenario {
                     Scenario::Request => request(&shared, &api, i).await,
                     Scenario::Signup => signup(&shared, &api, &sms, i).await,
+                    Scenario::Verify => verify(&shared, &api, &codes[i as usize]).await,
                     Scenario::Me => me(&shared, &api, &tokens[i as usize % tokens.len()]).await,
                     Scenario::Drain => unreachable!("drain has its own loop"),
                 };
@@ -387,6 +401,80 @@ async fn signup(shared: &Shared, api: &str, sms: &SmsInbox, i: u64) -> Outcome {
     let token = session["access_token"].as_str().unwrap_or_default();
     me(shared, api, token).await?;
     Ok(Some((phone, accepted_at)))
+}
+
+async fn verify(shared: &Shared, api: &str, (phone, code): &(String, String)) -> Outcome {
+    let (status, _) = post(
+        shared,
+        format!("{api}/v1/otp/verify"),
+        json!({ "phone_number": phone, "otp": code }),
+    )
+    .await?;
+    if status != 200 {
+        return Err(format!("verify {status}"));
+    }
+    Ok(None)
+}
+
+/// Requests `--count` codes (default 10,000) for fresh numbers and reads them from fake-sms, so
+/// the `verify` run measures verification alone.
+async fn prepare_codes(
+    args: &Args,
+    client: &reqwest::Client,
+    sms: &SmsInbox,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let count = args.count.unwrap_or(10_000);
+    let offset = rand::random_range(6_500_000..6_900_000);
+    let api = args.api_url.trim_end_matches('/').to_owned();
+    let next = Arc::new(AtomicU64::new(0));
+    let tasks = (0..args.concurrency.max(1)).map(|_| {
+        let (client, api, next) = (client.clone(), api.clone(), next.clone());
+        tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return Ok(());
+                }
+                let response = client
+                    .post(format!("{api}/v1/otp"))
+                    .json(&json!({ "phone_number": phone(offset, i) }))
+                    .send()
+                    .await?;
+                if response.status().as_u16() != 202 {
+                    bail!(
+                        "preparing codes: POST /v1/otp answered {}",
+                        response.status()
+                    );
+                }
+            }
+        })
+    });
+    for task in join_all(tasks).await {
+        task??;
+    }
+    let wanted: std::collections::HashSet<String> = (0..count).map(|i| phone(offset, i)).collect();
+    let started = Instant::now();
+    loop {
+        let mut codes = HashMap::new();
+        for message in sms.messages(None).await? {
+            if let (Some(to), Some(body)) = (message["to"].as_str(), message["body"].as_str())
+                && wanted.contains(to)
+                && let Some(code) = extract_code(body)
+            {
+                codes.insert(to.to_owned(), code);
+            }
+        }
+        if codes.len() as u64 == count {
+            return Ok(codes.into_iter().collect());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "preparing codes: only {} of {count} SMS reached fake-sms",
+                codes.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn me(shared: &Shared, api: &str, token: &str) -> Outcome {

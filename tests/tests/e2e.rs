@@ -298,6 +298,7 @@ async fn loadgen_scenarios_run_against_the_stack() {
     for (scenario, count) in [
         (Scenario::Request, 20),
         (Scenario::Signup, 5),
+        (Scenario::Verify, 10),
         (Scenario::Me, 20),
         (Scenario::Drain, 20),
     ] {
