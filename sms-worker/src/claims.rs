@@ -9,8 +9,10 @@
 //! - `dead`: the event was dead-lettered. Later copies are acknowledged too, so an event ends as
 //!   exactly one of "sent" or "dead-lettered".
 //!
-//! `sent` and `dead` outlive any OTP (the api caps OTP lifetimes at 24 hours): by the time they
-//! expire, a copy would be dead-lettered as expired anyway.
+//! `sent` and `dead` live until the OTP expires plus [`DONE_MARGIN`]. No copy can reach a worker
+//! later than that: the message's `expiration` makes the broker dead-letter it at `expires_at`.
+//! Keeping records only that long bounds Redis to about (rate × (OTP lifetime + margin)) keys,
+//! rather than two days of traffic.
 
 use std::time::Duration;
 
@@ -18,8 +20,9 @@ use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 use uuid::Uuid;
 
-/// How long a finished event is remembered, at least.
-pub const DONE_TTL: Duration = Duration::from_secs(48 * 3600);
+/// How long a finished event is remembered after its OTP expires: room for clock skew between
+/// the api, the broker and the workers.
+pub const DONE_MARGIN: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimState {
@@ -141,11 +144,12 @@ impl Claims {
         Ok(())
     }
 
+    /// Records the outcome for `time_left` (until the OTP expires) plus [`DONE_MARGIN`].
     pub async fn finish(
         &self,
         event_id: Uuid,
         finished: Finished,
-        ttl: Duration,
+        time_left: Duration,
     ) -> Result<(), RedisError> {
         let value = match finished {
             Finished::Sent => "sent",
@@ -155,7 +159,7 @@ impl Claims {
             .arg(self.key(event_id))
             .arg(value)
             .arg("PX")
-            .arg(millis(ttl.max(DONE_TTL)))
+            .arg(millis(time_left + DONE_MARGIN))
             .query_async(&mut self.redis.clone())
             .await?;
         Ok(())

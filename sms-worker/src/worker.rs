@@ -732,9 +732,7 @@ fn provider_dead_letter(
 /// Records the send; a few quick tries, since a missing record could let a redelivered copy
 /// send the SMS again.
 async fn record_sent(shared: &Shared, event: &OtpRequested) {
-    let ttl = claims::DONE_TTL.max(Duration::from_millis(
-        event.millis_left(OffsetDateTime::now_utc()),
-    ));
+    let ttl = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     for attempt in 1..=3 {
         match shared
             .claims
@@ -861,7 +859,11 @@ async fn settle(
                     if let Some(event) = event
                         && let Err(e) = shared
                             .claims
-                            .finish(event.event_id, Finished::DeadLettered, claims::DONE_TTL)
+                            .finish(
+                                event.event_id,
+                                Finished::DeadLettered,
+                                Duration::from_millis(event.millis_left(OffsetDateTime::now_utc())),
+                            )
                             .await
                     {
                         debug!(error = %e, "could not record the dead letter in Redis");

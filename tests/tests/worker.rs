@@ -405,6 +405,25 @@ async fn sends_the_sms_and_acknowledges_the_event() {
         assert!((290..=300).contains(&validity), "ValidityPeriod {validity}");
         assert_eq!(h.fake.requests(Some(&to)).len(), 1);
 
+        // The send is remembered until the OTP expires plus the margin, not longer.
+        let mut redis = redis::Client::open(REDIS_URL)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let key = format!("{}:sms:{{{}}}", h.topology.namespace, event.event_id);
+        let (value, ttl_ms): (String, i64) = redis::pipe()
+            .get(&key)
+            .pttl(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(value, "sent");
+        assert!(
+            (3_500_000..=3_900_000).contains(&ttl_ms),
+            "record TTL {ttl_ms} ms"
+        );
+
         worker.stop().await;
         // Stopped, so nothing is unacknowledged any more: the queue would show a returned event.
         assert_eq!(h.ready_count(&h.topology.sms_queue()).await, 0);
