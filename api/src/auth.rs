@@ -9,7 +9,7 @@ use axum::response::Response;
 
 use crate::db::{self, Authenticated};
 use crate::error::{ApiError, Dependency};
-use crate::state::{AppState, db_error};
+use crate::state::AppState;
 use crate::tokens;
 
 /// Who is calling, as far as `authenticate` could tell.
@@ -19,7 +19,7 @@ pub enum CurrentUser {
     /// A bearer token was sent but is malformed, unknown, expired or revoked.
     Rejected,
     /// The token could not be checked because PostgreSQL is away.
-    Unknown,
+    CouldNotCheck,
     User(Authenticated),
 }
 
@@ -45,13 +45,13 @@ pub async fn authenticate(
             Some(token) if tokens::is_well_formed(token) => {
                 let hash = tokens::hash(token);
                 match state.db() {
-                    Err(_) => CurrentUser::Unknown,
+                    Err(_) => CurrentUser::CouldNotCheck,
                     Ok(pool) => match db::authenticate(pool, &hash).await {
                         Ok(Some(user)) => CurrentUser::User(user),
                         Ok(None) => CurrentUser::Rejected,
                         Err(e) => {
                             tracing::warn!(error = %e, "token look-up failed");
-                            CurrentUser::Unknown
+                            CurrentUser::CouldNotCheck
                         }
                     },
                 }
@@ -71,7 +71,7 @@ pub async fn authenticate(
 pub async fn require_user(request: Request, next: Next) -> Result<Response, ApiError> {
     match request.extensions().get::<CurrentUser>() {
         Some(CurrentUser::User(_)) => Ok(next.run(request).await),
-        Some(CurrentUser::Unknown) => Err(ApiError::unavailable(
+        Some(CurrentUser::CouldNotCheck) => Err(ApiError::unavailable(
             Dependency::Postgres,
             anyhow::anyhow!("cannot check the bearer token"),
         )),
@@ -91,8 +91,4 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
             _ => Err(ApiError::Unauthorized),
         }
     }
-}
-
-pub fn map_db(error: sqlx::Error) -> ApiError {
-    db_error(error)
 }

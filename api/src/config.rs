@@ -1,4 +1,5 @@
-//! The api's configuration (SPEC §2), parsed once at start-up.
+//! The api's configuration, parsed once at start-up (the variables are listed in
+//! README.md#configuration).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ pub struct ApiConfig {
     pub otp_secret: SecretString,
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
+    /// `DATABASE_POOL_SIZE`: PostgreSQL connections per api process.
+    pub database_pool_size: u32,
     pub phone: PhonePolicy,
     /// Take the client IP from `X-Forwarded-For` (only behind a proxy that sets it).
     pub trust_proxy: bool,
@@ -62,12 +65,12 @@ impl ApiConfig {
         let api_addr = parse_addr(&env.string("API_ADDR", DEFAULT_API_ADDR))
             .ok_or_else(|| ConfigError::new("API_ADDR", "expected HOST:PORT or :PORT"))?;
         let otp = OtpPolicy {
-            length: env.integer_in("OTP_LENGTH", 6, 4, 10)?,
-            ttl: secs(env.integer_in("OTP_TTL_SECS", 300, 1, 86_400)?),
-            max_attempts: env.integer_in("OTP_MAX_ATTEMPTS", 5, 1, 1_000)?,
-            resend_gap: secs(env.integer_in("OTP_RESEND_SECS", 30, 0, 86_400)?),
-            per_phone_per_hour: env.integer_in("OTP_PER_PHONE_PER_HOUR", 5, 1, 1_000_000)?,
-            per_ip_per_hour: env.integer_in("OTP_PER_IP_PER_HOUR", 30, 1, 100_000_000)?,
+            length: env.integer_in("OTP_LENGTH", 6, 4..=10)?,
+            ttl: env.seconds("OTP_TTL_SECS", 300, 1..=86_400)?,
+            max_attempts: env.integer_in("OTP_MAX_ATTEMPTS", 5, 1..=1_000)?,
+            resend_gap: env.seconds("OTP_RESEND_SECS", 30, 0..=86_400)?,
+            per_phone_per_hour: env.integer_in("OTP_PER_PHONE_PER_HOUR", 5, 1..=1_000_000)?,
+            per_ip_per_hour: env.integer_in("OTP_PER_IP_PER_HOUR", 30, 1..=100_000_000)?,
         };
         let otp_secret = match env.secret("OTP_SECRET") {
             Some(secret) if secret.expose_secret().len() < 16 => {
@@ -98,18 +101,9 @@ impl ApiConfig {
             api_addr,
             otp,
             otp_secret,
-            access_token_ttl: secs(env.integer_in(
-                "ACCESS_TOKEN_TTL_SECS",
-                86_400,
-                1,
-                31_536_000,
-            )?),
-            refresh_token_ttl: secs(env.integer_in(
-                "REFRESH_TOKEN_TTL_SECS",
-                2_592_000,
-                1,
-                315_360_000,
-            )?),
+            access_token_ttl: env.seconds("ACCESS_TOKEN_TTL_SECS", 86_400, 1..=31_536_000)?,
+            refresh_token_ttl: env.seconds("REFRESH_TOKEN_TTL_SECS", 2_592_000, 1..=315_360_000)?,
+            database_pool_size: env.integer_in("DATABASE_POOL_SIZE", 10, 1..=1_000)?,
             phone,
             trust_proxy: env.boolean("TRUST_PROXY", false)?,
         })
@@ -118,10 +112,6 @@ impl ApiConfig {
     pub fn uses_dev_otp_secret(&self) -> bool {
         self.otp_secret.expose_secret() == DEV_OTP_SECRET
     }
-}
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
 }
 
 /// `HOST:PORT`, or `:PORT` for every interface.
@@ -164,6 +154,8 @@ mod tests {
             ("ALLOWED_COUNTRIES", "US,Narnia"),
             ("TRUST_PROXY", "maybe"),
             ("OTP_TTL_SECS", "0"),
+            ("DATABASE_POOL_SIZE", "abc"),
+            ("DATABASE_POOL_SIZE", "0"),
         ] {
             let err = ApiConfig::from_env(&Env::from_pairs([(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use shared::PhoneNumber;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -43,7 +44,7 @@ fn interval_secs(d: Duration) -> f64 {
 /// Finds or creates the user and stores a fresh access and refresh token, in one statement.
 pub async fn sign_in(
     pool: &PgPool,
-    phone: &str,
+    phone: &PhoneNumber,
     lifetimes: &TokenLifetimes,
 ) -> sqlx::Result<IssuedSession> {
     let access = PlainToken::generate();
@@ -65,7 +66,7 @@ pub async fn sign_in(
         ",
     )
     .bind(Uuid::now_v7())
-    .bind(phone)
+    .bind(phone.as_str())
     .bind(access.hash())
     .bind(interval_secs(lifetimes.access))
     .bind(refresh.hash())

@@ -1,10 +1,16 @@
-//! The one place that maps failures to HTTP: every error leaves as RFC 9457 problem+json.
+//! The one place that maps failures to HTTP: every error leaves as RFC 9457 problem+json
+//! (docs/api.md#errors).
 //!
-//! Handlers return [`ApiError`]. Its `IntoResponse` sets the status and headers and attaches a
-//! [`Problem`] to the response; [`render_problems`] (the outermost middleware after the request
-//! id) writes the body with the request id, and also turns bare error responses made by layers
-//! (405 from the router, 413 from the body limit, a caught panic, a timeout) into problems.
+//! Handlers return [`ApiError`] (with `?`: database and Redis errors convert by themselves). Its
+//! `IntoResponse` sets the status and headers and attaches a [`Problem`] to the response, plus
+//! the error itself for [`log_errors`]: as in axum's `error-handling` example, an error is logged
+//! by a middleware inside the request's span rather than in `IntoResponse`, which cannot see the
+//! request and also runs for errors nobody needs logged (a 404). [`render_problems`] (the
+//! outermost middleware after the request id) writes the body with the request id, and also
+//! turns bare error responses made by layers (405 from the router, 413 from the body limit, a
+//! timeout) into problems.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -70,6 +76,12 @@ pub enum ApiError {
         #[source]
         source: anyhow::Error,
     },
+    /// `/readyz` with at least one dependency down; `checks` is each dependency's state.
+    #[error("not ready: {} unavailable", .down.join(", "))]
+    NotReady {
+        down: Vec<&'static str>,
+        checks: serde_json::Value,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -99,12 +111,12 @@ impl ApiError {
             Self::TooManyAttempts | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// The stable, machine-readable `code` of SPEC §3.
+    /// The stable, machine-readable `code` (docs/api.md#errors).
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidRequest(_) => "invalid_request",
@@ -120,7 +132,7 @@ impl ApiError {
             Self::InvalidRefreshToken => "invalid_refresh_token",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
-            Self::Unavailable { .. } => "unavailable",
+            Self::Unavailable { .. } | Self::NotReady { .. } => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -134,17 +146,41 @@ impl ApiError {
     }
 }
 
+/// Database failures that mean "PostgreSQL is away or overloaded" are 503s; anything else is a
+/// bug and a 500.
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        let unavailable = match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => true,
+            // 08: connection exceptions; 57P: admin shutdown / cannot connect now; 53300: too
+            // many connections.
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+            _ => false,
+        };
+        if unavailable {
+            Self::unavailable(Dependency::Postgres, error)
+        } else {
+            Self::Internal(error.into())
+        }
+    }
+}
+
+/// Every Redis failure seen here is the server being away, slow or refusing: a 503.
+impl From<redis::RedisError> for ApiError {
+    fn from(error: redis::RedisError) -> Self {
+        Self::unavailable(Dependency::Redis, error)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match &self {
-            Self::Internal(source) => {
-                tracing::error!(error = ?source, "internal error");
-            }
-            Self::Unavailable { dependency, source } => {
-                tracing::warn!(dependency = dependency.name(), error = %error_chain(source), "dependency unavailable");
-            }
-            _ => {}
-        }
         let status = self.status();
         let mut response = status.into_response();
         let headers = response.headers_mut();
@@ -154,7 +190,7 @@ impl IntoResponse for ApiError {
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
-            Self::Unavailable { .. } => {
+            Self::Unavailable { .. } | Self::NotReady { .. } => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS),
@@ -165,15 +201,38 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        let extra = match &self {
+            Self::NotReady { checks, .. } => Some(serde_json::json!({ "checks": checks })),
+            _ => None,
+        };
         response.extensions_mut().insert(Problem {
             code: self.code(),
             title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail: self.detail(),
-            extra: None,
+            extra,
         });
+        response.extensions_mut().insert(Arc::new(self));
         response
     }
+}
+
+/// Logs the errors worth an operator's attention, inside the request's span so the line carries
+/// the request id. Runs just inside the tracing layer.
+pub async fn log_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    match response
+        .extensions()
+        .get::<Arc<ApiError>>()
+        .map(AsRef::as_ref)
+    {
+        Some(ApiError::Internal(source)) => tracing::error!(error = ?source, "internal error"),
+        Some(ApiError::Unavailable { dependency, source }) => {
+            tracing::warn!(dependency = dependency.name(), error = %error_chain(source), "dependency unavailable");
+        }
+        _ => {}
+    }
+    response
 }
 
 /// `a: b: c` for an error and its sources, for a log line.

@@ -1,20 +1,31 @@
 //! The `api` program: phone sign-in with one-time passwords, opaque bearer tokens and the
-//! middleware that authenticates protected routes. See SPEC §3.
+//! middleware that authenticates protected routes (docs/api.md).
+//!
+//! Where things are: [`config`] reads the environment once; `startup` builds the
+//! [`Application`]; `router` lists the routes and the middleware stack, whose functions live in
+//! `middleware`, `request_id`, `auth` (bearer tokens) and `error` (the one place errors become
+//! HTTP); `routes/` holds the handlers; `otp` keeps codes and limits in Redis, `db` every SQL
+//! statement, `tokens` the token format, `phone` number normalisation, `publisher` the
+//! confirmed publish to RabbitMQ; `jobs` runs migrations and the token purge in the background.
 
-pub mod auth;
+mod auth;
 pub mod config;
-pub mod db;
-pub mod error;
-pub mod extract;
-pub mod openapi;
-pub mod otp;
-pub mod phone;
-pub mod publisher;
-pub mod request_id;
-pub mod routes;
-pub mod startup;
-pub mod state;
-pub mod tokens;
+mod db;
+mod error;
+mod extract;
+mod jobs;
+mod middleware;
+mod openapi;
+mod otp;
+mod phone;
+mod publisher;
+mod request_id;
+mod router;
+mod routes;
+mod startup;
+mod state;
+mod tokens;
 
 pub use config::ApiConfig;
 pub use startup::Application;
+pub use state::AppState;

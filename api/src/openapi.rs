@@ -1,8 +1,17 @@
 //! The OpenAPI document, generated from the handlers' annotations.
+//!
+//! Handlers describe only what is theirs: their success bodies and the errors they can answer,
+//! with a sentence each. [`ProblemResponses`] then gives every error response the one problem+json
+//! body, and every route that reads JSON the answers any JSON body can get (400, 413, 415), so the
+//! document stays true without repeating those on every route.
 
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::response::Response;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi};
+use utoipa::openapi::{Content, Ref, RefOr};
+use utoipa::{Modify, OpenApi, ToSchema};
 
+use crate::error::{PROBLEM_CONTENT_TYPE, ProblemBody};
 use crate::routes;
 
 #[derive(OpenApi)]
@@ -19,7 +28,8 @@ use crate::routes;
         routes::health::readyz,
         routes::health::metrics,
     ),
-    modifiers(&BearerAuth),
+    components(schemas(ProblemBody)),
+    modifiers(&BearerAuth, &ProblemResponses),
 )]
 pub struct ApiDoc;
 
@@ -32,5 +42,56 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+    }
+}
+
+struct ProblemResponses;
+
+/// What any route with a JSON body can answer before its handler runs.
+const JSON_BODY_ERRORS: [(&str, &str); 3] = [
+    (
+        "400",
+        "`invalid_request`: malformed JSON, or a missing or wrong-typed field",
+    ),
+    ("413", "`payload_too_large`: the body is over 16 KiB"),
+    ("415", "`unsupported_media_type`: the body is not JSON"),
+];
+
+impl Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for path in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut path.get,
+                &mut path.post,
+                &mut path.put,
+                &mut path.patch,
+                &mut path.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                describe_errors(operation);
+            }
+        }
+    }
+}
+
+fn describe_errors(operation: &mut Operation) {
+    let responses = &mut operation.responses.responses;
+    if operation.request_body.is_some() {
+        for (status, description) in JSON_BODY_ERRORS {
+            responses
+                .entry(status.to_owned())
+                .or_insert_with(|| RefOr::T(Response::new(description)));
+        }
+    }
+    for (status, response) in responses.iter_mut() {
+        let is_error = status.starts_with('4') || status.starts_with('5');
+        if let (true, RefOr::T(response)) = (is_error, response) {
+            let schema = Ref::from_schema_name(ProblemBody::name());
+            response.content.clear();
+            response.content.insert(
+                PROBLEM_CONTENT_TYPE.to_owned(),
+                Content::new(Some(schema)).into(),
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! One-time passwords: generated from the OS CSPRNG, kept in Redis only as an HMAC, checked and
 //! rate limited by Lua scripts so each request is one atomic round trip, across replicas too.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -11,6 +12,8 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
+use shared::PhoneNumber;
+use uuid::Uuid;
 
 use crate::config::OtpPolicy;
 
@@ -38,17 +41,21 @@ impl OtpHasher {
         Self { key }
     }
 
-    pub fn digest(&self, phone: &str, code: &str) -> String {
+    pub fn digest(&self, phone: &PhoneNumber, code: &str) -> CodeDigest {
         let mut mac =
             <Hmac<Sha256> as KeyInit>::new_from_slice(self.key.expose_secret().as_bytes())
                 .expect("HMAC accepts keys of any length");
-        mac.update(phone.as_bytes());
+        mac.update(phone.as_str().as_bytes());
         mac.update(b"\0");
         mac.update(code.as_bytes());
         let bytes = mac.finalize().into_bytes();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        CodeDigest(bytes.iter().map(|b| format!("{b:02x}")).collect())
     }
 }
+
+/// What Redis keeps of a code: its HMAC, in hex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeDigest(String);
 
 /// The Redis keys of one phone. `{…}` is a Redis Cluster hash tag: all of a phone's keys live in
 /// one slot, so the scripts stay atomic on a cluster. The per-IP window is the one key outside it.
@@ -61,7 +68,8 @@ struct PhoneKeys {
 }
 
 impl PhoneKeys {
-    fn new(namespace: &str, phone: &str, ip: &str) -> Self {
+    fn new(namespace: &str, phone: &PhoneNumber, ip: &str) -> Self {
+        let phone = phone.as_str();
         Self {
             code: format!("{namespace}:otp:{{{phone}}}:code"),
             resend: format!("{namespace}:otp:{{{phone}}}:resend"),
@@ -166,10 +174,18 @@ pub enum CheckOutcome {
 /// What a right guess removed, to restore it if the session cannot be created.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumed {
-    digest: String,
+    digest: CodeDigest,
     attempts: u32,
     event_id: String,
     ttl_left_ms: i64,
+}
+
+/// One code being issued: for whom, on whose behalf, its digest and the event that carries it.
+pub struct Issue<'a> {
+    pub phone: &'a PhoneNumber,
+    pub client_ip: IpAddr,
+    pub digest: CodeDigest,
+    pub event_id: Uuid,
 }
 
 pub struct OtpStore {
@@ -191,32 +207,31 @@ impl OtpStore {
         }
     }
 
-    fn keys(&self, phone: &str, ip: &str) -> PhoneKeys {
-        PhoneKeys::new(&self.namespace, phone, ip)
+    fn keys(&self, phone: &PhoneNumber, ip: Option<IpAddr>) -> PhoneKeys {
+        let ip = ip.map(|ip| ip.to_string()).unwrap_or_default();
+        PhoneKeys::new(&self.namespace, phone, &ip)
     }
 
+    /// Stores a new code for `issue.phone`, unless a limit refuses it.
     pub async fn issue(
         &self,
         conn: &mut ConnectionManager,
         policy: &OtpPolicy,
-        phone: &str,
-        ip: &str,
-        digest: &str,
-        event_id: &str,
+        issue: &Issue<'_>,
     ) -> redis::RedisResult<IssueOutcome> {
-        let keys = self.keys(phone, ip);
+        let keys = self.keys(issue.phone, Some(issue.client_ip));
         let (stored, wait_ms): (i64, i64) = self
             .issue
             .key(&keys.code)
             .key(&keys.resend)
             .key(&keys.window)
             .key(&keys.ip_window)
-            .arg(digest)
+            .arg(&issue.digest.0)
             .arg(millis(policy.ttl))
             .arg(millis(policy.resend_gap))
             .arg(policy.per_phone_per_hour)
             .arg(policy.per_ip_per_hour)
-            .arg(event_id)
+            .arg(issue.event_id.to_string())
             .arg(HOUR_MS)
             .invoke_async(conn)
             .await?;
@@ -229,38 +244,38 @@ impl OtpStore {
         })
     }
 
+    /// Undoes [`OtpStore::issue`] for a code whose event was never confirmed.
     pub async fn withdraw(
         &self,
         conn: &mut ConnectionManager,
-        phone: &str,
-        ip: &str,
-        event_id: &str,
+        issue: &Issue<'_>,
     ) -> redis::RedisResult<()> {
-        let keys = self.keys(phone, ip);
+        let keys = self.keys(issue.phone, Some(issue.client_ip));
         let _: i64 = self
             .withdraw
             .key(&keys.code)
             .key(&keys.resend)
             .key(&keys.window)
             .key(&keys.ip_window)
-            .arg(event_id)
+            .arg(issue.event_id.to_string())
             .invoke_async(conn)
             .await?;
         Ok(())
     }
 
-    pub async fn check(
+    /// Checks a guess against the stored code, counting a wrong one.
+    pub async fn check_guess(
         &self,
         conn: &mut ConnectionManager,
-        phone: &str,
-        digest: &str,
+        phone: &PhoneNumber,
+        digest: &CodeDigest,
         max_attempts: u32,
     ) -> redis::RedisResult<CheckOutcome> {
-        let keys = self.keys(phone, "");
+        let keys = self.keys(phone, None);
         let reply: Vec<redis::Value> = self
             .check
             .key(&keys.code)
-            .arg(digest)
+            .arg(&digest.0)
             .arg(max_attempts)
             .invoke_async(conn)
             .await?;
@@ -288,17 +303,17 @@ impl OtpStore {
     pub async fn restore(
         &self,
         conn: &mut ConnectionManager,
-        phone: &str,
+        phone: &PhoneNumber,
         consumed: &Consumed,
     ) -> redis::RedisResult<()> {
         if consumed.ttl_left_ms <= 0 {
             return Ok(());
         }
-        let keys = self.keys(phone, "");
+        let keys = self.keys(phone, None);
         let _: i64 = self
             .restore
             .key(&keys.code)
-            .arg(&consumed.digest)
+            .arg(&consumed.digest.0)
             .arg(consumed.attempts)
             .arg(&consumed.event_id)
             .arg(consumed.ttl_left_ms)
@@ -341,18 +356,24 @@ mod tests {
     fn digests_depend_on_key_phone_and_code() {
         let a = OtpHasher::new("key-one-0123456789".into());
         let b = OtpHasher::new("key-two-0123456789".into());
-        let d = a.digest("+14155550100", "123456");
-        assert_eq!(d.len(), 64);
-        assert_eq!(d, a.digest("+14155550100", "123456"));
-        assert_ne!(d, b.digest("+14155550100", "123456"));
-        assert_ne!(d, a.digest("+14155550101", "123456"));
-        assert_ne!(d, a.digest("+14155550100", "123457"));
-        assert!(!d.contains("123456"));
+        let phone = PhoneNumber::parse("+14155550100").unwrap();
+        let other = PhoneNumber::parse("+14155550101").unwrap();
+        let d = a.digest(&phone, "123456");
+        assert_eq!(d.0.len(), 64);
+        assert_eq!(d, a.digest(&phone, "123456"));
+        assert_ne!(d, b.digest(&phone, "123456"));
+        assert_ne!(d, a.digest(&other, "123456"));
+        assert_ne!(d, a.digest(&phone, "123457"));
+        assert!(!d.0.contains("123456"));
     }
 
     #[test]
     fn keys_share_one_hash_tag_per_phone() {
-        let keys = PhoneKeys::new("ns", "+14155550100", "10.0.0.1");
+        let keys = PhoneKeys::new(
+            "ns",
+            &PhoneNumber::parse("+14155550100").unwrap(),
+            "10.0.0.1",
+        );
         for key in [&keys.code, &keys.resend, &keys.window] {
             assert!(key.starts_with("ns:"), "{key}");
             assert!(key.contains("{+14155550100}"), "{key}");

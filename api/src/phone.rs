@@ -1,6 +1,7 @@
 //! Phone numbers in, E.164 out.
 
 use phonenumber::Mode;
+use shared::PhoneNumber;
 
 use crate::config::PhonePolicy;
 use crate::error::ApiError;
@@ -9,8 +10,9 @@ use crate::error::ApiError;
 const MAX_INPUT_LEN: usize = 32;
 
 /// Parses `input` (E.164, or national format when `DEFAULT_REGION` is set), checks it is a valid
-/// number of an allowed country, and returns it in E.164.
-pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<String, ApiError> {
+/// number of an allowed country, and returns it in E.164. This is the only way the api makes a
+/// [`PhoneNumber`].
+pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<PhoneNumber, ApiError> {
     let input = input.trim();
     if input.is_empty() || input.len() > MAX_INPUT_LEN {
         return Err(ApiError::InvalidPhoneNumber);
@@ -30,7 +32,8 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<String, ApiError> 
             return Err(ApiError::CountryNotAllowed);
         }
     }
-    Ok(number.format().mode(Mode::E164).to_string())
+    PhoneNumber::parse(&number.format().mode(Mode::E164).to_string())
+        .map_err(|_| ApiError::InvalidPhoneNumber)
 }
 
 #[cfg(test)]
@@ -48,15 +51,17 @@ mod tests {
     #[test]
     fn accepts_e164_numbers() {
         assert_eq!(
-            normalize("+14155550100", &e164_only()).unwrap(),
+            normalize("+14155550100", &e164_only()).unwrap().as_str(),
             "+14155550100"
         );
         assert_eq!(
-            normalize(" +44 20 7946 0958 ", &e164_only()).unwrap(),
+            normalize(" +44 20 7946 0958 ", &e164_only())
+                .unwrap()
+                .as_str(),
             "+442079460958"
         );
         assert_eq!(
-            normalize("+919876543210", &e164_only()).unwrap(),
+            normalize("+919876543210", &e164_only()).unwrap().as_str(),
             "+919876543210"
         );
     }
@@ -71,7 +76,10 @@ mod tests {
             default_region: Some(Id::IN),
             allowed_countries: None,
         };
-        assert_eq!(normalize("9876543210", &india).unwrap(), "+919876543210");
+        assert_eq!(
+            normalize("9876543210", &india).unwrap().as_str(),
+            "+919876543210"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! trip per request. The connection is (re)made on demand: an api started while the broker is
 //! down keeps serving, answers 503 for OTP requests, and recovers by itself.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::ConfirmSelectOptions;
@@ -31,7 +31,8 @@ pub enum PublishError {
     Expired,
 }
 
-struct Link {
+/// One AMQP connection and its confirm-mode channel.
+struct BrokerConnection {
     // Kept so the connection lives as long as its channel.
     _connection: Connection,
     channel: Channel,
@@ -40,7 +41,7 @@ struct Link {
 pub struct Publisher {
     url: SecretString,
     topology: Topology,
-    link: Mutex<Option<std::sync::Arc<Link>>>,
+    connection: Mutex<Option<Arc<BrokerConnection>>>,
     connecting: tokio::sync::Mutex<Option<Instant>>,
 }
 
@@ -49,26 +50,27 @@ impl Publisher {
         Self {
             url,
             topology,
-            link: Mutex::new(None),
+            connection: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(None),
         }
     }
 
-    fn current(&self) -> Option<std::sync::Arc<Link>> {
-        let link = self.link.lock().unwrap_or_else(|e| e.into_inner());
-        link.as_ref()
-            .filter(|l| l.channel.status().connected())
+    fn current(&self) -> Option<Arc<BrokerConnection>> {
+        let connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        connection
+            .as_ref()
+            .filter(|c| c.channel.status().connected())
             .cloned()
     }
 
     /// A connected confirm-mode channel, connecting first if need be (one connect at a time).
     async fn channel(&self) -> Result<Channel, PublishError> {
-        if let Some(link) = self.current() {
-            return Ok(link.channel.clone());
+        if let Some(connection) = self.current() {
+            return Ok(connection.channel.clone());
         }
         let mut last_failure = self.connecting.lock().await;
-        if let Some(link) = self.current() {
-            return Ok(link.channel.clone());
+        if let Some(connection) = self.current() {
+            return Ok(connection.channel.clone());
         }
         if last_failure.is_some_and(|at| at.elapsed() < RECONNECT_COOLDOWN) {
             return Err(PublishError::Connect(
@@ -76,11 +78,11 @@ impl Publisher {
             ));
         }
         match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
-            Ok(Ok(link)) => {
+            Ok(Ok(connection)) => {
                 *last_failure = None;
-                let channel = link.channel.clone();
-                *self.link.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(std::sync::Arc::new(link));
+                let channel = connection.channel.clone();
+                *self.connection.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Arc::new(connection));
                 tracing::info!("connected to RabbitMQ");
                 Ok(channel)
             }
@@ -95,7 +97,7 @@ impl Publisher {
         }
     }
 
-    async fn connect(&self) -> lapin::Result<Link> {
+    async fn connect(&self) -> lapin::Result<BrokerConnection> {
         let properties = ConnectionProperties::default().with_connection_name("otp-api".into());
         let connection = Connection::connect(self.url.expose_secret(), properties).await?;
         let channel = connection.create_channel().await?;
@@ -103,7 +105,7 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Link {
+        Ok(BrokerConnection {
             _connection: connection,
             channel,
         })
@@ -112,9 +114,12 @@ impl Publisher {
     /// Forgets a channel that failed, so the next publish opens a fresh one (a channel can keep
     /// rejecting publishes after a broker restart or a quorum leader change).
     fn discard(&self, failed: &Channel) {
-        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
-        if link.as_ref().is_some_and(|l| l.channel.id() == failed.id()) {
-            *link = None;
+        let mut connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        if connection
+            .as_ref()
+            .is_some_and(|c| c.channel.id() == failed.id())
+        {
+            *connection = None;
         }
     }
 
@@ -143,8 +148,8 @@ impl Publisher {
         Ok(result?)
     }
 
-    /// For `/readyz`: whether a channel is (or can now be) open.
-    pub async fn check(&self) -> Result<(), PublishError> {
+    /// For `/readyz`: opens the channel if it is not open, and says whether that worked.
+    pub async fn ensure_connected(&self) -> Result<(), PublishError> {
         self.channel().await.map(|_| ())
     }
 }

@@ -74,30 +74,3 @@ impl AppState {
         self.redis.clone()
     }
 }
-
-/// Database failures that mean "PostgreSQL is away or overloaded" are 503s; anything else is a
-/// bug and a 500.
-pub fn db_error(error: sqlx::Error) -> ApiError {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => ApiError::unavailable(Dependency::Postgres, error),
-        sqlx::Error::Database(ref db)
-            if db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300") =>
-        {
-            // 08: connection exceptions; 57P: admin shutdown / cannot connect now; 53300: too many connections.
-            ApiError::unavailable(Dependency::Postgres, error)
-        }
-        other => ApiError::Internal(other.into()),
-    }
-}
-
-/// Every Redis failure seen here is the server being away, slow or refusing: a 503.
-pub fn redis_error(error: redis::RedisError) -> ApiError {
-    ApiError::unavailable(Dependency::Redis, error)
-}

@@ -1,4 +1,7 @@
-//! Publishing with confirms, the one way both programs put messages on the broker.
+//! Publishing with confirms, the one way both programs put messages on the broker, and reading
+//! the headers of what comes back.
+
+pub mod headers;
 
 use std::time::Duration;
 
@@ -68,7 +71,7 @@ pub async fn publish_confirmed(
     }
 }
 
-/// The properties of an `OtpRequested` message (SPEC §4): persistent, JSON, `message_id` =
+/// The properties of an `OtpRequested` message (docs/messaging.md#the-otprequested-message): persistent, JSON, `message_id` =
 /// `event_id`, `type`, the `x-request-id` header, and `expiration` = `ttl_ms`, so the broker
 /// dead-letters the event (x-death reason `expired`) rather than deliver a code that no longer
 /// works.

@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
+use std::ops::RangeInclusive;
 use std::str::FromStr;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -93,26 +95,51 @@ impl Env {
         }
     }
 
-    /// Like [`Env::parse`] for integers that must lie in `min..=max`.
+    /// Like [`Env::parse`] for integers that must lie in `range`.
     pub fn integer_in<T>(
         &self,
         name: &'static str,
         default: T,
-        min: T,
-        max: T,
+        range: RangeInclusive<T>,
     ) -> Result<T, ConfigError>
     where
         T: FromStr + PartialOrd + Display + Copy,
         T::Err: Display,
     {
         let value = self.parse(name, default)?;
-        if value < min || value > max {
+        if !range.contains(&value) {
             return Err(ConfigError::new(
                 name,
-                format!("{value} is out of range; expected {min} to {max}"),
+                format!(
+                    "{value} is out of range; expected {} to {}",
+                    range.start(),
+                    range.end()
+                ),
             ));
         }
         Ok(value)
+    }
+
+    /// A duration written in whole seconds (`*_SECS`), within `range` seconds.
+    pub fn seconds(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
+        self.integer_in(name, default, range)
+            .map(Duration::from_secs)
+    }
+
+    /// A duration written in whole milliseconds (`*_MS`), within `range` milliseconds.
+    pub fn millis(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
+        self.integer_in(name, default, range)
+            .map(Duration::from_millis)
     }
 
     pub fn boolean(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
@@ -208,17 +235,6 @@ impl CommonConfig {
         })
     }
 
-    /// Local defaults under another namespace: what tests start from.
-    pub fn local(namespace: &str) -> Self {
-        Self {
-            redis_url: DEFAULT_REDIS_URL.into(),
-            amqp_url: DEFAULT_AMQP_URL.into(),
-            namespace: namespace.to_owned(),
-            queue_type: QueueType::Classic,
-            log_format: LogFormat::Pretty,
-        }
-    }
-
     pub fn topology(&self) -> crate::Topology {
         crate::Topology::new(&self.namespace, self.queue_type)
     }
@@ -275,8 +291,13 @@ mod tests {
         assert_eq!(CommonConfig::from_env(&env).unwrap_err().name, "NAMESPACE");
 
         let env = Env::from_pairs([("X", "11")]);
-        assert_eq!(env.integer_in("X", 6u32, 4, 10).unwrap_err().name, "X");
-        assert_eq!(env.integer_in("Y", 6u32, 4, 10), Ok(6));
+        assert_eq!(env.integer_in("X", 6u32, 4..=10).unwrap_err().name, "X");
+        assert_eq!(env.integer_in("Y", 6u32, 4..=10), Ok(6));
+        assert_eq!(env.seconds("X", 1, 0..=20), Ok(Duration::from_secs(11)));
+        assert_eq!(
+            env.millis("Y", 250, 1..=1_000),
+            Ok(Duration::from_millis(250))
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::mask_phone;
+use crate::PhoneNumber;
 
 /// The body version this build writes and reads.
 pub const EVENT_VERSION: u32 = 1;
@@ -22,8 +22,7 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub struct OtpRequested {
     pub version: u32,
     pub event_id: Uuid,
-    /// E.164.
-    pub phone_number: String,
+    pub phone_number: PhoneNumber,
     /// The code in plaintext; `None` in dead-lettered copies, so a failed code is never kept readable.
     pub otp: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
@@ -39,7 +38,7 @@ impl std::fmt::Debug for OtpRequested {
         f.debug_struct("OtpRequested")
             .field("version", &self.version)
             .field("event_id", &self.event_id)
-            .field("phone_number", &mask_phone(&self.phone_number))
+            .field("phone_number", &self.phone_number)
             .field("otp", &self.otp.as_ref().map(|_| "[REDACTED]"))
             .field("expires_at", &self.expires_at)
             .field("requested_at", &self.requested_at)
@@ -50,7 +49,7 @@ impl std::fmt::Debug for OtpRequested {
 
 impl OtpRequested {
     pub fn new(
-        phone_number: String,
+        phone_number: PhoneNumber,
         otp: String,
         expires_at: OffsetDateTime,
         request_id: String,
@@ -68,7 +67,7 @@ impl OtpRequested {
 
     /// A new event for a code valid for `ttl` from now; `expires_at - requested_at` is exactly `ttl`.
     pub fn valid_for(
-        phone_number: String,
+        phone_number: PhoneNumber,
         otp: String,
         ttl: std::time::Duration,
         request_id: String,

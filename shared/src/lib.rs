@@ -1,5 +1,6 @@
 //! What the `api` and the `sms-worker` both need: the `OtpRequested` event, configuration loading,
-//! the AMQP topology, telemetry (logs and metrics) and the phone-number mask used in every log line.
+//! the AMQP topology, telemetry (logs and metrics) and the phone-number type and mask used in every
+//! log line.
 
 pub mod amqp;
 pub mod config;
@@ -10,5 +11,5 @@ pub mod topology;
 
 pub use config::{CommonConfig, ConfigError, Env, LogFormat, QueueType};
 pub use event::OtpRequested;
-pub use phone::mask_phone;
+pub use phone::{PhoneNumber, mask_phone};
 pub use topology::Topology;

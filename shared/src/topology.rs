@@ -1,4 +1,4 @@
-//! The AMQP objects of SPEC §4, declared idempotently by both programs at start-up, so either one
+//! The AMQP objects of docs/messaging.md#topology, declared idempotently by both programs at start-up, so either one
 //! can start first.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};

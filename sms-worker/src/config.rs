@@ -1,4 +1,5 @@
-//! The worker's configuration (SPEC §2), read once from the environment and validated.
+//! The worker's configuration, read once from the environment and validated (the variables are
+//! listed in README.md#configuration).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -94,10 +95,9 @@ impl Config {
             }
         };
         let message = MessageConfig::from_env(env)?;
-        let send_timeout = secs(env.integer_in("SEND_TIMEOUT_SECS", 10, 1, 300)?);
-        let retry_min_delay = millis(env.integer_in("SMS_RETRY_MIN_DELAY_MS", 250, 1, 60_000)?);
-        let retry_max_delay =
-            millis(env.integer_in("SMS_RETRY_MAX_DELAY_MS", 20_000, 1, 600_000)?);
+        let send_timeout = env.seconds("SEND_TIMEOUT_SECS", 10, 1..=300)?;
+        let retry_min_delay = env.millis("SMS_RETRY_MIN_DELAY_MS", 250, 1..=60_000)?;
+        let retry_max_delay = env.millis("SMS_RETRY_MAX_DELAY_MS", 20_000, 1..=600_000)?;
         if retry_max_delay < retry_min_delay {
             return Err(ConfigError::new(
                 "SMS_RETRY_MAX_DELAY_MS",
@@ -109,41 +109,18 @@ impl Config {
             addr,
             provider,
             message,
-            concurrency: env.integer_in("WORKER_CONCURRENCY", 64, 1, 10_000)?,
+            concurrency: env.integer_in("WORKER_CONCURRENCY", 64, 1..=10_000)?,
             send_timeout,
-            retry_max_elapsed: secs(env.integer_in("RETRY_MAX_ELAPSED_SECS", 120, 0, 86_400)?),
+            retry_max_elapsed: env.seconds("RETRY_MAX_ELAPSED_SECS", 120, 0..=86_400)?,
             retry_min_delay,
             retry_max_delay,
-            claim_lease: millis(env.integer_in("SMS_CLAIM_LEASE_MS", 10_000, 500, 600_000)?),
-            shutdown_grace: secs(env.integer_in(
+            claim_lease: env.millis("SMS_CLAIM_LEASE_MS", 10_000, 500..=600_000)?,
+            shutdown_grace: env.seconds(
                 "SHUTDOWN_GRACE_SECS",
                 send_timeout.as_secs() + 5,
-                0,
-                3_600,
-            )?),
+                0..=3_600,
+            )?,
         })
-    }
-
-    /// Local services under `namespace`, the log provider, port 0 and short delays: what tests
-    /// start from.
-    pub fn local(namespace: &str) -> Self {
-        Self {
-            common: CommonConfig::local(namespace),
-            addr: parse_addr("127.0.0.1:0"),
-            provider: ProviderConfig::Log,
-            message: MessageConfig {
-                template: DEFAULT_SMS_TEMPLATE.to_owned(),
-                app_name: DEFAULT_APP_NAME.to_owned(),
-                webotp_domain: None,
-            },
-            concurrency: 16,
-            send_timeout: Duration::from_secs(5),
-            retry_max_elapsed: Duration::from_secs(30),
-            retry_min_delay: Duration::from_millis(50),
-            retry_max_delay: Duration::from_secs(2),
-            claim_lease: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(10),
-        }
     }
 }
 
@@ -269,17 +246,8 @@ fn parse_addr(addr: &str) -> SocketAddr {
     addr.parse().expect("a literal socket address")
 }
 
-fn secs(value: u64) -> Duration {
-    Duration::from_secs(value)
-}
-
-fn millis(value: u64) -> Duration {
-    Duration::from_millis(value)
-}
-
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const SID: &str = "AC0123456789abcdef0123456789abcdef";

@@ -1,7 +1,7 @@
 //! The worker's own HTTP port (`WORKER_ADDR`): `/healthz`, `/readyz`, `/metrics`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -9,16 +9,62 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use redis::aio::ConnectionManager;
 use serde_json::json;
 
-use crate::worker::Shared;
+use crate::shutdown::Shutdown;
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// What `/readyz` reports on. The consume loop flips `consuming`; the rest is looked up when asked.
+pub(crate) struct Readiness {
+    consuming: AtomicBool,
+    shutdown: Shutdown,
+    redis: ConnectionManager,
+}
+
+impl Readiness {
+    pub(crate) fn new(shutdown: Shutdown, redis: ConnectionManager) -> Self {
+        Self {
+            consuming: AtomicBool::new(false),
+            shutdown,
+            redis,
+        }
+    }
+
+    /// Connected to RabbitMQ with a consumer open.
+    pub(crate) fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::Relaxed);
+    }
+
+    /// What keeps this replica from being ready; empty when it is.
+    async fn failing(&self) -> Vec<&'static str> {
+        let mut failing = Vec::new();
+        if self.shutdown.is_shutdown() {
+            failing.push("shutting_down");
+        }
+        if !self.consuming.load(Ordering::Relaxed) {
+            failing.push("rabbitmq");
+        }
+        let ping = async {
+            redis::cmd("PING")
+                .query_async::<String>(&mut self.redis.clone())
+                .await
+        };
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(2), ping).await,
+            Ok(Ok(_))
+        ) {
+            failing.push("redis");
+        }
+        failing
+    }
+}
+
+pub(crate) fn router(readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(shared)
+        .with_state(readiness)
 }
 
 async fn healthz() -> Response {
@@ -27,25 +73,8 @@ async fn healthz() -> Response {
 
 /// Ready while consuming: connected to RabbitMQ, Redis answering, not shutting down. A 503 names
 /// what is missing, so an operator sees why the replica is out of rotation.
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    let mut failing = Vec::new();
-    if shared.stopping.load(Ordering::Relaxed) {
-        failing.push("shutting_down");
-    }
-    if !shared.consuming.load(Ordering::Relaxed) {
-        failing.push("rabbitmq");
-    }
-    let ping = async {
-        redis::cmd("PING")
-            .query_async::<String>(&mut shared.redis.clone())
-            .await
-    };
-    if !matches!(
-        tokio::time::timeout(Duration::from_secs(2), ping).await,
-        Ok(Ok(_))
-    ) {
-        failing.push("redis");
-    }
+async fn readyz(State(readiness): State<Arc<Readiness>>) -> Response {
+    let failing = readiness.failing().await;
     if failing.is_empty() {
         axum::Json(json!({"status": "ready"})).into_response()
     } else {

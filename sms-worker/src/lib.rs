@@ -1,18 +1,24 @@
 //! `sms-worker`: consumes `OtpRequested` events from RabbitMQ and sends each OTP by SMS through
 //! Twilio, with retries, at most one SMS per event, and a dead-letter queue for what cannot be
-//! sent (SPEC §4, §5).
+//! sent (docs/messaging.md).
 //!
 //! Run it with [`run`] (or [`Worker::bind`] then [`Worker::run`] to learn the bound port first);
-//! stop it by resolving the shutdown future.
+//! stop it by resolving the shutdown future. [`cli`] is the program's command line.
+//!
+//! Where things are: [`config`] reads the environment once; `worker/` is the consumer in stages
+//! (connection, delivery, send); `ledger` keeps one SMS per event; `provider` talks to Twilio;
+//! `message` renders the SMS body; [`dead_letter`] publishes and inspects the dead-letter queue;
+//! `http` serves `/healthz`, `/readyz` and `/metrics`; `shutdown` carries the stop signal.
 
-pub mod claims;
+pub mod cli;
 pub mod config;
 pub mod dead_letter;
-pub mod dlq;
 mod http;
-pub mod message;
+mod ledger;
+mod message;
 pub mod metrics;
-pub mod provider;
+mod provider;
+mod shutdown;
 mod worker;
 
 pub use config::{Config, ProviderConfig, TwilioAuth, TwilioConfig};

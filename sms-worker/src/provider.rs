@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use shared::PhoneNumber;
 use time::OffsetDateTime;
 
 use crate::config::{ProviderConfig, TwilioAuth, TwilioConfig};
@@ -11,8 +12,7 @@ use crate::metrics as m;
 
 /// One SMS ready to go.
 pub struct Sms<'a> {
-    /// E.164.
-    pub to: &'a str,
+    pub to: &'a PhoneNumber,
     pub body: String,
     /// The same body with the code replaced, for anything that is logged.
     pub masked_body: String,
@@ -74,7 +74,7 @@ impl Provider {
         let result = match self {
             Self::Log => {
                 tracing::info!(
-                    to = %shared::mask_phone(sms.to),
+                    to = %sms.to,
                     body = %sms.masked_body,
                     validity_secs = sms.validity_secs,
                     "SMS_PROVIDER=log: not sending this SMS, only logging it"
@@ -147,7 +147,7 @@ impl Twilio {
     }
 
     async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
-        let mut form: Vec<(&str, String)> = vec![("To", sms.to.to_owned())];
+        let mut form: Vec<(&str, String)> = vec![("To", sms.to.as_str().to_owned())];
         if let Some(from) = &self.from {
             form.push(("From", from.clone()));
         }
@@ -197,7 +197,10 @@ impl Twilio {
         let status = status.as_u16();
         Err(SendError {
             retryable: is_retryable_status(status),
-            message: mask_number(&format!("twilio answered {status}: {text}"), sms.to),
+            message: mask_number(
+                &format!("twilio answered {status}: {text}"),
+                sms.to.as_str(),
+            ),
             status: Some(status),
             code,
             retry_after,

@@ -1,8 +1,13 @@
-//! Test support: `fake-sms` (a Twilio Messages API stand-in) and helpers shared by the end-to-end
-//! tests.
+//! Test support: `fake-sms` (a Twilio Messages API stand-in), `loadgen`, and what every suite
+//! under tests/tests shares: where the servers are ([`servers`]), waiting on a condition
+//! ([`wait`]), programs as child processes ([`program`]), unique names and their removal
+//! ([`cleanup`]), and a proxy to cut a server off ([`proxy`]).
 
 pub mod binaries;
 pub mod cleanup;
 pub mod fake_sms;
 pub mod loadgen;
+pub mod program;
 pub mod proxy;
+pub mod servers;
+pub mod wait;

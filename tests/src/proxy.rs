@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
+use crate::servers::Server;
+
 pub struct TcpProxy {
     addr: SocketAddr,
     inner: Arc<Inner>,
@@ -58,12 +60,18 @@ impl TcpProxy {
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// A proxy to one of the test servers, and the server's URL through it (the same
+    /// credentials and options). Panics if it cannot listen.
+    pub async fn in_front_of(server: &Server) -> (Self, String) {
+        let proxy = Self::start(server.addr())
+            .await
+            .unwrap_or_else(|e| panic!("a proxy in front of {}: {e}", server.name));
+        let url = server.url_via(proxy.addr());
+        (proxy, url)
     }
 
-    pub fn port(&self) -> u16 {
-        self.addr.port()
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Cuts every open connection and refuses new ones, as if the server died.

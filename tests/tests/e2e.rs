@@ -1,77 +1,43 @@
 //! End to end: the real `api`, `sms-worker` and `fake-sms` binaries as separate processes,
 //! talking over the real RabbitMQ, Redis and PostgreSQL. Also runs each `loadgen` scenario
 //! briefly against that stack (a smoke test: no timing assertions).
-#![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use tests::cleanup::{remove_now, unique};
 use tests::loadgen::{self, Args, Scenario};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tests::program::Program;
+use tests::servers::servers;
+use tests::wait::eventually;
 
+/// Generous: three programs start and connect at once, beside the other suites.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn binary(name: &str) -> PathBuf {
-    tests::binaries::workspace_binary(name)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
+        .expect("a free port")
         .local_addr()
-        .unwrap()
+        .expect("a bound address")
         .port()
 }
 
-/// A child process whose stdout and stderr are collected.
-struct Program {
-    name: &'static str,
-    child: Child,
-    output: Arc<Mutex<String>>,
+/// `pairs` as a program's environment, with JSON logs (what production runs, and what the
+/// test reads).
+fn env(pairs: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = pairs.into_iter().collect();
+    env.extend([
+        ("LOG_FORMAT".to_owned(), "json".to_owned()),
+        ("RUST_LOG".to_owned(), "info".to_owned()),
+    ]);
+    env
 }
 
-impl Program {
-    fn start(name: &'static str, path: PathBuf, env: &[(String, String)]) -> Self {
-        let mut child = Command::new(&path)
-            .env_clear()
-            .envs(env.iter().cloned())
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{} starts: {e}", path.display()));
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut output = output.lock().unwrap();
-                    output.push_str(&line);
-                    output.push('\n');
-                }
-            });
-        }
-        Self {
-            name,
-            child,
-            output,
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
+fn pairs<const N: usize>(pairs: [(&str, String); N]) -> impl Iterator<Item = (String, String)> {
+    pairs
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
 }
 
 struct Stack {
@@ -85,49 +51,43 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Self {
-        let namespace = format!("e2e_{}", uuid::Uuid::new_v4().simple());
-        let database = format!("otp_test_{}", uuid::Uuid::new_v4().simple());
+        let servers = servers().require_all();
+        let namespace = unique("e2e");
+        let database = unique("otp_test");
         let (api_port, sms_port, worker_port) = (free_port(), free_port(), free_port());
         let sms_url = format!("http://127.0.0.1:{sms_port}");
-        let common = vec![
-            ("NAMESPACE".to_owned(), namespace.clone()),
-            ("AMQP_QUEUE_TYPE".to_owned(), "classic".to_owned()),
-        ];
+        let mut common = servers.env();
+        common.extend(pairs([
+            ("NAMESPACE", namespace.clone()),
+            ("AMQP_QUEUE_TYPE", "classic".to_owned()),
+        ]));
         let fake = Program::start(
-            "fake-sms",
-            PathBuf::from(env!("CARGO_BIN_EXE_fake-sms")),
-            &[("FAKE_SMS_ADDR".to_owned(), format!("127.0.0.1:{sms_port}"))],
+            Path::new(env!("CARGO_BIN_EXE_fake-sms")),
+            &[],
+            env(pairs([("FAKE_SMS_ADDR", format!("127.0.0.1:{sms_port}"))])),
         );
-        let mut api_env = common.clone();
-        api_env.extend([
-            ("API_ADDR".to_owned(), format!("127.0.0.1:{api_port}")),
+        let api_env = common.iter().cloned().chain(pairs([
+            ("API_ADDR", format!("127.0.0.1:{api_port}")),
+            ("DATABASE_URL", servers.database_url(&database)),
+            ("OTP_SECRET", "e2e-secret-0123456789abcdef".to_owned()),
+            ("OTP_PER_IP_PER_HOUR", "1000000".to_owned()),
+        ]));
+        let api = Program::start_workspace("api", &[], env(api_env)).await;
+        let worker_env = common.into_iter().chain(pairs([
+            ("WORKER_ADDR", format!("127.0.0.1:{worker_port}")),
+            ("SMS_PROVIDER", "twilio".to_owned()),
+            ("TWILIO_BASE_URL", sms_url.clone()),
             (
-                "DATABASE_URL".to_owned(),
-                format!("{}/{database}", tests::cleanup::POSTGRES),
-            ),
-            (
-                "OTP_SECRET".to_owned(),
-                "e2e-secret-0123456789abcdef".to_owned(),
-            ),
-            ("OTP_PER_IP_PER_HOUR".to_owned(), "1000000".to_owned()),
-        ]);
-        let api = Program::start("api", binary("api"), &api_env);
-        let mut worker_env = common;
-        worker_env.extend([
-            ("WORKER_ADDR".to_owned(), format!("127.0.0.1:{worker_port}")),
-            ("SMS_PROVIDER".to_owned(), "twilio".to_owned()),
-            ("TWILIO_BASE_URL".to_owned(), sms_url.clone()),
-            (
-                "TWILIO_ACCOUNT_SID".to_owned(),
+                "TWILIO_ACCOUNT_SID",
                 tests::fake_sms::DEFAULT_ACCOUNT_SID.to_owned(),
             ),
             (
-                "TWILIO_AUTH_TOKEN".to_owned(),
+                "TWILIO_AUTH_TOKEN",
                 tests::fake_sms::DEFAULT_AUTH_TOKEN.to_owned(),
             ),
-            ("TWILIO_FROM".to_owned(), "+15005550006".to_owned()),
-        ]);
-        let worker = Program::start("sms-worker", binary("sms-worker"), &worker_env);
+            ("TWILIO_FROM", "+15005550006".to_owned()),
+        ]));
+        let worker = Program::start_workspace("sms-worker", &[], env(worker_env)).await;
         let stack = Self {
             namespace,
             database,
@@ -141,48 +101,31 @@ impl Stack {
             format!("http://127.0.0.1:{worker_port}/readyz"),
             format!("{}/messages", stack.sms_url),
         ] {
-            stack
-                .until(&format!("{url} to answer 200"), || async {
-                    let ok = stack
-                        .client
-                        .get(&url)
-                        .send()
-                        .await
-                        .ok()?
-                        .status()
-                        .is_success();
-                    ok.then_some(())
-                })
-                .await;
+            eventually(DEADLINE, &format!("{url} to answer 200"), || async {
+                let response = stack.client.get(&url).send().await;
+                response.is_ok_and(|r| r.status().is_success())
+            })
+            .await;
         }
         stack
     }
 
-    async fn until<T, F, Fut>(&self, what: &str, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Option<T>>,
-    {
-        let started = Instant::now();
-        loop {
-            if let Some(value) = check().await {
-                return value;
-            }
-            if started.elapsed() > DEADLINE {
-                for program in &self.programs {
-                    eprintln!("--- {} ---\n{}", program.name, program.logs());
-                }
-                panic!("timed out waiting for {what}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// Sends `request` and reads the answer as JSON.
+    async fn json(&self, request: reqwest::RequestBuilder) -> Value {
+        request
+            .send()
+            .await
+            .expect("the stack answers")
+            .json()
+            .await
+            .expect("a JSON answer")
     }
 
     fn logs(&self, name: &str) -> String {
         self.programs
             .iter()
-            .find(|p| p.name == name)
-            .unwrap()
+            .find(|p| p.name() == name)
+            .expect("a program of the stack")
             .logs()
     }
 
@@ -190,6 +133,7 @@ impl Stack {
         let mut args = Args::for_scenario(scenario);
         args.api_url = self.api_url.clone();
         args.sms_url = self.sms_url.clone();
+        args.amqp_url = servers().rabbitmq.url().to_owned();
         args.namespace = self.namespace.clone();
         args.concurrency = 4;
         args
@@ -198,21 +142,9 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for program in &mut self.programs {
-            let _ = program.child.start_kill();
-        }
-        let (namespace, database) = (self.namespace.clone(), self.database.clone());
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                tests::cleanup::remove_namespace(&namespace).await;
-                tests::cleanup::drop_database(&database).await;
-            });
-        })
-        .join();
+        // Stopped first, so no program declares again what the removal deletes.
+        self.programs.clear();
+        remove_now(&self.namespace, Some(&self.database));
     }
 }
 
@@ -231,50 +163,34 @@ async fn sign_in_across_api_worker_and_fake_sms() {
         .unwrap();
     assert_eq!(reply.status(), 202);
 
-    let sms: Value = stack
-        .until("the SMS at fake-sms", || async {
-            let url = format!("{}/messages?to=%2B14155550123", stack.sms_url);
-            let messages: Vec<Value> =
-                stack.client.get(url).send().await.ok()?.json().await.ok()?;
-            messages.into_iter().next()
-        })
-        .await;
+    let sms: Value = eventually(DEADLINE, "the SMS at fake-sms", || async {
+        let url = format!("{}/messages?to=%2B14155550123", stack.sms_url);
+        let messages: Vec<Value> = stack.client.get(url).send().await.ok()?.json().await.ok()?;
+        messages.into_iter().next()
+    })
+    .await;
     let body = sms["body"].as_str().unwrap();
     assert!(body.starts_with("Your Cheershare code is "), "{body}");
     let validity = sms["validity_period"].as_u64().unwrap();
     assert!((250..=300).contains(&validity), "ValidityPeriod {validity}");
     let code = loadgen::extract_code(body).expect("a code in the SMS");
 
-    let session: Value = stack
+    let verify = stack
         .client
         .post(format!("{}/v1/otp/verify", stack.api_url))
-        .json(&json!({ "phone_number": phone, "otp": code }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json(&json!({ "phone_number": phone, "otp": code }));
+    let session = stack.json(verify).await;
     let token = session["access_token"].as_str().expect("a session");
-    let me: Value = stack
-        .client
-        .get(format!("{}/v1/me", stack.api_url))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me = stack.client.get(format!("{}/v1/me", stack.api_url));
+    let me = stack.json(me.bearer_auth(token)).await;
     assert_eq!(me["phone_number"], phone);
 
     // One request id finds the sign-in in both programs' logs; no secret is in either.
-    let worker_logs = stack
-        .until("the worker to log the send", || async {
-            let logs = stack.logs("sms-worker");
-            logs.contains(&request_id).then_some(logs)
-        })
-        .await;
+    let worker_logs = eventually(DEADLINE, "the worker to log the send", || async {
+        let logs = stack.logs("sms-worker");
+        logs.contains(&request_id).then_some(logs)
+    })
+    .await;
     let api_logs = stack.logs("api");
     assert!(
         api_logs.contains(&request_id),

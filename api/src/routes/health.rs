@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::header;
+use axum::response::IntoResponse;
 use serde_json::json;
 
-use crate::error::Problem;
+use crate::error::ApiError;
 use crate::state::AppState;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -34,9 +34,9 @@ where
 /// Whether PostgreSQL, Redis and RabbitMQ are reachable (and the schema migrated).
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Ready"),
-    (status = 503, description = "`unavailable`, naming the dependency that is down", body = crate::error::ProblemBody, content_type = "application/problem+json"),
+    (status = 503, description = "`unavailable`, naming the dependency that is down"),
 ))]
-pub async fn readyz(State(state): State<AppState>) -> Response {
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let postgres = probe(async {
         sqlx::query("SELECT 1").execute(state.raw_pool()).await?;
         if state.db().is_err() {
@@ -51,7 +51,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             .await
             .map(|_| ())
     });
-    let rabbitmq = probe(state.publisher.check());
+    let rabbitmq = probe(state.publisher.ensure_connected());
     let (postgres, redis, rabbitmq) = tokio::join!(postgres, redis, rabbitmq);
     let results = [
         ("postgres", postgres),
@@ -61,7 +61,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let down: Vec<&str> = results
         .iter()
         .filter(|(_, r)| r.is_err())
-        .map(|(n, _)| *n)
+        .map(|(name, _)| *name)
         .collect();
     let checks: serde_json::Map<String, serde_json::Value> = results
         .iter()
@@ -73,19 +73,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             ((*name).to_owned(), value)
         })
         .collect();
-    if down.is_empty() {
-        return Json(json!({"status": "ready", "checks": checks})).into_response();
+    if !down.is_empty() {
+        return Err(ApiError::NotReady {
+            down,
+            checks: checks.into(),
+        });
     }
-    let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, 2.into());
-    response.extensions_mut().insert(Problem {
-        code: "unavailable",
-        title: "Service Unavailable",
-        status: 503,
-        detail: format!("not ready: {} unavailable", down.join(", ")),
-        extra: Some(json!({"checks": checks})),
-    });
-    response
+    Ok(Json(json!({"status": "ready", "checks": checks})))
 }
 
 /// Prometheus metrics.

@@ -5,17 +5,17 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use shared::{OtpRequested, mask_phone};
+use shared::OtpRequested;
 use utoipa::ToSchema;
 
 use crate::db;
 use crate::error::{ApiError, Dependency, error_chain};
 use crate::extract::{ApiJson, ClientIp};
-use crate::otp::{self, CheckOutcome, IssueOutcome};
+use crate::otp::{self, CheckOutcome, Issue, IssueOutcome};
 use crate::phone;
 use crate::request_id::RequestId;
 use crate::routes::SessionView;
-use crate::state::{AppState, db_error, redis_error};
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct OtpRequestBody {
@@ -57,10 +57,10 @@ pub struct SignupBody {
 #[utoipa::path(post, path = "/v1/otp", tag = "sign-in", request_body = OtpRequestBody,
     responses(
         (status = 202, description = "Code stored and its SMS queued", body = OtpAccepted),
-        (status = 400, description = "Malformed body", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_phone_number` or `country_not_allowed`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`; see `Retry-After`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body"),
+        (status = 422, description = "`invalid_phone_number` or `country_not_allowed`"),
+        (status = 429, description = "`rate_limited`; see `Retry-After`"),
+        (status = 503, description = "`unavailable`; see `Retry-After`"),
     ))]
 pub async fn request_otp(
     State(state): State<AppState>,
@@ -81,20 +81,24 @@ async fn issue(
     let phone = phone::normalize(raw_phone, &state.config.phone)?;
     let policy = &state.config.otp;
     let code = otp::generate_code(policy.length);
-    let digest = state.hasher.digest(&phone, &code);
+    let issue = Issue {
+        phone: &phone,
+        client_ip: ip,
+        digest: state.hasher.digest(&phone, &code),
+        event_id: uuid::Uuid::nil(),
+    };
     let event = OtpRequested::valid_for(phone.clone(), code, policy.ttl, request_id.to_owned());
-    let event_id = event.event_id.to_string();
-    let ip = ip.to_string();
+    let issue = Issue {
+        event_id: event.event_id,
+        ..issue
+    };
+    let event_id = event.event_id;
     let mut redis = state.redis();
 
-    let outcome = state
-        .otp_store
-        .issue(&mut redis, policy, &phone, &ip, &digest, &event_id)
-        .await
-        .map_err(redis_error)?;
+    let outcome = state.otp_store.issue(&mut redis, policy, &issue).await?;
     if let IssueOutcome::Refused { retry_after } = outcome {
         metrics::counter!("otp_requests_total", "outcome" => "rate_limited").increment(1);
-        tracing::info!(phone = %mask_phone(&phone), retry_after_ms = retry_after.as_millis(), "OTP request refused by rate limit");
+        tracing::info!(%phone, retry_after_ms = retry_after.as_millis(), "OTP request refused by rate limit");
         return Err(ApiError::RateLimited { retry_after });
     }
 
@@ -104,19 +108,15 @@ async fn issue(
     if let Err(e) = published {
         metrics::counter!("otp_requests_total", "outcome" => "unavailable").increment(1);
         // The code was never sent: it must not stay valid, and the attempt should not count.
-        if let Err(undo) = state
-            .otp_store
-            .withdraw(&mut redis, &phone, &ip, &event_id)
-            .await
-        {
-            tracing::error!(error = %undo, event_id, "could not withdraw an unpublished OTP; it expires unsent");
+        if let Err(undo) = state.otp_store.withdraw(&mut redis, &issue).await {
+            tracing::error!(error = %undo, %event_id, "could not withdraw an unpublished OTP; it expires unsent");
         }
         return Err(ApiError::unavailable(Dependency::RabbitMq, e));
     }
     metrics::counter!("otp_requests_total", "outcome" => "accepted").increment(1);
-    tracing::info!(phone = %mask_phone(&phone), event_id, "OTP requested");
+    tracing::info!(%phone, %event_id, "OTP requested");
     Ok(OtpAccepted {
-        phone_number: phone,
+        phone_number: phone.as_str().to_owned(),
         expires_in: policy.ttl.as_secs(),
         resend_after: policy.resend_gap.as_secs(),
     })
@@ -128,11 +128,11 @@ async fn issue(
 #[utoipa::path(post, path = "/v1/otp/verify", tag = "sign-in", request_body = VerifyBody,
     responses(
         (status = 200, description = "Signed in", body = SessionView),
-        (status = 400, description = "Malformed body", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`invalid_otp`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_phone_number`, `country_not_allowed` or `invalid_otp_format`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`too_many_attempts`: the code is burned; request a new one", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body"),
+        (status = 401, description = "`invalid_otp`"),
+        (status = 422, description = "`invalid_phone_number`, `country_not_allowed` or `invalid_otp_format`"),
+        (status = 429, description = "`too_many_attempts`: the code is burned; request a new one"),
+        (status = 503, description = "`unavailable`"),
     ))]
 pub async fn verify_otp(
     State(state): State<AppState>,
@@ -157,14 +157,13 @@ async fn verify(state: &AppState, raw_phone: &str, code: &str) -> Result<Session
     let mut redis = state.redis();
     let consumed = match state
         .otp_store
-        .check(&mut redis, &phone, &digest, policy.max_attempts)
-        .await
-        .map_err(redis_error)?
+        .check_guess(&mut redis, &phone, &digest, policy.max_attempts)
+        .await?
     {
         CheckOutcome::Accepted(consumed) => consumed,
         CheckOutcome::Rejected => {
             metrics::counter!("otp_verifications_total", "outcome" => "invalid").increment(1);
-            tracing::info!(phone = %mask_phone(&phone), "OTP rejected");
+            tracing::info!(%phone, "OTP rejected");
             return Err(ApiError::InvalidOtp);
         }
         CheckOutcome::Burned => {
@@ -183,7 +182,7 @@ async fn verify(state: &AppState, raw_phone: &str, code: &str) -> Result<Session
             if let Err(undo) = state.otp_store.restore(&mut redis, &phone, &consumed).await {
                 tracing::warn!(error = %error_chain(&undo.into()), "could not restore a consumed OTP");
             }
-            Err(db_error(e))
+            Err(e.into())
         }
     }
 }
@@ -194,11 +193,11 @@ async fn verify(state: &AppState, raw_phone: &str, code: &str) -> Result<Session
     responses(
         (status = 202, description = "Without `otp`: code sent", body = OtpAccepted),
         (status = 200, description = "With `otp`: signed in", body = SessionView),
-        (status = 400, description = "Malformed body", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`invalid_otp`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid phone number or OTP format", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` or `too_many_attempts`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body"),
+        (status = 401, description = "`invalid_otp`"),
+        (status = 422, description = "Invalid phone number or OTP format"),
+        (status = 429, description = "`rate_limited` or `too_many_attempts`"),
+        (status = 503, description = "`unavailable`"),
     ))]
 pub async fn signup(
     State(state): State<AppState>,

@@ -1,9 +1,8 @@
 //! `POST /v1/token/refresh`, `POST /v1/logout` and `GET /v1/me`.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::StatusCode;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -12,7 +11,7 @@ use crate::db::{self, RefreshOutcome};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::routes::{SessionView, UserView};
-use crate::state::{AppState, db_error};
+use crate::state::AppState;
 use crate::tokens;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -34,9 +33,9 @@ pub struct LogoutBody {
 #[utoipa::path(post, path = "/v1/token/refresh", tag = "session", request_body = RefreshBody,
     responses(
         (status = 200, description = "New session", body = SessionView),
-        (status = 400, description = "Malformed body", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`invalid_refresh_token`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body"),
+        (status = 401, description = "`invalid_refresh_token`"),
+        (status = 503, description = "`unavailable`"),
     ))]
 pub async fn refresh(
     State(state): State<AppState>,
@@ -47,10 +46,7 @@ pub async fn refresh(
     }
     let pool = state.db()?;
     let hash = tokens::hash(&body.refresh_token);
-    match db::refresh(pool, &hash, &state.lifetimes)
-        .await
-        .map_err(db_error)?
-    {
+    match db::refresh(pool, &hash, &state.lifetimes).await? {
         RefreshOutcome::Rotated(session) => {
             metrics::counter!("token_refreshes_total", "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session, &state.lifetimes)))
@@ -72,36 +68,21 @@ pub async fn refresh(
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Signed out"),
-        (status = 400, description = "Malformed body", body = crate::error::ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body"),
+        (status = 401, description = "`unauthorized`"),
     ))]
 pub async fn logout(
     State(state): State<AppState>,
     AuthUser(caller): AuthUser,
-    headers: HeaderMap,
-    body: Bytes,
+    body: Option<ApiJson<LogoutBody>>,
 ) -> Result<StatusCode, ApiError> {
-    let request = if body.iter().all(u8::is_ascii_whitespace) {
-        LogoutBody::default()
-    } else {
-        let is_json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
-        if !is_json {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        serde_json::from_slice::<LogoutBody>(&body).map_err(|e| {
-            ApiError::InvalidRequest(format!("Failed to parse the request body as JSON: {e}"))
-        })?
-    };
+    let request = body.map(|ApiJson(body)| body).unwrap_or_default();
     let pool = state.db()?;
     let revoked = if request.all {
         db::revoke_user(pool, caller.user.id).await
     } else {
         db::revoke_family(pool, caller.family_id).await
-    }
-    .map_err(db_error)?;
+    }?;
     tracing::info!(user_id = %caller.user.id, all = request.all, revoked, "signed out");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -110,7 +91,7 @@ pub async fn logout(
 #[utoipa::path(get, path = "/v1/me", tag = "session", security(("bearer" = [])),
     responses(
         (status = 200, description = "The caller", body = UserView),
-        (status = 401, description = "`unauthorized`", body = crate::error::ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`"),
     ))]
 pub async fn me(AuthUser(caller): AuthUser) -> Json<UserView> {
     Json(caller.user.into())

@@ -22,14 +22,7 @@ async fn malformed_bodies_get_400_invalid_request() {
         r#""+14155550100""#,
     ];
     for body in cases {
-        let reply = app
-            .send(
-                app.client
-                    .post(app.url("/v1/otp"))
-                    .header("content-type", "application/json")
-                    .body(body),
-            )
-            .await;
+        let reply = app.post_raw("/v1/otp", body).await;
         reply.assert_problem(400, "invalid_request");
     }
     let reply = app
@@ -70,14 +63,7 @@ async fn non_json_gets_415() {
 async fn bodies_over_16_kib_get_413() {
     let app = spawn_app().await;
     let huge = format!(r#"{{"phone_number": "{}"}}"#, "1".repeat(17 * 1024));
-    let reply = app
-        .send(
-            app.client
-                .post(app.url("/v1/otp"))
-                .header("content-type", "application/json")
-                .body(huge.clone()),
-        )
-        .await;
+    let reply = app.post_raw("/v1/otp", huge.clone()).await;
     reply.assert_problem(413, "payload_too_large");
     // Without a Content-Length too: a chunked body is cut off at the limit.
     let head = format!(
@@ -99,14 +85,7 @@ async fn bodies_over_16_kib_get_413() {
         r#"{{"phone_number": "+14155550100", "pad": "{}"}}"#,
         "x".repeat(15 * 1024)
     );
-    let reply = app
-        .send(
-            app.client
-                .post(app.url("/v1/otp"))
-                .header("content-type", "application/json")
-                .body(padded),
-        )
-        .await;
+    let reply = app.post_raw("/v1/otp", padded).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
 }
 

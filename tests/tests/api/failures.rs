@@ -4,32 +4,48 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use tests::cleanup::{drop_database, unique};
 use tests::proxy::TcpProxy;
+use tests::servers::{Server, database_url, servers};
+use tests::wait::eventually;
 
-use crate::helpers::{PHONE, Spawn, eventually, spawn_with};
+use crate::helpers::{PHONE, Spawn, TestApp, spawn_with};
 
-async fn proxy(port: u16) -> TcpProxy {
-    TcpProxy::start(([127, 0, 0, 1], port).into())
-        .await
-        .unwrap()
-}
-
-#[tokio::test]
-async fn redis_unreachable_gives_503_and_recovers() {
-    let redis = proxy(6379).await;
-    let app = spawn_with(
-        Spawn::default().var("REDIS_URL", format!("redis://127.0.0.1:{}", redis.port())),
-    )
-    .await;
+/// The api reaching `server` through a proxy the test can cut (`variable` is the api's URL
+/// variable for it), shown working first.
+async fn app_through_proxy(server: &Server, variable: &str) -> (TcpProxy, TestApp) {
+    let (proxy, url) = TcpProxy::in_front_of(server).await;
+    let app = spawn_with(Spawn::default().var(variable, url)).await;
     assert_eq!(
         app.request_otp("+14155550101").await.status,
         StatusCode::ACCEPTED
     );
+    (proxy, app)
+}
 
-    redis.go_down();
+/// Waits until OTP requests are accepted again, once the api has reconnected to `server`.
+async fn wait_until_accepting(app: &TestApp, server: &str) {
+    eventually(
+        Duration::from_secs(15),
+        &format!("the api to reconnect to {server}"),
+        || async { app.request_otp(PHONE).await.status == StatusCode::ACCEPTED },
+    )
+    .await;
+}
+
+/// An OTP request is refused as a passing outage: 503 with `Retry-After`.
+async fn assert_request_unavailable(app: &TestApp) {
     let reply = app.request_otp(PHONE).await;
     reply.assert_problem(503, "unavailable");
     assert!(reply.header("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn redis_unreachable_gives_503_and_recovers() {
+    let (redis, app) = app_through_proxy(&servers().redis, "REDIS_URL").await;
+
+    redis.go_down();
+    assert_request_unavailable(&app).await;
     app.verify(PHONE, "123456")
         .await
         .assert_problem(503, "unavailable");
@@ -42,31 +58,15 @@ async fn redis_unreachable_gives_503_and_recovers() {
     );
 
     redis.come_back();
-    eventually(
-        Duration::from_secs(15),
-        "the api to reconnect to Redis",
-        || async { (app.request_otp(PHONE).await.status == StatusCode::ACCEPTED).then_some(()) },
-    )
-    .await;
+    wait_until_accepting(&app, "Redis").await;
 }
 
 #[tokio::test]
 async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
-    let broker = proxy(5672).await;
-    let app = spawn_with(Spawn::default().var(
-        "AMQP_URL",
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port()),
-    ))
-    .await;
-    assert_eq!(
-        app.request_otp("+14155550101").await.status,
-        StatusCode::ACCEPTED
-    );
+    let (broker, app) = app_through_proxy(&servers().rabbitmq, "AMQP_URL").await;
 
     broker.go_down();
-    let reply = app.request_otp(PHONE).await;
-    reply.assert_problem(503, "unavailable");
-    assert!(reply.header("retry-after").is_some());
+    assert_request_unavailable(&app).await;
     // Nothing half-done: no code is stored, and the failed attempt counts toward no limit.
     let mut redis = app.redis().await;
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -83,12 +83,7 @@ async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
     );
 
     broker.come_back();
-    eventually(
-        Duration::from_secs(15),
-        "the api to reconnect to RabbitMQ",
-        || async { (app.request_otp(PHONE).await.status == StatusCode::ACCEPTED).then_some(()) },
-    )
-    .await;
+    wait_until_accepting(&app, "RabbitMQ").await;
     let (event, _) = app.next_delivery(PHONE).await;
     assert_eq!(
         app.verify(PHONE, event.otp.as_deref().unwrap())
@@ -100,16 +95,11 @@ async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
 
 #[tokio::test]
 async fn postgres_down_during_verify_keeps_the_code_usable() {
-    let postgres = proxy(5432).await;
-    let database = crate::helpers::unique("otp_test");
-    let app = spawn_with(Spawn::default().var(
-        "DATABASE_URL",
-        format!(
-            "postgres://postgres@127.0.0.1:{}/{database}",
-            postgres.port()
-        ),
-    ))
-    .await;
+    let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
+    let database = unique("otp_test");
+    let app =
+        spawn_with(Spawn::default().var("DATABASE_URL", database_url(&postgres_url, &database)))
+            .await;
     let code = app.code_for(PHONE).await;
 
     postgres.go_down();
@@ -132,31 +122,24 @@ async fn postgres_down_during_verify_keeps_the_code_usable() {
     .await;
     assert_eq!(session.body["new_user"], true);
     drop(app);
-    crate::helpers::drop_database(&database).await;
+    drop_database(&database).await;
 }
 
 #[tokio::test]
 async fn an_api_started_with_everything_down_runs_and_reports_it() {
-    let (postgres, redis, broker) = (proxy(5432).await, proxy(6379).await, proxy(5672).await);
+    let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
+    let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+    let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
     postgres.go_down();
     redis.go_down();
     broker.go_down();
-    let database = crate::helpers::unique("otp_test");
+    let database = unique("otp_test");
     let app = spawn_with(Spawn {
         wait_ready: false,
         ..Spawn::default()
-            .var(
-                "DATABASE_URL",
-                format!(
-                    "postgres://postgres@127.0.0.1:{}/{database}",
-                    postgres.port()
-                ),
-            )
-            .var("REDIS_URL", format!("redis://127.0.0.1:{}", redis.port()))
-            .var(
-                "AMQP_URL",
-                format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port()),
-            )
+            .var("DATABASE_URL", database_url(&postgres_url, &database))
+            .var("REDIS_URL", redis_url)
+            .var("AMQP_URL", amqp_url)
     })
     .await;
     assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
@@ -182,7 +165,7 @@ async fn an_api_started_with_everything_down_runs_and_reports_it() {
     };
     assert_eq!(app.verify(PHONE, &code).await.status, StatusCode::OK);
     drop(app);
-    crate::helpers::drop_database(&database).await;
+    drop_database(&database).await;
 }
 
 #[tokio::test]
@@ -205,10 +188,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         Duration::from_secs(5),
         "the request to be accepted",
         || async {
-            let text = crate::helpers::captured_logs();
-            text.contains(&app.namespace)
-                .then_some(())
-                .or_else(|| in_flight.is_finished().then_some(()))
+            crate::helpers::captured_logs().contains(&app.namespace) || in_flight.is_finished()
         },
     )
     .await;

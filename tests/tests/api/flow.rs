@@ -3,8 +3,10 @@
 use reqwest::StatusCode;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use shared::amqp::headers::header_str;
+use tests::wait::eventually;
 
-use crate::helpers::{PHONE, Spawn, eventually, spawn_app, spawn_with};
+use crate::helpers::{PHONE, Spawn, spawn_app, spawn_with};
 
 #[tokio::test]
 async fn request_publish_verify_and_me() {
@@ -55,15 +57,11 @@ async fn request_publish_verify_and_me() {
         (290_000..=300_000).contains(&expiration),
         "expiration {expiration}"
     );
-    let headers = properties.headers().as_ref().expect("headers");
-    let request_id = headers
-        .inner()
-        .get("x-request-id")
-        .expect("x-request-id header");
-    let lapin::types::AMQPValue::LongString(request_id) = request_id else {
-        panic!("x-request-id is a string: {request_id:?}");
-    };
-    assert_eq!(request_id.to_string(), "flow-test-request-1");
+    assert_eq!(
+        header_str(properties.headers().as_ref(), "x-request-id").as_deref(),
+        Some("flow-test-request-1"),
+        "x-request-id is a string header"
+    );
     assert_eq!(delivery.routing_key.as_str(), "otp.requested");
     let left = event.expires_at - event.requested_at;
     assert_eq!(left.whole_seconds(), 300);

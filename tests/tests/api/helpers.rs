@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::{ApiConfig, Application};
 use axum::Router;
@@ -15,12 +15,12 @@ use lapin::{Connection, ConnectionProperties, Consumer};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::{Env, OtpRequested};
+use tests::cleanup::unique;
+use tests::servers::servers;
+use tests::wait::eventually;
 use tokio::sync::oneshot;
 
 pub const PHONE: &str = "+14155550100";
-pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
-pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const REDIS: &str = "redis://127.0.0.1:6379";
 
 /// Every log line of every app in this test binary, to check what never may be logged.
 static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
@@ -30,7 +30,10 @@ struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
 
 impl Write for CapturedLogs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -52,11 +55,8 @@ fn capture_logs() {
 }
 
 pub fn captured_logs() -> String {
-    String::from_utf8_lossy(&LOGS.get().expect("logs are captured").lock().unwrap()).into_owned()
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+    let logs = LOGS.get().expect("logs are captured");
+    String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
 }
 
 pub struct TestApp {
@@ -71,7 +71,7 @@ pub struct TestApp {
 
 pub struct Spawn {
     pub vars: Vec<(String, String)>,
-    pub extra_routes: Option<Router<api::state::AppState>>,
+    pub extra_routes: Option<Router<api::AppState>>,
     /// Wait for /readyz before returning (off when a dependency is meant to be down).
     pub wait_ready: bool,
 }
@@ -99,11 +99,13 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_with(spawn: Spawn) -> TestApp {
     capture_logs();
+    let servers = servers().require_all();
     let namespace = unique("t");
     let database = unique("otp_test");
-    let mut vars = vec![
+    let mut vars = servers.env();
+    vars.extend([
         ("NAMESPACE".to_owned(), namespace.clone()),
-        ("DATABASE_URL".to_owned(), format!("{POSTGRES}/{database}")),
+        ("DATABASE_URL".to_owned(), servers.database_url(&database)),
         ("API_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         // Classic queues: one Raft group per test would only slow the suite down.
         ("AMQP_QUEUE_TYPE".to_owned(), "classic".to_owned()),
@@ -111,7 +113,7 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
             "OTP_SECRET".to_owned(),
             "test-secret-0123456789abcdef".to_owned(),
         ),
-    ];
+    ]);
     vars.extend(spawn.vars);
     let config = ApiConfig::from_env(&Env::from_pairs(vars)).expect("test config is valid");
     let mut app = Application::build(config).await.expect("app builds");
@@ -136,25 +138,6 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
         test_app.wait_until_ready().await;
     }
     test_app
-}
-
-/// Polls `check` until it returns `Some`, or panics after `deadline`.
-pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 pub struct Reply {
@@ -189,6 +172,11 @@ impl Reply {
     }
 }
 
+/// How many of `replies` have `status`.
+pub fn count(replies: &[Reply], status: StatusCode) -> usize {
+    replies.iter().filter(|r| r.status == status).count()
+}
+
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -217,6 +205,17 @@ impl TestApp {
             .await
     }
 
+    /// POSTs `body` as it is, labelled JSON: for bodies that are not (or not quite) JSON.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Reply {
+        self.send(
+            self.client
+                .post(self.url(path))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         self.send(self.client.get(self.url(path))).await
     }
@@ -240,8 +239,8 @@ impl TestApp {
 
     pub async fn wait_until_ready(&self) {
         eventually(Duration::from_secs(30), "/readyz", || async {
-            let reply = self.client.get(self.url("/readyz")).send().await.ok()?;
-            (reply.status() == StatusCode::OK).then_some(())
+            let reply = self.client.get(self.url("/readyz")).send().await;
+            reply.is_ok_and(|r| r.status() == StatusCode::OK)
         })
         .await;
     }
@@ -249,9 +248,10 @@ impl TestApp {
     async fn consumer(&self) -> tokio::sync::MutexGuard<'_, Option<(Connection, Consumer)>> {
         let mut events = self.events.lock().await;
         if events.is_none() {
-            let connection = Connection::connect(AMQP, ConnectionProperties::default())
-                .await
-                .expect("amqp");
+            let connection =
+                Connection::connect(servers().rabbitmq.url(), ConnectionProperties::default())
+                    .await
+                    .expect("amqp");
             let channel = connection.create_channel().await.expect("channel");
             // The api declared the topology when it became ready.
             let consumer = channel
@@ -284,7 +284,7 @@ impl TestApp {
                 .expect("delivery");
             let event: OtpRequested =
                 serde_json::from_slice(&delivery.data).expect("a valid event");
-            if event.phone_number == phone {
+            if event.phone_number.as_str() == phone {
                 return (event, delivery);
             }
         }
@@ -314,19 +314,19 @@ impl TestApp {
             .arg(key)
             .query_async(&mut redis)
             .await
-            .unwrap();
+            .expect("the resend gap is deleted");
         self.sign_in(phone).await
     }
 
     pub async fn db(&self) -> sqlx::PgPool {
-        sqlx::PgPool::connect(&format!("{POSTGRES}/{}", self.database))
+        sqlx::PgPool::connect(&servers().database_url(&self.database))
             .await
             .expect("test database")
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(REDIS)
-            .unwrap()
+        redis::Client::open(servers().redis.url())
+            .expect("a Redis URL")
             .get_multiplexed_async_connection()
             .await
             .expect("redis")
@@ -352,24 +352,6 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let namespace = self.namespace.clone();
-        let database = self.database.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(cleanup(namespace, database));
-        });
-        let _ = cleanup.join();
+        tests::cleanup::remove_now(&self.namespace, Some(&self.database));
     }
-}
-
-async fn cleanup(namespace: String, database: String) {
-    tests::cleanup::remove_namespace(&namespace).await;
-    drop_database(&database).await;
-}
-
-pub async fn drop_database(database: &str) {
-    tests::cleanup::drop_database(database).await;
 }

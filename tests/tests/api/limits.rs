@@ -3,7 +3,7 @@
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 
-use crate::helpers::{PHONE, Spawn, spawn_app, spawn_with};
+use crate::helpers::{PHONE, Spawn, count, spawn_app, spawn_with};
 
 #[tokio::test]
 async fn five_wrong_guesses_burn_the_code() {
@@ -144,14 +144,8 @@ async fn trusted_proxies_rate_limit_by_forwarded_address() {
 async fn thirty_simultaneous_requests_for_one_phone_give_one_202() {
     let app = spawn_app().await;
     let replies = join_all((0..30).map(|_| app.request_otp(PHONE))).await;
-    let accepted = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::ACCEPTED)
-        .count();
-    let limited = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
-        .count();
+    let accepted = count(&replies, StatusCode::ACCEPTED);
+    let limited = count(&replies, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!((accepted, limited), (1, 29));
 }
 
@@ -161,14 +155,8 @@ async fn thirty_simultaneous_wrong_guesses_give_at_most_five_401s() {
     let code = app.code_for(PHONE).await;
     let wrong = if code == "000000" { "111111" } else { "000000" };
     let replies = join_all((0..30).map(|_| app.verify(PHONE, wrong))).await;
-    let invalid = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::UNAUTHORIZED)
-        .count();
-    let burned = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
-        .count();
+    let invalid = count(&replies, StatusCode::UNAUTHORIZED);
+    let burned = count(&replies, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!((invalid, burned), (5, 25));
     app.verify(PHONE, &code)
         .await
@@ -182,14 +170,8 @@ async fn two_simultaneous_right_guesses_give_one_session() {
         let phone = format!("+1415555011{round}");
         let code = app.code_for(&phone).await;
         let replies = join_all((0..2).map(|_| app.verify(&phone, &code))).await;
-        let ok = replies
-            .iter()
-            .filter(|r| r.status == StatusCode::OK)
-            .count();
-        let refused = replies
-            .iter()
-            .filter(|r| r.status == StatusCode::UNAUTHORIZED)
-            .count();
+        let ok = count(&replies, StatusCode::OK);
+        let refused = count(&replies, StatusCode::UNAUTHORIZED);
         assert_eq!((ok, refused), (1, 1), "round {round}");
     }
     let db = app.db().await;

@@ -1,6 +1,6 @@
-//! Tests of the api against the real PostgreSQL, Redis and RabbitMQ. Each test gets its own
-//! database and NAMESPACE, so they run in parallel and again and again.
-#![allow(clippy::unwrap_used)]
+//! Tests of the api against the real PostgreSQL, Redis and RabbitMQ (found as tests::servers
+//! says). Each test gets its own database and NAMESPACE, so they run in parallel and again and
+//! again.
 
 mod errors;
 mod failures;

@@ -3,10 +3,13 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{PHONE, TestApp, spawn_app};
+use crate::helpers::{PHONE, TestApp, count, spawn_app};
 
 fn token(session: &Value, name: &str) -> String {
-    session[name].as_str().unwrap().to_owned()
+    session[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} in {session}"))
+        .to_owned()
 }
 
 async fn refresh(app: &TestApp, refresh_token: &str) -> crate::helpers::Reply {
@@ -86,11 +89,10 @@ async fn concurrent_refreshes_of_one_token_never_yield_two_live_sessions() {
     let refresh_token = token(&session, "refresh_token");
     let replies =
         futures_util::future::join_all((0..5).map(|_| refresh(&app, &refresh_token))).await;
-    let ok: Vec<_> = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::OK)
-        .collect();
-    assert!(ok.len() <= 1, "at most one rotation wins");
+    assert!(
+        count(&replies, StatusCode::OK) <= 1,
+        "at most one rotation wins"
+    );
     assert!(
         replies
             .iter()

@@ -1,4 +1,5 @@
-//! Dead letters: what could not be sent goes to `{ns}.dlx` with the reason in headers.
+//! Publishing a dead letter: the copy goes to `{ns}.dlx` with the reason in its headers, and the
+//! original is acknowledged only once the broker confirmed the copy.
 
 use std::time::Duration;
 
@@ -10,62 +11,13 @@ use time::format_description::well_known::Rfc3339;
 use shared::amqp::{ConfirmError, PERSISTENT, publish_confirmed};
 use shared::event::{CONTENT_TYPE, REQUEST_ID_HEADER};
 
-/// Header names of a dead-lettered copy (SPEC §4).
-pub const ERROR_KIND_HEADER: &str = "x-error-kind";
-pub const ERROR_HEADER: &str = "x-error";
-pub const ATTEMPTS_HEADER: &str = "x-attempts";
-pub const FAILED_AT_HEADER: &str = "x-failed-at";
-pub const PROVIDER_STATUS_HEADER: &str = "x-provider-status";
-pub const PROVIDER_CODE_HEADER: &str = "x-provider-code";
+use super::reason::{
+    ATTEMPTS_HEADER, DeadLetter, ERROR_HEADER, ERROR_KIND_HEADER, FAILED_AT_HEADER,
+    PROVIDER_CODE_HEADER, PROVIDER_STATUS_HEADER,
+};
 
 /// Without a quorum majority a confirm never comes; the message then goes back to the queue.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The provider refused the message for good (a 4xx other than 408 and 429).
-    Permanent,
-    /// Retryable failures until `RETRY_MAX_ELAPSED_SECS` ran out.
-    RetriesExhausted,
-    /// The OTP expired before it could be sent (on arrival, or while retrying).
-    Expired,
-    /// The body is not an `OtpRequested` this worker can read.
-    InvalidMessage,
-}
-
-impl ErrorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Permanent => "permanent",
-            Self::RetriesExhausted => "retries_exhausted",
-            Self::Expired => "expired",
-            Self::InvalidMessage => "invalid_message",
-        }
-    }
-}
-
-/// Why one event is being dead-lettered.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub kind: ErrorKind,
-    pub error: String,
-    /// Provider calls made.
-    pub attempts: u32,
-    pub provider_status: Option<u16>,
-    pub provider_code: Option<i64>,
-}
-
-impl DeadLetter {
-    pub fn new(kind: ErrorKind, error: impl Into<String>, attempts: u32) -> Self {
-        Self {
-            kind,
-            error: error.into(),
-            attempts,
-            provider_status: None,
-            provider_code: None,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

@@ -1,4 +1,5 @@
-//! At most one SMS per event: a record per `event_id` in Redis.
+//! The send-idempotency ledger: at most one SMS per event, through one record per `event_id` in
+//! Redis.
 //!
 //! Key `{ns}:sms:{<event_id>}` (the braces make it a Redis Cluster hash tag). Values:
 //! - `sending:<token>`: a worker holds the claim and is sending. The key carries a short lease
@@ -24,24 +25,37 @@ use uuid::Uuid;
 /// the api, the broker and the workers.
 pub const DONE_MARGIN: Duration = Duration::from_secs(3600);
 
+/// What a claim attempt found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClaimState {
+pub enum Claim {
     /// This worker now holds the claim.
     Acquired,
     /// Another worker (or another copy in this one) is sending right now.
     HeldElsewhere,
     /// Already sent or dead-lettered: nothing left to do.
-    Done(Finished),
+    Finished(Finished),
 }
 
+/// How an event ended, once it has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finished {
     Sent,
     DeadLettered,
 }
 
+/// Proves that this task holds an event's claim: only the holder may renew or release it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimToken(String);
+
+impl ClaimToken {
+    /// A fresh token: `sending:<uuid>`.
+    pub fn generate() -> Self {
+        Self(format!("sending:{}", Uuid::new_v4().simple()))
+    }
+}
+
 #[derive(Clone)]
-pub struct Claims {
+pub struct SendLedger {
     redis: ConnectionManager,
     namespace: String,
     claim: Script,
@@ -49,7 +63,7 @@ pub struct Claims {
     release: Script,
 }
 
-impl Claims {
+impl SendLedger {
     pub fn new(redis: ConnectionManager, namespace: &str) -> Self {
         Self {
             redis,
@@ -95,23 +109,23 @@ impl Claims {
     pub async fn claim(
         &self,
         event_id: Uuid,
-        token: &str,
+        token: &ClaimToken,
         lease: Duration,
-    ) -> Result<ClaimState, RedisError> {
+    ) -> Result<Claim, RedisError> {
         let value: String = self
             .claim
             .key(self.key(event_id))
-            .arg(token)
+            .arg(&token.0)
             .arg(millis(lease))
             .invoke_async(&mut self.redis.clone())
             .await?;
         Ok(match value.as_str() {
-            "acquired" => ClaimState::Acquired,
+            "acquired" => Claim::Acquired,
             // Our own token: a previous attempt of this same task already holds it.
-            v if v == token => ClaimState::Acquired,
+            v if v == token.0 => Claim::Acquired,
             v => match parse_finished(v) {
-                Some(finished) => ClaimState::Done(finished),
-                None => ClaimState::HeldElsewhere,
+                Some(finished) => Claim::Finished(finished),
+                None => Claim::HeldElsewhere,
             },
         })
     }
@@ -120,13 +134,13 @@ impl Claims {
     pub async fn renew(
         &self,
         event_id: Uuid,
-        token: &str,
+        token: &ClaimToken,
         lease: Duration,
     ) -> Result<bool, RedisError> {
         let renewed: i64 = self
             .renew
             .key(self.key(event_id))
-            .arg(token)
+            .arg(&token.0)
             .arg(millis(lease))
             .invoke_async(&mut self.redis.clone())
             .await?;
@@ -134,11 +148,11 @@ impl Claims {
     }
 
     /// Gives the claim up so that a redelivered copy can try without waiting for the lease.
-    pub async fn release(&self, event_id: Uuid, token: &str) -> Result<(), RedisError> {
+    pub async fn release(&self, event_id: Uuid, token: &ClaimToken) -> Result<(), RedisError> {
         let _deleted: i64 = self
             .release
             .key(self.key(event_id))
-            .arg(token)
+            .arg(&token.0)
             .invoke_async(&mut self.redis.clone())
             .await?;
         Ok(())
@@ -164,11 +178,6 @@ impl Claims {
             .await?;
         Ok(())
     }
-}
-
-/// A fresh claim token: `sending:<uuid>`.
-pub fn new_token() -> String {
-    format!("sending:{}", Uuid::new_v4().simple())
 }
 
 fn parse_finished(value: &str) -> Option<Finished> {

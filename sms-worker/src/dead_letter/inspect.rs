@@ -15,7 +15,9 @@ use shared::CommonConfig;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::dead_letter::{
+use shared::amqp::headers::{value_int, value_str};
+
+use super::reason::{
     ATTEMPTS_HEADER, ERROR_HEADER, ERROR_KIND_HEADER, FAILED_AT_HEADER, PROVIDER_CODE_HEADER,
     PROVIDER_STATUS_HEADER,
 };
@@ -138,19 +140,19 @@ pub fn entry(properties: &BasicProperties, body: &[u8]) -> Entry {
         .or_else(|| body_str("event_id"));
     let phone_number = body_str("phone_number").map(|p| shared::mask_phone(&p));
     let request_id = get(shared::event::REQUEST_ID_HEADER)
-        .and_then(as_string)
+        .and_then(value_str)
         .or_else(|| body_str("request_id"));
 
-    if let Some(kind) = get(ERROR_KIND_HEADER).and_then(as_string) {
+    if let Some(kind) = get(ERROR_KIND_HEADER).and_then(value_str) {
         return Entry {
             event_id,
             phone_number,
             error_kind: kind,
-            error: get(ERROR_HEADER).and_then(as_string).unwrap_or_default(),
-            provider_status: get(PROVIDER_STATUS_HEADER).and_then(as_int),
-            provider_code: get(PROVIDER_CODE_HEADER).and_then(as_int),
-            attempts: get(ATTEMPTS_HEADER).and_then(as_int),
-            failed_at: get(FAILED_AT_HEADER).and_then(as_string),
+            error: get(ERROR_HEADER).and_then(value_str).unwrap_or_default(),
+            provider_status: get(PROVIDER_STATUS_HEADER).and_then(value_int),
+            provider_code: get(PROVIDER_CODE_HEADER).and_then(value_int),
+            attempts: get(ATTEMPTS_HEADER).and_then(value_int),
+            failed_at: get(FAILED_AT_HEADER).and_then(value_str),
             request_id,
             source: "worker",
         };
@@ -167,12 +169,12 @@ pub fn entry(properties: &BasicProperties, body: &[u8]) -> Entry {
     let field = |name: &str| death.as_ref().and_then(|d| d.inner().get(name).cloned());
     let reason = field("reason")
         .as_ref()
-        .and_then(as_string)
-        .or_else(|| get("x-first-death-reason").and_then(as_string))
+        .and_then(value_str)
+        .or_else(|| get("x-first-death-reason").and_then(value_str))
         .unwrap_or_else(|| "unknown".to_owned());
     let from = field("queue")
         .as_ref()
-        .and_then(as_string)
+        .and_then(value_str)
         .unwrap_or_else(|| "a queue".to_owned());
     let failed_at = match field("time") {
         Some(AMQPValue::Timestamp(secs)) => i64::try_from(secs)
@@ -188,34 +190,10 @@ pub fn entry(properties: &BasicProperties, body: &[u8]) -> Entry {
         error_kind: reason,
         provider_status: None,
         provider_code: None,
-        attempts: field("count").as_ref().and_then(as_int),
+        attempts: field("count").as_ref().and_then(value_int),
         failed_at,
         request_id,
         source: "broker",
-    }
-}
-
-fn as_string(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-fn as_int(value: &AMQPValue) -> Option<i64> {
-    match value {
-        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
-            as_string(value)?.trim().parse().ok()
-        }
-        _ => None,
     }
 }
 
@@ -238,21 +216,20 @@ pub fn format_line(entry: &Entry) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use lapin::types::FieldArray;
 
     #[test]
     fn reads_worker_dead_letters() {
         let event = r#"{"version":1,"event_id":"0192f0c4-1c2b-7cc3-a5b1-2f0f6c1d9e11","phone_number":"+14155550100","otp":null,"expires_at":"2026-11-22T10:05:00Z","requested_at":"2026-11-22T10:00:00Z","request_id":"req-1"}"#;
-        let dead_letter = crate::dead_letter::DeadLetter {
-            kind: crate::dead_letter::ErrorKind::Permanent,
+        let dead_letter = super::super::reason::DeadLetter {
+            kind: super::super::reason::ErrorKind::Permanent,
             error: "twilio answered 400: invalid number".into(),
             attempts: 1,
             provider_status: Some(400),
             provider_code: Some(21211),
         };
-        let properties = crate::dead_letter::properties(
+        let properties = super::super::publish::properties(
             &BasicProperties::default()
                 .with_message_id("0192f0c4-1c2b-7cc3-a5b1-2f0f6c1d9e11".into()),
             &dead_letter,

@@ -1,0 +1,78 @@
+//! The routes and the middleware stack around them (docs/api.md#middleware).
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::routing::{get, post};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_scalar::Servable;
+
+use crate::error::{ApiError, log_errors, render_problems};
+use crate::middleware::{panic_response, record_metrics, request_span};
+use crate::openapi::ApiDoc;
+use crate::request_id::request_id;
+use crate::state::AppState;
+use crate::{auth, routes};
+
+/// Bodies over 16 KiB are refused with 413.
+const BODY_LIMIT: usize = 16 * 1024;
+/// Longer than any dependency timeout, so a slow dependency answers its own 503 first.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every route under the middleware stack, plus `extra` routes (tests add one that panics).
+pub fn router(state: AppState, extra: Router<AppState>) -> Router {
+    // require_user wraps the handlers only, so a wrong method still gets 405, not 401.
+    let require_user = || from_fn(auth::require_user);
+    let protected = Router::new()
+        .route(
+            "/v1/me",
+            get(routes::session::me).route_layer(require_user()),
+        )
+        .route(
+            "/v1/logout",
+            post(routes::session::logout).route_layer(require_user()),
+        );
+    let docs: Router<AppState> = utoipa_scalar::Scalar::with_url("/docs", ApiDoc::openapi()).into();
+    Router::new()
+        .route("/v1/otp", post(routes::otp::request_otp))
+        .route("/v1/otp/verify", post(routes::otp::verify_otp))
+        .route("/v1/signup", post(routes::otp::signup))
+        .route("/v1/token/refresh", post(routes::session::refresh))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics))
+        .route("/openapi.json", get(openapi_json))
+        .merge(protected)
+        .merge(docs)
+        .merge(extra)
+        .fallback(not_found)
+        // Layers run outermost-last: request id, problem rendering, metrics, tracing span, error
+        // logging, panic recovery, timeout, body limit, authenticate.
+        .layer(from_fn_with_state(state.clone(), auth::authenticate))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(from_fn(log_errors))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(from_fn(record_metrics))
+        .layer(from_fn(render_problems))
+        .layer(from_fn(request_id))
+        .with_state(state)
+}
+
+async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}

@@ -1,0 +1,116 @@
+//! The command line: `sms-worker` runs the worker; `sms-worker dlq list|purge` inspects its
+//! dead-letter queue.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shared::{CommonConfig, Env};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Sends OTP SMS from RabbitMQ through Twilio. Configured by environment variables (see README)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect the dead-letter queue ({NAMESPACE}.sms.dlq).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Show entries without removing them: numbers masked, codes never shown.
+    List {
+        /// At most this many entries, oldest first.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every entry.
+    Purge,
+}
+
+/// Parses the command line and runs what it asks for; the exit status follows the outcome (2 for
+/// invalid configuration).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = Env::from_process();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        None => {
+            let config = match crate::Config::from_env(&env) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let _logs = shared::telemetry::init_logging(config.common.log_format);
+            match runtime.block_on(crate::run(config, shared::telemetry::shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "sms-worker failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Dlq { command }) => {
+            let config = match CommonConfig::from_env(&env) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(dlq(&config, command)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn dlq(config: &CommonConfig, command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List { limit, json } => {
+            let listing = crate::dead_letter::list(config, limit).await?;
+            for entry in &listing.entries {
+                if json {
+                    println!("{}", serde_json::to_string(entry)?);
+                } else {
+                    println!("{}", crate::dead_letter::format_line(entry));
+                }
+            }
+            eprintln!(
+                "{}: {} entries, {} shown; all left in place",
+                listing.queue,
+                listing.total,
+                listing.entries.len()
+            );
+        }
+        DlqCommand::Purge => {
+            let (queue, purged) = crate::dead_letter::purge(config).await?;
+            eprintln!("{queue}: purged {purged} entries");
+        }
+    }
+    Ok(())
+}

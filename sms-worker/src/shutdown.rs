@@ -1,0 +1,81 @@
+//! Telling every part of the worker that it is time to stop.
+//!
+//! One [`ShutdownTrigger`] is fired once, when the process is asked to stop (SIGTERM, Ctrl-C, or
+//! a test's stop future). Every task that must notice holds a [`Shutdown`], a cheap clone of the
+//! same signal: the consume loop stops taking messages, a send waiting between retries gives its
+//! message back instead of sleeping on, and `/readyz` starts answering 503.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// Fires the signal. Dropping it without firing does not stop anything.
+pub(crate) struct ShutdownTrigger(watch::Sender<bool>);
+
+/// Listens for the signal.
+#[derive(Clone)]
+pub(crate) struct Shutdown(watch::Receiver<bool>);
+
+/// A wait that was cut short because the worker is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ShuttingDown;
+
+pub(crate) fn channel() -> (ShutdownTrigger, Shutdown) {
+    let (sender, receiver) = watch::channel(false);
+    (ShutdownTrigger(sender), Shutdown(receiver))
+}
+
+impl ShutdownTrigger {
+    pub(crate) fn fire(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Shutdown {
+    pub(crate) fn is_shutdown(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the signal has fired (at once if it already has).
+    pub(crate) async fn recv(&self) {
+        let mut receiver = self.0.clone();
+        // An error means the trigger is gone without firing: then the signal never comes.
+        if receiver.wait_for(|stopping| *stopping).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Sleeps for `delay`, unless the worker starts stopping first.
+    pub(crate) async fn sleep(&self, delay: Duration) -> Result<(), ShuttingDown> {
+        if self.is_shutdown() {
+            return Err(ShuttingDown);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Ok(()),
+            () = self.recv() => Err(ShuttingDown),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_fired_signal_cuts_sleeps_short() {
+        let (trigger, shutdown) = channel();
+        assert!(!shutdown.is_shutdown());
+        assert_eq!(shutdown.sleep(Duration::from_millis(1)).await, Ok(()));
+
+        let sleeper = shutdown.clone();
+        let long_sleep = tokio::spawn(async move { sleeper.sleep(Duration::from_secs(60)).await });
+        trigger.fire();
+        assert_eq!(long_sleep.await.unwrap(), Err(ShuttingDown));
+        assert!(shutdown.is_shutdown());
+        shutdown.recv().await;
+        assert_eq!(
+            shutdown.sleep(Duration::from_secs(60)).await,
+            Err(ShuttingDown)
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! The connection to RabbitMQ and the consume loop: connect, take deliveries, reconnect with
+//! backoff whenever the broker goes away, and on shutdown stop taking messages and drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use secrecy::ExposeSecret;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use super::context::Context;
+use super::delivery;
+use crate::metrics as m;
+
+/// Connecting (TCP, AMQP handshake, channels, declarations) must not hang forever on a broker that
+/// accepts TCP but does not answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Closing politely is best effort; a dead broker must not hold up the exit.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects, consumes, and reconnects with backoff whenever RabbitMQ goes away, until the worker
+/// is shut down; then drains the deliveries in flight.
+pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
+    let shutdown = &context.shutdown;
+    // One set for every connection: tasks of a lost connection keep running (their SMS may be
+    // half-sent) and are drained on shutdown like the others.
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut backoff = reconnect_backoff();
+    while !shutdown.is_shutdown() {
+        let opened = tokio::select! {
+            opened = tokio::time::timeout(CONNECT_TIMEOUT, BrokerConnection::open(context)) => opened,
+            () = shutdown.recv() => break,
+        };
+        match opened {
+            Ok(Ok(mut connection)) => {
+                backoff = reconnect_backoff();
+                metrics::counter!(m::AMQP_CONNECTS).increment(1);
+                info!(queue = %context.topology.sms_queue(), "connected to RabbitMQ; consuming");
+                match connection.consume(context, &mut tasks).await {
+                    ConsumeEnd::ShuttingDown => {
+                        connection.shut_down(context, &mut tasks).await;
+                        return;
+                    }
+                    ConsumeEnd::Lost(reason) => {
+                        warn!(%reason, "lost RabbitMQ; reconnecting");
+                        context.set_dead_letter_channel(None);
+                        connection.abandon().await;
+                    }
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot connect to RabbitMQ; retrying"),
+            Err(_) => warn!("connecting to RabbitMQ timed out; retrying"),
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.recv() => break,
+        }
+    }
+    // Stopped while disconnected: what is left can finish, but cannot be acknowledged anyway.
+    drain(&mut tasks, context.config.shutdown_grace).await;
+}
+
+fn reconnect_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(15))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+enum ConsumeEnd {
+    ShuttingDown,
+    Lost(String),
+}
+
+/// One AMQP connection: a consuming channel and a confirm-mode channel for dead letters.
+struct BrokerConnection {
+    connection: Connection,
+    channel: Channel,
+    dead_letter_channel: Channel,
+    consumer: Consumer,
+}
+
+impl BrokerConnection {
+    async fn open(context: &Context) -> lapin::Result<Self> {
+        let config = &context.config;
+        // Named after the namespace, so an operator (or a test) can tell the connections apart.
+        let name = format!("sms-worker {}", config.common.namespace);
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection =
+            Connection::connect(config.common.amqp_url.expose_secret(), properties).await?;
+        let channel = connection.create_channel().await?;
+        // Prefetch = concurrency: the broker never hands this process more than it works on, so
+        // the rest stays available to other replicas.
+        channel
+            .basic_qos(config.concurrency, BasicQosOptions::default())
+            .await?;
+        // Declared here too, so the worker can start before the api.
+        context.topology.declare(&channel).await?;
+        let dead_letter_channel = connection.create_channel().await?;
+        dead_letter_channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let tag = format!("sms-worker-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                context.topology.sms_queue().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            connection,
+            channel,
+            dead_letter_channel,
+            consumer,
+        })
+    }
+
+    /// Hands each delivery to a task of its own until the worker shuts down or the connection is
+    /// lost.
+    async fn consume(&mut self, context: &Arc<Context>, tasks: &mut JoinSet<()>) -> ConsumeEnd {
+        context.set_dead_letter_channel(Some(self.dead_letter_channel.clone()));
+        context.readiness.set_consuming(true);
+        let mut health = tokio::time::interval(Duration::from_secs(1));
+        let end = loop {
+            tokio::select! {
+                () = context.shutdown.recv() => break ConsumeEnd::ShuttingDown,
+                delivery = self.consumer.next() => match delivery {
+                    Some(Ok(delivery)) => delivery::spawn(tasks, context.clone(), delivery),
+                    Some(Err(e)) => break ConsumeEnd::Lost(e.to_string()),
+                    None => break ConsumeEnd::Lost("the broker cancelled the consumer".to_owned()),
+                },
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
+                _ = health.tick() => {
+                    if !self.connection.status().connected() || !self.dead_letter_channel.status().connected() {
+                        break ConsumeEnd::Lost("the connection or the dead-letter channel closed".to_owned());
+                    }
+                }
+            }
+        };
+        context.readiness.set_consuming(false);
+        end
+    }
+
+    /// SIGTERM: stop taking messages, let in-flight sends finish within the grace period, then
+    /// close, which hands every unacknowledged message back to the queue.
+    async fn shut_down(self, context: &Context, tasks: &mut JoinSet<()>) {
+        let cancel = self
+            .channel
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default());
+        if let Err(e) = with_timeout(cancel).await {
+            warn!(error = %e, "could not cancel the consumer");
+        }
+        drain(tasks, context.config.shutdown_grace).await;
+        context.set_dead_letter_channel(None);
+        let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
+        let _ = with_timeout(self.dead_letter_channel.close(200, "shutting down".into())).await;
+        let _ = with_timeout(self.connection.close(200, "shutting down".into())).await;
+    }
+
+    async fn abandon(self) {
+        let _ = with_timeout(self.connection.close(200, "reconnecting".into())).await;
+    }
+}
+
+async fn with_timeout<T>(future: impl Future<Output = lapin::Result<T>>) -> Result<T, String> {
+    match tokio::time::timeout(CLOSE_TIMEOUT, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
+/// Waits for the tasks, at most `grace`; then aborts the rest (their messages return to the
+/// queue when the channel closes, and their claims lapse).
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    if tasks.is_empty() {
+        return;
+    }
+    info!(
+        in_flight = tasks.len(),
+        grace_secs = grace.as_secs_f64(),
+        "waiting for in-flight sends"
+    );
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(joined) => log_join(joined),
+                None => return,
+            },
+            () = &mut deadline => {
+                warn!(left = tasks.len(), "grace period over; handing the rest back to the queue");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                return;
+            }
+        }
+    }
+}
+
+fn log_join(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined
+        && e.is_panic()
+    {
+        error!("a delivery task panicked");
+    }
+}

@@ -1,0 +1,60 @@
+//! What every delivery task shares.
+
+use std::sync::{Arc, Mutex};
+
+use lapin::Channel;
+use shared::Topology;
+
+use crate::config::Config;
+use crate::http::Readiness;
+use crate::ledger::SendLedger;
+use crate::provider::Provider;
+use crate::shutdown::Shutdown;
+
+/// Configuration, clients and signals, built once by [`super::Worker::bind`] and shared by the
+/// consume loop and every delivery task.
+pub(crate) struct Context {
+    pub(crate) config: Config,
+    pub(crate) topology: Topology,
+    pub(crate) ledger: SendLedger,
+    pub(crate) provider: Provider,
+    pub(crate) readiness: Arc<Readiness>,
+    pub(crate) shutdown: Shutdown,
+    /// The confirm-mode channel of the current connection. Tasks read it when they need it, so a
+    /// task that outlived its connection still dead-letters through the new one.
+    dead_letter_channel: Mutex<Option<Channel>>,
+}
+
+impl Context {
+    pub(crate) fn new(
+        config: Config,
+        ledger: SendLedger,
+        provider: Provider,
+        readiness: Arc<Readiness>,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            topology: config.common.topology(),
+            config,
+            ledger,
+            provider,
+            readiness,
+            shutdown,
+            dead_letter_channel: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn dead_letter_channel(&self) -> Option<Channel> {
+        self.dead_letter_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_dead_letter_channel(&self, channel: Option<Channel>) {
+        *self
+            .dead_letter_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+}

@@ -1,0 +1,288 @@
+//! One delivery's life: read the event, send it (see [`super::send`]), then settle the message
+//! with the broker: acknowledge, dead-letter or give it back.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use shared::OtpRequested;
+use shared::amqp::headers::header_str;
+use time::OffsetDateTime;
+use tokio::task::JoinSet;
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
+
+use super::context::Context;
+use super::outcome::Outcome;
+use super::send::send_otp;
+use crate::dead_letter::{self, DeadLetter, ErrorKind, PublishError};
+use crate::ledger::Finished;
+use crate::metrics::{self as m, InFlight, send_outcome};
+
+/// Handles `delivery` on a task of its own. A panic returns the message to the queue.
+pub(crate) fn spawn(tasks: &mut JoinSet<()>, context: Arc<Context>, delivery: Delivery) {
+    let acker = delivery.acker.clone();
+    tasks.spawn(async move {
+        let handled = AssertUnwindSafe(handle(context, delivery))
+            .catch_unwind()
+            .await;
+        if handled.is_err() {
+            // Back to the queue. basic.reject (not nack) is what every RabbitMQ version counts
+            // toward a quorum queue's delivery limit, so a message that keeps crashing the
+            // handler is dead-lettered by the broker instead of looping.
+            error!("handling a message panicked; returning it to the queue");
+            let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+        }
+    });
+}
+
+async fn handle(context: Arc<Context>, delivery: Delivery) {
+    let _in_flight = InFlight::start();
+    let request_id = request_id(&delivery);
+    match parse(&delivery.data) {
+        Err(reason) => {
+            let span = info_span!("sms", %request_id, event_id = tracing::field::Empty);
+            async {
+                warn!(error = %reason, "unreadable message; dead-lettering it as it came");
+                let outcome = Outcome::DeadLetter {
+                    dead_letter: DeadLetter::new(ErrorKind::InvalidMessage, reason, 0),
+                    claim: None,
+                };
+                settle(&context, &delivery, None, outcome).await;
+            }
+            .instrument(span)
+            .await;
+        }
+        Ok(event) => {
+            let span = info_span!(
+                "sms",
+                event_id = %event.event_id,
+                %request_id,
+                to = %event.phone_number,
+            );
+            async {
+                let outcome = send_otp(&context, &event).await;
+                settle(&context, &delivery, Some(&event), outcome).await;
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+}
+
+/// The api's request id, for the log lines of this delivery. Only an id belongs here; anything
+/// else is cut short rather than logged whole.
+fn request_id(delivery: &Delivery) -> String {
+    header_str(
+        delivery.properties.headers().as_ref(),
+        shared::event::REQUEST_ID_HEADER,
+    )
+    .unwrap_or_default()
+    .chars()
+    .filter(|c| c.is_ascii_graphic())
+    .take(128)
+    .collect()
+}
+
+/// The event, or why it cannot be handled. The reason never quotes the body: it could hold the
+/// code or the number.
+fn parse(data: &[u8]) -> Result<OtpRequested, String> {
+    let event: OtpRequested = serde_json::from_slice(data).map_err(|e| {
+        format!(
+            "the body is not an OtpRequested event ({} at line {} column {})",
+            scrub(&e.to_string()),
+            e.line(),
+            e.column()
+        )
+    })?;
+    if event.version != shared::event::EVENT_VERSION {
+        return Err(format!("unsupported event version {}", event.version));
+    }
+    if event.otp.as_deref().is_none_or(str::is_empty) {
+        return Err("the event carries no code".to_owned());
+    }
+    Ok(event)
+}
+
+/// serde's messages quote the offending value; a value here could be a code or a number.
+fn scrub(text: &str) -> String {
+    let text = text.split(" at line ").next().unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    let mut in_quotes = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                in_quotes = !in_quotes;
+                if in_quotes {
+                    out.push_str("\"…\"");
+                }
+            }
+            _ if in_quotes => {}
+            c if c.is_ascii_digit() => {
+                if !out.ends_with('#') {
+                    out.push('#');
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Acknowledges, dead-letters or returns the delivery.
+async fn settle(
+    context: &Context,
+    delivery: &Delivery,
+    event: Option<&OtpRequested>,
+    outcome: Outcome,
+) {
+    match outcome {
+        Outcome::Sent => ack(delivery).await,
+        Outcome::AlreadyHandled(finished) => {
+            info!(already = ?finished, "this event was already handled; acknowledging the copy without sending");
+            send_outcome("duplicate_skipped");
+            ack(delivery).await;
+        }
+        Outcome::LeaveToRedeliver => {
+            debug!("left for the broker to hand to another worker");
+            send_outcome("requeued");
+        }
+        Outcome::Requeue => {
+            send_outcome("requeued");
+            nack_requeue(delivery).await;
+        }
+        Outcome::DeadLetter { dead_letter, claim } => {
+            match publish_dead_letter(context, delivery, event, &dead_letter).await {
+                Ok(()) => {
+                    if let Some(event) = event {
+                        let time_left =
+                            Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
+                        if let Err(e) = context
+                            .ledger
+                            .finish(event.event_id, Finished::DeadLettered, time_left)
+                            .await
+                        {
+                            debug!(error = %e, "could not record the dead letter in Redis");
+                        }
+                    }
+                    send_outcome("dead_lettered");
+                    metrics::counter!(m::DEAD_LETTERS, "kind" => dead_letter.kind.as_str())
+                        .increment(1);
+                    info!(
+                        kind = dead_letter.kind.as_str(),
+                        attempts = dead_letter.attempts,
+                        "dead-lettered"
+                    );
+                    ack(delivery).await;
+                }
+                Err(e) => {
+                    // Never drop: the original goes back to the queue and is tried again.
+                    warn!(error = %e, "could not dead-letter the message; returning it to the queue");
+                    if let (Some(event), Some(claim)) = (event, claim)
+                        && let Err(e) = context.ledger.release(event.event_id, &claim).await
+                    {
+                        debug!(error = %e, "could not release the claim; it will lapse");
+                    }
+                    send_outcome("requeued");
+                    // A short pause, so that a broken dead-letter route does not turn into a
+                    // busy loop of redeliveries.
+                    if let Ok(()) = context.shutdown.sleep(Duration::from_secs(1)).await {
+                        nack_requeue(delivery).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Publishes the dead letter: the event without its code, or an unreadable body as it came.
+async fn publish_dead_letter(
+    context: &Context,
+    delivery: &Delivery,
+    event: Option<&OtpRequested>,
+    dead_letter: &DeadLetter,
+) -> Result<(), PublishError> {
+    let channel = context
+        .dead_letter_channel()
+        .ok_or(PublishError::NoChannel)?;
+    let body = match event {
+        Some(event) => serde_json::to_vec(&event.without_code()).unwrap_or_default(),
+        None => delivery.data.clone(),
+    };
+    dead_letter::publish(
+        &channel,
+        &context.topology.dead_letter_exchange(),
+        &delivery.properties,
+        &body,
+        dead_letter,
+    )
+    .await
+}
+
+async fn ack(delivery: &Delivery) {
+    match delivery.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        // The channel is gone: the broker redelivers the message, and the copy is skipped
+        // because the outcome is recorded in Redis.
+        Ok(false) => warn!("could not acknowledge: the channel closed"),
+        Err(e) => warn!(error = %e, "could not acknowledge"),
+    }
+}
+
+async fn nack_requeue(delivery: &Delivery) {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(e) = delivery.nack(options).await {
+        warn!(error = %e, "could not return the message; the broker returns it when the channel closes");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_never_quote_the_body() {
+        let body = br#"{"version":1,"event_id":"not-a-uuid-123456","phone_number":"+14155550100","otp":"123456"}"#;
+        let err = parse(body).unwrap_err();
+        assert!(!err.contains("123456"), "{err}");
+        assert!(!err.contains("4155550100"), "{err}");
+
+        let body = br#"{"version":1,"phone_number":14155550100}"#;
+        let err = parse(body).unwrap_err();
+        assert!(!err.contains("4155550100"), "{err}");
+
+        assert!(
+            parse(b"not json")
+                .unwrap_err()
+                .contains("not an OtpRequested")
+        );
+    }
+
+    #[test]
+    fn refuses_other_versions_and_missing_codes() {
+        let event = OtpRequested::new(
+            shared::PhoneNumber::parse("+14155550100").unwrap(),
+            "123456".into(),
+            OffsetDateTime::now_utc() + time::Duration::minutes(5),
+            "req".into(),
+        );
+        assert!(parse(&serde_json::to_vec(&event).unwrap()).is_ok());
+        let mut v2 = event.clone();
+        v2.version = 2;
+        assert!(
+            parse(&serde_json::to_vec(&v2).unwrap())
+                .unwrap_err()
+                .contains("version 2")
+        );
+        assert!(
+            parse(&serde_json::to_vec(&event.without_code()).unwrap())
+                .unwrap_err()
+                .contains("no code")
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! The worker, in named stages:
+//!
+//! - this file wires the program: Redis, the provider, the HTTP port, the shutdown signal;
+//! - [`connection`]: the AMQP connection and the consume loop, reconnecting when the broker goes;
+//! - [`delivery`]: one message's life, from parsing to ack, nack or dead letter;
+//! - [`send`]: the send path, from claiming the event in the ledger to recording the send.
+
+mod connection;
+mod context;
+mod delivery;
+mod outcome;
+mod send;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::{Config, ProviderConfig};
+use crate::http::{self, Readiness};
+use crate::ledger::SendLedger;
+use crate::provider::Provider;
+use crate::shutdown::{self, ShutdownTrigger};
+use context::Context;
+
+/// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
+/// `WORKER_ADDR` has port 0.
+pub struct Worker {
+    context: Arc<Context>,
+    trigger: ShutdownTrigger,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+/// Binds, then runs until `shutdown` resolves; in-flight sends finish (within
+/// `SHUTDOWN_GRACE_SECS`) and the rest goes back to the queue.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Worker::bind(config).await?.run(shutdown).await
+}
+
+impl Worker {
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        // Installs the recorder before the first metric is written.
+        let _ = shared::telemetry::metrics_handle();
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("cannot listen on WORKER_ADDR {}", config.addr))?;
+        let addr = listener.local_addr()?;
+
+        let client = redis::Client::open(config.common.redis_url.expose_secret())
+            .map_err(|_| anyhow::anyhow!("REDIS_URL is not a valid Redis URL"))?;
+        // Lazy: the worker starts (and reports not ready) while Redis is still down; every
+        // command then fails fast instead of hanging, and the manager reconnects by itself.
+        let redis_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1);
+        let redis = ConnectionManager::new_lazy_with_config(client, redis_config)
+            .context("cannot set up the Redis client")?;
+
+        let provider = Provider::new(&config.provider)?;
+        let (trigger, shutdown) = shutdown::channel();
+        let readiness = Arc::new(Readiness::new(shutdown.clone(), redis.clone()));
+        let ledger = SendLedger::new(redis, &config.common.namespace);
+        let context = Arc::new(Context::new(config, ledger, provider, readiness, shutdown));
+        Ok(Self {
+            context,
+            trigger,
+            listener,
+            addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            context,
+            trigger,
+            listener,
+            addr,
+        } = self;
+        let config = &context.config;
+        info!(
+            %addr,
+            amqp = %shared::config::redact_url(&config.common.amqp_url),
+            redis = %shared::config::redact_url(&config.common.redis_url),
+            namespace = %config.common.namespace,
+            queue = %context.topology.sms_queue(),
+            concurrency = config.concurrency,
+            provider = context.provider.name(),
+            "sms-worker starting"
+        );
+        if matches!(config.provider, ProviderConfig::Log) {
+            warn!(
+                "SMS_PROVIDER=log: no SMS is sent; each one is written to the log, masked. Set SMS_PROVIDER=twilio in production"
+            );
+        }
+
+        let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, http::router(context.readiness.clone()))
+            .with_graceful_shutdown(async {
+                let _ = http_stop_rx.await;
+            });
+        let http = tokio::spawn(server.into_future());
+
+        let signal = tokio::spawn(async move {
+            shutdown.await;
+            info!("stopping: no new messages; in-flight sends may finish");
+            trigger.fire();
+        });
+
+        connection::consume_until_shutdown(&context).await;
+
+        signal.abort();
+        let _ = http_stop_tx.send(());
+        match http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "the HTTP server failed"),
+            Err(e) => warn!(error = %e, "the HTTP server task failed"),
+        }
+        info!("sms-worker stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,22 @@
+//! How one delivery ends.
+
+use crate::dead_letter::DeadLetter;
+use crate::ledger::{ClaimToken, Finished};
+
+pub(crate) enum Outcome {
+    /// The provider accepted the SMS: acknowledge.
+    Sent,
+    /// Another copy of the event was already sent or dead-lettered: acknowledge without sending.
+    AlreadyHandled(Finished),
+    /// Publish a dead letter, then acknowledge.
+    DeadLetter {
+        dead_letter: DeadLetter,
+        /// The claim this task holds, to release if the dead letter cannot be published.
+        claim: Option<ClaimToken>,
+    },
+    /// The worker is stopping: leave the message unacknowledged. Closing the channel hands it
+    /// back to the queue for another replica.
+    LeaveToRedeliver,
+    /// Give the message back to the queue now (the copy holding its claim never finished).
+    Requeue,
+}

@@ -1,0 +1,112 @@
+//! Fault injection: latency, a queue of next answers (e.g. 503, or 429 with `Retry-After`), an
+//! answer for every request, and per-number answers; and `/control/faults`, which reads, sets
+//! and clears them over HTTP.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::FakeState;
+
+/// An answer to inject instead of accepting the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InjectedResponse {
+    pub status: u16,
+    /// Twilio error code of the body; defaults by status (20429, 20500, 20503, …).
+    #[serde(default)]
+    pub code: Option<i64>,
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Sent as `Retry-After`.
+    #[serde(default)]
+    pub retry_after_secs: Option<u64>,
+}
+
+impl InjectedResponse {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            code: None,
+            message: None,
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn twilio_error(status: u16, code: i64) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::status(status)
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+}
+
+/// An answer for every request to one number (e.g. 21610 for an unsubscribed recipient).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub to: String,
+    #[serde(flatten)]
+    pub response: InjectedResponse,
+}
+
+/// Fault injection. Precedence: the queue of next responses, then a rule for the `To`, then
+/// `always`, else the message is accepted. `latency_ms` delays every answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faults {
+    #[serde(default)]
+    pub latency_ms: u64,
+    #[serde(default)]
+    pub responses: VecDeque<InjectedResponse>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    #[serde(default)]
+    pub always: Option<InjectedResponse>,
+}
+
+impl Faults {
+    /// Every answer delayed by `latency_ms`, and nothing else.
+    pub fn latency(latency_ms: u64) -> Self {
+        Self {
+            latency_ms,
+            ..Self::default()
+        }
+    }
+
+    /// The answer for a request to `to`, by precedence; a queued one is used up.
+    pub(super) fn take_for(&mut self, to: &str) -> Option<InjectedResponse> {
+        self.responses
+            .pop_front()
+            .or_else(|| {
+                self.rules
+                    .iter()
+                    .find(|rule| rule.to == to)
+                    .map(|rule| rule.response.clone())
+            })
+            .or_else(|| self.always.clone())
+    }
+}
+
+pub(super) async fn get_faults(State(state): State<Arc<FakeState>>) -> Response {
+    axum::Json(state.faults()).into_response()
+}
+
+pub(super) async fn set_faults(
+    State(state): State<Arc<FakeState>>,
+    axum::Json(faults): axum::Json<Faults>,
+) -> Response {
+    state.set_faults(faults.clone());
+    axum::Json(faults).into_response()
+}
+
+pub(super) async fn reset_faults(State(state): State<Arc<FakeState>>) -> StatusCode {
+    state.set_faults(Faults::default());
+    StatusCode::NO_CONTENT
+}

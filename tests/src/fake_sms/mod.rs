@@ -1,0 +1,165 @@
+//! `fake-sms`: a stand-in for Twilio's Messages API (`CreateMessage`) for tests, benchmarks and the
+//! local stack.
+//!
+//! - `twilio`: `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, answered as Twilio does.
+//! - `inbox`: `GET /messages?to=` lists the accepted messages as JSON; `GET /requests?to=`
+//!   lists every request with the status it got; `DELETE /messages` forgets both; `GET /` is an
+//!   HTML inbox where a developer reads the codes.
+//! - `faults`: `GET|POST|DELETE /control/faults` reads, sets or clears fault injection:
+//!   latency, a queue of next responses (e.g. 503, or 429 with `Retry-After`), an answer for
+//!   every request, and per-number answers (e.g. Twilio error 21610 for one `To`).
+//! - `store`: what it remembers, shared by the handlers and an in-process [`FakeSms`].
+//!
+//! Configuration (environment, all optional): `FAKE_SMS_ADDR` (`127.0.0.1:9099`),
+//! `FAKE_SMS_ACCOUNT_SID` ([`DEFAULT_ACCOUNT_SID`]), `FAKE_SMS_AUTH_TOKEN`
+//! ([`DEFAULT_AUTH_TOKEN`]), `FAKE_SMS_API_KEY_SID` ([`DEFAULT_API_KEY_SID`]),
+//! `FAKE_SMS_API_KEY_SECRET` ([`DEFAULT_API_KEY_SECRET`]).
+
+mod faults;
+mod inbox;
+mod store;
+mod twilio;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use shared::{ConfigError, Env};
+
+pub use faults::{Faults, InjectedResponse, Rule};
+pub use store::{FakeState, RecordedMessage, RecordedRequest};
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9099";
+/// Test credentials, not secrets: they only open this fake.
+pub const DEFAULT_ACCOUNT_SID: &str = "AC00000000000000000000000000fa4e00";
+pub const DEFAULT_AUTH_TOKEN: &str = "fake-sms-auth-token";
+pub const DEFAULT_API_KEY_SID: &str = "SK00000000000000000000000000fa4e00";
+pub const DEFAULT_API_KEY_SECRET: &str = "fake-sms-api-key-secret";
+
+#[derive(Debug, Clone)]
+pub struct FakeSmsConfig {
+    pub addr: SocketAddr,
+    pub account_sid: String,
+    pub auth_token: String,
+    pub api_key_sid: String,
+    pub api_key_secret: String,
+}
+
+impl Default for FakeSmsConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_ADDR.parse().expect("a literal address"),
+            account_sid: DEFAULT_ACCOUNT_SID.to_owned(),
+            auth_token: DEFAULT_AUTH_TOKEN.to_owned(),
+            api_key_sid: DEFAULT_API_KEY_SID.to_owned(),
+            api_key_secret: DEFAULT_API_KEY_SECRET.to_owned(),
+        }
+    }
+}
+
+impl FakeSmsConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        Ok(Self {
+            addr: env.parse("FAKE_SMS_ADDR", defaults.addr)?,
+            account_sid: env.string("FAKE_SMS_ACCOUNT_SID", DEFAULT_ACCOUNT_SID),
+            auth_token: env.string("FAKE_SMS_AUTH_TOKEN", DEFAULT_AUTH_TOKEN),
+            api_key_sid: env.string("FAKE_SMS_API_KEY_SID", DEFAULT_API_KEY_SID),
+            api_key_secret: env.string("FAKE_SMS_API_KEY_SECRET", DEFAULT_API_KEY_SECRET),
+        })
+    }
+
+    /// Port 0 on localhost: what tests use.
+    pub fn ephemeral() -> Self {
+        Self {
+            addr: "127.0.0.1:0".parse().expect("a literal address"),
+            ..Self::default()
+        }
+    }
+}
+
+/// A fake-sms server running in this process (real HTTP on a real port).
+pub struct FakeSms {
+    addr: SocketAddr,
+    state: Arc<FakeState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeSms {
+    pub async fn start(config: FakeSmsConfig) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(config.addr).await?;
+        let addr = listener.local_addr()?;
+        let state = FakeState::new(config);
+        let app = router(state.clone());
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "fake-sms stopped");
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            server,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What `TWILIO_BASE_URL` should be.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn state(&self) -> &Arc<FakeState> {
+        &self.state
+    }
+
+    pub fn config(&self) -> &FakeSmsConfig {
+        &self.state.config
+    }
+}
+
+impl std::ops::Deref for FakeSms {
+    type Target = FakeState;
+    fn deref(&self) -> &FakeState {
+        &self.state
+    }
+}
+
+impl Drop for FakeSms {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub fn router(state: Arc<FakeState>) -> Router {
+    Router::new()
+        .route("/", get(inbox::page))
+        .route(
+            "/2010-04-01/Accounts/{account_sid}/Messages.json",
+            post(twilio::create_message),
+        )
+        .route("/messages", get(inbox::list_messages).delete(inbox::clear))
+        .route("/requests", get(inbox::list_requests))
+        .route(
+            "/control/faults",
+            get(faults::get_faults)
+                .post(faults::set_faults)
+                .delete(faults::reset_faults),
+        )
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves: what the `fake-sms` binary runs.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<FakeState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

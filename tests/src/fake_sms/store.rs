@@ -1,0 +1,214 @@
+//! What fake-sms remembers: the accepted messages (indexed by number), every request with its
+//! answer, and the faults to inject. Shared by the HTTP handlers and an in-process handle.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::FakeSmsConfig;
+use super::faults::{Faults, InjectedResponse};
+
+/// Older records are forgotten past this, so a long benchmark does not grow without bound.
+pub(super) const MAX_RECORDS: usize = 100_000;
+
+/// An accepted message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordedMessage {
+    pub sid: String,
+    pub to: String,
+    pub from: Option<String>,
+    pub messaging_service_sid: Option<String>,
+    pub body: String,
+    pub validity_period: Option<u32>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+}
+
+/// Any request to the Messages endpoint, and how it was answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    pub id: u64,
+    pub to: Option<String>,
+    pub status: u16,
+    pub code: Option<i64>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    /// When the answer left; `None` while it is delayed, or if the client hung up first.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub responded_at: Option<OffsetDateTime>,
+}
+
+#[derive(Default)]
+struct Records {
+    messages: VecDeque<RecordedMessage>,
+    /// Sequence number of `messages[0]`.
+    first_message: u64,
+    /// Sequence numbers of each number's messages, oldest first: `?to=` look-ups stay cheap
+    /// with a full inbox (loadgen polls one per sign-in).
+    by_to: HashMap<String, VecDeque<u64>>,
+    requests: VecDeque<RecordedRequest>,
+    faults: Faults,
+    last_request_id: u64,
+}
+
+impl Records {
+    fn record(&mut self, message: RecordedMessage) {
+        let seq = self.first_message + self.messages.len() as u64;
+        self.by_to
+            .entry(message.to.clone())
+            .or_default()
+            .push_back(seq);
+        self.messages.push_back(message);
+        if self.messages.len() > MAX_RECORDS
+            && let Some(oldest) = self.messages.pop_front()
+        {
+            self.first_message += 1;
+            if let Some(seqs) = self.by_to.get_mut(&oldest.to) {
+                seqs.pop_front();
+                if seqs.is_empty() {
+                    self.by_to.remove(&oldest.to);
+                }
+            }
+        }
+    }
+
+    fn messages_to(&self, to: &str) -> Vec<RecordedMessage> {
+        let Some(seqs) = self.by_to.get(to) else {
+            return Vec::new();
+        };
+        seqs.iter()
+            .filter_map(|seq| self.messages.get((seq - self.first_message) as usize))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The fake's state, shared by the HTTP handlers and an in-process [`super::FakeSms`] handle.
+pub struct FakeState {
+    pub(super) config: FakeSmsConfig,
+    records: Mutex<Records>,
+}
+
+impl FakeState {
+    pub fn new(config: FakeSmsConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            records: Mutex::new(Records::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Records> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn messages(&self, to: Option<&str>) -> Vec<RecordedMessage> {
+        let records = self.lock();
+        match to {
+            Some(to) => records.messages_to(to),
+            None => records.messages.iter().cloned().collect(),
+        }
+    }
+
+    pub fn requests(&self, to: Option<&str>) -> Vec<RecordedRequest> {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| to.is_none_or(|to| r.to.as_deref() == Some(to)))
+            .cloned()
+            .collect()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.lock().faults.clone()
+    }
+
+    pub fn clear(&self) {
+        let mut records = self.lock();
+        records.first_message += records.messages.len() as u64;
+        records.messages.clear();
+        records.by_to.clear();
+        records.requests.clear();
+    }
+
+    pub(super) fn latency_ms(&self) -> u64 {
+        self.lock().faults.latency_ms
+    }
+
+    /// The injected answer for a request to `to`, if any (a queued one is used up).
+    pub(super) fn take_injected(&self, to: &str) -> Option<InjectedResponse> {
+        self.lock().faults.take_for(to)
+    }
+
+    pub(super) fn record_message(&self, message: RecordedMessage) {
+        self.lock().record(message);
+    }
+
+    /// Records a request as answered with `status` (not yet sent); returns its id.
+    pub(super) fn record_request(
+        &self,
+        to: Option<String>,
+        status: u16,
+        code: Option<i64>,
+        received_at: OffsetDateTime,
+    ) -> u64 {
+        let mut records = self.lock();
+        records.last_request_id += 1;
+        let id = records.last_request_id;
+        records.requests.push_back(RecordedRequest {
+            id,
+            to,
+            status,
+            code,
+            received_at,
+            responded_at: None,
+        });
+        if records.requests.len() > MAX_RECORDS {
+            records.requests.pop_front();
+        }
+        id
+    }
+
+    pub(super) fn mark_responded(&self, id: u64) {
+        if let Some(request) = self.lock().requests.iter_mut().rev().find(|r| r.id == id) {
+            request.responded_at = Some(OffsetDateTime::now_utc());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inbox_index_follows_eviction() {
+        let mut records = Records::default();
+        let message = |to: &str, n: usize| RecordedMessage {
+            sid: format!("SM{n}"),
+            to: to.to_owned(),
+            from: None,
+            messaging_service_sid: None,
+            body: format!("message {n}"),
+            validity_period: None,
+            received_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        records.record(message("+1", 0));
+        for n in 1..MAX_RECORDS + 2 {
+            records.record(message("+2", n));
+        }
+        records.record(message("+1", MAX_RECORDS + 2));
+        // Three over the limit: "+1"'s first message and "+2"'s first two were evicted.
+        let ones = records.messages_to("+1");
+        assert_eq!(ones.len(), 1);
+        assert_eq!(ones[0].sid, format!("SM{}", MAX_RECORDS + 2));
+        let twos = records.messages_to("+2");
+        assert_eq!(twos.len(), MAX_RECORDS - 1);
+        assert_eq!(twos[0].sid, "SM3");
+        assert!(records.messages_to("+3").is_empty());
+    }
+}

@@ -1,0 +1,74 @@
+//! Load generator for the running stack: api, sms-worker and fake-sms.
+//!
+//! Scenarios:
+//! - `request`: `POST /v1/otp` for distinct phone numbers.
+//! - `signup`: the whole flow: request, read the code from fake-sms, verify, `GET /v1/me`.
+//! - `verify`: `POST /v1/otp/verify` alone, with codes requested and read from fake-sms before
+//!   the clock starts (`--count` codes, 10,000 by default).
+//! - `me`: authenticated reads with tokens from a few sign-ins.
+//! - `drain`: publish N events straight to RabbitMQ, then time how fast the workers deliver them
+//!   to fake-sms (with `--sms-latency-ms` injected there).
+//!
+//! The api must allow the load: run it with a high `OTP_PER_IP_PER_HOUR` (every request comes
+//! from 127.0.0.1).
+//!
+//! Where things are: `args` is the command line; `api` and `sms_inbox` are the clients of the
+//! api and of fake-sms; `prepare` gets codes and tokens before a timed run; `scenarios` is one
+//! operation of each; `load` runs them concurrently at the offered rate; `drain` is the
+//! worker-only run; `report` is what is printed.
+
+mod api;
+mod args;
+mod drain;
+mod load;
+mod prepare;
+mod report;
+mod scenarios;
+mod sms_inbox;
+
+pub use args::{Args, Scenario};
+pub use report::{Latency, Report};
+pub use sms_inbox::extract_code;
+
+use sms_inbox::SmsInbox;
+
+/// Runs `args.scenario` and reports on it. fake-sms's latency, if `--sms-latency-ms` set it, is
+/// reset afterwards, whatever the outcome.
+pub async fn run(args: Args) -> anyhow::Result<Report> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency.max(1))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let sms = SmsInbox::new(client.clone(), &args.sms_url);
+    if let Some(latency) = args.sms_latency_ms {
+        sms.set_latency(latency).await?;
+    }
+    let result = match args.scenario {
+        Scenario::Drain => drain::drain(&args, &sms).await,
+        _ => load::load(args.clone(), client, &sms).await,
+    };
+    if args.sms_latency_ms.is_some() {
+        let _ = sms.set_latency(0).await;
+    }
+    result
+}
+
+/// Distinct, valid US numbers; the offset keeps runs from colliding with earlier runs' limits.
+fn phone(offset: u64, i: u64) -> String {
+    let n = offset + i;
+    let exchange = 200 + (n / 10_000) % 700;
+    let exchange = if exchange == 555 { 556 } else { exchange };
+    format!("+1415{exchange}{:04}", n % 10_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_are_distinct() {
+        let a: std::collections::HashSet<_> = (0..50_000).map(|i| phone(0, i)).collect();
+        assert_eq!(a.len(), 50_000);
+        assert!(a.iter().all(|p| p.len() == 12 && !p.contains("+1415555")));
+    }
+}

@@ -1,0 +1,102 @@
+//! What a run measured, printed as text or JSON.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use super::Scenario;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    pub(super) fn from_micros(mut samples: Vec<u64>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples[index] as f64 / 1000.0
+        };
+        Some(Self {
+            count: samples.len(),
+            p50_ms: at(0.50),
+            p90_ms: at(0.90),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub concurrency: usize,
+    pub elapsed_secs: f64,
+    /// Successful operations (a whole flow for `signup`).
+    pub ok: u64,
+    pub throughput_per_sec: f64,
+    pub latency: Option<Latency>,
+    /// Failures by HTTP status (or `connect`, `timeout`, `no-sms`).
+    pub errors: BTreeMap<String, u64>,
+    /// `request` and `signup`: from the api's 202 to fake-sms receiving the SMS.
+    pub delivery: Option<Latency>,
+    /// `request`: accepted requests whose SMS had not arrived when the report was made.
+    pub undelivered: Option<u64>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "scenario     {:?} (concurrency {})",
+            self.scenario, self.concurrency
+        )?;
+        writeln!(f, "elapsed      {:.2} s", self.elapsed_secs)?;
+        writeln!(f, "ok           {}", self.ok)?;
+        writeln!(f, "throughput   {:.0}/s", self.throughput_per_sec)?;
+        let line = |f: &mut fmt::Formatter<'_>, name: &str, l: &Option<Latency>| match l {
+            Some(l) => writeln!(
+                f,
+                "{name:<12} p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (n={})",
+                l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.count
+            ),
+            None => Ok(()),
+        };
+        line(f, "latency", &self.latency)?;
+        line(f, "202→sms", &self.delivery)?;
+        if let Some(n) = self.undelivered {
+            writeln!(f, "undelivered  {n}")?;
+        }
+        if self.errors.is_empty() {
+            writeln!(f, "errors       none")?;
+        } else {
+            let list: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            writeln!(f, "errors       {}", list.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let l = Latency::from_micros((1..=100).map(|n| n * 1000).collect()).unwrap();
+        assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (51.0, 99.0, 100.0));
+    }
+}

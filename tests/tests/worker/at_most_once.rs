@@ -1,0 +1,46 @@
+//! At most one SMS per event: copies of an event, at once or later, give one provider call.
+
+use shared::QueueType;
+use tests::fake_sms::Faults;
+use tests::wait::eventually;
+
+use crate::harness::{CODE_VALIDITY, WAIT, event, phone, with_harness};
+
+#[tokio::test]
+async fn the_same_event_published_twice_gives_one_sms() {
+    with_harness(QueueType::Classic, |h| async move {
+        // Slow sends, so both copies are in flight at once.
+        h.fake.set_faults(Faults::latency(300));
+        let worker = h.start_worker(&[]).await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        h.publish(&event).await;
+        h.wait_for_messages(&to, 1).await;
+        // A third copy, well after the first was sent.
+        eventually(WAIT, "the first send to be answered", || async {
+            h.fake
+                .requests(Some(&to))
+                .iter()
+                .all(|r| r.responded_at.is_some())
+        })
+        .await;
+        h.publish(&event).await;
+        // Stop only once the worker has taken the third copy; stopping returns anything it
+        // has not acknowledged, which the assertions below would see.
+        eventually(WAIT, "the third copy to be taken", || async {
+            h.queued().await == 0
+        })
+        .await;
+        worker.stop().await;
+
+        assert_eq!(
+            h.fake.requests(Some(&to)).len(),
+            1,
+            "one call for three copies"
+        );
+        assert_eq!(h.queued().await, 0, "every copy was acknowledged");
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}

@@ -1,0 +1,217 @@
+//! Dead letters: what cannot be sent goes to the dead-letter queue with the reason in its
+//! headers and without its code, after one call for a permanent error and after the backoff for
+//! a lasting one.
+
+use std::time::{Duration, Instant};
+
+use lapin::BasicProperties;
+use shared::QueueType;
+use tests::fake_sms::{Faults, InjectedResponse, Rule};
+use time::OffsetDateTime;
+
+use crate::harness::{CODE_VALIDITY, event, phone, with_harness};
+
+#[tokio::test]
+async fn dead_letters_permanent_errors_after_one_call() {
+    with_harness(QueueType::Classic, |h| async move {
+        let unsubscribed = phone();
+        h.fake.set_faults(Faults {
+            rules: vec![Rule {
+                to: unsubscribed.clone(),
+                response: InjectedResponse::twilio_error(400, 21610),
+            }],
+            ..Faults::default()
+        });
+        let worker = h.start_worker(&[]).await;
+        // fake-sms, like Twilio, answers 21211 for a number that is not a valid E.164 number.
+        let invalid = "+1234".to_owned();
+        let invalid_event = h.request_sms(&invalid).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        h.request_sms(&unsubscribed).await;
+        let dead_after = h.wait_for_dead_letters(2).await;
+
+        assert_eq!(h.fake.requests(Some(&invalid)).len(), 1, "exactly one call");
+        assert_eq!(
+            h.fake.requests(Some(&unsubscribed)).len(),
+            1,
+            "exactly one call"
+        );
+        assert!(h.fake.messages(None).is_empty());
+
+        let letter = &dead[0];
+        assert_eq!(
+            letter.header_str("x-error-kind").as_deref(),
+            Some("permanent")
+        );
+        assert_eq!(letter.header_int("x-provider-status"), Some(400));
+        assert_eq!(letter.header_int("x-provider-code"), Some(21211));
+        assert_eq!(letter.header_int("x-attempts"), Some(1));
+        assert_eq!(
+            letter.header_str("x-request-id"),
+            Some(invalid_event.request_id.clone())
+        );
+        let failed_at = letter.header_str("x-failed-at").unwrap();
+        OffsetDateTime::parse(&failed_at, &time::format_description::well_known::Rfc3339).unwrap();
+        let error = letter.header_str("x-error").unwrap();
+        assert!(
+            error.contains("21211") || error.contains("Invalid"),
+            "{error}"
+        );
+        let properties = &letter.properties;
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            properties.expiration(),
+            &None,
+            "a dead letter must not expire with the OTP"
+        );
+        assert_eq!(
+            properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned()),
+            Some(invalid_event.event_id.to_string())
+        );
+
+        let json: serde_json::Value = serde_json::from_slice(&letter.body).unwrap();
+        assert_eq!(json["otp"], serde_json::Value::Null);
+        assert_eq!(json["event_id"], invalid_event.event_id.to_string());
+        let code = invalid_event.otp.as_deref().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&letter.body).contains(code),
+            "the code never stays readable"
+        );
+
+        let unsubscribed_dead = dead_after
+            .iter()
+            .find(|letter| letter.header_int("x-provider-code") == Some(21610))
+            .expect("the 21610 dead letter");
+        let error = unsubscribed_dead.header_str("x-error").unwrap();
+        assert!(
+            !error.contains(&unsubscribed[1..]),
+            "the number is masked: {error}"
+        );
+
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dead_letters_after_backoff_when_the_provider_keeps_failing() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults {
+            always: Some(InjectedResponse::status(503)),
+            ..Faults::default()
+        });
+        let worker = h
+            .start_worker(&[
+                ("SMS_RETRY_MIN_DELAY_MS", "100"),
+                ("SMS_RETRY_MAX_DELAY_MS", "10000"),
+                ("RETRY_MAX_ELAPSED_SECS", "3"),
+            ])
+            .await;
+        let to = phone();
+        let started = Instant::now();
+        h.request_sms(&to).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        let elapsed = started.elapsed();
+
+        let letter = &dead[0];
+        assert_eq!(
+            letter.header_str("x-error-kind").as_deref(),
+            Some("retries_exhausted")
+        );
+        assert_eq!(letter.header_int("x-provider-status"), Some(503));
+        let calls = h.fake.requests(Some(&to)).len();
+        assert!(calls >= 3, "{calls} calls");
+        assert_eq!(
+            letter.header_int("x-attempts"),
+            Some(i64::try_from(calls).unwrap())
+        );
+        assert!(
+            elapsed < Duration::from_secs(6),
+            "gave up after {elapsed:?}"
+        );
+
+        // Exponential with jitter: each delay is in [d, 2d) and d doubles, so the gaps grow.
+        let gaps = h.gaps(&to);
+        assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
+        for pair in gaps.windows(2) {
+            assert!(pair[1] > pair[0], "gaps grow: {gaps:?}");
+        }
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dead_letters_expired_and_invalid_events_without_sending() {
+    with_harness(QueueType::Classic, |h| async move {
+        let worker = h.start_worker(&[]).await;
+        let to = phone();
+        // Expired already; published without an expiration, so the worker (not the broker)
+        // sees it, as with a message that waited in the queue across a worker outage.
+        let mut expired = event(&to, CODE_VALIDITY);
+        expired.expires_at = OffsetDateTime::now_utc() - time::Duration::seconds(5);
+        h.publish_without_expiration(&expired).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        let letter = &dead[0];
+        assert_eq!(
+            letter.header_str("x-error-kind").as_deref(),
+            Some("expired")
+        );
+        assert_eq!(letter.header_int("x-attempts"), Some(0));
+        let json: serde_json::Value = serde_json::from_slice(&letter.body).unwrap();
+        assert_eq!(json["otp"], serde_json::Value::Null);
+
+        let garbage = b"{\"version\":1,\"phone_number\":\"+14155550100\",\"otp\":\"654321\"";
+        h.publish_with(
+            garbage,
+            BasicProperties::default().with_delivery_mode(shared::amqp::PERSISTENT),
+        )
+        .await;
+        let dead = h.wait_for_dead_letters(2).await;
+        let letter = dead
+            .iter()
+            .find(|letter| letter.header_str("x-error-kind").as_deref() == Some("invalid_message"))
+            .expect("an invalid_message dead letter");
+        assert_eq!(
+            letter.body.as_slice(),
+            garbage.as_slice(),
+            "kept as it came"
+        );
+        let error = letter.header_str("x-error").unwrap();
+        assert!(
+            !error.contains("654321") && !error.contains("4155550100"),
+            "{error}"
+        );
+
+        assert!(h.fake.requests(None).is_empty(), "nothing was sent");
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_credentials_are_a_permanent_failure() {
+    with_harness(QueueType::Classic, |h| async move {
+        let worker = h
+            .start_worker(&[("TWILIO_AUTH_TOKEN", "wrong-token")])
+            .await;
+        let to = phone();
+        h.request_sms(&to).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        assert_eq!(
+            dead[0].header_str("x-error-kind").as_deref(),
+            Some("permanent")
+        );
+        assert_eq!(dead[0].header_int("x-provider-status"), Some(401));
+        assert_eq!(dead[0].header_int("x-provider-code"), Some(20003));
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        worker.stop().await;
+    })
+    .await;
+}

@@ -1,0 +1,133 @@
+//! What an operator uses: `sms-worker dlq list|purge` (in-process and as the program), and
+//! `/healthz`, `/readyz` and `/metrics`.
+
+use shared::{CommonConfig, Env, QueueType};
+use sms_worker::dead_letter;
+use tests::program::Program;
+
+use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, phone, with_harness};
+
+/// Runs `sms-worker dlq ARGS` as an operator does: its stdout, once it succeeded.
+async fn dlq_command(h: &Harness, args: &[&str]) -> String {
+    let args: Vec<&str> = ["dlq"].iter().chain(args).copied().collect();
+    let mut program = Program::start_workspace("sms-worker", &args, h.env()).await;
+    let status = program.wait(WAIT).await;
+    assert!(status.success(), "{}", program.logs());
+    program.stdout()
+}
+
+/// The listed entry that `source` (`broker` or `worker`) dead-lettered.
+fn entry_from<'a>(listing: &'a dead_letter::Listing, source: &str) -> &'a dead_letter::Entry {
+    listing
+        .entries
+        .iter()
+        .find(|e| e.source == source)
+        .unwrap_or_else(|| panic!("the {source}'s entry"))
+}
+
+#[tokio::test]
+async fn dlq_list_shows_entries_and_leaves_them_in_place() {
+    with_harness(QueueType::Quorum, |h| async move {
+        // A native dead letter: expired in the queue before any worker ran.
+        let stale_to = phone();
+        let stale = event(&stale_to, CODE_VALIDITY);
+        h.publish_with(
+            &serde_json::to_vec(&stale).unwrap(),
+            shared::amqp::event_properties(&stale, 1),
+        )
+        .await;
+        h.wait_for_dead_letters(1).await;
+
+        let worker = h.start_worker(&[]).await;
+        h.request_sms("+1234").await;
+        h.wait_for_dead_letters(2).await;
+        worker.stop().await;
+
+        let common = CommonConfig::from_env(&Env::from_pairs(h.env())).unwrap();
+        // More looks than RabbitMQ 4's default quorum delivery limit (20): none may drop an entry.
+        for _ in 0..25 {
+            // A look hands the entries back once its channel is closed, a quorum queue through
+            // its log: the next look must not start before they are ready again.
+            h.wait_for_dead_lettered(2).await;
+            let listing = dead_letter::list(&common, 10).await.unwrap();
+            assert_eq!(listing.total, 2);
+            assert_eq!(listing.entries.len(), 2);
+        }
+        h.wait_for_dead_lettered(2).await;
+        let listing = dead_letter::list(&common, 10).await.unwrap();
+        let broker = entry_from(&listing, "broker");
+        assert_eq!(broker.error_kind, "expired");
+        assert_eq!(
+            broker.event_id.as_deref(),
+            Some(stale.event_id.to_string().as_str())
+        );
+        assert_eq!(
+            broker.phone_number.as_deref(),
+            Some(shared::mask_phone(&stale_to).as_str())
+        );
+        let ours = entry_from(&listing, "worker");
+        assert_eq!(ours.error_kind, "permanent");
+        assert_eq!(ours.provider_code, Some(21211));
+        assert_eq!(ours.attempts, Some(1));
+        h.wait_for_dead_lettered(2).await;
+        assert_eq!(
+            dead_letter::list(&common, 1).await.unwrap().entries.len(),
+            1,
+            "--limit"
+        );
+
+        // The binary, as an operator runs it.
+        h.wait_for_dead_lettered(2).await;
+        let stdout = dlq_command(&h, &["list", "--json"]).await;
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{stdout}");
+        assert!(
+            !stdout.contains(stale.otp.as_deref().unwrap()),
+            "no code is shown"
+        );
+        assert!(!stdout.contains(&stale_to), "numbers are masked");
+        h.wait_for_dead_lettered(2).await;
+        assert_eq!(dlq_command(&h, &["list"]).await.lines().count(), 2);
+
+        h.wait_for_dead_lettered(2).await;
+        assert_eq!(h.dead_lettered().await, 2, "listing removed nothing");
+
+        dlq_command(&h, &["purge"]).await;
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reports_readiness_and_metrics() {
+    with_harness(QueueType::Classic, |h| async move {
+        let worker = h.start_worker(&[]).await;
+        let base = format!("http://{}", worker.addr);
+        let health = h.http.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        let to = phone();
+        h.request_sms(&to).await;
+        h.wait_for_messages(&to, 1).await;
+        let metrics = h
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for name in [
+            "sms_sends_total{outcome=\"sent\"}",
+            "sms_provider_request_duration_seconds_bucket",
+            "sms_in_flight",
+        ] {
+            assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+        }
+        worker.stop().await;
+    })
+    .await;
+}

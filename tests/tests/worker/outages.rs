@@ -1,0 +1,93 @@
+//! Redis or RabbitMQ going away: the worker says so on `/readyz`, sends nothing it cannot check
+//! for duplicates, and carries on when the server is back. Each test puts a TCP proxy of its own
+//! between the worker and one server, and cuts it.
+
+use std::time::Duration;
+
+use shared::QueueType;
+use tests::proxy::TcpProxy;
+use tests::servers::servers;
+
+use crate::harness::{phone, with_harness};
+
+#[tokio::test]
+async fn without_redis_nothing_is_sent_blindly() {
+    with_harness(QueueType::Classic, |h| async move {
+        let worker = h
+            .spawn_worker(&[
+                // Nothing listens there.
+                ("REDIS_URL", "redis://127.0.0.1:1"),
+                ("RETRY_MAX_ELAPSED_SECS", "2"),
+            ])
+            .await;
+        worker.wait_unready_for(&h.http, "redis").await;
+
+        h.request_sms(&phone()).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        assert_eq!(
+            dead[0].header_str("x-error-kind").as_deref(),
+            Some("retries_exhausted")
+        );
+        assert!(dead[0].header_str("x-error").unwrap().contains("Redis"));
+        assert!(
+            h.fake.requests(None).is_empty(),
+            "no SMS without the duplicate check"
+        );
+
+        worker.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keeps_running_through_a_rabbitmq_outage() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+        let worker = h.start_worker(&[("AMQP_URL", &amqp_url)]).await;
+
+        broker.go_down();
+        worker.wait_unready_for(&h.http, "rabbitmq").await;
+        let to = phone();
+        h.request_sms(&to).await;
+
+        broker.come_back();
+        // It reconnects, re-declares and consumes again.
+        worker.wait_ready(&h.http).await;
+        h.wait_for_messages(&to, 1).await;
+        worker.stop().await;
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keeps_running_through_a_redis_outage() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        let worker = h
+            .start_worker(&[("REDIS_URL", &redis_url), ("SMS_RETRY_MAX_DELAY_MS", "500")])
+            .await;
+
+        redis.go_down();
+        worker.wait_unready_for(&h.http, "redis").await;
+        let to = phone();
+        h.request_sms(&to).await;
+        // An observation window, not synchronisation: nothing may be sent while the duplicate
+        // check cannot run.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            h.fake.requests(None).is_empty(),
+            "sent without the duplicate check"
+        );
+
+        redis.come_back();
+        h.wait_for_messages(&to, 1).await;
+        worker.wait_ready(&h.http).await;
+        worker.stop().await;
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        assert_eq!(h.queued().await, 0);
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
