@@ -54,14 +54,16 @@ pub enum ApiError {
     InvalidPhoneNumber,
     #[error("OTPs cannot be sent to this country")]
     CountryNotAllowed,
+    #[error("OTPs cannot be sent to this kind of number (premium-rate, satellite, landline…)")]
+    NumberTypeNotAllowed,
     #[error("the OTP must be {length} digits")]
     InvalidOtpFormat { length: u32 },
     #[error("the OTP is wrong, expired, already used or was never requested")]
     InvalidOtp,
     #[error("too many wrong guesses: request a new OTP")]
     TooManyAttempts,
-    #[error("too many OTP requests: retry later")]
-    RateLimited { retry_after: Duration },
+    #[error("{}; retry in {} s", .limit.describe(), whole_seconds(*.retry_after))]
+    RateLimited { limit: Limit, retry_after: Duration },
     #[error("a valid bearer token is required")]
     Unauthorized,
     #[error("the refresh token is unknown, expired, revoked or was already used")]
@@ -86,6 +88,48 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
+/// Which limit refused a request: named in the problem's `detail`, so a client (or its
+/// developer) knows what to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    ResendGap,
+    PhonePerHour,
+    PhonePerDay,
+    IpPerHour,
+    CountryPerHour,
+    Global,
+    FraudGuard,
+    VerifyFailsPerIp,
+    VerifyFailsPerPhone,
+    RefreshesPerSession,
+}
+
+impl Limit {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::ResendGap => "a code was sent to this number moments ago (OTP_RESEND_SECS)",
+            Self::PhonePerHour => "too many codes sent to this number in the last hour",
+            Self::PhonePerDay => "too many codes sent to this number in the last day",
+            Self::IpPerHour => "too many codes requested from your network in the last hour",
+            Self::CountryPerHour => "too many codes sent to this country in the last hour",
+            Self::Global => "the service is sending too many codes right now",
+            Self::FraudGuard => {
+                "codes to this destination are temporarily blocked: too few of them are being used (SMS fraud guard)"
+            }
+            Self::VerifyFailsPerIp => "too many wrong codes from your network in the last hour",
+            Self::VerifyFailsPerPhone => {
+                "too many wrong codes for this number today; sign in with the challenge_id of a new code"
+            }
+            Self::RefreshesPerSession => "this session is refreshing too often",
+        }
+    }
+}
+
+/// Rounded up: retrying a fraction of a second early would only be refused again.
+fn whole_seconds(duration: Duration) -> u64 {
+    (duration.as_secs() + u64::from(duration.subsec_nanos() > 0)).max(1)
+}
+
 /// Seconds a client should wait before retrying after a 503.
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
 
@@ -102,9 +146,10 @@ impl ApiError {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::InvalidPhoneNumber | Self::CountryNotAllowed | Self::InvalidOtpFormat { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::InvalidPhoneNumber
+            | Self::CountryNotAllowed
+            | Self::NumberTypeNotAllowed
+            | Self::InvalidOtpFormat { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InvalidOtp | Self::Unauthorized | Self::InvalidRefreshToken => {
                 StatusCode::UNAUTHORIZED
             }
@@ -124,6 +169,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidPhoneNumber => "invalid_phone_number",
             Self::CountryNotAllowed => "country_not_allowed",
+            Self::NumberTypeNotAllowed => "number_type_not_allowed",
             Self::InvalidOtpFormat { .. } => "invalid_otp_format",
             Self::InvalidOtp => "invalid_otp",
             Self::TooManyAttempts => "too_many_attempts",
@@ -185,10 +231,11 @@ impl IntoResponse for ApiError {
         let mut response = status.into_response();
         let headers = response.headers_mut();
         match &self {
-            Self::RateLimited { retry_after } => {
-                // Round up: retrying a fraction of a second early would only be refused again.
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            Self::RateLimited { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(whole_seconds(*retry_after)),
+                );
             }
             Self::Unavailable { .. } | Self::NotReady { .. } => {
                 headers.insert(

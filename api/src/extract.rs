@@ -1,16 +1,12 @@
 //! Request extractors whose rejections are [`ApiError`]s, so bad bodies get problem+json too.
 
-use std::net::{IpAddr, SocketAddr};
-
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, JsonRejection};
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, OptionalFromRequest, Request};
+use axum::extract::{FromRequest, OptionalFromRequest, Request};
 use axum::http::StatusCode;
-use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
-use crate::state::AppState;
 
 /// `axum::Json` with its rejections mapped: 415 without a JSON content type, 413 over the body
 /// limit, 400 for syntax errors, missing or wrong-typed fields.
@@ -62,39 +58,5 @@ fn map_json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::JsonDataError(e) => ApiError::InvalidRequest(e.body_text()),
         JsonRejection::JsonSyntaxError(e) => ApiError::InvalidRequest(e.body_text()),
         other => ApiError::InvalidRequest(other.body_text()),
-    }
-}
-
-/// The client's IP: the peer address, or with `TRUST_PROXY` the address the proxy appended to
-/// `X-Forwarded-For` (the right-most entry; entries to its left are the client's own claims).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientIp(pub IpAddr);
-
-impl FromRequestParts<AppState> for ClientIp {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        if state.config.trust_proxy {
-            let forwarded = parts
-                .headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
-                .next_back();
-            if let Some(ip) = forwarded {
-                return Ok(Self(ip));
-            }
-        }
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip())
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        Ok(Self(peer))
     }
 }

@@ -4,16 +4,20 @@
 //! Where things are: [`config`] reads the environment once; `startup` builds the
 //! [`Application`]; `router` lists the routes and the middleware stack, whose functions live in
 //! `middleware`, `request_id`, `auth` (bearer tokens) and `error` (the one place errors become
-//! HTTP); `routes/` holds the handlers; `otp` keeps codes and limits in Redis, `db` every SQL
+//! HTTP); `routes/` holds the handlers and `signin/` the sign-in rules; `otp` keeps codes in
+//! Redis, `limits` the velocity limits and the fraud guard, `client_ip` finds the caller, `db` every SQL
 //! statement, `tokens` the token format, `phone` number normalisation, `publisher` the
-//! confirmed publish to RabbitMQ; `jobs` runs migrations and the token purge in the background.
+//! confirmed publish to RabbitMQ; `jobs` runs migrations and the token purge in the background; `serve` is the
+//! server loop with its slow-client limits.
 
 mod auth;
+mod client_ip;
 pub mod config;
 mod db;
 mod error;
 mod extract;
 mod jobs;
+mod limits;
 mod middleware;
 mod openapi;
 mod otp;
@@ -22,6 +26,8 @@ mod publisher;
 mod request_id;
 mod router;
 mod routes;
+mod serve;
+mod signin;
 mod startup;
 mod state;
 mod tokens;

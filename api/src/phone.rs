@@ -1,6 +1,6 @@
-//! Phone numbers in, E.164 out.
+//! Phone numbers in, E.164 out, and the number-type guard against toll fraud.
 
-use phonenumber::Mode;
+use phonenumber::{Mode, Type};
 use shared::PhoneNumber;
 
 use crate::config::PhonePolicy;
@@ -9,10 +9,41 @@ use crate::error::ApiError;
 /// Longer input is not a phone number; refusing it early keeps the parser's work bounded.
 const MAX_INPUT_LEN: usize = 32;
 
+/// Every number type `OTP_ALLOWED_NUMBER_TYPES` may name: libphonenumber's, plus
+/// `non_geographic`.
+pub const NUMBER_TYPES: &[&str] = &[
+    "mobile",
+    "fixed_line_or_mobile",
+    "fixed_line",
+    "toll_free",
+    "premium_rate",
+    "shared_cost",
+    "personal_number",
+    "voip",
+    "pager",
+    "uan",
+    "emergency",
+    "voicemail",
+    "short_code",
+    "standard_rate",
+    "carrier",
+    "no_international",
+    "unknown",
+    "non_geographic",
+];
+
+/// A number that may receive a code, with what the per-country limits are keyed on.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub phone: PhoneNumber,
+    /// The country calling code (`1`, `44`, `881`…).
+    pub calling_code: u16,
+}
+
 /// Parses `input` (E.164, or national format when `DEFAULT_REGION` is set), checks it is a valid
-/// number of an allowed country, and returns it in E.164. This is the only way the api makes a
-/// [`PhoneNumber`].
-pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<PhoneNumber, ApiError> {
+/// number of an allowed country and type, and returns it in E.164. This is the only way the api
+/// makes a [`PhoneNumber`].
+pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiError> {
     let input = input.trim();
     if input.is_empty() || input.len() > MAX_INPUT_LEN {
         return Err(ApiError::InvalidPhoneNumber);
@@ -32,8 +63,45 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<PhoneNumber, ApiEr
             return Err(ApiError::CountryNotAllowed);
         }
     }
-    PhoneNumber::parse(&number.format().mode(Mode::E164).to_string())
-        .map_err(|_| ApiError::InvalidPhoneNumber)
+    if !policy.allowed_types.contains(number_type(&number)) {
+        return Err(ApiError::NumberTypeNotAllowed);
+    }
+    let phone = PhoneNumber::parse(&number.format().mode(Mode::E164).to_string())
+        .map_err(|_| ApiError::InvalidPhoneNumber)?;
+    Ok(Destination {
+        phone,
+        calling_code: number.code().value(),
+    })
+}
+
+/// libphonenumber's type, except that numbers of non-geographic calling codes (satellite
+/// networks such as Iridium's +881, Inmarsat's +870, international networks +882/+883,
+/// international freephone and premium +800/+808/+979) are `non_geographic` whatever it says:
+/// it types +881 numbers as `mobile`, yet they are priced like premium lines and are a classic
+/// toll-fraud destination.
+fn number_type(number: &phonenumber::PhoneNumber) -> &'static str {
+    if number.country().id().is_none() {
+        return "non_geographic";
+    }
+    match number.number_type(&phonenumber::metadata::DATABASE) {
+        Type::Mobile => "mobile",
+        Type::FixedLineOrMobile => "fixed_line_or_mobile",
+        Type::FixedLine => "fixed_line",
+        Type::TollFree => "toll_free",
+        Type::PremiumRate => "premium_rate",
+        Type::SharedCost => "shared_cost",
+        Type::PersonalNumber => "personal_number",
+        Type::Voip => "voip",
+        Type::Pager => "pager",
+        Type::Uan => "uan",
+        Type::Emergency => "emergency",
+        Type::Voicemail => "voicemail",
+        Type::ShortCode => "short_code",
+        Type::StandardRate => "standard_rate",
+        Type::Carrier => "carrier",
+        Type::NoInternational => "no_international",
+        Type::Unknown => "unknown",
+    }
 }
 
 #[cfg(test)]
@@ -48,22 +116,24 @@ mod tests {
         PhonePolicy::default()
     }
 
+    fn any_type() -> PhonePolicy {
+        PhonePolicy {
+            allowed_types: NUMBER_TYPES.iter().copied().collect(),
+            ..PhonePolicy::default()
+        }
+    }
+
+    fn e164(input: &str, policy: &PhonePolicy) -> String {
+        normalize(input, policy).unwrap().phone.as_str().to_owned()
+    }
+
     #[test]
     fn accepts_e164_numbers() {
-        assert_eq!(
-            normalize("+14155550100", &e164_only()).unwrap().as_str(),
-            "+14155550100"
-        );
-        assert_eq!(
-            normalize(" +44 20 7946 0958 ", &e164_only())
-                .unwrap()
-                .as_str(),
-            "+442079460958"
-        );
-        assert_eq!(
-            normalize("+919876543210", &e164_only()).unwrap().as_str(),
-            "+919876543210"
-        );
+        assert_eq!(e164("+14155550100", &e164_only()), "+14155550100");
+        assert_eq!(e164(" +44 20 7946 0958 ", &any_type()), "+442079460958");
+        assert_eq!(e164("+919876543210", &e164_only()), "+919876543210");
+        let destination = normalize("+447911123456", &e164_only()).unwrap();
+        assert_eq!(destination.calling_code, 44);
     }
 
     #[test]
@@ -74,12 +144,9 @@ mod tests {
         ));
         let india = PhonePolicy {
             default_region: Some(Id::IN),
-            allowed_countries: None,
+            ..PhonePolicy::default()
         };
-        assert_eq!(
-            normalize("9876543210", &india).unwrap().as_str(),
-            "+919876543210"
-        );
+        assert_eq!(e164("9876543210", &india), "+919876543210");
     }
 
     #[test]
@@ -105,13 +172,41 @@ mod tests {
     #[test]
     fn enforces_allowed_countries() {
         let us_only = PhonePolicy {
-            default_region: None,
             allowed_countries: Some(HashSet::from([Id::US])),
+            ..PhonePolicy::default()
         };
         assert!(normalize("+14155550100", &us_only).is_ok());
         assert!(matches!(
             normalize("+919876543210", &us_only),
             Err(ApiError::CountryNotAllowed)
         ));
+    }
+
+    #[test]
+    fn premium_satellite_and_landline_numbers_get_no_code_by_default() {
+        // US premium rate, Iridium (libphonenumber calls it mobile), UK premium, UK landline.
+        for number in [
+            "+19002345678",
+            "+881631234567",
+            "+449098790123",
+            "+442079460958",
+        ] {
+            assert!(
+                matches!(
+                    normalize(number, &e164_only()),
+                    Err(ApiError::NumberTypeNotAllowed)
+                ),
+                "{number}"
+            );
+        }
+        // Mobile and "cannot tell" (the whole North American plan) pass.
+        for number in ["+447911123456", "+14155550100", "+33612345678"] {
+            assert!(normalize(number, &e164_only()).is_ok(), "{number}");
+        }
+        let with_satellites = PhonePolicy {
+            allowed_types: ["mobile", "non_geographic"].into_iter().collect(),
+            ..PhonePolicy::default()
+        };
+        assert!(normalize("+881631234567", &with_satellites).is_ok());
     }
 }

@@ -27,7 +27,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every route under the middleware stack, plus `extra` routes (tests add one that panics).
 pub fn router(state: AppState, extra: Router<AppState>) -> Router {
-    // require_user wraps the handlers only, so a wrong method still gets 405, not 401.
+    // require_user wraps the handlers only, so a wrong method still gets 405, not 401. The
+    // token is looked up only on the routes that need it: elsewhere an Authorization header
+    // must not cost a database query.
     let require_user = || from_fn(auth::require_user);
     let protected = Router::new()
         .route(
@@ -37,7 +39,8 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         .route(
             "/v1/logout",
             post(routes::session::logout).route_layer(require_user()),
-        );
+        )
+        .route_layer(from_fn_with_state(state.clone(), auth::authenticate));
     let docs: Router<AppState> = utoipa_scalar::Scalar::with_url("/docs", ApiDoc::openapi()).into();
     Router::new()
         .route("/v1/otp", post(routes::otp::request_otp))
@@ -53,8 +56,8 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         .merge(extra)
         .fallback(not_found)
         // Layers run outermost-last: request id, problem rendering, metrics, tracing span, error
-        // logging, panic recovery, timeout, body limit, authenticate.
-        .layer(from_fn_with_state(state.clone(), auth::authenticate))
+        // logging, panic recovery, timeout, body limit; authenticate sits on the protected
+        // routes above.
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,

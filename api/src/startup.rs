@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::config::ApiConfig;
 use crate::state::AppState;
-use crate::{jobs, router};
+use crate::{jobs, router, serve};
 
 pub struct Application {
     listener: TcpListener,
@@ -71,7 +71,8 @@ impl Application {
         self
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and finishes in-flight requests.
+    /// Serves until `shutdown` resolves, then stops accepting and finishes in-flight requests
+    /// within `SHUTDOWN_GRACE_SECS`.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -80,13 +81,8 @@ impl Application {
         tokio::spawn(jobs::prepare_database(self.state.clone()));
         tokio::spawn(jobs::purge_expired_tokens(self.state.clone()));
         tracing::info!(%addr, "api listening");
-        axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await?;
+        let limits = self.state.config.server;
+        serve::serve(self.listener, self.router, limits, shutdown).await?;
         tracing::info!("api stopped");
         Ok(())
     }

@@ -7,9 +7,10 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
 use crate::config::ApiConfig;
-use crate::db::TokenLifetimes;
 use crate::error::{ApiError, Dependency};
-use crate::otp::{OtpHasher, OtpStore};
+use crate::limits::{FraudAlarm, Limits};
+use crate::otp::OtpHasher;
+use crate::otp::store::OtpStore;
 use crate::publisher::Publisher;
 
 #[derive(Clone)]
@@ -21,9 +22,10 @@ pub struct Inner {
     /// Reconnects by itself; created lazily so the api starts while Redis is down.
     redis: ConnectionManager,
     pub otp_store: OtpStore,
+    pub limits: Limits,
+    pub fraud_alarm: FraudAlarm,
     pub hasher: OtpHasher,
     pub publisher: Publisher,
-    pub lifetimes: TokenLifetimes,
     /// Set once the migrations have run; until then database routes answer 503.
     pub schema_ready: AtomicBool,
 }
@@ -40,12 +42,10 @@ impl AppState {
         let topology = config.common.topology();
         Self(Arc::new(Inner {
             otp_store: OtpStore::new(&config.common.namespace),
-            hasher: OtpHasher::new(config.otp_secret.clone()),
+            limits: Limits::new(&config.common.namespace),
+            fraud_alarm: FraudAlarm::default(),
+            hasher: OtpHasher::new(&config.otp_secret),
             publisher: Publisher::new(config.common.amqp_url.clone(), topology),
-            lifetimes: TokenLifetimes {
-                access: config.access_token_ttl,
-                refresh: config.refresh_token_ttl,
-            },
             schema_ready: AtomicBool::new(false),
             config,
             pool,

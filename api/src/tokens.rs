@@ -19,12 +19,7 @@ impl std::fmt::Debug for PlainToken {
 
 impl PlainToken {
     pub fn generate() -> Self {
-        let mut bytes = [0u8; 16];
-        UnwrapErr(SysRng).fill_bytes(&mut bytes);
-        Self(base32::encode(
-            base32::Alphabet::Rfc4648 { padding: false },
-            &bytes,
-        ))
+        Self(random_base32())
     }
 
     pub fn hash(&self) -> Vec<u8> {
@@ -34,6 +29,13 @@ impl PlainToken {
     pub fn into_string(self) -> String {
         self.0
     }
+}
+
+/// 16 bytes from the OS CSPRNG as 26 characters of base32 (no padding).
+pub fn random_base32() -> String {
+    let mut bytes = [0u8; 16];
+    UnwrapErr(SysRng).fill_bytes(&mut bytes);
+    base32::encode(base32::Alphabet::Rfc4648 { padding: false }, &bytes)
 }
 
 pub fn hash(token: &str) -> Vec<u8> {

@@ -3,44 +3,89 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::{Level, Metadata};
+use tracing_appender::non_blocking::ErrorCounter;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{FilterExt as _, filter_fn};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::LogFormat;
+
+/// Lines the log writer could not keep up with since start-up (it drops rather than block).
+static DROPPED_LINES: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// Flushes the log writer when dropped: keep it alive until the program ends.
 #[must_use = "logs written after the guard is dropped are lost"]
 pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
 
-/// Installs the global log subscriber. Level comes from `RUST_LOG` (default `info`).
-/// Returns quietly when one is already installed (tests build several apps in one process).
+/// Installs the global log subscriber. Level comes from `RUST_LOG` (default `info`), except
+/// that other crates never log below `info` (see [`below_info_allowed`]). Returns quietly when
+/// one is already installed (tests build several apps in one process).
 ///
 /// Lines are written by a background thread, so a request never waits on stdout (synchronous
-/// writes cost about a third of the api's throughput under load). The writer blocks rather
-/// than drop lines when it falls behind.
+/// writes cost about a third of the api's throughput under load). When the writer falls behind
+/// (stdout blocked, a slow log shipper), lines are dropped rather than requests held up, and
+/// counted in `log_lines_dropped_total`.
 pub fn init_logging(format: LogFormat) -> LogGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
+        .lossy(true)
         .finish(std::io::stdout());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    let _already_installed = match format {
-        LogFormat::Json => builder
+    let _ = DROPPED_LINES.set(writer.error_counter());
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .and(filter_fn(below_info_allowed));
+    let layer = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
     };
+    let _already_installed = tracing_subscriber::registry().with(layer).try_init();
     LogGuard(guard)
+}
+
+/// Whether an event may be logged below `info`, whatever `RUST_LOG` says: only this
+/// workspace's own crates (which never log a code, a token or a full number at any level) and
+/// tower_http's request spans. Other crates log what passes through them at debug and trace
+/// (lapin every AMQP frame, with the event's code in it; hyper and reqwest bodies and headers),
+/// so they stop at `info`.
+pub fn below_info_allowed(metadata: &Metadata<'_>) -> bool {
+    if *metadata.level() <= Level::INFO {
+        return true;
+    }
+    let target = metadata.target();
+    let crate_name = target.split("::").next().unwrap_or(target);
+    matches!(
+        crate_name,
+        "api" | "sms_worker" | "shared" | "tests" | "fake_sms" | "loadgen" | "tower_http"
+    )
 }
 
 /// Latency buckets, in seconds, for every `*_duration_seconds` histogram.
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Renders every metric in Prometheus text format, with `log_lines_dropped_total` brought up to
+/// date first.
+pub fn render_metrics() -> String {
+    let handle = metrics_handle();
+    if let Some(counter) = DROPPED_LINES.get() {
+        metrics::counter!("log_lines_dropped_total")
+            .absolute(u64::try_from(counter.dropped_lines()).unwrap_or(u64::MAX));
+    }
+    handle.render()
+}
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {

@@ -89,7 +89,7 @@ async fn readyz(State(readiness): State<Arc<Readiness>>) -> Response {
 async fn metrics() -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared::telemetry::metrics_handle().render(),
+        shared::telemetry::render_metrics(),
     )
         .into_response()
 }

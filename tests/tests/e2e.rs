@@ -191,11 +191,12 @@ async fn sign_in_across_api_worker_and_fake_sms() {
         logs.contains(&request_id).then_some(logs)
     })
     .await;
-    let api_logs = stack.logs("api");
-    assert!(
-        api_logs.contains(&request_id),
-        "api logs lack the request id"
-    );
+    // Both programs write logs from a background thread: wait for the line, do not race it.
+    let api_logs = eventually(DEADLINE, "the api logs to carry the request id", || async {
+        let logs = stack.logs("api");
+        logs.contains(&request_id).then_some(logs)
+    })
+    .await;
     for logs in [&api_logs, &worker_logs] {
         assert!(
             logs.lines()

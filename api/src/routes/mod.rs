@@ -49,13 +49,13 @@ pub struct SessionView {
 }
 
 impl SessionView {
-    pub fn new(session: IssuedSession, lifetimes: &crate::db::TokenLifetimes) -> Self {
+    pub fn new(session: IssuedSession) -> Self {
         Self {
             access_token: session.access_token.into_string(),
             token_type: "Bearer",
-            expires_in: lifetimes.access.as_secs(),
+            expires_in: session.access_expires_in.as_secs(),
             refresh_token: session.refresh_token.into_string(),
-            refresh_expires_in: lifetimes.refresh.as_secs(),
+            refresh_expires_in: session.refresh_expires_in.as_secs(),
             user: session.user.into(),
             new_user: session.new_user,
         }

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use crate::auth::AuthUser;
 use crate::db::{self, RefreshOutcome};
-use crate::error::ApiError;
+use crate::error::{ApiError, Limit};
 use crate::extract::ApiJson;
 use crate::routes::{SessionView, UserView};
 use crate::state::AppState;
@@ -26,15 +26,17 @@ pub struct LogoutBody {
     pub all: bool,
 }
 
-/// Exchanges a refresh token for a new session.
+/// Exchanges a refresh token for a new pair of tokens.
 ///
-/// The old refresh token stops working. Presenting an already-rotated refresh token revokes its
-/// whole family (every token of that sign-in) and answers 401.
+/// The old refresh token and its access token stop working. Within `REFRESH_REUSE_GRACE_SECS`
+/// of a rotation, presenting the just-rotated refresh token again (a retry after a lost answer,
+/// two tabs at once) gives another new pair; after that, it revokes the whole sign-in and
+/// answers 401. A sign-in cannot be refreshed past `SESSION_MAX_LIFETIME_SECS`.
 #[utoipa::path(post, path = "/v1/token/refresh", tag = "session", request_body = RefreshBody,
     responses(
         (status = 200, description = "New session", body = SessionView),
-        (status = 400, description = "Malformed body"),
         (status = 401, description = "`invalid_refresh_token`"),
+        (status = 429, description = "`rate_limited`: this session refreshes too often"),
         (status = 503, description = "`unavailable`"),
     ))]
 pub async fn refresh(
@@ -46,14 +48,23 @@ pub async fn refresh(
     }
     let pool = state.db()?;
     let hash = tokens::hash(&body.refresh_token);
-    match db::refresh(pool, &hash, &state.lifetimes).await? {
+    match db::refresh(pool, &hash, &state.config.sessions).await? {
         RefreshOutcome::Rotated(session) => {
             metrics::counter!("token_refreshes_total", "outcome" => "rotated").increment(1);
-            Ok(Json(SessionView::new(session, &state.lifetimes)))
+            Ok(Json(SessionView::new(session)))
+        }
+        RefreshOutcome::RateLimited { retry_after } => {
+            metrics::counter!("token_refreshes_total", "outcome" => "rate_limited").increment(1);
+            Err(ApiError::RateLimited {
+                limit: Limit::RefreshesPerSession,
+                retry_after,
+            })
         }
         RefreshOutcome::Reused => {
             metrics::counter!("token_refreshes_total", "outcome" => "reused").increment(1);
-            tracing::warn!("a rotated refresh token was presented again; its family is revoked");
+            tracing::warn!(
+                "a rotated refresh token was presented again after the grace; its session is revoked"
+            );
             Err(ApiError::InvalidRefreshToken)
         }
         RefreshOutcome::Invalid => {
@@ -81,7 +92,7 @@ pub async fn logout(
     let revoked = if request.all {
         db::revoke_user(pool, caller.user.id).await
     } else {
-        db::revoke_family(pool, caller.family_id).await
+        db::revoke_session(pool, caller.session_id).await
     }?;
     tracing::info!(user_id = %caller.user.id, all = request.all, revoked, "signed out");
     Ok(StatusCode::NO_CONTENT)

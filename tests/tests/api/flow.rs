@@ -21,9 +21,11 @@ async fn request_publish_verify_and_me() {
         .await;
     assert_eq!(sent.status, StatusCode::ACCEPTED, "{}", sent.body);
     assert_eq!(sent.header("x-request-id"), Some("flow-test-request-1"));
+    let challenge_id = sent.body["challenge_id"].as_str().unwrap_or_default();
+    assert_eq!(challenge_id.len(), 26, "{}", sent.body);
     assert_eq!(
         sent.body,
-        json!({"phone_number": PHONE, "expires_in": 300, "resend_after": 30})
+        json!({"phone_number": PHONE, "expires_in": 300, "resend_after": 30, "challenge_id": challenge_id})
     );
 
     // The event as the sms-worker receives it.

@@ -1,0 +1,283 @@
+//! The policies the api enforces, as typed values read once from the environment.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use phonenumber::country;
+use shared::{ConfigError, Env};
+
+use crate::client_ip::{ClientIpPolicy, IpNet};
+
+/// How codes are made and used.
+#[derive(Debug, Clone)]
+pub struct OtpPolicy {
+    pub length: u32,
+    pub ttl: Duration,
+    /// Wrong guesses per code, counted separately with and without its `challenge_id`.
+    pub max_attempts: u32,
+    pub resend_gap: Duration,
+}
+
+/// How many codes may be sent, and for whom (docs/api.md#request-limits).
+#[derive(Debug, Clone)]
+pub struct SendLimits {
+    pub per_phone_per_hour: u32,
+    pub per_phone_per_day: u32,
+    pub per_ip_per_hour: u32,
+    /// Off when unset.
+    pub per_country_per_hour: Option<u32>,
+    /// Off when unset.
+    pub global_per_minute: Option<u32>,
+}
+
+/// How many wrong guesses are tolerated beyond one code's own budget.
+#[derive(Debug, Clone)]
+pub struct VerifyLimits {
+    pub fails_per_ip_per_hour: u32,
+    pub fails_per_phone_per_day: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FraudGuardMode {
+    Off,
+    /// Counts and warns, refuses nothing.
+    Monitor,
+    /// Refuses codes to a calling code while its guard is tripped.
+    Enforce,
+}
+
+/// The per-calling-code conversion guard: codes sent against codes verified.
+#[derive(Debug, Clone)]
+pub struct FraudGuardPolicy {
+    pub mode: FraudGuardMode,
+    pub window: Duration,
+    /// Unverified codes below this never trip the guard (small volumes are noise).
+    pub min_unverified: u32,
+    /// Trips when unverified codes exceed this many times the verified ones.
+    pub ratio: f64,
+}
+
+/// Which numbers may receive codes.
+#[derive(Debug, Clone)]
+pub struct PhonePolicy {
+    /// Region for numbers written without `+`; none: only E.164 is accepted.
+    pub default_region: Option<country::Id>,
+    /// Regions that may receive OTPs; none: all.
+    pub allowed_countries: Option<HashSet<country::Id>>,
+    /// Number type names (see [`crate::phone::NUMBER_TYPES`]).
+    pub allowed_types: HashSet<&'static str>,
+}
+
+impl Default for PhonePolicy {
+    fn default() -> Self {
+        Self {
+            default_region: None,
+            allowed_countries: None,
+            allowed_types: HashSet::from(["mobile", "fixed_line_or_mobile"]),
+        }
+    }
+}
+
+/// Lifetimes and limits of sign-in sessions (docs/api.md#tokens).
+#[derive(Debug, Clone)]
+pub struct SessionPolicy {
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    /// After this, counted from sign-in, refresh fails and the user signs in again.
+    pub max_lifetime: Duration,
+    /// A just-rotated refresh token presented again within this does not revoke the family.
+    pub reuse_grace: Duration,
+    pub refreshes_per_minute: u32,
+}
+
+impl OtpPolicy {
+    pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            length: env.integer_in("OTP_LENGTH", 6, 4..=10)?,
+            ttl: env.seconds("OTP_TTL_SECS", 300, 1..=86_400)?,
+            max_attempts: env.integer_in("OTP_MAX_ATTEMPTS", 5, 1..=1_000)?,
+            resend_gap: env.seconds("OTP_RESEND_SECS", 30, 0..=86_400)?,
+        })
+    }
+}
+
+impl SendLimits {
+    pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let per_phone_per_hour = env.integer_in("OTP_PER_PHONE_PER_HOUR", 5, 1..=1_000_000)?;
+        let per_phone_per_day = env.integer_in("OTP_PER_PHONE_PER_DAY", 10, 1..=1_000_000)?;
+        Ok(Self {
+            per_phone_per_hour,
+            per_phone_per_day,
+            per_ip_per_hour: env.integer_in("OTP_PER_IP_PER_HOUR", 30, 1..=100_000_000)?,
+            per_country_per_hour: optional_limit(env, "OTP_PER_COUNTRY_PER_HOUR")?,
+            global_per_minute: optional_limit(env, "OTP_GLOBAL_PER_MINUTE")?,
+        })
+    }
+}
+
+impl VerifyLimits {
+    pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            fails_per_ip_per_hour: env.integer_in(
+                "OTP_VERIFY_FAILS_PER_IP_PER_HOUR",
+                60,
+                1..=100_000_000,
+            )?,
+            fails_per_phone_per_day: env.integer_in(
+                "OTP_VERIFY_FAILS_PER_PHONE_PER_DAY",
+                20,
+                1..=1_000_000,
+            )?,
+        })
+    }
+}
+
+impl FraudGuardPolicy {
+    pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let mode = match env
+            .string("OTP_FRAUD_GUARD", "monitor")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "off" => FraudGuardMode::Off,
+            "monitor" => FraudGuardMode::Monitor,
+            "enforce" => FraudGuardMode::Enforce,
+            other => {
+                return Err(ConfigError::new(
+                    "OTP_FRAUD_GUARD",
+                    format!("{other:?}: use off, monitor or enforce"),
+                ));
+            }
+        };
+        let ratio: f64 = env.parse("OTP_FRAUD_GUARD_RATIO", 1.0)?;
+        if !(0.01..=1_000.0).contains(&ratio) {
+            return Err(ConfigError::new(
+                "OTP_FRAUD_GUARD_RATIO",
+                format!("{ratio} is out of range; expected 0.01 to 1000"),
+            ));
+        }
+        Ok(Self {
+            mode,
+            window: env.seconds("OTP_FRAUD_GUARD_WINDOW_SECS", 3_600, 60..=604_800)?,
+            min_unverified: env.integer_in(
+                "OTP_FRAUD_GUARD_MIN_UNVERIFIED",
+                20,
+                1..=100_000_000,
+            )?,
+            ratio,
+        })
+    }
+}
+
+impl PhonePolicy {
+    pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let allowed_types = match env.optional_string("OTP_ALLOWED_NUMBER_TYPES") {
+            None => Self::default().allowed_types,
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    crate::phone::NUMBER_TYPES
+                        .iter()
+                        .find(|known| known.eq_ignore_ascii_case(t))
+                        .copied()
+                        .ok_or_else(|| {
+                            ConfigError::new(
+                                "OTP_ALLOWED_NUMBER_TYPES",
+                                format!(
+                                    "{t:?} is not a number type; use {}",
+                                    crate::phone::NUMBER_TYPES.join(", ")
+                                ),
+                            )
+                        })
+                })
+                .collect::<Result<HashSet<_>, _>>()?,
+        };
+        Ok(Self {
+            default_region: env
+                .optional_string("DEFAULT_REGION")
+                .map(|r| parse_region("DEFAULT_REGION", &r))
+                .transpose()?,
+            allowed_countries: env
+                .optional_string("ALLOWED_COUNTRIES")
+                .map(|list| {
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|r| !r.is_empty())
+                        .map(|r| parse_region("ALLOWED_COUNTRIES", r))
+                        .collect::<Result<HashSet<_>, _>>()
+                })
+                .transpose()?,
+            allowed_types,
+        })
+    }
+}
+
+impl SessionPolicy {
+    pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            access_ttl: env.seconds("ACCESS_TOKEN_TTL_SECS", 86_400, 1..=31_536_000)?,
+            refresh_ttl: env.seconds("REFRESH_TOKEN_TTL_SECS", 2_592_000, 1..=315_360_000)?,
+            max_lifetime: env.seconds("SESSION_MAX_LIFETIME_SECS", 7_776_000, 60..=315_360_000)?,
+            reuse_grace: env.seconds("REFRESH_REUSE_GRACE_SECS", 10, 0..=300)?,
+            refreshes_per_minute: env.integer_in(
+                "REFRESH_PER_SESSION_PER_MINUTE",
+                10,
+                1..=10_000,
+            )?,
+        })
+    }
+}
+
+/// `TRUST_PROXY` (`false`, `true` = 1, or a number of hops) and `TRUSTED_PROXIES`.
+pub(super) fn client_ip_policy(env: &Env) -> Result<ClientIpPolicy, ConfigError> {
+    let trusted_hops = match env
+        .raw("TRUST_PROXY")
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("false" | "no" | "off" | "0") => 0,
+        Some("true" | "yes" | "on") => 1,
+        Some(other) => other
+            .parse::<usize>()
+            .ok()
+            .filter(|hops| *hops <= 10)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "TRUST_PROXY",
+                    format!("{other:?}: use false, true, or the number of proxy hops (1 to 10)"),
+                )
+            })?,
+    };
+    let trusted_proxies = env
+        .optional_string("TRUSTED_PROXIES")
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| {
+                    n.parse::<IpNet>()
+                        .map_err(|e| ConfigError::new("TRUSTED_PROXIES", e))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    Ok(ClientIpPolicy {
+        trusted_hops,
+        trusted_proxies,
+    })
+}
+
+fn optional_limit(env: &Env, name: &'static str) -> Result<Option<u32>, ConfigError> {
+    env.raw(name)
+        .map(|_| env.integer_in(name, 0, 1..=1_000_000_000))
+        .transpose()
+}
+
+fn parse_region(name: &'static str, value: &str) -> Result<country::Id, ConfigError> {
+    value
+        .to_ascii_uppercase()
+        .parse()
+        .map_err(|_| ConfigError::new(name, format!("{value:?} is not an ISO 3166 region code")))
+}

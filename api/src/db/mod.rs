@@ -1,0 +1,93 @@
+//! Every SQL statement of the api. Signing in and checking a token are one statement each (one
+//! round trip, the hot paths); refresh and revocation are short transactions around the row of
+//! the session they change ([`sessions`]).
+
+pub mod sessions;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::tokens::PlainToken;
+
+pub use sessions::{RefreshOutcome, refresh, revoke_session, revoke_user, sign_in};
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct User {
+    pub id: Uuid,
+    pub phone_number: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// The tokens of a new or rotated session, in plaintext, to be shown once.
+#[derive(Debug)]
+pub struct IssuedSession {
+    pub user: User,
+    pub new_user: bool,
+    pub access_token: PlainToken,
+    pub refresh_token: PlainToken,
+    /// Until each token expires: its lifetime, or less when the session ends sooner.
+    pub access_expires_in: Duration,
+    pub refresh_expires_in: Duration,
+}
+
+/// The user behind a valid access token, and the session (token family) it belongs to.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub user: User,
+    pub session_id: Uuid,
+}
+
+/// The user behind an unexpired access token of a session that was not revoked.
+pub async fn authenticate(
+    pool: &PgPool,
+    access_hash: &[u8],
+) -> sqlx::Result<Option<Authenticated>> {
+    let row: Option<(Uuid, String, OffsetDateTime, Uuid)> = sqlx::query_as(
+        r"
+        SELECT u.id, u.phone_number, u.created_at, t.family_id
+        FROM tokens t
+        JOIN sessions s ON s.id = t.family_id AND s.revoked_at IS NULL
+        JOIN users u ON u.id = t.user_id
+        WHERE t.hash = $1 AND t.scope = 'authentication' AND t.expiry > now()
+        ",
+    )
+    .bind(access_hash)
+    .fetch_optional(pool)
+    .await?;
+    Ok(
+        row.map(|(id, phone_number, created_at, session_id)| Authenticated {
+            user: User {
+                id,
+                phone_number,
+                created_at,
+            },
+            session_id,
+        }),
+    )
+}
+
+/// Deletes expired tokens, and sessions that ended or were revoked a day ago (with whatever
+/// tokens they still hold), in bounded batches so the purge never holds long locks.
+pub async fn purge_expired(pool: &PgPool) -> sqlx::Result<u64> {
+    let mut total = 0;
+    for statement in [
+        "DELETE FROM tokens WHERE hash IN (SELECT hash FROM tokens WHERE expiry < now() LIMIT 5000)",
+        "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE expires_at < now() OR revoked_at < now() - interval '1 day' LIMIT 5000)",
+    ] {
+        loop {
+            let done = sqlx::query(statement).execute(pool).await?;
+            total += done.rows_affected();
+            if done.rows_affected() < 5000 {
+                break;
+            }
+        }
+    }
+    Ok(total)
+}
+
+pub(crate) fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}

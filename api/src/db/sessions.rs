@@ -1,0 +1,258 @@
+//! Sign-in sessions: creating one, rotating its refresh token, revoking it (docs/api.md#tokens).
+//!
+//! Every token belongs to a session row. Rotation and revocation both lock that row first:
+//! a revocation that starts while a rotation is under way waits for it, then deletes what it
+//! inserted (its delete is a later statement, so it sees the rotation's rows); a rotation that
+//! starts after a revocation finds the session revoked and issues nothing. Under READ COMMITTED
+//! without that lock, a logout's delete could miss the pair a concurrent refresh was inserting.
+
+use std::time::Duration;
+
+use shared::PhoneNumber;
+use sqlx::{PgPool, Postgres, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{IssuedSession, User, secs};
+use crate::config::SessionPolicy;
+use crate::tokens::PlainToken;
+
+/// Finds or creates the user and opens a session with a fresh access and refresh token, in one
+/// statement.
+pub async fn sign_in(
+    pool: &PgPool,
+    phone: &PhoneNumber,
+    policy: &SessionPolicy,
+) -> sqlx::Result<IssuedSession> {
+    let access = PlainToken::generate();
+    let refresh = PlainToken::generate();
+    // The no-op DO UPDATE makes RETURNING yield the existing row too; xmax = 0 only on insert.
+    let row: (Uuid, String, OffsetDateTime, bool) = sqlx::query_as(
+        r"
+        WITH account AS (
+            INSERT INTO users (id, phone_number) VALUES ($1, $2)
+            ON CONFLICT (phone_number) DO UPDATE SET phone_number = EXCLUDED.phone_number
+            RETURNING id, phone_number, created_at, (xmax = 0) AS new_user
+        ), session AS (
+            INSERT INTO sessions (id, user_id, expires_at)
+            SELECT $7, id, now() + make_interval(secs => $8) FROM account
+            RETURNING id, user_id
+        ), issued AS (
+            INSERT INTO tokens (hash, user_id, expiry, scope, family_id, pair_id)
+            SELECT $3, user_id, now() + make_interval(secs => $4), 'authentication', id, $9 FROM session
+            UNION ALL
+            SELECT $5, user_id, now() + make_interval(secs => $6), 'refresh', id, $9 FROM session
+        )
+        SELECT id, phone_number, created_at, new_user FROM account
+        ",
+    )
+    .bind(Uuid::now_v7())
+    .bind(phone.as_str())
+    .bind(access.hash())
+    .bind(secs(policy.access_ttl.min(policy.max_lifetime)))
+    .bind(refresh.hash())
+    .bind(secs(policy.refresh_ttl.min(policy.max_lifetime)))
+    .bind(Uuid::now_v7())
+    .bind(secs(policy.max_lifetime))
+    .bind(Uuid::now_v7())
+    .fetch_one(pool)
+    .await?;
+    Ok(IssuedSession {
+        user: User {
+            id: row.0,
+            phone_number: row.1,
+            created_at: row.2,
+        },
+        new_user: row.3,
+        access_token: access,
+        refresh_token: refresh,
+        access_expires_in: policy.access_ttl.min(policy.max_lifetime),
+        refresh_expires_in: policy.refresh_ttl.min(policy.max_lifetime),
+    })
+}
+
+pub enum RefreshOutcome {
+    Rotated(IssuedSession),
+    /// Unknown, expired, revoked, or the session outlived `SESSION_MAX_LIFETIME_SECS`.
+    Invalid,
+    /// Rotated before, outside the reuse grace: the session has been revoked.
+    Reused,
+    /// The session refreshed too often in the last minute.
+    RateLimited {
+        retry_after: Duration,
+    },
+}
+
+/// What the refresh token's row and its session say, read under the session's lock.
+#[derive(sqlx::FromRow)]
+struct Presented {
+    session_id: Uuid,
+    pair_id: Option<Uuid>,
+    user_id: Uuid,
+    phone_number: String,
+    user_created_at: OffsetDateTime,
+    usable: bool,
+    /// Seconds since the token was rotated; `None` if it never was.
+    rotated_secs_ago: Option<f64>,
+    /// Seconds left before the session's absolute end.
+    session_secs_left: f64,
+    window_secs: f64,
+    refreshes_in_window: i32,
+}
+
+/// Exchanges a refresh token for a new pair (docs/api.md#tokens):
+/// - a live, unrotated token is rotated: marked used, its own access token deleted, a new pair
+///   issued in the same session;
+/// - a token rotated less than `REFRESH_REUSE_GRACE_SECS` ago (a client retrying after a lost
+///   answer, or two tabs refreshing at once) gets another new pair; nothing is revoked;
+/// - a token rotated longer ago is a replay: the whole session is revoked.
+pub async fn refresh(
+    pool: &PgPool,
+    refresh_hash: &[u8],
+    policy: &SessionPolicy,
+) -> sqlx::Result<RefreshOutcome> {
+    let mut tx = pool.begin().await?;
+    // Lock first, read second. The read must be a later statement than the lock: under READ
+    // COMMITTED a statement that waited for a lock still sees the other tables as they were
+    // when it started, so a combined statement would miss a rotation committed meanwhile.
+    let locked: Option<Uuid> = sqlx::query_scalar(
+        r"
+        SELECT id FROM sessions
+        WHERE id = (SELECT family_id FROM tokens WHERE hash = $1 AND scope = 'refresh')
+        FOR UPDATE
+        ",
+    )
+    .bind(refresh_hash)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if locked.is_none() {
+        return Ok(RefreshOutcome::Invalid);
+    }
+    let presented: Option<Presented> = sqlx::query_as(
+        r"
+        SELECT s.id AS session_id, t.pair_id, u.id AS user_id, u.phone_number,
+               u.created_at AS user_created_at,
+               (t.expiry > now() AND s.expires_at > now() AND s.revoked_at IS NULL) AS usable,
+               extract(epoch FROM now() - t.rotated_at)::float8 AS rotated_secs_ago,
+               extract(epoch FROM s.expires_at - now())::float8 AS session_secs_left,
+               extract(epoch FROM now() - s.refresh_window_started_at)::float8 AS window_secs,
+               s.refreshes_in_window
+        FROM tokens t
+        JOIN sessions s ON s.id = t.family_id
+        JOIN users u ON u.id = t.user_id
+        WHERE t.hash = $1 AND t.scope = 'refresh'
+        ",
+    )
+    .bind(refresh_hash)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(presented) = presented.filter(|p| p.usable) else {
+        return Ok(RefreshOutcome::Invalid);
+    };
+    let grace = policy.reuse_grace.as_secs_f64();
+    if let Some(ago) = presented.rotated_secs_ago
+        && (policy.reuse_grace.is_zero() || ago > grace)
+    {
+        revoke(&mut tx, presented.session_id).await?;
+        tx.commit().await?;
+        return Ok(RefreshOutcome::Reused);
+    }
+    // At most `refreshes_per_minute` in a fixed window that restarts a minute after it began.
+    let restart_window = presented.window_secs >= 60.0;
+    if !restart_window && presented.refreshes_in_window >= policy.refreshes_per_minute as i32 {
+        return Ok(RefreshOutcome::RateLimited {
+            retry_after: Duration::from_secs_f64((60.0 - presented.window_secs).max(1.0)),
+        });
+    }
+
+    let access = PlainToken::generate();
+    let refresh = PlainToken::generate();
+    let session_left = Duration::from_secs_f64(presented.session_secs_left.max(0.0));
+    let access_ttl = policy.access_ttl.min(session_left);
+    let refresh_ttl = policy.refresh_ttl.min(session_left);
+    sqlx::query(
+        r"
+        WITH used AS (
+            UPDATE tokens SET rotated_at = now() WHERE hash = $1 AND rotated_at IS NULL
+        ), retired AS (
+            -- The rotated token's own access token, and refresh tokens rotated before it: the
+            -- session keeps one live pair (per client in the grace) and the last rotated token.
+            DELETE FROM tokens
+            WHERE family_id = $2
+              AND ((scope = 'authentication' AND pair_id = $3)
+                   OR (scope = 'refresh' AND rotated_at IS NOT NULL AND hash <> $1))
+        ), counted AS (
+            UPDATE sessions SET
+                refresh_window_started_at = CASE WHEN $9 THEN now() ELSE refresh_window_started_at END,
+                refreshes_in_window = CASE WHEN $9 THEN 1 ELSE refreshes_in_window + 1 END
+            WHERE id = $2
+        )
+        INSERT INTO tokens (hash, user_id, expiry, scope, family_id, pair_id)
+        VALUES ($4, $10, now() + make_interval(secs => $5), 'authentication', $2, $8),
+               ($6, $10, now() + make_interval(secs => $7), 'refresh', $2, $8)
+        ",
+    )
+    .bind(refresh_hash)
+    .bind(presented.session_id)
+    .bind(presented.pair_id)
+    .bind(access.hash())
+    .bind(secs(access_ttl))
+    .bind(refresh.hash())
+    .bind(secs(refresh_ttl))
+    .bind(Uuid::now_v7())
+    .bind(restart_window)
+    .bind(presented.user_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(RefreshOutcome::Rotated(IssuedSession {
+        user: User {
+            id: presented.user_id,
+            phone_number: presented.phone_number,
+            created_at: presented.user_created_at,
+        },
+        new_user: false,
+        access_token: access,
+        refresh_token: refresh,
+        access_expires_in: access_ttl,
+        refresh_expires_in: refresh_ttl,
+    }))
+}
+
+/// Marks the session revoked and deletes its tokens. The caller holds the session's lock, or
+/// this statement takes it.
+async fn revoke(tx: &mut Transaction<'_, Postgres>, session_id: Uuid) -> sqlx::Result<u64> {
+    sqlx::query("UPDATE sessions SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1")
+        .bind(session_id)
+        .execute(&mut **tx)
+        .await?;
+    // A separate statement, so it sees tokens a rotation committed while we waited for the lock.
+    let deleted = sqlx::query("DELETE FROM tokens WHERE family_id = $1")
+        .bind(session_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(deleted.rows_affected())
+}
+
+/// Revokes one sign-in: its session and every token of it.
+pub async fn revoke_session(pool: &PgPool, session_id: Uuid) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let revoked = revoke(&mut tx, session_id).await?;
+    tx.commit().await?;
+    Ok(revoked)
+}
+
+/// Revokes every session of the user, on every device.
+pub async fn revoke_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    let deleted = sqlx::query("DELETE FROM tokens WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(deleted.rows_affected())
+}

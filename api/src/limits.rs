@@ -1,0 +1,328 @@
+//! Velocity limits that span phones: per client network, per calling code, overall, and the
+//! per-calling-code fraud guard (docs/api.md#request-limits).
+//!
+//! Each limit is a sliding-window counter in one Redis hash: the count of the current fixed
+//! window and of the one before, the older one weighted by how much of it still overlaps the
+//! sliding window. That is O(1) in memory and time however busy the key (an exact log would
+//! hold every request of a busy network), and within a few percent of exact. Each key carries
+//! its own hash tag, so on a Redis Cluster each script touches one slot; the api takes a slot on
+//! each counter concurrently and gives the taken ones back when another refuses, so refused
+//! requests count toward nothing.
+//!
+//! The fraud guard counts codes sent and codes verified per calling code. SMS pumping sends
+//! codes to numbers nobody verifies, so when unverified codes exceed both a floor and a ratio
+//! of the verified ones, the calling code is tripped: counted and logged (`monitor`), or refused
+//! (`enforce`).
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script};
+
+use crate::client_ip::ClientKey;
+use crate::config::{FraudGuardMode, FraudGuardPolicy};
+use crate::error::Limit;
+
+/// A sliding-window counter. ARGV: operation (`take`: count one if under the limit; `add`:
+/// count one whatever the limit; `give_back`: uncount one), limit, window in ms.
+/// Returns {1} or {0, retry_after_ms}.
+const COUNTER: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op, limit, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local index = math.floor(now / window)
+local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
+local w, c, p = tonumber(s[1]) or index, tonumber(s[2]) or 0, tonumber(s[3]) or 0
+if w == index - 1 then p, c = c, 0 elseif w < index - 1 then p, c = 0, 0 end
+local elapsed = now - index * window
+if op == 'take' and p * (window - elapsed) / window + c + 1 > limit then
+  local wait
+  if c + 1 > limit then
+    wait = (window - elapsed) + math.max(0, window * (1 - (limit - 1) / c))
+  else
+    wait = window * (1 - (limit - 1 - c) / p) - elapsed
+  end
+  return {0, math.max(math.ceil(wait), 1)}
+end
+if op == 'give_back' then c = math.max(c - 1, 0) else c = c + 1 end
+redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p)
+redis.call('PEXPIRE', KEYS[1], window * 2)
+return {1}
+";
+
+/// The fraud guard of one calling code: sent (`s`, `ps`) and verified (`v`, `pv`) codes in a
+/// sliding window. ARGV: operation (`send`, `unsend`, `verified`), window in ms, mode (0 off,
+/// 1 monitor, 2 enforce), floor of unverified codes, ratio.
+/// Returns {1, tripped} or {0, retry_after_ms} (refused while tripped in enforce mode).
+const GUARD: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op, window, mode = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local floor, ratio = tonumber(ARGV[4]), tonumber(ARGV[5])
+local index = math.floor(now / window)
+local g = redis.call('HMGET', KEYS[1], 'w', 's', 'ps', 'v', 'pv')
+local w = tonumber(g[1]) or index
+local s, ps, v, pv = tonumber(g[2]) or 0, tonumber(g[3]) or 0, tonumber(g[4]) or 0, tonumber(g[5]) or 0
+if w == index - 1 then ps, s, pv, v = s, 0, v, 0 elseif w < index - 1 then ps, s, pv, v = 0, 0, 0, 0 end
+local weight = (window - (now - index * window)) / window
+local sent, verified = ps * weight + s, pv * weight + v
+local tripped = sent - verified >= math.max(floor, ratio * verified)
+if op == 'send' then
+  if tripped and mode == 2 then return {0, window - (now - index * window)} end
+  s = s + 1
+elseif op == 'unsend' then
+  s = math.max(s - 1, 0)
+else
+  v = v + 1
+end
+redis.call('HSET', KEYS[1], 'w', index, 's', s, 'ps', ps, 'v', v, 'pv', pv)
+redis.call('PEXPIRE', KEYS[1], window * 2)
+if tripped then return {1, 1} end
+return {1, 0}
+";
+
+const HOUR: Duration = Duration::from_secs(3_600);
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// What taking a slot on one counter gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    Yes,
+    No { retry_after: Duration },
+}
+
+/// What the guard said about one more code to a calling code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardVerdict {
+    Clear,
+    /// Tripped, counted anyway (monitor mode).
+    Tripped,
+    /// Tripped and refused (enforce mode).
+    Refused {
+        retry_after: Duration,
+    },
+}
+
+/// One of the counters, by what it limits.
+#[derive(Debug, Clone)]
+pub struct Counter {
+    kind: Limit,
+    key: String,
+    limit: u32,
+    window: Duration,
+}
+
+impl Counter {
+    /// Which limit this is, for the 429 it causes.
+    pub fn limit(&self) -> Limit {
+        self.kind
+    }
+}
+
+pub struct Limits {
+    namespace: String,
+    counter: Script,
+    guard: Script,
+}
+
+impl Limits {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            counter: Script::new(COUNTER),
+            guard: Script::new(GUARD),
+        }
+    }
+
+    /// Codes requested on behalf of one client network per rolling hour.
+    pub fn sends_per_client(&self, client: &ClientKey, limit: u32) -> Counter {
+        self.counter_for(
+            Limit::IpPerHour,
+            format!("ip:{{{}}}:sent", client.as_str()),
+            limit,
+            HOUR,
+        )
+    }
+
+    /// Wrong guesses from one client network per rolling hour.
+    pub fn fails_per_client(&self, client: &ClientKey, limit: u32) -> Counter {
+        let key = format!("ip:{{{}}}:fails", client.as_str());
+        self.counter_for(Limit::VerifyFailsPerIp, key, limit, HOUR)
+    }
+
+    /// Codes sent to one calling code per rolling hour.
+    pub fn sends_per_country(&self, calling_code: u16, limit: u32) -> Counter {
+        let key = format!("cc:{{{calling_code}}}:sent");
+        self.counter_for(Limit::CountryPerHour, key, limit, HOUR)
+    }
+
+    /// Codes sent overall per rolling minute.
+    pub fn sends_overall(&self, limit: u32) -> Counter {
+        self.counter_for(Limit::Global, "{global}:sent".to_owned(), limit, MINUTE)
+    }
+
+    fn counter_for(&self, kind: Limit, key: String, limit: u32, window: Duration) -> Counter {
+        Counter {
+            kind,
+            key: format!("{}:limit:{key}", self.namespace),
+            limit,
+            window,
+        }
+    }
+
+    /// Counts one against `counter` if it is under its limit.
+    pub async fn take(&self, mut conn: ConnectionManager, counter: &Counter) -> RedisResult<Taken> {
+        let reply: Vec<i64> = self
+            .run_counter(counter, "take")
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match reply.as_slice() {
+            [1, ..] => Taken::Yes,
+            [_, wait, ..] => Taken::No {
+                retry_after: Duration::from_millis(u64::try_from(*wait).unwrap_or(1)),
+            },
+            _ => Taken::No {
+                retry_after: Duration::from_secs(1),
+            },
+        })
+    }
+
+    /// Uncounts one taken by [`Limits::take`] for a request that was refused or did not count.
+    pub async fn give_back(
+        &self,
+        mut conn: ConnectionManager,
+        counter: &Counter,
+    ) -> RedisResult<()> {
+        let _: Vec<i64> = self
+            .run_counter(counter, "give_back")
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    fn run_counter<'a>(&'a self, counter: &Counter, op: &str) -> redis::ScriptInvocation<'a> {
+        let mut invocation = self.counter.key(&counter.key);
+        invocation
+            .arg(op)
+            .arg(counter.limit)
+            .arg(u64::try_from(counter.window.as_millis()).unwrap_or(u64::MAX));
+        invocation
+    }
+
+    fn guard_key(&self, calling_code: u16) -> String {
+        format!("{}:limit:cc:{{{calling_code}}}:guard", self.namespace)
+    }
+
+    /// Counts a code to `calling_code` in its fraud guard, unless the guard refuses it.
+    pub async fn guard_send(
+        &self,
+        conn: ConnectionManager,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+    ) -> RedisResult<GuardVerdict> {
+        let reply = self.run_guard(conn, policy, calling_code, "send").await?;
+        Ok(match reply.as_slice() {
+            [0, wait, ..] => GuardVerdict::Refused {
+                retry_after: Duration::from_millis(u64::try_from(*wait).unwrap_or(1).max(1)),
+            },
+            [_, 1, ..] => GuardVerdict::Tripped,
+            _ => GuardVerdict::Clear,
+        })
+    }
+
+    /// Uncounts a send the guard counted for a request that did not go through.
+    pub async fn guard_unsend(
+        &self,
+        conn: ConnectionManager,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+    ) -> RedisResult<()> {
+        self.run_guard(conn, policy, calling_code, "unsend")
+            .await
+            .map(drop)
+    }
+
+    /// Counts a verified code for `calling_code`.
+    pub async fn guard_verified(
+        &self,
+        conn: ConnectionManager,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+    ) -> RedisResult<()> {
+        self.run_guard(conn, policy, calling_code, "verified")
+            .await
+            .map(drop)
+    }
+
+    async fn run_guard(
+        &self,
+        mut conn: ConnectionManager,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+        op: &str,
+    ) -> RedisResult<Vec<i64>> {
+        let mode = match policy.mode {
+            FraudGuardMode::Off => 0,
+            FraudGuardMode::Monitor => 1,
+            FraudGuardMode::Enforce => 2,
+        };
+        self.guard
+            .key(self.guard_key(calling_code))
+            .arg(op)
+            .arg(u64::try_from(policy.window.as_millis()).unwrap_or(u64::MAX))
+            .arg(mode)
+            .arg(policy.min_unverified)
+            .arg(policy.ratio)
+            .invoke_async(&mut conn)
+            .await
+    }
+}
+
+/// Reports guard trips: `otp_fraud_guard_trips_total{country}` for every code sent to (or
+/// refused for) a tripped calling code, and a warning at most once a minute per calling code,
+/// so an attack does not flood the log.
+#[derive(Default)]
+pub struct FraudAlarm {
+    last_warned: std::sync::Mutex<std::collections::HashMap<u16, std::time::Instant>>,
+}
+
+impl FraudAlarm {
+    pub fn tripped(&self, calling_code: u16, refused: bool) {
+        // A calling code from libphonenumber: a bounded set, never a client's free text.
+        metrics::counter!("otp_fraud_guard_trips_total", "country" => calling_code.to_string())
+            .increment(1);
+        let now = std::time::Instant::now();
+        let mut last = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
+        if last
+            .get(&calling_code)
+            .is_some_and(|at| now.duration_since(*at) < MINUTE)
+        {
+            return;
+        }
+        last.insert(calling_code, now);
+        drop(last);
+        tracing::warn!(
+            country = calling_code,
+            refused,
+            "SMS fraud guard tripped: codes to this calling code are mostly not being verified"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_counter_is_a_hash_slot_of_its_own() {
+        let limits = Limits::new("ns");
+        let client = ClientKey::of("2001:db8::1".parse().unwrap());
+        assert_eq!(
+            limits.sends_per_client(&client, 1).key,
+            "ns:limit:ip:{2001:db8:0:0::/64}:sent"
+        );
+        assert_eq!(limits.sends_per_country(44, 1).key, "ns:limit:cc:{44}:sent");
+        assert_eq!(limits.guard_key(44), "ns:limit:cc:{44}:guard");
+        assert_eq!(limits.sends_overall(1).key, "ns:limit:{global}:sent");
+    }
+}

@@ -1,0 +1,218 @@
+//! The HTTP server loop: what `axum::serve` does, plus the limits an exposed server needs.
+//!
+//! `axum::serve` has no header timeout, no connection cap and no shutdown deadline, so a client
+//! that trickles a request head holds a connection (and a task) as long as it likes, and a
+//! half-sent request keeps the process alive after SIGTERM until the client gives up.
+//!
+//! hyper's own `http1().header_read_timeout` is not used: its timer starts whenever the
+//! connection waits for a head (`poll_read_head` in hyper 1.x), including while an idle
+//! keep-alive connection waits for its next request, so it also closes idle connections after
+//! the same few seconds. Idle connections must outlive the load balancer's idle timeout (60 s on
+//! AWS ALB): if we closed first, the balancer could send a request on a connection we had just
+//! closed and answer 502. So the two timeouts are separate here. Each connection's IO is wrapped
+//! to see when bytes move, its service to see when a request head was parsed and when its
+//! response future finished, and a per-connection watchdog closes the connection when
+//! - a request head is not complete `header_timeout` after its first byte (on a new connection,
+//!   after the accept: a client that connects and stays silent is a trickle too), or
+//! - no request is in flight and no byte has moved for `idle_timeout`.
+//!
+//! Shutdown has a hard deadline because graceful shutdown waits for every in-flight request,
+//! and a request whose body never arrives is in flight for as long as the client wants.
+//!
+//! HTTP/1.1 only (with upgrades), like `axum::serve` in this workspace: axum's `http2` feature
+//! is off and `h2` is not in Cargo.lock. HTTP/2 would need its own idle rules (client PINGs on an
+//! idle connection would look like the start of a request head here).
+
+use std::io::{self, ErrorKind::ConnectionAborted, ErrorKind::ConnectionReset};
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::sleep;
+use tower::ServiceExt;
+
+use watchdog::{Activity, Close, OpenConnection, Watched};
+
+mod watchdog;
+
+/// Long enough not to flood the log while out of file descriptors, short enough to recover fast.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Time to send a whole request head, from its first byte (from the accept on a new
+    /// connection).
+    pub header_timeout: Duration,
+    /// A connection with no request in flight and no bytes moving for this long is closed.
+    /// Keep it above the load balancer's idle timeout so the balancer closes first.
+    pub idle_timeout: Duration,
+    /// Beyond it, connections wait in the kernel's backlog until one of ours closes.
+    pub max_connections: usize,
+    /// After the shutdown signal, in-flight requests get this long; then everything is closed.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets in-flight
+/// requests finish for up to `limits.shutdown_grace` and closes what is left. Every request
+/// carries `ConnectInfo<SocketAddr>`. Accept errors are logged and retried, never returned.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let permits = Arc::new(Semaphore::new(
+        limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let (stop_tx, stop_rx) = watch::channel(());
+    let mut connections = JoinSet::new();
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            // Checked first so that a flood of connections cannot delay the shutdown.
+            biased;
+            () = &mut shutdown => break,
+            Some(ended) = connections.join_next() => {
+                if let Err(e) = ended
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "connection task panicked");
+                }
+                continue;
+            }
+            accepted = accept(&listener, &permits) => accepted,
+        };
+        if let Some((stream, peer, permit)) = accepted {
+            let stop = stop_rx.clone();
+            connections.spawn(connection(
+                stream,
+                peer,
+                router.clone(),
+                limits,
+                stop,
+                permit,
+            ));
+        }
+    }
+    // Closing the listening socket makes new clients fail fast instead of queueing unserved.
+    drop(listener);
+    stop_tx.send_replace(());
+    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "shutdown grace elapsed: closing the remaining connections"
+        );
+        Close::ShutdownDeadline.record(connections.len() as u64);
+        connections.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Waits for room under the cap before accepting, so at the cap clients wait in the backlog.
+async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = Arc::clone(permits)
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    match listener.accept().await {
+        Ok((stream, peer)) => Some((stream, peer, permit)),
+        // The client gave up before we accepted it: nothing is wrong on our side.
+        Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionReset) => None,
+        // EMFILE and friends: retrying at once would spin until a descriptor frees up.
+        Err(e) => {
+            tracing::error!(error = %e, "accepting a connection failed; backing off");
+            sleep(ACCEPT_BACKOFF).await;
+            None
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<()>,
+    permit: OwnedSemaphorePermit,
+) {
+    let _open = OpenConnection::new(permit);
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched {
+        stream,
+        activity: Arc::clone(&activity),
+    });
+    let service = {
+        let activity = Arc::clone(&activity);
+        service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            // Taken when hyper hands over a parsed head, released when the response is ready.
+            let in_flight = activity.request_started();
+            let response = router.clone().oneshot(request);
+            async move {
+                let response = response.await;
+                drop(in_flight);
+                response
+            }
+        })
+    };
+    // Off explicitly: hyper's header timer also runs while a keep-alive connection waits for its
+    // next request, so it would cut idle connections (see the module doc).
+    let conn = http1::Builder::new()
+        .header_read_timeout(None)
+        .serve_connection(io, service)
+        .with_upgrades();
+    let mut conn = pin!(conn);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            close = activity.expired(&limits) => {
+                tracing::debug!(%peer, reason = close.as_str(), "closing connection");
+                close.record(1);
+                return;
+            }
+            // Err means the server is gone, which is a stop too.
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,230 @@
+//! The server's limits, against a real socket.
+
+use super::*;
+use axum::body::{Body, to_bytes};
+use axum::routing::{get, post};
+use tokio::io::AsyncRead;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+const SECOND: Duration = Duration::from_secs(1);
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+
+struct Server {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<io::Result<()>>,
+    /// Receives "slow" and "upload" when those handlers start.
+    started: mpsc::UnboundedReceiver<&'static str>,
+}
+
+async fn start(limits: ServerLimits) -> Server {
+    let (tx, started) = mpsc::unbounded_channel();
+    let upload_tx = tx.clone();
+    let slow = move || async move {
+        let _ = tx.send("slow");
+        sleep(SECOND).await;
+        "slow done"
+    };
+    let upload = move |body: Body| async move {
+        let _ = upload_tx.send("upload");
+        let body = to_bytes(body, 1024).await;
+        body.map(|b| b.len().to_string()).unwrap_or_default()
+    };
+    let peer = |ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() };
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/peer", get(peer))
+        .route("/slow", get(slow))
+        .route("/upload", post(upload));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let stopped = async { stopped.await.unwrap_or_default() };
+    let task = tokio::spawn(serve(listener, router, limits, stopped));
+    Server {
+        addr,
+        stop,
+        task,
+        started,
+    }
+}
+
+fn limits(header_secs: u64, idle_secs: u64) -> ServerLimits {
+    ServerLimits {
+        header_timeout: Duration::from_secs(header_secs),
+        idle_timeout: Duration::from_secs(idle_secs),
+        ..ServerLimits::default()
+    }
+}
+
+async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    let result = tokio::time::timeout(limit, fut).await;
+    result.unwrap_or_else(|_| panic!("{what}: not within {limit:?}"))
+}
+
+fn assert_took(since: Instant, min: Duration, max: Duration, what: &str) {
+    let took = since.elapsed();
+    assert!(min <= took && took <= max, "{what} after {took:?}");
+}
+
+async fn connect(server: &Server) -> TcpStream {
+    TcpStream::connect(server.addr).await.expect("connect")
+}
+
+async fn send(stream: &mut TcpStream, bytes: &[u8]) {
+    stream.write_all(bytes).await.expect("write");
+}
+
+/// Sends `GET path` and returns the body of the 200 response.
+async fn get_body(stream: &mut TcpStream, path: &str) -> String {
+    send(
+        stream,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
+    )
+    .await;
+    within(5 * SECOND, "response", read_response(stream)).await
+}
+
+/// Reads one 200 response with a `Content-Length` body (what axum sends for strings).
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let length: usize = (head.lines())
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().expect("length"));
+            if let Some(body) = buf.get(end + 4..end + 4 + length) {
+                return String::from_utf8_lossy(body).into_owned();
+            }
+        }
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed before a whole response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Waits until the server closes the connection (EOF or reset), skipping any bytes.
+async fn closed(read: &mut (impl AsyncRead + Unpin)) {
+    let mut chunk = [0u8; 1024];
+    while let Ok(1..) = read.read(&mut chunk).await {}
+}
+
+/// Trickles a never-ending request head, a byte every 200 ms, until the server closes the
+/// connection; returns when the first byte was sent.
+async fn trickle_until_closed(stream: TcpStream) -> Instant {
+    let (mut read, mut write) = stream.into_split();
+    let first_byte = Instant::now();
+    let writer = tokio::spawn(async move {
+        for byte in b"GET / HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain([b'a'].iter().cycle())
+        {
+            if write.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            sleep(Duration::from_millis(200)).await;
+        }
+    });
+    within(5 * SECOND, "trickled connection closed", closed(&mut read)).await;
+    writer.abort();
+    first_byte
+}
+
+#[tokio::test]
+async fn trickled_head_is_cut_at_the_header_timeout_while_others_are_served() {
+    let server = start(limits(1, 30)).await;
+    let trickled = tokio::spawn(trickle_until_closed(connect(&server).await));
+    assert_eq!(get_body(&mut connect(&server).await, "/").await, "ok");
+    let first_byte = trickled.await.expect("trickle");
+    assert_took(first_byte, SECOND * 9 / 10, SECOND * 5 / 2, "cut");
+}
+
+#[tokio::test]
+async fn header_timeout_counts_from_the_first_byte_of_a_keep_alive_request() {
+    let server = start(limits(1, 30)).await;
+    let mut stream = connect(&server).await;
+    assert_eq!(get_body(&mut stream, "/").await, "ok");
+    // Idle for twice the header timeout: hyper's own header timeout would close it here.
+    sleep(2 * SECOND).await;
+    let first_byte = trickle_until_closed(stream).await;
+    assert_took(first_byte, SECOND * 9 / 10, SECOND * 5 / 2, "cut");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_outlives_the_header_timeout_and_closes_at_the_idle_timeout() {
+    let server = start(limits(1, 3)).await;
+    let mut stream = connect(&server).await;
+    assert_eq!(get_body(&mut stream, "/").await, "ok");
+    sleep(2 * SECOND).await;
+    assert_eq!(get_body(&mut stream, "/").await, "ok");
+    let idle_since = Instant::now();
+    within(10 * SECOND, "idle connection closed", closed(&mut stream)).await;
+    assert_took(idle_since, SECOND * 28 / 10, 5 * SECOND, "closed");
+}
+
+#[tokio::test]
+async fn at_the_cap_the_next_connection_waits_until_one_closes() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits(5, 75)
+    })
+    .await;
+    let (mut first, mut second) = (connect(&server).await, connect(&server).await);
+    assert_eq!(get_body(&mut first, "/").await, "ok");
+    assert_eq!(get_body(&mut second, "/").await, "ok");
+
+    // The kernel completes the handshake from its backlog; the server must not answer yet.
+    let mut third = connect(&server).await;
+    send(&mut third, GET).await;
+    let early = tokio::time::timeout(SECOND, read_response(&mut third)).await;
+    assert!(early.is_err(), "served beyond the cap");
+    drop(first);
+    let body = within(5 * SECOND, "third served", read_response(&mut third)).await;
+    assert_eq!(body, "ok");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests_and_cuts_the_rest_at_the_deadline() {
+    let grace = 3 * SECOND;
+    let mut server = start(ServerLimits {
+        shutdown_grace: grace,
+        ..limits(5, 75)
+    })
+    .await;
+    let mut idle = connect(&server).await;
+    assert_eq!(get_body(&mut idle, "/").await, "ok");
+    let mut slow = connect(&server).await;
+    send(&mut slow, b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n").await;
+    let mut half_sent = connect(&server).await;
+    let head = b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n";
+    send(&mut half_sent, &[&head[..], b"0123456789"].concat()).await;
+    for _ in 0..2 {
+        within(5 * SECOND, "handlers started", server.started.recv()).await;
+    }
+
+    let stopped_at = Instant::now();
+    server.stop.send(()).expect("server running");
+    within(2 * SECOND, "idle connection closed", closed(&mut idle)).await;
+    let body = within(grace, "slow response", read_response(&mut slow)).await;
+    assert_eq!(body, "slow done");
+    let served = within(grace + 2 * SECOND, "serve returned", server.task).await;
+    served.expect("serve task").expect("serve");
+    assert_took(stopped_at, grace - SECOND / 5, grace + SECOND, "returned");
+    within(SECOND, "half-sent request cut", closed(&mut half_sent)).await;
+    let refused = TcpStream::connect(server.addr).await;
+    assert!(refused.is_err(), "still accepting");
+}
+
+#[tokio::test]
+async fn requests_carry_the_peer_address() {
+    let server = start(ServerLimits::default()).await;
+    let mut stream = connect(&server).await;
+    let local = stream.local_addr().expect("address").to_string();
+    assert_eq!(get_body(&mut stream, "/peer").await, local);
+}

@@ -1,0 +1,269 @@
+//! Sending a code: every limit takes its slot at once, the event is published with a confirm,
+//! and only then does the new code replace the old one.
+
+use std::net::IpAddr;
+
+use futures_util::future::join_all;
+use shared::{OtpRequested, PhoneNumber};
+
+use super::{PUBLISH_DEADLINE, detached, redis_step};
+use crate::client_ip::ClientKey;
+use crate::config::FraudGuardMode;
+use crate::error::{ApiError, Dependency, Limit};
+use crate::limits::{Counter, GuardVerdict, Taken};
+use crate::otp::store::{IssueOutcome, NewCode};
+use crate::otp::{ChallengeId, generate_code};
+use crate::phone::Destination;
+use crate::state::AppState;
+
+/// A code on its way: what the client is told.
+pub struct Requested {
+    pub phone: PhoneNumber,
+    pub challenge_id: String,
+}
+
+/// Sends a fresh code to `destination` on behalf of `client`.
+pub async fn request_code(
+    state: &AppState,
+    destination: Destination,
+    client: IpAddr,
+    request_id: &str,
+) -> Result<Requested, ApiError> {
+    let policy = &state.config.otp;
+    let code = generate_code(policy.length);
+    let challenge = ChallengeId::generate();
+    let event = OtpRequested::valid_for(
+        destination.phone.clone(),
+        code,
+        policy.ttl,
+        request_id.to_owned(),
+    );
+    let new_code = NewCode {
+        phone: &destination.phone,
+        digest: state
+            .hasher
+            .digest(&destination.phone, event.otp.as_deref().unwrap_or_default()),
+        challenge: ChallengeId::fingerprint(challenge.as_str()),
+        event_id: event.event_id,
+    };
+    let slots = match Slots::take(state, &destination, client, &new_code).await {
+        Ok(slots) => slots,
+        Err(refused) => {
+            let outcome = if matches!(refused, ApiError::RateLimited { .. }) {
+                "rate_limited"
+            } else {
+                "unavailable"
+            };
+            metrics::counter!("otp_requests_total", "outcome" => outcome).increment(1);
+            return Err(refused);
+        }
+    };
+    let phone = destination.phone.clone();
+    detached(publish_then_promote(state.clone(), event, slots)).await?;
+    metrics::counter!("otp_requests_total", "outcome" => "accepted").increment(1);
+    Ok(Requested {
+        phone,
+        challenge_id: challenge.into_string(),
+    })
+}
+
+/// The broker's confirm makes the pending code current; anything else gives every slot back.
+async fn publish_then_promote(
+    state: AppState,
+    event: OtpRequested,
+    slots: Slots,
+) -> Result<(), ApiError> {
+    let started = std::time::Instant::now();
+    let published = tokio::time::timeout(PUBLISH_DEADLINE, state.publisher.publish(&event)).await;
+    metrics::histogram!("amqp_publish_duration_seconds").record(started.elapsed().as_secs_f64());
+    let failure = match published {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(anyhow::Error::from(e)),
+        Err(_) => Some(anyhow::anyhow!("no confirm within {PUBLISH_DEADLINE:?}")),
+    };
+    if let Some(failure) = failure {
+        metrics::counter!("otp_requests_total", "outcome" => "unavailable").increment(1);
+        // The code was never sent: it must not become valid, and the request counts for nothing.
+        slots.give_back(&state).await;
+        return Err(ApiError::unavailable(Dependency::RabbitMq, failure));
+    }
+    let promoted = redis_step(state.otp_store.promote(
+        state.redis(),
+        &event.phone_number,
+        event.event_id,
+    ))
+    .await?;
+    if !promoted {
+        // A newer request for the same number replaced this pending code: its SMS is the one
+        // that counts. This one was sent, so it is still an accepted request.
+        tracing::info!(event_id = %event.event_id, "a newer code replaced this one before it was confirmed");
+    }
+    tracing::info!(phone = %event.phone_number, event_id = %event.event_id, "OTP requested");
+    Ok(())
+}
+
+/// One limit a request took a slot on.
+enum Slot {
+    /// The pending code, with its place in the phone's resend gap and hourly and daily caps.
+    Phone,
+    Counter(Counter),
+    Guard,
+}
+
+/// The slots one request took, to give back if the request does not go through.
+struct Slots {
+    phone: PhoneNumber,
+    event_id: uuid::Uuid,
+    calling_code: u16,
+    taken: Vec<Slot>,
+}
+
+impl Slots {
+    /// Takes a slot on every limit at once. When any refuses, or Redis fails, gives back the
+    /// ones that were taken and says why (the first refusal in the order phone, client network,
+    /// country, overall, fraud guard).
+    async fn take(
+        state: &AppState,
+        destination: &Destination,
+        client: IpAddr,
+        new_code: &NewCode<'_>,
+    ) -> Result<Self, ApiError> {
+        let config = &state.config;
+        let limits = &config.send_limits;
+        let mut counters = vec![
+            state
+                .limits
+                .sends_per_client(&ClientKey::of(client), limits.per_ip_per_hour),
+        ];
+        if let Some(cap) = limits.per_country_per_hour {
+            counters.push(
+                state
+                    .limits
+                    .sends_per_country(destination.calling_code, cap),
+            );
+        }
+        if let Some(cap) = limits.global_per_minute {
+            counters.push(state.limits.sends_overall(cap));
+        }
+        let guard_on = config.fraud_guard.mode != FraudGuardMode::Off;
+
+        let phone = state
+            .otp_store
+            .issue(state.redis(), &config.otp, limits, new_code);
+        let counted = join_all(counters.iter().map(|c| state.limits.take(state.redis(), c)));
+        let guard = async {
+            if !guard_on {
+                return None;
+            }
+            let calling_code = destination.calling_code;
+            Some(
+                state
+                    .limits
+                    .guard_send(state.redis(), &config.fraud_guard, calling_code)
+                    .await,
+            )
+        };
+        let all = tokio::time::timeout(super::REDIS_DEADLINE, async {
+            tokio::join!(phone, counted, guard)
+        });
+        let Ok((phone, counted, guard)) = all.await else {
+            // What was taken expires with its window; there is nothing to give back safely.
+            return Err(ApiError::unavailable(
+                Dependency::Redis,
+                anyhow::anyhow!("Redis did not answer within {:?}", super::REDIS_DEADLINE),
+            ));
+        };
+
+        let mut slots = Self {
+            phone: destination.phone.clone(),
+            event_id: new_code.event_id,
+            calling_code: destination.calling_code,
+            taken: Vec::new(),
+        };
+        let mut refusal = None;
+        let mut failure = None;
+        match phone {
+            Ok(IssueOutcome::Pending) => slots.taken.push(Slot::Phone),
+            Ok(IssueOutcome::Refused { limit, retry_after }) => {
+                refusal.get_or_insert((limit, retry_after));
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+        for (counter, result) in counters.into_iter().zip(counted) {
+            match result {
+                Ok(Taken::Yes) => slots.taken.push(Slot::Counter(counter)),
+                Ok(Taken::No { retry_after }) => {
+                    refusal.get_or_insert((counter.limit(), retry_after));
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match guard {
+            None => {}
+            Some(Ok(GuardVerdict::Clear)) => slots.taken.push(Slot::Guard),
+            Some(Ok(GuardVerdict::Tripped)) => {
+                state.fraud_alarm.tripped(destination.calling_code, false);
+                slots.taken.push(Slot::Guard);
+            }
+            Some(Ok(GuardVerdict::Refused { retry_after })) => {
+                state.fraud_alarm.tripped(destination.calling_code, true);
+                refusal.get_or_insert((Limit::FraudGuard, retry_after));
+            }
+            Some(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+        }
+
+        if failure.is_none() && refusal.is_none() {
+            return Ok(slots);
+        }
+        slots.give_back(state).await;
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        let (limit, retry_after) = refusal.expect("checked above");
+        tracing::info!(
+            phone = %destination.phone,
+            ?limit,
+            retry_after_ms = retry_after.as_millis(),
+            "OTP request refused by a limit"
+        );
+        Err(ApiError::RateLimited { limit, retry_after })
+    }
+
+    /// Gives back every slot, so a request that did not go through counts toward nothing.
+    async fn give_back(&self, state: &AppState) {
+        let config = &state.config;
+        let undo = self.taken.iter().map(|slot| async move {
+            match slot {
+                Slot::Phone => {
+                    state
+                        .otp_store
+                        .withdraw(state.redis(), &self.phone, self.event_id)
+                        .await
+                }
+                Slot::Counter(counter) => state.limits.give_back(state.redis(), counter).await,
+                Slot::Guard => {
+                    state
+                        .limits
+                        .guard_unsend(state.redis(), &config.fraud_guard, self.calling_code)
+                        .await
+                }
+            }
+        });
+        match tokio::time::timeout(super::REDIS_DEADLINE, join_all(undo)).await {
+            Ok(results) => {
+                for e in results.into_iter().filter_map(Result::err) {
+                    tracing::error!(error = %e, event_id = %self.event_id, "could not give back a limit slot; it lapses with its window");
+                }
+            }
+            Err(_) => {
+                tracing::error!(event_id = %self.event_id, "giving back limit slots timed out; they lapse with their windows")
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Checking a code: the client network's wrong-guess budget first, then the code itself, then
+//! the session in PostgreSQL, putting the code back if the session cannot be stored.
+
+use std::net::IpAddr;
+
+use crate::client_ip::ClientKey;
+use crate::db::{self, IssuedSession};
+use crate::error::{ApiError, Limit};
+use crate::limits::{Counter, Taken};
+use crate::otp::store::CheckOutcome;
+use crate::otp::{self, ChallengeId};
+use crate::phone::Destination;
+use crate::state::AppState;
+
+use super::{detached, redis_step};
+
+/// One guess, as the client sent it (the number already normalised).
+pub struct Guess {
+    pub destination: Destination,
+    pub code: String,
+    /// The `challenge_id` of the code, when the client has it.
+    pub challenge_id: Option<String>,
+    pub client: IpAddr,
+}
+
+/// Signs in with `guess`, creating the user on first success.
+pub async fn verify_code(state: &AppState, guess: Guess) -> Result<IssuedSession, ApiError> {
+    let policy = &state.config.otp;
+    if !otp::is_well_formed(&guess.code, policy.length) {
+        return Err(ApiError::InvalidOtpFormat {
+            length: policy.length,
+        });
+    }
+    // Fail before consuming the code if the session could not be stored anyway.
+    state.db()?;
+    // Every guess takes a slot in its client network's budget before it is checked, so
+    // concurrent guesses cannot overrun it; a right guess gives its slot back.
+    let fails = state.limits.fails_per_client(
+        &ClientKey::of(guess.client),
+        state.config.verify_limits.fails_per_ip_per_hour,
+    );
+    if let Taken::No { retry_after } = redis_step(state.limits.take(state.redis(), &fails)).await? {
+        metrics::counter!("otp_verifications_total", "outcome" => "rate_limited").increment(1);
+        return Err(ApiError::RateLimited {
+            limit: Limit::VerifyFailsPerIp,
+            retry_after,
+        });
+    }
+    detached(check_then_sign_in(state.clone(), guess, fails)).await
+}
+
+async fn check_then_sign_in(
+    state: AppState,
+    guess: Guess,
+    fails: Counter,
+) -> Result<IssuedSession, ApiError> {
+    let config = &state.config;
+    let phone = &guess.destination.phone;
+    let digest = state.hasher.digest(phone, &guess.code);
+    let challenge = guess.challenge_id.as_deref().map(ChallengeId::fingerprint);
+    let checked = redis_step(state.otp_store.check_guess(
+        state.redis(),
+        phone,
+        &digest,
+        challenge.as_deref(),
+        config.otp.max_attempts,
+        config.verify_limits.fails_per_phone_per_day,
+    ))
+    .await;
+    let consumed = match checked {
+        Ok(CheckOutcome::Accepted(consumed)) => consumed,
+        Ok(CheckOutcome::Rejected) => {
+            metrics::counter!("otp_verifications_total", "outcome" => "invalid").increment(1);
+            tracing::info!(%phone, bound = guess.challenge_id.is_some(), "OTP rejected");
+            return Err(ApiError::InvalidOtp);
+        }
+        Ok(CheckOutcome::Unchecked) => {
+            // A challenge_id that is not this code's: nothing was guessed, nothing is counted.
+            give_back(&state, &fails).await;
+            metrics::counter!("otp_verifications_total", "outcome" => "invalid").increment(1);
+            return Err(ApiError::InvalidOtp);
+        }
+        Ok(CheckOutcome::Burned) => {
+            give_back(&state, &fails).await;
+            metrics::counter!("otp_verifications_total", "outcome" => "burned").increment(1);
+            tracing::info!(%phone, bound = guess.challenge_id.is_some(), "the code is burned by wrong guesses; a new one must be requested");
+            return Err(ApiError::TooManyAttempts);
+        }
+        Ok(CheckOutcome::PhoneFailsExhausted { retry_after }) => {
+            give_back(&state, &fails).await;
+            metrics::counter!("otp_verifications_total", "outcome" => "rate_limited").increment(1);
+            tracing::info!(%phone, "too many wrong guesses for this number today; guesses without the challenge_id wait");
+            return Err(ApiError::RateLimited {
+                limit: Limit::VerifyFailsPerPhone,
+                retry_after,
+            });
+        }
+        Err(e) => {
+            give_back(&state, &fails).await;
+            return Err(e);
+        }
+    };
+    let pool = state.db()?;
+    match db::sign_in(pool, phone, &config.sessions).await {
+        Ok(session) => {
+            metrics::counter!("otp_verifications_total", "outcome" => "accepted").increment(1);
+            tracing::info!(user_id = %session.user.id, new_user = session.new_user, "signed in");
+            // Bookkeeping the user need not wait for.
+            let calling_code = guess.destination.calling_code;
+            let state = state.clone();
+            let bookkeeping = async move {
+                give_back(&state, &fails).await;
+                if state.config.fraud_guard.mode != crate::config::FraudGuardMode::Off
+                    && let Err(e) = state
+                        .limits
+                        .guard_verified(state.redis(), &state.config.fraud_guard, calling_code)
+                        .await
+                {
+                    tracing::debug!(error = %e, "could not count a verified code in the fraud guard");
+                }
+            };
+            tokio::spawn(tracing::Instrument::in_current_span(bookkeeping));
+            Ok(session)
+        }
+        Err(e) => {
+            // Nothing half-done: give the code back so the user can retry once PostgreSQL is back.
+            if let Err(undo) =
+                redis_step(state.otp_store.restore(state.redis(), phone, &consumed)).await
+            {
+                tracing::warn!(error = %undo, "could not restore a consumed OTP");
+            }
+            give_back(&state, &fails).await;
+            Err(e.into())
+        }
+    }
+}
+
+async fn give_back(state: &AppState, fails: &Counter) {
+    if let Err(e) = redis_step(state.limits.give_back(state.redis(), fails)).await {
+        tracing::debug!(error = %e, "could not give back a wrong-guess slot; it lapses with its window");
+    }
+}
