@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A phone number in E.164: `+`, then the country code and the subscriber number, at most 15
-/// digits, the first not 0.
+/// A phone number in E.164: `+`, then the country code and the subscriber number, 7 to 15
+/// digits, the first not 0 (the shortest numbers in use, such as Niue's, have 7).
 ///
 /// The api makes one only by normalising what a client typed (`api::phone::normalize`, which
 /// knows the numbering plans); the worker only by reading an event, where a value that is not
@@ -22,7 +22,7 @@ impl PhoneNumber {
     /// Checks the E.164 syntax; it says nothing about whether the number exists.
     pub fn parse(text: &str) -> Result<Self, NotE164> {
         let digits = text.strip_prefix('+').ok_or(NotE164)?;
-        let valid = (1..=15).contains(&digits.len())
+        let valid = (7..=15).contains(&digits.len())
             && digits.bytes().all(|b| b.is_ascii_digit())
             && !digits.starts_with('0');
         if valid {

@@ -45,14 +45,36 @@ impl Topology {
         format!("{}.sms", self.namespace)
     }
 
-    /// Fanout exchange for everything that could not be sent.
+    /// Fanout exchange where RabbitMQ dead-letters what it drops from `{ns}.sms` (an OTP that
+    /// expired in the queue, a message over the delivery limit).
     pub fn dead_letter_exchange(&self) -> String {
         format!("{}.dlx", self.namespace)
     }
 
-    /// Where operators inspect failed sends.
+    /// Where operators inspect failed sends. Only the workers publish here (through the default
+    /// exchange), and always without the code.
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.sms.dlq", self.namespace)
+    }
+
+    /// What RabbitMQ dead-lettered itself, as it came, code included: the workers drain it into
+    /// the dead-letter queue with the code removed, so no readable code is kept for days.
+    pub fn broker_dead_letter_queue(&self) -> String {
+        format!("{}.sms.dead", self.namespace)
+    }
+
+    /// Every queue of the namespace.
+    pub fn queues(&self) -> [String; 3] {
+        [
+            self.sms_queue(),
+            self.dead_letter_queue(),
+            self.broker_dead_letter_queue(),
+        ]
+    }
+
+    /// Every exchange of the namespace.
+    pub fn exchanges(&self) -> [String; 2] {
+        [self.events_exchange(), self.dead_letter_exchange()]
     }
 
     /// Declares exchanges, queues and bindings. Idempotent: the same arguments every time, so a
@@ -109,11 +131,28 @@ impl Topology {
             )
             .await?;
         channel
+            .queue_declare(
+                self.broker_dead_letter_queue().into(),
+                durable_queue,
+                self.dead_letter_queue_arguments(),
+            )
+            .await?;
+        channel
             .queue_bind(
-                self.dead_letter_queue().into(),
+                self.broker_dead_letter_queue().into(),
                 self.dead_letter_exchange().into(),
                 "".into(),
                 QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        // Versions before the holding queue bound the DLQ to the exchange, which kept the
+        // broker's copies (codes included) there; unbinding is a no-op once it is gone.
+        channel
+            .queue_unbind(
+                self.dead_letter_queue().into(),
+                self.dead_letter_exchange().into(),
+                "".into(),
                 FieldTable::default(),
             )
             .await?;

@@ -18,6 +18,7 @@ mod ledger;
 mod message;
 pub mod metrics;
 mod provider;
+mod seal;
 mod shutdown;
 mod worker;
 

@@ -6,9 +6,17 @@
 pub const SENDS: &str = "sms_sends_total";
 /// Counter, label `kind`: `permanent`, `retries_exhausted`, `expired`, `invalid_message`.
 pub const DEAD_LETTERS: &str = "sms_dead_letters_total";
-/// Histogram (seconds) of one provider call, labels `provider` and `outcome` (`accepted`,
-/// `retryable_error`, `permanent_error`).
+/// Histogram (seconds) of one provider call, labels `provider` and `outcome` (`accepted`, or the
+/// failure kind: `retryable`, `ambiguous`, `recipient`, `provider`, `route`).
 pub const PROVIDER_DURATION: &str = "sms_provider_request_duration_seconds";
+/// Counter of provider calls, labels `provider` and `outcome` (as [`PROVIDER_DURATION`]).
+pub const PROVIDER_SENDS: &str = "sms_provider_sends_total";
+/// Gauge per `provider`: its breaker as this worker last saw it, 0 closed, 1 open, 2 half-open.
+pub const BREAKER_STATE: &str = "sms_provider_breaker_state";
+/// Counter of token endpoint calls, labels `provider` and `outcome` (`fetched`, `failed`).
+pub const TOKEN_REFRESHES: &str = "sms_provider_token_refreshes_total";
+/// Counter: events that ended sent-unconfirmed (two ambiguous provider calls).
+pub const AMBIGUOUS: &str = "sms_ambiguous_total";
 /// Gauge: deliveries being handled right now by this process.
 pub const IN_FLIGHT: &str = "sms_in_flight";
 /// Counter: connections to RabbitMQ opened (more than one means it reconnected).

@@ -22,12 +22,12 @@ pub async fn remove_namespace(namespace: &str) {
     let connect = Connection::connect(servers().rabbitmq.url(), ConnectionProperties::default());
     if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(3), connect).await {
         if let Ok(channel) = connection.create_channel().await {
-            for queue in [topology.sms_queue(), topology.dead_letter_queue()] {
+            for queue in topology.queues() {
                 let _ = channel
                     .queue_delete(queue.into(), QueueDeleteOptions::default())
                     .await;
             }
-            for exchange in [topology.events_exchange(), topology.dead_letter_exchange()] {
+            for exchange in topology.exchanges() {
                 let _ = channel
                     .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
                     .await;

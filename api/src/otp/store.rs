@@ -115,7 +115,8 @@ if bound then
 else
   redis.call('HINCRBY', KEYS[1], 'u', 1)
 end
-redis.call('ZADD', KEYS[2], now, now .. ':' .. math.random())
+-- Redis seeds math.random the same way for every script run: the guess makes the member unique.
+redis.call('ZADD', KEYS[2], now, now .. ':' .. string.sub(given, 1, 16))
 redis.call('PEXPIRE', KEYS[2], day)
 return {0}
 ";

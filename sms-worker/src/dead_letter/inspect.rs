@@ -19,7 +19,7 @@ use shared::amqp::headers::{value_int, value_str};
 
 use super::reason::{
     ATTEMPTS_HEADER, ERROR_HEADER, ERROR_KIND_HEADER, FAILED_AT_HEADER, PROVIDER_CODE_HEADER,
-    PROVIDER_STATUS_HEADER,
+    PROVIDER_STATUS_HEADER, PROVIDERS_HEADER,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -37,6 +37,8 @@ pub struct Entry {
     pub provider_status: Option<i64>,
     pub provider_code: Option<i64>,
     pub attempts: Option<i64>,
+    /// Every provider tried, `name:status:code`, in order.
+    pub providers: Option<String>,
     pub failed_at: Option<String>,
     pub request_id: Option<String>,
     /// `worker` (published by an sms-worker) or `broker` (dead-lettered by RabbitMQ itself).
@@ -152,6 +154,7 @@ pub fn entry(properties: &BasicProperties, body: &[u8]) -> Entry {
             provider_status: get(PROVIDER_STATUS_HEADER).and_then(value_int),
             provider_code: get(PROVIDER_CODE_HEADER).and_then(value_int),
             attempts: get(ATTEMPTS_HEADER).and_then(value_int),
+            providers: get(PROVIDERS_HEADER).and_then(value_str),
             failed_at: get(FAILED_AT_HEADER).and_then(value_str),
             request_id,
             source: "worker",
@@ -191,6 +194,7 @@ pub fn entry(properties: &BasicProperties, body: &[u8]) -> Entry {
         provider_status: None,
         provider_code: None,
         attempts: field("count").as_ref().and_then(value_int),
+        providers: None,
         failed_at,
         request_id,
         source: "broker",
@@ -202,7 +206,7 @@ pub fn format_line(entry: &Entry) -> String {
     let dash = || "-".to_owned();
     let num = |v: Option<i64>| v.map_or_else(dash, |v| v.to_string());
     format!(
-        "{}  {}  {}  {}  attempts={} status={} code={}  {}",
+        "{}  {}  {}  {}  attempts={} status={} code={} providers={}  {}",
         entry.failed_at.clone().unwrap_or_else(dash),
         entry.event_id.clone().unwrap_or_else(dash),
         entry.phone_number.clone().unwrap_or_else(dash),
@@ -210,6 +214,7 @@ pub fn format_line(entry: &Entry) -> String {
         num(entry.attempts),
         num(entry.provider_status),
         num(entry.provider_code),
+        entry.providers.clone().unwrap_or_else(dash),
         entry.error,
     )
 }
@@ -228,6 +233,7 @@ mod tests {
             attempts: 1,
             provider_status: Some(400),
             provider_code: Some(21211),
+            providers: vec!["twilio:400:21211".to_owned()],
         };
         let properties = super::super::publish::properties(
             &BasicProperties::default()

@@ -13,7 +13,7 @@ use shared::event::{CONTENT_TYPE, REQUEST_ID_HEADER};
 
 use super::reason::{
     ATTEMPTS_HEADER, DeadLetter, ERROR_HEADER, ERROR_KIND_HEADER, FAILED_AT_HEADER,
-    PROVIDER_CODE_HEADER, PROVIDER_STATUS_HEADER,
+    PROVIDER_CODE_HEADER, PROVIDER_STATUS_HEADER, PROVIDERS_HEADER,
 };
 
 /// Without a quorum majority a confirm never comes; the message then goes back to the queue.
@@ -27,19 +27,63 @@ pub enum PublishError {
     Confirm(#[from] ConfirmError),
 }
 
-/// Publishes the copy and waits for the broker's confirm. `body` is the event without its code,
-/// or the raw bytes of a message that could not be parsed. A copy that reaches no queue comes
-/// back as an error, and the original then stays in the work queue.
+/// Publishes the copy straight into the dead-letter queue `queue` (through the default
+/// exchange) and waits for the broker's confirm. `body` is the event without its code, or the
+/// raw bytes of a message that could not be parsed. A copy that reaches no queue comes back as
+/// an error, and the original then stays in the work queue.
 pub async fn publish(
     channel: &Channel,
-    exchange: &str,
+    queue: &str,
     original: &BasicProperties,
     body: &[u8],
     dead_letter: &DeadLetter,
 ) -> Result<(), PublishError> {
     let properties = properties(original, dead_letter, OffsetDateTime::now_utc());
-    publish_confirmed(channel, exchange, "", body, properties, CONFIRM_TIMEOUT).await?;
+    publish_confirmed(channel, "", queue, body, properties, CONFIRM_TIMEOUT).await?;
     Ok(())
+}
+
+/// Moves one of RabbitMQ's own dead letters (from the holding queue) into the dead-letter
+/// queue with its code removed: the broker's `x-death` and every other header stay, so
+/// `dlq list` still shows why it died.
+pub async fn forward_broker_copy(
+    channel: &Channel,
+    queue: &str,
+    original: &BasicProperties,
+    body: &[u8],
+) -> Result<(), PublishError> {
+    let body = without_code(body);
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(ShortString::from(CONTENT_TYPE));
+    if let Some(headers) = original.headers() {
+        properties = properties.with_headers(headers.clone());
+    }
+    if let Some(id) = original.message_id() {
+        properties = properties.with_message_id(id.clone());
+    }
+    if let Some(kind) = original.kind() {
+        properties = properties.with_type(kind.clone());
+    }
+    if let Some(timestamp) = original.timestamp() {
+        properties = properties.with_timestamp(*timestamp);
+    }
+    publish_confirmed(channel, "", queue, &body, properties, CONFIRM_TIMEOUT).await?;
+    Ok(())
+}
+
+/// The body with `otp` set to null when it is a JSON object. Anything else was never a valid
+/// event and is kept as it came.
+fn without_code(body: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut event)) => {
+            if event.contains_key("otp") {
+                event.insert("otp".to_owned(), serde_json::Value::Null);
+            }
+            serde_json::to_vec(&event).unwrap_or_else(|_| body.to_vec())
+        }
+        _ => body.to_vec(),
+    }
 }
 
 /// Persistent, JSON, the original's id, type and `x-request-id`, plus the failure headers. No
@@ -78,6 +122,13 @@ pub fn properties(
     if let Some(code) = dead_letter.provider_code {
         headers.insert(PROVIDER_CODE_HEADER.into(), AMQPValue::LongLongInt(code));
     }
+    if !dead_letter.providers.is_empty() {
+        insert_str(
+            &mut headers,
+            PROVIDERS_HEADER,
+            &dead_letter.providers.join(","),
+        );
+    }
 
     let mut properties = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
@@ -99,4 +150,18 @@ fn insert_str(headers: &mut FieldTable, name: &str, value: &str) {
 
 fn truncate(text: &str, max_chars: usize) -> String {
     text.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_copies_lose_their_code() {
+        let body = br#"{"version":1,"otp":"123456","phone_number":"+14155550100"}"#;
+        let scrubbed = String::from_utf8(without_code(body)).unwrap();
+        assert!(!scrubbed.contains("123456"), "{scrubbed}");
+        assert!(scrubbed.contains(r#""otp":null"#), "{scrubbed}");
+        assert_eq!(without_code(b"not json"), b"not json");
+    }
 }

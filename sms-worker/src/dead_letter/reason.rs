@@ -7,10 +7,12 @@ pub const ATTEMPTS_HEADER: &str = "x-attempts";
 pub const FAILED_AT_HEADER: &str = "x-failed-at";
 pub const PROVIDER_STATUS_HEADER: &str = "x-provider-status";
 pub const PROVIDER_CODE_HEADER: &str = "x-provider-code";
+/// Every provider tried for the event, in order, as `name:status:code` (`-` where unknown).
+pub const PROVIDERS_HEADER: &str = "x-providers";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// The provider refused the message for good (a 4xx other than 408 and 429).
+    /// The recipient cannot get it (invalid, unsubscribed, blocked), or every provider refused.
     Permanent,
     /// Retryable failures until `RETRY_MAX_ELAPSED_SECS` ran out.
     RetriesExhausted,
@@ -40,6 +42,8 @@ pub struct DeadLetter {
     pub attempts: u32,
     pub provider_status: Option<u16>,
     pub provider_code: Option<i64>,
+    /// Every provider tried, in order, with what it answered.
+    pub providers: Vec<String>,
 }
 
 impl DeadLetter {
@@ -50,6 +54,7 @@ impl DeadLetter {
             attempts,
             provider_status: None,
             provider_code: None,
+            providers: Vec::new(),
         }
     }
 }

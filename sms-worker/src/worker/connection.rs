@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use super::context::Context;
-use super::delivery;
+use super::{broker_copies, delivery};
 use crate::metrics as m;
 
 /// Connecting (TCP, AMQP handshake, channels, declarations) must not hang forever on a broker that
@@ -84,12 +84,14 @@ enum ConsumeEnd {
     Lost(String),
 }
 
-/// One AMQP connection: a consuming channel and a confirm-mode channel for dead letters.
+/// One AMQP connection: a consuming channel (the work queue and the broker's own dead letters)
+/// and a confirm-mode channel for dead letters.
 struct BrokerConnection {
     connection: Connection,
     channel: Channel,
     dead_letter_channel: Channel,
     consumer: Consumer,
+    broker_copies: Consumer,
 }
 
 impl BrokerConnection {
@@ -116,7 +118,15 @@ impl BrokerConnection {
         let consumer = channel
             .basic_consume(
                 context.topology.sms_queue().into(),
-                tag.into(),
+                tag.clone().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let broker_copies = channel
+            .basic_consume(
+                context.topology.broker_dead_letter_queue().into(),
+                format!("{tag}-dead").into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -126,6 +136,7 @@ impl BrokerConnection {
             channel,
             dead_letter_channel,
             consumer,
+            broker_copies,
         })
     }
 
@@ -143,6 +154,11 @@ impl BrokerConnection {
                     Some(Err(e)) => break ConsumeEnd::Lost(e.to_string()),
                     None => break ConsumeEnd::Lost("the broker cancelled the consumer".to_owned()),
                 },
+                copy = self.broker_copies.next() => match copy {
+                    Some(Ok(copy)) => broker_copies::spawn(tasks, context.clone(), copy),
+                    Some(Err(e)) => break ConsumeEnd::Lost(e.to_string()),
+                    None => break ConsumeEnd::Lost("the broker cancelled a consumer".to_owned()),
+                },
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
                 _ = health.tick() => {
                     if !self.connection.status().connected() || !self.dead_letter_channel.status().connected() {
@@ -158,11 +174,13 @@ impl BrokerConnection {
     /// SIGTERM: stop taking messages, let in-flight sends finish within the grace period, then
     /// close, which hands every unacknowledged message back to the queue.
     async fn shut_down(self, context: &Context, tasks: &mut JoinSet<()>) {
-        let cancel = self
-            .channel
-            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default());
-        if let Err(e) = with_timeout(cancel).await {
-            warn!(error = %e, "could not cancel the consumer");
+        for consumer in [&self.consumer, &self.broker_copies] {
+            let cancel = self
+                .channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default());
+            if let Err(e) = with_timeout(cancel).await {
+                warn!(error = %e, "could not cancel a consumer");
+            }
         }
         drain(tasks, context.config.shutdown_grace).await;
         context.set_dead_letter_channel(None);

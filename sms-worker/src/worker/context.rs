@@ -8,7 +8,7 @@ use shared::Topology;
 use crate::config::Config;
 use crate::http::Readiness;
 use crate::ledger::SendLedger;
-use crate::provider::Provider;
+use crate::provider::Providers;
 use crate::shutdown::Shutdown;
 
 /// Configuration, clients and signals, built once by [`super::Worker::bind`] and shared by the
@@ -17,7 +17,7 @@ pub(crate) struct Context {
     pub(crate) config: Config,
     pub(crate) topology: Topology,
     pub(crate) ledger: SendLedger,
-    pub(crate) provider: Provider,
+    pub(crate) providers: Providers,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) shutdown: Shutdown,
     /// The confirm-mode channel of the current connection. Tasks read it when they need it, so a
@@ -29,7 +29,7 @@ impl Context {
     pub(crate) fn new(
         config: Config,
         ledger: SendLedger,
-        provider: Provider,
+        providers: Providers,
         readiness: Arc<Readiness>,
         shutdown: Shutdown,
     ) -> Self {
@@ -37,7 +37,7 @@ impl Context {
             topology: config.common.topology(),
             config,
             ledger,
-            provider,
+            providers,
             readiness,
             shutdown,
             dead_letter_channel: Mutex::new(None),

@@ -100,8 +100,15 @@ fn parse(data: &[u8]) -> Result<OtpRequested, String> {
     if event.version != shared::event::EVENT_VERSION {
         return Err(format!("unsupported event version {}", event.version));
     }
-    if event.otp.as_deref().is_none_or(str::is_empty) {
-        return Err("the event carries no code".to_owned());
+    match event.otp.as_deref() {
+        None | Some("") => return Err("the event carries no code".to_owned()),
+        // Whatever is in `otp` goes out under our sender ID: only a code may.
+        Some(code)
+            if !(4..=10).contains(&code.len()) || !code.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            return Err("the event's code is not 4 to 10 digits".to_owned());
+        }
+        Some(_) => {}
     }
     Ok(event)
 }
@@ -140,6 +147,10 @@ async fn settle(
 ) {
     match outcome {
         Outcome::Sent => ack(delivery).await,
+        Outcome::SentUnconfirmed => {
+            send_outcome("sent_unconfirmed");
+            ack(delivery).await;
+        }
         Outcome::AlreadyHandled(finished) => {
             info!(already = ?finished, "this event was already handled; acknowledging the copy without sending");
             send_outcome("duplicate_skipped");
@@ -213,7 +224,7 @@ async fn publish_dead_letter(
     };
     dead_letter::publish(
         &channel,
-        &context.topology.dead_letter_exchange(),
+        &context.topology.dead_letter_queue(),
         &delivery.properties,
         &body,
         dead_letter,
@@ -261,6 +272,35 @@ mod tests {
                 .unwrap_err()
                 .contains("not an OtpRequested")
         );
+    }
+
+    #[test]
+    fn refuses_anything_but_a_code_and_an_e164_number() {
+        let body = |phone: &str, otp: &str| {
+            format!(
+                r#"{{"version":1,"event_id":"0192f0c4-1c2b-7cc3-a5b1-2f0f6c1d9e11","phone_number":"{phone}","otp":"{otp}","expires_at":"2030-01-01T00:00:00Z","requested_at":"2026-01-01T00:00:00Z","request_id":"r"}}"#
+            )
+        };
+        assert!(parse(body("+14155550100", "123456").as_bytes()).is_ok());
+        for otp in [
+            "000000. Your account is locked; confirm at https://evil.example/x",
+            "12a456",
+            "123",
+            "12345678901",
+            "１２３４５６",
+        ] {
+            let err = parse(body("+14155550100", otp).as_bytes()).unwrap_err();
+            assert!(!err.contains("evil"), "{err}");
+        }
+        for phone in [
+            "+1234",
+            "14155550100",
+            "+1 415 555 0100",
+            "tel:+14155550100",
+        ] {
+            let err = parse(body(phone, "123456").as_bytes()).unwrap_err();
+            assert!(!err.contains("415"), "{err}");
+        }
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! The worker, in named stages:
 //!
-//! - this file wires the program: Redis, the provider, the HTTP port, the shutdown signal;
+//! - this file wires the program: Redis, the providers, the HTTP port, the shutdown signal;
 //! - [`connection`]: the AMQP connection and the consume loop, reconnecting when the broker goes;
 //! - [`delivery`]: one message's life, from parsing to ack, nack or dead letter;
-//! - [`send`]: the send path, from claiming the event in the ledger to recording the send.
+//! - [`broker_copies`]: RabbitMQ's own dead letters, moved to the DLQ without their code;
+//! - [`send`]: the send path: claiming the event in the ledger, within a [`budget`];
+//! - [`failover`]: sending it through the providers in order, past their breakers.
 
+mod broker_copies;
+mod budget;
 mod connection;
 mod context;
 mod delivery;
+mod failover;
 mod outcome;
 mod send;
 
@@ -22,10 +27,10 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::config::{Config, ProviderConfig};
+use crate::config::Config;
 use crate::http::{self, Readiness};
 use crate::ledger::SendLedger;
-use crate::provider::Provider;
+use crate::provider::Providers;
 use crate::shutdown::{self, ShutdownTrigger};
 use context::Context;
 
@@ -67,11 +72,11 @@ impl Worker {
         let redis = ConnectionManager::new_lazy_with_config(client, redis_config)
             .context("cannot set up the Redis client")?;
 
-        let provider = Provider::new(&config.provider)?;
+        let providers = Providers::new(&config, &redis)?;
         let (trigger, shutdown) = shutdown::channel();
         let readiness = Arc::new(Readiness::new(shutdown.clone(), redis.clone()));
         let ledger = SendLedger::new(redis, &config.common.namespace);
-        let context = Arc::new(Context::new(config, ledger, provider, readiness, shutdown));
+        let context = Arc::new(Context::new(config, ledger, providers, readiness, shutdown));
         Ok(Self {
             context,
             trigger,
@@ -102,12 +107,12 @@ impl Worker {
             namespace = %config.common.namespace,
             queue = %context.topology.sms_queue(),
             concurrency = config.concurrency,
-            provider = context.provider.name(),
+            providers = ?context.providers.names(),
             "sms-worker starting"
         );
-        if matches!(config.provider, ProviderConfig::Log) {
+        if context.providers.logs_only() {
             warn!(
-                "SMS_PROVIDER=log: no SMS is sent; each one is written to the log, masked. Set SMS_PROVIDER=twilio in production"
+                "SMS_PROVIDERS=log: no SMS is sent; each one is written to the log, masked. Set SMS_PROVIDERS (twilio, infobip) in production"
             );
         }
 

@@ -6,6 +6,9 @@ use crate::ledger::{ClaimToken, Finished};
 pub(crate) enum Outcome {
     /// The provider accepted the SMS: acknowledge.
     Sent,
+    /// Two provider calls in a row got no answer after the request went out: the SMS may well
+    /// have been sent, and a third call could send it a third time. Acknowledge, as sent.
+    SentUnconfirmed,
     /// Another copy of the event was already sent or dead-lettered: acknowledge without sending.
     AlreadyHandled(Finished),
     /// Publish a dead letter, then acknowledge.

@@ -5,18 +5,21 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::FakeState;
+use super::store::SmsProvider;
 
 /// An answer to inject instead of accepting the message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InjectedResponse {
     pub status: u16,
-    /// Twilio error code of the body; defaults by status (20429, 20500, 20503, …).
+    /// The provider's error code: Twilio's body `code` (defaults by status: 20429, 20500, 20503,
+    /// …), or an Infobip status id answered in a 200 `REJECTED` (e.g. 52, invalid destination)
+    /// when `status` is 200.
     #[serde(default)]
     pub code: Option<i64>,
     #[serde(default)]
@@ -94,19 +97,49 @@ impl Faults {
     }
 }
 
-pub(super) async fn get_faults(State(state): State<Arc<FakeState>>) -> Response {
-    axum::Json(state.faults()).into_response()
+/// `/control/faults` is Twilio's (what fake-sms began with); `/control/faults/{provider}` names
+/// the provider.
+fn provider_of(path: Option<Path<String>>) -> Result<SmsProvider, StatusCode> {
+    match path.as_ref().map(|Path(p)| p.as_str()) {
+        None | Some("twilio") => Ok(SmsProvider::Twilio),
+        Some("infobip") => Ok(SmsProvider::Infobip),
+        Some(_) => Err(StatusCode::NOT_FOUND),
+    }
+}
+
+pub(super) async fn get_faults(
+    State(state): State<Arc<FakeState>>,
+    path: Option<Path<String>>,
+) -> Response {
+    match provider_of(path) {
+        Ok(provider) => axum::Json(state.faults_for(provider)).into_response(),
+        Err(status) => status.into_response(),
+    }
 }
 
 pub(super) async fn set_faults(
     State(state): State<Arc<FakeState>>,
+    path: Option<Path<String>>,
     axum::Json(faults): axum::Json<Faults>,
 ) -> Response {
-    state.set_faults(faults.clone());
-    axum::Json(faults).into_response()
+    match provider_of(path) {
+        Ok(provider) => {
+            state.set_faults_for(provider, faults.clone());
+            axum::Json(faults).into_response()
+        }
+        Err(status) => status.into_response(),
+    }
 }
 
-pub(super) async fn reset_faults(State(state): State<Arc<FakeState>>) -> StatusCode {
-    state.set_faults(Faults::default());
-    StatusCode::NO_CONTENT
+pub(super) async fn reset_faults(
+    State(state): State<Arc<FakeState>>,
+    path: Option<Path<String>>,
+) -> StatusCode {
+    match provider_of(path) {
+        Ok(provider) => {
+            state.set_faults_for(provider, Faults::default());
+            StatusCode::NO_CONTENT
+        }
+        Err(status) => status,
+    }
 }

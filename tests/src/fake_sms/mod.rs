@@ -1,7 +1,9 @@
-//! `fake-sms`: a stand-in for Twilio's Messages API (`CreateMessage`) for tests, benchmarks and the
-//! local stack.
+//! `fake-sms`: a stand-in for the SMS providers (Twilio's Messages API and Infobip's SMS API v3)
+//! for tests, benchmarks and the local stack.
 //!
 //! - `twilio`: `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, answered as Twilio does.
+//! - `infobip`: `POST /auth/1/oauth2/token` and `POST /sms/3/messages`, answered as Infobip does;
+//!   `/control/infobip` sets the token endpoint's lifetime, rate limit and invalidation.
 //! - `inbox`: `GET /messages?to=` lists the accepted messages as JSON; `GET /requests?to=`
 //!   lists every request with the status it got; `DELETE /messages` forgets both; `GET /` is an
 //!   HTML inbox where a developer reads the codes.
@@ -13,10 +15,12 @@
 //! Configuration (environment, all optional): `FAKE_SMS_ADDR` (`127.0.0.1:9099`),
 //! `FAKE_SMS_ACCOUNT_SID` ([`DEFAULT_ACCOUNT_SID`]), `FAKE_SMS_AUTH_TOKEN`
 //! ([`DEFAULT_AUTH_TOKEN`]), `FAKE_SMS_API_KEY_SID` ([`DEFAULT_API_KEY_SID`]),
-//! `FAKE_SMS_API_KEY_SECRET` ([`DEFAULT_API_KEY_SECRET`]).
+//! `FAKE_SMS_API_KEY_SECRET` ([`DEFAULT_API_KEY_SECRET`]), `FAKE_SMS_INFOBIP_CLIENT_ID`,
+//! `FAKE_SMS_INFOBIP_CLIENT_SECRET`, `FAKE_SMS_INFOBIP_API_KEY` (the `DEFAULT_INFOBIP_*` values).
 
 mod faults;
 mod inbox;
+mod infobip;
 mod store;
 mod twilio;
 
@@ -28,7 +32,8 @@ use axum::routing::{get, post};
 use shared::{ConfigError, Env};
 
 pub use faults::{Faults, InjectedResponse, Rule};
-pub use store::{FakeState, RecordedMessage, RecordedRequest};
+pub use infobip::{TokenCall, TokenPolicy};
+pub use store::{FakeState, RecordedMessage, RecordedRequest, SmsProvider};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9099";
 /// Test credentials, not secrets: they only open this fake.
@@ -36,6 +41,9 @@ pub const DEFAULT_ACCOUNT_SID: &str = "AC00000000000000000000000000fa4e00";
 pub const DEFAULT_AUTH_TOKEN: &str = "fake-sms-auth-token";
 pub const DEFAULT_API_KEY_SID: &str = "SK00000000000000000000000000fa4e00";
 pub const DEFAULT_API_KEY_SECRET: &str = "fake-sms-api-key-secret";
+pub const DEFAULT_INFOBIP_CLIENT_ID: &str = "fake-sms-infobip";
+pub const DEFAULT_INFOBIP_CLIENT_SECRET: &str = "fake-sms-infobip-secret";
+pub const DEFAULT_INFOBIP_API_KEY: &str = "fake-sms-infobip-api-key";
 
 #[derive(Debug, Clone)]
 pub struct FakeSmsConfig {
@@ -44,6 +52,9 @@ pub struct FakeSmsConfig {
     pub auth_token: String,
     pub api_key_sid: String,
     pub api_key_secret: String,
+    pub infobip_client_id: String,
+    pub infobip_client_secret: String,
+    pub infobip_api_key: String,
 }
 
 impl Default for FakeSmsConfig {
@@ -54,6 +65,9 @@ impl Default for FakeSmsConfig {
             auth_token: DEFAULT_AUTH_TOKEN.to_owned(),
             api_key_sid: DEFAULT_API_KEY_SID.to_owned(),
             api_key_secret: DEFAULT_API_KEY_SECRET.to_owned(),
+            infobip_client_id: DEFAULT_INFOBIP_CLIENT_ID.to_owned(),
+            infobip_client_secret: DEFAULT_INFOBIP_CLIENT_SECRET.to_owned(),
+            infobip_api_key: DEFAULT_INFOBIP_API_KEY.to_owned(),
         }
     }
 }
@@ -67,6 +81,12 @@ impl FakeSmsConfig {
             auth_token: env.string("FAKE_SMS_AUTH_TOKEN", DEFAULT_AUTH_TOKEN),
             api_key_sid: env.string("FAKE_SMS_API_KEY_SID", DEFAULT_API_KEY_SID),
             api_key_secret: env.string("FAKE_SMS_API_KEY_SECRET", DEFAULT_API_KEY_SECRET),
+            infobip_client_id: env.string("FAKE_SMS_INFOBIP_CLIENT_ID", DEFAULT_INFOBIP_CLIENT_ID),
+            infobip_client_secret: env.string(
+                "FAKE_SMS_INFOBIP_CLIENT_SECRET",
+                DEFAULT_INFOBIP_CLIENT_SECRET,
+            ),
+            infobip_api_key: env.string("FAKE_SMS_INFOBIP_API_KEY", DEFAULT_INFOBIP_API_KEY),
         })
     }
 
@@ -144,11 +164,27 @@ pub fn router(state: Arc<FakeState>) -> Router {
         )
         .route("/messages", get(inbox::list_messages).delete(inbox::clear))
         .route("/requests", get(inbox::list_requests))
+        .route("/auth/1/oauth2/token", post(infobip::issue_token))
+        .route("/sms/3/messages", post(infobip::send_messages))
         .route(
             "/control/faults",
             get(faults::get_faults)
                 .post(faults::set_faults)
                 .delete(faults::reset_faults),
+        )
+        .route(
+            "/control/faults/{provider}",
+            get(faults::get_faults)
+                .post(faults::set_faults)
+                .delete(faults::reset_faults),
+        )
+        .route(
+            "/control/infobip",
+            get(infobip::get_policy).post(infobip::set_policy),
+        )
+        .route(
+            "/control/infobip/token-calls",
+            get(infobip::list_token_calls),
         )
         .with_state(state)
 }

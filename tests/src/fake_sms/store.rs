@@ -13,9 +13,30 @@ use super::faults::{Faults, InjectedResponse};
 /// Older records are forgotten past this, so a long benchmark does not grow without bound.
 pub(super) const MAX_RECORDS: usize = 100_000;
 
+/// Which provider's endpoint a message or request came through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmsProvider {
+    #[default]
+    Twilio,
+    Infobip,
+}
+
+impl SmsProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Twilio => "twilio",
+            Self::Infobip => "infobip",
+        }
+    }
+}
+
 /// An accepted message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecordedMessage {
+    /// Which provider carried it.
+    #[serde(default)]
+    pub provider: SmsProvider,
     pub sid: String,
     pub to: String,
     pub from: Option<String>,
@@ -26,9 +47,11 @@ pub struct RecordedMessage {
     pub received_at: OffsetDateTime,
 }
 
-/// Any request to the Messages endpoint, and how it was answered.
+/// Any request to a send endpoint, and how it was answered.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecordedRequest {
+    #[serde(default)]
+    pub provider: SmsProvider,
     pub id: u64,
     pub to: Option<String>,
     pub status: u16,
@@ -49,7 +72,7 @@ struct Records {
     /// with a full inbox (loadgen polls one per sign-in).
     by_to: HashMap<String, VecDeque<u64>>,
     requests: VecDeque<RecordedRequest>,
-    faults: Faults,
+    faults: HashMap<SmsProvider, Faults>,
     last_request_id: u64,
 }
 
@@ -89,6 +112,7 @@ impl Records {
 pub struct FakeState {
     pub(super) config: FakeSmsConfig,
     records: Mutex<Records>,
+    tokens: Mutex<super::infobip::Tokens>,
 }
 
 impl FakeState {
@@ -96,11 +120,16 @@ impl FakeState {
         Arc::new(Self {
             config,
             records: Mutex::new(Records::default()),
+            tokens: Mutex::new(super::infobip::Tokens::default()),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Records> {
         self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn tokens(&self) -> MutexGuard<'_, super::infobip::Tokens> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn messages(&self, to: Option<&str>) -> Vec<RecordedMessage> {
@@ -111,6 +140,7 @@ impl FakeState {
         }
     }
 
+    /// Requests to every provider's send endpoint.
     pub fn requests(&self, to: Option<&str>) -> Vec<RecordedRequest> {
         self.lock()
             .requests
@@ -120,12 +150,33 @@ impl FakeState {
             .collect()
     }
 
+    /// Requests to one provider's send endpoint.
+    pub fn requests_via(&self, provider: SmsProvider, to: Option<&str>) -> Vec<RecordedRequest> {
+        self.requests(to)
+            .into_iter()
+            .filter(|r| r.provider == provider)
+            .collect()
+    }
+
+    /// Twilio's faults (the provider fake-sms started with).
     pub fn set_faults(&self, faults: Faults) {
-        self.lock().faults = faults;
+        self.set_faults_for(SmsProvider::Twilio, faults);
     }
 
     pub fn faults(&self) -> Faults {
-        self.lock().faults.clone()
+        self.faults_for(SmsProvider::Twilio)
+    }
+
+    pub fn set_faults_for(&self, provider: SmsProvider, faults: Faults) {
+        self.lock().faults.insert(provider, faults);
+    }
+
+    pub fn faults_for(&self, provider: SmsProvider) -> Faults {
+        self.lock()
+            .faults
+            .get(&provider)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn clear(&self) {
@@ -136,13 +187,20 @@ impl FakeState {
         records.requests.clear();
     }
 
-    pub(super) fn latency_ms(&self) -> u64 {
-        self.lock().faults.latency_ms
+    pub(super) fn latency_ms(&self, provider: SmsProvider) -> u64 {
+        self.lock()
+            .faults
+            .get(&provider)
+            .map_or(0, |f| f.latency_ms)
     }
 
     /// The injected answer for a request to `to`, if any (a queued one is used up).
-    pub(super) fn take_injected(&self, to: &str) -> Option<InjectedResponse> {
-        self.lock().faults.take_for(to)
+    pub(super) fn take_injected(
+        &self,
+        provider: SmsProvider,
+        to: &str,
+    ) -> Option<InjectedResponse> {
+        self.lock().faults.entry(provider).or_default().take_for(to)
     }
 
     pub(super) fn record_message(&self, message: RecordedMessage) {
@@ -152,6 +210,7 @@ impl FakeState {
     /// Records a request as answered with `status` (not yet sent); returns its id.
     pub(super) fn record_request(
         &self,
+        provider: SmsProvider,
         to: Option<String>,
         status: u16,
         code: Option<i64>,
@@ -161,6 +220,7 @@ impl FakeState {
         records.last_request_id += 1;
         let id = records.last_request_id;
         records.requests.push_back(RecordedRequest {
+            provider,
             id,
             to,
             status,
@@ -189,6 +249,7 @@ mod tests {
     fn the_inbox_index_follows_eviction() {
         let mut records = Records::default();
         let message = |to: &str, n: usize| RecordedMessage {
+            provider: SmsProvider::Twilio,
             sid: format!("SM{n}"),
             to: to.to_owned(),
             from: None,

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use super::store::RecordedMessage;
+use super::store::{RecordedMessage, SmsProvider};
 use super::{FakeSmsConfig, FakeState};
 
 pub(super) async fn create_message(
@@ -24,9 +24,15 @@ pub(super) async fn create_message(
 ) -> Response {
     let form = parse_form(&headers, &body);
     let received_at = OffsetDateTime::now_utc();
-    let latency = Duration::from_millis(state.latency_ms());
+    let latency = Duration::from_millis(state.latency_ms(SmsProvider::Twilio));
     let answer = answer(&state, &account_sid, &headers, &form, received_at);
-    let id = state.record_request(form.to.clone(), answer.status, answer.code, received_at);
+    let id = state.record_request(
+        SmsProvider::Twilio,
+        form.to.clone(),
+        answer.status,
+        answer.code,
+        received_at,
+    );
     // The message is accepted (and recorded) before the delay, as with Twilio: a client that
     // gives up waiting does not un-send it.
     if latency > Duration::ZERO {
@@ -116,19 +122,20 @@ fn answer(
         },
     };
 
-    if let Some(injected) = state.take_injected(&to) {
+    if let Some(injected) = state.take_injected(SmsProvider::Twilio, &to) {
         let code = injected
             .code
             .unwrap_or_else(|| default_code(injected.status));
         let message = injected
             .message
             .clone()
-            .unwrap_or_else(|| default_message(injected.status).to_owned());
+            .unwrap_or_else(|| default_message(injected.status, code).to_owned());
         return Answer::error(injected.status, code, &message, injected.retry_after_secs);
     }
 
     let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
     state.record_message(RecordedMessage {
+        provider: SmsProvider::Twilio,
         sid: sid.clone(),
         to: to.clone(),
         from: form.from.clone(),
@@ -207,7 +214,14 @@ fn default_code(status: u16) -> i64 {
     }
 }
 
-fn default_message(status: u16) -> &'static str {
+/// Twilio's text for the errors tests inject most, else a generic one by status.
+fn default_message(status: u16, code: i64) -> &'static str {
+    match code {
+        21211 => return "Invalid 'To' Phone Number",
+        21610 => return "Attempt to send to unsubscribed recipient",
+        21614 => return "'To' number is not a valid mobile number",
+        _ => {}
+    }
     match status {
         401 => "Authenticate",
         429 => "Too Many Requests",

@@ -15,16 +15,22 @@ use crate::harness::{CODE_VALIDITY, event, phone, with_harness};
 async fn dead_letters_permanent_errors_after_one_call() {
     with_harness(QueueType::Classic, |h| async move {
         let unsubscribed = phone();
+        // A number Twilio says is invalid (21211), and one whose owner unsubscribed (21610).
+        let invalid = phone();
         h.fake.set_faults(Faults {
-            rules: vec![Rule {
-                to: unsubscribed.clone(),
-                response: InjectedResponse::twilio_error(400, 21610),
-            }],
+            rules: vec![
+                Rule {
+                    to: unsubscribed.clone(),
+                    response: InjectedResponse::twilio_error(400, 21610),
+                },
+                Rule {
+                    to: invalid.clone(),
+                    response: InjectedResponse::twilio_error(400, 21211),
+                },
+            ],
             ..Faults::default()
         });
         let worker = h.start_worker(&[]).await;
-        // fake-sms, like Twilio, answers 21211 for a number that is not a valid E.164 number.
-        let invalid = "+1234".to_owned();
         let invalid_event = h.request_sms(&invalid).await;
         let dead = h.wait_for_dead_letters(1).await;
         h.request_sms(&unsubscribed).await;

@@ -211,6 +211,12 @@ impl Harness {
         self.ready_count(&self.topology.dead_letter_queue()).await
     }
 
+    /// Ready messages RabbitMQ dead-lettered itself, waiting for a worker to move them on.
+    pub async fn held_by_the_broker(&self) -> u32 {
+        self.ready_count(&self.topology.broker_dead_letter_queue())
+            .await
+    }
+
     async fn ready_count(&self, queue: &str) -> u32 {
         let channel = self.connection.create_channel().await.expect("a channel");
         let declared = channel

@@ -5,6 +5,9 @@ use shared::{CommonConfig, Env, QueueType};
 use sms_worker::dead_letter;
 use tests::program::Program;
 
+use tests::fake_sms::{Faults, InjectedResponse, Rule};
+use tests::wait::eventually;
+
 use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, phone, with_harness};
 
 /// Runs `sms-worker dlq ARGS` as an operator does: its stdout, once it succeeded.
@@ -28,7 +31,8 @@ fn entry_from<'a>(listing: &'a dead_letter::Listing, source: &str) -> &'a dead_l
 #[tokio::test]
 async fn dlq_list_shows_entries_and_leaves_them_in_place() {
     with_harness(QueueType::Quorum, |h| async move {
-        // A native dead letter: expired in the queue before any worker ran.
+        // A native dead letter: expired in the queue before any worker ran. RabbitMQ keeps it,
+        // code included, in the holding queue until a worker moves it on without the code.
         let stale_to = phone();
         let stale = event(&stale_to, CODE_VALIDITY);
         h.publish_with(
@@ -36,12 +40,42 @@ async fn dlq_list_shows_entries_and_leaves_them_in_place() {
             shared::amqp::event_properties(&stale, 1),
         )
         .await;
-        h.wait_for_dead_letters(1).await;
+        eventually(
+            WAIT,
+            "the broker to dead-letter the stale event",
+            || async { h.held_by_the_broker().await == 1 },
+        )
+        .await;
+        assert_eq!(
+            h.dead_lettered().await,
+            0,
+            "nothing readable reaches the DLQ"
+        );
 
+        // A worker dead letter: Twilio says the number is invalid.
+        let invalid = phone();
+        h.fake.set_faults(Faults {
+            rules: vec![Rule {
+                to: invalid.clone(),
+                response: InjectedResponse::twilio_error(400, 21211),
+            }],
+            ..Faults::default()
+        });
         let worker = h.start_worker(&[]).await;
-        h.request_sms("+1234").await;
-        h.wait_for_dead_letters(2).await;
+        h.request_sms(&invalid).await;
+        let letters = h.wait_for_dead_letters(2).await;
         worker.stop().await;
+        assert_eq!(
+            h.held_by_the_broker().await,
+            0,
+            "the worker drained the holding queue"
+        );
+        let code = stale.otp.as_deref().unwrap();
+        for letter in &letters {
+            let body: serde_json::Value = serde_json::from_slice(&letter.body).unwrap();
+            assert_eq!(body["otp"], serde_json::Value::Null, "{body}");
+            assert!(!String::from_utf8_lossy(&letter.body).contains(code));
+        }
 
         let common = CommonConfig::from_env(&Env::from_pairs(h.env())).unwrap();
         // More looks than RabbitMQ 4's default quorum delivery limit (20): none may drop an entry.

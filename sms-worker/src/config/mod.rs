@@ -1,14 +1,21 @@
 //! The worker's configuration, read once from the environment and validated (the variables are
 //! listed in README.md#configuration).
 
+mod providers;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use secrecy::SecretString;
 use shared::{CommonConfig, ConfigError, Env};
 
+pub use providers::{
+    BreakerConfig, DEFAULT_TWILIO_BASE_URL, InfobipAuth, InfobipConfig, ProviderConfig, TwilioAuth,
+    TwilioConfig,
+};
+
+use crate::seal::SealKey;
+
 pub const DEFAULT_WORKER_ADDR: &str = "127.0.0.1:9091";
-pub const DEFAULT_TWILIO_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_SMS_TEMPLATE: &str =
     "Your {app} code is {code}. It expires in {minutes} minutes.";
 pub const DEFAULT_APP_NAME: &str = "Cheershare";
@@ -19,7 +26,11 @@ pub struct Config {
     pub common: CommonConfig,
     /// `WORKER_ADDR`: `/healthz`, `/readyz`, `/metrics`. Port 0 picks a free port.
     pub addr: SocketAddr,
-    pub provider: ProviderConfig,
+    /// `SMS_PROVIDERS`, in failover order.
+    pub providers: Vec<ProviderConfig>,
+    pub breaker: BreakerConfig,
+    /// `WORKER_SEAL_KEY`: seals what the worker keeps in Redis that must stay secret.
+    pub seal_key: Option<SealKey>,
     pub message: MessageConfig,
     /// `WORKER_CONCURRENCY`: AMQP prefetch, so also the number of sends in flight.
     pub concurrency: u16,
@@ -50,50 +61,32 @@ pub struct MessageConfig {
     pub webotp_domain: Option<String>,
 }
 
-#[derive(Debug, Clone)]
-pub enum ProviderConfig {
-    /// Writes a masked copy of the SMS to the log instead of sending it (development).
-    Log,
-    Twilio(TwilioConfig),
-}
-
-/// Twilio's Messages API. Debug output never shows the secrets (`SecretString` redacts them).
-#[derive(Debug, Clone)]
-pub struct TwilioConfig {
-    pub account_sid: String,
-    pub auth: TwilioAuth,
-    pub from: Option<String>,
-    pub messaging_service_sid: Option<String>,
-    /// Without a trailing slash.
-    pub base_url: String,
-}
-
-#[derive(Debug, Clone)]
-pub enum TwilioAuth {
-    /// Basic auth as `AccountSid:AuthToken`.
-    AuthToken(SecretString),
-    /// Basic auth as `ApiKeySid:ApiKeySecret`: revocable without rotating the account's token.
-    ApiKey { sid: String, secret: SecretString },
-}
-
 impl Config {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let common = CommonConfig::from_env(env)?;
         let addr = env.parse("WORKER_ADDR", parse_addr(DEFAULT_WORKER_ADDR))?;
-        let provider = match env
-            .string("SMS_PROVIDER", "log")
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "log" => ProviderConfig::Log,
-            "twilio" => ProviderConfig::Twilio(TwilioConfig::from_env(env)?),
-            other => {
-                return Err(ConfigError::new(
-                    "SMS_PROVIDER",
-                    format!("{other:?} is not a provider; use twilio or log"),
-                ));
-            }
-        };
+        let providers = providers::providers_from_env(env)?;
+        let seal_key = env
+            .secret("WORKER_SEAL_KEY")
+            .map(|key| {
+                SealKey::from_base64(&key).map_err(|e| ConfigError::new("WORKER_SEAL_KEY", e))
+            })
+            .transpose()?;
+        let oauth = providers.iter().any(|p| {
+            matches!(
+                p,
+                ProviderConfig::Infobip(InfobipConfig {
+                    auth: InfobipAuth::OAuth { .. },
+                    ..
+                })
+            )
+        });
+        if oauth && seal_key.is_none() {
+            return Err(ConfigError::new(
+                "WORKER_SEAL_KEY",
+                "required with an OAuth provider (INFOBIP_CLIENT_ID): the provider token is kept in Redis sealed under it; make one with `openssl rand -base64 32`, the same on every worker",
+            ));
+        }
         let message = MessageConfig::from_env(env)?;
         let send_timeout = env.seconds("SEND_TIMEOUT_SECS", 10, 1..=300)?;
         let retry_min_delay = env.millis("SMS_RETRY_MIN_DELAY_MS", 250, 1..=60_000)?;
@@ -107,7 +100,9 @@ impl Config {
         Ok(Self {
             common,
             addr,
-            provider,
+            providers,
+            breaker: BreakerConfig::from_env(env)?,
+            seal_key,
             message,
             concurrency: env.integer_in("WORKER_CONCURRENCY", 64, 1..=10_000)?,
             send_timeout,
@@ -159,89 +154,6 @@ impl MessageConfig {
     }
 }
 
-impl TwilioConfig {
-    fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let account_sid = env.optional_string("TWILIO_ACCOUNT_SID").ok_or_else(|| {
-            ConfigError::new("TWILIO_ACCOUNT_SID", "required with SMS_PROVIDER=twilio")
-        })?;
-        check_sid("TWILIO_ACCOUNT_SID", &account_sid, "AC")?;
-
-        let key_sid = env.optional_string("TWILIO_API_KEY_SID");
-        let key_secret = env.secret("TWILIO_API_KEY_SECRET");
-        let auth = match (key_sid, key_secret, env.secret("TWILIO_AUTH_TOKEN")) {
-            (Some(sid), Some(secret), _) => {
-                check_sid("TWILIO_API_KEY_SID", &sid, "SK")?;
-                TwilioAuth::ApiKey { sid, secret }
-            }
-            (Some(_), None, _) => {
-                return Err(ConfigError::new(
-                    "TWILIO_API_KEY_SECRET",
-                    "required with TWILIO_API_KEY_SID",
-                ));
-            }
-            (None, Some(_), _) => {
-                return Err(ConfigError::new(
-                    "TWILIO_API_KEY_SID",
-                    "required with TWILIO_API_KEY_SECRET",
-                ));
-            }
-            (None, None, Some(token)) => TwilioAuth::AuthToken(token),
-            (None, None, None) => {
-                return Err(ConfigError::new(
-                    "TWILIO_AUTH_TOKEN",
-                    "required with SMS_PROVIDER=twilio (or TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET)",
-                ));
-            }
-        };
-
-        let from = env.optional_string("TWILIO_FROM");
-        let messaging_service_sid = env.optional_string("TWILIO_MESSAGING_SERVICE_SID");
-        if let Some(sid) = &messaging_service_sid {
-            check_sid("TWILIO_MESSAGING_SERVICE_SID", sid, "MG")?;
-        }
-        if from.is_none() && messaging_service_sid.is_none() {
-            return Err(ConfigError::new(
-                "TWILIO_FROM",
-                "required with SMS_PROVIDER=twilio (or TWILIO_MESSAGING_SERVICE_SID)",
-            ));
-        }
-
-        let base_url = env.string("TWILIO_BASE_URL", DEFAULT_TWILIO_BASE_URL);
-        match reqwest::Url::parse(&base_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-            _ => {
-                return Err(ConfigError::new(
-                    "TWILIO_BASE_URL",
-                    "expected an http(s) URL",
-                ));
-            }
-        }
-        Ok(Self {
-            account_sid,
-            auth,
-            from,
-            messaging_service_sid,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-        })
-    }
-}
-
-/// Twilio SIDs are two letters and 32 hex digits; a typo here would only show up as a 401 or
-/// 404 on the first send.
-fn check_sid(name: &'static str, value: &str, prefix: &str) -> Result<(), ConfigError> {
-    let valid = value.len() == 34
-        && value.starts_with(prefix)
-        && value[2..].chars().all(|c| c.is_ascii_hexdigit());
-    if valid {
-        Ok(())
-    } else {
-        Err(ConfigError::new(
-            name,
-            format!("expected {prefix} followed by 32 hex digits"),
-        ))
-    }
-}
-
 fn parse_addr(addr: &str) -> SocketAddr {
     addr.parse().expect("a literal socket address")
 }
@@ -261,7 +173,7 @@ mod tests {
     #[test]
     fn defaults_need_no_configuration() {
         let config = Config::from_env(&Env::default()).unwrap();
-        assert!(matches!(config.provider, ProviderConfig::Log));
+        assert!(matches!(config.providers.as_slice(), [ProviderConfig::Log]));
         assert_eq!(config.addr.to_string(), DEFAULT_WORKER_ADDR);
         assert_eq!(config.concurrency, 64);
         assert_eq!(config.send_timeout, Duration::from_secs(10));
@@ -324,7 +236,7 @@ mod tests {
             ("TWILIO_BASE_URL", "http://127.0.0.1:9099/"),
         ])
         .unwrap();
-        let ProviderConfig::Twilio(twilio_config) = &config.provider else {
+        let [ProviderConfig::Twilio(twilio_config)] = config.providers.as_slice() else {
             panic!("twilio expected");
         };
         assert_eq!(twilio_config.base_url, "http://127.0.0.1:9099");
@@ -358,5 +270,80 @@ mod tests {
             assert_eq!(err.name, name, "{err}");
             assert!(err.to_string().contains(name));
         }
+    }
+
+    const SEAL_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+    fn infobip(extra: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut pairs = vec![
+            ("SMS_PROVIDERS", "twilio,infobip"),
+            ("TWILIO_ACCOUNT_SID", SID),
+            ("TWILIO_AUTH_TOKEN", "t"),
+            ("TWILIO_FROM", "+15005550006"),
+            ("INFOBIP_BASE_URL", "https://xyz.api.infobip.com/"),
+            ("INFOBIP_SENDER", "OTPAuth"),
+        ];
+        pairs.extend_from_slice(extra);
+        Config::from_env(&Env::from_pairs(pairs))
+    }
+
+    #[test]
+    fn providers_come_in_failover_order_each_with_its_configuration() {
+        let config = infobip(&[
+            ("INFOBIP_CLIENT_ID", "user"),
+            ("INFOBIP_CLIENT_SECRET", "pa55word-secret"),
+            ("WORKER_SEAL_KEY", SEAL_KEY),
+        ])
+        .unwrap();
+        let names: Vec<_> = config.providers.iter().map(ProviderConfig::name).collect();
+        assert_eq!(names, ["twilio", "infobip"]);
+        let ProviderConfig::Infobip(infobip_config) = &config.providers[1] else {
+            panic!("infobip second");
+        };
+        assert_eq!(infobip_config.base_url, "https://xyz.api.infobip.com");
+        assert!(matches!(infobip_config.auth, InfobipAuth::OAuth { .. }));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("pa55word-secret"), "{debug}");
+        assert!(!debug.contains(SEAL_KEY), "{debug}");
+
+        let keyed = infobip(&[("INFOBIP_API_KEY", "k3y")]).unwrap();
+        let ProviderConfig::Infobip(keyed) = &keyed.providers[1] else {
+            panic!("infobip second");
+        };
+        assert!(matches!(keyed.auth, InfobipAuth::ApiKey(_)));
+        assert_eq!(config.breaker.failures, 5);
+    }
+
+    #[test]
+    fn bad_provider_settings_name_their_variable() {
+        // OAuth keeps its token in Redis: sealed, so the key is required.
+        assert_eq!(
+            infobip(&[("INFOBIP_CLIENT_ID", "u"), ("INFOBIP_CLIENT_SECRET", "p")])
+                .unwrap_err()
+                .name,
+            "WORKER_SEAL_KEY"
+        );
+        for (name, value, extra) in [
+            ("WORKER_SEAL_KEY", "c2hvcnQ=", ("INFOBIP_API_KEY", "k")),
+            ("INFOBIP_CLIENT_SECRET", "", ("INFOBIP_CLIENT_ID", "u")),
+            ("INFOBIP_CLIENT_ID", "", ("INFOBIP_API_KEY", "")),
+            ("INFOBIP_BASE_URL", "ftp://x", ("INFOBIP_API_KEY", "k")),
+            (
+                "INFOBIP_SENDER",
+                "far-too-long-sender-id",
+                ("INFOBIP_API_KEY", "k"),
+            ),
+            ("PROVIDER_BREAKER_FAILURES", "0", ("INFOBIP_API_KEY", "k")),
+        ] {
+            let err = infobip(&[(name, value), extra]).unwrap_err();
+            assert_eq!(err.name, name, "{err}");
+        }
+        for list in ["twilio,twilio", "log,twilio", "carrier-pigeon", ","] {
+            let err = Config::from_env(&Env::from_pairs([("SMS_PROVIDERS", list)])).unwrap_err();
+            assert_eq!(err.name, "SMS_PROVIDERS", "{list}: {err}");
+        }
+        // SMS_PROVIDER keeps working as a list of one.
+        let config = Config::from_env(&Env::from_pairs([("SMS_PROVIDER", "log")])).unwrap();
+        assert_eq!(config.providers.len(), 1);
     }
 }

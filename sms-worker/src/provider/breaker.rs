@@ -1,0 +1,211 @@
+//! A circuit breaker per provider, shared by every worker through Redis.
+//!
+//! Provider-side failures (5xx, 429, timeouts, refused credentials) are counted in a sliding
+//! window; `PROVIDER_BREAKER_FAILURES` of them within `PROVIDER_BREAKER_WINDOW_SECS` open the
+//! breaker, and while it is open sends go to the next provider at once. After
+//! `PROVIDER_BREAKER_COOLDOWN_SECS` one worker wins the right to send one probe (half-open): a
+//! success closes the breaker, a failure opens it for another cooldown.
+//!
+//! The state lives in Redis so that every worker sees the same breaker (and delivery receipts,
+//! which may reach another worker, can open it too). Each worker reads it at most every
+//! [`REFRESH_EVERY`] and otherwise decides from memory, so a send while the breaker is closed
+//! costs no Redis round trip.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+use crate::config::BreakerConfig;
+use crate::metrics as m;
+
+/// How stale a worker's view of a breaker may be.
+const REFRESH_EVERY: Duration = Duration::from_millis(500);
+/// A probe that never reports back (its worker died) frees the half-open slot after this.
+const PROBE_LEASE_MS: u64 = 30_000;
+
+/// State of a breaker hash. Fields: `w`, `c`, `p` (failures: window index, this window's count,
+/// the previous one's), `o` (open until, ms; 0 closed), `q` (a probe is out until, ms).
+/// ARGV: operation, failures threshold, window ms, cooldown ms. Operations:
+/// `read`; `failure` (count one; open when over the threshold, or again after a failed probe);
+/// `success` (a probe succeeded: close); `probe` (after the cooldown, claim the one probe).
+/// Returns {state, ms left open, granted}: state 0 closed, 1 open, 2 half-open.
+const BREAKER: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op, threshold, window, cooldown = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p', 'o', 'q')
+local index = math.floor(now / window)
+local w, c, p = tonumber(s[1]) or index, tonumber(s[2]) or 0, tonumber(s[3]) or 0
+local open_until, probe_until = tonumber(s[4]) or 0, tonumber(s[5]) or 0
+if w == index - 1 then p, c = c, 0 elseif w < index - 1 then p, c = 0, 0 end
+local granted = 0
+if op == 'failure' then
+  c = c + 1
+  local recent = p * (window - (now - index * window)) / window + c
+  if open_until > 0 and now >= open_until then
+    open_until, probe_until = now + cooldown, 0
+  elseif open_until == 0 and recent >= threshold then
+    open_until = now + cooldown
+  end
+elseif op == 'success' then
+  if open_until > 0 and now >= open_until then
+    open_until, probe_until, c, p = 0, 0, 0, 0
+  end
+elseif op == 'probe' then
+  if open_until > 0 and now >= open_until and probe_until <= now then
+    probe_until = now + tonumber(ARGV[5])
+    granted = 1
+  end
+end
+redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'o', open_until, 'q', probe_until)
+redis.call('PEXPIRE', KEYS[1], math.max(window * 2, cooldown * 4))
+local state = 0
+if open_until > 0 then
+  if now < open_until then state = 1 else state = 2 end
+end
+return {state, math.max(open_until - now, 0), granted}
+";
+
+/// Whether a send may go to this provider now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowance {
+    Yes,
+    /// The breaker is half-open and this send is its one probe.
+    Probe,
+    No,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed,
+    Open { until: Instant },
+    HalfOpen,
+}
+
+pub struct Breaker {
+    provider: &'static str,
+    config: BreakerConfig,
+    redis: ConnectionManager,
+    key: String,
+    script: Script,
+    /// This worker's view, and when it was read.
+    view: Mutex<(State, Option<Instant>)>,
+}
+
+impl Breaker {
+    pub fn new(
+        provider: &'static str,
+        config: BreakerConfig,
+        redis: ConnectionManager,
+        namespace: &str,
+    ) -> Self {
+        metrics::gauge!(m::BREAKER_STATE, "provider" => provider).set(0.0);
+        Self {
+            provider,
+            config,
+            redis,
+            key: format!("{namespace}:breaker:{{{namespace}:{provider}}}"),
+            script: Script::new(BREAKER),
+            view: Mutex::new((State::Closed, None)),
+        }
+    }
+
+    /// Whether to send through this provider now. Reads Redis only when this worker's view is
+    /// older than [`REFRESH_EVERY`], or to claim the probe of a half-open breaker.
+    pub async fn allows(&self) -> Allowance {
+        let (state, read_at) = *self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let state = if read_at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
+            self.run("read").await.map_or(state, |(state, _)| state)
+        } else {
+            state
+        };
+        match state {
+            State::Closed => Allowance::Yes,
+            State::Open { until } if Instant::now() < until => Allowance::No,
+            State::Open { .. } | State::HalfOpen => match self.run("probe").await {
+                Ok((_, true)) => Allowance::Probe,
+                _ => Allowance::No,
+            },
+        }
+    }
+
+    /// Whether the breaker is open (or half-open) in this worker's current view.
+    pub fn is_open(&self) -> bool {
+        !matches!(
+            self.view.lock().unwrap_or_else(|e| e.into_inner()).0,
+            State::Closed
+        )
+    }
+
+    /// A provider-side failure. Redis being away must not stop the send path: the view just
+    /// stays as it was.
+    pub async fn failure(&self) {
+        let _ = self.run("failure").await;
+    }
+
+    /// A send went through: closes a half-open breaker. Costs a round trip only then.
+    pub async fn success(&self, allowance: Allowance) {
+        if allowance == Allowance::Probe {
+            let _ = self.run("success").await;
+        }
+    }
+
+    async fn run(&self, op: &str) -> redis::RedisResult<(State, bool)> {
+        let reply: Vec<i64> = self
+            .script
+            .key(&self.key)
+            .arg(op)
+            .arg(self.config.failures)
+            .arg(millis(self.config.window))
+            .arg(millis(self.config.cooldown))
+            .arg(PROBE_LEASE_MS)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        let (state, open_ms, granted) = match reply.as_slice() {
+            [state, open_ms, granted, ..] => (*state, *open_ms, *granted == 1),
+            _ => (0, 0, false),
+        };
+        let state = match state {
+            1 => State::Open {
+                until: Instant::now() + Duration::from_millis(u64::try_from(open_ms).unwrap_or(0)),
+            },
+            2 => State::HalfOpen,
+            _ => State::Closed,
+        };
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let was = view.0;
+        *view = (state, Some(Instant::now()));
+        drop(view);
+        self.report(was, state);
+        Ok((state, granted))
+    }
+
+    fn report(&self, was: State, now: State) {
+        let value = match now {
+            State::Closed => 0.0,
+            State::Open { .. } => 1.0,
+            State::HalfOpen => 2.0,
+        };
+        metrics::gauge!(m::BREAKER_STATE, "provider" => self.provider).set(value);
+        match (was, now) {
+            (State::Closed, State::Open { .. }) => tracing::warn!(
+                provider = self.provider,
+                cooldown_secs = self.config.cooldown.as_secs(),
+                "provider breaker opened: sends go to the next provider"
+            ),
+            (State::Open { .. } | State::HalfOpen, State::Closed) => tracing::info!(
+                provider = self.provider,
+                "provider breaker closed: the provider is back in rotation"
+            ),
+            _ => {}
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}

@@ -1,0 +1,369 @@
+//! Infobip's SMS API v3: `POST {base}/sms/3/messages`, authenticated with a shared OAuth token
+//! (`POST {base}/auth/1/oauth2/token`) or an API key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::token::{FETCH_TIMEOUT, FreshToken, Token, TokenManager, TokenSource};
+use super::{Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after};
+use crate::config::{InfobipAuth, InfobipConfig};
+use crate::seal::SealKey;
+
+pub struct Infobip {
+    client: reqwest::Client,
+    send_url: String,
+    sender: String,
+    auth: Auth,
+}
+
+enum Auth {
+    ApiKey(SecretString),
+    OAuth(Box<TokenManager<OAuthEndpoint>>),
+}
+
+/// The token endpoint, fetched through the shared [`TokenManager`].
+struct OAuthEndpoint {
+    client: reqwest::Client,
+    url: String,
+    client_id: String,
+    client_secret: SecretString,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    expires_in: u64,
+}
+
+impl TokenSource for OAuthEndpoint {
+    async fn fetch(&self) -> Result<FreshToken, String> {
+        let form = [
+            ("client_id", self.client_id.as_str()),
+            ("client_secret", self.client_secret.expose_secret()),
+            ("grant_type", "client_credentials"),
+        ];
+        let response = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&form)
+            .timeout(FETCH_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| format!("infobip token endpoint: {}", e.without_url()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("infobip token endpoint answered {status}"));
+        }
+        let answer: TokenAnswer = response
+            .json()
+            .await
+            .map_err(|_| "infobip token endpoint answered an unreadable body".to_owned())?;
+        Ok(FreshToken {
+            token: SecretString::from(answer.access_token),
+            lifetime: Duration::from_secs(answer.expires_in.max(1)),
+        })
+    }
+}
+
+/// The parts of a 200 answer that matter: the message id and its status.
+#[derive(Deserialize)]
+struct SendAnswer {
+    #[serde(default)]
+    messages: Vec<MessageAnswer>,
+}
+
+#[derive(Deserialize)]
+struct MessageAnswer {
+    #[serde(rename = "messageId")]
+    message_id: Option<String>,
+    status: Option<Status>,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    #[serde(rename = "groupName")]
+    group_name: Option<String>,
+    id: Option<i64>,
+    name: Option<String>,
+}
+
+/// Either error shape Infobip answers: `{errorCode, description, violations}` (v3) or
+/// `{requestError: {serviceException: {messageId, text}}}` (older endpoints).
+#[derive(Deserialize, Default)]
+struct ErrorAnswer {
+    #[serde(rename = "errorCode")]
+    error_code: Option<String>,
+    description: Option<String>,
+    #[serde(default)]
+    violations: Vec<Violation>,
+    #[serde(rename = "requestError")]
+    request_error: Option<RequestError>,
+}
+
+#[derive(Deserialize)]
+struct Violation {
+    property: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RequestError {
+    #[serde(rename = "serviceException")]
+    service_exception: Option<ServiceException>,
+}
+
+#[derive(Deserialize)]
+struct ServiceException {
+    text: Option<String>,
+}
+
+impl Infobip {
+    pub fn new(
+        config: &InfobipConfig,
+        redis: ConnectionManager,
+        namespace: &str,
+        seal: Option<Arc<SealKey>>,
+    ) -> anyhow::Result<Self> {
+        let client = http_client()?;
+        let auth = match &config.auth {
+            InfobipAuth::ApiKey(key) => Auth::ApiKey(key.clone()),
+            InfobipAuth::OAuth {
+                client_id,
+                client_secret,
+            } => {
+                let seal = seal.ok_or_else(|| {
+                    anyhow::anyhow!("WORKER_SEAL_KEY is required with Infobip OAuth")
+                })?;
+                let endpoint = OAuthEndpoint {
+                    client: client.clone(),
+                    url: format!("{}/auth/1/oauth2/token", config.base_url),
+                    client_id: client_id.clone(),
+                    client_secret: client_secret.clone(),
+                };
+                Auth::OAuth(Box::new(TokenManager::new(
+                    "infobip", endpoint, redis, namespace, seal,
+                )))
+            }
+        };
+        Ok(Self {
+            client,
+            send_url: format!("{}/sms/3/messages", config.base_url),
+            sender: config.sender.clone(),
+            auth,
+        })
+    }
+
+    pub async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
+        match &self.auth {
+            Auth::ApiKey(key) => {
+                let header = format!("App {}", key.expose_secret());
+                self.send_with(sms, timeout, &header).await
+            }
+            Auth::OAuth(tokens) => {
+                let token = self.token(tokens).await?;
+                let header = format!("Bearer {}", token.value.expose_secret());
+                match self.send_with(sms, timeout, &header).await {
+                    // The token was refused (expired early, or replaced when another worker
+                    // fetched a new one): forget it once and try again with the current one.
+                    Err(e) if e.status == Some(401) => {
+                        tokens.invalidate(&token).await;
+                        let token = self.token(tokens).await?;
+                        let header = format!("Bearer {}", token.value.expose_secret());
+                        self.send_with(sms, timeout, &header).await
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    async fn token(&self, tokens: &TokenManager<OAuthEndpoint>) -> Result<Token, SendError> {
+        tokens.token().await.map_err(|e| {
+            // Nothing was sent: the provider's side failed before the message could go.
+            SendError::new(Failure::Retryable, format!("infobip: no access token: {e}"))
+        })
+    }
+
+    async fn send_with(
+        &self,
+        sms: &Sms<'_>,
+        timeout: Duration,
+        authorization: &str,
+    ) -> Result<Accepted, SendError> {
+        let to = sms.to.as_str().trim_start_matches('+');
+        let body = json!({
+            "messages": [{
+                "sender": self.sender,
+                "destinations": [{ "to": to, "messageId": sms.event_id.to_string() }],
+                "content": { "text": sms.body },
+                "options": {
+                    "validityPeriod": { "amount": sms.validity_secs.max(1), "timeUnit": "SECONDS" }
+                }
+            }]
+        });
+        let response = self
+            .client
+            .post(&self.send_url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .json(&body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| SendError::transport("infobip", &e, sms.to))?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| SendError::transport("infobip", &e, sms.to))?;
+        let status = status.as_u16();
+        let mask = |text: String| mask_number(&text, sms.to.as_str());
+
+        if (200..300).contains(&status) {
+            let message = serde_json::from_slice::<SendAnswer>(&bytes)
+                .ok()
+                .and_then(|answer| answer.messages.into_iter().next());
+            let Some(message) = message else {
+                return Ok(Accepted {
+                    provider: "infobip",
+                    message_id: None,
+                    status: None,
+                });
+            };
+            let group = message
+                .status
+                .as_ref()
+                .and_then(|s| s.group_name.clone())
+                .unwrap_or_default();
+            let id = message.status.as_ref().and_then(|s| s.id);
+            if group.eq_ignore_ascii_case("REJECTED") || group.eq_ignore_ascii_case("UNDELIVERABLE")
+            {
+                // A duplicate message id: this very event was accepted before (a redelivered copy).
+                if id == Some(23) {
+                    return Ok(Accepted {
+                        provider: "infobip",
+                        message_id: message.message_id,
+                        status: Some("duplicate".to_owned()),
+                    });
+                }
+                let name = message.status.and_then(|s| s.name).unwrap_or_default();
+                return Err(SendError {
+                    kind: classify_rejection(id),
+                    message: mask(format!("infobip rejected the message: {name}")),
+                    status: Some(status),
+                    code: id,
+                    retry_after: None,
+                });
+            }
+            return Ok(Accepted {
+                provider: "infobip",
+                message_id: message.message_id,
+                status: Some(group),
+            });
+        }
+
+        let error: ErrorAnswer = serde_json::from_slice(&bytes).unwrap_or_default();
+        let text = error
+            .description
+            .clone()
+            .or_else(|| {
+                error
+                    .request_error
+                    .as_ref()
+                    .and_then(|r| r.service_exception.as_ref())
+                    .and_then(|s| s.text.clone())
+            })
+            .unwrap_or_else(|| "no description".to_owned());
+        let about_destination = error.violations.iter().any(|v| {
+            v.property
+                .as_deref()
+                .is_some_and(|p| p.contains("destinations") || p.ends_with(".to"))
+        });
+        let code = error
+            .error_code
+            .as_deref()
+            .and_then(|c| c.trim_start_matches('E').parse().ok());
+        Err(SendError {
+            kind: classify(status, about_destination),
+            message: mask(format!("infobip answered {status}: {text}")),
+            status: Some(status),
+            code,
+            retry_after,
+        })
+    }
+}
+
+/// An error answer, by HTTP status (docs/messaging.md#the-provider-call).
+fn classify(status: u16, about_destination: bool) -> Failure {
+    match status {
+        429 | 408 => Failure::Retryable,
+        s if s >= 500 => Failure::Retryable,
+        // Credentials or the account's permissions: the provider refuses us.
+        401 | 403 => Failure::Provider,
+        400 if about_destination => Failure::Recipient,
+        _ => Failure::Recipient,
+    }
+}
+
+/// A REJECTED or UNDELIVERABLE status in a 200 answer, by Infobip's status id.
+fn classify_rejection(id: Option<i64>) -> Failure {
+    match id {
+        // Unknown prefix, do-not-disturb, blocklisted or invalid destination; flooding and
+        // anti-fraud blocks are policies another provider must not be used to get around.
+        Some(8 | 10 | 14 | 20 | 52 | 87) => Failure::Recipient,
+        // Sender, credit, package, test-account or route settings of the account.
+        Some(11 | 12 | 13 | 17 | 18 | 19) => Failure::Provider,
+        // The operator's network is not set up on the account, or the operator refused it.
+        Some(4 | 6) => Failure::Route,
+        Some(21 | 100) => Failure::Retryable,
+        _ => Failure::Recipient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_infobip_answers() {
+        assert_eq!(classify(429, false), Failure::Retryable);
+        assert_eq!(classify(503, false), Failure::Retryable);
+        assert_eq!(classify(401, false), Failure::Provider);
+        assert_eq!(classify(403, false), Failure::Provider);
+        assert_eq!(classify(400, true), Failure::Recipient);
+        assert_eq!(classify_rejection(Some(52)), Failure::Recipient);
+        assert_eq!(classify_rejection(Some(12)), Failure::Provider);
+        assert_eq!(classify_rejection(Some(6)), Failure::Route);
+        assert_eq!(classify_rejection(Some(21)), Failure::Retryable);
+    }
+
+    #[test]
+    fn reads_both_error_shapes() {
+        let v3: ErrorAnswer = serde_json::from_str(
+            r#"{"errorCode":"E400","description":"Request cannot be processed.","action":"x","violations":[{"property":"messages[0].destinations[0].to","violation":"bad"}],"resources":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(v3.error_code.as_deref(), Some("E400"));
+        assert_eq!(v3.violations.len(), 1);
+        let legacy: ErrorAnswer = serde_json::from_str(
+            r#"{"requestError":{"serviceException":{"messageId":"UNAUTHORIZED","text":"Invalid login details"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            legacy
+                .request_error
+                .unwrap()
+                .service_exception
+                .unwrap()
+                .text
+                .as_deref(),
+            Some("Invalid login details")
+        );
+    }
+}

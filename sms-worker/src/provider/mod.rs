@@ -1,0 +1,313 @@
+//! Where SMS go: Twilio, Infobip, or the log in development; each behind a circuit breaker, in
+//! the failover order of `SMS_PROVIDERS` (README.md#providers-and-failover).
+//!
+//! Every provider answer is sorted into a [`Failure`] kind, because what happens next depends on
+//! it: a failure the provider caused (its 5xx, its refusal of our credentials) counts toward its
+//! breaker and may move the send to the next provider; a failure the recipient caused (an
+//! invalid or unsubscribed number) would fail the same way everywhere, so it is dead-lettered;
+//! and an answer that never came after the request was written is *ambiguous*: the SMS may be on
+//! its way, so it is never retried in a loop.
+
+pub mod breaker;
+mod infobip;
+pub mod token;
+mod twilio;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use shared::PhoneNumber;
+use uuid::Uuid;
+
+use crate::config::{Config, ProviderConfig};
+use crate::metrics as m;
+use breaker::Breaker;
+
+/// One SMS ready to go.
+pub struct Sms<'a> {
+    pub to: &'a PhoneNumber,
+    pub body: String,
+    /// The same body with the code replaced, for anything that is logged.
+    pub masked_body: String,
+    /// Seconds until the OTP expires: providers drop the SMS if they cannot deliver it by then.
+    pub validity_secs: u64,
+    /// The event, for the provider's own message id where it takes one (Infobip refuses a
+    /// second message with the same id, which makes a redelivered copy harmless there).
+    pub event_id: Uuid,
+}
+
+/// The provider accepted the message.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub provider: &'static str,
+    /// The provider's message id (Twilio's `SM…` SID, Infobip's `messageId`).
+    pub message_id: Option<String>,
+    pub status: Option<String>,
+}
+
+/// What kind of failure a send met, which decides what happens next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Nothing was sent: the provider answered 429, 408 or 5xx, or could not be reached.
+    /// Retried with backoff; counts toward the provider's breaker.
+    Retryable,
+    /// The request went out and no answer came (a timeout or a reset after writing): the SMS
+    /// may have been accepted. At most one more attempt, never a retry loop.
+    Ambiguous,
+    /// The recipient is the problem (invalid, unsubscribed, blocked number): every provider
+    /// would fail the same way. Dead-lettered; no breaker, no failover.
+    Recipient,
+    /// The provider refuses us (credentials, suspended account, sender): counts toward its
+    /// breaker and the send moves to the next provider at once.
+    Provider,
+    /// This provider cannot reach this destination (no route, region not enabled), though it
+    /// works for others: the send moves to the next provider, the breaker is left alone.
+    Route,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retryable => "retryable",
+            Self::Ambiguous => "ambiguous",
+            Self::Recipient => "recipient",
+            Self::Provider => "provider",
+            Self::Route => "route",
+        }
+    }
+
+    /// Whether the provider (not the recipient, not the route) is to blame.
+    pub fn counts_toward_breaker(self) -> bool {
+        matches!(self, Self::Retryable | Self::Ambiguous | Self::Provider)
+    }
+}
+
+/// Why a send failed.
+#[derive(Debug, Clone)]
+pub struct SendError {
+    pub kind: Failure,
+    /// Text for logs and the dead-letter header; never holds the code, the number is masked.
+    pub message: String,
+    /// HTTP status, when the provider answered.
+    pub status: Option<u16>,
+    /// The provider's error code (Twilio's 21211, Infobip's status or error id), when it gave one.
+    pub code: Option<i64>,
+    /// `Retry-After` of a 429 or 503.
+    pub retry_after: Option<Duration>,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl SendError {
+    fn new(kind: Failure, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            status: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// A request that did not get an answer: before the request was written it is retryable,
+    /// after it the SMS may have gone out.
+    fn transport(provider: &str, error: &reqwest::Error, to: &PhoneNumber) -> Self {
+        let (kind, what) = if error.is_connect() {
+            (Failure::Retryable, "could not connect")
+        } else if error.is_timeout() {
+            (Failure::Ambiguous, "timed out")
+        } else {
+            (Failure::Ambiguous, "request failed")
+        };
+        // The kind and the source chain only: reqwest's own Display starts with the URL.
+        let mut message = format!("{provider} {what}");
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::new(kind, mask_number(&message, to.as_str()))
+    }
+}
+
+enum Client {
+    Log,
+    Twilio(twilio::Twilio),
+    Infobip(Box<infobip::Infobip>),
+}
+
+/// One provider with its breaker.
+pub struct Provider {
+    name: &'static str,
+    client: Client,
+    pub breaker: Breaker,
+}
+
+impl Provider {
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// One attempt, bounded by `timeout`. Records the provider's latency and outcome metrics;
+    /// the breaker is the caller's to update, since only it knows whether the send moved on.
+    pub async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
+        let started = Instant::now();
+        let result = match &self.client {
+            Client::Log => {
+                tracing::info!(
+                    to = %sms.to,
+                    body = %sms.masked_body,
+                    validity_secs = sms.validity_secs,
+                    "SMS_PROVIDERS=log: not sending this SMS, only logging it"
+                );
+                Ok(Accepted {
+                    provider: self.name,
+                    message_id: None,
+                    status: None,
+                })
+            }
+            Client::Twilio(twilio) => twilio.send(sms, timeout).await,
+            Client::Infobip(infobip) => infobip.send(sms, timeout).await,
+        };
+        let outcome = match &result {
+            Ok(_) => "accepted",
+            Err(e) => e.kind.as_str(),
+        };
+        metrics::histogram!(m::PROVIDER_DURATION, "provider" => self.name, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::PROVIDER_SENDS, "provider" => self.name, "outcome" => outcome)
+            .increment(1);
+        result
+    }
+}
+
+/// The configured providers, in failover order.
+pub struct Providers(Vec<Provider>);
+
+impl Providers {
+    pub fn new(config: &Config, redis: &ConnectionManager) -> anyhow::Result<Self> {
+        let seal = config.seal_key.clone().map(Arc::new);
+        let namespace = &config.common.namespace;
+        let providers = config
+            .providers
+            .iter()
+            .map(|provider| {
+                let client = match provider {
+                    ProviderConfig::Log => Client::Log,
+                    ProviderConfig::Twilio(twilio) => Client::Twilio(twilio::Twilio::new(twilio)?),
+                    ProviderConfig::Infobip(infobip) => Client::Infobip(Box::new(
+                        infobip::Infobip::new(infobip, redis.clone(), namespace, seal.clone())?,
+                    )),
+                };
+                Ok(Provider {
+                    name: provider.name(),
+                    client,
+                    breaker: Breaker::new(
+                        provider.name(),
+                        config.breaker,
+                        redis.clone(),
+                        namespace,
+                    ),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self(providers))
+    }
+
+    pub fn all(&self) -> &[Provider] {
+        &self.0
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(Provider::name).collect()
+    }
+
+    /// Whether any provider sends nothing (development).
+    pub fn logs_only(&self) -> bool {
+        self.0.iter().all(|p| matches!(p.client, Client::Log))
+    }
+}
+
+/// Provider error texts quote the number ("The 'To' number +14155550100 is not a valid phone
+/// number"); they end up in logs and in the dead-letter queue, so the number is masked.
+pub fn mask_number(text: &str, phone: &str) -> String {
+    if phone.is_empty() {
+        return text.to_owned();
+    }
+    let masked = shared::mask_phone(phone);
+    let mut out = text.replace(phone, &masked);
+    if let Some(digits) = phone.strip_prefix('+')
+        && digits.len() >= 6
+    {
+        out = out.replace(digits, &shared::mask_phone(digits));
+    }
+    out
+}
+
+/// `Retry-After` is either delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let date =
+        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
+    let left = date - time::OffsetDateTime::now_utc();
+    Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after)
+}
+
+/// A client for one provider: no redirects (a redirected POST would be resent as a GET, never
+/// right for an SMS), a short connect timeout.
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .user_agent(concat!("otp-auth-sms-worker/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_retry_after() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn masks_the_number_in_provider_errors() {
+        let text = "The 'To' number +14155550100 is not a valid phone number (14155550100).";
+        let masked = mask_number(text, "+14155550100");
+        assert!(!masked.contains("4155550100"), "{masked}");
+        assert!(masked.contains("+1415*****00"), "{masked}");
+    }
+
+    #[test]
+    fn only_provider_side_failures_count_toward_the_breaker() {
+        assert!(Failure::Retryable.counts_toward_breaker());
+        assert!(Failure::Ambiguous.counts_toward_breaker());
+        assert!(Failure::Provider.counts_toward_breaker());
+        assert!(!Failure::Recipient.counts_toward_breaker());
+        assert!(!Failure::Route.counts_toward_breaker());
+    }
+}

@@ -1,0 +1,154 @@
+//! Twilio's Messages API: `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after};
+use crate::config::{TwilioAuth, TwilioConfig};
+
+pub struct Twilio {
+    client: reqwest::Client,
+    url: String,
+    username: String,
+    password: SecretString,
+    from: Option<String>,
+    messaging_service_sid: Option<String>,
+}
+
+/// Twilio's error body: `{"code", "message", "more_info", "status"}`.
+#[derive(Debug, Deserialize)]
+struct TwilioError {
+    code: Option<i64>,
+    message: Option<String>,
+}
+
+/// The parts of the message resource (201) that are worth keeping.
+#[derive(Debug, Deserialize)]
+struct TwilioMessage {
+    sid: Option<String>,
+    status: Option<String>,
+}
+
+impl Twilio {
+    pub fn new(config: &TwilioConfig) -> anyhow::Result<Self> {
+        let (username, password) = match &config.auth {
+            TwilioAuth::AuthToken(token) => (config.account_sid.clone(), token.clone()),
+            TwilioAuth::ApiKey { sid, secret } => (sid.clone(), secret.clone()),
+        };
+        Ok(Self {
+            client: http_client()?,
+            url: format!(
+                "{}/2010-04-01/Accounts/{}/Messages.json",
+                config.base_url, config.account_sid
+            ),
+            username,
+            password,
+            from: config.from.clone(),
+            messaging_service_sid: config.messaging_service_sid.clone(),
+        })
+    }
+
+    pub async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
+        let mut form: Vec<(&str, String)> = vec![("To", sms.to.as_str().to_owned())];
+        if let Some(from) = &self.from {
+            form.push(("From", from.clone()));
+        }
+        if let Some(sid) = &self.messaging_service_sid {
+            form.push(("MessagingServiceSid", sid.clone()));
+        }
+        form.push(("Body", sms.body.clone()));
+        // Twilio accepts 1 to 36000.
+        form.push((
+            "ValidityPeriod",
+            sms.validity_secs.clamp(1, 36_000).to_string(),
+        ));
+
+        let response = self
+            .client
+            .post(&self.url)
+            .basic_auth(&self.username, Some(self.password.expose_secret()))
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&form)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| SendError::transport("twilio", &e, sms.to))?;
+
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        // The body is read under the same deadline as the request; a body that cannot be read
+        // after the status came is as ambiguous as a lost answer.
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| SendError::transport("twilio", &e, sms.to))?;
+
+        if status.is_success() {
+            let message: Option<TwilioMessage> = serde_json::from_slice(&body).ok();
+            return Ok(Accepted {
+                provider: "twilio",
+                message_id: message.as_ref().and_then(|m| m.sid.clone()),
+                status: message.and_then(|m| m.status),
+            });
+        }
+        let error: Option<TwilioError> = serde_json::from_slice(&body).ok();
+        let code = error.as_ref().and_then(|e| e.code);
+        let text = error
+            .and_then(|e| e.message)
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+        let status = status.as_u16();
+        Err(SendError {
+            kind: classify(status, code),
+            message: mask_number(
+                &format!("twilio answered {status}: {text}"),
+                sms.to.as_str(),
+            ),
+            status: Some(status),
+            code,
+            retry_after,
+        })
+    }
+}
+
+/// Twilio's answer, by HTTP status and error code (docs/messaging.md#the-provider-call).
+pub fn classify(status: u16, code: Option<i64>) -> Failure {
+    if status == 429 || status == 408 || status >= 500 {
+        return Failure::Retryable;
+    }
+    if status == 401 || status == 403 {
+        // 20003: the account SID, token or API key is wrong; or the account is suspended.
+        return Failure::Provider;
+    }
+    match code {
+        // Sender, account or queue problems on our side of Twilio: another provider may work.
+        Some(20005 | 21606 | 21608 | 21611 | 30002) => Failure::Provider,
+        // This destination cannot be reached through this account (region not enabled, sender
+        // not allowed there): another provider may reach it, but Twilio still works for others.
+        Some(21408 | 21612 | 30024 | 30034) => Failure::Route,
+        // Invalid, unsubscribed, landline or blocked numbers (21211, 21610, 21614, 21635, …) and
+        // any other 4xx fail the same way everywhere.
+        _ => Failure::Recipient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_twilio_answers() {
+        for status in [429, 500, 502, 503, 504, 408] {
+            assert_eq!(classify(status, None), Failure::Retryable, "{status}");
+        }
+        assert_eq!(classify(401, Some(20003)), Failure::Provider);
+        assert_eq!(classify(403, None), Failure::Provider);
+        assert_eq!(classify(400, Some(21608)), Failure::Provider);
+        assert_eq!(classify(400, Some(21408)), Failure::Route);
+        for code in [21211, 21610, 21614, 21635] {
+            assert_eq!(classify(400, Some(code)), Failure::Recipient, "{code}");
+        }
+        assert_eq!(classify(400, None), Failure::Recipient);
+    }
+}

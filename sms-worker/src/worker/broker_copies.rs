@@ -1,0 +1,53 @@
+//! Draining `{ns}.sms.dead`: what RabbitMQ dead-lettered itself (an OTP that expired in the
+//! queue, a message over the delivery limit) arrives there as it was, code included, and goes
+//! on into the dead-letter queue with the code removed. The broker's `x-death` stays, so
+//! `sms-worker dlq list` shows why it died.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::task::JoinSet;
+use tracing::warn;
+
+use super::context::Context;
+use crate::dead_letter::{self, PublishError};
+
+/// Forwards `delivery` on a task of its own; acknowledged only once the copy is confirmed.
+pub(crate) fn spawn(tasks: &mut JoinSet<()>, context: Arc<Context>, delivery: Delivery) {
+    tasks.spawn(async move {
+        let forwarded = match context.dead_letter_channel() {
+            Some(channel) => {
+                dead_letter::forward_broker_copy(
+                    &channel,
+                    &context.topology.dead_letter_queue(),
+                    &delivery.properties,
+                    &delivery.data,
+                )
+                .await
+            }
+            None => Err(PublishError::NoChannel),
+        };
+        match forwarded {
+            Ok(()) => {
+                metrics::counter!(crate::metrics::DEAD_LETTERS, "kind" => "broker").increment(1);
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    warn!(error = %e, "could not acknowledge a forwarded broker dead letter; it will be forwarded again");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "could not forward a broker dead letter; returning it");
+                // A pause, so that a broken route does not become a busy loop.
+                if let Ok(()) = context.shutdown.sleep(Duration::from_secs(1)).await {
+                    let _ = delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await;
+                }
+            }
+        }
+    });
+}

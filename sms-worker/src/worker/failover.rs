@@ -1,0 +1,294 @@
+//! Sending one event through the providers (README.md#providers-and-failover).
+//!
+//! Each attempt goes to the first provider, in `SMS_PROVIDERS` order, whose breaker lets it
+//! through and which has not refused this event for good. What happens after a failure depends
+//! on its kind (see [`crate::provider::Failure`]):
+//! - retryable (nothing was sent): backoff and try again, within the budget; if the failure
+//!   opened the provider's breaker and another provider is open for business, at once there;
+//! - provider or route (this provider cannot send it): at once through the next provider;
+//! - recipient (no provider could): dead-lettered;
+//! - ambiguous (the request went out, no answer came back): the SMS may be on its way, so it
+//!   gets exactly one more attempt, on the next provider where there is one, and never the
+//!   retry loop; if that ends without a clear "accepted", the event ends as sent-unconfirmed.
+
+use std::time::Duration;
+
+use shared::OtpRequested;
+use time::OffsetDateTime;
+use tracing::{debug, info, warn};
+
+use super::budget::{MIN_MILLIS_LEFT, Retries};
+use super::context::Context;
+use super::outcome::Outcome;
+use crate::dead_letter::{DeadLetter, ErrorKind};
+use crate::ledger::{ClaimToken, Finished, SendLedger};
+use crate::message;
+use crate::metrics::{self as m, send_outcome};
+use crate::provider::breaker::Allowance;
+use crate::provider::{Failure, Provider, SendError, Sms};
+use crate::shutdown::ShuttingDown;
+
+/// What this event has been through so far.
+#[derive(Default)]
+struct Tried {
+    /// Providers that cannot send this event (they refused it, or were ambiguous about it).
+    excluded: Vec<&'static str>,
+    /// `name:status:code` per call, for the dead letter.
+    calls: Vec<String>,
+    /// A call went out without an answer: the next call is the last.
+    ambiguous: bool,
+    last_error: Option<SendError>,
+}
+
+impl Tried {
+    fn record(&mut self, provider: &str, error: &SendError) {
+        let dash = || "-".to_owned();
+        self.calls.push(format!(
+            "{provider}:{}:{}",
+            error.status.map_or_else(dash, |s| s.to_string()),
+            error.code.map_or_else(dash, |c| c.to_string()),
+        ));
+        self.last_error = Some(error.clone());
+    }
+
+    fn dead_letter(&self, kind: ErrorKind, attempts: u32, prefix: &str) -> DeadLetter {
+        let error = self.last_error.as_ref();
+        DeadLetter {
+            kind,
+            error: format!(
+                "{prefix}{}",
+                error.map_or("no provider could take it", |e| e.message.as_str())
+            ),
+            attempts,
+            provider_status: error.and_then(|e| e.status),
+            provider_code: error.and_then(|e| e.code),
+            providers: self.calls.clone(),
+        }
+    }
+}
+
+/// Sends the event, failing over between providers, and says how the delivery ends.
+pub(crate) async fn send_through_providers(
+    context: &Context,
+    event: &OtpRequested,
+    claim: ClaimToken,
+    retries: &mut Retries,
+) -> Outcome {
+    let config = &context.config;
+    let code = event.otp.as_deref().unwrap_or_default();
+    let mut tried = Tried::default();
+    let mut attempts: u32 = 0;
+    loop {
+        let millis_left = event.millis_left(OffsetDateTime::now_utc());
+        if millis_left < MIN_MILLIS_LEFT {
+            if tried.ambiguous {
+                return sent_unconfirmed(context, event).await;
+            }
+            return Outcome::DeadLetter {
+                dead_letter: tried.dead_letter(
+                    ErrorKind::Expired,
+                    attempts,
+                    "the OTP expired while retrying: ",
+                ),
+                claim: Some(claim),
+            };
+        }
+        let Some((provider, allowance)) = choose(context, &tried).await else {
+            if all_excluded(context, &tried) {
+                if tried.ambiguous {
+                    return sent_unconfirmed(context, event).await;
+                }
+                warn!(attempts, providers = ?tried.calls, "every provider refused the SMS; dead-lettering it");
+                return Outcome::DeadLetter {
+                    dead_letter: tried.dead_letter(ErrorKind::Permanent, attempts, ""),
+                    claim: Some(claim),
+                };
+            }
+            // Every remaining provider's breaker is open: wait as for a retryable failure.
+            debug!("every provider's breaker is open; waiting");
+            match wait(context, event, &claim, retries, None).await {
+                Ok(()) => continue,
+                Err(outcome) => return give_up(outcome, &tried, attempts, claim),
+            }
+        };
+
+        attempts += 1;
+        let sms = Sms {
+            to: &event.phone_number,
+            body: message::render(&config.message, code, millis_left),
+            masked_body: message::render_masked(&config.message, code, millis_left),
+            validity_secs: millis_left / 1_000,
+            event_id: event.event_id,
+        };
+        let timeout = config.send_timeout.min(Duration::from_millis(millis_left));
+        let error = match provider.send(&sms, timeout).await {
+            Ok(accepted) => {
+                provider.breaker.success(allowance).await;
+                info!(
+                    attempts,
+                    provider = accepted.provider,
+                    message_id = accepted.message_id.as_deref().unwrap_or("-"),
+                    status = accepted.status.as_deref().unwrap_or("-"),
+                    "SMS sent"
+                );
+                send_outcome("sent");
+                record_sent(&context.ledger, event).await;
+                return Outcome::Sent;
+            }
+            Err(error) => error,
+        };
+        tried.record(provider.name(), &error);
+        if error.kind.counts_toward_breaker() {
+            provider.breaker.failure().await;
+        }
+        warn!(
+            attempts,
+            provider = provider.name(),
+            kind = error.kind.as_str(),
+            status = error.status,
+            code = error.code,
+            error = %error,
+            "send failed"
+        );
+        if tried.ambiguous {
+            // The one attempt after an ambiguous one is the last, whatever it met, unless it
+            // proves that nothing could have been delivered.
+            if error.kind == Failure::Recipient {
+                return dead_letter_now(&tried, attempts, claim);
+            }
+            return sent_unconfirmed(context, event).await;
+        }
+        match error.kind {
+            Failure::Recipient => return dead_letter_now(&tried, attempts, claim),
+            Failure::Provider | Failure::Route => tried.excluded.push(provider.name()),
+            Failure::Ambiguous => {
+                tried.ambiguous = true;
+                // The next provider, where there is one; else this one, once.
+                if context.providers.all().len() > 1 {
+                    tried.excluded.push(provider.name());
+                }
+            }
+            Failure::Retryable => {
+                let elsewhere =
+                    provider.breaker.is_open() && has_alternative(context, &tried, provider.name());
+                if !elsewhere {
+                    send_outcome("retried");
+                    if let Err(outcome) =
+                        wait(context, event, &claim, retries, error.retry_after).await
+                    {
+                        return give_up(outcome, &tried, attempts, claim);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first provider, in order, that is not excluded and whose breaker lets this send through.
+async fn choose<'a>(context: &'a Context, tried: &Tried) -> Option<(&'a Provider, Allowance)> {
+    for provider in context.providers.all() {
+        if tried.excluded.contains(&provider.name()) {
+            continue;
+        }
+        let allowance = provider.breaker.allows().await;
+        if allowance != Allowance::No {
+            return Some((provider, allowance));
+        }
+    }
+    None
+}
+
+fn all_excluded(context: &Context, tried: &Tried) -> bool {
+    context
+        .providers
+        .all()
+        .iter()
+        .all(|p| tried.excluded.contains(&p.name()))
+}
+
+/// Whether a provider other than `current` could take the next attempt (breakers aside).
+fn has_alternative(context: &Context, tried: &Tried, current: &str) -> bool {
+    context
+        .providers
+        .all()
+        .iter()
+        .any(|p| p.name() != current && !tried.excluded.contains(&p.name()) && !p.breaker.is_open())
+}
+
+/// Why waiting for the next attempt ended the event instead.
+enum Stop {
+    ShuttingDown,
+    Budget(ErrorKind),
+}
+
+/// Sleeps the next backoff delay (at least `retry_after`), unless the budget or a shutdown ends
+/// the event first.
+async fn wait(
+    context: &Context,
+    event: &OtpRequested,
+    claim: &ClaimToken,
+    retries: &mut Retries,
+    retry_after: Option<Duration>,
+) -> Result<(), Stop> {
+    let delay = retries.next_delay(retry_after).map_err(Stop::Budget)?;
+    debug!(
+        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        "retrying after a delay"
+    );
+    if let Err(ShuttingDown) = context.shutdown.sleep(delay).await {
+        // Shutting down: hand it to another worker rather than wait here.
+        if let Err(e) = context.ledger.release(event.event_id, claim).await {
+            debug!(error = %e, "could not release the claim; it will lapse");
+        }
+        return Err(Stop::ShuttingDown);
+    }
+    Ok(())
+}
+
+fn give_up(stop: Stop, tried: &Tried, attempts: u32, claim: ClaimToken) -> Outcome {
+    match stop {
+        Stop::ShuttingDown => Outcome::LeaveToRedeliver,
+        Stop::Budget(kind) => {
+            warn!(attempts, kind = kind.as_str(), "giving up; dead-lettering");
+            let prefix = format!("gave up after {attempts} attempts: ");
+            Outcome::DeadLetter {
+                dead_letter: tried.dead_letter(kind, attempts, &prefix),
+                claim: Some(claim),
+            }
+        }
+    }
+}
+
+fn dead_letter_now(tried: &Tried, attempts: u32, claim: ClaimToken) -> Outcome {
+    warn!(
+        attempts,
+        "the SMS cannot be delivered to this recipient; dead-lettering it"
+    );
+    Outcome::DeadLetter {
+        dead_letter: tried.dead_letter(ErrorKind::Permanent, attempts, ""),
+        claim: Some(claim),
+    }
+}
+
+/// Two calls without a clear answer: recorded as sent, so no copy sends it again.
+async fn sent_unconfirmed(context: &Context, event: &OtpRequested) -> Outcome {
+    warn!("no provider confirmed the SMS, but it may have been sent; not trying again");
+    metrics::counter!(m::AMBIGUOUS).increment(1);
+    record_sent(&context.ledger, event).await;
+    Outcome::SentUnconfirmed
+}
+
+/// Records the send; a few quick tries, since a missing record could let a redelivered copy
+/// send the SMS again.
+async fn record_sent(ledger: &SendLedger, event: &OtpRequested) {
+    let ttl = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
+    for attempt in 1..=3 {
+        match ledger.finish(event.event_id, Finished::Sent, ttl).await {
+            Ok(()) => return,
+            Err(e) if attempt == 3 => {
+                warn!(error = %e, "sent, but could not record it in Redis; a redelivered copy could be sent again")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
