@@ -7,7 +7,7 @@ use tracing::{Level, Metadata};
 use tracing_appender::non_blocking::ErrorCounter;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
-use tracing_subscriber::filter::{FilterExt as _, filter_fn};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -33,9 +33,7 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
         .lossy(true)
         .finish(std::io::stdout());
     let _ = DROPPED_LINES.set(writer.error_counter());
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        .and(filter_fn(below_info_allowed));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let layer = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -43,14 +41,16 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(writer)
-            .with_filter(filter)
             .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer()
-            .with_writer(writer)
-            .with_filter(filter)
-            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     };
-    let _already_installed = tracing_subscriber::registry().with(layer).try_init();
+    // Global filters, not per-layer ones: a span that a per-layer filter turned away while
+    // another filter enabled it can be missing from the lines logged inside it.
+    let _already_installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(filter_fn(below_info_allowed))
+        .with(layer)
+        .try_init();
     LogGuard(guard)
 }
 

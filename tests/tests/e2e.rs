@@ -1,6 +1,7 @@
 //! End to end: the real `api`, `sms-worker` and `fake-sms` binaries as separate processes,
-//! talking over the real RabbitMQ, Redis and PostgreSQL. Also runs each `loadgen` scenario
-//! briefly against that stack (a smoke test: no timing assertions).
+//! talking over the real RabbitMQ, Redis and PostgreSQL: a sign-in, the same at `RUST_LOG=trace`
+//! (whose logs must hold no secret either), and each `loadgen` scenario briefly against that
+//! stack (a smoke test: no timing assertions).
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,12 +25,12 @@ fn free_port() -> u16 {
 }
 
 /// `pairs` as a program's environment, with JSON logs (what production runs, and what the
-/// test reads).
-fn env(pairs: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+/// test reads) filtered by `rust_log`.
+fn env(pairs: impl IntoIterator<Item = (String, String)>, rust_log: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = pairs.into_iter().collect();
     env.extend([
         ("LOG_FORMAT".to_owned(), "json".to_owned()),
-        ("RUST_LOG".to_owned(), "info".to_owned()),
+        ("RUST_LOG".to_owned(), rust_log.to_owned()),
     ]);
     env
 }
@@ -51,6 +52,12 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Self {
+        Self::start_with(&[], "info").await
+    }
+
+    /// The stack with `api_vars` added to the api's environment, every program logging as
+    /// `rust_log` says.
+    async fn start_with(api_vars: &[(&str, &str)], rust_log: &str) -> Self {
         let servers = servers().require_all();
         let namespace = unique("e2e");
         let database = unique("otp_test");
@@ -64,7 +71,10 @@ impl Stack {
         let fake = Program::start(
             Path::new(env!("CARGO_BIN_EXE_fake-sms")),
             &[],
-            env(pairs([("FAKE_SMS_ADDR", format!("127.0.0.1:{sms_port}"))])),
+            env(
+                pairs([("FAKE_SMS_ADDR", format!("127.0.0.1:{sms_port}"))]),
+                rust_log,
+            ),
         );
         let api_env = common.iter().cloned().chain(pairs([
             ("API_ADDR", format!("127.0.0.1:{api_port}")),
@@ -72,7 +82,12 @@ impl Stack {
             ("OTP_SECRET", "e2e-secret-0123456789abcdef".to_owned()),
             ("OTP_PER_IP_PER_HOUR", "1000000".to_owned()),
         ]));
-        let api = Program::start_workspace("api", &[], env(api_env)).await;
+        let api_env = api_env.chain(
+            api_vars
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+        );
+        let api = Program::start_workspace("api", &[], env(api_env, rust_log)).await;
         let worker_env = common.into_iter().chain(pairs([
             ("WORKER_ADDR", format!("127.0.0.1:{worker_port}")),
             ("SMS_PROVIDER", "twilio".to_owned()),
@@ -87,7 +102,7 @@ impl Stack {
             ),
             ("TWILIO_FROM", "+15005550006".to_owned()),
         ]));
-        let worker = Program::start_workspace("sms-worker", &[], env(worker_env)).await;
+        let worker = Program::start_workspace("sms-worker", &[], env(worker_env, rust_log)).await;
         let stack = Self {
             namespace,
             database,
@@ -205,6 +220,77 @@ async fn sign_in_across_api_worker_and_fake_sms() {
         );
         for secret in [code.as_str(), token, phone, &phone[1..]] {
             assert!(!logs.contains(secret), "a log holds {secret}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn logs_at_trace_hold_no_code_token_or_full_number() {
+    // Ten-digit codes: a six-digit one could turn up by chance among the numbers of a trace log.
+    let mut stack = Stack::start_with(&[("OTP_LENGTH", "10")], "trace").await;
+    let phone = "+14155550124";
+    let api = |path: &str| stack.client.post(format!("{}{path}", stack.api_url));
+    let sent = stack
+        .json(api("/v1/otp").json(&json!({ "phone_number": phone })))
+        .await;
+    let challenge_id = &sent["challenge_id"];
+    let sms: Value = eventually(DEADLINE, "the SMS at fake-sms", || async {
+        let url = format!("{}/messages?to=%2B14155550124", stack.sms_url);
+        let messages: Vec<Value> = stack.client.get(url).send().await.ok()?.json().await.ok()?;
+        messages.into_iter().next()
+    })
+    .await;
+    let code = loadgen::extract_code(sms["body"].as_str().unwrap()).expect("a code in the SMS");
+    assert_eq!(code.len(), 10);
+
+    let verify = json!({ "phone_number": phone, "otp": code, "challenge_id": challenge_id });
+    let session = stack.json(api("/v1/otp/verify").json(&verify)).await;
+    let secret = |session: &Value, name: &str| session[name].as_str().expect(name).to_owned();
+    let me = stack.client.get(format!("{}/v1/me", stack.api_url));
+    let me = stack
+        .json(me.bearer_auth(secret(&session, "access_token")))
+        .await;
+    assert_eq!(me["phone_number"], phone);
+    let refresh = json!({ "refresh_token": secret(&session, "refresh_token") });
+    let rotated = stack.json(api("/v1/token/refresh").json(&refresh)).await;
+    let logout = api("/v1/logout").bearer_auth(secret(&rotated, "access_token"));
+    assert_eq!(logout.send().await.unwrap().status(), 204);
+
+    // Stopped, so every line they wrote has been read.
+    let mut logs = Vec::new();
+    for program in stack.programs.iter_mut().filter(|p| p.name() != "fake-sms") {
+        program.terminate();
+        assert!(program.wait(DEADLINE).await.success(), "{}", program.name());
+        logs.push((program.name().to_owned(), program.logs()));
+    }
+    let mut secrets = vec![code.clone(), phone.to_owned(), phone[1..].to_owned()];
+    for session in [&session, &rotated] {
+        secrets.push(secret(session, "access_token"));
+        secrets.push(secret(session, "refresh_token"));
+    }
+    let api_logs = &logs[0].1;
+    assert!(
+        api_logs.contains(r#""level":"DEBUG""#),
+        "the api logs below info: {api_logs}"
+    );
+    for (name, logs) in &logs {
+        for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+            let entry: Value = serde_json::from_str(line).expect("JSON logs");
+            // Other crates log AMQP frames, HTTP bodies and headers below info: never shown.
+            let target = entry["target"].as_str().unwrap_or_default();
+            let krate = target.split("::").next().unwrap_or_default();
+            if matches!(entry["level"].as_str(), Some("DEBUG" | "TRACE")) {
+                assert!(
+                    ["api", "sms_worker", "shared", "tower_http"].contains(&krate),
+                    "{name} logged below info for {target}: {line}"
+                );
+            }
+            for secret in &secrets {
+                assert!(
+                    !line.contains(secret.as_str()),
+                    "{name} logged {secret}: {line}"
+                );
+            }
         }
     }
 }

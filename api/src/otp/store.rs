@@ -115,8 +115,8 @@ if bound then
 else
   redis.call('HINCRBY', KEYS[1], 'u', 1)
 end
--- Redis seeds math.random the same way for every script run: the guess makes the member unique.
-redis.call('ZADD', KEYS[2], now, now .. ':' .. string.sub(given, 1, 16))
+-- Unique per guess: this code's event and its count of wrong guesses so far.
+redis.call('ZADD', KEYS[2], now, s[3] .. ':' .. (a + u + 1))
 redis.call('PEXPIRE', KEYS[2], day)
 return {0}
 ";

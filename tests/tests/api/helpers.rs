@@ -172,6 +172,44 @@ impl Reply {
     }
 }
 
+/// A code and its handle, as the client that requested it has them.
+pub struct Sent {
+    pub code: String,
+    pub challenge_id: String,
+}
+
+/// The `challenge_id` of a 202: 26 base32 characters.
+pub fn challenge_of(reply: &Reply) -> String {
+    let id = reply.body["challenge_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a challenge_id in {}", reply.body));
+    assert_eq!(id.len(), 26, "{id}");
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b)),
+        "{id}"
+    );
+    id.to_owned()
+}
+
+/// The `n`-th wrong guess for `code`: same length, never `code`, a different one for each `n`.
+pub fn wrong_code(code: &str, n: u64) -> String {
+    let width = code.len();
+    let modulus = 10u64.pow(width as u32);
+    let right: u64 = code.parse().expect("a code is digits");
+    format!("{:0width$}", (right + 1 + n) % modulus)
+}
+
+/// The value of one series in Prometheus text, e.g. `name{label="x"}`, or 0 when absent.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(series))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .find_map(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// How many of `replies` have `status`.
 pub fn count(replies: &[Reply], status: StatusCode) -> usize {
     replies.iter().filter(|r| r.status == status).count()
@@ -235,6 +273,45 @@ impl TestApp {
             json!({ "phone_number": phone, "otp": otp }),
         )
         .await
+    }
+
+    /// Requests a code: the code (read from its event) and the `challenge_id` of the 202.
+    pub async fn code_and_challenge(&self, phone: &str) -> Sent {
+        let reply = self.request_otp(phone).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+        let challenge_id = challenge_of(&reply);
+        let (event, _) = self.next_delivery(phone).await;
+        Sent {
+            code: event.otp.expect("the event carries the code"),
+            challenge_id,
+        }
+    }
+
+    /// A guess that carries a `challenge_id` (a bound guess).
+    pub async fn verify_bound(&self, phone: &str, otp: &str, challenge_id: &str) -> Reply {
+        self.post(
+            "/v1/otp/verify",
+            json!({ "phone_number": phone, "otp": otp, "challenge_id": challenge_id }),
+        )
+        .await
+    }
+
+    /// POSTs `body` as if through a proxy that put `forwarded_for` in `X-Forwarded-For`.
+    pub async fn post_forwarded(&self, path: &str, forwarded_for: &str, body: Value) -> Reply {
+        self.send(
+            self.client
+                .post(self.url(path))
+                .header("x-forwarded-for", forwarded_for)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// The `/metrics` text. Every app of this test binary shares one recorder.
+    pub async fn metrics(&self) -> String {
+        let reply = self.get("/metrics").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        reply.body.as_str().expect("metrics are text").to_owned()
     }
 
     pub async fn wait_until_ready(&self) {

@@ -2,9 +2,17 @@
 //! says). Each test gets its own database and NAMESPACE, so they run in parallel and again and
 //! again.
 
+mod challenges;
 mod errors;
+mod exposure;
 mod failures;
 mod flow;
+mod guesses;
 mod helpers;
 mod limits;
+mod networks;
+mod numbers;
+mod processes;
+mod sessions;
 mod tokens;
+mod velocity;

@@ -1,0 +1,267 @@
+//! Sessions: a logout cannot race a rotation, rotation retires the old access token, refresh is
+//! rate limited and ends with the session, and a retried refresh does not sign the user out.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tests::wait::eventually;
+
+use crate::helpers::{PHONE, Reply, Spawn, TestApp, spawn_app, spawn_with};
+
+fn token(session: &Value, name: &str) -> String {
+    session[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} in {session}"))
+        .to_owned()
+}
+
+async fn refresh(app: &TestApp, refresh_token: &str) -> Reply {
+    app.post(
+        "/v1/token/refresh",
+        json!({ "refresh_token": refresh_token }),
+    )
+    .await
+}
+
+/// A refresh that must succeed: the new session body.
+async fn rotate(app: &TestApp, refresh_token: &str) -> Value {
+    let reply = refresh(app, refresh_token).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    reply.body
+}
+
+async fn me(app: &TestApp, access: &str) -> StatusCode {
+    app.get_authed("/v1/me", access).await.status
+}
+
+/// Every refresh and access token of `session` is refused.
+async fn assert_signed_out(app: &TestApp, session: &Value) {
+    app.get_authed("/v1/me", &token(session, "access_token"))
+        .await
+        .assert_problem(401, "unauthorized");
+    refresh(app, &token(session, "refresh_token"))
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+}
+
+async fn scalar(db: &sqlx::PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(db)
+        .await
+        .expect("a count")
+}
+
+/// Starts a refresh that stalls while inserting its new pair (a trigger sleeps 1 s), logs out
+/// while it holds the session, and checks that nothing of the session is left alive.
+async fn logout_during_a_rotation(logout_body: Option<Value>) {
+    let app = spawn_app().await;
+    let session = app.sign_in(PHONE).await;
+    let db = app.db().await;
+    sqlx::query(
+        "CREATE FUNCTION slow_refresh() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$ LANGUAGE plpgsql",
+    )
+    .execute(&db)
+    .await
+    .expect("the function is created");
+    sqlx::query(
+        "CREATE TRIGGER slow_refresh BEFORE INSERT ON tokens FOR EACH ROW WHEN (NEW.scope = 'refresh') EXECUTE FUNCTION slow_refresh()",
+    )
+    .execute(&db)
+    .await
+    .expect("the trigger is created");
+
+    let refresh_token = token(&session, "refresh_token");
+    let rotation = refresh(&app, &refresh_token);
+    let logout = async {
+        eventually(Duration::from_secs(10), "the refresh in its insert", || async {
+            let sleeping: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'",
+            )
+            .fetch_one(&db)
+            .await
+            .ok()?;
+            (sleeping > 0).then_some(())
+        })
+        .await;
+        let mut request = app
+            .client
+            .post(app.url("/v1/logout"))
+            .bearer_auth(token(&session, "access_token"));
+        if let Some(body) = &logout_body {
+            request = request.json(body);
+        }
+        app.send(request).await
+    };
+    let (rotated, logout) = tokio::join!(rotation, logout);
+    assert_eq!(logout.status, StatusCode::NO_CONTENT, "{}", logout.body);
+    if rotated.status == StatusCode::OK {
+        // The pair the refresh inserted while the logout waited is revoked with the rest.
+        assert_signed_out(&app, &rotated.body).await;
+    } else {
+        rotated.assert_problem(401, "invalid_refresh_token");
+    }
+    assert_signed_out(&app, &session).await;
+    let live = scalar(
+        &db,
+        "SELECT count(*) FROM tokens t JOIN sessions s ON s.id = t.family_id WHERE s.revoked_at IS NULL",
+    )
+    .await;
+    assert_eq!(live, 0, "tokens of a live session");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM tokens").await, 0);
+}
+
+#[tokio::test]
+async fn a_logout_during_a_rotation_revokes_the_pair_it_inserts() {
+    logout_during_a_rotation(None).await;
+}
+
+#[tokio::test]
+async fn a_logout_everywhere_during_a_rotation_revokes_the_pair_it_inserts() {
+    logout_during_a_rotation(Some(json!({ "all": true }))).await;
+}
+
+#[tokio::test]
+async fn twenty_five_refreshes_leave_one_live_access_token_and_few_rows() {
+    let app = spawn_with(Spawn::default().var("REFRESH_PER_SESSION_PER_MINUTE", 100)).await;
+    let mut session = app.sign_in(PHONE).await;
+    let user_id = session["user"]["id"].as_str().unwrap().to_owned();
+    let mut access_tokens = vec![token(&session, "access_token")];
+    for _ in 0..25 {
+        session = rotate(&app, &token(&session, "refresh_token")).await;
+        access_tokens.push(token(&session, "access_token"));
+    }
+    let (latest, retired) = access_tokens.split_last().unwrap();
+    assert_eq!(me(&app, latest).await, StatusCode::OK);
+    for old in retired {
+        app.get_authed("/v1/me", old)
+            .await
+            .assert_problem(401, "unauthorized");
+    }
+    let db = app.db().await;
+    let (access_rows, session_rows): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE scope = 'authentication'), count(*) FROM tokens WHERE user_id::text = $1",
+    )
+    .bind(&user_id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(access_rows, 1);
+    assert!(
+        session_rows <= 3,
+        "{session_rows} token rows for one session"
+    );
+}
+
+#[tokio::test]
+async fn a_session_refreshing_too_often_is_rate_limited() {
+    let app = spawn_with(Spawn::default().var("REFRESH_PER_SESSION_PER_MINUTE", 3)).await;
+    let mut session = app.sign_in(PHONE).await;
+    for _ in 0..3 {
+        session = rotate(&app, &token(&session, "refresh_token")).await;
+    }
+    let refused = refresh(&app, &token(&session, "refresh_token")).await;
+    refused.assert_problem(429, "rate_limited");
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    // Another sign-in of the same user has a budget of its own.
+    let other = app.sign_in_again(PHONE).await;
+    rotate(&app, &token(&other, "refresh_token")).await;
+}
+
+#[tokio::test]
+async fn a_session_cannot_be_refreshed_past_its_maximum_lifetime() {
+    let app = spawn_with(Spawn::default().var("SESSION_MAX_LIFETIME_SECS", 60)).await;
+    let session = app.sign_in(PHONE).await;
+    for field in ["expires_in", "refresh_expires_in"] {
+        let secs = session[field].as_u64().unwrap();
+        assert!((1..=60).contains(&secs), "{field} {secs}");
+    }
+    let rotated = rotate(&app, &token(&session, "refresh_token")).await;
+    assert!(rotated["refresh_expires_in"].as_u64().unwrap() <= 60);
+
+    let db = app.db().await;
+    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second'")
+        .execute(&db)
+        .await
+        .unwrap();
+    refresh(&app, &token(&rotated, "refresh_token"))
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+}
+
+#[tokio::test]
+async fn a_retried_refresh_within_the_grace_keeps_both_pairs_working() {
+    let app = spawn_app().await;
+    let session = app.sign_in(PHONE).await;
+    let first = rotate(&app, &token(&session, "refresh_token")).await;
+    // The answer was lost; the client presents the same refresh token again.
+    let second = rotate(&app, &token(&session, "refresh_token")).await;
+    assert_ne!(
+        token(&first, "access_token"),
+        token(&second, "access_token")
+    );
+    assert_eq!(first["user"]["id"], second["user"]["id"]);
+    for pair in [&first, &second] {
+        assert_eq!(me(&app, &token(pair, "access_token")).await, StatusCode::OK);
+    }
+    for pair in [&first, &second] {
+        rotate(&app, &token(pair, "refresh_token")).await;
+    }
+    let db = app.db().await;
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM sessions WHERE revoked_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_replayed_after_the_grace_revokes_the_session() {
+    let app = spawn_with(Spawn::default().var("REFRESH_REUSE_GRACE_SECS", 2)).await;
+    let session = app.sign_in(PHONE).await;
+    let first = rotate(&app, &token(&session, "refresh_token")).await;
+    let rotated_at = Instant::now();
+    let second = rotate(&app, &token(&session, "refresh_token")).await;
+
+    // Waiting out the configured grace is the point of the test.
+    tokio::time::sleep(Duration::from_millis(2_500).saturating_sub(rotated_at.elapsed())).await;
+    refresh(&app, &token(&session, "refresh_token"))
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+    for pair in [&first, &second] {
+        assert_signed_out(&app, pair).await;
+    }
+    let db = app.db().await;
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM sessions WHERE revoked_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn with_no_grace_a_replayed_refresh_token_revokes_the_session_at_once() {
+    let app = spawn_with(Spawn::default().var("REFRESH_REUSE_GRACE_SECS", 0)).await;
+    let session = app.sign_in(PHONE).await;
+    let rotated = rotate(&app, &token(&session, "refresh_token")).await;
+    refresh(&app, &token(&session, "refresh_token"))
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+    assert_signed_out(&app, &rotated).await;
+    let db = app.db().await;
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM sessions WHERE revoked_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+}
