@@ -74,7 +74,7 @@ pub async fn forward_broker_copy(
 
 /// The body with `otp` set to null when it is a JSON object. Anything else was never a valid
 /// event and is kept as it came.
-fn without_code(body: &[u8]) -> Vec<u8> {
+pub fn without_code(body: &[u8]) -> Vec<u8> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(mut event)) => {
             if event.contains_key("otp") {

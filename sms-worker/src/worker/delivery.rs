@@ -220,7 +220,8 @@ async fn publish_dead_letter(
         .ok_or(PublishError::NoChannel)?;
     let body = match event {
         Some(event) => serde_json::to_vec(&event.without_code()).unwrap_or_default(),
-        None => delivery.data.clone(),
+        // Unreadable as an event, but maybe JSON with a real code beside a bad field.
+        None => dead_letter::without_code(&delivery.data),
     };
     dead_letter::publish(
         &channel,

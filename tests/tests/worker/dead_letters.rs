@@ -221,3 +221,34 @@ async fn bad_credentials_are_a_permanent_failure() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn only_a_code_and_an_e164_number_are_ever_sent() {
+    with_harness(QueueType::Classic, |h| async move {
+        let worker = h.start_worker(&[]).await;
+        // Whatever is in `otp` would go out under our sender ID.
+        let mut phishing = event(&phone(), CODE_VALIDITY);
+        phishing.otp = Some("000000. Your account is locked; confirm at https://evil.example/x".into());
+        h.publish(&phishing).await;
+        // A real code beside a number that is not E.164.
+        let code = "424242";
+        let body = format!(
+            r#"{{"version":1,"event_id":"{}","phone_number":"+1234","otp":"{code}","expires_at":"2099-01-01T00:00:00Z","requested_at":"2026-01-01T00:00:00Z","request_id":"r"}}"#,
+            uuid::Uuid::new_v4()
+        );
+        h.publish_with(body.as_bytes(), BasicProperties::default().with_delivery_mode(2))
+            .await;
+        let letters = h.wait_for_dead_letters(2).await;
+        worker.stop().await;
+        assert!(h.fake.requests(None).is_empty(), "nothing was sent");
+        for letter in &letters {
+            assert_eq!(
+                letter.header_str("x-error-kind").as_deref(),
+                Some("invalid_message")
+            );
+            let text = String::from_utf8_lossy(&letter.body);
+            assert!(!text.contains(code), "no readable code: {text}");
+        }
+    })
+    .await;
+}

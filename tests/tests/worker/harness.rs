@@ -28,6 +28,8 @@ use tokio::sync::oneshot;
 pub const WAIT: Duration = Duration::from_secs(20);
 /// What most tests give an event: longer than any test runs.
 pub const CODE_VALIDITY: Duration = Duration::from_secs(300);
+/// A test key for what the worker seals in Redis (32 bytes, base64).
+pub const SEAL_KEY: &str = "dGVzdC1zZWFsLWtleS0wMTIzNDU2Nzg5YWJjZGVmMDE=";
 
 pub struct Harness {
     pub ns: String,
@@ -114,8 +116,24 @@ impl Harness {
         env
     }
 
+    /// Overrides that add fake-sms's Infobip after Twilio (`SMS_PROVIDERS=twilio,infobip`), with
+    /// OAuth client credentials and a seal key.
+    pub fn failover(&self) -> Vec<(String, String)> {
+        let fake = self.fake.config();
+        [
+            ("SMS_PROVIDERS", "twilio,infobip"),
+            ("INFOBIP_BASE_URL", &self.fake.base_url()),
+            ("INFOBIP_SENDER", "OTPAuth"),
+            ("INFOBIP_CLIENT_ID", fake.infobip_client_id.as_str()),
+            ("INFOBIP_CLIENT_SECRET", fake.infobip_client_secret.as_str()),
+            ("WORKER_SEAL_KEY", SEAL_KEY),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .into()
+    }
+
     /// [`Harness::env`] with `overrides` (an empty value unsets a variable).
-    fn env_with(&self, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
+    pub fn env_with(&self, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut env = self.env();
         env.extend(
             overrides
@@ -277,6 +295,18 @@ impl Harness {
             self.fake.messages(Some(to)).len() >= count
         })
         .await;
+    }
+
+    /// What the worker's `/metrics` says now.
+    pub async fn metrics(&self, worker: &RunningWorker) -> String {
+        self.http
+            .get(format!("http://{}/metrics", worker.addr))
+            .send()
+            .await
+            .expect("the worker answers /metrics")
+            .text()
+            .await
+            .expect("a metrics body")
     }
 
     /// The time between one request to fake-sms for `to` and the next.

@@ -8,10 +8,13 @@
 //! future). The SIGTERM and the kill tests run the real `sms-worker` binary as a child process,
 //! since only a process receives a signal or dies with its sockets; so does the `dlq` command.
 
+mod ambiguity;
 mod at_most_once;
 mod dead_letters;
+mod failover;
 mod harness;
 mod operations;
 mod outages;
 mod processes;
 mod sending;
+mod tokens;

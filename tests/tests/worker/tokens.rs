@@ -1,0 +1,145 @@
+//! One provider token for every worker: fetched once however many sends need it, renewed ahead
+//! of expiry by exactly one process, and replaced once however many sends it fails.
+
+use std::time::{Duration, Instant};
+
+use shared::QueueType;
+use tests::fake_sms::{SmsProvider, TokenPolicy};
+use tests::wait::eventually;
+
+use crate::harness::{Harness, WAIT, phone, with_harness};
+
+/// Infobip alone, with OAuth: every send needs the shared token.
+fn infobip_only(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut overrides = h.failover();
+    overrides.push(("SMS_PROVIDERS".to_owned(), "infobip".to_owned()));
+    overrides.extend(
+        extra
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned())),
+    );
+    overrides
+}
+
+fn pairs(overrides: &[(String, String)]) -> Vec<(&str, &str)> {
+    overrides
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_sends_on_an_empty_cache_make_one_token_call() {
+    with_harness(QueueType::Classic, |h| async move {
+        // A slow token endpoint, so the hundred sends really wait for it together.
+        h.fake.set_token_policy(TokenPolicy {
+            latency_ms: 300,
+            ..TokenPolicy::default()
+        });
+        let numbers: Vec<String> = (0..100).map(|_| phone()).collect();
+        for to in &numbers {
+            h.request_sms(to).await;
+        }
+        let overrides = infobip_only(&h, &[("WORKER_CONCURRENCY", "100")]);
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        eventually(WAIT, "100 SMS through Infobip", || async {
+            h.fake.requests_via(SmsProvider::Infobip, None).len() >= 100
+        })
+        .await;
+        worker.stop().await;
+        assert_eq!(h.fake.messages(None).len(), 100);
+        let calls = h.fake.token_calls();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].status, 200);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fifty_sends_refused_with_a_stale_token_cause_one_refresh() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = infobip_only(&h, &[]);
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let first = phone();
+        h.request_sms(&first).await;
+        h.wait_for_messages(&first, 1).await;
+        assert_eq!(h.fake.token_calls().len(), 1);
+
+        // Infobip forgets the token the worker holds: every send with it gets 401.
+        h.fake.expire_tokens();
+        let numbers: Vec<String> = (0..50).map(|_| phone()).collect();
+        for to in &numbers {
+            h.request_sms(to).await;
+        }
+        for to in &numbers {
+            h.wait_for_messages(to, 1).await;
+        }
+        worker.stop().await;
+        assert_eq!(h.fake.token_calls().len(), 2, "{:?}", h.fake.token_calls());
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn four_worker_processes_share_one_token_renewed_once_per_lifetime() {
+    with_harness(QueueType::Classic, |h| async move {
+        // The hard way: short-lived tokens, a token endpoint that allows one call a second and
+        // invalidates the previous token whenever it issues a new one.
+        h.fake.set_token_policy(TokenPolicy {
+            lifetime_secs: 5,
+            calls_per_second: Some(1),
+            invalidate_previous: true,
+            latency_ms: 0,
+        });
+        let overrides = infobip_only(&h, &[]);
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            workers.push(h.start_worker_process(&pairs(&overrides)).await);
+        }
+        // 20 s of steady sends, ten a second.
+        let started = Instant::now();
+        let mut numbers = Vec::new();
+        while started.elapsed() < Duration::from_secs(20) {
+            let to = phone();
+            h.request_sms(&to).await;
+            numbers.push(to);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for to in &numbers {
+            h.wait_for_messages(to, 1).await;
+        }
+        for worker in &mut workers {
+            worker.terminate();
+        }
+        for worker in &mut workers {
+            worker.wait(WAIT).await;
+        }
+
+        assert_eq!(
+            h.dead_lettered().await,
+            0,
+            "no send failed for want of a token"
+        );
+        let calls = h.fake.token_calls();
+        assert!(calls.iter().all(|c| c.status == 200), "{calls:?}");
+        assert!(
+            calls.iter().all(|c| c.concurrent == 1),
+            "never two at once: {calls:?}"
+        );
+        // One call per lifetime: renewals about a second before expiry, never two in one.
+        for pair in calls.windows(2) {
+            let gap = Duration::try_from(pair[1].at - pair[0].at).unwrap();
+            assert!(
+                gap >= Duration::from_secs(3),
+                "two calls {gap:?} apart: {calls:?}"
+            );
+        }
+        assert!(
+            (4..=7).contains(&calls.len()),
+            "{} token calls in 20 s",
+            calls.len()
+        );
+    })
+    .await;
+}
