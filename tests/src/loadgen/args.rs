@@ -11,6 +11,7 @@ pub enum Scenario {
     Verify,
     Me,
     Drain,
+    Failover,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -60,6 +61,7 @@ impl Args {
             Scenario::Verify => "verify",
             Scenario::Me => "me",
             Scenario::Drain => "drain",
+            Scenario::Failover => "failover",
         };
         Self::parse_from(["loadgen", name])
     }

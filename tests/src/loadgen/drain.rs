@@ -58,6 +58,7 @@ pub(super) async fn drain(args: &Args, sms: &SmsInbox) -> anyhow::Result<Report>
         errors,
         delivery: None,
         undelivered: None,
+        figures: BTreeMap::new(),
     })
 }
 

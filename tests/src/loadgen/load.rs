@@ -139,5 +139,6 @@ pub(super) async fn load(
         errors: total.errors,
         delivery,
         undelivered,
+        figures: std::collections::BTreeMap::new(),
     })
 }

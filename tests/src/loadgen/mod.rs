@@ -8,6 +8,8 @@
 //! - `me`: authenticated reads with tokens from a few sign-ins.
 //! - `drain`: publish N events straight to RabbitMQ, then time how fast the workers deliver them
 //!   to fake-sms (with `--sms-latency-ms` injected there).
+//! - `failover`: steady sends while fake-sms's Twilio fails for the middle third of the run:
+//!   how fast the workers move to Infobip and back.
 //!
 //! The api must allow the load: run it with a high `OTP_PER_IP_PER_HOUR` (every request comes
 //! from 127.0.0.1).
@@ -20,6 +22,7 @@
 mod api;
 mod args;
 mod drain;
+mod failover;
 mod load;
 mod prepare;
 mod report;
@@ -45,6 +48,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     }
     let result = match args.scenario {
         Scenario::Drain => drain::drain(&args, &sms).await,
+        Scenario::Failover => failover::failover(&args, &sms).await,
         _ => load::load(args.clone(), client, &sms).await,
     };
     if args.sms_latency_ms.is_some() {

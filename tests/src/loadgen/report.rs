@@ -51,6 +51,10 @@ pub struct Report {
     pub delivery: Option<Latency>,
     /// `request`: accepted requests whose SMS had not arrived when the report was made.
     pub undelivered: Option<u64>,
+    /// Figures of one scenario (`failover`: `failover_ms`, `back_to_first_ms`, SMS by provider,
+    /// `token_calls_per_hour`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub figures: BTreeMap<String, f64>,
 }
 
 impl fmt::Display for Report {
@@ -75,6 +79,9 @@ impl fmt::Display for Report {
         line(f, "202→sms", &self.delivery)?;
         if let Some(n) = self.undelivered {
             writeln!(f, "undelivered  {n}")?;
+        }
+        for (name, value) in &self.figures {
+            writeln!(f, "{name:<12} {value:.0}")?;
         }
         if self.errors.is_empty() {
             writeln!(f, "errors       none")?;

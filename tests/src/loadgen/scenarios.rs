@@ -49,7 +49,9 @@ impl Operations {
                     .await?;
                 Ok(None)
             }
-            Scenario::Drain => unreachable!("drain has its own loop"),
+            Scenario::Drain | Scenario::Failover => {
+                unreachable!("drain and failover have their own loops")
+            }
         }
     }
 }

@@ -58,6 +58,33 @@ impl SmsInbox {
             .await?)
     }
 
+    /// Sets Twilio's faults (`None` clears them).
+    pub(super) async fn set_twilio_faults(&self, faults: Option<Value>) -> anyhow::Result<()> {
+        let url = format!("{}/control/faults", self.url);
+        let request = match faults {
+            Some(faults) => self.client.post(url).json(&faults),
+            None => self.client.delete(url),
+        };
+        request
+            .send()
+            .await
+            .context("cannot reach fake-sms")?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// A list fake-sms serves as JSON (`/requests`, `/control/infobip/token-calls`).
+    pub(super) async fn list(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+        Ok(self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
     /// How many messages fake-sms has accepted so far.
     pub(super) async fn count(&self) -> anyhow::Result<u64> {
         Ok(self.messages(None).await?.len() as u64)
