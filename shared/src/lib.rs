@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod config;
 pub mod event;
+pub mod otp_keys;
 pub mod phone;
 pub mod telemetry;
 pub mod topology;

@@ -87,6 +87,12 @@ pub fn render_metrics() -> String {
     handle.render()
 }
 
+/// Buckets, in seconds, for `sms_delivery_seconds`: from the provider accepting an SMS to the
+/// carrier's `delivered`, which takes seconds to minutes.
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -96,6 +102,11 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Suffix("_duration_seconds".into()),
                     DURATION_BUCKETS,
+                )
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("sms_delivery_seconds".into()),
+                    DELIVERY_BUCKETS,
                 )
                 .expect("the bucket list is not empty");
             let recorder = builder.build_recorder();

@@ -1,5 +1,5 @@
 //! The command line: `sms-worker` runs the worker; `sms-worker dlq list|purge` inspects its
-//! dead-letter queue.
+//! dead-letter queue; `sms-worker trace <phone>` tells what became of a number's last sends.
 
 use std::process::ExitCode;
 
@@ -22,6 +22,15 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Show the last day's sends to one number: each event's timeline (requested, provider
+    /// calls, receipts, resends). Codes are never kept; the number is masked in the output.
+    Trace {
+        /// The number, in E.164 (+14155550100).
+        phone: String,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -70,6 +79,38 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Trace { phone, json }) => {
+            let Ok(phone) = shared::PhoneNumber::parse(&phone) else {
+                eprintln!(
+                    "error: {} is not a number in E.164 form (+14155550100)",
+                    shared::mask_phone(&phone)
+                );
+                return ExitCode::from(2);
+            };
+            let (config, seal) = match CommonConfig::from_env(&env).and_then(|config| {
+                let seal = env
+                    .secret("WORKER_SEAL_KEY")
+                    .map(|key| {
+                        crate::seal::SealKey::from_base64(&key)
+                            .map_err(|e| shared::ConfigError::new("WORKER_SEAL_KEY", e))
+                    })
+                    .transpose()?;
+                Ok((config, seal))
+            }) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(trace(&config, seal, &phone, json)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Dlq { command }) => {
             let config = match CommonConfig::from_env(&env) {
                 Ok(config) => config,
@@ -111,6 +152,44 @@ async fn dlq(config: &CommonConfig, command: DlqCommand) -> anyhow::Result<()> {
             let (queue, purged) = crate::dead_letter::purge(config).await?;
             eprintln!("{queue}: purged {purged} entries");
         }
+    }
+    Ok(())
+}
+
+async fn trace(
+    config: &CommonConfig,
+    seal: Option<crate::seal::SealKey>,
+    phone: &shared::PhoneNumber,
+    json: bool,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use secrecy::ExposeSecret as _;
+
+    let client = redis::Client::open(config.redis_url.expose_secret())
+        .map_err(|_| anyhow::anyhow!("REDIS_URL is not a valid Redis URL"))?;
+    let redis = redis::aio::ConnectionManager::new(client)
+        .await
+        .context("cannot connect to Redis")?;
+    let timelines =
+        crate::trace::Timelines::new(redis, &config.namespace, seal.map(std::sync::Arc::new));
+    let lines = timelines
+        .read(phone)
+        .await
+        .context("cannot read from Redis")?;
+    if lines.is_empty() {
+        eprintln!(
+            "{}: nothing recorded in the last 24 h in namespace {} (the workers' WORKER_SEAL_KEY must be set here too)",
+            phone.masked(),
+            config.namespace
+        );
+        return Ok(());
+    }
+    if json {
+        for line in &lines {
+            println!("{}", serde_json::to_string(line)?);
+        }
+    } else {
+        print!("{}", crate::trace::print(&phone.masked(), &lines));
     }
     Ok(())
 }

@@ -10,6 +10,9 @@
 //! - `dead`: the event was dead-lettered. Later copies are acknowledged too, so an event ends as
 //!   exactly one of "sent" or "dead-lettered".
 //!
+//! A second key, `{ns}:sms:{<event_id>}:resend`, is the one resend a carrier-side delivery
+//! failure may earn (see `worker::resend`): set once, however many receipts arrive.
+//!
 //! `sent` and `dead` live until the OTP expires plus [`DONE_MARGIN`]. No copy can reach a worker
 //! later than that: the message's `expiration` makes the broker dead-letter it at `expires_at`.
 //! Keeping records only that long bounds Redis to about (rate × (OTP lifetime + margin)) keys,
@@ -177,6 +180,26 @@ impl SendLedger {
             .query_async(&mut self.redis.clone())
             .await?;
         Ok(())
+    }
+}
+
+impl SendLedger {
+    /// Claims the one resend an event may get; `false` when it was claimed before. Kept as long
+    /// as the event's own record.
+    pub async fn claim_resend(
+        &self,
+        event_id: &str,
+        time_left: Duration,
+    ) -> Result<bool, RedisError> {
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:sms:{{{event_id}}}:resend", self.namespace))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(time_left + DONE_MARGIN))
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(claimed.is_some())
     }
 }
 

@@ -8,7 +8,9 @@
 //! Where things are: [`config`] reads the environment once; `worker/` is the consumer in stages
 //! (connection, delivery, send); `ledger` keeps one SMS per event; `provider` talks to Twilio;
 //! `message` renders the SMS body; [`dead_letter`] publishes and inspects the dead-letter queue;
-//! `http` serves `/healthz`, `/readyz` and `/metrics`; `shutdown` carries the stop signal.
+//! `http` serves `/healthz`, `/readyz` and `/metrics`; `shutdown` carries the stop signal;
+//! `receipts` reads providers' delivery receipts and remembers sent messages for them; [`trace`]
+//! keeps each number's timeline for `sms-worker trace`.
 
 pub mod cli;
 pub mod config;
@@ -18,8 +20,10 @@ mod ledger;
 mod message;
 pub mod metrics;
 mod provider;
-mod seal;
+mod receipts;
+pub mod seal;
 mod shutdown;
+pub mod trace;
 mod worker;
 
 pub use config::{Config, ProviderConfig, TwilioAuth, TwilioConfig};

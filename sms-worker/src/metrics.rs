@@ -17,6 +17,25 @@ pub const BREAKER_STATE: &str = "sms_provider_breaker_state";
 pub const TOKEN_REFRESHES: &str = "sms_provider_token_refreshes_total";
 /// Counter: events that ended sent-unconfirmed (two ambiguous provider calls).
 pub const AMBIGUOUS: &str = "sms_ambiguous_total";
+/// Counter of delivery receipts that moved a message's status, labels `provider`, `status`
+/// (`queued`, `sent`, `delivered`, `undelivered`, `failed`) and `country` (the destination's
+/// calling code, e.g. `44`).
+pub const RECEIPTS: &str = "sms_receipts_total";
+/// Counter of receipts that changed nothing, labels `provider` and `reason` (`duplicate`: the
+/// same or an older status again; `unknown`: no message of ours with that id).
+pub const RECEIPTS_IGNORED: &str = "sms_receipts_ignored_total";
+/// Histogram (seconds) from the provider accepting an SMS to its `delivered` receipt, label
+/// `provider`.
+pub const DELIVERY_SECONDS: &str = "sms_delivery_seconds";
+/// Counter of resends after a carrier-side delivery failure, labels `provider` (the one resent
+/// through) and `outcome` (`accepted` or the failure kind).
+pub const RESENDS: &str = "sms_resends_total";
+/// Counter of carrier-side failures not resent, label `reason` (`expired`, `code_not_current`,
+/// `no_other_provider`, `already_resent`, `unavailable`).
+pub const RESENDS_SKIPPED: &str = "sms_resends_skipped_total";
+/// Counter of callbacks refused, labels `provider` and `reason` (`signature`, `secret`,
+/// `malformed`).
+pub const CALLBACKS_REJECTED: &str = "sms_callbacks_rejected_total";
 /// Gauge: deliveries being handled right now by this process.
 pub const IN_FLIGHT: &str = "sms_in_flight";
 /// Counter: connections to RabbitMQ opened (more than one means it reconnected).

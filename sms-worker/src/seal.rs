@@ -38,6 +38,11 @@ impl SealKey {
         Ok(Self(key))
     }
 
+    /// The key's bytes, to derive other keys from it.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn cipher(&self) -> LessSafeKey {
         LessSafeKey::new(
             UnboundKey::new(&AES_256_GCM, &self.0).expect("a 32-byte key fits AES-256"),

@@ -46,6 +46,7 @@ struct Stack {
     database: String,
     api_url: String,
     sms_url: String,
+    callback_url: String,
     programs: Vec<Program>,
     client: reqwest::Client,
 }
@@ -61,7 +62,8 @@ impl Stack {
         let servers = servers().require_all();
         let namespace = unique("e2e");
         let database = unique("otp_test");
-        let (api_port, sms_port, worker_port) = (free_port(), free_port(), free_port());
+        let (api_port, sms_port, worker_port, callback_port) =
+            (free_port(), free_port(), free_port(), free_port());
         let sms_url = format!("http://127.0.0.1:{sms_port}");
         let mut common = servers.env();
         common.extend(pairs([
@@ -90,7 +92,27 @@ impl Stack {
         let api = Program::start_workspace("api", &[], env(api_env, rust_log)).await;
         let worker_env = common.into_iter().chain(pairs([
             ("WORKER_ADDR", format!("127.0.0.1:{worker_port}")),
-            ("SMS_PROVIDER", "twilio".to_owned()),
+            // As in production: two providers, delivery receipts on.
+            ("SMS_PROVIDERS", "twilio,infobip".to_owned()),
+            ("CALLBACK_ADDR", format!("127.0.0.1:{callback_port}")),
+            (
+                "CALLBACK_BASE_URL",
+                format!("http://127.0.0.1:{callback_port}"),
+            ),
+            (
+                "WORKER_SEAL_KEY",
+                "ZTJlLXNlYWwta2V5LTAxMjM0NTY3ODlhYmNkZWYwMTI=".to_owned(),
+            ),
+            ("INFOBIP_BASE_URL", sms_url.clone()),
+            ("INFOBIP_SENDER", "OTPAuth".to_owned()),
+            (
+                "INFOBIP_CLIENT_ID",
+                tests::fake_sms::DEFAULT_INFOBIP_CLIENT_ID.to_owned(),
+            ),
+            (
+                "INFOBIP_CLIENT_SECRET",
+                tests::fake_sms::DEFAULT_INFOBIP_CLIENT_SECRET.to_owned(),
+            ),
             ("TWILIO_BASE_URL", sms_url.clone()),
             (
                 "TWILIO_ACCOUNT_SID",
@@ -108,6 +130,7 @@ impl Stack {
             database,
             api_url: format!("http://127.0.0.1:{api_port}"),
             sms_url,
+            callback_url: format!("http://127.0.0.1:{callback_port}"),
             programs: vec![fake, api, worker],
             client: reqwest::Client::new(),
         };
@@ -148,6 +171,7 @@ impl Stack {
         let mut args = Args::for_scenario(scenario);
         args.api_url = self.api_url.clone();
         args.sms_url = self.sms_url.clone();
+        args.callback_url = self.callback_url.clone();
         args.amqp_url = servers().rabbitmq.url().to_owned();
         args.namespace = self.namespace.clone();
         args.concurrency = 4;
@@ -263,7 +287,15 @@ async fn logs_at_trace_hold_no_code_token_or_full_number() {
         assert!(program.wait(DEADLINE).await.success(), "{}", program.name());
         logs.push((program.name().to_owned(), program.logs()));
     }
-    let mut secrets = vec![code.clone(), phone.to_owned(), phone[1..].to_owned()];
+    // The Infobip callback URL's secret follows `secret=`; the Twilio auth token also signs
+    // the delivery receipts this run received.
+    let mut secrets = vec![
+        code.clone(),
+        phone.to_owned(),
+        phone[1..].to_owned(),
+        tests::fake_sms::DEFAULT_AUTH_TOKEN.to_owned(),
+        "secret=".to_owned(),
+    ];
     for session in [&session, &rotated] {
         secrets.push(secret(session, "access_token"));
         secrets.push(secret(session, "refresh_token"));
@@ -304,12 +336,20 @@ async fn loadgen_scenarios_run_against_the_stack() {
         (Scenario::Verify, 10),
         (Scenario::Me, 20),
         (Scenario::Drain, 20),
+        (Scenario::Receipts, 20),
+        (Scenario::Resend, 5),
     ] {
         let mut args = stack.args(scenario);
         args.count = Some(count);
         args.users = 2;
         let report = loadgen::run(args).await.unwrap();
-        assert_eq!(report.ok, count, "{scenario:?}: {report}");
+        // `receipts` posts two callbacks (sent, delivered) per message.
+        let expected = if scenario == Scenario::Receipts {
+            count * 2
+        } else {
+            count
+        };
+        assert_eq!(report.ok, expected, "{scenario:?}: {report}");
         assert!(report.errors.is_empty(), "{scenario:?}: {report}");
         assert!(report.throughput_per_sec > 0.0);
         if matches!(scenario, Scenario::Request | Scenario::Signup) {

@@ -179,11 +179,10 @@ struct PhoneKeys {
 
 impl PhoneKeys {
     fn new(namespace: &str, phone: &PhoneNumber) -> Self {
-        let phone = phone.as_str();
-        let key = |name: &str| format!("{namespace}:otp:{{{phone}}}:{name}");
+        let key = |name: &str| shared::otp_keys::key(namespace, phone, name);
         Self {
-            code: key("code"),
-            pending: key("pending"),
+            code: shared::otp_keys::current_code(namespace, phone),
+            pending: shared::otp_keys::pending_code(namespace, phone),
             resend: key("resend"),
             sent: key("sent"),
             fails: key("fails"),

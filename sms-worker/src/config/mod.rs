@@ -31,6 +31,8 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// `WORKER_SEAL_KEY`: seals what the worker keeps in Redis that must stay secret.
     pub seal_key: Option<SealKey>,
+    /// Delivery receipts, when `CALLBACK_ADDR` is set.
+    pub callbacks: Option<CallbackConfig>,
     pub message: MessageConfig,
     /// `WORKER_CONCURRENCY`: AMQP prefetch, so also the number of sends in flight.
     pub concurrency: u16,
@@ -48,6 +50,17 @@ pub struct Config {
     /// `SHUTDOWN_GRACE_SECS` (advanced): on SIGTERM, how long in-flight sends may take to finish
     /// before the rest is handed back to the queue.
     pub shutdown_grace: Duration,
+}
+
+/// Where providers report delivery (`CALLBACK_ADDR`, `CALLBACK_BASE_URL`).
+#[derive(Debug, Clone)]
+pub struct CallbackConfig {
+    /// The listener for `POST /v1/callbacks/{twilio,infobip}`.
+    pub addr: SocketAddr,
+    /// The public base URL providers call, without a trailing slash (e.g.
+    /// `https://sms-hooks.example.com`). Twilio signs the exact URL it calls, so this must be the
+    /// URL the provider sees, not an internal one.
+    pub base_url: String,
 }
 
 /// What the SMS body looks like.
@@ -81,6 +94,55 @@ impl Config {
                 })
             )
         });
+        let callbacks = match env.optional_string("CALLBACK_ADDR") {
+            None => None,
+            Some(addr) => {
+                let addr = addr
+                    .parse::<SocketAddr>()
+                    .map_err(|_| ConfigError::new("CALLBACK_ADDR", "expected HOST:PORT"))?;
+                let base_url = env.optional_string("CALLBACK_BASE_URL").ok_or_else(|| {
+                    ConfigError::new(
+                        "CALLBACK_BASE_URL",
+                        "required with CALLBACK_ADDR: the public URL providers call",
+                    )
+                })?;
+                match reqwest::Url::parse(&base_url) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                    }
+                    _ => {
+                        return Err(ConfigError::new(
+                            "CALLBACK_BASE_URL",
+                            "expected an http(s) URL",
+                        ));
+                    }
+                }
+                if seal_key.is_none() {
+                    return Err(ConfigError::new(
+                        "WORKER_SEAL_KEY",
+                        "required with CALLBACK_ADDR: messages awaiting receipts are kept in Redis sealed under it",
+                    ));
+                }
+                let unsigned = providers.iter().any(|p| {
+                    matches!(
+                        p,
+                        ProviderConfig::Twilio(TwilioConfig {
+                            auth_token: None,
+                            ..
+                        })
+                    )
+                });
+                if unsigned {
+                    return Err(ConfigError::new(
+                        "TWILIO_AUTH_TOKEN",
+                        "required with CALLBACK_ADDR: Twilio signs its status callbacks with the account's auth token",
+                    ));
+                }
+                Some(CallbackConfig {
+                    addr,
+                    base_url: base_url.trim_end_matches('/').to_owned(),
+                })
+            }
+        };
         if oauth && seal_key.is_none() {
             return Err(ConfigError::new(
                 "WORKER_SEAL_KEY",
@@ -103,6 +165,7 @@ impl Config {
             providers,
             breaker: BreakerConfig::from_env(env)?,
             seal_key,
+            callbacks,
             message,
             concurrency: env.integer_in("WORKER_CONCURRENCY", 64, 1..=10_000)?,
             send_timeout,

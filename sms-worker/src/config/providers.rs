@@ -30,6 +30,9 @@ impl ProviderConfig {
 pub struct TwilioConfig {
     pub account_sid: String,
     pub auth: TwilioAuth,
+    /// `TWILIO_AUTH_TOKEN`, also when sending with an API key: Twilio signs its status callbacks
+    /// with the account's auth token only.
+    pub auth_token: Option<SecretString>,
     pub from: Option<String>,
     pub messaging_service_sid: Option<String>,
     /// Without a trailing slash.
@@ -66,21 +69,41 @@ pub enum InfobipAuth {
 }
 
 /// When a provider is taken out of rotation, and when it is tried again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerConfig {
     /// `PROVIDER_BREAKER_FAILURES` provider-side failures within `window` open the breaker.
     pub failures: u32,
     pub window: Duration,
     /// An open breaker lets one probe send through after this.
     pub cooldown: Duration,
+    /// Delivery receipts open the breaker too: when more than this fraction of the provider's
+    /// receipts in the window say the carrier dropped the message…
+    pub delivery_failure_ratio: f64,
+    /// …over at least this many receipts.
+    pub delivery_min_samples: u32,
 }
 
 impl BreakerConfig {
     pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let delivery_failure_ratio: f64 = env.parse("PROVIDER_DELIVERY_FAILURE_RATIO", 0.5)?;
+        if !(0.0..=1.0).contains(&delivery_failure_ratio) || delivery_failure_ratio == 0.0 {
+            return Err(ConfigError::new(
+                "PROVIDER_DELIVERY_FAILURE_RATIO",
+                format!(
+                    "{delivery_failure_ratio} is out of range; expected a fraction above 0 and at most 1"
+                ),
+            ));
+        }
         Ok(Self {
             failures: env.integer_in("PROVIDER_BREAKER_FAILURES", 5, 1..=10_000)?,
             window: env.seconds("PROVIDER_BREAKER_WINDOW_SECS", 30, 1..=3_600)?,
             cooldown: env.seconds("PROVIDER_BREAKER_COOLDOWN_SECS", 30, 1..=3_600)?,
+            delivery_failure_ratio,
+            delivery_min_samples: env.integer_in(
+                "PROVIDER_DELIVERY_MIN_SAMPLES",
+                20,
+                1..=1_000_000,
+            )?,
         })
     }
 }
@@ -142,6 +165,7 @@ impl TwilioConfig {
         })?;
         check_sid("TWILIO_ACCOUNT_SID", &account_sid, "AC")?;
 
+        let auth_token = env.secret("TWILIO_AUTH_TOKEN");
         let key_sid = env.optional_string("TWILIO_API_KEY_SID");
         let key_secret = env.secret("TWILIO_API_KEY_SECRET");
         let auth = match (key_sid, key_secret, env.secret("TWILIO_AUTH_TOKEN")) {
@@ -185,6 +209,7 @@ impl TwilioConfig {
         Ok(Self {
             account_sid,
             auth,
+            auth_token,
             from,
             messaging_service_sid,
             base_url: base_url(env, "TWILIO_BASE_URL", Some(DEFAULT_TWILIO_BASE_URL))?,

@@ -26,32 +26,51 @@ const REFRESH_EVERY: Duration = Duration::from_millis(500);
 const PROBE_LEASE_MS: u64 = 30_000;
 
 /// State of a breaker hash. Fields: `w`, `c`, `p` (failures: window index, this window's count,
-/// the previous one's), `o` (open until, ms; 0 closed), `q` (a probe is out until, ms).
-/// ARGV: operation, failures threshold, window ms, cooldown ms. Operations:
-/// `read`; `failure` (count one; open when over the threshold, or again after a failed probe);
-/// `success` (a probe succeeded: close); `probe` (after the cooldown, claim the one probe).
+/// the previous one's), `o` (open until, ms; 0 closed), `q` (a probe is out until, ms), `ds`,
+/// `dp`, `fs`, `fp` (receipts: delivered and dropped, this window and the previous).
+/// ARGV: operation, failures threshold, window ms, cooldown ms, probe lease ms, dropped ratio,
+/// minimum receipts. Operations: `read`; `failure` (count one; open when over the threshold, or
+/// again after a failed probe); `success` (a probe succeeded: close); `delivered` and `dropped`
+/// (a receipt: open when too many of enough receipts say the carrier dropped the message);
+/// `probe` (after the cooldown, claim the one probe).
 /// Returns {state, ms left open, granted}: state 0 closed, 1 open, 2 half-open.
 const BREAKER: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, threshold, window, cooldown = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p', 'o', 'q')
+local ratio, min_samples = tonumber(ARGV[6]), tonumber(ARGV[7])
+local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p', 'o', 'q', 'ds', 'dp', 'fs', 'fp')
 local index = math.floor(now / window)
-local w, c, p = tonumber(s[1]) or index, tonumber(s[2]) or 0, tonumber(s[3]) or 0
+local w = tonumber(s[1]) or index
+local c, p = tonumber(s[2]) or 0, tonumber(s[3]) or 0
 local open_until, probe_until = tonumber(s[4]) or 0, tonumber(s[5]) or 0
-if w == index - 1 then p, c = c, 0 elseif w < index - 1 then p, c = 0, 0 end
+local ds, dp, fs, fp = tonumber(s[6]) or 0, tonumber(s[7]) or 0, tonumber(s[8]) or 0, tonumber(s[9]) or 0
+if w == index - 1 then
+  p, c, dp, ds, fp, fs = c, 0, ds, 0, fs, 0
+elseif w < index - 1 then
+  p, c, dp, ds, fp, fs = 0, 0, 0, 0, 0, 0
+end
+local weight = (window - (now - index * window)) / window
 local granted = 0
+local function open_now()
+  if open_until == 0 then open_until = now + cooldown end
+end
 if op == 'failure' then
   c = c + 1
-  local recent = p * (window - (now - index * window)) / window + c
   if open_until > 0 and now >= open_until then
     open_until, probe_until = now + cooldown, 0
-  elseif open_until == 0 and recent >= threshold then
-    open_until = now + cooldown
+  elseif p * weight + c >= threshold then
+    open_now()
   end
 elseif op == 'success' then
   if open_until > 0 and now >= open_until then
-    open_until, probe_until, c, p = 0, 0, 0, 0
+    open_until, probe_until, c, p, ds, dp, fs, fp = 0, 0, 0, 0, 0, 0, 0, 0
+  end
+elseif op == 'delivered' or op == 'dropped' then
+  if op == 'delivered' then ds = ds + 1 else fs = fs + 1 end
+  local delivered, dropped = dp * weight + ds, fp * weight + fs
+  if delivered + dropped >= min_samples and dropped / (delivered + dropped) > ratio then
+    open_now()
   end
 elseif op == 'probe' then
   if open_until > 0 and now >= open_until and probe_until <= now then
@@ -59,7 +78,7 @@ elseif op == 'probe' then
     granted = 1
   end
 end
-redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'o', open_until, 'q', probe_until)
+redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'o', open_until, 'q', probe_until, 'ds', ds, 'dp', dp, 'fs', fs, 'fp', fp)
 redis.call('PEXPIRE', KEYS[1], math.max(window * 2, cooldown * 4))
 local state = 0
 if open_until > 0 then
@@ -67,7 +86,6 @@ if open_until > 0 then
 end
 return {state, math.max(open_until - now, 0), granted}
 ";
-
 /// Whether a send may go to this provider now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allowance {
@@ -145,6 +163,14 @@ impl Breaker {
         let _ = self.run("failure").await;
     }
 
+    /// A delivery receipt: a carrier that drops the provider's messages opens its breaker too,
+    /// even while its API accepts every one.
+    pub async fn receipt(&self, delivered: bool) {
+        let _ = self
+            .run(if delivered { "delivered" } else { "dropped" })
+            .await;
+    }
+
     /// A send went through: closes a half-open breaker. Costs a round trip only then.
     pub async fn success(&self, allowance: Allowance) {
         if allowance == Allowance::Probe {
@@ -161,6 +187,8 @@ impl Breaker {
             .arg(millis(self.config.window))
             .arg(millis(self.config.cooldown))
             .arg(PROBE_LEASE_MS)
+            .arg(self.config.delivery_failure_ratio)
+            .arg(self.config.delivery_min_samples)
             .invoke_async(&mut self.redis.clone())
             .await?;
         let (state, open_ms, granted) = match reply.as_slice() {

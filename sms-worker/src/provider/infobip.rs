@@ -19,6 +19,8 @@ pub struct Infobip {
     send_url: String,
     sender: String,
     auth: Auth,
+    /// Where Infobip posts delivery reports, when receipts are on.
+    notify_url: Option<String>,
 }
 
 enum Auth {
@@ -128,6 +130,7 @@ impl Infobip {
         redis: ConnectionManager,
         namespace: &str,
         seal: Option<Arc<SealKey>>,
+        notify_url: Option<String>,
     ) -> anyhow::Result<Self> {
         let client = http_client()?;
         let auth = match &config.auth {
@@ -155,6 +158,7 @@ impl Infobip {
             send_url: format!("{}/sms/3/messages", config.base_url),
             sender: config.sender.clone(),
             auth,
+            notify_url,
         })
     }
 
@@ -196,16 +200,21 @@ impl Infobip {
         authorization: &str,
     ) -> Result<Accepted, SendError> {
         let to = sms.to.as_str().trim_start_matches('+');
-        let body = json!({
-            "messages": [{
-                "sender": self.sender,
-                "destinations": [{ "to": to, "messageId": sms.event_id.to_string() }],
-                "content": { "text": sms.body },
-                "options": {
-                    "validityPeriod": { "amount": sms.validity_secs.max(1), "timeUnit": "SECONDS" }
-                }
-            }]
+        let mut message = json!({
+            "sender": self.sender,
+            "destinations": [{ "to": to, "messageId": sms.message_id }],
+            "content": { "text": sms.body },
+            "options": {
+                "validityPeriod": { "amount": sms.validity_secs.max(1), "timeUnit": "SECONDS" }
+            }
         });
+        if let Some(url) = &self.notify_url {
+            message["webhooks"] = json!({
+                "delivery": { "url": url },
+                "contentType": "application/json"
+            });
+        }
+        let body = json!({ "messages": [message] });
         let response = self
             .client
             .post(&self.send_url)

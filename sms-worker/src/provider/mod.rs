@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use shared::PhoneNumber;
-use uuid::Uuid;
 
 use crate::config::{Config, ProviderConfig};
 use crate::metrics as m;
@@ -32,9 +31,10 @@ pub struct Sms<'a> {
     pub masked_body: String,
     /// Seconds until the OTP expires: providers drop the SMS if they cannot deliver it by then.
     pub validity_secs: u64,
-    /// The event, for the provider's own message id where it takes one (Infobip refuses a
-    /// second message with the same id, which makes a redelivered copy harmless there).
-    pub event_id: Uuid,
+    /// Our id for this message, where the provider takes one (Infobip refuses a second message
+    /// with the same id, which makes a redelivered copy harmless there): the event id, or for a
+    /// resend the event id with a suffix.
+    pub message_id: String,
 }
 
 /// The provider accepted the message.
@@ -154,6 +154,11 @@ impl Provider {
         self.name
     }
 
+    /// Whether this "provider" only writes SMS to the log (development).
+    pub fn logs_only(&self) -> bool {
+        matches!(self.client, Client::Log)
+    }
+
     /// One attempt, bounded by `timeout`. Records the provider's latency and outcome metrics;
     /// the breaker is the caller's to update, since only it knows whether the send moved on.
     pub async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
@@ -194,16 +199,35 @@ impl Providers {
     pub fn new(config: &Config, redis: &ConnectionManager) -> anyhow::Result<Self> {
         let seal = config.seal_key.clone().map(Arc::new);
         let namespace = &config.common.namespace;
+        let callback = |provider: &str| {
+            let callbacks = config.callbacks.as_ref()?;
+            let url = format!("{}/v1/callbacks/{provider}", callbacks.base_url);
+            match (provider, &seal) {
+                ("infobip", Some(seal)) => Some(format!(
+                    "{url}?secret={}",
+                    crate::receipts::infobip::callback_secret(seal)
+                )),
+                _ => Some(url),
+            }
+        };
         let providers = config
             .providers
             .iter()
             .map(|provider| {
                 let client = match provider {
                     ProviderConfig::Log => Client::Log,
-                    ProviderConfig::Twilio(twilio) => Client::Twilio(twilio::Twilio::new(twilio)?),
-                    ProviderConfig::Infobip(infobip) => Client::Infobip(Box::new(
-                        infobip::Infobip::new(infobip, redis.clone(), namespace, seal.clone())?,
-                    )),
+                    ProviderConfig::Twilio(twilio) => {
+                        Client::Twilio(twilio::Twilio::new(twilio, callback("twilio"))?)
+                    }
+                    ProviderConfig::Infobip(infobip) => {
+                        Client::Infobip(Box::new(infobip::Infobip::new(
+                            infobip,
+                            redis.clone(),
+                            namespace,
+                            seal.clone(),
+                            callback("infobip"),
+                        )?))
+                    }
                 };
                 Ok(Provider {
                     name: provider.name(),
@@ -230,7 +254,7 @@ impl Providers {
 
     /// Whether any provider sends nothing (development).
     pub fn logs_only(&self) -> bool {
-        self.0.iter().all(|p| matches!(p.client, Client::Log))
+        self.0.iter().all(Provider::logs_only)
     }
 }
 

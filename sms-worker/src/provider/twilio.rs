@@ -15,6 +15,8 @@ pub struct Twilio {
     password: SecretString,
     from: Option<String>,
     messaging_service_sid: Option<String>,
+    /// Where Twilio posts this message's status callbacks, when receipts are on.
+    status_callback: Option<String>,
 }
 
 /// Twilio's error body: `{"code", "message", "more_info", "status"}`.
@@ -32,7 +34,7 @@ struct TwilioMessage {
 }
 
 impl Twilio {
-    pub fn new(config: &TwilioConfig) -> anyhow::Result<Self> {
+    pub fn new(config: &TwilioConfig, status_callback: Option<String>) -> anyhow::Result<Self> {
         let (username, password) = match &config.auth {
             TwilioAuth::AuthToken(token) => (config.account_sid.clone(), token.clone()),
             TwilioAuth::ApiKey { sid, secret } => (sid.clone(), secret.clone()),
@@ -47,6 +49,7 @@ impl Twilio {
             password,
             from: config.from.clone(),
             messaging_service_sid: config.messaging_service_sid.clone(),
+            status_callback,
         })
     }
 
@@ -64,6 +67,9 @@ impl Twilio {
             "ValidityPeriod",
             sms.validity_secs.clamp(1, 36_000).to_string(),
         ));
+        if let Some(url) = &self.status_callback {
+            form.push(("StatusCallback", url.clone()));
+        }
 
         let response = self
             .client

@@ -9,7 +9,16 @@ use crate::config::Config;
 use crate::http::Readiness;
 use crate::ledger::SendLedger;
 use crate::provider::Providers;
+use crate::receipts::store::ReceiptStore;
 use crate::shutdown::Shutdown;
+use crate::trace::Timelines;
+
+/// What the worker keeps in Redis.
+pub(crate) struct Stores {
+    pub(crate) ledger: SendLedger,
+    pub(crate) receipts: Option<ReceiptStore>,
+    pub(crate) timelines: Timelines,
+}
 
 /// Configuration, clients and signals, built once by [`super::Worker::bind`] and shared by the
 /// consume loop and every delivery task.
@@ -18,6 +27,9 @@ pub(crate) struct Context {
     pub(crate) topology: Topology,
     pub(crate) ledger: SendLedger,
     pub(crate) providers: Providers,
+    /// Sent messages awaiting receipts; `None` when receipts are off.
+    pub(crate) receipts: Option<ReceiptStore>,
+    pub(crate) timelines: Timelines,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) shutdown: Shutdown,
     /// The confirm-mode channel of the current connection. Tasks read it when they need it, so a
@@ -28,7 +40,7 @@ pub(crate) struct Context {
 impl Context {
     pub(crate) fn new(
         config: Config,
-        ledger: SendLedger,
+        stores: Stores,
         providers: Providers,
         readiness: Arc<Readiness>,
         shutdown: Shutdown,
@@ -36,7 +48,9 @@ impl Context {
         Self {
             topology: config.common.topology(),
             config,
-            ledger,
+            ledger: stores.ledger,
+            receipts: stores.receipts,
+            timelines: stores.timelines,
             providers,
             readiness,
             shutdown,

@@ -20,6 +20,7 @@ use super::send::send_otp;
 use crate::dead_letter::{self, DeadLetter, ErrorKind, PublishError};
 use crate::ledger::Finished;
 use crate::metrics::{self as m, InFlight, send_outcome};
+use crate::trace::Journal;
 
 /// Handles `delivery` on a task of its own. A panic returns the message to the queue.
 pub(crate) fn spawn(tasks: &mut JoinSet<()>, context: Arc<Context>, delivery: Delivery) {
@@ -63,13 +64,44 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
                 to = %event.phone_number,
             );
             async {
-                let outcome = send_otp(&context, &event).await;
+                let mut journal = Journal::new(&event);
+                let outcome = send_otp(&context, &event, &mut journal).await;
+                let ended = ending(&outcome);
                 settle(&context, &delivery, Some(&event), outcome).await;
+                if let Some((how, detail)) = ended {
+                    journal.ended(how, detail);
+                    let trace_id = context.timelines.trace_id(event.phone_number.as_str());
+                    if let Err(e) = context.timelines.append(&trace_id, &journal.lines).await {
+                        debug!(error = %e, "could not write the number's timeline");
+                    }
+                }
             }
             .instrument(span)
             .await;
         }
     }
+}
+
+/// How the delivery ended, for the number's timeline; `None` for a copy of an event that was
+/// handled already (its story is told by the copy that handled it).
+fn ending(outcome: &Outcome) -> Option<(&'static str, Option<String>)> {
+    Some(match outcome {
+        Outcome::Sent => ("sent", None),
+        Outcome::SentUnconfirmed => (
+            "sent_unconfirmed",
+            Some("no provider confirmed it, and it may have gone out: not tried again".to_owned()),
+        ),
+        Outcome::DeadLetter { dead_letter, .. } => (
+            "dead_lettered",
+            Some(format!(
+                "{}: {}",
+                dead_letter.kind.as_str(),
+                dead_letter.error
+            )),
+        ),
+        Outcome::LeaveToRedeliver | Outcome::Requeue => ("returned_to_queue", None),
+        Outcome::AlreadyHandled(_) => return None,
+    })
 }
 
 /// The api's request id, for the log lines of this delivery. Only an id belongs here; anything

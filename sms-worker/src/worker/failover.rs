@@ -25,8 +25,10 @@ use crate::ledger::{ClaimToken, Finished, SendLedger};
 use crate::message;
 use crate::metrics::{self as m, send_outcome};
 use crate::provider::breaker::Allowance;
-use crate::provider::{Failure, Provider, SendError, Sms};
+use crate::provider::{Accepted, Failure, Provider, SendError, Sms};
+use crate::receipts::store::SentMessage;
 use crate::shutdown::ShuttingDown;
+use crate::trace::Journal;
 
 /// What this event has been through so far.
 #[derive(Default)]
@@ -73,6 +75,7 @@ pub(crate) async fn send_through_providers(
     event: &OtpRequested,
     claim: ClaimToken,
     retries: &mut Retries,
+    journal: &mut Journal,
 ) -> Outcome {
     let config = &context.config;
     let code = event.otp.as_deref().unwrap_or_default();
@@ -118,10 +121,12 @@ pub(crate) async fn send_through_providers(
             body: message::render(&config.message, code, millis_left),
             masked_body: message::render_masked(&config.message, code, millis_left),
             validity_secs: millis_left / 1_000,
-            event_id: event.event_id,
+            message_id: event.event_id.to_string(),
         };
         let timeout = config.send_timeout.min(Duration::from_millis(millis_left));
-        let error = match provider.send(&sms, timeout).await {
+        let result = provider.send(&sms, timeout).await;
+        journal.tried(provider.name(), &result);
+        let error = match result {
             Ok(accepted) => {
                 provider.breaker.success(allowance).await;
                 info!(
@@ -133,6 +138,7 @@ pub(crate) async fn send_through_providers(
                 );
                 send_outcome("sent");
                 record_sent(&context.ledger, event).await;
+                await_receipts(context, event, &accepted, sms.body).await;
                 return Outcome::Sent;
             }
             Err(error) => error,
@@ -276,6 +282,41 @@ async fn sent_unconfirmed(context: &Context, event: &OtpRequested) -> Outcome {
     metrics::counter!(m::AMBIGUOUS).increment(1);
     record_sent(&context.ledger, event).await;
     Outcome::SentUnconfirmed
+}
+
+/// With receipts on, remembers the accepted message (its body sealed) so that its receipts find
+/// it and a carrier-side failure can be resent.
+async fn await_receipts(
+    context: &Context,
+    event: &OtpRequested,
+    accepted: &Accepted,
+    body: String,
+) {
+    let (Some(store), Some(message_id)) = (&context.receipts, &accepted.message_id) else {
+        return;
+    };
+    let expires_ms =
+        u64::try_from(event.expires_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    let message = SentMessage {
+        event_id: event.event_id,
+        to: event.phone_number.as_str().to_owned(),
+        body,
+        expires_ms,
+    };
+    let trace_id = context.timelines.trace_id(event.phone_number.as_str());
+    let calling_code = event.phone_number.calling_code();
+    if let Err(e) = store
+        .record_sent(
+            accepted.provider,
+            message_id,
+            &message,
+            calling_code,
+            &trace_id,
+        )
+        .await
+    {
+        warn!(error = %e, "could not remember the message for its receipts; they will be ignored");
+    }
 }
 
 /// Records the send; a few quick tries, since a missing record could let a redelivered copy

@@ -5,15 +5,18 @@
 //! - [`delivery`]: one message's life, from parsing to ack, nack or dead letter;
 //! - [`broker_copies`]: RabbitMQ's own dead letters, moved to the DLQ without their code;
 //! - [`send`]: the send path: claiming the event in the ledger, within a [`budget`];
-//! - [`failover`]: sending it through the providers in order, past their breakers.
+//! - [`failover`]: sending it through the providers in order, past their breakers;
+//! - [`callbacks`]: the public listener for delivery receipts, which [`resend`] applies.
 
 mod broker_copies;
 mod budget;
+mod callbacks;
 mod connection;
 mod context;
 mod delivery;
 mod failover;
 mod outcome;
+mod resend;
 mod send;
 
 use std::future::Future;
@@ -31,8 +34,10 @@ use crate::config::Config;
 use crate::http::{self, Readiness};
 use crate::ledger::SendLedger;
 use crate::provider::Providers;
+use crate::receipts::store::ReceiptStore;
 use crate::shutdown::{self, ShutdownTrigger};
-use context::Context;
+use crate::trace::Timelines;
+use context::{Context, Stores};
 
 /// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
 /// `WORKER_ADDR` has port 0.
@@ -41,6 +46,8 @@ pub struct Worker {
     trigger: ShutdownTrigger,
     listener: TcpListener,
     addr: SocketAddr,
+    /// `CALLBACK_ADDR`'s listener, when receipts are on.
+    callback_listener: Option<TcpListener>,
 }
 
 /// Binds, then runs until `shutdown` resolves; in-flight sends finish (within
@@ -72,21 +79,47 @@ impl Worker {
         let redis = ConnectionManager::new_lazy_with_config(client, redis_config)
             .context("cannot set up the Redis client")?;
 
+        let callback_listener = match &config.callbacks {
+            Some(callbacks) => {
+                Some(TcpListener::bind(callbacks.addr).await.with_context(|| {
+                    format!("cannot listen on CALLBACK_ADDR {}", callbacks.addr)
+                })?)
+            }
+            None => None,
+        };
+
         let providers = Providers::new(&config, &redis)?;
         let (trigger, shutdown) = shutdown::channel();
         let readiness = Arc::new(Readiness::new(shutdown.clone(), redis.clone()));
-        let ledger = SendLedger::new(redis, &config.common.namespace);
-        let context = Arc::new(Context::new(config, ledger, providers, readiness, shutdown));
+        let namespace = &config.common.namespace;
+        let seal = config.seal_key.clone().map(Arc::new);
+        let stores = Stores {
+            ledger: SendLedger::new(redis.clone(), namespace),
+            receipts: config
+                .callbacks
+                .is_some()
+                .then(|| ReceiptStore::new(redis.clone(), namespace, seal.clone())),
+            timelines: Timelines::new(redis, namespace, seal),
+        };
+        let context = Arc::new(Context::new(config, stores, providers, readiness, shutdown));
         Ok(Self {
             context,
             trigger,
             listener,
             addr,
+            callback_listener,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where delivery receipts are received, when they are on.
+    pub fn callback_addr(&self) -> Option<SocketAddr> {
+        self.callback_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     pub async fn run(
@@ -98,6 +131,7 @@ impl Worker {
             trigger,
             listener,
             addr,
+            callback_listener,
         } = self;
         let config = &context.config;
         info!(
@@ -108,6 +142,7 @@ impl Worker {
             queue = %context.topology.sms_queue(),
             concurrency = config.concurrency,
             providers = ?context.providers.names(),
+            callbacks = ?callback_listener.as_ref().and_then(|l| l.local_addr().ok()),
             "sms-worker starting"
         );
         if context.providers.logs_only() {
@@ -123,6 +158,19 @@ impl Worker {
             });
         let http = tokio::spawn(server.into_future());
 
+        // Receipts stop with the HTTP port: a provider retries them, or another worker takes them.
+        let (callbacks_stop_tx, callbacks_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let callbacks = match (callback_listener, callbacks::router(context.clone())) {
+            (Some(listener), Some(router)) => Some(tokio::spawn(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async {
+                        let _ = callbacks_stop_rx.await;
+                    })
+                    .into_future(),
+            )),
+            _ => None,
+        };
+
         let signal = tokio::spawn(async move {
             shutdown.await;
             info!("stopping: no new messages; in-flight sends may finish");
@@ -133,10 +181,14 @@ impl Worker {
 
         signal.abort();
         let _ = http_stop_tx.send(());
-        match http.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "the HTTP server failed"),
-            Err(e) => warn!(error = %e, "the HTTP server task failed"),
+        let _ = callbacks_stop_tx.send(());
+        let servers = std::iter::once(("HTTP", http)).chain(callbacks.map(|c| ("callback", c)));
+        for (name, server) in servers {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, server = name, "a server failed"),
+                Err(e) => warn!(error = %e, server = name, "a server task failed"),
+            }
         }
         info!("sms-worker stopped");
         Ok(())

@@ -16,13 +16,18 @@ use super::outcome::Outcome;
 use crate::dead_letter::{DeadLetter, ErrorKind};
 use crate::ledger::{Claim, ClaimToken, SendLedger};
 use crate::shutdown::ShuttingDown;
+use crate::trace::Journal;
 
 /// How often a copy that found its event claimed by another worker looks again.
 const CLAIM_POLL: Duration = Duration::from_millis(100);
 
 /// Sends the event's SMS, retrying what can be retried, and says how the delivery ends.
 /// Acknowledging is the caller's job.
-pub(crate) async fn send_otp(context: &Context, event: &OtpRequested) -> Outcome {
+pub(crate) async fn send_otp(
+    context: &Context,
+    event: &OtpRequested,
+    journal: &mut Journal,
+) -> Outcome {
     let config = &context.config;
     let started = Instant::now();
 
@@ -70,7 +75,7 @@ pub(crate) async fn send_otp(context: &Context, event: &OtpRequested) -> Outcome
         claim.clone(),
         config.claim_lease,
     );
-    send_through_providers(context, event, claim, &mut retries).await
+    send_through_providers(context, event, claim, &mut retries, journal).await
 }
 
 /// Takes the event's claim, so that no other copy sends it at the same time. A copy that finds

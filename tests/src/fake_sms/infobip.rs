@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use super::FakeState;
+use super::carrier::Accepted;
 use super::store::{RecordedMessage, SmsProvider};
 
 /// How the token endpoint behaves.
@@ -181,6 +182,19 @@ pub(super) async fn send_messages(
         .map(|digits| format!("+{}", digits.trim_start_matches('+')));
     let latency = Duration::from_millis(state.latency_ms(SmsProvider::Infobip));
     let (response, status, code) = answer(&state, &headers, message, to.as_deref(), received_at);
+    let callback_url = message["webhooks"]["delivery"]["url"].as_str();
+    let message_id = message["destinations"][0]["messageId"].as_str();
+    if let (200, None, Some(url), Some(id), Some(to)) =
+        (status, code, callback_url, message_id, to.as_deref())
+    {
+        state.play_carrier(Accepted {
+            provider: SmsProvider::Infobip,
+            message_id: id.to_owned(),
+            to: to.to_owned(),
+            from: message["sender"].as_str().map(str::to_owned),
+            callback_url: url.to_owned(),
+        });
+    }
     let id = state.record_request(SmsProvider::Infobip, to, status, code, received_at);
     if latency > Duration::ZERO {
         tokio::time::sleep(latency).await;

@@ -10,6 +10,9 @@
 //! - `faults`: `GET|POST|DELETE /control/faults` reads, sets or clears fault injection:
 //!   latency, a queue of next responses (e.g. 503, or 429 with `Retry-After`), an answer for
 //!   every request, and per-number answers (e.g. Twilio error 21610 for one `To`).
+//! - `carrier`: what becomes of accepted messages that asked for receipts: Twilio's signed status
+//!   callbacks and Infobip's delivery reports, with outcomes by number prefix, delays,
+//!   duplicates and reordering (`/control/carrier`, `/control/carrier/callbacks`).
 //! - `store`: what it remembers, shared by the handlers and an in-process [`FakeSms`].
 //!
 //! Configuration (environment, all optional): `FAKE_SMS_ADDR` (`127.0.0.1:9099`),
@@ -18,6 +21,7 @@
 //! `FAKE_SMS_API_KEY_SECRET` ([`DEFAULT_API_KEY_SECRET`]), `FAKE_SMS_INFOBIP_CLIENT_ID`,
 //! `FAKE_SMS_INFOBIP_CLIENT_SECRET`, `FAKE_SMS_INFOBIP_API_KEY` (the `DEFAULT_INFOBIP_*` values).
 
+mod carrier;
 mod faults;
 mod inbox;
 mod infobip;
@@ -31,6 +35,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use shared::{ConfigError, Env};
 
+pub use carrier::{Carrier, Outcome, SentCallback, twilio_signature};
 pub use faults::{Faults, InjectedResponse, Rule};
 pub use infobip::{TokenCall, TokenPolicy};
 pub use store::{FakeState, RecordedMessage, RecordedRequest, SmsProvider};
@@ -182,6 +187,13 @@ pub fn router(state: Arc<FakeState>) -> Router {
             "/control/infobip",
             get(infobip::get_policy).post(infobip::set_policy),
         )
+        .route(
+            "/control/carrier",
+            get(carrier::get_carrier)
+                .post(carrier::set_carrier)
+                .delete(carrier::reset_carrier),
+        )
+        .route("/control/carrier/callbacks", get(carrier::list_callbacks))
         .route(
             "/control/infobip/token-calls",
             get(infobip::list_token_calls),

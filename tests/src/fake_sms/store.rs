@@ -113,6 +113,8 @@ pub struct FakeState {
     pub(super) config: FakeSmsConfig,
     records: Mutex<Records>,
     tokens: Mutex<super::infobip::Tokens>,
+    carrier: Mutex<super::carrier::Carrier>,
+    callbacks: Mutex<Vec<super::carrier::SentCallback>>,
 }
 
 impl FakeState {
@@ -121,6 +123,8 @@ impl FakeState {
             config,
             records: Mutex::new(Records::default()),
             tokens: Mutex::new(super::infobip::Tokens::default()),
+            carrier: Mutex::new(super::carrier::Carrier::default()),
+            callbacks: Mutex::new(Vec::new()),
         })
     }
 
@@ -130,6 +134,18 @@ impl FakeState {
 
     pub(super) fn tokens(&self) -> MutexGuard<'_, super::infobip::Tokens> {
         self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn carrier(&self) -> MutexGuard<'_, super::carrier::Carrier> {
+        self.carrier.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn callbacks(&self) -> MutexGuard<'_, Vec<super::carrier::SentCallback>> {
+        let mut callbacks = self.callbacks.lock().unwrap_or_else(|e| e.into_inner());
+        if callbacks.len() >= MAX_RECORDS {
+            callbacks.drain(..MAX_RECORDS / 2);
+        }
+        callbacks
     }
 
     pub fn messages(&self, to: Option<&str>) -> Vec<RecordedMessage> {

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use time::OffsetDateTime;
 
+use super::carrier::Accepted;
 use super::store::{RecordedMessage, SmsProvider};
 use super::{FakeSmsConfig, FakeState};
 
@@ -26,6 +27,15 @@ pub(super) async fn create_message(
     let received_at = OffsetDateTime::now_utc();
     let latency = Duration::from_millis(state.latency_ms(SmsProvider::Twilio));
     let answer = answer(&state, &account_sid, &headers, &form, received_at);
+    if let (Some(sid), Some(url)) = (&answer.sid, &form.status_callback) {
+        state.play_carrier(Accepted {
+            provider: SmsProvider::Twilio,
+            message_id: sid.clone(),
+            to: form.to.clone().unwrap_or_default(),
+            from: form.from.clone(),
+            callback_url: url.clone(),
+        });
+    }
     let id = state.record_request(
         SmsProvider::Twilio,
         form.to.clone(),
@@ -47,6 +57,8 @@ struct Answer {
     status: u16,
     /// The Twilio error code, for an error.
     code: Option<i64>,
+    /// The message's SID, when it was accepted.
+    sid: Option<String>,
 }
 
 impl Answer {
@@ -55,6 +67,7 @@ impl Answer {
             response: twilio_error(status, code, message, retry_after),
             status,
             code: Some(code),
+            sid: None,
         }
     }
 }
@@ -164,7 +177,7 @@ fn answer(
         "num_segments": segments(&body).to_string(),
         "price": null,
         "price_unit": "USD",
-        "sid": sid,
+        "sid": &sid,
         // With a Messaging Service, Twilio first answers "accepted" and picks a sender later.
         "status": if form.messaging_service_sid.is_some() { "accepted" } else { "queued" },
         "subresource_uris": {"media": format!("/2010-04-01/Accounts/{account_sid}/Messages/{sid}/Media.json")},
@@ -175,6 +188,7 @@ fn answer(
         response: (StatusCode::CREATED, axum::Json(resource)).into_response(),
         status: 201,
         code: None,
+        sid: Some(sid),
     }
 }
 
@@ -239,6 +253,7 @@ struct Form {
     messaging_service_sid: Option<String>,
     body: Option<String>,
     validity_period: Option<String>,
+    status_callback: Option<String>,
 }
 
 fn parse_form(headers: &HeaderMap, body: &[u8]) -> Form {
@@ -260,6 +275,7 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Form {
             "MessagingServiceSid" => form.messaging_service_sid = value,
             "Body" => form.body = value,
             "ValidityPeriod" => form.validity_period = value,
+            "StatusCallback" => form.status_callback = value,
             _ => {}
         }
     }

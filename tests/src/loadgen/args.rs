@@ -12,6 +12,8 @@ pub enum Scenario {
     Me,
     Drain,
     Failover,
+    Receipts,
+    Resend,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -44,6 +46,12 @@ pub struct Args {
     /// `drain`: the NAMESPACE of the workers.
     #[arg(long, default_value = shared::config::DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// `receipts`: the worker's public callback listener (`CALLBACK_BASE_URL`).
+    #[arg(long, default_value = "http://127.0.0.1:9092")]
+    pub callback_url: String,
+    /// `receipts`: the auth token fake-sms (and the worker) sign Twilio callbacks with.
+    #[arg(long, default_value = crate::fake_sms::DEFAULT_AUTH_TOKEN)]
+    pub twilio_auth_token: String,
     /// `me`: sign-ins whose tokens are used.
     #[arg(long, default_value_t = 32)]
     pub users: usize,
@@ -62,6 +70,8 @@ impl Args {
             Scenario::Me => "me",
             Scenario::Drain => "drain",
             Scenario::Failover => "failover",
+            Scenario::Receipts => "receipts",
+            Scenario::Resend => "resend",
         };
         Self::parse_from(["loadgen", name])
     }

@@ -64,7 +64,11 @@ pub(super) async fn drain(args: &Args, sms: &SmsInbox) -> anyhow::Result<Report>
 
 /// Publishes `count` events as the api does, all confirms awaited together so the broker, not
 /// the round trips, sets the pace.
-async fn publish(connection: &Connection, namespace: &str, count: u64) -> anyhow::Result<()> {
+pub(super) async fn publish(
+    connection: &Connection,
+    namespace: &str,
+    count: u64,
+) -> anyhow::Result<()> {
     let topology = shared::Topology::new(namespace, shared::QueueType::Classic);
     let channel = connection.create_channel().await?;
     channel.confirm_select(Default::default()).await?;

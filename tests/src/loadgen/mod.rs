@@ -10,6 +10,10 @@
 //!   to fake-sms (with `--sms-latency-ms` injected there).
 //! - `failover`: steady sends while fake-sms's Twilio fails for the middle third of the run:
 //!   how fast the workers move to Infobip and back.
+//! - `receipts`: signed Twilio status callbacks posted to a worker's `CALLBACK_ADDR`: how many
+//!   one worker absorbs.
+//! - `resend`: codes requested through the api whose Twilio carrier drops them: the delay from
+//!   the `undelivered` callback to the resend through Infobip.
 //!
 //! The api must allow the load: run it with a high `OTP_PER_IP_PER_HOUR` (every request comes
 //! from 127.0.0.1).
@@ -25,6 +29,7 @@ mod drain;
 mod failover;
 mod load;
 mod prepare;
+mod receipts;
 mod report;
 mod scenarios;
 mod sms_inbox;
@@ -49,6 +54,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let result = match args.scenario {
         Scenario::Drain => drain::drain(&args, &sms).await,
         Scenario::Failover => failover::failover(&args, &sms).await,
+        Scenario::Receipts => receipts::absorb(&args, &sms).await,
+        Scenario::Resend => receipts::resend(&args, client, &sms).await,
         _ => load::load(args.clone(), client, &sms).await,
     };
     if args.sms_latency_ms.is_some() {

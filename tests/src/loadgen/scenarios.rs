@@ -49,7 +49,7 @@ impl Operations {
                     .await?;
                 Ok(None)
             }
-            Scenario::Drain | Scenario::Failover => {
+            Scenario::Drain | Scenario::Failover | Scenario::Receipts | Scenario::Resend => {
                 unreachable!("drain and failover have their own loops")
             }
         }

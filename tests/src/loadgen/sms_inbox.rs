@@ -28,14 +28,17 @@ impl SmsInbox {
         }
     }
 
+    /// Every provider's latency (Twilio's and Infobip's endpoints alike).
     pub(super) async fn set_latency(&self, latency_ms: u64) -> anyhow::Result<()> {
-        self.client
-            .post(format!("{}/control/faults", self.url))
-            .json(&json!({ "latency_ms": latency_ms }))
-            .send()
-            .await
-            .context("cannot reach fake-sms")?
-            .error_for_status()?;
+        for provider in ["twilio", "infobip"] {
+            self.client
+                .post(format!("{}/control/faults/{provider}", self.url))
+                .json(&json!({ "latency_ms": latency_ms }))
+                .send()
+                .await
+                .context("cannot reach fake-sms")?
+                .error_for_status()?;
+        }
         Ok(())
     }
 
@@ -60,9 +63,19 @@ impl SmsInbox {
 
     /// Sets Twilio's faults (`None` clears them).
     pub(super) async fn set_twilio_faults(&self, faults: Option<Value>) -> anyhow::Result<()> {
-        let url = format!("{}/control/faults", self.url);
-        let request = match faults {
-            Some(faults) => self.client.post(url).json(&faults),
+        self.control("/control/faults", faults).await
+    }
+
+    /// Sets the carrier's behaviour (`None` resets it).
+    pub(super) async fn set_carrier(&self, carrier: Option<Value>) -> anyhow::Result<()> {
+        self.control("/control/carrier", carrier).await
+    }
+
+    /// POSTs `setting` to a control endpoint, or DELETEs it (back to the default) for `None`.
+    async fn control(&self, path: &str, setting: Option<Value>) -> anyhow::Result<()> {
+        let url = format!("{}{path}", self.url);
+        let request = match setting {
+            Some(setting) => self.client.post(url).json(&setting),
             None => self.client.delete(url),
         };
         request

@@ -8,15 +8,7 @@ use shared::QueueType;
 use tests::fake_sms::{Faults, InjectedResponse, Rule, SmsProvider};
 use tests::wait::eventually;
 
-use crate::harness::{Harness, WAIT, phone, with_harness};
-
-/// `overrides` as the borrowed pairs `start_worker` takes.
-fn pairs(overrides: &[(String, String)]) -> Vec<(&str, &str)> {
-    overrides
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_str()))
-        .collect()
-}
+use crate::harness::{Harness, WAIT, pairs, phone, with_harness};
 
 /// When the provider's shared breaker stops being open (Redis ms; 0 when closed).
 async fn breaker_open_until(h: &Harness, provider: &str) -> i64 {

@@ -132,6 +132,52 @@ impl Harness {
         .into()
     }
 
+    /// Overrides for [`Harness::failover`] with delivery receipts on: a callback listener on a
+    /// free local port, which fake-sms calls as the carrier.
+    pub fn receipts(&self) -> Vec<(String, String)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let mut overrides = self.failover();
+        overrides.extend([
+            ("CALLBACK_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+            (
+                "CALLBACK_BASE_URL".to_owned(),
+                format!("http://127.0.0.1:{port}"),
+            ),
+        ]);
+        overrides
+    }
+
+    /// Stores `event`'s code as the api does once the broker confirmed it (the worker resends
+    /// only a code the api still holds).
+    pub async fn hold_code(&self, event: &OtpRequested) {
+        let mut redis = self.redis().await;
+        let key = shared::otp_keys::current_code(&self.ns, &event.phone_number);
+        let ttl_ms = event.millis_left(OffsetDateTime::now_utc()).max(1);
+        let () = redis::pipe()
+            .hset(
+                &key,
+                shared::otp_keys::EVENT_FIELD,
+                event.event_id.to_string(),
+            )
+            .ignore()
+            .pexpire(&key, i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+            .ignore()
+            .query_async(&mut redis)
+            .await
+            .expect("the code is stored");
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(servers().redis.url())
+            .expect("a Redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis")
+    }
+
     /// [`Harness::env`] with `overrides` (an empty value unsets a variable).
     pub fn env_with(&self, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut env = self.env();
@@ -359,6 +405,14 @@ pub fn event(to: &str, ttl: Duration) -> OtpRequested {
         ttl,
         format!("req-{}", uuid::Uuid::new_v4().simple()),
     )
+}
+
+/// Owned overrides as the borrowed pairs `start_worker` and `config` take.
+pub fn pairs(overrides: &[(String, String)]) -> Vec<(&str, &str)> {
+    overrides
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect()
 }
 
 /// A random, valid-looking US number, distinct per call.

@@ -16,5 +16,6 @@ mod harness;
 mod operations;
 mod outages;
 mod processes;
+mod receipts;
 mod sending;
 mod tokens;

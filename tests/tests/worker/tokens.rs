@@ -7,7 +7,7 @@ use shared::QueueType;
 use tests::fake_sms::{SmsProvider, TokenPolicy};
 use tests::wait::eventually;
 
-use crate::harness::{Harness, WAIT, phone, with_harness};
+use crate::harness::{Harness, WAIT, pairs, phone, with_harness};
 
 /// Infobip alone, with OAuth: every send needs the shared token.
 fn infobip_only(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -19,13 +19,6 @@ fn infobip_only(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, String)> {
             .map(|(n, v)| ((*n).to_owned(), (*v).to_owned())),
     );
     overrides
-}
-
-fn pairs(overrides: &[(String, String)]) -> Vec<(&str, &str)> {
-    overrides
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_str()))
-        .collect()
 }
 
 #[tokio::test]

@@ -1,0 +1,233 @@
+//! Each number's story for `sms-worker trace +14155550100`: per event, when it was requested,
+//! every provider call and its answer, the receipts that came back, and any resend. Kept in
+//! Redis for a day, under a keyed hash of the number (Redis holds no number in the clear, and
+//! never a code: entries hold ids, provider names, statuses and error codes only).
+//!
+//! The worker collects one delivery's lines in a [`Journal`] and writes them in one call when
+//! the delivery ends; receipts and resends add theirs as they happen. [`print`] renders it.
+
+mod print;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::{digest, hmac};
+use redis::RedisResult;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use shared::{OtpRequested, PhoneNumber};
+
+use crate::provider::{Accepted, SendError};
+use crate::seal::SealKey;
+
+pub use print::print;
+
+/// A timeline is kept this long after its last line.
+pub const KEEP: Duration = Duration::from_secs(24 * 3600);
+/// A timeline keeps this many lines at most (about a day of a busy test number).
+const LENGTH: i64 = 500;
+
+/// KEYS: timeline. ARGV: length, keep (ms), lines…
+const APPEND: &str = r"
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// What a line records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum What {
+    /// The api accepted the request (at the event's `requested_at`).
+    Requested,
+    /// One provider call and its answer.
+    Tried,
+    /// The delivery ended: sent, sent unconfirmed, dead-lettered, or a copy skipped.
+    Ended,
+    /// A delivery receipt moved the message's status.
+    Receipt,
+    /// The code went out again through another provider after a carrier-side failure.
+    Resent,
+    /// A carrier-side failure that was not resent, and why.
+    NotResent,
+}
+
+/// One line of a number's timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub at_ms: u64,
+    pub event_id: String,
+    pub what: What,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// `accepted`, a failure kind, a receipt status, or how the delivery ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The provider's HTTP status or error code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Anything else worth reading (why nothing was resent); never a code or a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Line {
+    pub fn new(event_id: impl Into<String>, what: What) -> Self {
+        Self {
+            at_ms: unix_ms(),
+            event_id: event_id.into(),
+            what,
+            provider: None,
+            status: None,
+            code: None,
+            message_id: None,
+            detail: None,
+        }
+    }
+
+    pub fn provider(mut self, provider: &str) -> Self {
+        self.provider = Some(provider.to_owned());
+        self
+    }
+
+    pub fn status(mut self, status: &str) -> Self {
+        self.status = Some(status.to_owned());
+        self
+    }
+
+    pub fn code(mut self, code: Option<i64>) -> Self {
+        self.code = code;
+        self
+    }
+
+    pub fn message_id(mut self, id: Option<&str>) -> Self {
+        self.message_id = id.map(str::to_owned);
+        self
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// The lines of one delivery, written together when it ends.
+pub struct Journal {
+    event_id: String,
+    pub lines: Vec<Line>,
+}
+
+impl Journal {
+    pub fn new(event: &OtpRequested) -> Self {
+        let event_id = event.event_id.to_string();
+        let requested_at = u64::try_from(event.requested_at.unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or_default();
+        let mut requested = Line::new(event_id.clone(), What::Requested);
+        requested.at_ms = requested_at;
+        Self {
+            event_id,
+            lines: vec![requested],
+        }
+    }
+
+    /// One provider call.
+    pub fn tried(&mut self, provider: &str, result: &Result<Accepted, SendError>) {
+        let line = Line::new(self.event_id.clone(), What::Tried).provider(provider);
+        self.lines.push(match result {
+            Ok(accepted) => line
+                .status("accepted")
+                .message_id(accepted.message_id.as_deref()),
+            Err(error) => line
+                .status(error.kind.as_str())
+                .code(error.code.or(error.status.map(i64::from))),
+        });
+    }
+
+    /// How the delivery ended.
+    pub fn ended(&mut self, how: &str, detail: Option<String>) {
+        let mut line = Line::new(self.event_id.clone(), What::Ended).status(how);
+        line.detail = detail;
+        self.lines.push(line);
+    }
+}
+
+/// The timelines in Redis.
+#[derive(Clone)]
+pub struct Timelines {
+    redis: ConnectionManager,
+    namespace: String,
+    seal: Option<Arc<SealKey>>,
+    append: redis::Script,
+}
+
+impl Timelines {
+    pub fn new(redis: ConnectionManager, namespace: &str, seal: Option<Arc<SealKey>>) -> Self {
+        Self {
+            redis,
+            namespace: namespace.to_owned(),
+            seal,
+            append: redis::Script::new(APPEND),
+        }
+    }
+
+    /// The timeline's id for a number: keyed by `WORKER_SEAL_KEY` where there is one, so that
+    /// the key names in Redis do not give the numbers away.
+    pub fn trace_id(&self, phone: &str) -> String {
+        let message = format!("trace:{}:{phone}", self.namespace);
+        let tag: Vec<u8> = match &self.seal {
+            Some(seal) => {
+                let key = hmac::Key::new(hmac::HMAC_SHA256, seal.bytes());
+                hmac::sign(&key, message.as_bytes()).as_ref().to_vec()
+            }
+            None => digest::digest(&digest::SHA256, message.as_bytes())
+                .as_ref()
+                .to_vec(),
+        };
+        tag[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn key(&self, trace_id: &str) -> String {
+        format!("{}:trace:{{{trace_id}}}", self.namespace)
+    }
+
+    /// Appends lines to the timeline `trace_id`.
+    pub async fn append(&self, trace_id: &str, lines: &[Line]) -> RedisResult<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.append.key(self.key(trace_id));
+        invocation.arg(LENGTH).arg(millis(KEEP));
+        for line in lines {
+            invocation.arg(serde_json::to_string(line).unwrap_or_default());
+        }
+        let _: i64 = invocation.invoke_async(&mut self.redis.clone()).await?;
+        Ok(())
+    }
+
+    /// A number's timeline, oldest line first.
+    pub async fn read(&self, phone: &PhoneNumber) -> RedisResult<Vec<Line>> {
+        let lines: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.key(&self.trace_id(phone.as_str())))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(lines
+            .iter()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect())
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

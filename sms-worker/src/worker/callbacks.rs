@@ -1,0 +1,243 @@
+//! The public listener for delivery receipts (`CALLBACK_ADDR`): `POST /v1/callbacks/twilio` and
+//! `POST /v1/callbacks/infobip`. Anyone on the internet can reach it, so nothing is believed
+//! before it is authenticated: Twilio's callbacks by their `X-Twilio-Signature`, Infobip's by the
+//! secret only our workers put in the URL they gave Infobip. A request that fails the check is
+//! answered 403 and changes nothing; one that passes is applied by [`super::resend::apply`].
+//!
+//! Answers: 204 when applied (or harmlessly ignored), 403 forged, 400 unreadable, 415 not the
+//! provider's content type, 503 when Redis is away (the provider sends it again later), all
+//! errors as `application/problem+json`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lc_rs::constant_time;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use tower_http::timeout::TimeoutLayer;
+use tracing::{debug, warn};
+
+use super::context::Context;
+use super::resend;
+use crate::config::ProviderConfig;
+use crate::metrics as m;
+use crate::receipts::store::ReceiptStore;
+use crate::receipts::{infobip, twilio};
+
+/// Twilio's callbacks are a few hundred bytes; Infobip batches up to 100 reports.
+const BODY_LIMIT: usize = 256 * 1024;
+/// A request that takes longer than this (a slow client) is cut off.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub(crate) const TWILIO_PATH: &str = "/v1/callbacks/twilio";
+pub(crate) const INFOBIP_PATH: &str = "/v1/callbacks/infobip";
+
+/// What the handlers need: the worker, and how to authenticate each provider.
+struct Callbacks {
+    context: Arc<Context>,
+    store: ReceiptStore,
+    /// The URL Twilio calls, as we gave it: the signature covers it.
+    twilio_url: String,
+    twilio_auth_token: Option<SecretString>,
+    infobip_secret: Option<String>,
+}
+
+/// The callback routes, or `None` when receipts are off.
+pub(crate) fn router(context: Arc<Context>) -> Option<Router> {
+    let config = context.config.callbacks.as_ref()?;
+    let store = context.receipts.clone()?;
+    let twilio_auth_token = context.config.providers.iter().find_map(|p| match p {
+        ProviderConfig::Twilio(twilio) => twilio.auth_token.clone(),
+        _ => None,
+    });
+    let infobip_secret = context
+        .config
+        .seal_key
+        .as_ref()
+        .map(infobip::callback_secret);
+    let callbacks = Arc::new(Callbacks {
+        twilio_url: format!("{}{TWILIO_PATH}", config.base_url),
+        context: context.clone(),
+        store,
+        twilio_auth_token,
+        infobip_secret,
+    });
+    Some(
+        Router::new()
+            .route(TWILIO_PATH, post(twilio_callback))
+            .route(INFOBIP_PATH, post(infobip_callback))
+            .fallback(|| async { problem(StatusCode::NOT_FOUND, "not_found", "No such callback.") })
+            .layer(DefaultBodyLimit::max(BODY_LIMIT))
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                REQUEST_TIMEOUT,
+            ))
+            .with_state(callbacks),
+    )
+}
+
+async fn twilio_callback(
+    State(callbacks): State<Arc<Callbacks>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let reject = |reason| rejected("twilio", reason);
+    if !content_type_is(&headers, "application/x-www-form-urlencoded") {
+        reject("malformed");
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Twilio posts application/x-www-form-urlencoded.",
+        );
+    }
+    let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
+        reject("malformed");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The form is unreadable.",
+        );
+    };
+    let Some(auth_token) = &callbacks.twilio_auth_token else {
+        reject("signature");
+        return problem(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Twilio is not configured here.",
+        );
+    };
+    // Twilio signs the exact URL it called, query included.
+    let url = match uri.query() {
+        Some(query) => format!("{}?{query}", callbacks.twilio_url),
+        None => callbacks.twilio_url.clone(),
+    };
+    let signature = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !twilio::signature_is_valid(auth_token.expose_secret(), &url, &params, signature) {
+        reject("signature");
+        warn!("refused a Twilio callback with a missing or wrong X-Twilio-Signature");
+        return problem(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "The X-Twilio-Signature does not match.",
+        );
+    }
+    let dedupe = headers
+        .get("i-twilio-idempotency-token")
+        .and_then(|v| v.to_str().ok())
+        .map(|token| token.chars().take(128).collect());
+    let Some(receipt) = twilio::receipt(&params, dedupe) else {
+        // A status we do not track (e.g. `receiving`): nothing to do, and nothing to resend.
+        debug!("ignored a Twilio callback without a status we track");
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    applied(resend::apply(&callbacks.context, &callbacks.store, receipt).await)
+}
+
+async fn infobip_callback(
+    State(callbacks): State<Arc<Callbacks>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let reject = |reason| rejected("infobip", reason);
+    let given = uri.query().and_then(|query| {
+        serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+            .ok()?
+            .into_iter()
+            .find_map(|(name, value)| (name == "secret").then_some(value))
+    });
+    let authentic = match (&callbacks.infobip_secret, given) {
+        (Some(expected), Some(given)) => {
+            constant_time::verify_slices_are_equal(expected.as_bytes(), given.as_bytes()).is_ok()
+        }
+        _ => false,
+    };
+    if !authentic {
+        reject("secret");
+        warn!("refused an Infobip delivery report without the callback secret");
+        return problem(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "The callback secret is missing or wrong.",
+        );
+    }
+    if !content_type_is(&headers, "application/json") {
+        reject("malformed");
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Delivery reports are expected as application/json.",
+        );
+    }
+    let Ok(reports) = serde_json::from_slice::<infobip::Reports>(&body) else {
+        reject("malformed");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The body is not Infobip delivery reports.",
+        );
+    };
+    let mut outcome = Ok(());
+    for receipt in reports.results.iter().filter_map(infobip::Report::receipt) {
+        // One failed report fails the batch, so Infobip sends it again; the ones applied
+        // already are no-ops then.
+        if let Err(e) = resend::apply(&callbacks.context, &callbacks.store, receipt).await {
+            outcome = Err(e);
+        }
+    }
+    applied(outcome)
+}
+
+fn rejected(provider: &'static str, reason: &'static str) {
+    metrics::counter!(m::CALLBACKS_REJECTED, "provider" => provider, "reason" => reason)
+        .increment(1);
+}
+
+fn applied(outcome: redis::RedisResult<()>) -> Response {
+    match outcome {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => {
+            warn!(error = %e, "could not apply a delivery receipt; the provider will send it again");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "The receipt could not be recorded; send it again later.",
+            )
+        }
+    }
+}
+
+fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
+}
+
+/// RFC 9457, shaped as the api's errors are.
+fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
+    let body = json!({
+        "type": format!("urn:otp-auth:problem:{code}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "code": code,
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}

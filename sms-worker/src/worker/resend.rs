@@ -1,0 +1,245 @@
+//! What a delivery receipt does (docs/messaging.md#delivery-receipts): it moves the message's
+//! status (only forward, only once), feeds the provider's breaker and the metrics, goes into the
+//! number's timeline, and when the carrier dropped a code that is still valid, sends that code
+//! once more through another provider, at once.
+//!
+//! The resend is deliberately narrow: only for carrier-side failures (a recipient-side one, a
+//! landline or an unknown number, would fail the same way everywhere, and an opt-out must not be
+//! routed around), only while the api still holds that very code (not used, not replaced, not
+//! expired), and at most once per event however many receipts arrive (the ledger's resend claim).
+
+use std::time::Duration;
+
+use redis::RedisResult;
+use shared::PhoneNumber;
+use tracing::{info, warn};
+
+use super::budget::MIN_MILLIS_LEFT;
+use super::context::Context;
+use crate::metrics as m;
+use crate::provider::breaker::Allowance;
+use crate::provider::{Provider, Sms};
+use crate::receipts::store::{Applied, ReceiptStore, SentMessage};
+use crate::receipts::{Receipt, Status};
+use crate::trace::{Line, What, unix_ms};
+
+/// Applies one receipt. An error means Redis could not be asked: the provider should send the
+/// receipt again later (nothing was changed).
+pub(crate) async fn apply(
+    context: &Context,
+    store: &ReceiptStore,
+    receipt: Receipt,
+) -> RedisResult<()> {
+    let provider = receipt.provider;
+    let (event_id, calling_code, trace_id, sent_at_ms, message) = match store
+        .apply(&receipt)
+        .await?
+    {
+        Applied::Changed {
+            event_id,
+            calling_code,
+            trace_id,
+            sent_at_ms,
+            message,
+        } => (event_id, calling_code, trace_id, sent_at_ms, message),
+        Applied::Nothing => {
+            metrics::counter!(m::RECEIPTS_IGNORED, "provider" => provider, "reason" => "duplicate")
+                .increment(1);
+            return Ok(());
+        }
+        Applied::Unknown => {
+            metrics::counter!(m::RECEIPTS_IGNORED, "provider" => provider, "reason" => "unknown")
+                .increment(1);
+            return Ok(());
+        }
+    };
+    let country = calling_code.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
+    metrics::counter!(m::RECEIPTS, "provider" => provider, "status" => receipt.status.as_str(), "country" => country)
+        .increment(1);
+
+    let breaker = context
+        .providers
+        .all()
+        .iter()
+        .find(|p| p.name() == provider)
+        .map(|p| &p.breaker);
+    match receipt.status {
+        Status::Delivered => {
+            let seconds = unix_ms().saturating_sub(sent_at_ms) as f64 / 1_000.0;
+            metrics::histogram!(m::DELIVERY_SECONDS, "provider" => provider).record(seconds);
+            if let Some(breaker) = breaker {
+                breaker.receipt(true).await;
+            }
+        }
+        // Only the carrier's failures say something about the provider's route.
+        status if status.is_failure() && receipt.carrier_side => {
+            if let Some(breaker) = breaker {
+                breaker.receipt(false).await;
+            }
+        }
+        _ => {}
+    }
+
+    let mut lines = vec![
+        Line::new(event_id.clone(), What::Receipt)
+            .provider(provider)
+            .status(receipt.status.as_str())
+            .code(receipt.error_code)
+            .message_id(Some(&receipt.message_id)),
+    ];
+    if receipt.status.is_failure() {
+        if receipt.carrier_side {
+            info!(
+                provider,
+                event_id,
+                code = receipt.error_code,
+                "the carrier dropped an SMS"
+            );
+            lines.push(
+                resend(
+                    context,
+                    &receipt,
+                    &event_id,
+                    calling_code,
+                    &trace_id,
+                    message,
+                )
+                .await,
+            );
+        } else {
+            info!(
+                provider,
+                event_id,
+                code = receipt.error_code,
+                "the SMS could not reach its recipient; not resending"
+            );
+            lines.push(Line::new(event_id.clone(), What::NotResent).detail(
+                "the failure lies with the recipient (landline, unknown or blocked number)",
+            ));
+        }
+    }
+    if let Err(e) = context.timelines.append(&trace_id, &lines).await {
+        warn!(error = %e, "could not add the receipt to the number's timeline");
+    }
+    Ok(())
+}
+
+/// Sends the code once more through another provider, if it is worth it; says what happened.
+async fn resend(
+    context: &Context,
+    receipt: &Receipt,
+    event_id: &str,
+    calling_code: Option<u16>,
+    trace_id: &str,
+    message: Option<SentMessage>,
+) -> Line {
+    let skipped = |reason: &'static str, detail: &str| {
+        metrics::counter!(m::RESENDS_SKIPPED, "reason" => reason).increment(1);
+        info!(event_id, reason, "not resending");
+        Line::new(event_id.to_owned(), What::NotResent).detail(detail)
+    };
+    let Some(store) = context.receipts.as_ref() else {
+        return skipped("unavailable", "receipts are off");
+    };
+    // The sealed copy is kept only until the code expires.
+    let Some(message) = message else {
+        return skipped("expired", "the code has expired");
+    };
+    let millis_left = message.expires_ms.saturating_sub(unix_ms());
+    if millis_left < MIN_MILLIS_LEFT {
+        return skipped("expired", "the code expires too soon to be of use");
+    }
+    let Ok(phone) = PhoneNumber::parse(&message.to) else {
+        return skipped("unavailable", "the stored message is unreadable");
+    };
+    match store.code_is_current(&phone, event_id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return skipped(
+                "code_not_current",
+                "the code was used or replaced by a newer one",
+            );
+        }
+        Err(e) => {
+            warn!(error = %e, "Redis did not answer; not resending");
+            return skipped("unavailable", "Redis did not answer");
+        }
+    }
+    let Some((provider, allowance)) = next_provider(context, receipt.provider).await else {
+        return skipped(
+            "no_other_provider",
+            "no other provider is configured and open",
+        );
+    };
+    let time_left = Duration::from_millis(millis_left);
+    match context.ledger.claim_resend(event_id, time_left).await {
+        Ok(true) => {}
+        Ok(false) => return skipped("already_resent", "this event was resent already"),
+        Err(e) => {
+            warn!(error = %e, "Redis did not answer; not resending");
+            return skipped("unavailable", "Redis did not answer");
+        }
+    }
+
+    let sms = Sms {
+        to: &phone,
+        body: message.body.clone(),
+        masked_body: "(a resent code)".to_owned(),
+        validity_secs: millis_left / 1_000,
+        // Not the event id: Infobip would refuse it as a duplicate of the first send.
+        message_id: format!("{event_id}-resend"),
+    };
+    let timeout = context.config.send_timeout.min(time_left);
+    let result = provider.send(&sms, timeout).await;
+    let line = Line::new(event_id.to_owned(), What::Resent).provider(provider.name());
+    match result {
+        Ok(accepted) => {
+            provider.breaker.success(allowance).await;
+            metrics::counter!(m::RESENDS, "provider" => provider.name(), "outcome" => "accepted")
+                .increment(1);
+            info!(
+                event_id,
+                from = receipt.provider,
+                to = provider.name(),
+                "resent the code through another provider"
+            );
+            if let Some(id) = &accepted.message_id
+                && let Err(e) = store
+                    .record_sent(provider.name(), id, &message, calling_code, trace_id)
+                    .await
+            {
+                warn!(error = %e, "could not record the resend; its receipts will be ignored");
+            }
+            line.status("accepted")
+                .message_id(accepted.message_id.as_deref())
+        }
+        Err(error) => {
+            if error.kind.counts_toward_breaker() {
+                provider.breaker.failure().await;
+            }
+            metrics::counter!(m::RESENDS, "provider" => provider.name(), "outcome" => error.kind.as_str())
+                .increment(1);
+            warn!(event_id, provider = provider.name(), error = %error, "the resend failed");
+            line.status(error.kind.as_str())
+                .code(error.code.or(error.status.map(i64::from)))
+        }
+    }
+}
+
+/// The first provider in `SMS_PROVIDERS` order, other than the one that dropped the message,
+/// that sends real SMS and whose breaker lets this through.
+async fn next_provider<'a>(
+    context: &'a Context,
+    dropped_by: &str,
+) -> Option<(&'a Provider, Allowance)> {
+    for provider in context.providers.all() {
+        if provider.name() == dropped_by || provider.logs_only() {
+            continue;
+        }
+        let allowance = provider.breaker.allows().await;
+        if allowance != Allowance::No {
+            return Some((provider, allowance));
+        }
+    }
+    None
+}

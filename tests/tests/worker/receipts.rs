@@ -1,0 +1,345 @@
+//! Delivery receipts over real HTTP, with fake-sms as the carrier: signed Twilio callbacks
+//! accepted and forged ones refused, Infobip reports only with the URL's secret, duplicates and
+//! late statuses ignored, one resend through the other provider for a carrier-side failure of a
+//! code that is still valid (and none otherwise), the breaker opening on receipts alone, and
+//! `sms-worker trace` telling the story.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::{OtpRequested, PhoneNumber, QueueType};
+use sms_worker::trace::{Line, Timelines, What};
+use tests::fake_sms::{Carrier, Outcome, SmsProvider, twilio_signature};
+use tests::program::Program;
+use tests::wait::eventually;
+
+use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
+
+/// The value of `name` in `overrides`.
+fn setting<'a>(overrides: &'a [(String, String)], name: &str) -> &'a str {
+    overrides
+        .iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default()
+}
+
+/// The number's timeline as the worker keeps it.
+async fn timeline(h: &Harness, overrides: &[(String, String)], to: &str) -> Vec<Line> {
+    let config = h.config(&pairs(overrides));
+    let client = redis::Client::open(tests::servers::servers().redis.url()).expect("a Redis URL");
+    let redis = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("Redis");
+    let timelines = Timelines::new(redis, &h.ns, config.seal_key.map(Arc::new));
+    timelines
+        .read(&PhoneNumber::parse(to).expect("a number"))
+        .await
+        .expect("the timeline")
+}
+
+/// Lines of the timeline of `to` that are `what`.
+async fn lines_of(h: &Harness, overrides: &[(String, String)], to: &str, what: What) -> Vec<Line> {
+    timeline(h, overrides, to)
+        .await
+        .into_iter()
+        .filter(|line| line.what == what)
+        .collect()
+}
+
+/// Waits until the carrier's callbacks to `to` include a final one the worker answered 204.
+async fn wait_for_final_callback(h: &Harness, to: &str, provider: SmsProvider) {
+    eventually(
+        WAIT,
+        &format!("a final {provider:?} callback for {to}"),
+        || async {
+            h.fake.callbacks_sent().iter().any(|c| {
+                c.to == to
+                    && c.provider == provider
+                    && matches!(c.status.as_str(), "delivered" | "undelivered" | "failed")
+                    && c.answer == Some(204)
+            })
+        },
+    )
+    .await;
+}
+
+/// Sends one SMS to `to` whose code the api holds; returns the event.
+async fn send_held(h: &Harness, to: &str) -> OtpRequested {
+    let event = event(to, CODE_VALIDITY);
+    h.hold_code(&event).await;
+    h.publish(&event).await;
+    event
+}
+
+#[tokio::test]
+async fn signed_callbacks_are_applied_and_forged_ones_refused() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = h.receipts();
+        let base = setting(&overrides, "CALLBACK_BASE_URL").to_owned();
+        let _worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        send_held(&h, &to).await;
+        wait_for_final_callback(&h, &to, SmsProvider::Twilio).await;
+        let sid = h.fake.messages(Some(&to))[0].sid.clone();
+        let receipts = lines_of(&h, &overrides, &to, What::Receipt).await;
+        let statuses: Vec<_> = receipts.iter().filter_map(|l| l.status.as_deref()).collect();
+        // `queued` is what the send's answer already said: only later statuses are news.
+        assert_eq!(statuses, ["sent", "delivered"], "{receipts:?}");
+
+        // A genuine-looking callback saying the message was dropped, signed several wrong ways.
+        let url = format!("{base}/v1/callbacks/twilio");
+        let params: Vec<(String, String)> = [
+            ("AccountSid", h.fake.config().account_sid.as_str()),
+            ("MessageSid", sid.as_str()),
+            ("MessageStatus", "undelivered"),
+            ("ErrorCode", "30007"),
+            ("To", to.as_str()),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let token = h.fake.config().auth_token.clone();
+        let post = |target: String, form: Vec<(String, String)>, signature: Option<String>| {
+            let mut request = h.http.post(target).form(&form);
+            if let Some(signature) = signature {
+                request = request.header("X-Twilio-Signature", signature);
+            }
+            async move { request.send().await.expect("the callback listener answers") }
+        };
+        let wrong_key = twilio_signature("not-the-auth-token", &url, &params);
+        let mut changed = params.clone();
+        changed[2].1 = "failed".to_owned();
+        let signed_for_other_url =
+            twilio_signature(&token, "https://attacker.example/v1/callbacks/twilio", &params);
+        let signed = twilio_signature(&token, &url, &params);
+        let forged = [
+            post(url.clone(), params.clone(), None).await,
+            post(url.clone(), params.clone(), Some(wrong_key)).await,
+            post(url.clone(), changed, Some(signed.clone())).await,
+            post(url.clone(), params.clone(), Some(signed_for_other_url)).await,
+            // A valid signature replayed to another URL of ours.
+            post(format!("{url}?replayed=1"), params.clone(), Some(signed.clone())).await,
+        ];
+        for response in forged {
+            assert_eq!(response.status(), 403);
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/problem+json"
+            );
+        }
+        // Infobip's endpoint without the secret, or with a wrong one.
+        let report = serde_json::json!({"results": [{"messageId": sid, "status": {"groupName": "UNDELIVERABLE", "id": 4}}]});
+        for target in [
+            format!("{base}/v1/callbacks/infobip"),
+            format!("{base}/v1/callbacks/infobip?secret=00000000000000000000000000000000"),
+        ] {
+            let response = h.http.post(target).json(&report).send().await.expect("an answer");
+            assert_eq!(response.status(), 403);
+        }
+        // Garbage with the right content type but no signature, and the wrong content type.
+        let response = h
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(response.status(), 415);
+
+        // Nothing forged changed anything: still delivered, nothing resent.
+        let receipts = lines_of(&h, &overrides, &to, What::Receipt).await;
+        assert_eq!(receipts.len(), 2, "{receipts:?}");
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+
+        // The correctly signed one is accepted (and, delivered being final, changes nothing).
+        let response = post(url.clone(), params.clone(), Some(signed)).await;
+        assert_eq!(response.status(), 204);
+        assert_eq!(lines_of(&h, &overrides, &to, What::Receipt).await.len(), 2);
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn duplicate_and_out_of_order_receipts_change_nothing() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = h.receipts();
+        let _worker = h.start_worker(&pairs(&overrides)).await;
+        // Every callback three times, and `delivered` before `sent`.
+        h.fake.set_carrier(Carrier {
+            delay_ms: 20,
+            duplicates: 2,
+            reorder: true,
+            ..Carrier::default()
+        });
+        let to = phone();
+        send_held(&h, &to).await;
+        eventually(WAIT, "all nine callbacks answered", || async {
+            let answered: Vec<_> = h
+                .fake
+                .callbacks_sent()
+                .into_iter()
+                .filter(|c| c.to == to)
+                .collect();
+            answered.len() == 9 && answered.iter().all(|c| c.answer == Some(204))
+        })
+        .await;
+        let receipts = lines_of(&h, &overrides, &to, What::Receipt).await;
+        let statuses: Vec<_> = receipts
+            .iter()
+            .filter_map(|l| l.status.as_deref())
+            .collect();
+        // The late `sent` and every repeat were no-ops.
+        assert_eq!(statuses, ["delivered"], "{receipts:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_undelivered_30007_is_resent_once_through_the_second_provider() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = h.receipts();
+        let _worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        // Both carriers drop it, each report arriving three times: one resend, never two.
+        h.fake.set_carrier(Carrier {
+            delay_ms: 20,
+            duplicates: 2,
+            outcomes: vec![Outcome::new(&to, "undelivered", Some(30007))],
+            ..Carrier::default()
+        });
+        let event = send_held(&h, &to).await;
+        wait_for_final_callback(&h, &to, SmsProvider::Infobip).await;
+        let messages = h.fake.messages(Some(&to));
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert_eq!(messages[0].provider, SmsProvider::Twilio);
+        assert_eq!(messages[1].provider, SmsProvider::Infobip);
+        assert_eq!(messages[0].body, messages[1].body, "the same code, resent");
+        let resent = lines_of(&h, &overrides, &to, What::Resent).await;
+        assert_eq!(resent.len(), 1, "{resent:?}");
+        assert_eq!(resent[0].provider.as_deref(), Some("infobip"));
+        let not_resent = lines_of(&h, &overrides, &to, What::NotResent).await;
+        assert_eq!(not_resent.len(), 1, "Infobip's failure: {not_resent:?}");
+
+        // The operator's view of the whole story, from the program.
+        let mut env = h.env_with(&pairs(&overrides));
+        env.retain(|(name, _)| name != "RUST_LOG");
+        let mut program =
+            Program::start_workspace("sms-worker", &["trace", to.as_str()], env).await;
+        assert!(program.wait(WAIT).await.success(), "{}", program.logs());
+        let out = program.stdout();
+        for expected in [
+            shared::mask_phone(&to).as_str(),
+            &format!("event {}", event.event_id),
+            "requested",
+            "tried twilio: accepted",
+            "ended: sent",
+            "receipt from twilio: undelivered, error 30007",
+            "resent through infobip: accepted",
+            "receipt from infobip: undelivered, error 30007",
+            "not resent: this event was resent already",
+        ] {
+            assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+        }
+        let code = event.otp.as_deref().expect("a code");
+        assert!(!out.contains(code), "the code leaked:\n{out}");
+        assert!(!out.contains(&to[2..]), "the number leaked:\n{out}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_resend_for_a_landline_an_expired_code_or_a_code_no_longer_held() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = h.receipts();
+        let _worker = h.start_worker(&pairs(&overrides)).await;
+        let (landline, expired, replaced) = (phone(), phone(), phone());
+        h.fake.set_carrier(Carrier {
+            delay_ms: 20,
+            outcomes: vec![
+                Outcome::new(&landline, "undelivered", Some(30006)),
+                Outcome::new(&expired, "undelivered", Some(30007)),
+                Outcome::new(&replaced, "undelivered", Some(30007)),
+            ],
+            ..Carrier::default()
+        });
+        send_held(&h, &landline).await;
+        // Never held by the api: as if the user had already signed in or asked for a new code.
+        h.publish(&event(&replaced, CODE_VALIDITY)).await;
+        wait_for_final_callback(&h, &landline, SmsProvider::Twilio).await;
+        wait_for_final_callback(&h, &replaced, SmsProvider::Twilio).await;
+
+        // A code that expires before its receipt comes back.
+        h.fake.set_carrier(Carrier {
+            delay_ms: 1_000,
+            outcomes: vec![Outcome::new(&expired, "undelivered", Some(30007))],
+            ..Carrier::default()
+        });
+        let short = event(&expired, Duration::from_millis(2_500));
+        h.hold_code(&short).await;
+        h.publish(&short).await;
+        wait_for_final_callback(&h, &expired, SmsProvider::Twilio).await;
+
+        for (to, why) in [
+            (&landline, "recipient"),
+            (&replaced, "used or replaced"),
+            (&expired, "expire"),
+        ] {
+            let not_resent = lines_of(&h, &overrides, to, What::NotResent).await;
+            assert_eq!(not_resent.len(), 1, "{to}: {not_resent:?}");
+            let detail = not_resent[0].detail.as_deref().unwrap_or_default();
+            assert!(detail.contains(why), "{to}: {detail}");
+            assert_eq!(h.fake.messages(Some(to)).len(), 1, "{to} got a resend");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn receipts_alone_open_the_breaker_while_the_api_accepts_everything() {
+    with_harness(QueueType::Classic, |h| async move {
+        let mut overrides = h.receipts();
+        overrides.extend(
+            [
+                ("PROVIDER_DELIVERY_MIN_SAMPLES", "4"),
+                ("PROVIDER_DELIVERY_FAILURE_RATIO", "0.5"),
+                ("PROVIDER_BREAKER_COOLDOWN_SECS", "60"),
+            ]
+            .map(|(n, v)| (n.to_owned(), v.to_owned())),
+        );
+        let _worker = h.start_worker(&pairs(&overrides)).await;
+        // Twilio's carrier drops every message to this range; its API answers 201 throughout.
+        h.fake.set_carrier(Carrier {
+            delay_ms: 10,
+            outcomes: vec![
+                Outcome::new("+1415", "undelivered", Some(30007)).via(SmsProvider::Twilio),
+            ],
+            ..Carrier::default()
+        });
+        let dropped: Vec<String> = (0..4).map(|_| phone()).collect();
+        for to in &dropped {
+            h.publish(&event(to, CODE_VALIDITY)).await;
+        }
+        for to in &dropped {
+            wait_for_final_callback(&h, to, SmsProvider::Twilio).await;
+        }
+        assert!(
+            h.fake
+                .requests_via(SmsProvider::Twilio, None)
+                .iter()
+                .all(|r| r.status == 201),
+            "Twilio's API accepted every send"
+        );
+        // Four dropped of four: the breaker is open, so new sends go to Infobip at once.
+        let to = phone();
+        h.publish(&event(&to, CODE_VALIDITY)).await;
+        h.wait_for_messages(&to, 1).await;
+        assert_eq!(h.fake.messages(Some(&to))[0].provider, SmsProvider::Infobip);
+        let twilio_calls = h.fake.requests_via(SmsProvider::Twilio, Some(&to));
+        assert!(twilio_calls.is_empty(), "{twilio_calls:?}");
+    })
+    .await;
+}
