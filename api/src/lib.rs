@@ -8,16 +8,20 @@
 //! Redis, `limits` the velocity limits and the fraud guard, `client_ip` finds the caller, `db` every SQL
 //! statement, `tokens` the token format, `phone` number normalisation, `publisher` the
 //! confirmed publish to RabbitMQ; `jobs` runs migrations and the token purge in the background; `serve` is the
-//! server loop with its slow-client limits.
+//! server loop with its slow-client limits; `openapi` the document `docs` shows, `demo` the
+//! optional sign-in page.
 
 mod auth;
 mod client_ip;
 pub mod config;
 mod db;
+mod demo;
+mod docs;
 mod error;
 mod extract;
 mod jobs;
 mod limits;
+mod metrics;
 mod middleware;
 mod openapi;
 mod otp;

@@ -22,6 +22,7 @@ use redis::{RedisResult, Script};
 use crate::client_ip::ClientKey;
 use crate::config::{FraudGuardMode, FraudGuardPolicy};
 use crate::error::Limit;
+use crate::metrics as m;
 
 /// A sliding-window counter. ARGV: operation (`take`: count one if under the limit; `add`:
 /// count one whatever the limit; `give_back`: uncount one), limit, window in ms.
@@ -289,8 +290,7 @@ pub struct FraudAlarm {
 impl FraudAlarm {
     pub fn tripped(&self, calling_code: u16, refused: bool) {
         // A calling code from libphonenumber: a bounded set, never a client's free text.
-        metrics::counter!("otp_fraud_guard_trips_total", "country" => calling_code.to_string())
-            .increment(1);
+        metrics::counter!(m::FRAUD_GUARD_TRIPS, "country" => calling_code.to_string()).increment(1);
         let now = std::time::Instant::now();
         let mut last = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
         if last

@@ -8,6 +8,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
+use crate::metrics as m;
 use crate::request_id::RequestId;
 
 /// A caught panic becomes a 500 problem; the message goes to the log, never to the client.
@@ -64,9 +65,8 @@ pub async fn record_metrics(request: Request, next: Next) -> Response {
     let method = method_label(request.method());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
+    metrics::counter!(m::HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
-    metrics::histogram!("http_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::HTTP_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
     response
 }

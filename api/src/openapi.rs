@@ -2,21 +2,28 @@
 //!
 //! Handlers describe only what is theirs: their success bodies and the errors they can answer,
 //! with a sentence each. [`ProblemResponses`] then gives every error response the one problem+json
-//! body, and every route that reads JSON the answers any JSON body can get (400, 413, 415), so the
-//! document stays true without repeating those on every route.
+//! body, every route that reads JSON the answers any JSON body can get (400, 413, 415), and every
+//! route the answers any request can get (500, 503), so the document stays true without repeating
+//! those on every route. [`document`] then writes this server's own rules into it: the OTP's
+//! length and whether numbers must be E.164 depend on the configuration.
 
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::response::Response;
+use utoipa::openapi::schema::Schema;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{Content, Ref, RefOr};
 use utoipa::{Modify, OpenApi, ToSchema};
 
+use crate::config::ApiConfig;
 use crate::error::{PROBLEM_CONTENT_TYPE, ProblemBody};
 use crate::routes;
 
+/// E.164: `+`, a country code and subscriber number, 7 to 15 digits in all.
+pub const E164_PATTERN: &str = r"^\+[1-9][0-9]{6,14}$";
+
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "OTP auth", description = "Phone-number sign-in with one-time passwords sent by SMS. Errors are RFC 9457 problem+json with a stable `code`."),
+    info(title = "otp-auth API", description = "Phone-number sign-in with one-time passwords sent by SMS. Errors are RFC 9457 problem+json with a stable `code`."),
     paths(
         routes::otp::request_otp,
         routes::otp::verify_otp,
@@ -57,6 +64,18 @@ const JSON_BODY_ERRORS: [(&str, &str); 3] = [
     ("415", "`unsupported_media_type`: the body is not JSON"),
 ];
 
+/// What any route can answer.
+const ANY_ROUTE_ERRORS: [(&str, &str); 2] = [
+    (
+        "500",
+        "`internal`: an unexpected error, logged with the request id",
+    ),
+    (
+        "503",
+        "`unavailable`: a dependency is down, or the request took longer than 10 s",
+    ),
+];
+
 impl Modify for ProblemResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         for path in openapi.paths.paths.values_mut() {
@@ -83,6 +102,11 @@ fn describe_errors(operation: &mut Operation) {
                 .or_insert_with(|| RefOr::T(Response::new(description)));
         }
     }
+    for (status, description) in ANY_ROUTE_ERRORS {
+        responses
+            .entry(status.to_owned())
+            .or_insert_with(|| RefOr::T(Response::new(description)));
+    }
     for (status, response) in responses.iter_mut() {
         let is_error = status.starts_with('4') || status.starts_with('5');
         if let (true, RefOr::T(response)) = (is_error, response) {
@@ -94,4 +118,36 @@ fn describe_errors(operation: &mut Operation) {
             );
         }
     }
+}
+
+/// The document for this server: [`ApiDoc`] with the patterns its configuration enforces.
+pub fn document(config: &ApiConfig) -> utoipa::openapi::OpenApi {
+    let mut openapi = ApiDoc::openapi();
+    let otp = format!("^[0-9]{{{}}}$", config.otp.length);
+    // With a DEFAULT_REGION, national numbers are accepted too: no pattern then.
+    let phone = config
+        .phone
+        .default_region
+        .is_none()
+        .then_some(E164_PATTERN);
+    if let Some(components) = openapi.components.as_mut() {
+        for schema in components.schemas.values_mut() {
+            let RefOr::T(Schema::Object(object)) = schema else {
+                continue;
+            };
+            for (name, property) in &mut object.properties {
+                let RefOr::T(Schema::Object(property)) = property else {
+                    continue;
+                };
+                match name.as_str() {
+                    "otp" => property.pattern = Some(otp.clone()),
+                    "phone_number" if property.pattern.is_some() || phone.is_none() => {
+                        property.pattern = phone.map(str::to_owned);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    openapi
 }

@@ -6,19 +6,17 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware::{from_fn, from_fn_with_state};
+use axum::response::Redirect;
 use axum::routing::{get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
-use utoipa_scalar::Servable;
 
 use crate::error::{ApiError, log_errors, render_problems};
 use crate::middleware::{panic_response, record_metrics, request_span};
-use crate::openapi::ApiDoc;
 use crate::request_id::request_id;
 use crate::state::AppState;
-use crate::{auth, routes};
+use crate::{auth, demo, docs, routes};
 
 /// Bodies over 16 KiB are refused with 413.
 const BODY_LIMIT: usize = 16 * 1024;
@@ -41,7 +39,11 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
             post(routes::session::logout).route_layer(require_user()),
         )
         .route_layer(from_fn_with_state(state.clone(), auth::authenticate));
-    let docs: Router<AppState> = utoipa_scalar::Scalar::with_url("/docs", ApiDoc::openapi()).into();
+    let docs = docs::router(&state);
+    let mut pages = Router::new().route("/", get(|| async { Redirect::temporary("/docs/") }));
+    if state.config.demo_page {
+        pages = pages.route("/demo", get(demo::page));
+    }
     Router::new()
         .route("/v1/otp", post(routes::otp::request_otp))
         .route("/v1/otp/verify", post(routes::otp::verify_otp))
@@ -50,9 +52,9 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
-        .route("/openapi.json", get(openapi_json))
         .merge(protected)
         .merge(docs)
+        .merge(pages)
         .merge(extra)
         .fallback(not_found)
         // Layers run outermost-last: request id, problem rendering, metrics, tracing span, error
@@ -70,10 +72,6 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         .layer(from_fn(render_problems))
         .layer(from_fn(request_id))
         .with_state(state)
-}
-
-async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
 }
 
 async fn not_found() -> ApiError {

@@ -45,6 +45,7 @@ impl Application {
         let redis = ConnectionManager::new_lazy_with_config(redis_client, redis_config)?;
         // Installed before the first request so no sample is lost.
         shared::telemetry::metrics_handle();
+        crate::metrics::describe();
         if config.uses_dev_otp_secret() {
             tracing::warn!(
                 "OTP_SECRET is not set: using a development value; set it in production, the same on every replica"

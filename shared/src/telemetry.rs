@@ -93,6 +93,14 @@ const DELIVERY_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// `# HELP` for the metrics this crate records. Each program calls it with its own.
+pub fn describe() {
+    metrics::describe_counter!(
+        "log_lines_dropped_total",
+        "Log lines dropped because the log writer fell behind."
+    );
+}
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -45,8 +45,12 @@ enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete every entry.
-    Purge,
+    /// Delete every entry (asks first).
+    Purge {
+        /// Do not ask: for scripts.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Parses the command line and runs what it asks for; the exit status follows the outcome (2 for
@@ -131,26 +135,43 @@ pub fn main() -> ExitCode {
 }
 
 async fn dlq(config: &CommonConfig, command: DlqCommand) -> anyhow::Result<()> {
+    use crate::dead_letter::entries;
     match command {
         DlqCommand::List { limit, json } => {
             let listing = crate::dead_letter::list(config, limit).await?;
-            for entry in &listing.entries {
-                if json {
+            if json {
+                for entry in &listing.entries {
                     println!("{}", serde_json::to_string(entry)?);
-                } else {
-                    println!("{}", crate::dead_letter::format_line(entry));
                 }
+            } else if !listing.entries.is_empty() {
+                println!("{}", crate::dead_letter::format_table(&listing.entries));
             }
             eprintln!(
-                "{}: {} entries, {} shown; all left in place",
+                "{}: {}, {} shown; all left in place",
                 listing.queue,
-                listing.total,
+                entries(u64::from(listing.total)),
                 listing.entries.len()
             );
         }
-        DlqCommand::Purge => {
+        DlqCommand::Purge { yes } => {
+            if !yes {
+                let (queue, count) = crate::dead_letter::count(config).await?;
+                if count == 0 {
+                    eprintln!("{queue}: empty, nothing to purge");
+                    return Ok(());
+                }
+                eprint!(
+                    "Delete {} of {queue}? Their failures cannot be looked at afterwards. Type yes to confirm: ",
+                    entries(u64::from(count))
+                );
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim() != "yes" {
+                    anyhow::bail!("not purged (answer yes, or pass --yes)");
+                }
+            }
             let (queue, purged) = crate::dead_letter::purge(config).await?;
-            eprintln!("{queue}: purged {purged} entries");
+            eprintln!("{queue}: purged {}", entries(u64::from(purged)));
         }
     }
     Ok(())

@@ -36,10 +36,82 @@ pub const RESENDS_SKIPPED: &str = "sms_resends_skipped_total";
 /// Counter of callbacks refused, labels `provider` and `reason` (`signature`, `secret`,
 /// `malformed`).
 pub const CALLBACKS_REJECTED: &str = "sms_callbacks_rejected_total";
+/// Gauge, label `queue` (`{ns}.sms`, `{ns}.sms.dlq`): messages ready in the queue, read from
+/// the broker every [`crate::worker`] depth interval.
+pub const QUEUE_DEPTH: &str = "sms_queue_depth";
 /// Gauge: deliveries being handled right now by this process.
 pub const IN_FLIGHT: &str = "sms_in_flight";
 /// Counter: connections to RabbitMQ opened (more than one means it reconnected).
 pub const AMQP_CONNECTS: &str = "sms_amqp_connections_total";
+
+/// Gives every metric its `# HELP` line. Call once the recorder is installed.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        SENDS,
+        "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, requeued."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "The worker's own dead letters by kind: permanent, retries_exhausted, expired, invalid_message."
+    );
+    describe_histogram!(
+        PROVIDER_DURATION,
+        metrics::Unit::Seconds,
+        "One provider call, by provider and outcome (accepted or the failure kind)."
+    );
+    describe_counter!(
+        PROVIDER_SENDS,
+        "Provider calls by provider and outcome (accepted, retryable, ambiguous, recipient, provider, route)."
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "A provider's circuit breaker as this worker last saw it: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        TOKEN_REFRESHES,
+        "Provider token endpoint calls by this worker: fetched, failed."
+    );
+    describe_counter!(
+        AMBIGUOUS,
+        "Events that ended sent-unconfirmed: two provider calls without an answer."
+    );
+    describe_counter!(
+        RECEIPTS,
+        "Delivery receipts that moved a message's status, by provider, status and destination calling code."
+    );
+    describe_counter!(
+        RECEIPTS_IGNORED,
+        "Receipts that changed nothing: duplicate (a repeat or an older status), unknown (not ours)."
+    );
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        metrics::Unit::Seconds,
+        "From the provider accepting an SMS to its delivered receipt."
+    );
+    describe_counter!(
+        RESENDS,
+        "Codes resent through another provider after a carrier-side failure, by provider and outcome."
+    );
+    describe_counter!(
+        RESENDS_SKIPPED,
+        "Carrier-side failures not resent, by reason."
+    );
+    describe_counter!(
+        CALLBACKS_REJECTED,
+        "Provider callbacks refused: signature, secret, malformed."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Messages ready in the work queue and the dead-letter queue."
+    );
+    describe_gauge!(IN_FLIGHT, "Deliveries being handled by this process.");
+    describe_counter!(
+        AMQP_CONNECTS,
+        "Connections to RabbitMQ opened; above 1, the worker reconnected."
+    );
+    shared::telemetry::describe();
+}
 
 pub(crate) fn send_outcome(outcome: &'static str) {
     metrics::counter!(SENDS, "outcome" => outcome).increment(1);

@@ -42,6 +42,8 @@ pub struct ApiConfig {
     pub server: ServerLimits,
     pub phone: PhonePolicy,
     pub client_ip: ClientIpPolicy,
+    /// `DEMO_PAGE`: serve the sign-in demo page at `/demo`.
+    pub demo_page: bool,
 }
 
 impl ApiConfig {
@@ -94,6 +96,7 @@ impl ApiConfig {
             },
             phone: PhonePolicy::from_env(env)?,
             client_ip: policies::client_ip_policy(env)?,
+            demo_page: env.boolean("DEMO_PAGE", false)?,
         })
     }
 

@@ -20,8 +20,9 @@ use crate::state::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct OtpRequestBody {
-    /// E.164 (`+14155550100`), or national format when the server has a `DEFAULT_REGION`.
-    #[schema(example = "+14155550100", pattern = r"^\+[1-9][0-9]{1,14}$")]
+    /// E.164 (`+14155550100`; spaces, dashes and parentheses are tolerated), or national format
+    /// when the server has a `DEFAULT_REGION`.
+    #[schema(example = "+14155550100", pattern = r"^\+[1-9][0-9]{6,14}$")]
     pub phone_number: String,
 }
 
@@ -42,7 +43,7 @@ pub struct OtpAccepted {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct VerifyBody {
-    #[schema(example = "+14155550100")]
+    #[schema(example = "+14155550100", pattern = r"^\+[1-9][0-9]{6,14}$")]
     pub phone_number: String,
     /// The code from the SMS: `OTP_LENGTH` digits.
     #[schema(example = "123456", pattern = "^[0-9]{4,10}$")]
@@ -54,7 +55,7 @@ pub struct VerifyBody {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SignupBody {
-    #[schema(example = "+14155550100")]
+    #[schema(example = "+14155550100", pattern = r"^\+[1-9][0-9]{6,14}$")]
     pub phone_number: String,
     /// Absent: send a code. Present: verify it.
     #[schema(pattern = "^[0-9]{4,10}$")]

@@ -10,6 +10,7 @@ use crate::auth::AuthUser;
 use crate::db::{self, RefreshOutcome};
 use crate::error::{ApiError, Limit};
 use crate::extract::ApiJson;
+use crate::metrics as m;
 use crate::routes::{SessionView, UserView};
 use crate::state::AppState;
 use crate::tokens;
@@ -50,25 +51,25 @@ pub async fn refresh(
     let hash = tokens::hash(&body.refresh_token);
     match db::refresh(pool, &hash, &state.config.sessions).await? {
         RefreshOutcome::Rotated(session) => {
-            metrics::counter!("token_refreshes_total", "outcome" => "rotated").increment(1);
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session)))
         }
         RefreshOutcome::RateLimited { retry_after } => {
-            metrics::counter!("token_refreshes_total", "outcome" => "rate_limited").increment(1);
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rate_limited").increment(1);
             Err(ApiError::RateLimited {
                 limit: Limit::RefreshesPerSession,
                 retry_after,
             })
         }
         RefreshOutcome::Reused => {
-            metrics::counter!("token_refreshes_total", "outcome" => "reused").increment(1);
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "reused").increment(1);
             tracing::warn!(
                 "a rotated refresh token was presented again after the grace; its session is revoked"
             );
             Err(ApiError::InvalidRefreshToken)
         }
         RefreshOutcome::Invalid => {
-            metrics::counter!("token_refreshes_total", "outcome" => "invalid").increment(1);
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "invalid").increment(1);
             Err(ApiError::InvalidRefreshToken)
         }
     }

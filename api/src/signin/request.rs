@@ -11,6 +11,7 @@ use crate::client_ip::ClientKey;
 use crate::config::FraudGuardMode;
 use crate::error::{ApiError, Dependency, Limit};
 use crate::limits::{Counter, GuardVerdict, Taken};
+use crate::metrics as m;
 use crate::otp::store::{IssueOutcome, NewCode};
 use crate::otp::{ChallengeId, generate_code};
 use crate::phone::Destination;
@@ -54,13 +55,13 @@ pub async fn request_code(
             } else {
                 "unavailable"
             };
-            metrics::counter!("otp_requests_total", "outcome" => outcome).increment(1);
+            metrics::counter!(m::OTP_REQUESTS, "outcome" => outcome).increment(1);
             return Err(refused);
         }
     };
     let phone = destination.phone.clone();
     detached(publish_then_promote(state.clone(), event, slots)).await?;
-    metrics::counter!("otp_requests_total", "outcome" => "accepted").increment(1);
+    metrics::counter!(m::OTP_REQUESTS, "outcome" => "accepted").increment(1);
     Ok(Requested {
         phone,
         challenge_id: challenge.into_string(),
@@ -75,14 +76,14 @@ async fn publish_then_promote(
 ) -> Result<(), ApiError> {
     let started = std::time::Instant::now();
     let published = tokio::time::timeout(PUBLISH_DEADLINE, state.publisher.publish(&event)).await;
-    metrics::histogram!("amqp_publish_duration_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
     let failure = match published {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(anyhow::Error::from(e)),
         Err(_) => Some(anyhow::anyhow!("no confirm within {PUBLISH_DEADLINE:?}")),
     };
     if let Some(failure) = failure {
-        metrics::counter!("otp_requests_total", "outcome" => "unavailable").increment(1);
+        metrics::counter!(m::OTP_REQUESTS, "outcome" => "unavailable").increment(1);
         // The code was never sent: it must not become valid, and the request counts for nothing.
         slots.give_back(&state).await;
         return Err(ApiError::unavailable(Dependency::RabbitMq, failure));

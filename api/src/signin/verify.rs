@@ -7,6 +7,7 @@ use crate::client_ip::ClientKey;
 use crate::db::{self, IssuedSession};
 use crate::error::{ApiError, Limit};
 use crate::limits::{Counter, Taken};
+use crate::metrics as m;
 use crate::otp::store::CheckOutcome;
 use crate::otp::{self, ChallengeId};
 use crate::phone::Destination;
@@ -40,7 +41,7 @@ pub async fn verify_code(state: &AppState, guess: Guess) -> Result<IssuedSession
         state.config.verify_limits.fails_per_ip_per_hour,
     );
     if let Taken::No { retry_after } = redis_step(state.limits.take(state.redis(), &fails)).await? {
-        metrics::counter!("otp_verifications_total", "outcome" => "rate_limited").increment(1);
+        metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "rate_limited").increment(1);
         return Err(ApiError::RateLimited {
             limit: Limit::VerifyFailsPerIp,
             retry_after,
@@ -70,25 +71,25 @@ async fn check_then_sign_in(
     let consumed = match checked {
         Ok(CheckOutcome::Accepted(consumed)) => consumed,
         Ok(CheckOutcome::Rejected) => {
-            metrics::counter!("otp_verifications_total", "outcome" => "invalid").increment(1);
+            metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "invalid").increment(1);
             tracing::info!(%phone, bound = guess.challenge_id.is_some(), "OTP rejected");
             return Err(ApiError::InvalidOtp);
         }
         Ok(CheckOutcome::Unchecked) => {
             // A challenge_id that is not this code's: nothing was guessed, nothing is counted.
             give_back(&state, &fails).await;
-            metrics::counter!("otp_verifications_total", "outcome" => "invalid").increment(1);
+            metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "invalid").increment(1);
             return Err(ApiError::InvalidOtp);
         }
         Ok(CheckOutcome::Burned) => {
             give_back(&state, &fails).await;
-            metrics::counter!("otp_verifications_total", "outcome" => "burned").increment(1);
+            metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "burned").increment(1);
             tracing::info!(%phone, bound = guess.challenge_id.is_some(), "the code is burned by wrong guesses; a new one must be requested");
             return Err(ApiError::TooManyAttempts);
         }
         Ok(CheckOutcome::PhoneFailsExhausted { retry_after }) => {
             give_back(&state, &fails).await;
-            metrics::counter!("otp_verifications_total", "outcome" => "rate_limited").increment(1);
+            metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "rate_limited").increment(1);
             tracing::info!(%phone, "too many wrong guesses for this number today; guesses without the challenge_id wait");
             return Err(ApiError::RateLimited {
                 limit: Limit::VerifyFailsPerPhone,
@@ -103,7 +104,7 @@ async fn check_then_sign_in(
     let pool = state.db()?;
     match db::sign_in(pool, phone, &config.sessions).await {
         Ok(session) => {
-            metrics::counter!("otp_verifications_total", "outcome" => "accepted").increment(1);
+            metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "accepted").increment(1);
             tracing::info!(user_id = %session.user.id, new_user = session.new_user, "signed in");
             // Bookkeeping the user need not wait for.
             let calling_code = guess.destination.calling_code;

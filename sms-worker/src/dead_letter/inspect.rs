@@ -201,22 +201,88 @@ pub fn entry(properties: &BasicProperties, body: &[u8]) -> Entry {
     }
 }
 
-/// One line per entry for a terminal.
-pub fn format_line(entry: &Entry) -> String {
+/// The entries as a table for a terminal: a header row, then one row per entry with its
+/// columns aligned, the error last (it is the longest).
+pub fn format_table(entries: &[Entry]) -> String {
+    const HEADER: [&str; 10] = [
+        "FAILED AT",
+        "EVENT",
+        "REQUEST",
+        "PHONE",
+        "KIND",
+        "ATTEMPTS",
+        "STATUS",
+        "CODE",
+        "PROVIDERS",
+        "ERROR",
+    ];
     let dash = || "-".to_owned();
     let num = |v: Option<i64>| v.map_or_else(dash, |v| v.to_string());
-    format!(
-        "{}  {}  {}  {}  attempts={} status={} code={} providers={}  {}",
-        entry.failed_at.clone().unwrap_or_else(dash),
-        entry.event_id.clone().unwrap_or_else(dash),
-        entry.phone_number.clone().unwrap_or_else(dash),
-        entry.error_kind,
-        num(entry.attempts),
-        num(entry.provider_status),
-        num(entry.provider_code),
-        entry.providers.clone().unwrap_or_else(dash),
-        entry.error,
-    )
+    let rows: Vec<[String; 10]> = entries
+        .iter()
+        .map(|entry| {
+            [
+                entry.failed_at.clone().unwrap_or_else(dash),
+                entry.event_id.clone().unwrap_or_else(dash),
+                entry.request_id.clone().unwrap_or_else(dash),
+                entry.phone_number.clone().unwrap_or_else(dash),
+                entry.error_kind.clone(),
+                num(entry.attempts),
+                num(entry.provider_status),
+                num(entry.provider_code),
+                entry.providers.clone().unwrap_or_else(dash),
+                entry.error.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 10]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        out.trim_end().to_owned()
+    };
+    let mut out = line(HEADER);
+    for row in &rows {
+        out.push('\n');
+        out.push_str(&line(row.each_ref().map(String::as_str)));
+    }
+    out
+}
+
+/// `1 entry`, `2 entries`.
+pub fn entries(count: u64) -> String {
+    match count {
+        1 => "1 entry".to_owned(),
+        n => format!("{n} entries"),
+    }
+}
+
+/// How many entries the dead-letter queue holds now.
+pub async fn count(config: &CommonConfig) -> anyhow::Result<(String, u32)> {
+    let queue = config.topology().dead_letter_queue();
+    let connection = connect(config).await?;
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+        .await
+        .with_context(|| format!("cannot read {queue} (does it exist? is NAMESPACE right?)"))?;
+    let _ = tokio::time::timeout(TIMEOUT, connection.close(200, "done".into())).await;
+    Ok((queue, declared.message_count()))
 }
 
 #[cfg(test)]
@@ -249,12 +315,28 @@ mod tests {
         assert_eq!(entry.attempts, Some(1));
         assert_eq!(entry.phone_number.as_deref(), Some("+1415*****00"));
         assert_eq!(entry.failed_at.as_deref(), Some("1970-01-01T00:00:00Z"));
-        let line = format_line(&entry);
+        let table = format_table(std::slice::from_ref(&entry));
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
         assert!(
-            line.contains("permanent") && line.contains("code=21211"),
-            "{line}"
+            lines[0].starts_with("FAILED AT") && lines[0].contains("REQUEST"),
+            "{table}"
         );
-        assert!(!line.contains("+14155550100"), "{line}");
+        assert!(
+            lines[1].contains("permanent") && lines[1].contains("21211"),
+            "{table}"
+        );
+        // Columns line up: each header starts where its cells start.
+        let column = lines[0].find("KIND").unwrap();
+        assert_eq!(
+            &lines[1][column..column + "permanent".len()],
+            "permanent",
+            "{table}"
+        );
+        assert!(!table.contains("+14155550100"), "{table}");
+        assert_eq!(entries(1), "1 entry");
+        assert_eq!(entries(0), "0 entries");
+        assert_eq!(entries(2), "2 entries");
     }
 
     #[test]

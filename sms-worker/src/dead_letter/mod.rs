@@ -9,7 +9,7 @@ pub mod inspect;
 pub mod publish;
 mod reason;
 
-pub use inspect::{Entry, Listing, format_line, list, purge};
+pub use inspect::{Entry, Listing, count, entries, format_table, list, purge};
 pub use publish::{PublishError, forward_broker_copy, properties, publish, without_code};
 pub use reason::{
     ATTEMPTS_HEADER, DeadLetter, ERROR_HEADER, ERROR_KIND_HEADER, ErrorKind, FAILED_AT_HEADER,

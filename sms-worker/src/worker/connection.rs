@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use super::context::Context;
+use super::queue_depth::DepthGauge;
 use super::{broker_copies, delivery};
 use crate::metrics as m;
 
@@ -92,6 +93,8 @@ struct BrokerConnection {
     dead_letter_channel: Channel,
     consumer: Consumer,
     broker_copies: Consumer,
+    /// Stops reading the queues' depths when the connection goes.
+    _depth: DepthGauge,
 }
 
 impl BrokerConnection {
@@ -131,12 +134,20 @@ impl BrokerConnection {
                 FieldTable::default(),
             )
             .await?;
+        let depth = DepthGauge::start(
+            connection.create_channel().await?,
+            [
+                context.topology.sms_queue(),
+                context.topology.dead_letter_queue(),
+            ],
+        );
         Ok(Self {
             connection,
             channel,
             dead_letter_channel,
             consumer,
             broker_copies,
+            _depth: depth,
         })
     }
 

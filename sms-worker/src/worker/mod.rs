@@ -16,6 +16,7 @@ mod context;
 mod delivery;
 mod failover;
 mod outcome;
+mod queue_depth;
 mod resend;
 mod send;
 
@@ -63,6 +64,7 @@ impl Worker {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         // Installs the recorder before the first metric is written.
         let _ = shared::telemetry::metrics_handle();
+        crate::metrics::describe();
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on WORKER_ADDR {}", config.addr))?;

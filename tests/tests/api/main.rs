@@ -12,6 +12,7 @@ mod helpers;
 mod limits;
 mod networks;
 mod numbers;
+mod pages;
 mod processes;
 mod sessions;
 mod tokens;

@@ -124,12 +124,40 @@ async fn dlq_list_shows_entries_and_leaves_them_in_place() {
         );
         assert!(!stdout.contains(&stale_to), "numbers are masked");
         h.wait_for_dead_lettered(2).await;
-        assert_eq!(dlq_command(&h, &["list"]).await.lines().count(), 2);
+        let table = dlq_command(&h, &["list"]).await;
+        let rows: Vec<&str> = table.lines().collect();
+        assert_eq!(rows.len(), 3, "a header and two entries:\n{table}");
+        assert!(
+            rows[0].starts_with("FAILED AT") && rows[0].contains("REQUEST"),
+            "{table}"
+        );
+        assert!(
+            table.contains(&stale.request_id),
+            "the request id is shown:\n{table}"
+        );
 
         h.wait_for_dead_lettered(2).await;
         assert_eq!(h.dead_lettered().await, 2, "listing removed nothing");
 
-        dlq_command(&h, &["purge"]).await;
+        // Without --yes and without a "yes" typed, nothing is purged.
+        let mut unconfirmed =
+            Program::start_workspace("sms-worker", &["dlq", "purge"], h.env()).await;
+        assert!(!unconfirmed.wait(WAIT).await.success());
+        assert!(
+            unconfirmed.logs().contains("Delete 2 entries"),
+            "{}",
+            unconfirmed.logs()
+        );
+        assert_eq!(h.dead_lettered().await, 2);
+
+        let purged = Program::start_workspace("sms-worker", &["dlq", "purge", "--yes"], h.env());
+        let mut purged = purged.await;
+        assert!(purged.wait(WAIT).await.success(), "{}", purged.logs());
+        assert!(
+            purged.logs().contains("purged 2 entries"),
+            "{}",
+            purged.logs()
+        );
         assert_eq!(h.dead_lettered().await, 0);
     })
     .await;
@@ -161,6 +189,30 @@ async fn reports_readiness_and_metrics() {
         ] {
             assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
         }
+        for family in metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = family.split(' ').next().unwrap_or_default();
+            assert!(
+                metrics.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP:\n{metrics}"
+            );
+        }
+
+        // The dead-letter queue's depth, as a gauge.
+        h.publish_with(b"not an event", lapin::BasicProperties::default())
+            .await;
+        h.wait_for_dead_lettered(1).await;
+        let gauge = format!(
+            "sms_queue_depth{{queue=\"{}\"}} 1",
+            h.topology.dead_letter_queue()
+        );
+        eventually(WAIT, &gauge, || async {
+            let metrics = h.http.get(format!("{base}/metrics")).send().await;
+            match metrics {
+                Ok(response) => response.text().await.unwrap_or_default().contains(&gauge),
+                Err(_) => false,
+            }
+        })
+        .await;
         worker.stop().await;
     })
     .await;

@@ -1,0 +1,67 @@
+//! Metric names, and the `# HELP` text `/metrics` prints for each (docs/operations.md#api-metrics).
+
+/// Counter, labels `method`, `route` (the route template, or `unmatched`), `status`.
+pub const HTTP_REQUESTS: &str = "http_requests_total";
+/// Histogram (seconds), label `route`.
+pub const HTTP_DURATION: &str = "http_request_duration_seconds";
+/// Gauge: client connections open now.
+pub const OPEN_CONNECTIONS: &str = "http_open_connections";
+/// Counter, label `reason`: `header_timeout`, `idle_timeout`, `shutdown_deadline`.
+pub const CONNECTIONS_CLOSED: &str = "http_connections_closed_total";
+/// Counter, label `outcome`: `accepted`, `rate_limited`, `unavailable`.
+pub const OTP_REQUESTS: &str = "otp_requests_total";
+/// Counter, label `outcome`: `accepted`, `invalid`, `burned`, `rate_limited`.
+pub const OTP_VERIFICATIONS: &str = "otp_verifications_total";
+/// Counter, label `country` (calling code).
+pub const FRAUD_GUARD_TRIPS: &str = "otp_fraud_guard_trips_total";
+/// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`.
+pub const TOKEN_REFRESHES: &str = "token_refreshes_total";
+/// Counter, label `number` (masked): sign-ins with a fixed test number (`OTP_TEST_NUMBERS`).
+pub const TEST_NUMBER_USES: &str = "otp_test_number_uses_total";
+/// Histogram (seconds): publishing an `OtpRequested` until the broker's confirm.
+pub const PUBLISH_DURATION: &str = "amqp_publish_duration_seconds";
+
+/// Gives every metric its `# HELP` line. Call once the recorder is installed.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by method, route template and status."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        metrics::Unit::Seconds,
+        "Time to answer a request, by route template."
+    );
+    describe_gauge!(OPEN_CONNECTIONS, "Client connections open now.");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections the server closed: header_timeout, idle_timeout, shutdown_deadline."
+    );
+    describe_counter!(
+        OTP_REQUESTS,
+        "OTP requests: accepted, rate_limited, unavailable (Redis or RabbitMQ away)."
+    );
+    describe_counter!(
+        OTP_VERIFICATIONS,
+        "OTP verifications: accepted, invalid, burned (too many guesses), rate_limited."
+    );
+    describe_counter!(
+        FRAUD_GUARD_TRIPS,
+        "Codes sent (monitor) or refused (enforce) while a calling code's fraud guard is tripped."
+    );
+    describe_counter!(
+        TOKEN_REFRESHES,
+        "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited."
+    );
+    describe_counter!(
+        TEST_NUMBER_USES,
+        "Requests and verifications with a fixed test number (OTP_TEST_NUMBERS)."
+    );
+    describe_histogram!(
+        PUBLISH_DURATION,
+        metrics::Unit::Seconds,
+        "Publishing an OtpRequested event until RabbitMQ's confirm."
+    );
+    shared::telemetry::describe();
+}
