@@ -46,12 +46,15 @@ impl Dependency {
 pub enum ApiError {
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("the request body is larger than the limit")]
+    #[error("the request body is larger than the limit of 16 KiB (16384 bytes)")]
     PayloadTooLarge,
     #[error("the request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
-    #[error("the phone number is not valid")]
-    InvalidPhoneNumber,
+    #[error("{}", phone_hint(.default_region.as_deref()))]
+    InvalidPhoneNumber {
+        /// `DEFAULT_REGION`, when numbers may be written in its national format.
+        default_region: Option<String>,
+    },
     #[error("OTPs cannot be sent to this country")]
     CountryNotAllowed,
     #[error("OTPs cannot be sent to this kind of number (premium-rate, satellite, landline…)")]
@@ -86,6 +89,16 @@ pub enum ApiError {
     },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
+}
+
+/// How to write a number this server accepts.
+fn phone_hint(default_region: Option<&str>) -> String {
+    match default_region {
+        None => "the phone number is not valid: write it in E.164, a + then the country code and the number, e.g. +14155550100".to_owned(),
+        Some(region) => format!(
+            "the phone number is not valid: write it as a {region} number, or in E.164 (a + then the country code and the number, e.g. +14155550100)"
+        ),
+    }
 }
 
 /// Which limit refused a request: named in the problem's `detail`, so a client (or its
@@ -146,7 +159,7 @@ impl ApiError {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::InvalidPhoneNumber
+            Self::InvalidPhoneNumber { .. }
             | Self::CountryNotAllowed
             | Self::NumberTypeNotAllowed
             | Self::InvalidOtpFormat { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -167,7 +180,7 @@ impl ApiError {
             Self::InvalidRequest(_) => "invalid_request",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::InvalidPhoneNumber => "invalid_phone_number",
+            Self::InvalidPhoneNumber { .. } => "invalid_phone_number",
             Self::CountryNotAllowed => "country_not_allowed",
             Self::NumberTypeNotAllowed => "number_type_not_allowed",
             Self::InvalidOtpFormat { .. } => "invalid_otp_format",

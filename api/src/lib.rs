@@ -21,6 +21,7 @@ mod error;
 mod extract;
 mod jobs;
 mod limits;
+mod locale;
 mod metrics;
 mod middleware;
 mod openapi;

@@ -16,7 +16,7 @@ pub const OTP_VERIFICATIONS: &str = "otp_verifications_total";
 pub const FRAUD_GUARD_TRIPS: &str = "otp_fraud_guard_trips_total";
 /// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`.
 pub const TOKEN_REFRESHES: &str = "token_refreshes_total";
-/// Counter, label `number` (masked): sign-ins with a fixed test number (`OTP_TEST_NUMBERS`).
+/// Counter, label `step` (`request`, `verify`): uses of a fixed test number (`OTP_TEST_NUMBERS`).
 pub const TEST_NUMBER_USES: &str = "otp_test_number_uses_total";
 /// Histogram (seconds): publishing an `OtpRequested` until the broker's confirm.
 pub const PUBLISH_DURATION: &str = "amqp_publish_duration_seconds";

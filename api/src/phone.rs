@@ -44,18 +44,30 @@ pub struct Destination {
 /// number of an allowed country and type, and returns it in E.164. This is the only way the api
 /// makes a [`PhoneNumber`].
 pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiError> {
+    let invalid = || ApiError::InvalidPhoneNumber {
+        default_region: policy.default_region.map(|r| format!("{r:?}")),
+    };
     let input = input.trim();
     if input.is_empty() || input.len() > MAX_INPUT_LEN {
-        return Err(ApiError::InvalidPhoneNumber);
+        return Err(invalid());
+    }
+    if let Ok(phone) = PhoneNumber::parse(input)
+        && policy.test_code(&phone).is_some()
+        && let Some(calling_code) = phone.calling_code()
+    {
+        return Ok(Destination {
+            phone,
+            calling_code,
+        });
     }
     let region = if input.starts_with('+') {
         None
     } else {
-        Some(policy.default_region.ok_or(ApiError::InvalidPhoneNumber)?)
+        Some(policy.default_region.ok_or_else(invalid)?)
     };
-    let number = phonenumber::parse(region, input).map_err(|_| ApiError::InvalidPhoneNumber)?;
+    let number = phonenumber::parse(region, input).map_err(|_| invalid())?;
     if !phonenumber::is_valid(&number) {
-        return Err(ApiError::InvalidPhoneNumber);
+        return Err(invalid());
     }
     if let Some(allowed) = &policy.allowed_countries {
         let country = number.country().id();
@@ -66,8 +78,8 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiEr
     if !policy.allowed_types.contains(number_type(&number)) {
         return Err(ApiError::NumberTypeNotAllowed);
     }
-    let phone = PhoneNumber::parse(&number.format().mode(Mode::E164).to_string())
-        .map_err(|_| ApiError::InvalidPhoneNumber)?;
+    let phone =
+        PhoneNumber::parse(&number.format().mode(Mode::E164).to_string()).map_err(|_| invalid())?;
     Ok(Destination {
         phone,
         calling_code: number.code().value(),
@@ -140,7 +152,7 @@ mod tests {
     fn national_numbers_need_a_default_region() {
         assert!(matches!(
             normalize("9876543210", &e164_only()),
-            Err(ApiError::InvalidPhoneNumber)
+            Err(ApiError::InvalidPhoneNumber { .. })
         ));
         let india = PhonePolicy {
             default_region: Some(Id::IN),
@@ -162,7 +174,7 @@ mod tests {
             assert!(
                 matches!(
                     normalize(bad, &e164_only()),
-                    Err(ApiError::InvalidPhoneNumber)
+                    Err(ApiError::InvalidPhoneNumber { .. })
                 ),
                 "{bad}"
             );

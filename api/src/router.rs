@@ -40,7 +40,10 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         )
         .route_layer(from_fn_with_state(state.clone(), auth::authenticate));
     let docs = docs::router(&state);
-    let mut pages = Router::new().route("/", get(|| async { Redirect::temporary("/docs/") }));
+    let mut pages = Router::new()
+        .route("/", get(|| async { Redirect::temporary("/docs/") }))
+        // Browsers ask for it on every page; "nothing here" without a 404 in their console.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }));
     if state.config.demo_page {
         pages = pages.route("/demo", get(demo::page));
     }
@@ -67,7 +70,13 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(from_fn(log_errors))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // Failures are logged once, by log_errors, at the level they deserve (a 503 from
+        // /readyz is news for a dashboard, not an error); the trace layer only makes the span.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(()),
+        )
         .layer(from_fn(record_metrics))
         .layer(from_fn(render_problems))
         .layer(from_fn(request_id))

@@ -46,6 +46,18 @@ impl Application {
         // Installed before the first request so no sample is lost.
         shared::telemetry::metrics_handle();
         crate::metrics::describe();
+        if !config.phone.test_numbers.is_empty() {
+            let numbers: Vec<String> = config
+                .phone
+                .test_numbers
+                .keys()
+                .map(|n| shared::mask_phone(n))
+                .collect();
+            tracing::warn!(
+                ?numbers,
+                "OTP_TEST_NUMBERS is set: these numbers get no SMS and accept a fixed code; keep it to app-store review and CI, never real users' numbers"
+            );
+        }
         if config.uses_dev_otp_secret() {
             tracing::warn!(
                 "OTP_SECRET is not set: using a development value; set it in production, the same on every replica"

@@ -28,6 +28,8 @@ pub struct Inner {
     pub publisher: Publisher,
     /// Set once the migrations have run; until then database routes answer 503.
     pub schema_ready: AtomicBool,
+    /// Which dependencies the last `/readyz` found down, to log changes only.
+    readiness_down: std::sync::Mutex<std::collections::HashSet<&'static str>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -47,10 +49,24 @@ impl AppState {
             hasher: OtpHasher::new(&config.otp_secret),
             publisher: Publisher::new(config.common.amqp_url.clone(), topology),
             schema_ready: AtomicBool::new(false),
+            readiness_down: std::sync::Mutex::default(),
             config,
             pool,
             redis,
         }))
+    }
+
+    /// Records whether `dependency` is down now; says whether it was down at the last check.
+    pub fn readiness_seen(&self, dependency: &'static str, down: bool) -> bool {
+        let mut seen = self
+            .readiness_down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if down {
+            !seen.insert(dependency)
+        } else {
+            seen.remove(dependency)
+        }
     }
 
     /// The pool, once the schema is in place.

@@ -69,6 +69,22 @@ impl Env {
             .filter(|v| !v.is_empty())
     }
 
+    /// Every set variable whose name starts with `prefix`, as (the rest of the name, value),
+    /// sorted by name: for families such as `SMS_TEMPLATE_<LANG>`.
+    pub fn with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        let mut found: Vec<(String, String)> = self
+            .vars
+            .iter()
+            .filter_map(|(name, value)| {
+                let rest = name.strip_prefix(prefix)?;
+                let value = value.trim();
+                (!rest.is_empty() && !value.is_empty()).then(|| (rest.to_owned(), value.to_owned()))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
     pub fn string(&self, name: &'static str, default: &str) -> String {
         self.raw(name).unwrap_or(default).to_owned()
     }

@@ -30,6 +30,11 @@ pub struct OtpRequested {
     #[serde(with = "time::serde::rfc3339")]
     pub requested_at: OffsetDateTime,
     pub request_id: String,
+    /// The language the SMS should be written in (a BCP 47 tag such as `es` or `pt-BR`), from
+    /// the request's `locale` or `Accept-Language`; absent: the default template. Optional, so
+    /// version 1 events without it stay valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
 }
 
 impl std::fmt::Debug for OtpRequested {
@@ -43,6 +48,7 @@ impl std::fmt::Debug for OtpRequested {
             .field("expires_at", &self.expires_at)
             .field("requested_at", &self.requested_at)
             .field("request_id", &self.request_id)
+            .field("locale", &self.locale)
             .finish()
     }
 }
@@ -62,7 +68,14 @@ impl OtpRequested {
             expires_at,
             requested_at: OffsetDateTime::now_utc(),
             request_id,
+            locale: None,
         }
+    }
+
+    /// The same event, to be written in `locale`.
+    pub fn in_locale(mut self, locale: Option<String>) -> Self {
+        self.locale = locale;
+        self
     }
 
     /// A new event for a code valid for `ttl` from now; `expires_at - requested_at` is exactly `ttl`.

@@ -10,4 +10,5 @@ pub mod loadgen;
 pub mod program;
 pub mod proxy;
 pub mod servers;
+pub mod stack;
 pub mod wait;

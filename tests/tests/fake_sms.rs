@@ -91,6 +91,28 @@ async fn fake_sms_answers_like_twilio() {
     let inbox = send(http.get(fake.base_url())).await.text().await.unwrap();
     assert!(inbox.contains("&lt;b&gt;hi&lt;/b&gt; 123"), "escaped");
     assert!(!inbox.contains("<b>hi</b>"));
+    assert!(
+        inbox.contains("<td>twilio</td>"),
+        "the provider is shown: {inbox}"
+    );
+    let link = format!("href=\"/?to={}\"", to.replace('+', "%2B"));
+    assert!(
+        inbox.contains(&link),
+        "numbers link to their filter: {inbox}"
+    );
+    // The page's own hint, typed as is: the `+` arrives as a space, and still filters.
+    let typed = format!("{}/?to={to}", fake.base_url());
+    let filtered = send(http.get(typed)).await.text().await.unwrap();
+    assert!(filtered.contains("1 message to"), "{filtered}");
+    let typed = format!("{}/messages?to={to}", fake.base_url());
+    assert_eq!(
+        json_of(send(http.get(typed)).await)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     let faults = json!({"responses": [{"status": 429, "retry_after_secs": 7}]});
     let control = format!("{}/control/faults", fake.base_url());

@@ -77,11 +77,14 @@ impl ApiConfig {
                 ),
             ));
         }
+        let otp = OtpPolicy::from_env(env)?;
+        let mut phone = PhonePolicy::from_env(env)?;
+        phone.test_numbers = policies::test_numbers(env, otp.length)?;
         Ok(Self {
             common,
             database_url: database_url.into(),
             api_addr,
-            otp: OtpPolicy::from_env(env)?,
+            otp,
             otp_secret,
             send_limits: SendLimits::from_env(env)?,
             verify_limits: VerifyLimits::from_env(env)?,
@@ -94,7 +97,7 @@ impl ApiConfig {
                 max_connections: env.integer_in("HTTP_MAX_CONNECTIONS", 10_000, 1..=1_000_000)?,
                 shutdown_grace: env.seconds("SHUTDOWN_GRACE_SECS", 10, 0..=300)?,
             },
-            phone: PhonePolicy::from_env(env)?,
+            phone,
             client_ip: policies::client_ip_policy(env)?,
             demo_page: env.boolean("DEMO_PAGE", false)?,
         })

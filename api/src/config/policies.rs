@@ -1,6 +1,6 @@
 //! The policies the api enforces, as typed values read once from the environment.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use phonenumber::country;
@@ -66,6 +66,10 @@ pub struct PhonePolicy {
     pub allowed_countries: Option<HashSet<country::Id>>,
     /// Number type names (see [`crate::phone::NUMBER_TYPES`]).
     pub allowed_types: HashSet<&'static str>,
+    /// `OTP_TEST_NUMBERS`: E.164 number → its fixed code. These numbers get no SMS, skip the
+    /// number checks (Twilio's `+1500555…` magic numbers are not valid numbers) and accept
+    /// their fixed code.
+    pub test_numbers: HashMap<String, String>,
 }
 
 impl Default for PhonePolicy {
@@ -74,8 +78,54 @@ impl Default for PhonePolicy {
             default_region: None,
             allowed_countries: None,
             allowed_types: HashSet::from(["mobile", "fixed_line_or_mobile"]),
+            test_numbers: HashMap::new(),
         }
     }
+}
+
+impl PhonePolicy {
+    /// The fixed code of a test number.
+    pub fn test_code(&self, phone: &shared::PhoneNumber) -> Option<&str> {
+        self.test_numbers.get(phone.as_str()).map(String::as_str)
+    }
+}
+
+/// `OTP_TEST_NUMBERS`: `+15005550100=123456,+15005550101=654321`.
+pub(super) fn test_numbers(
+    env: &Env,
+    otp_length: u32,
+) -> Result<HashMap<String, String>, ConfigError> {
+    const NAME: &str = "OTP_TEST_NUMBERS";
+    let Some(list) = env.optional_string(NAME) else {
+        return Ok(HashMap::new());
+    };
+    let mut numbers = HashMap::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((number, code)) = entry.split_once('=') else {
+            return Err(ConfigError::new(
+                NAME,
+                "expected +NUMBER=CODE pairs separated by commas, e.g. +15005550006=123456",
+            ));
+        };
+        let number = shared::PhoneNumber::parse(number.trim()).map_err(|_| {
+            ConfigError::new(
+                NAME,
+                format!(
+                    "{} is not an E.164 number",
+                    shared::mask_phone(number.trim())
+                ),
+            )
+        })?;
+        let code = code.trim();
+        if code.len() != otp_length as usize || !code.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ConfigError::new(
+                NAME,
+                format!("the code of {number} must be OTP_LENGTH ({otp_length}) digits"),
+            ));
+        }
+        numbers.insert(number.as_str().to_owned(), code.to_owned());
+    }
+    Ok(numbers)
 }
 
 /// Lifetimes and limits of sign-in sessions (docs/api.md#tokens).
@@ -210,6 +260,7 @@ impl PhonePolicy {
                 })
                 .transpose()?,
             allowed_types,
+            test_numbers: HashMap::new(),
         })
     }
 }

@@ -68,8 +68,20 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
     let checks: serde_json::Map<String, serde_json::Value> = results
         .iter()
         .map(|(name, result)| {
+            // Logged when a dependency's state changes, not on every poll: load balancers (and
+            // scripts/dev) poll while a dependency is down, and a line per poll buries the news.
+            let was_down = state.readiness_seen(name, result.is_err());
             let value = match result {
-                Ok(()) => json!("up"),
+                Ok(()) => {
+                    if was_down {
+                        tracing::info!(dependency = name, "readiness check passes again");
+                    }
+                    json!("up")
+                }
+                Err(e) if was_down => {
+                    tracing::debug!(dependency = name, error = %e, "readiness check still failing");
+                    json!("down")
+                }
                 Err(e) => {
                     tracing::warn!(dependency = name, error = %e, "readiness check failed");
                     json!("down")

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -11,12 +11,12 @@ use utoipa::ToSchema;
 use crate::client_ip::ClientIp;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::phone;
 use crate::request_id::RequestId;
 use crate::routes::SessionView;
 use crate::signin::request::request_code;
 use crate::signin::verify::{Guess, verify_code};
 use crate::state::AppState;
+use crate::{locale, phone};
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct OtpRequestBody {
@@ -24,6 +24,10 @@ pub struct OtpRequestBody {
     /// when the server has a `DEFAULT_REGION`.
     #[schema(example = "+14155550100", pattern = r"^\+[1-9][0-9]{6,14}$")]
     pub phone_number: String,
+    /// The language of the SMS, a BCP 47 tag (`es`, `pt-BR`); without it, the best language of
+    /// `Accept-Language`. The worker uses `SMS_TEMPLATE_<LANG>` when it has one.
+    #[schema(example = "es")]
+    pub locale: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -62,6 +66,8 @@ pub struct SignupBody {
     pub otp: Option<String>,
     /// With `otp`: the `challenge_id` of the 202 that sent it.
     pub challenge_id: Option<String>,
+    /// Without `otp`: the language of the SMS, as in `/v1/otp`.
+    pub locale: Option<String>,
 }
 
 /// Sends a one-time password by SMS.
@@ -78,19 +84,22 @@ pub async fn request_otp(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     request_id: axum::Extension<RequestId>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<OtpRequestBody>,
 ) -> Result<Response, ApiError> {
-    send_code(&state, &body.phone_number, ip, &request_id.0.0).await
+    let locale = locale::choose(body.locale.as_deref(), &headers)?;
+    send_code(&state, &body.phone_number, locale, ip, &request_id.0.0).await
 }
 
 async fn send_code(
     state: &AppState,
     raw_phone: &str,
+    locale: Option<String>,
     ip: std::net::IpAddr,
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let destination = phone::normalize(raw_phone, &state.config.phone)?;
-    let requested = request_code(state, destination, ip, request_id).await?;
+    let requested = request_code(state, destination, locale, ip, request_id).await?;
     let policy = &state.config.otp;
     let accepted = OtpAccepted {
         phone_number: requested.phone.as_str().to_owned(),
@@ -155,6 +164,7 @@ pub async fn signup(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     request_id: axum::Extension<RequestId>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<SignupBody>,
 ) -> Result<Response, ApiError> {
     match body.otp {
@@ -163,6 +173,9 @@ pub async fn signup(
                 check_code(&state, &body.phone_number, code, body.challenge_id, ip).await?;
             Ok(Json(session).into_response())
         }
-        None => send_code(&state, &body.phone_number, ip, &request_id.0.0).await,
+        None => {
+            let locale = locale::choose(body.locale.as_deref(), &headers)?;
+            send_code(&state, &body.phone_number, locale, ip, &request_id.0.0).await
+        }
     }
 }

@@ -34,6 +34,15 @@ pub async fn verify_code(state: &AppState, guess: Guess) -> Result<IssuedSession
     }
     // Fail before consuming the code if the session could not be stored anyway.
     state.db()?;
+    if state
+        .config
+        .phone
+        .test_code(&guess.destination.phone)
+        .is_some()
+    {
+        metrics::counter!(m::TEST_NUMBER_USES, "step" => "verify").increment(1);
+        tracing::warn!(phone = %guess.destination.phone, "OTP_TEST_NUMBERS: a sign-in attempt with a test number");
+    }
     // Every guess takes a slot in its client network's budget before it is checked, so
     // concurrent guesses cannot overrun it; a right guess gives its slot back.
     let fails = state.limits.fails_per_client(

@@ -3,6 +3,7 @@
 
 mod providers;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ use crate::seal::SealKey;
 pub const DEFAULT_WORKER_ADDR: &str = "127.0.0.1:9091";
 pub const DEFAULT_SMS_TEMPLATE: &str =
     "Your {app} code is {code}. It expires in {minutes} minutes.";
-pub const DEFAULT_APP_NAME: &str = "Cheershare";
+/// Neutral, so that an SMS from a deployment that did not set `APP_NAME` reads naturally:
+/// "Your sign-in code is 123456."
+pub const DEFAULT_APP_NAME: &str = "sign-in";
 
 /// Everything `sms-worker` needs to run.
 #[derive(Debug, Clone)]
@@ -72,6 +75,12 @@ pub struct MessageConfig {
     pub app_name: String,
     /// `WEBOTP_DOMAIN`: appends `@DOMAIN #CODE` so browsers and Android can fill the code in.
     pub webotp_domain: Option<String>,
+    /// `SMS_TEMPLATE_<LANG>`: templates by language, keyed by the lower-case tag with `-`
+    /// (`es`, `pt-br`), used for events whose `locale` asks for them.
+    pub templates: HashMap<String, String>,
+    /// `ANDROID_APP_HASH`: the 11-character hash Android's SMS Retriever looks for at the end
+    /// of the message.
+    pub android_app_hash: Option<String>,
 }
 
 impl Config {
@@ -185,15 +194,28 @@ impl Config {
 impl MessageConfig {
     fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let template = env.string("SMS_TEMPLATE", DEFAULT_SMS_TEMPLATE);
-        if !template.contains("{code}") {
-            return Err(ConfigError::new("SMS_TEMPLATE", "must contain {code}"));
-        }
-        // Twilio refuses bodies over 1,600 characters; leave room for the substitutions.
-        if template.chars().count() > 1_400 {
-            return Err(ConfigError::new(
-                "SMS_TEMPLATE",
-                "longer than 1,400 characters",
-            ));
+        check_template("SMS_TEMPLATE", "SMS_TEMPLATE", &template)?;
+        let mut templates = HashMap::new();
+        for (lang, text) in env.with_prefix("SMS_TEMPLATE_") {
+            let name = format!("SMS_TEMPLATE_{lang}");
+            let valid_tag = lang.split('_').enumerate().all(|(i, part)| {
+                let len_ok = if i == 0 {
+                    (2..=3).contains(&part.len())
+                } else {
+                    (1..=8).contains(&part.len())
+                };
+                len_ok && part.bytes().all(|b| b.is_ascii_alphanumeric())
+            });
+            if !valid_tag {
+                return Err(ConfigError::new(
+                    "SMS_TEMPLATE_<LANG>",
+                    format!(
+                        "{name}: expected a language such as SMS_TEMPLATE_ES or SMS_TEMPLATE_PT_BR"
+                    ),
+                ));
+            }
+            check_template("SMS_TEMPLATE_<LANG>", &name, &text)?;
+            templates.insert(lang.to_ascii_lowercase().replace('_', "-"), text);
         }
         let webotp_domain = env.optional_string("WEBOTP_DOMAIN");
         if let Some(domain) = &webotp_domain {
@@ -209,12 +231,45 @@ impl MessageConfig {
                 ));
             }
         }
+        let android_app_hash = env.optional_string("ANDROID_APP_HASH");
+        if let Some(hash) = &android_app_hash {
+            let valid = hash.len() == 11
+                && hash
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/'));
+            if !valid {
+                return Err(ConfigError::new(
+                    "ANDROID_APP_HASH",
+                    "expected the 11-character hash of your app's package and signing key (AppSignatureHelper)",
+                ));
+            }
+        }
         Ok(Self {
             template,
             app_name: env.string("APP_NAME", DEFAULT_APP_NAME),
             webotp_domain,
+            templates,
+            android_app_hash,
         })
     }
+}
+
+/// A template must carry the code, and leave room for the substitutions under Twilio's 1,600
+/// characters.
+fn check_template(variable: &'static str, name: &str, template: &str) -> Result<(), ConfigError> {
+    if !template.contains("{code}") {
+        return Err(ConfigError::new(
+            variable,
+            format!("{name} must contain {{code}}"),
+        ));
+    }
+    if template.chars().count() > 1_400 {
+        return Err(ConfigError::new(
+            variable,
+            format!("{name} is longer than 1,400 characters"),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_addr(addr: &str) -> SocketAddr {
@@ -242,7 +297,7 @@ mod tests {
         assert_eq!(config.send_timeout, Duration::from_secs(10));
         assert_eq!(config.retry_max_elapsed, Duration::from_secs(120));
         assert_eq!(config.message.template, DEFAULT_SMS_TEMPLATE);
-        assert_eq!(config.message.app_name, "Cheershare");
+        assert_eq!(config.message.app_name, "sign-in");
     }
 
     #[test]

@@ -118,8 +118,13 @@ pub(crate) async fn send_through_providers(
         attempts += 1;
         let sms = Sms {
             to: &event.phone_number,
-            body: message::render(&config.message, code, millis_left),
-            masked_body: message::render_masked(&config.message, code, millis_left),
+            body: message::render(&config.message, code, millis_left, event.locale.as_deref()),
+            masked_body: message::render_masked(
+                &config.message,
+                code,
+                millis_left,
+                event.locale.as_deref(),
+            ),
             validity_secs: millis_left / 1_000,
             message_id: event.event_id.to_string(),
         };

@@ -182,7 +182,7 @@ mod tests {
     #[test]
     fn finds_the_code_in_an_sms() {
         assert_eq!(
-            extract_code("Your Cheershare code is 123456. It expires in 5 minutes.").as_deref(),
+            extract_code("Your sign-in code is 123456. It expires in 5 minutes.").as_deref(),
             Some("123456")
         );
         assert_eq!(

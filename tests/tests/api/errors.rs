@@ -65,6 +65,8 @@ async fn bodies_over_16_kib_get_413() {
     let huge = format!(r#"{{"phone_number": "{}"}}"#, "1".repeat(17 * 1024));
     let reply = app.post_raw("/v1/otp", huge.clone()).await;
     reply.assert_problem(413, "payload_too_large");
+    let detail = reply.body["detail"].as_str().unwrap();
+    assert!(detail.contains("16 KiB"), "the limit is stated: {detail}");
     // Without a Content-Length too: a chunked body is cut off at the limit.
     let head = format!(
         "POST /v1/otp/verify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n",
@@ -116,9 +118,23 @@ async fn bad_numbers_and_codes_get_422() {
             .await
             .assert_problem(422, "invalid_otp_format");
     }
-    app.verify("nope", "123456")
-        .await
-        .assert_problem(422, "invalid_phone_number");
+    let nope = app.verify("nope", "123456").await;
+    nope.assert_problem(422, "invalid_phone_number");
+    let detail = nope.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("E.164") && detail.contains("+14155550100"),
+        "{detail}"
+    );
+
+    // With a DEFAULT_REGION, the hint names it.
+    let national = spawn_with(Spawn::default().var("DEFAULT_REGION", "GB")).await;
+    let reply = national.request_otp("12").await;
+    reply.assert_problem(422, "invalid_phone_number");
+    let detail = reply.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("GB number") && detail.contains("E.164"),
+        "{detail}"
+    );
 }
 
 #[tokio::test]

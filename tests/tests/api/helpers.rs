@@ -348,6 +348,19 @@ impl TestApp {
         events
     }
 
+    /// The next published event, whoever it is for.
+    pub async fn next_delivery_any(&self) -> (OtpRequested, lapin::message::Delivery) {
+        let mut guard = self.consumer().await;
+        let (_, consumer) = guard.as_mut().expect("consumer");
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("stream open")
+            .expect("delivery");
+        let event = serde_json::from_slice(&delivery.data).expect("a valid event");
+        (event, delivery)
+    }
+
     /// The next published event for `phone`, with its AMQP delivery.
     pub async fn next_delivery(&self, phone: &str) -> (OtpRequested, lapin::message::Delivery) {
         let mut guard = self.consumer().await;

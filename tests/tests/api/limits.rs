@@ -64,6 +64,13 @@ async fn the_resend_gap_answers_429_with_retry_after() {
     refused.assert_problem(429, "rate_limited");
     let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=30).contains(&retry_after), "Retry-After {retry_after}");
+    // The detail says which limit, and when to come back.
+    let detail = refused.body["detail"].as_str().unwrap();
+    assert!(detail.contains("OTP_RESEND_SECS"), "{detail}");
+    assert!(
+        detail.contains(&format!("retry in {retry_after} s")),
+        "{detail}"
+    );
     // Another phone is not affected.
     assert_eq!(
         app.request_otp("+14155550101").await.status,

@@ -9,6 +9,7 @@ mod failures;
 mod flow;
 mod guesses;
 mod helpers;
+mod integrators;
 mod limits;
 mod networks;
 mod numbers;

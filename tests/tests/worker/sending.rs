@@ -11,6 +11,43 @@ use tests::wait::eventually;
 use crate::harness::{CODE_VALIDITY, WAIT, event, phone, with_harness};
 
 #[tokio::test]
+async fn writes_in_the_events_language_and_ends_with_the_android_app_hash() {
+    with_harness(QueueType::Classic, |h| async move {
+        let _worker = h
+            .start_worker(&[
+                ("SMS_TEMPLATE_ES", "Tu código de {app} es {code}."),
+                ("SMS_TEMPLATE_PT_BR", "Seu código do {app}: {code}"),
+                ("APP_NAME", "Acme"),
+                ("WEBOTP_DOMAIN", "acme.example"),
+                ("ANDROID_APP_HASH", "FA+9qCX9VSu"),
+            ])
+            .await;
+        let cases = [
+            (Some("es-MX"), "Tu código de Acme es {code}."),
+            (Some("pt-BR"), "Seu código do Acme: {code}"),
+            (
+                Some("fr"),
+                "Your Acme code is {code}. It expires in 5 minutes.",
+            ),
+            (None, "Your Acme code is {code}. It expires in 5 minutes."),
+        ];
+        for (locale, text) in cases {
+            let to = phone();
+            let event = event(&to, CODE_VALIDITY).in_locale(locale.map(str::to_owned));
+            h.publish(&event).await;
+            h.wait_for_messages(&to, 1).await;
+            let code = event.otp.as_deref().unwrap();
+            let expected = format!(
+                "{}\n\n@acme.example #{code} FA+9qCX9VSu",
+                text.replace("{code}", code)
+            );
+            assert_eq!(h.fake.messages(Some(&to))[0].body, expected, "{locale:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn sends_the_sms_and_acknowledges_the_event() {
     with_harness(QueueType::Classic, |h| async move {
         let worker = h.start_worker(&[("WEBOTP_DOMAIN", "example.com")]).await;
@@ -23,7 +60,7 @@ async fn sends_the_sms_and_acknowledges_the_event() {
         assert_eq!(
             sms.body,
             format!(
-                "Your Cheershare code is {code}. It expires in 5 minutes.\n\n@example.com #{code}"
+                "Your sign-in code is {code}. It expires in 5 minutes.\n\n@example.com #{code}"
             )
         );
         assert_eq!(sms.from.as_deref(), Some("+15005550006"));
