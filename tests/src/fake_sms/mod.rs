@@ -168,6 +168,7 @@ pub fn router(state: Arc<FakeState>) -> Router {
             post(twilio::create_message),
         )
         .route("/messages", get(inbox::list_messages).delete(inbox::clear))
+        .route("/messages/count", get(inbox::count_messages))
         .route("/requests", get(inbox::list_requests))
         .route("/auth/1/oauth2/token", post(infobip::issue_token))
         .route("/sms/3/messages", post(infobip::send_messages))

@@ -156,6 +156,11 @@ impl FakeState {
         }
     }
 
+    /// How many messages are in the inbox: cheap to poll, unlike the list itself.
+    pub fn message_count(&self) -> usize {
+        self.lock().messages.len()
+    }
+
     /// Requests to every provider's send endpoint.
     pub fn requests(&self, to: Option<&str>) -> Vec<RecordedRequest> {
         self.lock()

@@ -55,6 +55,14 @@ pub struct Args {
     /// `me`: sign-ins whose tokens are used.
     #[arg(long, default_value_t = 32)]
     pub users: usize,
+    /// Measure what the run costs: CPU microseconds per accepted operation of every api,
+    /// sms-worker, fake-sms, RabbitMQ and Redis process on this machine (from /proc), until the
+    /// last SMS is in.
+    #[arg(long)]
+    pub cost: bool,
+    /// Soak: print the resident memory of the stack's processes every this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub rss_every: Option<f64>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

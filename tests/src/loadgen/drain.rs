@@ -59,6 +59,8 @@ pub(super) async fn drain(args: &Args, sms: &SmsInbox) -> anyhow::Result<Report>
         delivery: None,
         undelivered: None,
         figures: BTreeMap::new(),
+        costs: None,
+        rss: Vec::new(),
     })
 }
 

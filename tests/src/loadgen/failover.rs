@@ -150,5 +150,7 @@ pub(super) async fn failover(args: &Args, sms: &SmsInbox) -> anyhow::Result<Repo
         delivery: None,
         undelivered: None,
         figures,
+        costs: None,
+        rss: Vec::new(),
     })
 }

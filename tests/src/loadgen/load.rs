@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use super::api::Api;
 use super::scenarios::Operations;
 use super::sms_inbox::SmsInbox;
-use super::{Args, Latency, Report, Scenario, prepare};
+use super::{Args, Latency, Report, Scenario, cost, prepare};
 
 /// Hands out operation numbers until the run is over.
 struct Pacer {
@@ -91,6 +91,20 @@ pub(super) async fn load(
         tokens,
         phone_offset: rand::random_range(0..5_000_000),
     });
+    let stack = if args.cost || args.rss_every.is_some() {
+        cost::discover()?
+    } else {
+        Vec::new()
+    };
+    let soak = args
+        .rss_every
+        .map(|secs| cost::sample_rss(stack.clone(), Duration::from_secs_f64(secs.max(0.1))));
+    let inbox_before = if matches!(args.scenario, Scenario::Request | Scenario::Signup) {
+        sms.count().await?
+    } else {
+        0
+    };
+    let meter = args.cost.then(|| cost::CpuMeter::start(stack));
     let pacer = Arc::new(Pacer {
         count: args.count,
         duration: args.duration,
@@ -123,6 +137,19 @@ pub(super) async fn load(
         total.add(tally);
     }
     let elapsed = pacer.started.elapsed().as_secs_f64();
+    if !total.accepted.is_empty() {
+        sms.wait_for_count(inbox_before + total.accepted.len() as u64)
+            .await;
+    }
+    // Per accepted OTP for `request` (the SMS it caused included), per operation otherwise.
+    let costs = meter.map(|m| m.finish(total.ok));
+    let rss = match soak {
+        Some((task, samples)) => {
+            task.abort();
+            std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()))
+        }
+        None => Vec::new(),
+    };
     let (delivery, undelivered) = if total.accepted.is_empty() {
         (None, None)
     } else {
@@ -140,5 +167,7 @@ pub(super) async fn load(
         delivery,
         undelivered,
         figures: std::collections::BTreeMap::new(),
+        costs,
+        rss,
     })
 }

@@ -21,10 +21,12 @@
 //! Where things are: `args` is the command line; `api` and `sms_inbox` are the clients of the
 //! api and of fake-sms; `prepare` gets codes and tokens before a timed run; `scenarios` is one
 //! operation of each; `load` runs them concurrently at the offered rate; `drain` is the
-//! worker-only run; `report` is what is printed.
+//! worker-only run; `cost` reads what each process of the stack spent; `report` is what is
+//! printed.
 
 mod api;
 mod args;
+pub mod cost;
 mod drain;
 mod failover;
 mod load;

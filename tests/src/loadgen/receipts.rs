@@ -137,6 +137,8 @@ pub(super) async fn absorb(args: &Args, sms: &SmsInbox) -> anyhow::Result<Report
         delivery: None,
         undelivered: None,
         figures,
+        costs: None,
+        rss: Vec::new(),
     })
 }
 
@@ -228,5 +230,7 @@ pub(super) async fn resend(
         delivery: None,
         undelivered: None,
         figures: BTreeMap::new(),
+        costs: None,
+        rss: Vec::new(),
     })
 }

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::Scenario;
+use super::cost::{Costs, RssSample};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Latency {
@@ -55,6 +56,12 @@ pub struct Report {
     /// `token_calls_per_hour`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub figures: BTreeMap<String, f64>,
+    /// `--cost`: CPU per accepted operation, process by process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub costs: Option<Costs>,
+    /// `--rss-every`: resident memory over the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rss: Vec<RssSample>,
 }
 
 impl fmt::Display for Report {
@@ -82,6 +89,44 @@ impl fmt::Display for Report {
         }
         for (name, value) in &self.figures {
             writeln!(f, "{name:<12} {value:.0}")?;
+        }
+        if let Some(costs) = &self.costs {
+            writeln!(f, "cpu per op   (over {} operations)", costs.operations)?;
+            for p in &costs.processes {
+                writeln!(
+                    f,
+                    "  {:<14} {:>8.1} µs  ({:.0} ms CPU, RSS {:.1} MiB)",
+                    format!("{}[{}]", p.name, p.pid),
+                    p.us_per_op,
+                    p.cpu_ms,
+                    p.rss_mib
+                )?;
+            }
+            writeln!(
+                f,
+                "  {:<14} {:>8.1} µs",
+                "stack total", costs.total_us_per_op
+            )?;
+            writeln!(
+                f,
+                "  {:<14} {:>8.1} µs  (not in the total)",
+                "loadgen", costs.loadgen_us_per_op
+            )?;
+        }
+        if let (Some(first), Some(last)) = (self.rss.first(), self.rss.last()) {
+            writeln!(
+                f,
+                "rss          first sample → last ({:.0} s later)",
+                last.at_secs - first.at_secs
+            )?;
+            for ((name, pid, start), (_, _, end)) in first.rss_mib.iter().zip(&last.rss_mib) {
+                let change = (end - start) / start.max(f64::MIN_POSITIVE) * 100.0;
+                writeln!(
+                    f,
+                    "  {:<14} {start:.1} → {end:.1} MiB ({change:+.1} %)",
+                    format!("{name}[{pid}]")
+                )?;
+            }
         }
         if self.errors.is_empty() {
             writeln!(f, "errors       none")?;
