@@ -100,15 +100,6 @@ impl SendLedger {
         format!("{}:sms:{{{}}}", self.namespace, event_id)
     }
 
-    /// What is known about the event, without claiming it.
-    pub async fn finished(&self, event_id: Uuid) -> Result<Option<Finished>, RedisError> {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(self.key(event_id))
-            .query_async(&mut self.redis.clone())
-            .await?;
-        Ok(value.as_deref().and_then(parse_finished))
-    }
-
     pub async fn claim(
         &self,
         event_id: Uuid,

@@ -43,10 +43,20 @@ pub const QUEUE_DEPTH: &str = "sms_queue_depth";
 pub const IN_FLIGHT: &str = "sms_in_flight";
 /// Counter: connections to RabbitMQ opened (more than one means it reconnected).
 pub const AMQP_CONNECTS: &str = "sms_amqp_connections_total";
+/// Counter: deliveries acknowledged to the broker.
+pub const ACKED: &str = "sms_acked_total";
+/// Counter of `basic.ack` frames sent, label `multiple` (`true`: one frame for a run of
+/// deliveries): acknowledged deliveries per frame is the batching's gain.
+pub const ACK_FRAMES: &str = "sms_ack_frames_total";
 
 /// Gives every metric its `# HELP` line. Call once the recorder is installed.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(ACKED, "Deliveries acknowledged to the broker.");
+    describe_counter!(
+        ACK_FRAMES,
+        "basic.ack frames sent; multiple=true frames acknowledge a run of deliveries at once."
+    );
     describe_counter!(
         SENDS,
         "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, requeued."

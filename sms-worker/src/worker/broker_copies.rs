@@ -7,15 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use tokio::task::JoinSet;
 use tracing::warn;
 
+use super::acks::Acks;
 use super::context::Context;
 use crate::dead_letter::{self, PublishError};
 
 /// Forwards `delivery` on a task of its own; acknowledged only once the copy is confirmed.
-pub(crate) fn spawn(tasks: &mut JoinSet<()>, context: Arc<Context>, delivery: Delivery) {
+pub(crate) fn spawn(
+    tasks: &mut JoinSet<()>,
+    context: Arc<Context>,
+    acks: Acks,
+    delivery: Delivery,
+) {
     tasks.spawn(async move {
         let forwarded = match context.dead_letter_channel() {
             Some(channel) => {
@@ -32,9 +38,8 @@ pub(crate) fn spawn(tasks: &mut JoinSet<()>, context: Arc<Context>, delivery: De
         match forwarded {
             Ok(()) => {
                 metrics::counter!(crate::metrics::DEAD_LETTERS, "kind" => "broker").increment(1);
-                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                    warn!(error = %e, "could not acknowledge a forwarded broker dead letter; it will be forwarded again");
-                }
+                // A lost ack means the copy is forwarded again: a second dead letter, no SMS.
+                acks.finished(delivery.delivery_tag);
             }
             Err(e) => {
                 warn!(error = %e, "could not forward a broker dead letter; returning it");
@@ -46,6 +51,7 @@ pub(crate) fn spawn(tasks: &mut JoinSet<()>, context: Arc<Context>, delivery: De
                             ..BasicNackOptions::default()
                         })
                         .await;
+                    acks.settled(delivery.delivery_tag);
                 }
             }
         }

@@ -16,6 +16,7 @@ use secrecy::ExposeSecret;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+use super::acks::Acks;
 use super::context::Context;
 use super::queue_depth::DepthGauge;
 use super::{broker_copies, delivery};
@@ -93,6 +94,8 @@ struct BrokerConnection {
     dead_letter_channel: Channel,
     consumer: Consumer,
     broker_copies: Consumer,
+    /// Acknowledges the consumers' deliveries in batches.
+    acks: Acks,
     /// Stops reading the queues' depths when the connection goes.
     _depth: DepthGauge,
 }
@@ -142,6 +145,7 @@ impl BrokerConnection {
             ],
         );
         Ok(Self {
+            acks: Acks::start(channel.clone()),
             connection,
             channel,
             dead_letter_channel,
@@ -161,12 +165,18 @@ impl BrokerConnection {
             tokio::select! {
                 () = context.shutdown.recv() => break ConsumeEnd::ShuttingDown,
                 delivery = self.consumer.next() => match delivery {
-                    Some(Ok(delivery)) => delivery::spawn(tasks, context.clone(), delivery),
+                    Some(Ok(delivery)) => {
+                        self.acks.delivered(delivery.delivery_tag);
+                        delivery::spawn(tasks, context.clone(), self.acks.clone(), delivery);
+                    }
                     Some(Err(e)) => break ConsumeEnd::Lost(e.to_string()),
                     None => break ConsumeEnd::Lost("the broker cancelled the consumer".to_owned()),
                 },
                 copy = self.broker_copies.next() => match copy {
-                    Some(Ok(copy)) => broker_copies::spawn(tasks, context.clone(), copy),
+                    Some(Ok(copy)) => {
+                        self.acks.delivered(copy.delivery_tag);
+                        broker_copies::spawn(tasks, context.clone(), self.acks.clone(), copy);
+                    }
                     Some(Err(e)) => break ConsumeEnd::Lost(e.to_string()),
                     None => break ConsumeEnd::Lost("the broker cancelled a consumer".to_owned()),
                 },
@@ -194,6 +204,8 @@ impl BrokerConnection {
             }
         }
         drain(tasks, context.config.shutdown_grace).await;
+        // What finished during the drain is acknowledged before the channel closes.
+        self.acks.flush().await;
         context.set_dead_letter_channel(None);
         let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
         let _ = with_timeout(self.dead_letter_channel.close(200, "shutting down".into())).await;

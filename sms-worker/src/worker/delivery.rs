@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use futures_util::FutureExt as _;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::{BasicNackOptions, BasicRejectOptions};
 use shared::OtpRequested;
 use shared::amqp::headers::header_str;
 use time::OffsetDateTime;
 use tokio::task::JoinSet;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
+use super::acks::Acks;
 use super::context::Context;
 use super::outcome::Outcome;
 use super::send::send_otp;
@@ -23,10 +24,16 @@ use crate::metrics::{self as m, InFlight, send_outcome};
 use crate::trace::Journal;
 
 /// Handles `delivery` on a task of its own. A panic returns the message to the queue.
-pub(crate) fn spawn(tasks: &mut JoinSet<()>, context: Arc<Context>, delivery: Delivery) {
+pub(crate) fn spawn(
+    tasks: &mut JoinSet<()>,
+    context: Arc<Context>,
+    acks: Acks,
+    delivery: Delivery,
+) {
     let acker = delivery.acker.clone();
+    let tag = delivery.delivery_tag;
     tasks.spawn(async move {
-        let handled = AssertUnwindSafe(handle(context, delivery))
+        let handled = AssertUnwindSafe(handle(context, &acks, delivery))
             .catch_unwind()
             .await;
         if handled.is_err() {
@@ -35,11 +42,12 @@ pub(crate) fn spawn(tasks: &mut JoinSet<()>, context: Arc<Context>, delivery: De
             // handler is dead-lettered by the broker instead of looping.
             error!("handling a message panicked; returning it to the queue");
             let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+            acks.settled(tag);
         }
     });
 }
 
-async fn handle(context: Arc<Context>, delivery: Delivery) {
+async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
     let _in_flight = InFlight::start();
     let request_id = request_id(&delivery);
     match parse(&delivery.data) {
@@ -51,7 +59,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
                     dead_letter: DeadLetter::new(ErrorKind::InvalidMessage, reason, 0),
                     claim: None,
                 };
-                settle(&context, &delivery, None, outcome).await;
+                settle(&context, acks, &delivery, None, outcome).await;
             }
             .instrument(span)
             .await;
@@ -67,7 +75,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
                 let mut journal = Journal::new(&event);
                 let outcome = send_otp(&context, &event, &mut journal).await;
                 let ended = ending(&outcome);
-                settle(&context, &delivery, Some(&event), outcome).await;
+                settle(&context, acks, &delivery, Some(&event), outcome).await;
                 if let Some((how, detail)) = ended {
                     journal.ended(how, detail);
                     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
@@ -173,20 +181,21 @@ fn scrub(text: &str) -> String {
 /// Acknowledges, dead-letters or returns the delivery.
 async fn settle(
     context: &Context,
+    acks: &Acks,
     delivery: &Delivery,
     event: Option<&OtpRequested>,
     outcome: Outcome,
 ) {
     match outcome {
-        Outcome::Sent => ack(delivery).await,
+        Outcome::Sent => acks.finished(delivery.delivery_tag),
         Outcome::SentUnconfirmed => {
             send_outcome("sent_unconfirmed");
-            ack(delivery).await;
+            acks.finished(delivery.delivery_tag);
         }
         Outcome::AlreadyHandled(finished) => {
             info!(already = ?finished, "this event was already handled; acknowledging the copy without sending");
             send_outcome("duplicate_skipped");
-            ack(delivery).await;
+            acks.finished(delivery.delivery_tag);
         }
         Outcome::LeaveToRedeliver => {
             debug!("left for the broker to hand to another worker");
@@ -194,7 +203,7 @@ async fn settle(
         }
         Outcome::Requeue => {
             send_outcome("requeued");
-            nack_requeue(delivery).await;
+            nack_requeue(acks, delivery).await;
         }
         Outcome::DeadLetter { dead_letter, claim } => {
             match publish_dead_letter(context, delivery, event, &dead_letter).await {
@@ -218,7 +227,7 @@ async fn settle(
                         attempts = dead_letter.attempts,
                         "dead-lettered"
                     );
-                    ack(delivery).await;
+                    acks.finished(delivery.delivery_tag);
                 }
                 Err(e) => {
                     // Never drop: the original goes back to the queue and is tried again.
@@ -232,7 +241,7 @@ async fn settle(
                     // A short pause, so that a broken dead-letter route does not turn into a
                     // busy loop of redeliveries.
                     if let Ok(()) = context.shutdown.sleep(Duration::from_secs(1)).await {
-                        nack_requeue(delivery).await;
+                        nack_requeue(acks, delivery).await;
                     }
                 }
             }
@@ -265,17 +274,7 @@ async fn publish_dead_letter(
     .await
 }
 
-async fn ack(delivery: &Delivery) {
-    match delivery.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        // The channel is gone: the broker redelivers the message, and the copy is skipped
-        // because the outcome is recorded in Redis.
-        Ok(false) => warn!("could not acknowledge: the channel closed"),
-        Err(e) => warn!(error = %e, "could not acknowledge"),
-    }
-}
-
-async fn nack_requeue(delivery: &Delivery) {
+async fn nack_requeue(acks: &Acks, delivery: &Delivery) {
     let options = BasicNackOptions {
         requeue: true,
         ..BasicNackOptions::default()
@@ -283,6 +282,7 @@ async fn nack_requeue(delivery: &Delivery) {
     if let Err(e) = delivery.nack(options).await {
         warn!(error = %e, "could not return the message; the broker returns it when the channel closes");
     }
+    acks.settled(delivery.delivery_tag);
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! - [`failover`]: sending it through the providers in order, past their breakers;
 //! - [`callbacks`]: the public listener for delivery receipts, which [`resend`] applies.
 
+mod acks;
 mod broker_copies;
 mod budget;
 mod callbacks;

@@ -31,26 +31,7 @@ pub(crate) async fn send_otp(
     let config = &context.config;
     let started = Instant::now();
 
-    // A copy of an event that was already handled is acknowledged whatever its age.
-    match context.ledger.finished(event.event_id).await {
-        Ok(Some(finished)) => return Outcome::AlreadyHandled(finished),
-        Ok(None) => {}
-        // Claiming below retries within the budget.
-        Err(e) => debug!(error = %e, "Redis did not answer"),
-    }
-
     let millis_left = event.millis_left(OffsetDateTime::now_utc());
-    if millis_left < MIN_MILLIS_LEFT {
-        info!("the OTP expired before it could be sent; dead-lettering it");
-        return Outcome::DeadLetter {
-            dead_letter: DeadLetter::new(
-                ErrorKind::Expired,
-                "the OTP expired before it could be sent",
-                0,
-            ),
-            claim: None,
-        };
-    }
     let mut retries = Retries {
         budget: Budget {
             retry_deadline: started + config.retry_max_elapsed,
@@ -65,10 +46,23 @@ pub(crate) async fn send_otp(
             .build(),
     };
 
+    // The claim comes first, in one round trip that also says whether the event was handled
+    // already: a copy of a handled event is acknowledged whatever its age.
     let claim = match claim(context, event.event_id, started, &mut retries).await {
         Ok(claim) => claim,
         Err(outcome) => return outcome,
     };
+    if millis_left < MIN_MILLIS_LEFT {
+        info!("the OTP expired before it could be sent; dead-lettering it");
+        return Outcome::DeadLetter {
+            dead_letter: DeadLetter::new(
+                ErrorKind::Expired,
+                "the OTP expired before it could be sent",
+                0,
+            ),
+            claim: Some(claim),
+        };
+    }
     let _lease = Lease::keep(
         context.ledger.clone(),
         event.event_id,

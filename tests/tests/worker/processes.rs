@@ -2,7 +2,8 @@
 //! SIGKILL, after which another worker takes over.
 
 use shared::QueueType;
-use tests::fake_sms::Faults;
+use tests::fake_sms::{Faults, InjectedResponse, Rule};
+use tests::stack::free_port;
 use tests::wait::eventually;
 
 use crate::harness::{Harness, WAIT, phone, with_harness};
@@ -85,6 +86,65 @@ async fn a_worker_killed_mid_send_has_its_messages_redelivered() {
         worker.stop().await;
         assert_eq!(h.queued().await, 0, "all acknowledged");
         assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
+/// Acknowledgements go out in batches (`basic.ack` with `multiple`), but never wait for a
+/// delivery still being worked on: a message in backoff at the front of the channel does not
+/// hold back the acks of the ten that finished after it. Killed then, the worker leaves only
+/// that one message to be redelivered.
+#[tokio::test]
+async fn acks_do_not_wait_for_an_earlier_delivery_still_in_backoff() {
+    with_harness(QueueType::Quorum, |h| async move {
+        let stuck = phone();
+        h.fake.set_faults(Faults {
+            rules: vec![Rule {
+                to: stuck.clone(),
+                response: InjectedResponse::status(503),
+            }],
+            ..Faults::default()
+        });
+        h.request_sms(&stuck).await; // the first delivery on the channel
+        let numbers = request_many(&h, 10).await;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut worker = h
+            .start_worker_process(&[("WORKER_ADDR", addr.as_str())])
+            .await;
+        for to in &numbers {
+            h.wait_for_messages(to, 1).await;
+        }
+        let acked = || async {
+            let metrics = match h.http.get(format!("http://{addr}/metrics")).send().await {
+                Ok(reply) => reply.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix("sms_acked_total "))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        eventually(WAIT, "the ten finished deliveries acknowledged", || async {
+            acked().await >= 10.0
+        })
+        .await;
+        assert!(
+            !h.fake.requests(Some(&stuck)).is_empty(),
+            "the first message is still being retried"
+        );
+        assert_eq!(
+            acked().await,
+            10.0,
+            "the one in backoff is not acknowledged"
+        );
+
+        worker.kill().await;
+        eventually(WAIT, "the message in backoff back in the queue", || async {
+            h.queued().await >= 1
+        })
+        .await;
+        assert_eq!(h.queued().await, 1, "only the one that was not finished");
     })
     .await;
 }

@@ -1,0 +1,190 @@
+//! Acknowledgements in batches.
+//!
+//! Every `basic.ack` is a frame the worker writes and RabbitMQ parses, and on a quorum queue a
+//! command its Raft log replicates. One `basic.ack` with `multiple` settles every delivery up to
+//! its tag at once, so under load the worker acknowledges in batches: each finished delivery is
+//! noted here, and a flusher (woken by the first note, after [`LINGER`]) acknowledges the
+//! longest run of finished deliveries at the front of the channel's unsettled ones with a single
+//! frame.
+//!
+//! Sends finish out of order, and `multiple` must never cover a delivery still being worked on
+//! (it would be settled before its SMS went out). So the run stops at the oldest unsettled
+//! delivery that is not finished; finished ones behind it are acknowledged one by one in the same
+//! flush, never held back: a delivery stuck in a long backoff must not keep the others from
+//! freeing their prefetch slots.
+//!
+//! Every delivery on the channel is [`Acks::delivered`] before its task starts, including the
+//! broker's dead-letter copies consumed on the same channel; a task that settles its delivery
+//! itself (nack, reject) says so with [`Acks::settled`] once the frame is out.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::Channel;
+use lapin::options::BasicAckOptions;
+use tokio::sync::Notify;
+use tracing::warn;
+
+use crate::metrics as m;
+
+/// How long the flusher waits for more deliveries to finish before acknowledging: a few
+/// milliseconds gather dozens of acks under load, and delay nothing a user waits for (the SMS
+/// has gone out; a lost ack only means a redelivery that the ledger skips).
+const LINGER: Duration = Duration::from_millis(3);
+
+#[derive(Default)]
+struct Tags {
+    /// Delivered on this channel and not yet settled with the broker.
+    unsettled: BTreeSet<u64>,
+    /// Of those, the ones whose handling is over and that wait for their ack.
+    finished: BTreeSet<u64>,
+}
+
+impl Tags {
+    /// What to send now: the tag of one `multiple` ack covering the front run of finished
+    /// deliveries (if any), and the finished tags behind an unfinished one, to ack singly.
+    /// The front run is given as (its last tag, how many deliveries it covers).
+    fn take_flush(&mut self) -> ((Option<u64>, u64), Vec<u64>) {
+        let (mut front, mut covered) = (None, 0);
+        while let Some(&oldest) = self.unsettled.first() {
+            if !self.finished.remove(&oldest) {
+                break;
+            }
+            self.unsettled.remove(&oldest);
+            front = Some(oldest);
+            covered += 1;
+        }
+        let singles: Vec<u64> = std::mem::take(&mut self.finished).into_iter().collect();
+        for tag in &singles {
+            self.unsettled.remove(tag);
+        }
+        ((front, covered), singles)
+    }
+}
+
+/// The batching acknowledger of one channel.
+#[derive(Clone)]
+pub(crate) struct Acks(Arc<Shared>);
+
+struct Shared {
+    channel: Channel,
+    tags: Mutex<Tags>,
+    wake: Notify,
+}
+
+impl Acks {
+    /// Starts the flusher of `channel`. It stops once every handle is dropped (the connection
+    /// and the tasks of its deliveries are gone) or the channel has closed.
+    pub(crate) fn start(channel: Channel) -> Self {
+        let acks = Self(Arc::new(Shared {
+            channel,
+            tags: Mutex::default(),
+            wake: Notify::new(),
+        }));
+        let flusher = Arc::downgrade(&acks.0);
+        tokio::spawn(async move {
+            loop {
+                let Some(shared) = flusher.upgrade() else {
+                    return;
+                };
+                if !shared.channel.status().connected() {
+                    return;
+                }
+                // Looks again every second without a wake-up, to notice the end above.
+                let woken = tokio::time::timeout(Duration::from_secs(1), shared.wake.notified());
+                if woken.await.is_ok() {
+                    tokio::time::sleep(LINGER).await;
+                    Acks(shared).flush().await;
+                }
+            }
+        });
+        acks
+    }
+
+    fn tags(&self) -> std::sync::MutexGuard<'_, Tags> {
+        self.0.tags.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A delivery arrived: no `multiple` ack may cover it until it is finished or settled.
+    pub(crate) fn delivered(&self, tag: u64) {
+        self.tags().unsettled.insert(tag);
+    }
+
+    /// The delivery's handling is over: acknowledge it with the next batch.
+    pub(crate) fn finished(&self, tag: u64) {
+        self.tags().finished.insert(tag);
+        self.0.wake.notify_one();
+    }
+
+    /// The delivery was settled another way (nack, reject) and its frame is out.
+    pub(crate) fn settled(&self, tag: u64) {
+        self.tags().unsettled.remove(&tag);
+    }
+
+    /// Acknowledges every finished delivery now (also at shutdown, before the channel closes).
+    pub(crate) async fn flush(&self) {
+        let ((front, covered), singles) = self.tags().take_flush();
+        if let Some(tag) = front {
+            self.send(tag, covered, true).await;
+        }
+        for tag in singles {
+            self.send(tag, 1, false).await;
+        }
+    }
+
+    /// One frame acknowledging `deliveries` (more than one only with `multiple`).
+    async fn send(&self, tag: u64, deliveries: u64, multiple: bool) {
+        let multiple_label = if multiple { "true" } else { "false" };
+        metrics::counter!(m::ACK_FRAMES, "multiple" => multiple_label).increment(1);
+        metrics::counter!(m::ACKED).increment(deliveries);
+        if let Err(e) = self
+            .0
+            .channel
+            .basic_ack(tag, BasicAckOptions { multiple })
+            .await
+        {
+            // The channel is gone: the broker redelivers, and the ledger skips the copies.
+            warn!(error = %e, "could not acknowledge; the broker will redeliver and the copies are skipped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(unsettled: &[u64], finished: &[u64]) -> Tags {
+        Tags {
+            unsettled: unsettled.iter().copied().collect(),
+            finished: finished.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn one_multiple_ack_for_the_front_run() {
+        let mut t = tags(&[1, 2, 3, 4], &[1, 2, 3]);
+        assert_eq!(t.take_flush(), ((Some(3), 3), vec![]));
+        assert_eq!(t.unsettled.iter().copied().collect::<Vec<_>>(), vec![4]);
+    }
+
+    #[test]
+    fn never_covers_a_delivery_still_being_worked_on() {
+        // 2 is still sending: 1 goes with `multiple`, 3 and 5 singly, 2 and 4 stay unsettled.
+        let mut t = tags(&[1, 2, 3, 4, 5], &[1, 3, 5]);
+        assert_eq!(t.take_flush(), ((Some(1), 1), vec![3, 5]));
+        assert_eq!(t.unsettled.iter().copied().collect::<Vec<_>>(), vec![2, 4]);
+        assert!(t.finished.is_empty());
+        // 2 finishes: its own `multiple` ack covers only 2 (3 is settled already).
+        t.finished.insert(2);
+        assert_eq!(t.take_flush(), ((Some(2), 1), vec![]));
+    }
+
+    #[test]
+    fn a_delivery_settled_otherwise_does_not_block_the_run() {
+        let mut t = tags(&[7, 8, 9], &[7, 9]);
+        t.unsettled.remove(&8); // nacked by its task
+        assert_eq!(t.take_flush(), ((Some(9), 2), vec![]));
+        assert_eq!(t.take_flush(), ((None, 0), vec![]));
+    }
+}
