@@ -91,6 +91,22 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiEr
 /// international freephone and premium +800/+808/+979) are `non_geographic` whatever it says:
 /// it types +881 numbers as `mobile`, yet they are priced like premium lines and are a classic
 /// toll-fraud destination.
+/// How many compiled patterns phonenumber may keep. Its metadata compiles each pattern when it is
+/// first used and keeps at most 100 in an LRU cache, but checking one +1 number alone walks the
+/// patterns of all 25 regions that share the calling code: with 100, the patterns of every
+/// request pushed out those the next one needed, and the api recompiled regular expressions on
+/// every request (`regex_syntax` and SipHash over the patterns topped its profile). The
+/// patterns of the numbers a deployment actually sees fit easily; each costs a few KiB.
+const PHONE_PATTERN_CACHE: usize = 2_000;
+
+/// Makes phonenumber's pattern cache large enough for the numbers it checks (see
+/// [`PHONE_PATTERN_CACHE`]). Call once, at start-up.
+pub fn enlarge_pattern_cache() {
+    let cache = phonenumber::metadata::DATABASE.cache();
+    *cache.lock().unwrap_or_else(|e| e.into_inner()) =
+        regex_cache::RegexCache::new(PHONE_PATTERN_CACHE);
+}
+
 fn number_type(number: &phonenumber::PhoneNumber) -> &'static str {
     if number.country().id().is_none() {
         return "non_geographic";

@@ -23,6 +23,7 @@ impl Application {
     /// Binds the listener and prepares the app. Dependencies that are down do not stop it:
     /// connections are made lazily and migrations are retried in the background.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Self> {
+        crate::phone::enlarge_pattern_cache();
         let listener = TcpListener::bind(config.api_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on API_ADDR {}: {e}", config.api_addr))?;

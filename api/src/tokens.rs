@@ -1,9 +1,7 @@
-//! Opaque bearer tokens: 16 bytes from the OS CSPRNG, shown once as 26 characters of base32;
+//! Opaque bearer tokens: 16 bytes from a CSPRNG, shown once as 26 characters of base32;
 //! PostgreSQL keeps only the SHA-256 of that text.
 
 use rand::Rng;
-use rand::rand_core::UnwrapErr;
-use rand::rngs::SysRng;
 use sha2::{Digest, Sha256};
 
 pub const TOKEN_LEN: usize = 26;
@@ -31,10 +29,11 @@ impl PlainToken {
     }
 }
 
-/// 16 bytes from the OS CSPRNG as 26 characters of base32 (no padding).
+/// 16 bytes from rand's thread-local CSPRNG (see [`crate::otp::generate_code`]) as 26
+/// characters of base32 (no padding).
 pub fn random_base32() -> String {
     let mut bytes = [0u8; 16];
-    UnwrapErr(SysRng).fill_bytes(&mut bytes);
+    rand::rng().fill_bytes(&mut bytes);
     base32::encode(base32::Alphabet::Rfc4648 { padding: false }, &bytes)
 }
 
