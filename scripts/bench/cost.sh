@@ -11,6 +11,7 @@
 #                                             every EVERY=30 s, then the cost table
 #   scripts/bench/cost.sh conns               the api's RSS idle, with CONNS=1000 open connections
 #                                             under load, and after they close (needs wrk)
+#   scripts/bench/cost.sh reads               verify and /v1/me throughput on the same stack
 #
 # Each run starts its own fake-sms, api and WORKERS=1 sms-worker(s) under a fresh NAMESPACE and
 # database, with the defaults a deployment has (logs at info, as JSON, to a file; quorum queues;
@@ -30,7 +31,7 @@ stack() {
   ns=cost$RANDOM$RANDOM; db=bench_$ns
   FAKE_SMS_ADDR=127.0.0.1:$FAKE LOG_FORMAT=json $T/fake-sms >/tmp/bench-cost-fake.log 2>&1 & pids+=($!)
   NAMESPACE=$ns API_ADDR=127.0.0.1:$API LOG_FORMAT=json OTP_SECRET=bench-secret-0123456789 \
-    OTP_PER_IP_PER_HOUR=100000000 DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db?sslmode=disable" \
+    OTP_PER_IP_PER_HOUR=100000000 OTP_VERIFY_FAILS_PER_IP_PER_HOUR=100000000 DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db?sslmode=disable" \
     env $extra $bin/api >/tmp/bench-cost-api.log 2>&1 & pids+=($!)
   for i in $(seq 1 "$WORKERS"); do
     NAMESPACE=$ns WORKER_ADDR=127.0.0.1:0 LOG_FORMAT=json SMS_PROVIDERS=twilio \
@@ -108,9 +109,11 @@ soak)
   python3 - <<'PY'
 import json
 r = json.load(open('/tmp/bench-cost.json')); s = r['rss']
-warm = s[min(2, len(s) - 1)]  # from the third sample on: warm
+# Warm from the two-minute mark: pools, buffers and caches have grown to their working size.
+first = next((i for i, x in enumerate(s) if x['at_secs'] >= 120), len(s) - 1)
+warm = s[first]
 for i, (name, pid, mib) in enumerate(warm['rss_mib']):
-    series = [x['rss_mib'][i][2] for x in s[2:]] or [mib]
+    series = [x['rss_mib'][i][2] for x in s[first:]] or [mib]
     print(f"  {name:>13}[{pid}] warm {series[0]:.1f} MiB, min {min(series):.1f}, max {max(series):.1f}, "
           f"last {series[-1]:.1f}: {100*(max(series)-min(series))/min(series):.1f} % spread")
 PY
@@ -121,12 +124,20 @@ conns)
   stack "$T"; api=$(pgrep -n -x api)
   rss() { awk '/VmRSS/{printf "%.1f MiB", $2/1024}' /proc/$api/status; }
   echo "api idle: $(rss)"
-  ulimit -n 65536
+  ulimit -n 65536 2>/dev/null || true # wrk needs a descriptor per connection
   wrk -t2 -c "$CONNS" -d "${SECS:-20}" http://127.0.0.1:$API/healthz >/tmp/bench-conns.txt 2>&1 &
   w=$!; sleep $((${SECS:-20} - 2)); echo "api with $CONNS connections: $(rss)"; wait $w
   grep -E "Requests/sec|Socket errors" /tmp/bench-conns.txt
   sleep 3; echo "api after they closed: $(rss)"
   unstack
   ;;
-*) sed -n '2,20p' "$0"; exit 2 ;;
+reads)
+  # Verify and /v1/me kept (BENCHMARKS.md), on the same stack as the cost runs.
+  stack "$T"
+  for args in "verify -c 64 -n 30000" "me -c 64 -d 10"; do
+    $T/loadgen $args --api-url http://127.0.0.1:$API --sms-url http://127.0.0.1:$FAKE | grep -E "scenario|throughput|latency|errors"
+  done
+  unstack
+  ;;
+*) sed -n '2,22p' "$0"; exit 2 ;;
 esac

@@ -36,7 +36,8 @@ pub(super) async fn list_messages(
     axum::Json(state.messages(filter.number().as_deref())).into_response()
 }
 
-/// `{"count": n}`: for waiting on deliveries without copying the whole inbox every time.
+/// `{"count": n}`, every message received since start: for waiting on deliveries without copying
+/// the whole inbox every time.
 pub(super) async fn count_messages(State(state): State<Arc<FakeState>>) -> Response {
     axum::Json(serde_json::json!({ "count": state.message_count() })).into_response()
 }

@@ -156,9 +156,11 @@ impl FakeState {
         }
     }
 
-    /// How many messages are in the inbox: cheap to poll, unlike the list itself.
-    pub fn message_count(&self) -> usize {
-        self.lock().messages.len()
+    /// How many messages were received since start, the forgotten and cleared ones included:
+    /// cheap to poll, unlike the list itself, and it keeps counting past [`MAX_RECORDS`].
+    pub fn message_count(&self) -> u64 {
+        let records = self.lock();
+        records.first_message + records.messages.len() as u64
     }
 
     /// Requests to every provider's send endpoint.

@@ -98,7 +98,8 @@ impl SmsInbox {
             .await?)
     }
 
-    /// How many messages fake-sms holds (without copying the inbox, which can be large).
+    /// How many messages fake-sms has received since it started (without copying the inbox, which
+    /// keeps only the latest 100,000).
     pub(super) async fn count(&self) -> anyhow::Result<u64> {
         let reply: Value = self
             .client
@@ -139,31 +140,8 @@ impl SmsInbox {
         .await
     }
 
-    /// Latency from each 202 to fake-sms's receipt, and how many never arrived (waits up to
-    /// [`DELIVERY_DEADLINE`] for the last).
-    pub(super) async fn delivery_latency(
-        &self,
-        accepted: &[(String, OffsetDateTime)],
-    ) -> anyhow::Result<(Option<Latency>, u64)> {
-        let all_arrived = poll(
-            DELIVERY_DEADLINE,
-            Pace::every(Duration::from_millis(200)),
-            || async {
-                match self.deliveries(accepted).await {
-                    Ok((_, missing)) if missing > 0 => None,
-                    outcome => Some(outcome),
-                }
-            },
-        )
-        .await;
-        match all_arrived {
-            Some(outcome) => outcome,
-            None => self.deliveries(accepted).await,
-        }
-    }
-
     /// Delivery latencies of the `accepted` requests whose SMS has arrived, and how many have not.
-    async fn deliveries(
+    pub(super) async fn deliveries(
         &self,
         accepted: &[(String, OffsetDateTime)],
     ) -> anyhow::Result<(Option<Latency>, u64)> {
