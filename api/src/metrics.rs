@@ -20,6 +20,9 @@ pub const TOKEN_REFRESHES: &str = "token_refreshes_total";
 pub const TEST_NUMBER_USES: &str = "otp_test_number_uses_total";
 /// Histogram (seconds): publishing an `OtpRequested` until the broker's confirm.
 pub const PUBLISH_DURATION: &str = "amqp_publish_duration_seconds";
+/// Counter: publishes tried again on a fresh channel (nacked, unconfirmed in time, or their
+/// connection lost), e.g. while a quorum queue's leader moves.
+pub const PUBLISH_RETRIES: &str = "amqp_publish_retries_total";
 
 /// Gives every metric its `# HELP` line. Call once the recorder is installed.
 pub fn describe() {
@@ -53,6 +56,10 @@ pub fn describe() {
     describe_counter!(
         TOKEN_REFRESHES,
         "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited."
+    );
+    describe_counter!(
+        PUBLISH_RETRIES,
+        "Publishes tried again on a fresh channel: nacked, unconfirmed in time, or connection lost."
     );
     describe_counter!(
         TEST_NUMBER_USES,

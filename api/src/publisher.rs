@@ -2,21 +2,30 @@
 //! channel and their confirms are awaited concurrently, so throughput is not bound by one round
 //! trip per request. The connection is (re)made on demand: an api started while the broker is
 //! down keeps serving, answers 503 for OTP requests, and recovers by itself.
+//!
+//! On a cluster (`AMQP_URL` lists several nodes) the connection goes to the first node that
+//! answers, and after that node dies, to the next. A publish that is nacked, times out or loses
+//! its connection before the confirm is tried again on a fresh channel: after a quorum queue's
+//! leader dies, a channel that saw a nack can keep nacking although the new leader is up. A
+//! retried event may be stored twice; the worker's ledger sends its SMS once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
-use secrecy::{ExposeSecret, SecretString};
+use shared::amqp::nodes::BrokerNodes;
 use shared::amqp::{ConfirmError, event_properties, publish_confirmed};
 use shared::event::ROUTING_KEY;
 use shared::{OtpRequested, Topology};
 use time::OffsetDateTime;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Without a quorum majority a confirm never comes; a request must not wait forever for it.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Without a quorum majority a confirm never comes; an attempt must not wait forever for it. Short
+/// enough that a second attempt fits in the request's publish deadline (5 s).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Attempts per event: the first, and retries on fresh channels.
+const PUBLISH_ATTEMPTS: u32 = 3;
 /// After a failed connect, fail fast for this long instead of making every request wait for
 /// its own connect attempt.
 const RECONNECT_COOLDOWN: Duration = Duration::from_millis(500);
@@ -33,22 +42,26 @@ pub enum PublishError {
 
 /// One AMQP connection and its confirm-mode channel.
 struct BrokerConnection {
-    // Kept so the connection lives as long as its channel.
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
+    /// Which of the nodes it is to.
+    node: usize,
 }
 
 pub struct Publisher {
-    url: SecretString,
+    nodes: BrokerNodes,
+    /// The node to try first at the next connect.
+    first_node: AtomicUsize,
     topology: Topology,
     connection: Mutex<Option<Arc<BrokerConnection>>>,
     connecting: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Publisher {
-    pub fn new(url: SecretString, topology: Topology) -> Self {
+    pub fn new(nodes: BrokerNodes, topology: Topology) -> Self {
         Self {
-            url,
+            nodes,
+            first_node: AtomicUsize::new(0),
             topology,
             connection: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(None),
@@ -77,75 +90,94 @@ impl Publisher {
                 "recently failed; retrying shortly".into(),
             ));
         }
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
-            Ok(Ok(connection)) => {
+        match self.connect().await {
+            Ok(connection) => {
                 *last_failure = None;
                 let channel = connection.channel.clone();
+                tracing::info!(
+                    node = connection.node + 1,
+                    nodes = self.nodes.len(),
+                    "connected to RabbitMQ"
+                );
                 *self.connection.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(Arc::new(connection));
-                tracing::info!("connected to RabbitMQ");
                 Ok(channel)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 *last_failure = Some(Instant::now());
                 Err(PublishError::Connect(e.to_string()))
-            }
-            Err(_) => {
-                *last_failure = Some(Instant::now());
-                Err(PublishError::Connect("timed out".into()))
             }
         }
     }
 
     async fn connect(&self) -> lapin::Result<BrokerConnection> {
         let properties = ConnectionProperties::default().with_connection_name("otp-api".into());
-        let connection = Connection::connect(self.url.expose_secret(), properties).await?;
+        let from = self.first_node.load(Ordering::Relaxed);
+        let (connection, node) = self.nodes.connect(from, properties).await?;
+        self.first_node.store(node, Ordering::Relaxed);
         let channel = connection.create_channel().await?;
         self.topology.declare(&channel).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(BrokerConnection {
-            _connection: connection,
+            connection,
             channel,
+            node,
         })
     }
 
     /// Forgets a channel that failed, so the next publish opens a fresh one (a channel can keep
-    /// rejecting publishes after a broker restart or a quorum leader change).
+    /// rejecting publishes after a broker restart or a quorum leader change). When the
+    /// connection itself is gone, its node probably is too: the next connect starts with the
+    /// node after it.
     fn discard(&self, failed: &Channel) {
-        let mut connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
-        if connection
-            .as_ref()
-            .is_some_and(|c| c.channel.id() == failed.id())
-        {
-            *connection = None;
+        let mut current = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(broker) = current.as_ref().filter(|c| c.channel.id() == failed.id()) {
+            if !broker.connection.status().connected() {
+                self.first_node.store(
+                    (broker.node + 1) % self.nodes.len().max(1),
+                    Ordering::Relaxed,
+                );
+            }
+            *current = None;
         }
     }
 
-    /// Returns once the broker has confirmed that the event is stored.
+    /// Returns once the broker has confirmed that the event is stored. The caller bounds the
+    /// whole (the request's publish deadline); each attempt is bounded by [`CONFIRM_TIMEOUT`].
     pub async fn publish(&self, event: &OtpRequested) -> Result<(), PublishError> {
-        let ttl_ms = event.millis_left(OffsetDateTime::now_utc());
-        if ttl_ms == 0 {
-            return Err(PublishError::Expired);
-        }
-        let channel = self.channel().await?;
         let body = serde_json::to_vec(event).expect("an event always serialises");
-        let result = publish_confirmed(
-            &channel,
-            &self.topology.events_exchange(),
-            ROUTING_KEY,
-            &body,
-            event_properties(event, ttl_ms),
-            CONFIRM_TIMEOUT,
-        )
-        .await;
-        if let Err(e) = &result
-            && e.channel_suspect()
-        {
-            self.discard(&channel);
+        let mut attempt = 1;
+        loop {
+            let ttl_ms = event.millis_left(OffsetDateTime::now_utc());
+            if ttl_ms == 0 {
+                return Err(PublishError::Expired);
+            }
+            let channel = self.channel().await?;
+            let result = publish_confirmed(
+                &channel,
+                &self.topology.events_exchange(),
+                ROUTING_KEY,
+                &body,
+                event_properties(event, ttl_ms),
+                CONFIRM_TIMEOUT,
+            )
+            .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.channel_suspect() => {
+                    self.discard(&channel);
+                    if attempt == PUBLISH_ATTEMPTS {
+                        return Err(e.into());
+                    }
+                    metrics::counter!(crate::metrics::PUBLISH_RETRIES).increment(1);
+                    tracing::info!(event_id = %event.event_id, attempt, error = %e, "publish not confirmed; trying again on a fresh channel");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(result?)
     }
 
     /// For `/readyz`: opens the channel if it is not open, and says whether that worked.

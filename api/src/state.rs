@@ -47,7 +47,7 @@ impl AppState {
             limits: Limits::new(&config.common.namespace),
             fraud_alarm: FraudAlarm::default(),
             hasher: OtpHasher::new(&config.otp_secret),
-            publisher: Publisher::new(config.common.amqp_url.clone(), topology),
+            publisher: Publisher::new(config.common.amqp.clone(), topology),
             schema_ready: AtomicBool::new(false),
             readiness_down: std::sync::Mutex::default(),
             config,

@@ -2,6 +2,7 @@
 //! the headers of what comes back.
 
 pub mod headers;
+pub mod nodes;
 
 use std::time::Duration;
 
@@ -29,10 +30,11 @@ pub enum ConfirmError {
 }
 
 impl ConfirmError {
-    /// Whether the channel is suspect and a fresh one should be used for the next publish (a
-    /// channel can keep failing after a broker restart or a quorum leader change).
+    /// Whether the channel is suspect and a fresh one should be used for the next publish. After
+    /// a quorum queue's leader changes, RabbitMQ 3.10 can keep nacking every publish on a channel
+    /// that saw a nack, although the new leader is up; a fresh channel works at once.
     pub fn channel_suspect(&self) -> bool {
-        matches!(self, Self::Broker(_) | Self::Timeout)
+        matches!(self, Self::Broker(_) | Self::Timeout | Self::Nacked)
     }
 }
 

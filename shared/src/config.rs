@@ -216,8 +216,9 @@ pub const DEFAULT_NAMESPACE: &str = "otp";
 pub struct CommonConfig {
     /// May carry a password, hence secret.
     pub redis_url: SecretString,
-    /// Carries the broker password, hence secret.
-    pub amqp_url: SecretString,
+    /// The broker's nodes (`AMQP_URL`: one URI, or a comma-separated list for a cluster). They
+    /// carry the broker password, hence secret.
+    pub amqp: crate::amqp::nodes::BrokerNodes,
     /// Prefix of every exchange, queue and Redis key.
     pub namespace: String,
     pub queue_type: QueueType,
@@ -234,17 +235,13 @@ impl CommonConfig {
             ));
         }
         let amqp_url = env.string("AMQP_URL", DEFAULT_AMQP_URL);
-        if let Err(e) = amqp_url.parse::<lapin::uri::AMQPUri>() {
-            return Err(ConfigError::new(
-                "AMQP_URL",
-                format!("not an AMQP URI: {e}"),
-            ));
-        }
+        let amqp = crate::amqp::nodes::BrokerNodes::parse(&amqp_url.into())
+            .map_err(|e| ConfigError::new("AMQP_URL", e))?;
         let namespace = env.string("NAMESPACE", DEFAULT_NAMESPACE);
         validate_namespace(&namespace)?;
         Ok(Self {
             redis_url: redis_url.into(),
-            amqp_url: amqp_url.into(),
+            amqp,
             namespace,
             queue_type: env.parse("AMQP_QUEUE_TYPE", QueueType::Quorum)?,
             log_format: env.parse("LOG_FORMAT", LogFormat::Pretty)?,
@@ -274,6 +271,14 @@ fn validate_namespace(namespace: &str) -> Result<(), ConfigError> {
 /// A URL with its password replaced, fit for a log line.
 pub fn redact_url(url: &SecretString) -> String {
     let url = url.expose_secret();
+    if url.contains(',') {
+        // A list of nodes (AMQP_URL): each with its own password.
+        return url
+            .split(',')
+            .map(|one| redact_url(&SecretString::from(one.trim().to_owned())))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
@@ -322,9 +327,6 @@ mod tests {
         let config = CommonConfig::from_env(&env).unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
         assert!(!format!("{env:?}").contains("hunter2"));
-        assert_eq!(
-            redact_url(&config.amqp_url),
-            "amqp://user:***@rabbit:5672/%2f"
-        );
+        assert_eq!(config.amqp.redacted(), "amqp://user:***@rabbit:5672/%2f");
     }
 }

@@ -9,7 +9,6 @@ use anyhow::Context as _;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use secrecy::ExposeSecret;
 use serde::Serialize;
 use shared::CommonConfig;
 use time::OffsetDateTime;
@@ -108,18 +107,11 @@ pub async fn purge(config: &CommonConfig) -> anyhow::Result<(String, u32)> {
 
 async fn connect(config: &CommonConfig) -> anyhow::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name("sms-worker dlq".into());
-    tokio::time::timeout(
-        TIMEOUT,
-        Connection::connect(config.amqp_url.expose_secret(), properties),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("connecting to RabbitMQ timed out"))?
-    .with_context(|| {
-        format!(
-            "cannot connect to RabbitMQ at {}",
-            shared::config::redact_url(&config.amqp_url)
-        )
-    })
+    tokio::time::timeout(TIMEOUT, config.amqp.connect(0, properties))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to RabbitMQ timed out"))?
+        .map(|(connection, _node)| connection)
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", config.amqp.redacted()))
 }
 
 /// Reads one entry: the worker's headers when it published the dead letter, else the broker's

@@ -12,7 +12,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
-use secrecy::ExposeSecret;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -36,16 +35,20 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
     // half-sent) and are drained on shutdown like the others.
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut backoff = reconnect_backoff();
+    let nodes = &context.config.common.amqp;
+    // The node to try first: after a node is lost, the next one (AMQP_URL lists a cluster's).
+    let mut first_node = 0;
     while !shutdown.is_shutdown() {
         let opened = tokio::select! {
-            opened = tokio::time::timeout(CONNECT_TIMEOUT, BrokerConnection::open(context)) => opened,
+            opened = tokio::time::timeout(CONNECT_TIMEOUT, BrokerConnection::open(context, first_node)) => opened,
             () = shutdown.recv() => break,
         };
+        let mut lost_a_node = false;
         match opened {
             Ok(Ok(mut connection)) => {
                 backoff = reconnect_backoff();
                 metrics::counter!(m::AMQP_CONNECTS).increment(1);
-                info!(queue = %context.topology.sms_queue(), "connected to RabbitMQ; consuming");
+                info!(queue = %context.topology.sms_queue(), node = connection.node + 1, nodes = nodes.len(), "connected to RabbitMQ; consuming");
                 match connection.consume(context, &mut tasks).await {
                     ConsumeEnd::ShuttingDown => {
                         connection.shut_down(context, &mut tasks).await;
@@ -54,6 +57,8 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
                     ConsumeEnd::Lost(reason) => {
                         warn!(%reason, "lost RabbitMQ; reconnecting");
                         context.set_dead_letter_channel(None);
+                        first_node = (connection.node + 1) % nodes.len().max(1);
+                        lost_a_node = nodes.len() > 1;
                         connection.abandon().await;
                     }
                 }
@@ -61,7 +66,13 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
             Ok(Err(e)) => warn!(error = %e, "cannot connect to RabbitMQ; retrying"),
             Err(_) => warn!("connecting to RabbitMQ timed out; retrying"),
         }
-        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        // With other nodes to go to, the first attempt after a loss is at once: the cluster is
+        // most likely still up. Then, and with one node, back off.
+        let delay = if lost_a_node {
+            Duration::ZERO
+        } else {
+            backoff.next().unwrap_or(Duration::from_secs(30))
+        };
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shutdown.recv() => break,
@@ -98,16 +109,18 @@ struct BrokerConnection {
     acks: Acks,
     /// Stops reading the queues' depths when the connection goes.
     _depth: DepthGauge,
+    /// Which of the broker's nodes it is to.
+    node: usize,
 }
 
 impl BrokerConnection {
-    async fn open(context: &Context) -> lapin::Result<Self> {
+    /// Connects to the first node that answers, from node `first_node` on.
+    async fn open(context: &Context, first_node: usize) -> lapin::Result<Self> {
         let config = &context.config;
         // Named after the namespace, so an operator (or a test) can tell the connections apart.
         let name = format!("sms-worker {}", config.common.namespace);
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection =
-            Connection::connect(config.common.amqp_url.expose_secret(), properties).await?;
+        let (connection, node) = config.common.amqp.connect(first_node, properties).await?;
         let channel = connection.create_channel().await?;
         // Prefetch = concurrency: the broker never hands this process more than it works on, so
         // the rest stays available to other replicas.
@@ -152,6 +165,7 @@ impl BrokerConnection {
             consumer,
             broker_copies,
             _depth: depth,
+            node,
         })
     }
 

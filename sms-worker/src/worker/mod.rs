@@ -139,7 +139,7 @@ impl Worker {
         let config = &context.config;
         info!(
             %addr,
-            amqp = %shared::config::redact_url(&config.common.amqp_url),
+            amqp = %config.common.amqp.redacted(),
             redis = %shared::config::redact_url(&config.common.redis_url),
             namespace = %config.common.namespace,
             queue = %context.topology.sms_queue(),

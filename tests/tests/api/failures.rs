@@ -200,3 +200,38 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         "no longer accepting"
     );
 }
+
+/// On a cluster, `AMQP_URL` lists its nodes: the api publishes through the first that answers,
+/// and when that node dies, the very next request goes through another, without a 503.
+#[tokio::test]
+async fn when_a_broker_node_dies_the_next_request_goes_through_another() {
+    let (first, first_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+    let (_second, second_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+    let app =
+        spawn_with(Spawn::default().var("AMQP_URL", format!("{first_url}, {second_url}"))).await;
+    assert_eq!(
+        app.request_otp("+14155550101").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    first.go_down();
+    assert_eq!(
+        app.request_otp(PHONE).await.status,
+        StatusCode::ACCEPTED,
+        "published through the second node"
+    );
+    let (event, _) = app.next_delivery(PHONE).await;
+    assert_eq!(event.phone_number.as_str(), PHONE);
+}
+
+/// A node that is down when the api starts is skipped.
+#[tokio::test]
+async fn a_broker_node_down_at_start_is_skipped() {
+    let (dead, dead_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+    dead.go_down();
+    let live_url = servers().rabbitmq.url().to_owned();
+    let app = spawn_with(Spawn::default().var("AMQP_URL", format!("{dead_url},{live_url}"))).await;
+    assert_eq!(app.request_otp(PHONE).await.status, StatusCode::ACCEPTED);
+    let (event, _) = app.next_delivery(PHONE).await;
+    assert_eq!(event.phone_number.as_str(), PHONE);
+}

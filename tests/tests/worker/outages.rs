@@ -61,6 +61,30 @@ async fn keeps_running_through_a_rabbitmq_outage() {
     .await;
 }
 
+/// `AMQP_URL` lists a cluster's nodes: when the node the worker consumes from dies, it moves
+/// to the next at once and keeps sending.
+#[tokio::test]
+async fn moves_to_the_next_broker_node_when_its_node_dies() {
+    with_harness(QueueType::Quorum, |h| async move {
+        let (first, first_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+        let (_second, second_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+        let nodes = format!("{first_url},{second_url}");
+        let worker = h.start_worker(&[("AMQP_URL", nodes.as_str())]).await;
+        let before = phone();
+        h.request_sms(&before).await;
+        h.wait_for_messages(&before, 1).await;
+
+        first.go_down();
+        let after = phone();
+        h.request_sms(&after).await;
+        h.wait_for_messages(&after, 1).await;
+        worker.stop().await;
+        assert_eq!(h.fake.requests(Some(&after)).len(), 1, "one SMS");
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn keeps_running_through_a_redis_outage() {
     with_harness(QueueType::Classic, |h| async move {
