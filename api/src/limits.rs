@@ -16,8 +16,8 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
+use shared::redis_connection::RedisConnection;
 
 use crate::client_ip::ClientKey;
 use crate::config::{FraudGuardMode, FraudGuardPolicy};
@@ -172,7 +172,7 @@ impl Limits {
     }
 
     /// Counts one against `counter` if it is under its limit.
-    pub async fn take(&self, mut conn: ConnectionManager, counter: &Counter) -> RedisResult<Taken> {
+    pub async fn take(&self, mut conn: RedisConnection, counter: &Counter) -> RedisResult<Taken> {
         let reply: Vec<i64> = self
             .run_counter(counter, "take")
             .invoke_async(&mut conn)
@@ -189,11 +189,7 @@ impl Limits {
     }
 
     /// Uncounts one taken by [`Limits::take`] for a request that was refused or did not count.
-    pub async fn give_back(
-        &self,
-        mut conn: ConnectionManager,
-        counter: &Counter,
-    ) -> RedisResult<()> {
+    pub async fn give_back(&self, mut conn: RedisConnection, counter: &Counter) -> RedisResult<()> {
         let _: Vec<i64> = self
             .run_counter(counter, "give_back")
             .invoke_async(&mut conn)
@@ -217,7 +213,7 @@ impl Limits {
     /// Counts a code to `calling_code` in its fraud guard, unless the guard refuses it.
     pub async fn guard_send(
         &self,
-        conn: ConnectionManager,
+        conn: RedisConnection,
         policy: &FraudGuardPolicy,
         calling_code: u16,
     ) -> RedisResult<GuardVerdict> {
@@ -234,7 +230,7 @@ impl Limits {
     /// Uncounts a send the guard counted for a request that did not go through.
     pub async fn guard_unsend(
         &self,
-        conn: ConnectionManager,
+        conn: RedisConnection,
         policy: &FraudGuardPolicy,
         calling_code: u16,
     ) -> RedisResult<()> {
@@ -246,7 +242,7 @@ impl Limits {
     /// Counts a verified code for `calling_code`.
     pub async fn guard_verified(
         &self,
-        conn: ConnectionManager,
+        conn: RedisConnection,
         policy: &FraudGuardPolicy,
         calling_code: u16,
     ) -> RedisResult<()> {
@@ -257,7 +253,7 @@ impl Limits {
 
     async fn run_guard(
         &self,
-        mut conn: ConnectionManager,
+        mut conn: RedisConnection,
         policy: &FraudGuardPolicy,
         calling_code: u16,
         op: &str,

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
+use shared::redis_connection::RedisConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 
@@ -36,14 +36,8 @@ impl Application {
             .max_connections(config.database_pool_size)
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy_with(connect);
-        let redis_client = redis::Client::open(config.common.redis_url.expose_secret())
+        let redis = RedisConnection::new(&config.common.redis)
             .map_err(|e| anyhow::anyhow!("invalid configuration: REDIS_URL: {e}"))?;
-        let redis_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let redis = ConnectionManager::new_lazy_with_config(redis_client, redis_config)?;
         // Installed before the first request so no sample is lost.
         shared::telemetry::metrics_handle();
         crate::metrics::describe();

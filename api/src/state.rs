@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use redis::aio::ConnectionManager;
+use shared::redis_connection::RedisConnection;
 use sqlx::PgPool;
 
 use crate::config::ApiConfig;
@@ -20,7 +20,7 @@ pub struct Inner {
     pub config: ApiConfig,
     pool: PgPool,
     /// Reconnects by itself; created lazily so the api starts while Redis is down.
-    redis: ConnectionManager,
+    redis: RedisConnection,
     pub otp_store: OtpStore,
     pub limits: Limits,
     pub fraud_alarm: FraudAlarm,
@@ -40,7 +40,7 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(config: ApiConfig, pool: PgPool, redis: ConnectionManager) -> Self {
+    pub fn new(config: ApiConfig, pool: PgPool, redis: RedisConnection) -> Self {
         let topology = config.common.topology();
         Self(Arc::new(Inner {
             otp_store: OtpStore::new(&config.common.namespace),
@@ -86,7 +86,7 @@ impl AppState {
         &self.pool
     }
 
-    pub fn redis(&self) -> ConnectionManager {
+    pub fn redis(&self) -> RedisConnection {
         self.redis.clone()
     }
 }

@@ -216,6 +216,8 @@ pub const DEFAULT_NAMESPACE: &str = "otp";
 pub struct CommonConfig {
     /// May carry a password, hence secret.
     pub redis_url: SecretString,
+    /// What `REDIS_URL` names: one server or a Redis Cluster's seed nodes.
+    pub redis: crate::redis_connection::RedisTarget,
     /// The broker's nodes (`AMQP_URL`: one URI, or a comma-separated list for a cluster). They
     /// carry the broker password, hence secret.
     pub amqp: crate::amqp::nodes::BrokerNodes,
@@ -228,19 +230,31 @@ pub struct CommonConfig {
 impl CommonConfig {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let redis_url = env.string("REDIS_URL", DEFAULT_REDIS_URL);
-        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+        if ![
+            "redis://",
+            "rediss://",
+            "redis+cluster://",
+            "rediss+cluster://",
+        ]
+        .iter()
+        .any(|scheme| redis_url.starts_with(scheme))
+        {
             return Err(ConfigError::new(
                 "REDIS_URL",
-                "must start with redis:// or rediss://",
+                "must start with redis:// or rediss:// (one server), or redis+cluster:// or rediss+cluster:// (a Redis Cluster's nodes, host:port separated by commas)",
             ));
         }
+        let redis_url = SecretString::from(redis_url);
+        let redis = crate::redis_connection::RedisTarget::parse(&redis_url)
+            .map_err(|e| ConfigError::new("REDIS_URL", e))?;
         let amqp_url = env.string("AMQP_URL", DEFAULT_AMQP_URL);
         let amqp = crate::amqp::nodes::BrokerNodes::parse(&amqp_url.into())
             .map_err(|e| ConfigError::new("AMQP_URL", e))?;
         let namespace = env.string("NAMESPACE", DEFAULT_NAMESPACE);
         validate_namespace(&namespace)?;
         Ok(Self {
-            redis_url: redis_url.into(),
+            redis_url,
+            redis,
             amqp,
             namespace,
             queue_type: env.parse("AMQP_QUEUE_TYPE", QueueType::Quorum)?,

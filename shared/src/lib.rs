@@ -7,6 +7,7 @@ pub mod config;
 pub mod event;
 pub mod otp_keys;
 pub mod phone;
+pub mod redis_connection;
 pub mod telemetry;
 pub mod topology;
 

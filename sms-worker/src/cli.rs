@@ -184,13 +184,8 @@ async fn trace(
     json: bool,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use secrecy::ExposeSecret as _;
-
-    let client = redis::Client::open(config.redis_url.expose_secret())
-        .map_err(|_| anyhow::anyhow!("REDIS_URL is not a valid Redis URL"))?;
-    let redis = redis::aio::ConnectionManager::new(client)
-        .await
-        .context("cannot connect to Redis")?;
+    let redis = shared::redis_connection::RedisConnection::new(&config.redis)
+        .context("cannot set up the Redis client")?;
     let timelines =
         crate::trace::Timelines::new(redis, &config.namespace, seal.map(std::sync::Arc::new));
     let lines = timelines

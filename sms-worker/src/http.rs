@@ -9,8 +9,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use redis::aio::ConnectionManager;
 use serde_json::json;
+use shared::redis_connection::RedisConnection;
 
 use crate::shutdown::Shutdown;
 
@@ -18,11 +18,11 @@ use crate::shutdown::Shutdown;
 pub(crate) struct Readiness {
     consuming: AtomicBool,
     shutdown: Shutdown,
-    redis: ConnectionManager,
+    redis: RedisConnection,
 }
 
 impl Readiness {
-    pub(crate) fn new(shutdown: Shutdown, redis: ConnectionManager) -> Self {
+    pub(crate) fn new(shutdown: Shutdown, redis: RedisConnection) -> Self {
         Self {
             consuming: AtomicBool::new(false),
             shutdown,

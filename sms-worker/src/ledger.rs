@@ -20,8 +20,8 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
+use shared::redis_connection::RedisConnection;
 use uuid::Uuid;
 
 /// How long a finished event is remembered after its OTP expires: room for clock skew between
@@ -59,7 +59,7 @@ impl ClaimToken {
 
 #[derive(Clone)]
 pub struct SendLedger {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     namespace: String,
     claim: Script,
     renew: Script,
@@ -67,7 +67,7 @@ pub struct SendLedger {
 }
 
 impl SendLedger {
-    pub fn new(redis: ConnectionManager, namespace: &str) -> Self {
+    pub fn new(redis: RedisConnection, namespace: &str) -> Self {
         Self {
             redis,
             namespace: namespace.to_owned(),

@@ -1,7 +1,8 @@
 //! Test support: `fake-sms` (a Twilio Messages API stand-in), `loadgen`, and what every suite
 //! under tests/tests shares: where the servers are ([`servers`]), waiting on a condition
 //! ([`wait`]), programs as child processes ([`program`]), unique names and their removal
-//! ([`cleanup`]), and a proxy to cut a server off ([`proxy`]).
+//! ([`cleanup`]), a proxy to cut a server off ([`proxy`]), and a throwaway Redis Cluster
+//! ([`redis_cluster`]).
 
 pub mod binaries;
 pub mod cleanup;
@@ -9,6 +10,7 @@ pub mod fake_sms;
 pub mod loadgen;
 pub mod program;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod servers;
 pub mod stack;
 pub mod wait;

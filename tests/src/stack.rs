@@ -62,6 +62,16 @@ impl Stack {
     /// The stack with `api_vars` added to the api's environment, every program logging as
     /// `rust_log` says.
     pub async fn start_with(api_vars: &[(&str, &str)], rust_log: &str) -> Self {
+        Self::start_on(&[], api_vars, rust_log).await
+    }
+
+    /// As [`Stack::start_with`], with `common_vars` in both the api's and the worker's
+    /// environment (e.g. another `REDIS_URL`).
+    pub async fn start_on(
+        common_vars: &[(&str, &str)],
+        api_vars: &[(&str, &str)],
+        rust_log: &str,
+    ) -> Self {
         let servers = servers().require_all();
         let namespace = unique("e2e");
         let database = unique("otp_test");
@@ -73,6 +83,11 @@ impl Stack {
             ("NAMESPACE", namespace.clone()),
             ("AMQP_QUEUE_TYPE", "classic".to_owned()),
         ]));
+        common.extend(
+            common_vars
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+        );
         // `cargo test` builds this package's programs for its integration tests into
         // target/<profile>, where the workspace's api and sms-worker are too.
         let fake = Program::start(

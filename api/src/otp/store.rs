@@ -15,9 +15,9 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script, Value};
 use shared::PhoneNumber;
+use shared::redis_connection::RedisConnection;
 use uuid::Uuid;
 
 use super::CodeDigest;
@@ -218,7 +218,7 @@ impl OtpStore {
     /// Stores `code` as the phone's pending code, unless a per-phone limit refuses it.
     pub async fn issue(
         &self,
-        mut conn: ConnectionManager,
+        mut conn: RedisConnection,
         policy: &OtpPolicy,
         limits: &SendLimits,
         code: &NewCode<'_>,
@@ -256,7 +256,7 @@ impl OtpStore {
     /// Makes the pending code of `event_id` the phone's current code.
     pub async fn promote(
         &self,
-        mut conn: ConnectionManager,
+        mut conn: RedisConnection,
         phone: &PhoneNumber,
         event_id: Uuid,
     ) -> RedisResult<bool> {
@@ -274,7 +274,7 @@ impl OtpStore {
     /// Undoes [`OtpStore::issue`] for a code whose event was never confirmed.
     pub async fn withdraw(
         &self,
-        mut conn: ConnectionManager,
+        mut conn: RedisConnection,
         phone: &PhoneNumber,
         event_id: Uuid,
     ) -> RedisResult<()> {
@@ -295,7 +295,7 @@ impl OtpStore {
     /// fingerprint of the guess's `challenge_id`, if it carried one.
     pub async fn check_guess(
         &self,
-        mut conn: ConnectionManager,
+        mut conn: RedisConnection,
         phone: &PhoneNumber,
         digest: &CodeDigest,
         challenge: Option<&str>,
@@ -333,7 +333,7 @@ impl OtpStore {
 
     pub async fn restore(
         &self,
-        mut conn: ConnectionManager,
+        mut conn: RedisConnection,
         phone: &PhoneNumber,
         consumed: &Consumed,
     ) -> RedisResult<()> {

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use redis::Script;
-use redis::aio::ConnectionManager;
+use shared::redis_connection::RedisConnection;
 
 use crate::config::BreakerConfig;
 use crate::metrics as m;
@@ -105,7 +105,7 @@ enum State {
 pub struct Breaker {
     provider: &'static str,
     config: BreakerConfig,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     key: String,
     script: Script,
     /// This worker's view, and when it was read.
@@ -116,7 +116,7 @@ impl Breaker {
     pub fn new(
         provider: &'static str,
         config: BreakerConfig,
-        redis: ConnectionManager,
+        redis: RedisConnection,
         namespace: &str,
     ) -> Self {
         metrics::gauge!(m::BREAKER_STATE, "provider" => provider).set(0.0);

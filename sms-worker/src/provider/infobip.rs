@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
+use shared::redis_connection::RedisConnection;
 
 use super::token::{FETCH_TIMEOUT, FreshToken, Token, TokenManager, TokenSource};
 use super::{Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after};
@@ -127,7 +127,7 @@ struct ServiceException {
 impl Infobip {
     pub fn new(
         config: &InfobipConfig,
-        redis: ConnectionManager,
+        redis: RedisConnection,
         namespace: &str,
         seal: Option<Arc<SealKey>>,
         notify_url: Option<String>,

@@ -16,8 +16,8 @@ mod twilio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use shared::PhoneNumber;
+use shared::redis_connection::RedisConnection;
 
 use crate::config::{Config, ProviderConfig};
 use crate::metrics as m;
@@ -196,7 +196,7 @@ impl Provider {
 pub struct Providers(Vec<Provider>);
 
 impl Providers {
-    pub fn new(config: &Config, redis: &ConnectionManager) -> anyhow::Result<Self> {
+    pub fn new(config: &Config, redis: &RedisConnection) -> anyhow::Result<Self> {
         let seal = config.seal_key.clone().map(Arc::new);
         let namespace = &config.common.namespace;
         let callback = |provider: &str| {

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use shared::redis_connection::RedisConnection;
 
 use crate::metrics as m;
 use crate::seal::SealKey;
@@ -68,7 +68,7 @@ struct Stored {
 pub struct TokenManager<S> {
     provider: &'static str,
     source: S,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     seal: Arc<SealKey>,
     key: String,
     lock_key: String,
@@ -82,7 +82,7 @@ impl<S: TokenSource> TokenManager<S> {
     pub fn new(
         provider: &'static str,
         source: S,
-        redis: ConnectionManager,
+        redis: RedisConnection,
         namespace: &str,
         seal: Arc<SealKey>,
     ) -> Self {

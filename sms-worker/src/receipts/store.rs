@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script, Value};
 use serde::{Deserialize, Serialize};
 use shared::PhoneNumber;
+use shared::redis_connection::RedisConnection;
 use uuid::Uuid;
 
 use super::Receipt;
@@ -69,7 +69,7 @@ pub enum Applied {
 
 #[derive(Clone)]
 pub struct ReceiptStore {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     namespace: String,
     seal: Option<Arc<SealKey>>,
     record: Script,
@@ -77,7 +77,7 @@ pub struct ReceiptStore {
 }
 
 impl ReceiptStore {
-    pub fn new(redis: ConnectionManager, namespace: &str, seal: Option<Arc<SealKey>>) -> Self {
+    pub fn new(redis: RedisConnection, namespace: &str, seal: Option<Arc<SealKey>>) -> Self {
         Self {
             redis,
             namespace: namespace.to_owned(),

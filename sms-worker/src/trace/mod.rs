@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::{digest, hmac};
 use redis::RedisResult;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
+use shared::redis_connection::RedisConnection;
 use shared::{OtpRequested, PhoneNumber};
 
 use crate::provider::{Accepted, SendError};
@@ -157,14 +157,14 @@ impl Journal {
 /// The timelines in Redis.
 #[derive(Clone)]
 pub struct Timelines {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     namespace: String,
     seal: Option<Arc<SealKey>>,
     append: redis::Script,
 }
 
 impl Timelines {
-    pub fn new(redis: ConnectionManager, namespace: &str, seal: Option<Arc<SealKey>>) -> Self {
+    pub fn new(redis: RedisConnection, namespace: &str, seal: Option<Arc<SealKey>>) -> Self {
         Self {
             redis,
             namespace: namespace.to_owned(),

@@ -24,11 +24,9 @@ mod send;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use secrecy::ExposeSecret;
+use shared::redis_connection::RedisConnection;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -71,16 +69,10 @@ impl Worker {
             .with_context(|| format!("cannot listen on WORKER_ADDR {}", config.addr))?;
         let addr = listener.local_addr()?;
 
-        let client = redis::Client::open(config.common.redis_url.expose_secret())
-            .map_err(|_| anyhow::anyhow!("REDIS_URL is not a valid Redis URL"))?;
         // Lazy: the worker starts (and reports not ready) while Redis is still down; every
-        // command then fails fast instead of hanging, and the manager reconnects by itself.
-        let redis_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1);
-        let redis = ConnectionManager::new_lazy_with_config(client, redis_config)
-            .context("cannot set up the Redis client")?;
+        // command then fails fast instead of hanging, and the connection recovers by itself.
+        let redis =
+            RedisConnection::new(&config.common.redis).context("cannot set up the Redis client")?;
 
         let callback_listener = match &config.callbacks {
             Some(callbacks) => {

@@ -28,10 +28,8 @@ fn setting<'a>(overrides: &'a [(String, String)], name: &str) -> &'a str {
 /// The number's timeline as the worker keeps it.
 async fn timeline(h: &Harness, overrides: &[(String, String)], to: &str) -> Vec<Line> {
     let config = h.config(&pairs(overrides));
-    let client = redis::Client::open(tests::servers::servers().redis.url()).expect("a Redis URL");
-    let redis = redis::aio::ConnectionManager::new(client)
-        .await
-        .expect("Redis");
+    let redis =
+        shared::redis_connection::RedisConnection::new(&config.common.redis).expect("Redis");
     let timelines = Timelines::new(redis, &h.ns, config.seal_key.map(Arc::new));
     timelines
         .read(&PhoneNumber::parse(to).expect("a number"))

@@ -1,0 +1,224 @@
+//! One Redis connection type for a single server and for a Redis Cluster.
+//!
+//! `REDIS_URL` is either a plain URL (`redis://host:6379/0`, `rediss://…`), served by a
+//! `ConnectionManager` that reconnects by itself, or a cluster's seed nodes,
+//! `redis+cluster://[user:password@]host:port,host:port,…` (`rediss+cluster://` for TLS), served
+//! by the redis crate's cluster connection: it keeps a connection per node, follows `MOVED` and
+//! `ASK`, refreshes the slot map after a failover and retries.
+//!
+//! Every multi-key script of both programs keeps its keys in one hash slot (a `{…}` hash tag:
+//! the phone, the client network, the calling code, the event), which is what lets them run on a
+//! cluster unchanged. Both kinds connect lazily, so a program started while Redis is away still
+//! starts, answers 503 or waits, and recovers without a restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Per command: a dependency that does not answer is an error, not a hung request.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What `REDIS_URL` names. Its URLs may hold a password: Debug shows them redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server.
+    Single(String),
+    /// A Redis Cluster's seed nodes, as `redis://` (or `rediss://`) URLs.
+    Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |url: &String| crate::config::redact_url(&SecretString::from(url.clone()));
+        match self {
+            Self::Single(url) => write!(f, "Single({})", redact(url)),
+            Self::Cluster(nodes) => {
+                let nodes: Vec<String> = nodes.iter().map(redact).collect();
+                write!(f, "Cluster({})", nodes.join(","))
+            }
+        }
+    }
+}
+
+impl RedisTarget {
+    /// Parses `REDIS_URL`. The error never quotes the URL (it may hold a password).
+    pub fn parse(url: &SecretString) -> Result<Self, String> {
+        let url = url.expose_secret().trim();
+        let cluster = [
+            ("redis+cluster://", "redis://"),
+            ("rediss+cluster://", "rediss://"),
+        ]
+        .into_iter()
+        .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|rest| (rest, scheme)));
+        let Some((rest, scheme)) = cluster else {
+            redis::Client::open(url).map_err(|e| format!("not a Redis URL ({:?})", e.kind()))?;
+            return Ok(Self::Single(url.to_owned()));
+        };
+        // Credentials, if any, come once, before the first node, and apply to every node.
+        let (userinfo, hosts) = match rest.rfind('@') {
+            Some(at) => (&rest[..=at], &rest[at + 1..]),
+            None => ("", rest),
+        };
+        let mut nodes = Vec::new();
+        for (i, host) in hosts.split(',').map(str::trim).enumerate() {
+            if host.is_empty() || host.contains('/') && !host.ends_with('/') {
+                return Err(format!(
+                    "node {} of the cluster list is not host:port (no database path: a cluster has only database 0)",
+                    i + 1
+                ));
+            }
+            let node = format!("{scheme}{userinfo}{}", host.trim_end_matches('/'));
+            redis::Client::open(node.as_str())
+                .map_err(|e| format!("node {} is not a Redis address ({:?})", i + 1, e.kind()))?;
+            nodes.push(node);
+        }
+        Ok(Self::Cluster(nodes))
+    }
+}
+
+/// A connection to a single server or to a cluster; cheap to clone, and every clone shares it.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(Arc<LazyCluster>),
+}
+
+/// The cluster connection, made on first use.
+pub struct LazyCluster {
+    client: ClusterClient,
+    connection: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> RedisResult<ClusterConnection> {
+        self.connection
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+impl RedisConnection {
+    /// A connection to `target`, made lazily: nothing is dialled until the first command.
+    pub fn new(target: &RedisTarget) -> RedisResult<Self> {
+        match target {
+            RedisTarget::Single(url) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                let client = redis::Client::open(url.as_str())?;
+                Ok(Self::Single(ConnectionManager::new_lazy_with_config(
+                    client, config,
+                )?))
+            }
+            RedisTarget::Cluster(nodes) => {
+                // Retries short and many: a master's failover takes a few seconds
+                // (cluster-node-timeout plus the election), during which its slots answer
+                // errors; the callers' own deadlines bound the whole.
+                let client = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .retries(20)
+                    .min_retry_wait(100)
+                    .max_retry_wait(300)
+                    .build()?;
+                Ok(Self::Cluster(Arc::new(LazyCluster {
+                    client,
+                    connection: tokio::sync::OnceCell::new(),
+                })))
+            }
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(lazy) => Box::pin(async move {
+                let mut connection = lazy.get().await?;
+                connection.req_packed_command(cmd).await
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(lazy) => Box::pin(async move {
+                let mut connection = lazy.get().await?;
+                connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<RedisTarget, String> {
+        RedisTarget::parse(&SecretString::from(url.to_owned()))
+    }
+
+    #[test]
+    fn a_single_server_or_a_cluster() {
+        assert_eq!(
+            parse("redis://127.0.0.1:6379/2").unwrap(),
+            RedisTarget::Single("redis://127.0.0.1:6379/2".into())
+        );
+        assert_eq!(
+            parse("redis+cluster://127.0.0.1:7001, 127.0.0.1:7002,127.0.0.1:7003").unwrap(),
+            RedisTarget::Cluster(vec![
+                "redis://127.0.0.1:7001".into(),
+                "redis://127.0.0.1:7002".into(),
+                "redis://127.0.0.1:7003".into(),
+            ])
+        );
+        assert_eq!(
+            parse("redis+cluster://app:hunter2@r1:6380,r2:6380").unwrap(),
+            RedisTarget::Cluster(vec![
+                "redis://app:hunter2@r1:6380".into(),
+                "redis://app:hunter2@r2:6380".into(),
+            ])
+        );
+        let target = parse("redis+cluster://app:hunter2@r1:6380").unwrap();
+        assert!(!format!("{target:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_lists_are_refused_without_quoting_them() {
+        for url in [
+            "redis+cluster://",
+            "redis+cluster://r1:7001,,r2:7002",
+            "redis+cluster://u:hunter2@r1:7001/3",
+            "http://u:hunter2@r1",
+        ] {
+            let error = parse(url).unwrap_err();
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! A throwaway Redis Cluster for one test: three masters, no replicas (the tests are about hash
+//! slots, not failover), run as `redis-server` processes on free 127.0.0.1 ports in a
+//! directory of their own, and killed when dropped. Never the machine's own Redis.
+//!
+//! Needs `redis-server` and `redis-cli` (Debian's `redis-server` package); [`RedisCluster::start`]
+//! says so when they are missing, so a test can skip.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Creating the cluster and agreeing on the slots takes a few seconds.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct RedisCluster {
+    dir: PathBuf,
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    /// Starts three masters and joins them into a cluster with every slot covered.
+    pub fn start() -> Result<Self, String> {
+        for program in ["redis-server", "redis-cli"] {
+            let found = Command::new(program)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !found {
+                return Err(format!("{program} is not installed (Debian: redis-server)"));
+            }
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "otp-redis-cluster-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+        let mut cluster = Self {
+            dir,
+            nodes: Vec::new(),
+            ports: Vec::new(),
+        };
+        for _ in 0..3 {
+            let port = cluster_port(&cluster.ports)?;
+            let node = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(&cluster.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start redis-server: {e}"))?;
+            cluster.nodes.push(node);
+            cluster.ports.push(port);
+        }
+        for port in cluster.ports.clone() {
+            cluster.wait_for(&format!("node {port} to answer"), || {
+                redis_cli(port, &["ping"]).is_some_and(|out| out.contains("PONG"))
+            })?;
+        }
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run redis-cli --cluster create: {e}"))?;
+        if !created.success() {
+            return Err(format!("redis-cli --cluster create failed: {created}"));
+        }
+        for port in cluster.ports.clone() {
+            cluster.wait_for(&format!("node {port} to see the cluster ok"), || {
+                redis_cli(port, &["cluster", "info"])
+                    .is_some_and(|out| out.contains("cluster_state:ok"))
+            })?;
+        }
+        Ok(cluster)
+    }
+
+    /// `REDIS_URL` for the programs.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// The keys of every master, for a test to look at what was written where.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.ports
+            .iter()
+            .filter_map(|port| redis_cli(*port, &["--scan", "--pattern", pattern]))
+            .flat_map(|out| out.lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect()
+    }
+
+    fn wait_for(&self, what: &str, mut check: impl FnMut() -> bool) -> Result<(), String> {
+        let started = Instant::now();
+        while !check() {
+            if started.elapsed() > READY_DEADLINE {
+                return Err(format!("timed out waiting for {what}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free port whose cluster bus port (+10,000) is free too, not one of `taken`.
+fn cluster_port(taken: &[u16]) -> Result<u16, String> {
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        if port < 55_000
+            && !taken.contains(&port)
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    Err("no free port pair for a cluster node".to_owned())
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}

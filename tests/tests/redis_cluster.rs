@@ -1,0 +1,95 @@
+//! The whole stack on a Redis Cluster (`REDIS_URL=redis+cluster://…`): api and sms-worker as
+//! programs, a throwaway three-master cluster, and a sign-in through them. Every script keeps
+//! its keys in one hash slot, so nothing answers CROSSSLOT: the code, its limits (per phone,
+//! per client network, per calling code, the fraud guard), the worker's ledger and the
+//! number's timeline all land on the cluster.
+//!
+//! Skipped with a message where `redis-server` is not installed, unless `CI` is set.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::loadgen;
+use tests::redis_cluster::RedisCluster;
+use tests::stack::Stack;
+use tests::wait::eventually;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn signs_in_with_redis_cluster() {
+    let cluster = match tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .expect("cluster setup")
+    {
+        Ok(cluster) => cluster,
+        Err(reason) if std::env::var_os("CI").is_some() => {
+            panic!("the Redis Cluster test cannot run, and CI is set, so it must: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipped: the Redis Cluster test: {reason}");
+            return;
+        }
+    };
+    let url = cluster.url();
+    let stack = Stack::start_on(
+        &[("REDIS_URL", url.as_str())],
+        &[
+            ("OTP_PER_COUNTRY_PER_HOUR", "1000"),
+            ("OTP_GLOBAL_PER_MINUTE", "1000"),
+        ],
+        "info",
+    )
+    .await;
+    let api = |path: &str| stack.client.post(format!("{}{path}", stack.api_url));
+
+    // Two numbers, so the keys spread over more than one slot.
+    for phone in ["+14155550140", "+447911123456"] {
+        let sent = stack
+            .json(api("/v1/otp").json(&json!({ "phone_number": phone })))
+            .await;
+        let challenge_id = sent["challenge_id"].clone();
+        assert!(challenge_id.is_string(), "{sent}");
+        let to = phone.replace('+', "%2B");
+        let sms: Value = eventually(DEADLINE, "the SMS at fake-sms", || async {
+            let url = format!("{}/messages?to={to}", stack.sms_url);
+            let messages: Vec<Value> =
+                stack.client.get(url).send().await.ok()?.json().await.ok()?;
+            messages.into_iter().next()
+        })
+        .await;
+        let code = loadgen::extract_code(sms["body"].as_str().unwrap()).expect("a code");
+
+        let wrong = if code.starts_with('0') { "1" } else { "0" };
+        let wrong = format!("{wrong}{}", &code[1..]);
+        let guess = json!({ "phone_number": phone, "otp": wrong, "challenge_id": challenge_id });
+        let refused = api("/v1/otp/verify").json(&guess).send().await.unwrap();
+        assert_eq!(
+            refused.status(),
+            401,
+            "a wrong guess is counted and refused"
+        );
+
+        let verify = json!({ "phone_number": phone, "otp": code, "challenge_id": challenge_id });
+        let session = stack.json(api("/v1/otp/verify").json(&verify)).await;
+        let token = session["access_token"].as_str().expect("an access token");
+        let me = stack
+            .json(
+                stack
+                    .client
+                    .get(format!("{}/v1/me", stack.api_url))
+                    .bearer_auth(token),
+            )
+            .await;
+        assert_eq!(me["phone_number"], phone);
+    }
+
+    // Everything lives on the cluster, namespaced: limits, the ledger, the timelines.
+    let keys = cluster.keys(&format!("{}:*", stack.namespace));
+    for part in [":limit:ip:", ":limit:cc:", ":sms:", ":trace:"] {
+        assert!(
+            keys.iter().any(|k| k.contains(part)),
+            "no {part} key in {keys:?}"
+        );
+    }
+}
