@@ -7,7 +7,8 @@
 //! answers, and after that node dies, to the next. A publish that is nacked, times out or loses
 //! its connection before the confirm is tried again on a fresh channel: after a quorum queue's
 //! leader dies, a channel that saw a nack can keep nacking although the new leader is up. A
-//! retried event may be stored twice; the worker's ledger sends its SMS once.
+//! retried event may be stored twice; the worker's ledger sends its SMS once. Retries back off
+//! (50 ms, doubling), because for a moment after a leader dies even a fresh channel is nacked.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,8 +25,12 @@ use time::OffsetDateTime;
 /// Without a quorum majority a confirm never comes; an attempt must not wait forever for it. Short
 /// enough that a second attempt fits in the request's publish deadline (5 s).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
-/// Attempts per event: the first, and retries on fresh channels.
-const PUBLISH_ATTEMPTS: u32 = 3;
+/// Attempts per event: the first, and retries on fresh channels. The request's 5 s publish
+/// deadline usually ends them first.
+const PUBLISH_ATTEMPTS: u32 = 6;
+/// The pause before the first retry, doubled for each next one: for about half a second after
+/// a quorum queue's leader dies, even a fresh channel is nacked until the new leader is known.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 /// After a failed connect, fail fast for this long instead of making every request wait for
 /// its own connect attempt.
 const RECONNECT_COOLDOWN: Duration = Duration::from_millis(500);
@@ -173,6 +178,7 @@ impl Publisher {
                     }
                     metrics::counter!(crate::metrics::PUBLISH_RETRIES).increment(1);
                     tracing::info!(event_id = %event.event_id, attempt, error = %e, "publish not confirmed; trying again on a fresh channel");
+                    tokio::time::sleep(FIRST_RETRY_DELAY * 2u32.pow(attempt - 1)).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),

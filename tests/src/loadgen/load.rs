@@ -52,6 +52,8 @@ struct Tally {
     errors: BTreeMap<String, u64>,
     /// (phone, when the 202 came) for delivery latency.
     accepted: Vec<(String, OffsetDateTime)>,
+    /// When each success came, since the start: for the longest stall.
+    succeeded_at_ms: Vec<u64>,
 }
 
 impl Tally {
@@ -62,6 +64,15 @@ impl Tally {
             *self.errors.entry(kind).or_default() += count;
         }
         self.accepted.extend(other.accepted);
+        self.succeeded_at_ms.extend(other.succeeded_at_ms);
+    }
+
+    /// The longest time without a success, between the first and the last: how long a failover
+    /// stalled the run (0 with fewer than two successes).
+    fn longest_stall_ms(&self) -> u64 {
+        let mut at = self.succeeded_at_ms.clone();
+        at.sort_unstable();
+        at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
     }
 }
 
@@ -122,6 +133,9 @@ pub(super) async fn load(
                     Ok(accepted) => {
                         tally.ok += 1;
                         tally
+                            .succeeded_at_ms
+                            .push(pacer.started.elapsed().as_millis() as u64);
+                        tally
                             .latencies_us
                             .push(started.elapsed().as_micros() as u64);
                         tally.accepted.extend(accepted);
@@ -162,6 +176,14 @@ pub(super) async fn load(
             Some((total.accepted.len() as u64).saturating_sub(received)),
         )
     };
+    let mut figures = std::collections::BTreeMap::new();
+    if args.rate > 0.0 {
+        // At a fixed rate, a gap much longer than 1/rate is a stall (a failover, an outage).
+        figures.insert(
+            "longest_stall_ms".to_owned(),
+            total.longest_stall_ms() as f64,
+        );
+    }
     Ok(Report {
         scenario: args.scenario,
         concurrency: args.concurrency,
@@ -172,7 +194,7 @@ pub(super) async fn load(
         errors: total.errors,
         delivery,
         undelivered,
-        figures: std::collections::BTreeMap::new(),
+        figures,
         costs,
         rss,
     })
