@@ -121,7 +121,7 @@ impl Publisher {
         let (connection, node) = self.nodes.connect(from, properties).await?;
         self.first_node.store(node, Ordering::Relaxed);
         let channel = connection.create_channel().await?;
-        self.topology.declare(&channel).await?;
+        self.topology.declare(&connection, &channel).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;

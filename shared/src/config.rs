@@ -264,6 +264,7 @@ impl CommonConfig {
 
     pub fn topology(&self) -> crate::Topology {
         crate::Topology::new(&self.namespace, self.queue_type)
+            .with_quorum_group_size(self.amqp.len())
     }
 }
 

@@ -3,7 +3,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::QueueType;
 
@@ -25,6 +25,9 @@ pub const DLQ_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 pub struct Topology {
     pub namespace: String,
     pub queue_type: QueueType,
+    /// Quorum queues: how many nodes get a replica when a queue is created
+    /// (`x-quorum-initial-group-size`); `None` leaves it to the broker.
+    pub quorum_group_size: Option<u32>,
 }
 
 impl Topology {
@@ -32,7 +35,58 @@ impl Topology {
         Self {
             namespace: namespace.to_owned(),
             queue_type,
+            quorum_group_size: None,
         }
+    }
+
+    /// A replica of each new quorum queue on each of the `nodes` that `AMQP_URL` lists: with
+    /// three, any one node can die and the queue keeps its majority. RabbitMQ 3.x puts one on
+    /// every node by default, 4.x on three; saying it makes it so on either.
+    ///
+    /// RabbitMQ compares this argument on every declaration and refuses a queue declared
+    /// without it, or with another count, as inequivalent. So a queue that exists already is
+    /// left as it is (see [`Topology::declare`]): adding a node to `AMQP_URL` never stops a
+    /// program from starting. One node listed (or a load balancer's one address) sets nothing.
+    pub fn with_quorum_group_size(mut self, nodes: usize) -> Self {
+        self.quorum_group_size = (nodes > 1).then(|| u32::try_from(nodes).unwrap_or(u32::MAX));
+        self
+    }
+
+    /// Declares a queue with `arguments`, unless a replica count is set and the queue exists
+    /// already (see [`Topology::with_quorum_group_size`]).
+    async fn declare_queue(
+        &self,
+        connection: &Connection,
+        channel: &Channel,
+        name: String,
+        arguments: FieldTable,
+    ) -> lapin::Result<()> {
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        if self.queue_type == QueueType::Quorum && self.quorum_group_size.is_some() {
+            // A passive declaration of a missing queue closes its channel: a channel of its own.
+            let probe = connection.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let exists = probe
+                .queue_declare(name.as_str().into(), passive, FieldTable::default())
+                .await
+                .is_ok();
+            if probe.status().connected() {
+                let _ = probe.close(200, "checked".into()).await;
+            }
+            if exists {
+                return Ok(());
+            }
+        }
+        channel
+            .queue_declare(name.into(), durable_queue, arguments)
+            .await
+            .map(drop)
     }
 
     /// Topic exchange the api publishes `OtpRequested` to.
@@ -79,15 +133,11 @@ impl Topology {
 
     /// Declares exchanges, queues and bindings. Idempotent: the same arguments every time, so a
     /// redeclaration by another process or version never fails with PRECONDITION_FAILED.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    pub async fn declare(&self, connection: &Connection, channel: &Channel) -> lapin::Result<()> {
         // Durable everywhere: a broker restart must not lose accepted OTP requests.
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
-        };
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
         };
         channel
             .exchange_declare(
@@ -106,13 +156,13 @@ impl Topology {
             )
             .await?;
 
-        channel
-            .queue_declare(
-                self.sms_queue().into(),
-                durable_queue,
-                self.sms_queue_arguments(),
-            )
-            .await?;
+        self.declare_queue(
+            connection,
+            channel,
+            self.sms_queue(),
+            self.sms_queue_arguments(),
+        )
+        .await?;
         channel
             .queue_bind(
                 self.sms_queue().into(),
@@ -123,20 +173,20 @@ impl Topology {
             )
             .await?;
 
-        channel
-            .queue_declare(
-                self.dead_letter_queue().into(),
-                durable_queue,
-                self.dead_letter_queue_arguments(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                self.broker_dead_letter_queue().into(),
-                durable_queue,
-                self.dead_letter_queue_arguments(),
-            )
-            .await?;
+        self.declare_queue(
+            connection,
+            channel,
+            self.dead_letter_queue(),
+            self.dead_letter_queue_arguments(),
+        )
+        .await?;
+        self.declare_queue(
+            connection,
+            channel,
+            self.broker_dead_letter_queue(),
+            self.dead_letter_queue_arguments(),
+        )
+        .await?;
         channel
             .queue_bind(
                 self.broker_dead_letter_queue().into(),
@@ -212,6 +262,13 @@ impl Topology {
             QueueType::Classic => "classic",
         };
         insert(&mut args, "x-queue-type", string(kind.to_owned()));
+        if let (QueueType::Quorum, Some(size)) = (self.queue_type, self.quorum_group_size) {
+            insert(
+                &mut args,
+                "x-quorum-initial-group-size",
+                AMQPValue::LongLongInt(i64::from(size)),
+            );
+        }
         args
     }
 }
@@ -222,4 +279,26 @@ fn insert(args: &mut FieldTable, key: &str, value: AMQPValue) {
 
 fn string(value: String) -> AMQPValue {
     AMQPValue::LongString(value.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_per_listed_node_for_new_quorum_queues() {
+        let group = |topology: &Topology| {
+            topology
+                .sms_queue_arguments()
+                .inner()
+                .get("x-quorum-initial-group-size")
+                .cloned()
+        };
+        let three = Topology::new("ns", QueueType::Quorum).with_quorum_group_size(3);
+        assert_eq!(group(&three), Some(AMQPValue::LongLongInt(3)));
+        let one = Topology::new("ns", QueueType::Quorum).with_quorum_group_size(1);
+        assert_eq!(group(&one), None);
+        let classic = Topology::new("ns", QueueType::Classic).with_quorum_group_size(3);
+        assert_eq!(group(&classic), None);
+    }
 }

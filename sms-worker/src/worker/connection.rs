@@ -128,7 +128,7 @@ impl BrokerConnection {
             .basic_qos(config.concurrency, BasicQosOptions::default())
             .await?;
         // Declared here too, so the worker can start before the api.
-        context.topology.declare(&channel).await?;
+        context.topology.declare(&connection, &channel).await?;
         let dead_letter_channel = connection.create_channel().await?;
         dead_letter_channel
             .confirm_select(ConfirmSelectOptions::default())

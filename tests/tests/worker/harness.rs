@@ -75,7 +75,10 @@ impl Harness {
             .await
             .expect("confirms");
         // As the api does at start-up, so events published before the worker starts are kept.
-        topology.declare(&channel).await.expect("the topology");
+        topology
+            .declare(&connection, &channel)
+            .await
+            .expect("the topology");
         Self {
             ns,
             queue_type,

@@ -85,6 +85,25 @@ async fn moves_to_the_next_broker_node_when_its_node_dies() {
     .await;
 }
 
+/// With several nodes in `AMQP_URL` a new quorum queue gets a replica on each
+/// (`x-quorum-initial-group-size`); a queue made before, with one node listed, is kept as it is,
+/// since RabbitMQ refuses to redeclare a queue with another count.
+#[tokio::test]
+async fn a_queue_made_with_one_node_is_kept_when_more_are_listed() {
+    with_harness(QueueType::Quorum, |h| async move {
+        // The harness declared the queues as a one-node api does.
+        let url = tests::servers::servers().rabbitmq.url().to_owned();
+        let nodes = format!("{url},{url},{url}");
+        let worker = h.start_worker(&[("AMQP_URL", nodes.as_str())]).await;
+        let to = phone();
+        h.request_sms(&to).await;
+        h.wait_for_messages(&to, 1).await;
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn keeps_running_through_a_redis_outage() {
     with_harness(QueueType::Classic, |h| async move {
