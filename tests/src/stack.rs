@@ -83,11 +83,11 @@ impl Stack {
             ("NAMESPACE", namespace.clone()),
             ("AMQP_QUEUE_TYPE", "classic".to_owned()),
         ]));
-        common.extend(
-            common_vars
-                .iter()
-                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
-        );
+        // Last, so they override the defaults below in both programs.
+        let overrides: Vec<(String, String)> = common_vars
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
         // `cargo test` builds this package's programs for its integration tests into
         // target/<profile>, where the workspace's api and sms-worker are too.
         let fake = Program::start(
@@ -109,6 +109,7 @@ impl Stack {
                 .iter()
                 .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
         );
+        let api_env = api_env.chain(overrides.iter().cloned());
         let api = Program::start_workspace("api", &[], env(api_env, rust_log)).await;
         let worker_env = common.into_iter().chain(pairs([
             ("WORKER_ADDR", format!("127.0.0.1:{worker_port}")),
@@ -144,6 +145,7 @@ impl Stack {
             ),
             ("TWILIO_FROM", "+15005550006".to_owned()),
         ]));
+        let worker_env = worker_env.chain(overrides);
         let worker = Program::start_workspace("sms-worker", &[], env(worker_env, rust_log)).await;
         let stack = Self {
             namespace,

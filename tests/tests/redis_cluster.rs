@@ -1,8 +1,8 @@
 //! The whole stack on a Redis Cluster (`REDIS_URL=redis+cluster://…`): api and sms-worker as
 //! programs, a throwaway three-master cluster, and a sign-in through them. Every script keeps
 //! its keys in one hash slot, so nothing answers CROSSSLOT: the code, its limits (per phone,
-//! per client network, per calling code, the fraud guard), the worker's ledger and the
-//! number's timeline all land on the cluster.
+//! per client network, per calling code, the fraud guard), the worker's ledger, the number's
+//! timeline and Infobip's shared OAuth token all land on the cluster.
 //!
 //! Skipped with a message where `redis-server` is not installed, unless `CI` is set.
 
@@ -32,8 +32,13 @@ async fn signs_in_with_redis_cluster() {
         }
     };
     let url = cluster.url();
+    // Infobip first: its OAuth token (sealed, shared by the workers, refreshed under a lock)
+    // lives on the cluster too.
     let stack = Stack::start_on(
-        &[("REDIS_URL", url.as_str())],
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("SMS_PROVIDERS", "infobip,twilio"),
+        ],
         &[
             ("OTP_PER_COUNTRY_PER_HOUR", "1000"),
             ("OTP_GLOBAL_PER_MINUTE", "1000"),
@@ -58,6 +63,12 @@ async fn signs_in_with_redis_cluster() {
             messages.into_iter().next()
         })
         .await;
+        assert_eq!(
+            sms["provider"],
+            "infobip",
+            "{sms}\n{}",
+            stack.logs("sms-worker")
+        );
         let code = loadgen::extract_code(sms["body"].as_str().unwrap()).expect("a code");
 
         let wrong = if code.starts_with('0') { "1" } else { "0" };
@@ -86,7 +97,7 @@ async fn signs_in_with_redis_cluster() {
 
     // Everything lives on the cluster, namespaced: limits, the ledger, the timelines.
     let keys = cluster.keys(&format!("{}:*", stack.namespace));
-    for part in [":limit:ip:", ":limit:cc:", ":sms:", ":trace:"] {
+    for part in [":limit:ip:", ":limit:cc:", ":sms:", ":trace:", ":token"] {
         assert!(
             keys.iter().any(|k| k.contains(part)),
             "no {part} key in {keys:?}"
