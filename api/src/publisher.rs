@@ -25,6 +25,8 @@ use time::OffsetDateTime;
 /// Without a quorum majority a confirm never comes; an attempt must not wait forever for it. Short
 /// enough that a second attempt fits in the request's publish deadline (5 s).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connecting to one node (TCP, AMQP handshake, channel, declarations) may take this long.
+const CONNECT_TIMEOUT_PER_NODE: Duration = Duration::from_secs(3);
 /// Attempts per event: the first, and retries on fresh channels. The request's 5 s publish
 /// deadline usually ends them first.
 const PUBLISH_ATTEMPTS: u32 = 6;
@@ -81,36 +83,48 @@ impl Publisher {
             .cloned()
     }
 
-    /// A connected confirm-mode channel, connecting first if need be (one connect at a time).
-    async fn channel(&self) -> Result<Channel, PublishError> {
+    /// A connection with a confirm-mode channel, connecting first if need be (one connect at a
+    /// time).
+    async fn broker(&self) -> Result<Arc<BrokerConnection>, PublishError> {
         if let Some(connection) = self.current() {
-            return Ok(connection.channel.clone());
+            return Ok(connection);
         }
         let mut last_failure = self.connecting.lock().await;
         if let Some(connection) = self.current() {
-            return Ok(connection.channel.clone());
+            return Ok(connection);
         }
         if last_failure.is_some_and(|at| at.elapsed() < RECONNECT_COOLDOWN) {
             return Err(PublishError::Connect(
                 "recently failed; retrying shortly".into(),
             ));
         }
-        match self.connect().await {
-            Ok(connection) => {
+        // Every step bounded: a node that accepts TCP and then says nothing must not hold the
+        // connect lock (and every request behind it) for longer than this.
+        let deadline = CONNECT_TIMEOUT_PER_NODE * u32::try_from(self.nodes.len()).unwrap_or(1);
+        let connected = tokio::time::timeout(deadline, self.connect()).await;
+        match connected {
+            Ok(Ok(connection)) => {
                 *last_failure = None;
-                let channel = connection.channel.clone();
                 tracing::info!(
                     node = connection.node + 1,
                     nodes = self.nodes.len(),
                     "connected to RabbitMQ"
                 );
+                let connection = Arc::new(connection);
                 *self.connection.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(Arc::new(connection));
-                Ok(channel)
+                    Some(connection.clone());
+                Ok(connection)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 *last_failure = Some(Instant::now());
                 Err(PublishError::Connect(e.to_string()))
+            }
+            Err(_) => {
+                *last_failure = Some(Instant::now());
+                // Start with another node next time.
+                let next = (self.first_node.load(Ordering::Relaxed) + 1) % self.nodes.len().max(1);
+                self.first_node.store(next, Ordering::Relaxed);
+                Err(PublishError::Connect("timed out".into()))
             }
         }
     }
@@ -136,9 +150,11 @@ impl Publisher {
     /// rejecting publishes after a broker restart or a quorum leader change). When the
     /// connection itself is gone, its node probably is too: the next connect starts with the
     /// node after it.
-    fn discard(&self, failed: &Channel) {
+    fn discard(&self, failed: &Arc<BrokerConnection>) {
         let mut current = self.connection.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(broker) = current.as_ref().filter(|c| c.channel.id() == failed.id()) {
+        // The very connection that failed: a late failure of an old one must not drop its
+        // replacement (their channels share an id).
+        if let Some(broker) = current.as_ref().filter(|c| Arc::ptr_eq(c, failed)) {
             if !broker.connection.status().connected() {
                 self.first_node.store(
                     (broker.node + 1) % self.nodes.len().max(1),
@@ -159,9 +175,9 @@ impl Publisher {
             if ttl_ms == 0 {
                 return Err(PublishError::Expired);
             }
-            let channel = self.channel().await?;
+            let broker = self.broker().await?;
             let result = publish_confirmed(
-                &channel,
+                &broker.channel,
                 &self.topology.events_exchange(),
                 ROUTING_KEY,
                 &body,
@@ -172,7 +188,7 @@ impl Publisher {
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.channel_suspect() => {
-                    self.discard(&channel);
+                    self.discard(&broker);
                     if attempt == PUBLISH_ATTEMPTS {
                         return Err(e.into());
                     }
@@ -188,6 +204,6 @@ impl Publisher {
 
     /// For `/readyz`: opens the channel if it is not open, and says whether that worked.
     pub async fn ensure_connected(&self) -> Result<(), PublishError> {
-        self.channel().await.map(|_| ())
+        self.broker().await.map(|_| ())
     }
 }

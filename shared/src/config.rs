@@ -286,8 +286,10 @@ fn validate_namespace(namespace: &str) -> Result<(), ConfigError> {
 /// A URL with its password replaced, fit for a log line.
 pub fn redact_url(url: &SecretString) -> String {
     let url = url.expose_secret();
-    if url.contains(',') {
-        // A list of nodes (AMQP_URL): each with its own password.
+    // A list of nodes (AMQP_URL), each with its own password: every piece has a scheme. A comma
+    // inside a password leaves a piece without one, and the URL is redacted whole.
+    let pieces: Vec<&str> = url.split(',').collect();
+    if pieces.len() > 1 && pieces.iter().all(|piece| piece.contains("://")) {
         return url
             .split(',')
             .map(|one| redact_url(&SecretString::from(one.trim().to_owned())))
@@ -343,5 +345,13 @@ mod tests {
         assert!(!format!("{config:?}").contains("hunter2"));
         assert!(!format!("{env:?}").contains("hunter2"));
         assert_eq!(config.amqp.redacted(), "amqp://user:***@rabbit:5672/%2f");
+        // A comma inside a password is not a list separator.
+        for url in [
+            "redis://u:hun,ter2@r1:6379",
+            "redis+cluster://u:hun,ter2@r1:7001,r2:7002",
+        ] {
+            let redacted = redact_url(&SecretString::from(url.to_owned()));
+            assert!(!redacted.contains("ter2"), "{redacted}");
+        }
     }
 }

@@ -8,10 +8,11 @@
 //! frame.
 //!
 //! Sends finish out of order, and `multiple` must never cover a delivery still being worked on
-//! (it would be settled before its SMS went out). So the run stops at the oldest unsettled
-//! delivery that is not finished; finished ones behind it are acknowledged one by one in the same
-//! flush, never held back: a delivery stuck in a long backoff must not keep the others from
-//! freeing their prefetch slots.
+//! (it would be settled before its SMS went out), nor one not yet read from its consumer (two
+//! consumers share the channel's tags). So the run starts right after the highest tag below
+//! which everything is settled, and stops at the first tag that is not finished; finished ones
+//! beyond are acknowledged one by one in the same flush, never held back: a delivery stuck in a
+//! long backoff must not keep the others from freeing their prefetch slots.
 //!
 //! Every delivery on the channel is [`Acks::delivered`] before its task starts, including the
 //! broker's dead-letter copies consumed on the same channel; a task that settles its delivery
@@ -39,25 +40,47 @@ struct Tags {
     unsettled: BTreeSet<u64>,
     /// Of those, the ones whose handling is over and that wait for their ack.
     finished: BTreeSet<u64>,
+    /// Every tag up to this one is settled. Tags count every delivery of the channel from 1, but
+    /// two consumers share it (the work queue and the broker's dead-letter copies), so a tag can
+    /// be settled before a lower one has even been read from the other consumer's stream: a
+    /// `multiple` ack is safe only up to where every lower tag is known to be settled.
+    settled_through: u64,
+    /// Settled tags above `settled_through`.
+    settled_ahead: BTreeSet<u64>,
 }
 
 impl Tags {
-    /// What to send now: the tag of one `multiple` ack covering the front run of finished
-    /// deliveries (if any), and the finished tags behind an unfinished one, to ack singly.
-    /// The front run is given as (its last tag, how many deliveries it covers).
+    fn mark_settled(&mut self, tag: u64) {
+        if tag > self.settled_through {
+            self.settled_ahead.insert(tag);
+        }
+        while self.settled_ahead.remove(&(self.settled_through + 1)) {
+            self.settled_through += 1;
+        }
+    }
+
+    /// What to send now: the tag of one `multiple` ack covering the run of finished deliveries
+    /// right after `settled_through` (if any), and the other finished tags, to ack singly. The
+    /// run is given as (its last tag, how many deliveries it covers).
     fn take_flush(&mut self) -> ((Option<u64>, u64), Vec<u64>) {
         let (mut front, mut covered) = (None, 0);
-        while let Some(&oldest) = self.unsettled.first() {
-            if !self.finished.remove(&oldest) {
+        loop {
+            let next = self.settled_through + 1;
+            if self.settled_ahead.remove(&next) {
+                self.settled_through = next;
+            } else if self.finished.remove(&next) {
+                self.unsettled.remove(&next);
+                self.settled_through = next;
+                front = Some(next);
+                covered += 1;
+            } else {
                 break;
             }
-            self.unsettled.remove(&oldest);
-            front = Some(oldest);
-            covered += 1;
         }
         let singles: Vec<u64> = std::mem::take(&mut self.finished).into_iter().collect();
-        for tag in &singles {
-            self.unsettled.remove(tag);
+        for &tag in &singles {
+            self.unsettled.remove(&tag);
+            self.mark_settled(tag);
         }
         ((front, covered), singles)
     }
@@ -119,7 +142,16 @@ impl Acks {
 
     /// The delivery was settled another way (nack, reject) and its frame is out.
     pub(crate) fn settled(&self, tag: u64) {
-        self.tags().unsettled.remove(&tag);
+        let mut tags = self.tags();
+        tags.unsettled.remove(&tag);
+        tags.mark_settled(tag);
+    }
+
+    /// Whether the delivery is neither settled nor waiting for its ack: only then may its task
+    /// settle it another way (a second settlement of one tag closes the channel).
+    pub(crate) fn is_open(&self, tag: u64) -> bool {
+        let tags = self.tags();
+        tags.unsettled.contains(&tag) && !tags.finished.contains(&tag)
     }
 
     /// Acknowledges every finished delivery now (also at shutdown, before the channel closes).
@@ -158,6 +190,7 @@ mod tests {
         Tags {
             unsettled: unsettled.iter().copied().collect(),
             finished: finished.iter().copied().collect(),
+            ..Tags::default()
         }
     }
 
@@ -181,10 +214,24 @@ mod tests {
     }
 
     #[test]
+    fn never_covers_a_delivery_not_yet_read() {
+        // Tag 2 (a dead-letter copy) is read and finished before tag 1 (an SMS, still in the
+        // other consumer's stream): 2 is acknowledged alone.
+        let mut t = tags(&[2], &[2]);
+        assert_eq!(t.take_flush(), ((None, 0), vec![2]));
+        t.unsettled.insert(1);
+        assert!(t.unsettled.contains(&1));
+        t.finished.insert(1);
+        assert_eq!(t.take_flush(), ((Some(1), 1), vec![]));
+        assert_eq!(t.settled_through, 2);
+    }
+
+    #[test]
     fn a_delivery_settled_otherwise_does_not_block_the_run() {
-        let mut t = tags(&[7, 8, 9], &[7, 9]);
-        t.unsettled.remove(&8); // nacked by its task
-        assert_eq!(t.take_flush(), ((Some(9), 2), vec![]));
+        let mut t = tags(&[1, 2, 3], &[1, 3]);
+        t.unsettled.remove(&2); // nacked by its task
+        t.mark_settled(2);
+        assert_eq!(t.take_flush(), ((Some(3), 2), vec![]));
         assert_eq!(t.take_flush(), ((None, 0), vec![]));
     }
 }

@@ -41,8 +41,11 @@ pub(crate) fn spawn(
             // toward a quorum queue's delivery limit, so a message that keeps crashing the
             // handler is dead-lettered by the broker instead of looping.
             error!("handling a message panicked; returning it to the queue");
-            let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
-            acks.settled(tag);
+            // Unless it was settled before the panic: settling a tag twice closes the channel.
+            if acks.is_open(tag) {
+                let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+                acks.settled(tag);
+            }
         }
     });
 }
