@@ -1,6 +1,6 @@
 //! Phone numbers in, E.164 out, and the number-type guard against toll fraud.
 
-use phonenumber::{Mode, Type};
+use phonenumber::Type;
 use shared::PhoneNumber;
 
 use crate::config::PhonePolicy;
@@ -66,23 +66,24 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiEr
         Some(policy.default_region.ok_or_else(invalid)?)
     };
     let number = phonenumber::parse(region, input).map_err(|_| invalid())?;
-    if !phonenumber::is_valid(&number) {
-        return Err(invalid());
-    }
+    let kind = number_type(&number).ok_or_else(invalid)?;
     if let Some(allowed) = &policy.allowed_countries {
         let country = number.country().id();
         if !country.is_some_and(|c| allowed.contains(&c)) {
             return Err(ApiError::CountryNotAllowed);
         }
     }
-    if !policy.allowed_types.contains(number_type(&number)) {
+    if !policy.allowed_types.contains(kind) {
         return Err(ApiError::NumberTypeNotAllowed);
     }
-    let phone =
-        PhoneNumber::parse(&number.format().mode(Mode::E164).to_string()).map_err(|_| invalid())?;
+    // E.164 written out directly: phonenumber's formatter picks a national layout (walking the
+    // region's format patterns) even for E.164, where it is not used.
+    let calling_code = number.code().value();
+    let phone = PhoneNumber::parse(&format!("+{calling_code}{}", number.national()))
+        .map_err(|_| invalid())?;
     Ok(Destination {
         phone,
-        calling_code: number.code().value(),
+        calling_code,
     })
 }
 
@@ -107,11 +108,27 @@ pub fn enlarge_pattern_cache() {
         regex_cache::RegexCache::new(PHONE_PATTERN_CACHE);
 }
 
-fn number_type(number: &phonenumber::PhoneNumber) -> &'static str {
-    if number.country().id().is_none() {
-        return "non_geographic";
+/// The number's type, or `None` when it is not a valid number.
+///
+/// Each of phonenumber's `is_valid`, `country().id()` and `number_type` finds the number's region
+/// by walking the patterns of every region that shares its calling code (25 for +1), and each
+/// pattern costs a lookup in a shared cache keyed by the pattern's text. Each is called once
+/// here. They are not merged into one walk because they do not agree on Italian-style leading
+/// zeros (`is_valid` keeps them, the other two drop them), and this guard keeps their answers.
+fn number_type(number: &phonenumber::PhoneNumber) -> Option<&'static str> {
+    if !phonenumber::is_valid(number) {
+        return None;
     }
-    match number.number_type(&phonenumber::metadata::DATABASE) {
+    if number.country().id().is_none() {
+        return Some("non_geographic");
+    }
+    Some(type_name(
+        number.number_type(&phonenumber::metadata::DATABASE),
+    ))
+}
+
+fn type_name(kind: Type) -> &'static str {
+    match kind {
         Type::Mobile => "mobile",
         Type::FixedLineOrMobile => "fixed_line_or_mobile",
         Type::FixedLine => "fixed_line",
@@ -136,6 +153,7 @@ fn number_type(number: &phonenumber::PhoneNumber) -> &'static str {
 mod tests {
     use std::collections::HashSet;
 
+    use phonenumber::Mode;
     use phonenumber::country::Id;
 
     use super::*;
@@ -236,5 +254,51 @@ mod tests {
             ..PhonePolicy::default()
         };
         assert!(normalize("+881631234567", &with_satellites).is_ok());
+    }
+
+    /// E.164 written out directly is what phonenumber's formatter writes, for numbers of every
+    /// kind: shared calling codes, non-geographic codes, Italian leading zeros.
+    #[test]
+    fn e164_written_directly_matches_phonenumbers_formatter() {
+        let numbers = [
+            "+14155550100",
+            "+12125550123",
+            "+16135550123",
+            "+18765550123",
+            "+19002345678",
+            "+18005550100",
+            "+17875550123",
+            "+442079460958",
+            "+447911123456",
+            "+449098790123",
+            "+441534123456",
+            "+33612345678",
+            "+33123456789",
+            "+393123456789",
+            "+390612345678",
+            "+919876543210",
+            "+81312345678",
+            "+8613812345678",
+            "+61412345678",
+            "+5511912345678",
+            "+79161234567",
+            "+77012345678",
+            "+881631234567",
+            "+870773111632",
+            "+80012345678",
+            "+882345678901",
+            "+4915112345678",
+            "+4930123456",
+            "+27821234567",
+            "+2348031234567",
+        ];
+        for input in numbers {
+            let number = phonenumber::parse(None, input).unwrap();
+            assert_eq!(
+                format!("+{}{}", number.code().value(), number.national()),
+                number.format().mode(Mode::E164).to_string(),
+                "{input}"
+            );
+        }
     }
 }

@@ -119,15 +119,18 @@ async fn check_then_sign_in(
             let calling_code = guess.destination.calling_code;
             let state = state.clone();
             let bookkeeping = async move {
-                give_back(&state, &fails).await;
-                if state.config.fraud_guard.mode != crate::config::FraudGuardMode::Off
-                    && let Err(e) = state
-                        .limits
-                        .guard_verified(state.redis(), &state.config.fraud_guard, calling_code)
-                        .await
-                {
-                    tracing::debug!(error = %e, "could not count a verified code in the fraud guard");
-                }
+                // Both at once: they leave in one write to Redis.
+                let guard = async {
+                    if state.config.fraud_guard.mode != crate::config::FraudGuardMode::Off
+                        && let Err(e) = state
+                            .limits
+                            .guard_verified(state.redis(), &state.config.fraud_guard, calling_code)
+                            .await
+                    {
+                        tracing::debug!(error = %e, "could not count a verified code in the fraud guard");
+                    }
+                };
+                tokio::join!(give_back(&state, &fails), guard);
             };
             tokio::spawn(tracing::Instrument::in_current_span(bookkeeping));
             Ok(session)

@@ -117,7 +117,9 @@ impl Line {
 /// The lines of one delivery, written together when it ends.
 pub struct Journal {
     event_id: String,
-    pub lines: Vec<Line>,
+    lines: Vec<Line>,
+    /// Set by [`Journal::end`]: a delivery ends once.
+    ended: bool,
 }
 
 impl Journal {
@@ -130,6 +132,7 @@ impl Journal {
         Self {
             event_id,
             lines: vec![requested],
+            ended: false,
         }
     }
 
@@ -146,11 +149,17 @@ impl Journal {
         });
     }
 
-    /// How the delivery ended.
-    pub fn ended(&mut self, how: &str, detail: Option<String>) {
+    /// Records how the delivery ended and hands over the lines to write. Only the first call
+    /// gives lines: an SMS that went out ends its journal when the send is recorded, before the
+    /// message is acknowledged, and the acknowledgement must not end it a second time.
+    pub fn end(&mut self, how: &str, detail: Option<String>) -> Vec<Line> {
+        if std::mem::replace(&mut self.ended, true) {
+            return Vec::new();
+        }
         let mut line = Line::new(self.event_id.clone(), What::Ended).status(how);
         line.detail = detail;
         self.lines.push(line);
+        std::mem::take(&mut self.lines)
     }
 }
 

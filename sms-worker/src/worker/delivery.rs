@@ -80,9 +80,9 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
                 let ended = ending(&outcome);
                 settle(&context, acks, &delivery, Some(&event), outcome).await;
                 if let Some((how, detail)) = ended {
-                    journal.ended(how, detail);
+                    let lines = journal.end(how, detail);
                     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
-                    if let Err(e) = context.timelines.append(&trace_id, &journal.lines).await {
+                    if let Err(e) = context.timelines.append(&trace_id, &lines).await {
                         debug!(error = %e, "could not write the number's timeline");
                     }
                 }
@@ -94,14 +94,11 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
 }
 
 /// How the delivery ended, for the number's timeline; `None` for a copy of an event that was
-/// handled already (its story is told by the copy that handled it).
+/// handled already (its story is told by the copy that handled it), and for an SMS that went
+/// out, whose timeline was ended when the send was recorded (see `failover::record_sent`).
 fn ending(outcome: &Outcome) -> Option<(&'static str, Option<String>)> {
     Some(match outcome {
-        Outcome::Sent => ("sent", None),
-        Outcome::SentUnconfirmed => (
-            "sent_unconfirmed",
-            Some("no provider confirmed it, and it may have gone out: not tried again".to_owned()),
-        ),
+        Outcome::Sent | Outcome::SentUnconfirmed | Outcome::AlreadyHandled(_) => return None,
         Outcome::DeadLetter { dead_letter, .. } => (
             "dead_lettered",
             Some(format!(
@@ -111,7 +108,6 @@ fn ending(outcome: &Outcome) -> Option<(&'static str, Option<String>)> {
             )),
         ),
         Outcome::LeaveToRedeliver | Outcome::Requeue => ("returned_to_queue", None),
-        Outcome::AlreadyHandled(_) => return None,
     })
 }
 

@@ -28,7 +28,7 @@ use crate::provider::breaker::Allowance;
 use crate::provider::{Accepted, Failure, Provider, SendError, Sms};
 use crate::receipts::store::SentMessage;
 use crate::shutdown::ShuttingDown;
-use crate::trace::Journal;
+use crate::trace::{Journal, Line};
 
 /// What this event has been through so far.
 #[derive(Default)]
@@ -85,7 +85,7 @@ pub(crate) async fn send_through_providers(
         let millis_left = event.millis_left(OffsetDateTime::now_utc());
         if millis_left < MIN_MILLIS_LEFT {
             if tried.ambiguous {
-                return sent_unconfirmed(context, event).await;
+                return sent_unconfirmed(context, event, journal).await;
             }
             return Outcome::DeadLetter {
                 dead_letter: tried.dead_letter(
@@ -99,7 +99,7 @@ pub(crate) async fn send_through_providers(
         let Some((provider, allowance)) = choose(context, &tried).await else {
             if all_excluded(context, &tried) {
                 if tried.ambiguous {
-                    return sent_unconfirmed(context, event).await;
+                    return sent_unconfirmed(context, event, journal).await;
                 }
                 warn!(attempts, providers = ?tried.calls, "every provider refused the SMS; dead-lettering it");
                 return Outcome::DeadLetter {
@@ -142,7 +142,8 @@ pub(crate) async fn send_through_providers(
                     "SMS sent"
                 );
                 send_outcome("sent");
-                record_sent(&context.ledger, event).await;
+                let timeline = journal.end("sent", None);
+                record_sent(context, event, timeline).await;
                 await_receipts(context, event, &accepted, sms.body).await;
                 return Outcome::Sent;
             }
@@ -167,7 +168,7 @@ pub(crate) async fn send_through_providers(
             if error.kind == Failure::Recipient {
                 return dead_letter_now(&tried, attempts, claim);
             }
-            return sent_unconfirmed(context, event).await;
+            return sent_unconfirmed(context, event, journal).await;
         }
         match error.kind {
             Failure::Recipient => return dead_letter_now(&tried, attempts, claim),
@@ -282,10 +283,18 @@ fn dead_letter_now(tried: &Tried, attempts: u32, claim: ClaimToken) -> Outcome {
 }
 
 /// Two calls without a clear answer: recorded as sent, so no copy sends it again.
-async fn sent_unconfirmed(context: &Context, event: &OtpRequested) -> Outcome {
+async fn sent_unconfirmed(
+    context: &Context,
+    event: &OtpRequested,
+    journal: &mut Journal,
+) -> Outcome {
     warn!("no provider confirmed the SMS, but it may have been sent; not trying again");
     metrics::counter!(m::AMBIGUOUS).increment(1);
-    record_sent(&context.ledger, event).await;
+    let timeline = journal.end(
+        "sent_unconfirmed",
+        Some("no provider confirmed it, and it may have gone out: not tried again".to_owned()),
+    );
+    record_sent(context, event, timeline).await;
     Outcome::SentUnconfirmed
 }
 
@@ -324,9 +333,21 @@ async fn await_receipts(
     }
 }
 
-/// Records the send; a few quick tries, since a missing record could let a redelivered copy
-/// send the SMS again.
-async fn record_sent(ledger: &SendLedger, event: &OtpRequested) {
+/// Records the send in the ledger and writes the number's timeline, ended. Both requests are
+/// made at once, so they leave in one write to Redis and their answers come back together: one
+/// round trip per SMS rather than two (the timeline used to follow the acknowledgement).
+async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
+    let trace_id = context.timelines.trace_id(event.phone_number.as_str());
+    let timeline = async {
+        if let Err(e) = context.timelines.append(&trace_id, &timeline).await {
+            debug!(error = %e, "could not write the number's timeline");
+        }
+    };
+    tokio::join!(record_in_ledger(&context.ledger, event), timeline);
+}
+
+/// A few quick tries, since a missing record could let a redelivered copy send the SMS again.
+async fn record_in_ledger(ledger: &SendLedger, event: &OtpRequested) {
     let ttl = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     for attempt in 1..=3 {
         match ledger.finish(event.event_id, Finished::Sent, ttl).await {
