@@ -34,6 +34,11 @@ use crate::metrics as m;
 /// has gone out; a lost ack only means a redelivery that the ledger skips).
 const LINGER: Duration = Duration::from_millis(3);
 
+/// A batch is sent without waiting out [`LINGER`] once this share of the prefetch (1/8) has
+/// finished: a delivery waiting for its ack still holds a prefetch slot, and at saturation those
+/// idle slots were what kept one worker from keeping up with the api (BENCHMARKS.md, issue 12).
+const FULL_BATCH_DIVISOR: usize = 8;
+
 #[derive(Default)]
 struct Tags {
     /// Delivered on this channel and not yet settled with the broker.
@@ -93,17 +98,24 @@ pub(crate) struct Acks(Arc<Shared>);
 struct Shared {
     channel: Channel,
     tags: Mutex<Tags>,
+    /// The first finished delivery of a batch: start the linger.
     wake: Notify,
+    /// The batch is full: stop lingering.
+    full: Notify,
+    /// How many finished deliveries make a full batch.
+    full_batch: usize,
 }
 
 impl Acks {
     /// Starts the flusher of `channel`. It stops once every handle is dropped (the connection
     /// and the tasks of its deliveries are gone) or the channel has closed.
-    pub(crate) fn start(channel: Channel) -> Self {
+    pub(crate) fn start(channel: Channel, prefetch: u16) -> Self {
         let acks = Self(Arc::new(Shared {
             channel,
             tags: Mutex::default(),
             wake: Notify::new(),
+            full: Notify::new(),
+            full_batch: (usize::from(prefetch) / FULL_BATCH_DIVISOR).max(1),
         }));
         let flusher = Arc::downgrade(&acks.0);
         tokio::spawn(async move {
@@ -117,7 +129,8 @@ impl Acks {
                 // Looks again every second without a wake-up, to notice the end above.
                 let woken = tokio::time::timeout(Duration::from_secs(1), shared.wake.notified());
                 if woken.await.is_ok() {
-                    tokio::time::sleep(LINGER).await;
+                    // A `full` permit left from an earlier batch only ends this linger early.
+                    let _ = tokio::time::timeout(LINGER, shared.full.notified()).await;
                     Acks(shared).flush().await;
                 }
             }
@@ -136,8 +149,15 @@ impl Acks {
 
     /// The delivery's handling is over: acknowledge it with the next batch.
     pub(crate) fn finished(&self, tag: u64) {
-        self.tags().finished.insert(tag);
+        let waiting = {
+            let mut tags = self.tags();
+            tags.finished.insert(tag);
+            tags.finished.len()
+        };
         self.0.wake.notify_one();
+        if waiting == self.0.full_batch {
+            self.0.full.notify_one();
+        }
     }
 
     /// The delivery was settled another way (nack, reject) and its frame is out.

@@ -158,7 +158,7 @@ impl BrokerConnection {
             ],
         );
         Ok(Self {
-            acks: Acks::start(channel.clone()),
+            acks: Acks::start(channel.clone(), context.config.concurrency),
             connection,
             channel,
             dead_letter_channel,
