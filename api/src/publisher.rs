@@ -194,7 +194,7 @@ impl Publisher {
                     }
                     metrics::counter!(crate::metrics::PUBLISH_RETRIES).increment(1);
                     tracing::info!(event_id = %event.event_id, attempt, error = %e, "publish not confirmed; trying again on a fresh channel");
-                    tokio::time::sleep(FIRST_RETRY_DELAY * 2u32.pow(attempt - 1)).await;
+                    tokio::time::sleep(retry_delay(attempt)).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -205,5 +205,32 @@ impl Publisher {
     /// For `/readyz`: opens the channel if it is not open, and says whether that worked.
     pub async fn ensure_connected(&self) -> Result<(), PublishError> {
         self.broker().await.map(|_| ())
+    }
+}
+
+/// The pause before publish attempt `attempt + 1`: doubling from [`FIRST_RETRY_DELAY`], half of
+/// it fixed and half drawn at random, so that the requests a leader change failed together do
+/// not all come back together, while the retries still span the time an election takes.
+fn retry_delay(attempt: u32) -> Duration {
+    let bound = FIRST_RETRY_DELAY * 2u32.pow(attempt.saturating_sub(1).min(16));
+    bound / 2 + (bound / 2).mul_f64(rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_and_spread() {
+        for attempt in 1..PUBLISH_ATTEMPTS {
+            let bound = FIRST_RETRY_DELAY * 2u32.pow(attempt - 1);
+            let delays: Vec<Duration> = (0..200).map(|_| retry_delay(attempt)).collect();
+            assert!(
+                delays.iter().all(|d| *d >= bound / 2 && *d <= bound),
+                "attempt {attempt}"
+            );
+            let distinct: std::collections::HashSet<_> = delays.iter().collect();
+            assert!(distinct.len() > 100, "attempt {attempt}: no spread");
+        }
     }
 }

@@ -78,6 +78,7 @@ parts = '  '.join(f"{k} {v:5.0f}" for k, v in by.items())
 d = r.get('delivery') or {}
 print(f"{sys.argv[1]:>3} {r['throughput_per_sec']:6.0f}/s  total {c['total_us_per_op']:5.0f} us/OTP  [{parts}]"
       f"  202->sms p50 {d.get('p50_ms', 0):.1f} p99 {d.get('p99_ms', 0):.1f} ms  errors {sum(r['errors'].values())}"
+      f"{' ' + json.dumps(r['errors']) if r['errors'] else ''}"
       f"  undelivered {r.get('undelivered')}")
 PY
 }

@@ -8,6 +8,7 @@
 
 mod print;
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,15 +26,7 @@ pub use print::print;
 /// A timeline is kept this long after its last line.
 pub const KEEP: Duration = Duration::from_secs(24 * 3600);
 /// A timeline keeps this many lines at most (about a day of a busy test number).
-const LENGTH: i64 = 500;
-
-/// KEYS: timeline. ARGV: length, keep (ms), lines…
-const APPEND: &str = r"
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-";
+const LENGTH: isize = 500;
 
 /// What a line records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,8 +161,8 @@ impl Journal {
 pub struct Timelines {
     redis: RedisConnection,
     namespace: String,
-    seal: Option<Arc<SealKey>>,
-    append: redis::Script,
+    /// `WORKER_SEAL_KEY` as an HMAC key, set up once rather than per timeline id.
+    id_key: Option<hmac::Key>,
 }
 
 impl Timelines {
@@ -177,8 +170,7 @@ impl Timelines {
         Self {
             redis,
             namespace: namespace.to_owned(),
-            seal,
-            append: redis::Script::new(APPEND),
+            id_key: seal.map(|seal| hmac::Key::new(hmac::HMAC_SHA256, seal.bytes())),
         }
     }
 
@@ -186,33 +178,46 @@ impl Timelines {
     /// the key names in Redis do not give the numbers away.
     pub fn trace_id(&self, phone: &str) -> String {
         let message = format!("trace:{}:{phone}", self.namespace);
-        let tag: Vec<u8> = match &self.seal {
-            Some(seal) => {
-                let key = hmac::Key::new(hmac::HMAC_SHA256, seal.bytes());
-                hmac::sign(&key, message.as_bytes()).as_ref().to_vec()
-            }
+        let tag: Vec<u8> = match &self.id_key {
+            Some(key) => hmac::sign(key, message.as_bytes()).as_ref().to_vec(),
             None => digest::digest(&digest::SHA256, message.as_bytes())
                 .as_ref()
                 .to_vec(),
         };
-        tag[..16].iter().map(|b| format!("{b:02x}")).collect()
+        tag[..16]
+            .iter()
+            .fold(String::with_capacity(32), |mut id, b| {
+                let _ = write!(id, "{b:02x}");
+                id
+            })
     }
 
     fn key(&self, trace_id: &str) -> String {
         format!("{}:trace:{{{trace_id}}}", self.namespace)
     }
 
-    /// Appends lines to the timeline `trace_id`.
+    /// Appends lines to the timeline `trace_id`, trims it to its newest [`LENGTH`] lines and
+    /// keeps it for [`KEEP`]. Three plain commands on one key, sent together: a Lua script would
+    /// make them atomic, which a timeline does not need, at several microseconds of Redis CPU
+    /// per call (BENCHMARKS.md, issue 12).
     pub async fn append(&self, trace_id: &str, lines: &[Line]) -> RedisResult<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.append.key(self.key(trace_id));
-        invocation.arg(LENGTH).arg(millis(KEEP));
-        for line in lines {
-            invocation.arg(serde_json::to_string(line).unwrap_or_default());
-        }
-        let _: i64 = invocation.invoke_async(&mut self.redis.clone()).await?;
+        let key = self.key(trace_id);
+        let lines: Vec<String> = lines
+            .iter()
+            .map(|line| serde_json::to_string(line).unwrap_or_default())
+            .collect();
+        let () = redis::pipe()
+            .rpush(&key, lines)
+            .ignore()
+            .ltrim(&key, -LENGTH, -1)
+            .ignore()
+            .pexpire(&key, i64::try_from(millis(KEEP)).unwrap_or(i64::MAX))
+            .ignore()
+            .query_async(&mut self.redis.clone())
+            .await?;
         Ok(())
     }
 
