@@ -3,10 +3,6 @@ use std::process::ExitCode;
 use api::{ApiConfig, Application};
 use shared::Env;
 
-/// mimalloc rather than the system allocator: less CPU per request (BENCHMARKS.md, issue 12).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match ApiConfig::from_env(&Env::from_process()) {
