@@ -69,8 +69,14 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 /// Distinct, valid US numbers; the offset keeps runs from colliding with earlier runs' limits.
 fn phone(offset: u64, i: u64) -> String {
     let n = offset + i;
-    let exchange = 200 + (n / 10_000) % 700;
-    let exchange = if exchange == 555 { 556 } else { exchange };
+    // Exchanges 200–899 without 555 (fictional numbers): 699 of them, so that skipping 555
+    // does not fold its numbers onto another exchange's.
+    let exchange = 200 + (n / 10_000) % 699;
+    let exchange = if exchange >= 555 {
+        exchange + 1
+    } else {
+        exchange
+    };
     format!("+1415{exchange}{:04}", n % 10_000)
 }
 
@@ -83,5 +89,17 @@ mod tests {
         let a: std::collections::HashSet<_> = (0..50_000).map(|i| phone(0, i)).collect();
         assert_eq!(a.len(), 50_000);
         assert!(a.iter().all(|p| p.len() == 12 && !p.contains("+1415555")));
+        // Across the skipped exchange 555: once folded onto 556, 10,000 repeats made a soak
+        // answer 10,000 requests with 429.
+        let around_555: std::collections::HashSet<_> =
+            (3_530_000..3_580_000).map(|i| phone(0, i)).collect();
+        assert_eq!(around_555.len(), 50_000);
+        assert!(around_555.iter().all(|p| !p.contains("+1415555")));
+        let all: std::collections::HashSet<_> =
+            (0..6_990_000).step_by(9_973).map(|i| phone(0, i)).collect();
+        assert!(
+            all.iter()
+                .all(|p| p.as_bytes()[5] >= b'2' && p.as_bytes()[5] <= b'8')
+        );
     }
 }
