@@ -14,10 +14,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Shared};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use secrecy::{ExposeSecret, SecretString};
 
 /// Per command: a dependency that does not answer is an error, not a hung request.
@@ -93,14 +95,51 @@ pub enum RedisConnection {
 pub struct LazyCluster {
     client: ClusterClient,
     connection: tokio::sync::OnceCell<ClusterConnection>,
+    /// The connect under way, if any, shared by every caller waiting for it.
+    connecting: std::sync::Mutex<Option<Connecting>>,
 }
 
+type Connecting = Shared<BoxFuture<'static, Result<ClusterConnection, String>>>;
+
 impl LazyCluster {
-    async fn get(&self) -> RedisResult<ClusterConnection> {
-        self.connection
-            .get_or_try_init(|| self.client.get_async_connection())
-            .await
-            .cloned()
+    /// The connection, made on a task of its own, one attempt at a time. A caller's deadline may
+    /// end its wait but not the connect: with a hung seed node, connecting takes that node's
+    /// whole connect timeout, longer than callers wait, and a connect made inside the callers'
+    /// futures was cancelled every time and never finished. One attempt at a time, so that
+    /// callers arriving during an outage wait for the attempt under way instead of each
+    /// queueing one of their own.
+    async fn get(self: &Arc<Self>) -> RedisResult<ClusterConnection> {
+        if let Some(connection) = self.connection.get() {
+            return Ok(connection.clone());
+        }
+        let connecting = {
+            let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+            connecting
+                .get_or_insert_with(|| {
+                    let lazy = Arc::clone(self);
+                    let attempt = tokio::spawn(async move {
+                        let result = lazy.client.get_async_connection().await;
+                        if let Ok(connection) = &result {
+                            let _ = lazy.connection.set(connection.clone());
+                        }
+                        // The next caller after a failure starts a new attempt.
+                        *lazy.connecting.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        result.map_err(|e| e.to_string())
+                    });
+                    attempt
+                        .map(|joined| joined.unwrap_or_else(|e| Err(e.to_string())))
+                        .boxed()
+                        .shared()
+                })
+                .clone()
+        };
+        connecting.await.map_err(|e| {
+            RedisError::from((
+                redis::ErrorKind::Io,
+                "cannot connect to the Redis Cluster",
+                e,
+            ))
+        })
     }
 }
 
@@ -133,6 +172,7 @@ impl RedisConnection {
                 Ok(Self::Cluster(Arc::new(LazyCluster {
                     client,
                     connection: tokio::sync::OnceCell::new(),
+                    connecting: std::sync::Mutex::new(None),
                 })))
             }
         }

@@ -104,3 +104,55 @@ async fn signs_in_with_redis_cluster() {
         );
     }
 }
+
+/// A seed node that accepts connections and never answers (a hung host) must not keep callers
+/// from reaching the cluster: each caller gives up after its own deadline, shorter than the
+/// connect timeout the hung node costs, and the connection must still get made.
+#[tokio::test]
+async fn a_hung_seed_node_does_not_keep_callers_out() {
+    let cluster = match tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .expect("cluster setup")
+    {
+        Ok(cluster) => cluster,
+        Err(reason) if std::env::var_os("CI").is_some() => {
+            panic!("the Redis Cluster test cannot run, and CI is set, so it must: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipped: the Redis Cluster test: {reason}");
+            return;
+        }
+    };
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("a local port");
+    let hung_port = hung.local_addr().expect("its address").port();
+    std::thread::spawn(move || {
+        // Accepts and holds every connection, answering nothing.
+        let held: Vec<_> = hung.incoming().collect();
+        drop(held);
+    });
+    let url = cluster.url().replace(
+        "redis+cluster://",
+        &format!("redis+cluster://127.0.0.1:{hung_port},"),
+    );
+    let target = shared::redis_connection::RedisTarget::parse(&url.into()).expect("a cluster URL");
+    let connection = shared::redis_connection::RedisConnection::new(&target).expect("a client");
+
+    let started = std::time::Instant::now();
+    let mut attempts = 0;
+    let answered = loop {
+        attempts += 1;
+        let mut caller = connection.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut caller);
+        match tokio::time::timeout(Duration::from_millis(1500), ping).await {
+            Ok(Ok(pong)) => break pong,
+            Ok(Err(e)) => eprintln!("attempt {attempts}: {e}"),
+            Err(_) => eprintln!("attempt {attempts}: gave up after 1.5 s"),
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no caller reached the cluster in {DEADLINE:?} ({attempts} attempts)"
+        );
+    };
+    assert_eq!(answered, "PONG");
+}
