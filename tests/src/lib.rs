@@ -1,8 +1,8 @@
 //! Test support: `fake-sms` (a Twilio Messages API stand-in), `loadgen`, and what every suite
 //! under tests/tests shares: where the servers are ([`servers`]), waiting on a condition
 //! ([`wait`]), programs as child processes ([`program`]), unique names and their removal
-//! ([`cleanup`]), a proxy to cut a server off ([`proxy`]), and a throwaway Redis Cluster
-//! ([`redis_cluster`]).
+//! ([`cleanup`]), a proxy to cut a server off ([`proxy`]), a throwaway Redis Cluster
+//! ([`redis_cluster`]), and suites that need what a machine may lack ([`required`]).
 
 pub mod binaries;
 pub mod cleanup;
@@ -11,6 +11,7 @@ pub mod loadgen;
 pub mod program;
 pub mod proxy;
 pub mod redis_cluster;
+pub mod required;
 pub mod servers;
 pub mod stack;
 pub mod wait;

@@ -36,15 +36,8 @@ struct Browser {
 
 #[tokio::test]
 async fn demo_page_signs_in_in_chromium() {
-    let browser = match tokio::task::spawn_blocking(setup).await.expect("setup") {
-        Ok(browser) => browser,
-        Err(reason) if std::env::var_os("CI").is_some() => {
-            panic!("the browser test cannot run, and CI is set, so it must: {reason}")
-        }
-        Err(reason) => {
-            say!("skipped: the browser test: {reason}");
-            return;
-        }
+    let Some(browser) = tests::required::or_skip("the browser test", setup).await else {
+        return;
     };
 
     let stack = Stack::start_with(&[("DEMO_PAGE", "true")], "info").await;

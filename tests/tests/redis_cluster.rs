@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tests::loadgen;
 use tests::redis_cluster::RedisCluster;
+use tests::required;
 use tests::stack::Stack;
 use tests::wait::eventually;
 
@@ -18,18 +19,9 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn signs_in_with_redis_cluster() {
-    let cluster = match tokio::task::spawn_blocking(RedisCluster::start)
-        .await
-        .expect("cluster setup")
-    {
-        Ok(cluster) => cluster,
-        Err(reason) if std::env::var_os("CI").is_some() => {
-            panic!("the Redis Cluster test cannot run, and CI is set, so it must: {reason}")
-        }
-        Err(reason) => {
-            eprintln!("skipped: the Redis Cluster test: {reason}");
-            return;
-        }
+    let Some(cluster) = required::or_skip("the Redis Cluster test", RedisCluster::start).await
+    else {
+        return;
     };
     let url = cluster.url();
     // Infobip first: its OAuth token (sealed, shared by the workers, refreshed under a lock)
@@ -110,18 +102,9 @@ async fn signs_in_with_redis_cluster() {
 /// connect timeout the hung node costs, and the connection must still get made.
 #[tokio::test]
 async fn a_hung_seed_node_does_not_keep_callers_out() {
-    let cluster = match tokio::task::spawn_blocking(RedisCluster::start)
-        .await
-        .expect("cluster setup")
-    {
-        Ok(cluster) => cluster,
-        Err(reason) if std::env::var_os("CI").is_some() => {
-            panic!("the Redis Cluster test cannot run, and CI is set, so it must: {reason}")
-        }
-        Err(reason) => {
-            eprintln!("skipped: the Redis Cluster test: {reason}");
-            return;
-        }
+    let Some(cluster) = required::or_skip("the Redis Cluster test", RedisCluster::start).await
+    else {
+        return;
     };
     let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("a local port");
     let hung_port = hung.local_addr().expect("its address").port();
