@@ -1,6 +1,7 @@
 //! Phone numbers in, E.164 out, and the number-type guard against toll fraud.
 
 use phonenumber::Type;
+use phonenumber::country::Id;
 use shared::PhoneNumber;
 
 use crate::config::PhonePolicy;
@@ -66,14 +67,20 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiEr
         Some(policy.default_region.ok_or_else(invalid)?)
     };
     let number = phonenumber::parse(region, input).map_err(|_| invalid())?;
-    let kind = number_type(&number).ok_or_else(invalid)?;
-    if let Some(allowed) = &policy.allowed_countries {
-        let country = number.country().id();
-        if !country.is_some_and(|c| allowed.contains(&c)) {
-            return Err(ApiError::CountryNotAllowed);
-        }
+    if !phonenumber::is_valid(&number) {
+        return Err(invalid());
     }
-    if !policy.allowed_types.contains(kind) {
+    // Each of `is_valid`, `country().id()` and `number_type` walks the patterns of every region
+    // sharing the calling code (25 for +1); each is called once. They are not merged into one
+    // walk: they disagree on Italian leading zeros (`is_valid` keeps them, the others drop
+    // them), and this guard keeps their answers.
+    let country = number.country().id();
+    if let Some(allowed) = &policy.allowed_countries
+        && !country.is_some_and(|c| allowed.contains(&c))
+    {
+        return Err(ApiError::CountryNotAllowed);
+    }
+    if !policy.allowed_types.contains(number_type(&number, country)) {
         return Err(ApiError::NumberTypeNotAllowed);
     }
     // E.164 written out directly: phonenumber's formatter picks a national layout (walking the
@@ -87,11 +94,6 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiEr
     })
 }
 
-/// libphonenumber's type, except that numbers of non-geographic calling codes (satellite
-/// networks such as Iridium's +881, Inmarsat's +870, international networks +882/+883,
-/// international freephone and premium +800/+808/+979) are `non_geographic` whatever it says:
-/// it types +881 numbers as `mobile`, yet they are priced like premium lines and are a classic
-/// toll-fraud destination.
 /// How many compiled patterns phonenumber may keep. Its metadata compiles each pattern when it is
 /// first used and keeps at most 100 in an LRU cache, but checking one +1 number alone walks the
 /// patterns of all 25 regions that share the calling code: with 100, the patterns of every
@@ -108,23 +110,17 @@ pub fn enlarge_pattern_cache() {
         regex_cache::RegexCache::new(PHONE_PATTERN_CACHE);
 }
 
-/// The number's type, or `None` when it is not a valid number.
-///
-/// Each of phonenumber's `is_valid`, `country().id()` and `number_type` finds the number's region
-/// by walking the patterns of every region that shares its calling code (25 for +1), and each
-/// pattern costs a lookup in a shared cache keyed by the pattern's text. Each is called once
-/// here. They are not merged into one walk because they do not agree on Italian-style leading
-/// zeros (`is_valid` keeps them, the other two drop them), and this guard keeps their answers.
-fn number_type(number: &phonenumber::PhoneNumber) -> Option<&'static str> {
-    if !phonenumber::is_valid(number) {
-        return None;
+/// libphonenumber's type, except that numbers of non-geographic calling codes (satellite
+/// networks such as Iridium's +881, Inmarsat's +870, international networks +882/+883,
+/// international freephone and premium +800/+808/+979) are `non_geographic` whatever it says:
+/// it types +881 numbers as `mobile`, yet they are priced like premium lines and are a classic
+/// toll-fraud destination.
+/// `country` is the number's region, `None` for a non-geographic calling code.
+fn number_type(number: &phonenumber::PhoneNumber, country: Option<Id>) -> &'static str {
+    if country.is_none() {
+        return "non_geographic";
     }
-    if number.country().id().is_none() {
-        return Some("non_geographic");
-    }
-    Some(type_name(
-        number.number_type(&phonenumber::metadata::DATABASE),
-    ))
+    type_name(number.number_type(&phonenumber::metadata::DATABASE))
 }
 
 fn type_name(kind: Type) -> &'static str {
@@ -154,7 +150,6 @@ mod tests {
     use std::collections::HashSet;
 
     use phonenumber::Mode;
-    use phonenumber::country::Id;
 
     use super::*;
 
