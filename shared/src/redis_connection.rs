@@ -114,16 +114,21 @@ impl LazyCluster {
         }
         let connecting = {
             let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+            // The attempt may have finished between the check above and the lock.
+            if let Some(connection) = self.connection.get() {
+                return Ok(connection.clone());
+            }
             connecting
                 .get_or_insert_with(|| {
                     let lazy = Arc::clone(self);
                     let attempt = tokio::spawn(async move {
+                        // However the task ends (done, panicked, aborted with the runtime), the
+                        // next caller after it may start a new attempt.
+                        let _clear = ClearAttempt(Arc::clone(&lazy));
                         let result = lazy.client.get_async_connection().await;
                         if let Ok(connection) = &result {
                             let _ = lazy.connection.set(connection.clone());
                         }
-                        // The next caller after a failure starts a new attempt.
-                        *lazy.connecting.lock().unwrap_or_else(|e| e.into_inner()) = None;
                         result.map_err(|e| e.to_string())
                     });
                     attempt
@@ -140,6 +145,15 @@ impl LazyCluster {
                 e,
             ))
         })
+    }
+}
+
+/// Frees [`LazyCluster::connecting`] when a connect attempt's task ends.
+struct ClearAttempt(Arc<LazyCluster>);
+
+impl Drop for ClearAttempt {
+    fn drop(&mut self) {
+        *self.0.connecting.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 

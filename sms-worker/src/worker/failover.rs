@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use shared::OtpRequested;
 use time::OffsetDateTime;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use super::budget::{MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
@@ -333,17 +333,22 @@ async fn await_receipts(
     }
 }
 
-/// Records the send in the ledger and writes the number's timeline, ended. Both requests are
-/// made at once, so they leave in one write to Redis and their answers come back together: one
-/// round trip per SMS rather than two (the timeline used to follow the acknowledgement).
+/// Records the send in the ledger, and writes the number's timeline, ended, alongside: on one
+/// Redis server both usually leave in one write. The timeline is written on a task of its own
+/// and not waited for: on a Redis Cluster it lives on another node than the ledger record, and a
+/// sick node there must not hold this delivery's ack (and its prefetch slot) for a diagnostic.
 async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
-    let timeline = async {
-        if let Err(e) = context.timelines.append(&trace_id, &timeline).await {
-            debug!(error = %e, "could not write the number's timeline");
+    let timelines = context.timelines.clone();
+    tokio::spawn(
+        async move {
+            if let Err(e) = timelines.append(&trace_id, &timeline).await {
+                debug!(error = %e, "could not write the number's timeline");
+            }
         }
-    };
-    tokio::join!(record_in_ledger(&context.ledger, event), timeline);
+        .in_current_span(),
+    );
+    record_in_ledger(&context.ledger, event).await;
 }
 
 /// A few quick tries, since a missing record could let a redelivered copy send the SMS again.
