@@ -21,7 +21,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/bench/common.sh
-N=${N:-60000}; C=${C:-64}; RATE=${RATE:-0}; WORKERS=${WORKERS:-1}; ROUNDS=${ROUNDS:-3}
+N=${N:-60000}; C=${C:-64}; RATE_GIVEN=${RATE:-}; RATE=${RATE:-0}; WORKERS=${WORKERS:-1}; ROUNDS=${ROUNDS:-3}
 FAKE=9198; API=8198
 
 # stack BIN_DIR: starts the api and the workers from BIN_DIR (fake-sms from $T, the same in A/B
@@ -105,7 +105,8 @@ ab)
   done
   ;;
 soak)
-  SECS=${SECS:-600}; RATE=${RATE:-2000}; N=$(python3 -c "print(int($SECS*$RATE))")
+  # RATE defaults to 0 (saturation) above; a soak is at a fixed rate unless told otherwise.
+  SECS=${SECS:-600}; RATE=${RATE_GIVEN:-2000}; N=$(python3 -c "print(int($SECS*$RATE))")
   stack "$T"; loadgen_cost --rss-every "${EVERY:-30}"; unstack; summary soak
   python3 - <<'PY'
 import json
