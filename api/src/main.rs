@@ -3,6 +3,10 @@ use std::process::ExitCode;
 use api::{ApiConfig, Application};
 use shared::Env;
 
+/// jemalloc rather than the system allocator: less CPU per request (BENCHMARKS.md, issue 12).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match ApiConfig::from_env(&Env::from_process()) {
