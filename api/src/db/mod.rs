@@ -50,7 +50,7 @@ pub async fn authenticate(
         SELECT u.id, u.phone_number, u.created_at, t.family_id
         FROM tokens t
         JOIN sessions s ON s.id = t.family_id AND s.revoked_at IS NULL
-        JOIN users u ON u.id = t.user_id
+        JOIN users u ON u.id = s.user_id
         WHERE t.hash = $1 AND t.scope = 'authentication' AND t.expiry > now()
         ",
     )

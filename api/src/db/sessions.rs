@@ -139,7 +139,7 @@ pub async fn refresh(
                s.refreshes_in_window
         FROM tokens t
         JOIN sessions s ON s.id = t.family_id
-        JOIN users u ON u.id = t.user_id
+        JOIN users u ON u.id = s.user_id
         WHERE t.hash = $1 AND t.scope = 'refresh'
         ",
     )
@@ -249,10 +249,14 @@ pub async fn revoke_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<u64> {
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
-    let deleted = sqlx::query("DELETE FROM tokens WHERE user_id = $1")
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
+    // Through the sessions (sessions_user_id_idx, then tokens_family_id_idx), the way who a token
+    // belongs to is read everywhere else, so that tokens_user_id_idx can go (migrations/000004).
+    let deleted = sqlx::query(
+        "DELETE FROM tokens WHERE family_id IN (SELECT id FROM sessions WHERE user_id = $1)",
+    )
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(deleted.rows_affected())
 }
