@@ -16,7 +16,8 @@ use crate::seal::SealKey;
 
 pub struct Infobip {
     client: reqwest::Client,
-    send_url: String,
+    /// Parsed once, like Twilio's.
+    send_url: reqwest::Url,
     sender: String,
     auth: Auth,
     /// Where Infobip posts delivery reports, when receipts are on.
@@ -155,7 +156,8 @@ impl Infobip {
         };
         Ok(Self {
             client,
-            send_url: format!("{}/sms/3/messages", config.base_url),
+            send_url: reqwest::Url::parse(&format!("{}/sms/3/messages", config.base_url))
+                .map_err(|e| anyhow::anyhow!("INFOBIP_BASE_URL does not make a URL: {e}"))?,
             sender: config.sender.clone(),
             auth,
             notify_url,
@@ -217,7 +219,7 @@ impl Infobip {
         let body = json!({ "messages": [message] });
         let response = self
             .client
-            .post(&self.send_url)
+            .post(self.send_url.clone())
             .header(reqwest::header::AUTHORIZATION, authorization)
             .header(reqwest::header::ACCEPT, "application/json")
             .json(&body)

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use base64::Engine;
+use reqwest::header::HeaderValue;
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use super::{Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after};
@@ -10,9 +12,11 @@ use crate::config::{TwilioAuth, TwilioConfig};
 
 pub struct Twilio {
     client: reqwest::Client,
-    url: String,
-    username: String,
-    password: SecretString,
+    /// Parsed once: a send is then one `Url` clone, not a parse of the text.
+    url: reqwest::Url,
+    /// `Basic base64(username:password)`, encoded once and marked sensitive (kept out of
+    /// `Debug` output).
+    authorization: HeaderValue,
     from: Option<String>,
     messaging_service_sid: Option<String>,
     /// Where Twilio posts this message's status callbacks, when receipts are on.
@@ -39,14 +43,19 @@ impl Twilio {
             TwilioAuth::AuthToken(token) => (config.account_sid.clone(), token.clone()),
             TwilioAuth::ApiKey { sid, secret } => (sid.clone(), secret.clone()),
         };
+        let url = format!(
+            "{}/2010-04-01/Accounts/{}/Messages.json",
+            config.base_url, config.account_sid
+        );
+        let credentials = base64::engine::general_purpose::STANDARD
+            .encode(format!("{username}:{}", password.expose_secret()));
+        let mut authorization = HeaderValue::try_from(format!("Basic {credentials}"))?;
+        authorization.set_sensitive(true);
         Ok(Self {
             client: http_client()?,
-            url: format!(
-                "{}/2010-04-01/Accounts/{}/Messages.json",
-                config.base_url, config.account_sid
-            ),
-            username,
-            password,
+            url: reqwest::Url::parse(&url)
+                .map_err(|e| anyhow::anyhow!("TWILIO_BASE_URL does not make a URL: {e}"))?,
+            authorization,
             from: config.from.clone(),
             messaging_service_sid: config.messaging_service_sid.clone(),
             status_callback,
@@ -73,8 +82,8 @@ impl Twilio {
 
         let response = self
             .client
-            .post(&self.url)
-            .basic_auth(&self.username, Some(self.password.expose_secret()))
+            .post(self.url.clone())
+            .header(reqwest::header::AUTHORIZATION, self.authorization.clone())
             .header(reqwest::header::ACCEPT, "application/json")
             .form(&form)
             .timeout(timeout)
