@@ -11,7 +11,8 @@
 #                                             every EVERY=30 s, then the cost table
 #   scripts/bench/cost.sh conns               the api's RSS idle, with CONNS=1000 open connections
 #                                             under load, and after they close (needs wrk)
-#   scripts/bench/cost.sh reads               verify and /v1/me throughput on the same stack
+#   scripts/bench/cost.sh reads               verify and /v1/me throughput and CPU per operation on
+#                                             the same stack (RATE=0: as fast as they go)
 #
 # Each run starts its own fake-sms, api and WORKERS=1 sms-worker(s) under a fresh NAMESPACE and
 # database, with the defaults a deployment has (logs at info, as JSON, to a file; quorum queues;
@@ -136,8 +137,10 @@ conns)
 reads)
   # Verify and /v1/me kept (BENCHMARKS.md), on the same stack as the cost runs.
   stack "$T"
+  # With --cost: CPU per verify and per /v1/me, PostgreSQL included (RATE: a fixed rate).
   for args in "verify -c 64 -n 30000" "me -c 64 -d 10"; do
-    $T/loadgen $args --api-url http://127.0.0.1:$API --sms-url http://127.0.0.1:$FAKE | grep -E "scenario|throughput|latency|errors"
+    $T/loadgen $args --rate "$RATE" --cost --api-url http://127.0.0.1:$API --sms-url http://127.0.0.1:$FAKE |
+      grep -E "scenario|throughput|latency|errors|  (api|redis|postgres|stack)"
   done
   unstack
   ;;

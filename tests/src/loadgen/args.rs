@@ -56,8 +56,8 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     pub users: usize,
     /// Measure what the run costs: CPU microseconds per accepted operation of every api,
-    /// sms-worker, fake-sms, RabbitMQ and Redis process on this machine (from /proc), until the
-    /// last SMS is in.
+    /// sms-worker, fake-sms, RabbitMQ, Redis and PostgreSQL process on this machine (from
+    /// /proc), until the last SMS is in.
     #[arg(long)]
     pub cost: bool,
     /// Soak: print the resident memory of the stack's processes every this many seconds.

@@ -6,8 +6,11 @@
 //! waiting for a core. So changes are compared by CPU per operation, in interleaved runs.
 //!
 //! The processes are found by name (`/proc/<pid>/comm`): every `api`, `sms-worker`, `fake-sms`,
-//! RabbitMQ's `beam.smp` and `redis-server` on the machine. Run cost measurements on a machine
-//! with one stack only, or the figures add up the others' work too.
+//! RabbitMQ's `beam.smp`, `redis-server` and `postgres` on the machine. Run cost measurements on
+//! a machine with one stack only, or the figures add up the others' work too. PostgreSQL starts a
+//! process per connection, so the stack is looked for again at the end: a process that was not
+//! there at the start (a connection the api's pool opened during the run) counts all it spent.
+//! One that came and went during the run (an autovacuum worker) is not counted.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +18,14 @@ use anyhow::Context;
 use serde::Serialize;
 
 /// The programs of the stack, by the name the kernel keeps for them (at most 15 bytes).
-const STACK: [&str; 5] = ["api", "sms-worker", "fake-sms", "beam.smp", "redis-server"];
+const STACK: [&str; 6] = [
+    "api",
+    "sms-worker",
+    "fake-sms",
+    "beam.smp",
+    "redis-server",
+    "postgres",
+];
 
 /// `/proc/<pid>/stat` counts CPU time in clock ticks of `USER_HZ`, which Linux fixes at 100 on
 /// every architecture it runs this on. A 10 ms tick is fine here: a cost run is many seconds.
@@ -114,8 +124,15 @@ impl CpuMeter {
     /// Each process's CPU since [`CpuMeter::start`], per one of `operations`.
     pub fn finish(&self, operations: u64) -> Costs {
         let per_op = |spent: Duration| spent.as_secs_f64() * 1e6 / operations.max(1) as f64;
-        let processes = self
-            .processes
+        let born_during_run = discover()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| self.processes.iter().all(|(seen, _)| seen.pid != p.pid))
+            .map(|p| (p, Duration::ZERO));
+        let mut all: Vec<(StackProcess, Duration)> = self.processes.clone();
+        all.extend(born_during_run);
+        all.sort_by_key(|(p, _)| (STACK.iter().position(|name| *name == p.name), p.pid));
+        let processes = all
             .iter()
             .map(|(p, start)| {
                 let spent = cpu_time(p.pid).unwrap_or(*start).saturating_sub(*start);
@@ -171,6 +188,12 @@ pub fn sample_rss(
     let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let kept = samples.clone();
     let started = Instant::now();
+    // Our programs only: PostgreSQL's per-connection processes come and go, and a soak is about
+    // whether the api and the worker hold their memory.
+    let processes: Vec<StackProcess> = processes
+        .into_iter()
+        .filter(|p| p.name != "postgres")
+        .collect();
     let task = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
         loop {

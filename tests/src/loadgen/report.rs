@@ -92,14 +92,19 @@ impl fmt::Display for Report {
         }
         if let Some(costs) = &self.costs {
             writeln!(f, "cpu per op   (over {} operations)", costs.operations)?;
-            for p in &costs.processes {
+            // One line per program: PostgreSQL's process per connection would fill the screen.
+            for group in costs.processes.chunk_by(|a, b| a.name == b.name) {
+                let label = match group {
+                    [one] => format!("{}[{}]", one.name, one.pid),
+                    many => format!("{} ×{}", many[0].name, many.len()),
+                };
                 writeln!(
                     f,
                     "  {:<14} {:>8.1} µs  ({:.0} ms CPU, RSS {:.1} MiB)",
-                    format!("{}[{}]", p.name, p.pid),
-                    p.us_per_op,
-                    p.cpu_ms,
-                    p.rss_mib
+                    label,
+                    group.iter().map(|p| p.us_per_op).sum::<f64>(),
+                    group.iter().map(|p| p.cpu_ms).sum::<f64>(),
+                    group.iter().map(|p| p.rss_mib).sum::<f64>()
                 )?;
             }
             writeln!(
