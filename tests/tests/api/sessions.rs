@@ -265,3 +265,45 @@ async fn with_no_grace_a_replayed_refresh_token_revokes_the_session_at_once() {
         1
     );
 }
+
+#[tokio::test]
+async fn deleting_a_user_deletes_every_session_and_token_of_it() {
+    let app = spawn_app().await;
+    let first = app.sign_in(PHONE).await;
+    let second = app.sign_in_again(PHONE).await;
+    rotate(&app, &token(&second, "refresh_token")).await;
+    let db = app.db().await;
+    assert!(scalar(&db, "SELECT count(*) FROM tokens").await >= 4);
+
+    // What an operator's erasure does: tokens go with their sessions (migrations/000004).
+    sqlx::query("DELETE FROM users")
+        .execute(&db)
+        .await
+        .expect("delete the user");
+
+    assert_eq!(scalar(&db, "SELECT count(*) FROM sessions").await, 0);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM tokens").await, 0);
+    assert_signed_out(&app, &first).await;
+}
+
+#[tokio::test]
+async fn a_token_signs_in_the_user_of_its_session_whatever_its_own_row_says() {
+    let app = spawn_app().await;
+    let alice = app.sign_in(PHONE).await;
+    let bob = app.sign_in("+14155550199").await;
+    let db = app.db().await;
+    // A row that disagrees with its session (no code writes one): the session decides.
+    sqlx::query("UPDATE tokens SET user_id = $1::uuid")
+        .bind(bob["user"]["id"].as_str().expect("bob's id"))
+        .execute(&db)
+        .await
+        .expect("rewrite the rows");
+
+    let reply = app
+        .get_authed("/v1/me", &token(&alice, "access_token"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["phone_number"], alice["user"]["phone_number"]);
+    let rotated = rotate(&app, &token(&alice, "refresh_token")).await;
+    assert_eq!(rotated["user"]["id"], alice["user"]["id"]);
+}
