@@ -217,6 +217,15 @@ impl Infobip {
             });
         }
         let body = json!({ "messages": [message] });
+        // Sensitive: kept out of `Debug` output and of HTTP/2 header compression, like Twilio's.
+        let mut authorization =
+            reqwest::header::HeaderValue::from_str(authorization).map_err(|_| {
+                SendError::new(
+                    Failure::Retryable,
+                    "infobip: the credentials do not make an HTTP header".to_owned(),
+                )
+            })?;
+        authorization.set_sensitive(true);
         let response = self
             .client
             .post(self.send_url.clone())
