@@ -4,13 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use reqwest::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 use shared::redis_connection::RedisConnection;
 
 use super::token::{FETCH_TIMEOUT, FreshToken, Token, TokenManager, TokenSource};
-use super::{Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after};
+use super::{
+    Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after, sensitive_header,
+};
 use crate::config::{InfobipAuth, InfobipConfig};
 use crate::seal::SealKey;
 
@@ -25,7 +28,8 @@ pub struct Infobip {
 }
 
 enum Auth {
-    ApiKey(SecretString),
+    /// `App {key}`, built once and marked sensitive.
+    ApiKey(HeaderValue),
     OAuth(Box<TokenManager<OAuthEndpoint>>),
 }
 
@@ -135,7 +139,10 @@ impl Infobip {
     ) -> anyhow::Result<Self> {
         let client = http_client()?;
         let auth = match &config.auth {
-            InfobipAuth::ApiKey(key) => Auth::ApiKey(key.clone()),
+            InfobipAuth::ApiKey(key) => Auth::ApiKey(
+                sensitive_header(format!("App {}", key.expose_secret()))
+                    .map_err(|_| anyhow::anyhow!("INFOBIP_API_KEY cannot be sent as a header"))?,
+            ),
             InfobipAuth::OAuth {
                 client_id,
                 client_secret,
@@ -166,21 +173,16 @@ impl Infobip {
 
     pub async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
         match &self.auth {
-            Auth::ApiKey(key) => {
-                let header = format!("App {}", key.expose_secret());
-                self.send_with(sms, timeout, &header).await
-            }
+            Auth::ApiKey(header) => self.send_with(sms, timeout, header.clone()).await,
             Auth::OAuth(tokens) => {
                 let token = self.token(tokens).await?;
-                let header = format!("Bearer {}", token.value.expose_secret());
-                match self.send_with(sms, timeout, &header).await {
+                match self.send_with(sms, timeout, bearer(&token)?).await {
                     // The token was refused (expired early, or replaced when another worker
                     // fetched a new one): forget it once and try again with the current one.
                     Err(e) if e.status == Some(401) => {
                         tokens.invalidate(&token).await;
                         let token = self.token(tokens).await?;
-                        let header = format!("Bearer {}", token.value.expose_secret());
-                        self.send_with(sms, timeout, &header).await
+                        self.send_with(sms, timeout, bearer(&token)?).await
                     }
                     other => other,
                 }
@@ -199,7 +201,7 @@ impl Infobip {
         &self,
         sms: &Sms<'_>,
         timeout: Duration,
-        authorization: &str,
+        authorization: HeaderValue,
     ) -> Result<Accepted, SendError> {
         let to = sms.to.as_str().trim_start_matches('+');
         let mut message = json!({
@@ -217,15 +219,6 @@ impl Infobip {
             });
         }
         let body = json!({ "messages": [message] });
-        // Sensitive: kept out of `Debug` output and of HTTP/2 header compression, like Twilio's.
-        let mut authorization =
-            reqwest::header::HeaderValue::from_str(authorization).map_err(|_| {
-                SendError::new(
-                    Failure::Retryable,
-                    "infobip: the credentials do not make an HTTP header".to_owned(),
-                )
-            })?;
-        authorization.set_sensitive(true);
         let response = self
             .client
             .post(self.send_url.clone())
@@ -344,6 +337,16 @@ fn classify_rejection(id: Option<i64>) -> Failure {
         Some(21 | 100) => Failure::Retryable,
         _ => Failure::Recipient,
     }
+}
+
+/// `Bearer {token}` as a sensitive header; a token that cannot be one is retried with the next.
+fn bearer(token: &Token) -> Result<HeaderValue, SendError> {
+    sensitive_header(format!("Bearer {}", token.value.expose_secret())).map_err(|_| {
+        SendError::new(
+            Failure::Retryable,
+            "infobip: the access token cannot be sent as a header".to_owned(),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -295,6 +295,16 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 
 /// A client for one provider: no redirects (a redirected POST would be resent as a GET, never
 /// right for an SMS), a short connect timeout.
+/// An `Authorization` value marked sensitive: kept out of `Debug` output and of HTTP/2 header
+/// compression. Fails when the text cannot be a header value.
+fn sensitive_header(
+    value: String,
+) -> Result<reqwest::header::HeaderValue, reqwest::header::InvalidHeaderValue> {
+    let mut header = reqwest::header::HeaderValue::try_from(value)?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
 fn http_client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .user_agent(concat!("otp-auth-sms-worker/", env!("CARGO_PKG_VERSION")))

@@ -7,7 +7,9 @@ use reqwest::header::HeaderValue;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
-use super::{Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after};
+use super::{
+    Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after, sensitive_header,
+};
 use crate::config::{TwilioAuth, TwilioConfig};
 
 pub struct Twilio {
@@ -49,8 +51,7 @@ impl Twilio {
         );
         let credentials = base64::engine::general_purpose::STANDARD
             .encode(format!("{username}:{}", password.expose_secret()));
-        let mut authorization = HeaderValue::try_from(format!("Basic {credentials}"))?;
-        authorization.set_sensitive(true);
+        let authorization = sensitive_header(format!("Basic {credentials}"))?;
         Ok(Self {
             client: http_client()?,
             url: reqwest::Url::parse(&url)

@@ -94,13 +94,14 @@ impl fmt::Display for Report {
             writeln!(f, "cpu per op   (over {} operations)", costs.operations)?;
             // One line per program: PostgreSQL's process per connection would fill the screen.
             for group in costs.processes.chunk_by(|a, b| a.name == b.name) {
-                let label = match group {
-                    [one] => format!("{}[{}]", one.name, one.pid),
-                    many => format!("{} ×{}", many[0].name, many.len()),
+                // Each backend's RSS counts the shared buffers it touched: a sum overstates.
+                let (label, rss) = match group {
+                    [one] => (format!("{}[{}]", one.name, one.pid), "RSS"),
+                    many => (format!("{} ×{}", many[0].name, many.len()), "RSS summed"),
                 };
                 writeln!(
                     f,
-                    "  {:<14} {:>8.1} µs  ({:.0} ms CPU, RSS {:.1} MiB)",
+                    "  {:<14} {:>8.1} µs  ({:.0} ms CPU, {rss} {:.1} MiB)",
                     label,
                     group.iter().map(|p| p.us_per_op).sum::<f64>(),
                     group.iter().map(|p| p.cpu_ms).sum::<f64>(),
