@@ -95,8 +95,20 @@ pub enum RedisConnection {
 pub struct LazyCluster {
     client: ClusterClient,
     connection: tokio::sync::OnceCell<ClusterConnection>,
+    attempts: std::sync::Mutex<Attempts>,
+}
+
+/// After a failed connect, callers fail at once for this long rather than dial again: while the
+/// cluster is unreachable, every request would otherwise start a connect of its own as soon as
+/// the last one failed.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+
+#[derive(Default)]
+struct Attempts {
     /// The connect under way, if any, shared by every caller waiting for it.
-    connecting: std::sync::Mutex<Option<Connecting>>,
+    under_way: Option<Connecting>,
+    /// When the last connect failed.
+    failed_at: Option<std::time::Instant>,
 }
 
 type Connecting = Shared<BoxFuture<'static, Result<ClusterConnection, String>>>;
@@ -113,29 +125,34 @@ impl LazyCluster {
             return Ok(connection.clone());
         }
         let connecting = {
-            let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+            let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
             // The attempt may have finished between the check above and the lock.
             if let Some(connection) = self.connection.get() {
                 return Ok(connection.clone());
             }
-            connecting
-                .get_or_insert_with(|| {
-                    let lazy = Arc::clone(self);
-                    let attempt = tokio::spawn(async move {
-                        // However the task ends (done, panicked, aborted with the runtime), the
-                        // next caller after it may start a new attempt.
-                        let _clear = ClearAttempt(Arc::clone(&lazy));
-                        let result = lazy.client.get_async_connection().await;
-                        if let Ok(connection) = &result {
-                            let _ = lazy.connection.set(connection.clone());
-                        }
-                        result.map_err(|e| e.to_string())
-                    });
-                    attempt
-                        .map(|joined| joined.unwrap_or_else(|e| Err(e.to_string())))
-                        .boxed()
-                        .shared()
-                })
+            // An attempt whose task never ran (aborted with its runtime before its first poll)
+            // ended without clearing itself: it is over, not under way.
+            if attempts
+                .under_way
+                .as_ref()
+                .is_some_and(|attempt| matches!(attempt.peek(), Some(Err(_))))
+            {
+                attempts.under_way = None;
+            }
+            if attempts.under_way.is_none()
+                && attempts
+                    .failed_at
+                    .is_some_and(|at| at.elapsed() < RECONNECT_PAUSE)
+            {
+                return Err(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "cannot connect to the Redis Cluster",
+                    "the last attempt failed moments ago".to_owned(),
+                )));
+            }
+            attempts
+                .under_way
+                .get_or_insert_with(|| self.attempt())
                 .clone()
         };
         connecting.await.map_err(|e| {
@@ -146,14 +163,45 @@ impl LazyCluster {
             ))
         })
     }
+
+    /// Starts one connect on a task of its own.
+    fn attempt(self: &Arc<Self>) -> Connecting {
+        let lazy = Arc::clone(self);
+        let attempt = tokio::spawn(async move {
+            // However the task ends (done, panicked, aborted with the runtime), the next caller
+            // after it may start a new attempt.
+            let _clear = ClearAttempt(Arc::clone(&lazy));
+            let result = lazy.client.get_async_connection().await;
+            match &result {
+                Ok(connection) => {
+                    let _ = lazy.connection.set(connection.clone());
+                }
+                Err(_) => {
+                    lazy.attempts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .failed_at = Some(std::time::Instant::now());
+                }
+            }
+            result.map_err(|e| e.to_string())
+        });
+        attempt
+            .map(|joined| joined.unwrap_or_else(|e| Err(e.to_string())))
+            .boxed()
+            .shared()
+    }
 }
 
-/// Frees [`LazyCluster::connecting`] when a connect attempt's task ends.
+/// Frees [`LazyCluster::attempts`]' attempt when its task ends.
 struct ClearAttempt(Arc<LazyCluster>);
 
 impl Drop for ClearAttempt {
     fn drop(&mut self) {
-        *self.0.connecting.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.0
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .under_way = None;
     }
 }
 
@@ -186,7 +234,7 @@ impl RedisConnection {
                 Ok(Self::Cluster(Arc::new(LazyCluster {
                     client,
                     connection: tokio::sync::OnceCell::new(),
-                    connecting: std::sync::Mutex::new(None),
+                    attempts: std::sync::Mutex::default(),
                 })))
             }
         }
@@ -273,6 +321,51 @@ mod tests {
         ] {
             let error = parse(url).unwrap_err();
             assert!(!error.contains("hunter2"), "{error}");
+        }
+    }
+
+    /// A cluster seed node that hangs up on every connection, and counts them.
+    async fn node_that_hangs_up() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = format!("redis://{}", listener.local_addr().unwrap());
+        let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&dials);
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        (node, dials)
+    }
+
+    #[tokio::test]
+    async fn a_failed_cluster_connect_is_not_redialled_at_once_but_is_after_a_pause() {
+        let (node, dials) = node_that_hangs_up().await;
+        let dialled = || dials.load(std::sync::atomic::Ordering::SeqCst);
+        let RedisConnection::Cluster(lazy) =
+            RedisConnection::new(&RedisTarget::Cluster(vec![node])).unwrap()
+        else {
+            panic!("a cluster target makes a cluster connection");
+        };
+        assert!(lazy.get().await.is_err());
+        let after_first = dialled();
+        assert!(after_first > 0, "the first connect never dialled");
+        assert!(lazy.get().await.is_err());
+        assert_eq!(
+            dialled(),
+            after_first,
+            "dialled again at once after a failure"
+        );
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while dialled() == after_first {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never dialled again after the pause"
+            );
+            assert!(lazy.get().await.is_err());
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
