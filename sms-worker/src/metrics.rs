@@ -48,11 +48,17 @@ pub const ACKED: &str = "sms_acked_total";
 /// Counter of `basic.ack` frames sent, label `multiple` (`true`: one frame for a run of
 /// deliveries): acknowledged deliveries per frame is the batching's gain.
 pub const ACK_FRAMES: &str = "sms_ack_frames_total";
+/// Counter: timeline writes skipped because too many were still under way (a slow Redis).
+pub const TIMELINE_WRITES_DROPPED: &str = "sms_timeline_writes_dropped_total";
 
 /// Gives every metric its `# HELP` line. Call once the recorder is installed.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(ACKED, "Deliveries acknowledged to the broker.");
+    describe_counter!(
+        TIMELINE_WRITES_DROPPED,
+        "Timeline writes skipped because too many were still waiting on Redis; only `sms-worker trace` loses lines."
+    );
     describe_counter!(
         ACK_FRAMES,
         "basic.ack frames sent; multiple=true frames acknowledge a run of deliveries at once."

@@ -17,6 +17,8 @@ use redis::RedisResult;
 use serde::{Deserialize, Serialize};
 use shared::redis_connection::RedisConnection;
 use shared::{OtpRequested, PhoneNumber};
+use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use crate::provider::{Accepted, SendError};
 use crate::seal::SealKey;
@@ -27,6 +29,12 @@ pub use print::print;
 pub const KEEP: Duration = Duration::from_secs(24 * 3600);
 /// A timeline keeps this many lines at most (about a day of a busy test number).
 const LENGTH: isize = 500;
+/// Timeline writes left to finish on their own ([`Timelines::append_detached`]), at most this
+/// many at once. Each ends within the Redis response timeout, so a sick Redis node would
+/// otherwise collect one task (and its lines) per SMS sent while it is sick: at 4,000 a second
+/// and two seconds each, eight thousand. Past the bound a timeline misses its lines, which only
+/// a diagnostic loses; the SMS, its ack and its ledger record never wait for them.
+const DETACHED_WRITES: u32 = 1_024;
 
 /// What a line records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,14 +171,29 @@ pub struct Timelines {
     namespace: String,
     /// `WORKER_SEAL_KEY` as an HMAC key, set up once rather than per timeline id.
     id_key: Option<hmac::Key>,
+    /// A permit per detached write under way; shared by every clone.
+    detached: Arc<Semaphore>,
+    /// How many permits `detached` was made with.
+    detached_capacity: u32,
 }
 
 impl Timelines {
     pub fn new(redis: RedisConnection, namespace: &str, seal: Option<Arc<SealKey>>) -> Self {
+        Self::with_detached_writes(redis, namespace, seal, DETACHED_WRITES)
+    }
+
+    fn with_detached_writes(
+        redis: RedisConnection,
+        namespace: &str,
+        seal: Option<Arc<SealKey>>,
+        detached_writes: u32,
+    ) -> Self {
         Self {
             redis,
             namespace: namespace.to_owned(),
             id_key: seal.map(|seal| hmac::Key::new(hmac::HMAC_SHA256, seal.bytes())),
+            detached: Arc::new(Semaphore::new(detached_writes as usize)),
+            detached_capacity: detached_writes,
         }
     }
 
@@ -222,6 +245,34 @@ impl Timelines {
         Ok(())
     }
 
+    /// Appends lines on a task of its own, for callers that must not wait on a diagnostic.
+    /// Returns `false`, writing nothing, when [`DETACHED_WRITES`] writes are under way already.
+    pub fn append_detached(&self, trace_id: String, lines: Vec<Line>) -> bool {
+        let Ok(permit) = Arc::clone(&self.detached).try_acquire_owned() else {
+            metrics::counter!(crate::metrics::TIMELINE_WRITES_DROPPED).increment(1);
+            return false;
+        };
+        let timelines = self.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = timelines.append(&trace_id, &lines).await {
+                    tracing::debug!(error = %e, "could not write the number's timeline");
+                }
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+        true
+    }
+
+    /// Waits, up to `deadline`, for the detached writes under way to finish, so that a worker
+    /// stopping does not cut the last timelines short. Returns whether they all finished.
+    pub async fn flush(&self, deadline: Duration) -> bool {
+        tokio::time::timeout(deadline, self.detached.acquire_many(self.detached_capacity))
+            .await
+            .is_ok_and(|permits| permits.is_ok())
+    }
+
     /// A number's timeline, oldest line first.
     pub async fn read(&self, phone: &PhoneNumber) -> RedisResult<Vec<Line>> {
         let lines: Vec<String> = redis::cmd("LRANGE")
@@ -245,4 +296,45 @@ pub fn unix_ms() -> u64 {
 
 pub fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::SecretString;
+    use shared::redis_connection::RedisTarget;
+
+    use super::*;
+
+    /// A "Redis" that accepts connections and never answers: every write to it hangs until the
+    /// client's own timeouts end it.
+    async fn silent_redis() -> RedisConnection {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        RedisConnection::new(&RedisTarget::parse(&SecretString::from(url)).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn detached_writes_are_bounded_while_redis_hangs_and_flushed_when_it_answers() {
+        let timelines = Timelines::with_detached_writes(silent_redis().await, "ns", None, 2);
+        let lines = || vec![Line::new("event", What::Ended)];
+        assert!(timelines.append_detached("a".into(), lines()));
+        assert!(timelines.append_detached("b".into(), lines()));
+        assert!(
+            !timelines.append_detached("c".into(), lines()),
+            "a third write was started while two hang"
+        );
+        assert!(
+            !timelines.flush(Duration::from_millis(100)).await,
+            "flush said done while two writes hang"
+        );
+        // Each hung write ends with the Redis client's timeout; then there is room again.
+        assert!(timelines.flush(Duration::from_secs(15)).await);
+        assert!(timelines.append_detached("d".into(), lines()));
+    }
 }

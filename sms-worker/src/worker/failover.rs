@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use shared::OtpRequested;
 use time::OffsetDateTime;
-use tracing::{Instrument as _, debug, info, warn};
+use tracing::{debug, info, warn};
 
 use super::budget::{MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
@@ -339,15 +339,7 @@ async fn await_receipts(
 /// sick node there must not hold this delivery's ack (and its prefetch slot) for a diagnostic.
 async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
-    let timelines = context.timelines.clone();
-    tokio::spawn(
-        async move {
-            if let Err(e) = timelines.append(&trace_id, &timeline).await {
-                debug!(error = %e, "could not write the number's timeline");
-            }
-        }
-        .in_current_span(),
-    );
+    context.timelines.append_detached(trace_id, timeline);
     record_in_ledger(&context.ledger, event).await;
 }
 
