@@ -25,7 +25,8 @@ use crate::config::{OtpPolicy, SendLimits};
 use crate::error::Limit;
 
 /// Resend gap, hourly and daily caps, then the new code as pending. Refused requests change
-/// nothing. Returns {1} or {0, retry_after_ms, limit}.
+/// nothing. Returns {1} or {0, retry_after_ms, limit}. A pending code has exactly the fields
+/// `h`, `c` and `e`, so the HSET replaces an older pending code whole, without a DEL first.
 const ISSUE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -45,22 +46,20 @@ redis.call('ZADD', KEYS[4], now, ARGV[7])
 redis.call('PEXPIRE', KEYS[4], day)
 local gap = tonumber(ARGV[4])
 if gap > 0 then redis.call('SET', KEYS[3], ARGV[7], 'PX', gap) end
-redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'h', ARGV[1], 'c', ARGV[2], 'e', ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {1}
 ";
 
 /// The pending code becomes current, with fresh budgets, keeping its own expiry. A pending code
-/// of another (newer) request is left alone. Returns 1 when promoted.
+/// of another (newer) request is left alone. Returns 1 when promoted. RENAME moves the hash and
+/// its expiry, replacing the old current code, in one step: cheaper for Redis than reading the
+/// pending code, deleting both and writing the current one (BENCHMARKS.md, issue 12).
 const PROMOTE: &str = r"
 if redis.call('HGET', KEYS[2], 'e') ~= ARGV[1] then return 0 end
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl <= 0 then return 0 end
-local p = redis.call('HMGET', KEYS[2], 'h', 'c')
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], 'h', p[1], 'c', p[2], 'e', ARGV[1], 'a', 0, 'u', 0)
-redis.call('PEXPIRE', KEYS[1], ttl)
+if redis.call('PTTL', KEYS[2]) <= 0 then return 0 end
+redis.call('RENAME', KEYS[2], KEYS[1])
+redis.call('HSET', KEYS[1], 'a', 0, 'u', 0)
 return 1
 ";
 

@@ -96,7 +96,7 @@ fn fraud_guard(mode: &str) -> Spawn {
 
 #[tokio::test]
 async fn the_fraud_guard_blocks_a_calling_code_whose_codes_go_unverified() {
-    let app = spawn_with(fraud_guard("enforce")).await;
+    let app = spawn_with(fraud_guard("enforce").var("OTP_PER_IP_PER_HOUR", 5)).await;
     // The recorder is shared by the test binary: compare before and after.
     let before = metric_value(&app.metrics().await, US_TRIPS);
     for i in 0..3 {
@@ -105,8 +105,11 @@ async fn the_fraud_guard_blocks_a_calling_code_whose_codes_go_unverified() {
     let refused = app.request_otp(&us_phone(3)).await;
     assert_limited(&refused, "temporarily blocked", 604_800);
     assert_eq!(keys_of(&app, &us_phone(3)).await, Vec::<String>::new());
-    // Another calling code is not affected.
+    // Another calling code is not affected, and the refused request gave its place in the
+    // network's 5 an hour back: two more go through, the third does not.
     accepted(&app, UK_MOBILES[0]).await;
+    accepted(&app, UK_MOBILES[1]).await;
+    assert_limited(&app.request_otp(UK_MOBILES[2]).await, "network", 7200);
     let after = metric_value(&app.metrics().await, US_TRIPS);
     assert!(after >= before + 1.0, "{US_TRIPS}: {before} then {after}");
 }
