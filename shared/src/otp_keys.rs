@@ -20,7 +20,8 @@ pub fn current_code(namespace: &str, phone: &PhoneNumber) -> String {
     key(namespace, phone, "code")
 }
 
-/// A resend's code while its event awaits the broker's confirm; same fields as the current one.
+/// A code while its event awaits the broker's confirm: the current code's fields but the
+/// attempt counts, which it gets when the confirm makes it current.
 pub fn pending_code(namespace: &str, phone: &PhoneNumber) -> String {
     key(namespace, phone, "pending")
 }

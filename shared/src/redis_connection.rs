@@ -131,11 +131,12 @@ impl LazyCluster {
                 return Ok(connection.clone());
             }
             // An attempt whose task never ran (aborted with its runtime before its first poll)
-            // ended without clearing itself: it is over, not under way.
+            // ended without clearing itself: it is over, not under way. Polling a clone says so
+            // even when no caller has seen it end.
             if attempts
                 .under_way
                 .as_ref()
-                .is_some_and(|attempt| matches!(attempt.peek(), Some(Err(_))))
+                .is_some_and(|attempt| attempt.clone().now_or_never().is_some())
             {
                 attempts.under_way = None;
             }
@@ -349,14 +350,18 @@ mod tests {
             panic!("a cluster target makes a cluster connection");
         };
         assert!(lazy.get().await.is_err());
+        let failed = std::time::Instant::now();
         let after_first = dialled();
         assert!(after_first > 0, "the first connect never dialled");
         assert!(lazy.get().await.is_err());
-        assert_eq!(
-            dialled(),
-            after_first,
-            "dialled again at once after a failure"
-        );
+        // (On a machine so busy that the pause passed in between, a redial is right.)
+        if failed.elapsed() < RECONNECT_PAUSE {
+            assert_eq!(
+                dialled(),
+                after_first,
+                "dialled again at once after a failure"
+            );
+        }
 
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while dialled() == after_first {

@@ -30,11 +30,14 @@ pub const KEEP: Duration = Duration::from_secs(24 * 3600);
 /// A timeline keeps this many lines at most (about a day of a busy test number).
 const LENGTH: isize = 500;
 /// Timeline writes left to finish on their own ([`Timelines::append_detached`]), at most this
-/// many at once. Each ends within the Redis response timeout, so a sick Redis node would
-/// otherwise collect one task (and its lines) per SMS sent while it is sick: at 4,000 a second
-/// and two seconds each, eight thousand. Past the bound a timeline misses its lines, which only
-/// a diagnostic loses; the SMS, its ack and its ledger record never wait for them.
+/// many at once. Each is given [`DETACHED_WRITE_DEADLINE`], so a sick Redis node would otherwise
+/// collect one task (and its lines) per SMS sent while it is sick: at 4,000 a second and three
+/// seconds each, twelve thousand. Past the bound a timeline misses its lines, which only a
+/// diagnostic loses; the SMS, its ack and its ledger record never wait for them.
 const DETACHED_WRITES: u32 = 1_024;
+/// How long a detached write may take, whatever the Redis client's own retries would allow (a
+/// cluster connection retries a sick node's commands many times).
+pub const DETACHED_WRITE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// What a line records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,8 +258,13 @@ impl Timelines {
         let timelines = self.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = timelines.append(&trace_id, &lines).await {
-                    tracing::debug!(error = %e, "could not write the number's timeline");
+                let write = timelines.append(&trace_id, &lines);
+                match tokio::time::timeout(DETACHED_WRITE_DEADLINE, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "could not write the number's timeline")
+                    }
+                    Err(_) => tracing::debug!("the number's timeline was not written in time"),
                 }
                 drop(permit);
             }

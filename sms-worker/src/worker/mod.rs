@@ -39,8 +39,9 @@ use crate::shutdown::{self, ShutdownTrigger};
 use crate::trace::Timelines;
 use context::{Context, Stores};
 
-/// How long a stopping worker waits for the timeline writes still under way.
-const TIMELINE_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a stopping worker waits for the timeline writes still under way: a little longer
+/// than any of them may take ([`crate::trace::DETACHED_WRITE_DEADLINE`]).
+const TIMELINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(3_500);
 
 /// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
 /// `WORKER_ADDR` has port 0.
@@ -177,7 +178,7 @@ impl Worker {
 
         connection::consume_until_shutdown(&context).await;
         // The last sends' timelines are written on tasks of their own; the runtime would drop
-        // them at exit. Redis answers each within its response timeout, so this wait is short.
+        // them at exit. Each has a deadline, and this wait is no longer.
         if !context.timelines.flush(TIMELINE_FLUSH).await {
             warn!("some timeline writes did not finish before the worker stopped");
         }
