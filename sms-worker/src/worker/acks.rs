@@ -104,6 +104,11 @@ struct Shared {
     full: Notify,
     /// How many finished deliveries make a full batch.
     full_batch: usize,
+    /// Held by a flush from taking its tags until its frames are out, so that the flush at
+    /// shutdown waits for one under way on the flusher: otherwise the channel could close
+    /// between the flusher taking the tags and writing their ack, and those deliveries (their
+    /// SMS sent) would go back to the queue.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl Acks {
@@ -116,6 +121,7 @@ impl Acks {
             wake: Notify::new(),
             full: Notify::new(),
             full_batch: (usize::from(prefetch) / FULL_BATCH_DIVISOR).max(1),
+            flushing: tokio::sync::Mutex::new(()),
         }));
         let flusher = Arc::downgrade(&acks.0);
         tokio::spawn(async move {
@@ -176,6 +182,7 @@ impl Acks {
 
     /// Acknowledges every finished delivery now (also at shutdown, before the channel closes).
     pub(crate) async fn flush(&self) {
+        let _flushing = self.0.flushing.lock().await;
         let ((front, covered), singles) = self.tags().take_flush();
         if let Some(tag) = front {
             self.send(tag, covered, true).await;
