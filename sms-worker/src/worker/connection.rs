@@ -218,8 +218,16 @@ impl BrokerConnection {
             }
         }
         drain(tasks, context.config.shutdown_grace).await;
-        // What finished during the drain is acknowledged before the channel closes.
-        self.acks.flush().await;
+        // What finished during the drain is acknowledged before the channel closes (within a
+        // deadline: a broker that stopped reading must not hold the stop).
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.acks.flush())
+            .await
+            .is_err()
+        {
+            warn!(
+                "the last acknowledgements were not sent in time; the broker will redeliver and the copies are skipped"
+            );
+        }
         context.set_dead_letter_channel(None);
         let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
         let _ = with_timeout(self.dead_letter_channel.close(200, "shutting down".into())).await;
