@@ -44,9 +44,25 @@ async fn migrate(state: &AppState) -> anyhow::Result<()> {
         }
         tracing::info!("created the database");
     }
-    sqlx::migrate!("../migrations")
-        .run(state.raw_pool())
-        .await?;
+    let mut migrator = sqlx::migrate!("../migrations");
+    // A newer release may have applied migrations this one does not know: this release is being
+    // rolled back to, or still runs beside the newer one during a rolling deploy. Every
+    // migration keeps the schema usable by the release before it (docs/operations.md), so the
+    // api runs; refusing, sqlx's default, would keep every replica of this release from starting.
+    migrator.set_ignore_missing(true);
+    migrator.run(state.raw_pool()).await?;
+    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(state.raw_pool())
+            .await?;
+    if let Some(applied) = applied.filter(|&applied| applied > known) {
+        tracing::warn!(
+            applied,
+            known,
+            "the database has migrations of a newer release; running on it, as every migration allows"
+        );
+    }
     Ok(())
 }
 

@@ -17,4 +17,5 @@ mod pages;
 mod processes;
 mod sessions;
 mod tokens;
+mod upgrades;
 mod velocity;
