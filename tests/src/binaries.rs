@@ -19,7 +19,13 @@ pub fn workspace_binary(name: &str) -> PathBuf {
                 "sms-worker",
                 "--bins",
             ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            // The checkout `cargo test` runs in, not the one this was compiled in: clones of
+            // the repository may share one target directory (CI caches it outside the clone),
+            // and a crate whose sources did not change is not rebuilt for another clone.
+            .current_dir(
+                std::env::var_os("CARGO_MANIFEST_DIR")
+                    .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from),
+            )
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building api and sms-worker failed");
