@@ -30,14 +30,15 @@ pub const KEEP: Duration = Duration::from_secs(24 * 3600);
 /// A timeline keeps this many lines at most (about a day of a busy test number).
 const LENGTH: isize = 500;
 /// Timeline writes left to finish on their own ([`Timelines::append_detached`]), at most this
-/// many at once. Each is given [`DETACHED_WRITE_DEADLINE`], so a sick Redis node would otherwise
+/// many at once. Each ends within [`WRITE_DEADLINE`], so a sick Redis node would otherwise
 /// collect one task (and its lines) per SMS sent while it is sick: at 4,000 a second and three
 /// seconds each, twelve thousand. Past the bound a timeline misses its lines, which only a
 /// diagnostic loses; the SMS, its ack and its ledger record never wait for them.
 const DETACHED_WRITES: u32 = 1_024;
-/// How long a detached write may take, whatever the Redis client's own retries would allow (a
-/// cluster connection retries a sick node's commands many times).
-pub const DETACHED_WRITE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a timeline write may take, whatever the Redis client's own retries would allow (a
+/// cluster connection retries a sick node's commands many times): a diagnostic must not hold a
+/// delivery's task, a receipt's answer or the worker's stop for longer.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// What a line records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,7 +226,8 @@ impl Timelines {
     /// Appends lines to the timeline `trace_id`, trims it to its newest [`LENGTH`] lines and
     /// keeps it for [`KEEP`]. Three commands on one key in a MULTI/EXEC: all or none, so a line
     /// is never left without its expiry, and cheaper for Redis than a Lua script, which costs
-    /// several microseconds per call (BENCHMARKS.md, issue 12).
+    /// several microseconds per call (BENCHMARKS.md, issue 12). Gives up after
+    /// [`WRITE_DEADLINE`].
     pub async fn append(&self, trace_id: &str, lines: &[Line]) -> RedisResult<()> {
         if lines.is_empty() {
             return Ok(());
@@ -235,17 +237,23 @@ impl Timelines {
             .iter()
             .map(|line| serde_json::to_string(line).unwrap_or_default())
             .collect();
-        let () = redis::pipe()
+        let mut redis = self.redis.clone();
+        let mut write = redis::pipe();
+        write
             .atomic()
             .rpush(&key, lines)
             .ignore()
             .ltrim(&key, -LENGTH, -1)
             .ignore()
             .pexpire(&key, i64::try_from(millis(KEEP)).unwrap_or(i64::MAX))
-            .ignore()
-            .query_async(&mut self.redis.clone())
-            .await?;
-        Ok(())
+            .ignore();
+        match tokio::time::timeout(WRITE_DEADLINE, write.query_async::<()>(&mut redis)).await {
+            Ok(written) => written,
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "the timeline was not written in time",
+            ))),
+        }
     }
 
     /// Appends lines on a task of its own, for callers that must not wait on a diagnostic.
@@ -258,13 +266,8 @@ impl Timelines {
         let timelines = self.clone();
         tokio::spawn(
             async move {
-                let write = timelines.append(&trace_id, &lines);
-                match tokio::time::timeout(DETACHED_WRITE_DEADLINE, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "could not write the number's timeline")
-                    }
-                    Err(_) => tracing::debug!("the number's timeline was not written in time"),
+                if let Err(e) = timelines.append(&trace_id, &lines).await {
+                    tracing::debug!(error = %e, "could not write the number's timeline");
                 }
                 drop(permit);
             }

@@ -40,7 +40,7 @@ use crate::trace::Timelines;
 use context::{Context, Stores};
 
 /// How long a stopping worker waits for the timeline writes still under way: a little longer
-/// than any of them may take ([`crate::trace::DETACHED_WRITE_DEADLINE`]).
+/// than any of them may take ([`crate::trace::WRITE_DEADLINE`]).
 const TIMELINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(3_500);
 
 /// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
