@@ -253,8 +253,12 @@ fn find(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// In the checkout `cargo test` runs in (see `tests::binaries` on clones sharing a target
+/// directory).
 fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("browser")
 }
 
 /// `$CARGO_TARGET_DIR/browser/demo-signed-in.png`, or the same under the target directory this
