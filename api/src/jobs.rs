@@ -1,5 +1,6 @@
 //! Background jobs of the api: preparing the database, and purging expired tokens.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -45,25 +46,47 @@ async fn migrate(state: &AppState) -> anyhow::Result<()> {
         tracing::info!("created the database");
     }
     let mut migrator = sqlx::migrate!("../migrations");
-    // A newer release may have applied migrations this one does not know: this release is being
-    // rolled back to, or still runs beside the newer one during a rolling deploy. Every
-    // migration keeps the schema usable by the release before it (docs/operations.md), so the
-    // api runs; refusing, sqlx's default, would keep every replica of this release from starting.
-    migrator.set_ignore_missing(true);
-    migrator.run(state.raw_pool()).await?;
-    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
-    let applied: Option<i64> =
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(state.raw_pool())
-            .await?;
-    if let Some(applied) = applied.filter(|&applied| applied > known) {
+    let pool = state.raw_pool();
+    let applied = applied_migrations(pool).await?;
+    let known: BTreeSet<i64> = migrator.iter().map(|m| m.version).collect();
+    let newest_known = known.last().copied().unwrap_or(0);
+    let unknown: Vec<i64> = applied.difference(&known).copied().collect();
+    if !unknown.is_empty() {
+        // Migrations of a newer release, after every one of this release's own: this release
+        // is being rolled back to, or still runs beside the newer one during a rolling deploy.
+        // Each migration keeps the schema usable by the release before it (docs/operations.md),
+        // so the api runs. Anything else (migrations it does not know among or instead of its
+        // own) is most likely another application's database: it is left alone.
+        if !known.is_subset(&applied) || unknown.iter().any(|&version| version < newest_known) {
+            anyhow::bail!(
+                "the database holds {} migration(s) this api does not know, and not after all of its own: \
+                 DATABASE_URL may name another application's database; leaving it alone",
+                unknown.len()
+            );
+        }
         tracing::warn!(
-            applied,
-            known,
-            "the database has migrations of a newer release; running on it, as every migration allows"
+            newest_applied = unknown.last().copied().unwrap_or_default(),
+            newest_known,
+            "the database has migrations of a newer release; running on it, as every migration allows for the release before"
         );
+        migrator.set_ignore_missing(true);
     }
+    migrator.run(pool).await?;
     Ok(())
+}
+
+/// The versions of the migrations applied to the database, none when it has never been migrated.
+async fn applied_migrations(pool: &sqlx::PgPool) -> anyhow::Result<BTreeSet<i64>> {
+    let migrated: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !migrated {
+        return Ok(BTreeSet::new());
+    }
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+        .fetch_all(pool)
+        .await?;
+    Ok(versions.into_iter().collect())
 }
 
 /// Deletes expired tokens every ten minutes; they are refused anyway, this only bounds the table.
