@@ -220,17 +220,20 @@ impl BrokerConnection {
         drain(tasks, context.config.shutdown_grace).await;
         // What finished during the drain is acknowledged before the channel closes (within a
         // deadline: a broker that stopped reading must not hold the stop).
-        if tokio::time::timeout(CLOSE_TIMEOUT, self.acks.flush())
+        let acknowledged = tokio::time::timeout(CLOSE_TIMEOUT, self.acks.flush())
             .await
-            .is_err()
-        {
+            .is_ok();
+        context.set_dead_letter_channel(None);
+        if acknowledged {
+            let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
+            let _ = with_timeout(self.dead_letter_channel.close(200, "shutting down".into())).await;
+        } else {
+            // The broker is not reading: closing each channel politely would only wait out two
+            // more deadlines (and the orchestrator's patience); closing the connection ends all.
             warn!(
                 "the last acknowledgements were not sent in time; the broker will redeliver and the copies are skipped"
             );
         }
-        context.set_dead_letter_channel(None);
-        let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
-        let _ = with_timeout(self.dead_letter_channel.close(200, "shutting down".into())).await;
         let _ = with_timeout(self.connection.close(200, "shutting down".into())).await;
     }
 
