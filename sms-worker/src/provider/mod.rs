@@ -293,8 +293,6 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .and_then(parse_retry_after)
 }
 
-/// A client for one provider: no redirects (a redirected POST would be resent as a GET, never
-/// right for an SMS), a short connect timeout.
 /// An `Authorization` value marked sensitive: kept out of `Debug` output and of HTTP/2 header
 /// compression. Fails when the text cannot be a header value.
 fn sensitive_header(
@@ -305,6 +303,8 @@ fn sensitive_header(
     Ok(header)
 }
 
+/// A client for one provider: no redirects (a redirected POST would be resent as a GET, never
+/// right for an SMS), a short connect timeout.
 fn http_client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .user_agent(concat!("otp-auth-sms-worker/", env!("CARGO_PKG_VERSION")))

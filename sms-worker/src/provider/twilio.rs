@@ -51,7 +51,8 @@ impl Twilio {
         );
         let credentials = base64::engine::general_purpose::STANDARD
             .encode(format!("{username}:{}", password.expose_secret()));
-        let authorization = sensitive_header(format!("Basic {credentials}"))?;
+        let authorization = sensitive_header(format!("Basic {credentials}"))
+            .map_err(|_| anyhow::anyhow!("the Twilio credentials cannot be sent as a header"))?;
         Ok(Self {
             client: http_client()?,
             url: reqwest::Url::parse(&url)
