@@ -176,13 +176,17 @@ impl Infobip {
             Auth::ApiKey(header) => self.send_with(sms, timeout, header.clone()).await,
             Auth::OAuth(tokens) => {
                 let token = self.token(tokens).await?;
-                match self.send_with(sms, timeout, bearer(&token)?).await {
+                match self
+                    .send_with(sms, timeout, bearer(tokens, &token).await?)
+                    .await
+                {
                     // The token was refused (expired early, or replaced when another worker
                     // fetched a new one): forget it once and try again with the current one.
                     Err(e) if e.status == Some(401) => {
                         tokens.invalidate(&token).await;
                         let token = self.token(tokens).await?;
-                        self.send_with(sms, timeout, bearer(&token)?).await
+                        self.send_with(sms, timeout, bearer(tokens, &token).await?)
+                            .await
                     }
                     other => other,
                 }
@@ -339,14 +343,22 @@ fn classify_rejection(id: Option<i64>) -> Failure {
     }
 }
 
-/// `Bearer {token}` as a sensitive header; a token that cannot be one is retried with the next.
-fn bearer(token: &Token) -> Result<HeaderValue, SendError> {
-    sensitive_header(format!("Bearer {}", token.value.expose_secret())).map_err(|_| {
-        SendError::new(
-            Failure::Retryable,
-            "infobip: the access token cannot be sent as a header".to_owned(),
-        )
-    })
+/// `Bearer {token}` as a sensitive header. A token that cannot be one is forgotten, so that the
+/// retry fetches another instead of failing the same way until it expires.
+async fn bearer(
+    tokens: &TokenManager<OAuthEndpoint>,
+    token: &Token,
+) -> Result<HeaderValue, SendError> {
+    match sensitive_header(format!("Bearer {}", token.value.expose_secret())) {
+        Ok(header) => Ok(header),
+        Err(_) => {
+            tokens.invalidate(token).await;
+            Err(SendError::new(
+                Failure::Retryable,
+                "infobip: the access token cannot be sent as a header".to_owned(),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
