@@ -250,7 +250,8 @@ pub async fn revoke_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<u64> {
         .execute(&mut *tx)
         .await?;
     // Through the sessions (sessions_user_id_idx, then tokens_family_id_idx), the way who a token
-    // belongs to is read everywhere else, so that tokens_user_id_idx can go (migrations/000004).
+    // belongs to is read everywhere else, so that tokens.user_id's foreign key and index can go
+    // in a later release (BENCHMARKS.md, issue 12, round 4).
     let deleted = sqlx::query(
         "DELETE FROM tokens WHERE family_id IN (SELECT id FROM sessions WHERE user_id = $1)",
     )

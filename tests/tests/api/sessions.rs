@@ -275,7 +275,8 @@ async fn deleting_a_user_deletes_every_session_and_token_of_it() {
     let db = app.db().await;
     assert!(scalar(&db, "SELECT count(*) FROM tokens").await >= 4);
 
-    // What an operator's erasure does: tokens go with their sessions (migrations/000004).
+    // What an operator's erasure does: tokens go with their sessions, whatever references
+    // `users` directly.
     sqlx::query("DELETE FROM users")
         .execute(&db)
         .await
