@@ -9,7 +9,7 @@ use tests::proxy::TcpProxy;
 use tests::servers::{Server, database_url, servers};
 use tests::wait::eventually;
 
-use crate::helpers::{PHONE, Spawn, TestApp, spawn_with};
+use crate::helpers::{PHONE, Spawn, TestApp, spawn_app, spawn_with};
 
 /// The api reaching `server` through a proxy the test can cut (`variable` is the api's URL
 /// variable for it), shown working first.
@@ -231,6 +231,63 @@ async fn a_broker_node_down_at_start_is_skipped() {
     dead.go_down();
     let live_url = servers().rabbitmq.url().to_owned();
     let app = spawn_with(Spawn::default().var("AMQP_URL", format!("{dead_url},{live_url}"))).await;
+    assert_eq!(app.request_otp(PHONE).await.status, StatusCode::ACCEPTED);
+    let (event, _) = app.next_delivery(PHONE).await;
+    assert_eq!(event.phone_number.as_str(), PHONE);
+}
+
+/// A publish the broker routes to no queue (here the work queue was unbound behind the api's
+/// back) is returned, not stored: the request is refused as unavailable, never accepted with an
+/// SMS that would not come, and once the binding is back the same number goes through.
+#[tokio::test]
+async fn an_event_that_reaches_no_queue_is_not_accepted() {
+    use lapin::options::QueueBindOptions;
+    use lapin::types::FieldTable;
+
+    let app = spawn_app().await;
+    assert_eq!(
+        app.request_otp("+14155550101").await.status,
+        StatusCode::ACCEPTED
+    );
+    let connection = lapin::Connection::connect(servers().rabbitmq.url(), Default::default())
+        .await
+        .expect("amqp");
+    let channel = connection.create_channel().await.expect("channel");
+    let (queue, exchange) = (
+        format!("{}.sms", app.namespace),
+        format!("{}.events", app.namespace),
+    );
+    let key = shared::event::ROUTING_KEY;
+    channel
+        .queue_unbind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            key.into(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("unbind");
+
+    let reply = app.request_otp(PHONE).await;
+    reply.assert_problem(503, "unavailable");
+    let mut redis = app.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:otp:{{{PHONE}}}:*", app.namespace))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(keys, Vec::<String>::new(), "no code was made current");
+
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
     assert_eq!(app.request_otp(PHONE).await.status, StatusCode::ACCEPTED);
     let (event, _) = app.next_delivery(PHONE).await;
     assert_eq!(event.phone_number.as_str(), PHONE);
