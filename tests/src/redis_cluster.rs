@@ -100,6 +100,16 @@ impl RedisCluster {
         format!("redis+cluster://{}", nodes.join(","))
     }
 
+    /// Stops every node's process (SIGSTOP): the kernel still accepts connections, and nothing
+    /// answers. The cluster's drop kills the nodes all the same.
+    pub fn freeze(&self) {
+        for node in &self.nodes {
+            let _ = Command::new("kill")
+                .args(["-STOP", &node.id().to_string()])
+                .status();
+        }
+    }
+
     /// The keys of every master, for a test to look at what was written where.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         self.ports

@@ -139,3 +139,39 @@ async fn a_hung_seed_node_does_not_keep_callers_out() {
     };
     assert_eq!(answered, "PONG");
 }
+
+/// A cluster node that accepts connections and never answers fails each command after the
+/// client's response timeout (2 s): the redis crate's cluster client retries redirections and
+/// refused connections (`retries(20)`), not timeouts, so a hung node holds neither the api's
+/// requests nor the worker's ledger record and prefetch slot for longer than that.
+#[tokio::test]
+async fn a_hung_cluster_node_fails_each_command_within_seconds() {
+    use redis::AsyncCommands as _;
+    use shared::redis_connection::{RedisConnection, RedisTarget};
+
+    let Some(cluster) = required::or_skip("the Redis Cluster test", RedisCluster::start).await
+    else {
+        return;
+    };
+    let target = RedisTarget::parse(&cluster.url().into()).expect("a cluster URL");
+    let mut redis = RedisConnection::new(&target).expect("a cluster connection");
+    let _: () = redis.set("hung-node-test", "1").await.expect("SET");
+
+    cluster.freeze();
+    // The first command meets the open connection; the next ones must reconnect.
+    for attempt in 1..=3 {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            redis.get::<_, Option<String>>("hung-node-test"),
+        )
+        .await
+        .expect("the command ends");
+        let took = started.elapsed();
+        assert!(answer.is_err(), "attempt {attempt}: {answer:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "attempt {attempt} took {took:?}"
+        );
+    }
+}
