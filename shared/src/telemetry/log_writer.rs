@@ -26,6 +26,9 @@ const COLLECT_FOR: Duration = Duration::from_millis(20);
 const WRITE_SOON: usize = 256 * 1024;
 /// The most held in memory while the output is blocked; later lines are dropped.
 const MAX_BUFFERED: usize = 16 * 1024 * 1024;
+/// A buffer grown past this by a stall is given back once written, so that the memory a blocked
+/// output took does not stay with the program.
+const KEEP_CAPACITY: usize = 1024 * 1024;
 
 #[derive(Default)]
 struct Pending {
@@ -115,6 +118,7 @@ fn write_batches(shared: &Shared, mut output: impl Write) {
         // A failed write (stdout closed) loses that batch; nothing else is there to tell.
         let _ = output.write_all(&batch).and_then(|()| output.flush());
         batch.clear();
+        batch.shrink_to(KEEP_CAPACITY);
         if closing && shared.pending().lines.is_empty() {
             return;
         }
