@@ -75,10 +75,18 @@ pub fn main() -> ExitCode {
                 }
             };
             let _logs = shared::telemetry::init_logging(config.common.log_format);
-            match runtime.block_on(crate::run(config, shared::telemetry::shutdown_signal())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
+            // Spawned, not driven by `block_on` itself: the consume loop would then run on this
+            // thread, and every delivery would wake it and then a worker thread for the send
+            // (BENCHMARKS.md, round 5).
+            let worker = runtime.spawn(crate::run(config, shared::telemetry::shutdown_signal()));
+            match runtime.block_on(worker) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
                     tracing::error!(error = format!("{e:#}"), "sms-worker failed");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "sms-worker panicked");
                     ExitCode::FAILURE
                 }
             }
