@@ -222,12 +222,16 @@ impl RedisConnection {
                 )?))
             }
             RedisTarget::Cluster(nodes) => {
-                // Retries short and many: a master's failover takes a few seconds
-                // (cluster-node-timeout plus the election), during which its slots answer
-                // errors; the callers' own deadlines bound the whole.
+                // Retries short and many (redirections, refused connections, CLUSTERDOWN while a
+                // master's replica takes over), all within one command's overall deadline:
+                // RESPONSE_TIMEOUT from first try to last, so a hung or failing node holds no
+                // caller longer than a single server would. A failover that takes longer
+                // (cluster-node-timeout plus the election) is an error for the callers, which
+                // retry or answer 503 themselves.
                 let client = ClusterClientBuilder::new(nodes.clone())
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT)
+                    .overall_response_timeout(Some(RESPONSE_TIMEOUT))
                     .retries(20)
                     .min_retry_wait(100)
                     .max_retry_wait(300)

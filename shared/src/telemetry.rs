@@ -24,7 +24,7 @@ static DROPPED_LINES: OnceLock<BatchedWriter> = OnceLock::new();
 pub struct LogGuard(#[allow(dead_code)] WriterGuard);
 
 /// Installs the global log subscriber. Level comes from `RUST_LOG` (default `info`), except
-/// that other crates never log below `info` (see [`below_info_allowed`]). Returns quietly when
+/// that other crates never log below `info` (see [`log_allowed`]). Returns quietly when
 /// one is already installed (tests build several apps in one process).
 ///
 /// Lines are written by a background thread, in batches (see [`log_writer`]), so a request
@@ -50,22 +50,38 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
     // another filter enabled it can be missing from the lines logged inside it.
     let _already_installed = tracing_subscriber::registry()
         .with(filter)
-        .with(filter_fn(below_info_allowed))
+        .with(filter_fn(log_allowed))
         .with(layer)
         .try_init();
     LogGuard(guard)
 }
 
-/// Whether an event may be logged below `info`, whatever `RUST_LOG` says: only this
-/// workspace's own crates (which never log a code, a token or a full number at any level) and
-/// tower_http's request spans. Other crates log what passes through them at debug and trace
-/// (lapin every AMQP frame, with the event's code in it; hyper and reqwest bodies and headers),
-/// so they stop at `info`.
-pub fn below_info_allowed(metadata: &Metadata<'_>) -> bool {
-    if *metadata.level() <= Level::INFO {
+/// Targets never logged, at any level: lapin logs a message the broker returned (a `mandatory`
+/// publish that reached no queue) at `warn`, body and all, and an event's body holds its code
+/// and number. The publisher reports the return itself, without them.
+const NEVER_LOGGED: &[&str] = &["lapin::returned_messages"];
+
+/// Whether an event may be logged, whatever `RUST_LOG` says. Below `info` only this workspace's
+/// own crates (which never log a code, a token or a full number at any level) and tower_http's
+/// request spans are. Other crates log what passes through them at debug and trace (lapin every
+/// AMQP frame, with the event's code in it; hyper and reqwest bodies and headers), so they stop
+/// at `info`; and [`NEVER_LOGGED`] never.
+pub fn log_allowed(metadata: &Metadata<'_>) -> bool {
+    allowed(metadata.target(), *metadata.level())
+}
+
+fn allowed(target: &str, level: Level) -> bool {
+    let never = NEVER_LOGGED.iter().any(|never| {
+        target
+            .strip_prefix(never)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    });
+    if never {
+        return false;
+    }
+    if level <= Level::INFO {
         return true;
     }
-    let target = metadata.target();
     let crate_name = target.split("::").next().unwrap_or(target);
     matches!(
         crate_name,
@@ -171,4 +187,24 @@ pub async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown requested");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn returned_messages_are_never_logged_and_other_crates_stop_at_info() {
+        assert!(!allowed("lapin::returned_messages", Level::WARN));
+        assert!(!allowed("lapin::returned_messages", Level::ERROR));
+        assert!(allowed(
+            "lapin::returned_messages_of_another_kind",
+            Level::WARN
+        ));
+        assert!(allowed("lapin::channel", Level::WARN));
+        assert!(!allowed("lapin::channel", Level::DEBUG));
+        assert!(allowed("sms_worker::worker", Level::DEBUG));
+        assert!(allowed("api", Level::TRACE));
+        assert!(!allowed("hyper::proto", Level::TRACE));
+    }
 }

@@ -79,7 +79,10 @@ pub fn main() -> ExitCode {
             // thread, and every delivery would wake it and then a worker thread for the send
             // (BENCHMARKS.md, round 5).
             let worker = runtime.spawn(crate::run(config, shared::telemetry::shutdown_signal()));
-            match runtime.block_on(worker) {
+            let outcome = runtime.block_on(worker);
+            // Stragglers end before the log writer closes, so that what they log is written.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            match outcome {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => {
                     tracing::error!(error = format!("{e:#}"), "sms-worker failed");

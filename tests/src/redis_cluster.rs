@@ -104,9 +104,11 @@ impl RedisCluster {
     /// answers. The cluster's drop kills the nodes all the same.
     pub fn freeze(&self) {
         for node in &self.nodes {
-            let _ = Command::new("kill")
+            let stopped = Command::new("kill")
                 .args(["-STOP", &node.id().to_string()])
-                .status();
+                .status()
+                .is_ok_and(|status| status.success());
+            assert!(stopped, "kill -STOP {}", node.id());
         }
     }
 

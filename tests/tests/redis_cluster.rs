@@ -141,9 +141,8 @@ async fn a_hung_seed_node_does_not_keep_callers_out() {
 }
 
 /// A cluster node that accepts connections and never answers fails each command after the
-/// client's response timeout (2 s): the redis crate's cluster client retries redirections and
-/// refused connections (`retries(20)`), not timeouts, so a hung node holds neither the api's
-/// requests nor the worker's ledger record and prefetch slot for longer than that.
+/// connection's overall response deadline (2 s, retries included), so a hung node holds neither
+/// the api's requests nor the worker's ledger record and prefetch slot for longer than that.
 #[tokio::test]
 async fn a_hung_cluster_node_fails_each_command_within_seconds() {
     use redis::AsyncCommands as _;

@@ -15,39 +15,53 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// How long the writer gathers lines after the first of a batch: the most a line waits.
+/// How long the writer gathers lines after the first of a batch.
 const COLLECT_FOR: Duration = Duration::from_millis(20);
 /// A batch this large is written at once.
 const WRITE_SOON: usize = 256 * 1024;
-/// The most held in memory while the output is blocked; later lines are dropped.
-const MAX_BUFFERED: usize = 16 * 1024 * 1024;
+/// The most held in memory, waiting and being written together, while the output is slow;
+/// later lines are dropped.
+const MAX_BUFFERED: usize = 8 * 1024 * 1024;
 /// A buffer grown past this by a stall is given back once written, so that the memory a blocked
 /// output took does not stay with the program.
 const KEEP_CAPACITY: usize = 1024 * 1024;
+/// How long the program's exit waits for the last lines to be written: an output that does
+/// not take them (a stalled pipe) must not keep the program from ending.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Pending {
     lines: Vec<u8>,
+    /// Bytes the writer thread took and is writing: they count toward [`MAX_BUFFERED`] too.
+    being_written: usize,
     /// The writer sleeps until a first line comes, and only then needs waking.
     writer_idle: bool,
     closing: bool,
+    /// The writer thread has written what was there at closing and ended.
+    closed: bool,
 }
 
 #[derive(Default)]
 struct Shared {
     pending: Mutex<Pending>,
-    wake_writer: Condvar,
+    /// Wakes the writer thread; also tells the closing guard that the thread ended.
+    wake: Condvar,
     dropped: AtomicU64,
 }
 
 impl Shared {
     fn pending(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count_dropped(&self, bytes: &[u8]) {
+        let lines = bytes.iter().filter(|b| **b == b'\n').count().max(1);
+        self.dropped
+            .fetch_add(u64::try_from(lines).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 }
 
@@ -57,10 +71,10 @@ pub struct BatchedWriter {
     shared: Arc<Shared>,
 }
 
-/// Writes what is still buffered and stops the writer thread when dropped.
+/// Writes what is still buffered, for up to [`CLOSE_TIMEOUT`], when dropped. Lines logged
+/// after that are dropped and counted.
 pub struct WriterGuard {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl BatchedWriter {
@@ -68,7 +82,7 @@ impl BatchedWriter {
     pub fn start(output: impl Write + Send + 'static) -> (Self, WriterGuard) {
         let shared = Arc::new(Shared::default());
         let for_thread = shared.clone();
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || write_batches(&for_thread, output))
             .expect("the log writer thread starts");
@@ -76,14 +90,11 @@ impl BatchedWriter {
             Self {
                 shared: shared.clone(),
             },
-            WriterGuard {
-                shared,
-                thread: Some(thread),
-            },
+            WriterGuard { shared },
         )
     }
 
-    /// Lines dropped since start because the output did not keep up.
+    /// Lines dropped since start: the output did not keep up, failed, or was closed.
     pub fn dropped_lines(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
@@ -98,28 +109,38 @@ fn write_batches(shared: &Shared, mut output: impl Write) {
             let mut pending = shared.pending();
             while pending.lines.is_empty() && !pending.closing {
                 pending.writer_idle = true;
-                pending = shared
-                    .wake_writer
-                    .wait(pending)
-                    .unwrap_or_else(|e| e.into_inner());
+                pending = shared.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
             }
             pending.writer_idle = false;
             if !pending.closing && pending.lines.len() < WRITE_SOON {
                 pending = shared
-                    .wake_writer
+                    .wake
                     .wait_timeout(pending, COLLECT_FOR)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
             // Swapped, not copied: the two buffers keep their capacity between batches.
             std::mem::swap(&mut batch, &mut pending.lines);
+            pending.being_written = batch.len();
             pending.closing
         };
-        // A failed write (stdout closed) loses that batch; nothing else is there to tell.
-        let _ = output.write_all(&batch).and_then(|()| output.flush());
+        if !batch.is_empty()
+            && output
+                .write_all(&batch)
+                .and_then(|()| output.flush())
+                .is_err()
+        {
+            // stdout closed or full disk: the batch is lost, and counted.
+            shared.count_dropped(&batch);
+        }
         batch.clear();
         batch.shrink_to(KEEP_CAPACITY);
-        if closing && shared.pending().lines.is_empty() {
+        let mut pending = shared.pending();
+        pending.being_written = 0;
+        // Closing: what was there when it began is written; later lines are not waited for.
+        if closing {
+            pending.closed = true;
+            shared.wake.notify_all();
             return;
         }
     }
@@ -127,11 +148,16 @@ fn write_batches(shared: &Shared, mut output: impl Write) {
 
 impl Drop for WriterGuard {
     fn drop(&mut self) {
-        self.shared.pending().closing = true;
-        self.shared.wake_writer.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let mut pending = self.shared.pending();
+        pending.closing = true;
+        self.shared.wake.notify_all();
+        let (pending, _timed_out) = self
+            .shared
+            .wake
+            .wait_timeout_while(pending, CLOSE_TIMEOUT, |pending| !pending.closed)
+            .unwrap_or_else(|e| e.into_inner());
+        // A writer stuck on its output is left to it; the program is ending.
+        drop(pending);
     }
 }
 
@@ -143,20 +169,22 @@ pub struct LineWriter<'a> {
 impl Write for LineWriter<'_> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
         let mut pending = self.shared.pending();
-        if pending.lines.len() + line.len() > MAX_BUFFERED {
+        let held = pending.lines.len() + pending.being_written;
+        if pending.closed || held + line.len() > MAX_BUFFERED {
             drop(pending);
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared.count_dropped(line);
             // Reported as written: a dropped log line must not become the caller's error.
             return Ok(line.len());
         }
+        let before = pending.lines.len();
         pending.lines.extend_from_slice(line);
-        let wake = pending.writer_idle || pending.lines.len() >= WRITE_SOON;
-        if pending.writer_idle {
-            pending.writer_idle = false;
-        }
+        // Woken for the first line after a quiet spell, and once when a batch grows large.
+        let wake =
+            pending.writer_idle || (before < WRITE_SOON && pending.lines.len() >= WRITE_SOON);
+        pending.writer_idle = false;
         drop(pending);
         if wake {
-            self.shared.wake_writer.notify_one();
+            self.shared.wake.notify_all();
         }
         Ok(line.len())
     }
@@ -185,12 +213,15 @@ mod tests {
     struct Output {
         written: Arc<Mutex<Vec<u8>>>,
         writes: Arc<AtomicU64>,
+        /// Writes that began (and may be waiting on `blocked`).
+        entered: Arc<AtomicU64>,
         blocked: Arc<Mutex<()>>,
     }
 
     impl Write for Output {
         fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-            let _unblocked = self.blocked.lock().unwrap();
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            let _unblocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
             self.writes.fetch_add(1, Ordering::Relaxed);
             self.written.lock().unwrap().extend_from_slice(bytes);
             Ok(bytes.len())
@@ -203,6 +234,14 @@ mod tests {
 
     fn line(writer: &BatchedWriter, text: &str) {
         writer.make_writer().write_all(text.as_bytes()).unwrap();
+    }
+
+    fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
@@ -221,6 +260,8 @@ mod tests {
         let writes = output.writes.load(Ordering::Relaxed);
         assert!(writes <= 3, "1,000 lines in {writes} writes");
         assert_eq!(writer.dropped_lines(), 0);
+        line(&writer, "after the end\n");
+        assert_eq!(writer.dropped_lines(), 1, "a line after closing is counted");
     }
 
     #[test]
@@ -229,44 +270,47 @@ mod tests {
         let (writer, _guard) = BatchedWriter::start(output.clone());
         for round in 0..3 {
             line(&writer, &format!("round {round}\n"));
-            let deadline = std::time::Instant::now() + COLLECT_FOR * 50;
-            while !String::from_utf8_lossy(&output.written.lock().unwrap())
-                .contains(&format!("round {round}\n"))
-            {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "round {round} never written"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            wait_for(&format!("round {round} written"), || {
+                String::from_utf8_lossy(&output.written.lock().unwrap())
+                    .contains(&format!("round {round}\n"))
+            });
         }
     }
 
     #[test]
-    fn a_blocked_output_drops_and_counts_lines_past_the_limit_instead_of_blocking() {
+    fn a_blocked_output_drops_and_counts_lines_past_the_limit_and_does_not_hold_the_exit() {
         let output = Output::default();
         let blocked = output.blocked.clone();
         let hold = blocked.lock().unwrap();
         let (writer, guard) = BatchedWriter::start(output.clone());
         let kilobyte = format!("{}\n", "x".repeat(1023));
-        // The writer takes the first batch and blocks on it; the rest fills the buffer.
-        let lines = MAX_BUFFERED / 1024 + 2_000;
+        // The writer takes a first line and blocks writing it.
+        line(&writer, &kilobyte);
+        wait_for("the writer blocks on its output", || {
+            output.entered.load(Ordering::SeqCst) > 0
+        });
+        let room = MAX_BUFFERED / 1024 - 1;
         let started = std::time::Instant::now();
-        for _ in 0..lines {
+        for _ in 0..room + 100 {
             line(&writer, &kilobyte);
         }
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "callers never block"
         );
-        assert!(writer.dropped_lines() > 0, "some lines were dropped");
-        drop(hold);
+        assert_eq!(writer.dropped_lines(), 100, "the lines past the limit");
+
+        // An exit while the output is still blocked waits for it only so long.
+        let closing = std::time::Instant::now();
         drop(guard);
-        let written = output.written.lock().unwrap().len() / 1024;
-        assert_eq!(
-            u64::try_from(written).unwrap() + writer.dropped_lines(),
-            u64::try_from(lines).unwrap(),
-            "every line was written or counted"
+        let waited = closing.elapsed();
+        assert!(
+            waited >= CLOSE_TIMEOUT && waited < CLOSE_TIMEOUT * 3,
+            "waited {waited:?}"
         );
+        drop(hold);
+        wait_for("the first line and the batch after it written", || {
+            output.written.lock().unwrap().len() == (room + 1) * 1024
+        });
     }
 }

@@ -19,6 +19,8 @@ use tests::cleanup::unique;
 use tests::servers::servers;
 use tests::wait::eventually;
 use tokio::sync::oneshot;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 pub const PHONE: &str = "+14155550100";
 
@@ -45,10 +47,19 @@ fn capture_logs() {
     LOGS.get_or_init(|| {
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = CapturedLogs(buffer.clone());
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("info,api=trace,shared=trace,tower_http=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
+        // The programs' own filter too, so that what it keeps out of logs stays out here.
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new(
+                "info,api=trace,shared=trace,tower_http=debug",
+            ))
+            .with(tracing_subscriber::filter::filter_fn(
+                shared::telemetry::log_allowed,
+            ))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(move || writer.clone()),
+            )
             .try_init();
         buffer
     });
