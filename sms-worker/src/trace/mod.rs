@@ -35,9 +35,10 @@ const LENGTH: isize = 500;
 /// seconds each, twelve thousand. Past the bound a timeline misses its lines, which only a
 /// diagnostic loses; the SMS, its ack and its ledger record never wait for them.
 const DETACHED_WRITES: u32 = 1_024;
-/// How long a timeline write may take, whatever the Redis client's own retries would allow (a
-/// cluster connection retries a sick node's commands many times): a diagnostic must not hold a
-/// delivery's task, a receipt's answer or the worker's stop for longer.
+/// How long a timeline write may take, whatever the Redis connection's reconnects and retries
+/// add up to (each command is bounded, a reconnect before it is bounded again): a diagnostic
+/// must not hold a receipt's answer for longer, and the worker's stop waits for the detached
+/// writes with a bound of its own that must exceed this one.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// What a line records.

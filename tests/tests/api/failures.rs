@@ -33,6 +33,17 @@ async fn wait_until_accepting(app: &TestApp, server: &str) {
     .await;
 }
 
+/// No key of [`PHONE`]'s code or limits is in Redis: a refused request left nothing behind.
+async fn assert_no_code_kept(app: &TestApp) {
+    let mut redis = app.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:otp:{{{PHONE}}}:*", app.namespace))
+        .query_async(&mut redis)
+        .await
+        .expect("KEYS");
+    assert_eq!(keys, Vec::<String>::new(), "nothing kept for {PHONE}");
+}
+
 /// An OTP request is refused as a passing outage: 503 with `Retry-After`.
 async fn assert_request_unavailable(app: &TestApp) {
     let reply = app.request_otp(PHONE).await;
@@ -68,13 +79,7 @@ async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
     broker.go_down();
     assert_request_unavailable(&app).await;
     // Nothing half-done: no code is stored, and the failed attempt counts toward no limit.
-    let mut redis = app.redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:otp:{{{PHONE}}}:*", app.namespace))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(keys, Vec::<String>::new());
+    assert_no_code_kept(&app).await;
     let ready = app.get("/readyz").await;
     assert!(
         ready.body["detail"].as_str().unwrap().contains("rabbitmq"),
@@ -270,13 +275,7 @@ async fn an_event_that_reaches_no_queue_is_not_accepted() {
 
     let reply = app.request_otp(PHONE).await;
     reply.assert_problem(503, "unavailable");
-    let mut redis = app.redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:otp:{{{PHONE}}}:*", app.namespace))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(keys, Vec::<String>::new(), "no code was made current");
+    assert_no_code_kept(&app).await;
     // lapin logs a returned message with its body, the code in it: that line never appears.
     let logs = crate::helpers::captured_logs();
     assert!(!logs.contains("returned us a message"), "{logs}");
