@@ -10,7 +10,8 @@
 //! [`WRITE_SOON`] wakes it early.
 //!
 //! When the output blocks (a full pipe, a stalled log shipper), lines pile up to
-//! [`MAX_BUFFERED`]; past that they are dropped and counted, rather than requests held up.
+//! [`MAX_BUFFERED`]; past that they are dropped and counted, rather than requests held up. The
+//! last quarter is kept for warnings and errors.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,9 @@ const WRITE_SOON: usize = 256 * 1024;
 /// The most held in memory, waiting and being written together, while the output is slow;
 /// later lines are dropped.
 const MAX_BUFFERED: usize = 8 * 1024 * 1024;
+/// Lines below `warn` stop at this much held, so that a flood of them (anyone can make the api
+/// log a line per request) leaves room for the warnings and errors an operator needs.
+const ROUTINE_LIMIT: usize = MAX_BUFFERED / 4 * 3;
 /// A buffer grown past this by a stall is given back once written, so that the memory a blocked
 /// output took does not stay with the program.
 const KEEP_CAPACITY: usize = 1024 * 1024;
@@ -164,13 +168,16 @@ impl Drop for WriterGuard {
 /// One line's writer: the subscriber formats a whole line, then writes it with one call.
 pub struct LineWriter<'a> {
     shared: &'a Shared,
+    /// How much may be held for this line to be kept: [`MAX_BUFFERED`] for warnings and
+    /// errors, [`ROUTINE_LIMIT`] for the rest.
+    limit: usize,
 }
 
 impl Write for LineWriter<'_> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
         let mut pending = self.shared.pending();
         let held = pending.lines.len() + pending.being_written;
-        if pending.closed || held + line.len() > MAX_BUFFERED {
+        if pending.closed || held + line.len() > self.limit {
             drop(pending);
             self.shared.count_dropped(line);
             // Reported as written: a dropped log line must not become the caller's error.
@@ -200,6 +207,19 @@ impl<'a> MakeWriter<'a> for BatchedWriter {
     fn make_writer(&'a self) -> Self::Writer {
         LineWriter {
             shared: &self.shared,
+            limit: ROUTINE_LIMIT,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        let important = *meta.level() <= tracing::Level::WARN;
+        LineWriter {
+            shared: &self.shared,
+            limit: if important {
+                MAX_BUFFERED
+            } else {
+                ROUTINE_LIMIT
+            },
         }
     }
 }
@@ -289,7 +309,7 @@ mod tests {
         wait_for("the writer blocks on its output", || {
             output.entered.load(Ordering::SeqCst) > 0
         });
-        let room = MAX_BUFFERED / 1024 - 1;
+        let room = ROUTINE_LIMIT / 1024 - 1;
         let started = std::time::Instant::now();
         for _ in 0..room + 100 {
             line(&writer, &kilobyte);
@@ -299,6 +319,13 @@ mod tests {
             "callers never block"
         );
         assert_eq!(writer.dropped_lines(), 100, "the lines past the limit");
+        // A warning still finds room: the last quarter is kept for them.
+        let mut warning = LineWriter {
+            shared: &writer.shared,
+            limit: MAX_BUFFERED,
+        };
+        warning.write_all(b"warning\n").unwrap();
+        assert_eq!(writer.dropped_lines(), 100, "the warning was kept");
 
         // An exit while the output is still blocked waits for it only so long.
         let closing = std::time::Instant::now();
@@ -310,7 +337,8 @@ mod tests {
         );
         drop(hold);
         wait_for("the first line and the batch after it written", || {
-            output.written.lock().unwrap().len() == (room + 1) * 1024
+            output.written.lock().unwrap().len() == (room + 1) * 1024 + b"warning\n".len()
         });
+        assert!(output.written.lock().unwrap().ends_with(b"warning\n"));
     }
 }
