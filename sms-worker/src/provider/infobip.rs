@@ -71,6 +71,14 @@ impl TokenSource for OAuthEndpoint {
             .json()
             .await
             .map_err(|_| "infobip token endpoint answered an unreadable body".to_owned())?;
+        // Refused here, before it is stored and shared: the refresh counts as failed, and no
+        // worker is handed a token that every send would have to forget again.
+        if sensitive_header(format!("Bearer {}", answer.access_token)).is_err() {
+            return Err(
+                "infobip token endpoint answered a token that cannot be sent as a header"
+                    .to_owned(),
+            );
+        }
         Ok(FreshToken {
             token: SecretString::from(answer.access_token),
             lifetime: Duration::from_secs(answer.expires_in.max(1)),
@@ -343,8 +351,9 @@ fn classify_rejection(id: Option<i64>) -> Failure {
     }
 }
 
-/// `Bearer {token}` as a sensitive header. A token that cannot be one is forgotten, so that the
-/// retry fetches another instead of failing the same way until it expires.
+/// `Bearer {token}` as a sensitive header. Fetched tokens were checked already; one that still
+/// cannot be a header (stored by an older worker) is forgotten, so that the retry fetches another
+/// instead of failing the same way until it expires.
 async fn bearer(
     tokens: &TokenManager<OAuthEndpoint>,
     token: &Token,

@@ -38,6 +38,10 @@ pub struct TokenPolicy {
     /// Each call takes this long (to see overlapping calls).
     #[serde(default)]
     pub latency_ms: u64,
+    /// Tokens end in a line break, which no HTTP header can carry (a broken or hostile token
+    /// endpoint).
+    #[serde(default)]
+    pub unsendable: bool,
 }
 
 fn default_lifetime() -> u64 {
@@ -51,6 +55,7 @@ impl Default for TokenPolicy {
             calls_per_second: None,
             invalidate_previous: false,
             latency_ms: 0,
+            unsendable: false,
         }
     }
 }
@@ -146,7 +151,10 @@ pub(super) async fn issue_token(
         )
     } else {
         let mut tokens = state.tokens();
-        let token = format!("ibtok-{}", uuid::Uuid::new_v4().simple());
+        let mut token = format!("ibtok-{}", uuid::Uuid::new_v4().simple());
+        if tokens.policy.unsendable {
+            token.push_str("\r\n");
+        }
         let lifetime = tokens.policy.lifetime_secs;
         if tokens.policy.invalidate_previous {
             tokens.valid.clear();

@@ -84,6 +84,7 @@ async fn four_worker_processes_share_one_token_renewed_once_per_lifetime() {
             calls_per_second: Some(1),
             invalidate_previous: true,
             latency_ms: 0,
+            unsendable: false,
         });
         let overrides = infobip_only(&h, &[]);
         let mut workers = Vec::new();
@@ -133,6 +134,57 @@ async fn four_worker_processes_share_one_token_renewed_once_per_lifetime() {
             "{} token calls in 20 s",
             calls.len()
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_that_cannot_be_a_header_is_refused_when_fetched_and_never_stored() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_token_policy(TokenPolicy {
+            unsendable: true,
+            ..TokenPolicy::default()
+        });
+        let overrides = infobip_only(&h, &[]);
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        h.request_sms(&to).await;
+        // The send is retried; each try asks for a token and refuses what it gets.
+        eventually(WAIT, "two refused token fetches", || async {
+            h.metrics(&worker).await.lines().any(|l| {
+                l.starts_with("sms_provider_token_refreshes_total")
+                    && l.contains("outcome=\"failed\"")
+                    && l.rsplit(' ').next().and_then(|n| n.parse::<u32>().ok()) >= Some(2)
+            })
+        })
+        .await;
+        let stored: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:provider:*:token", h.ns))
+            .query_async(&mut h.redis().await)
+            .await
+            .unwrap();
+        assert!(
+            stored.is_empty(),
+            "an unusable token was stored: {stored:?}"
+        );
+        assert!(
+            !h.metrics(&worker)
+                .await
+                .lines()
+                .any(|l| l.starts_with("sms_provider_token_refreshes_total")
+                    && l.contains("outcome=\"fetched\"")),
+            "an unusable token counted as fetched"
+        );
+        assert!(
+            h.fake.messages(None).is_empty(),
+            "nothing can have been sent"
+        );
+
+        // Once the endpoint issues usable tokens, the same event goes out.
+        h.fake.set_token_policy(TokenPolicy::default());
+        h.wait_for_messages(&to, 1).await;
+        worker.stop().await;
+        assert_eq!(h.dead_lettered().await, 0);
     })
     .await;
 }
