@@ -1,4 +1,5 @@
 use std::process::ExitCode;
+use std::time::Duration;
 
 use api::{ApiConfig, Application};
 use shared::Env;
@@ -7,8 +8,7 @@ use shared::Env;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = match ApiConfig::from_env(&Env::from_process()) {
         Ok(config) => config,
         Err(e) => {
@@ -16,7 +16,30 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("api: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let _logs = shared::telemetry::init_logging(config.common.log_format);
+    // Spawned rather than driven by `block_on`, so the server runs on the runtime's threads and
+    // not also on this one (as the worker does, BENCHMARKS.md round 5).
+    let served = runtime.block_on(runtime.spawn(serve(config)));
+    // Tasks still running (a connection closing, a publish ending) stop before the log writer
+    // closes, so that what they log is written rather than counted as dropped.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match served {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %e, "api panicked");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: ApiConfig) -> ExitCode {
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
