@@ -8,7 +8,9 @@
 //! there is none, wait for the new one (bounded) without calling the endpoint themselves. The
 //! lock is released by compare-and-delete, and its lease outlives a slow token call but not a
 //! dead process. A token the provider rejected is deleted only if it is still the current one,
-//! so fifty concurrent 401s cause one refresh, not fifty.
+//! so fifty concurrent 401s cause one refresh, not fifty. After a failed fetch a process leaves
+//! the endpoint alone for a second: its sends use the current token while it lasts, or fail at
+//! once, so a failing endpoint is not called once per send.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,6 +29,9 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for another process to bring a token before it may try itself.
 const WAIT_LIMIT: Duration = Duration::from_secs(12);
 const POLL: Duration = Duration::from_millis(50);
+/// After a failed fetch this process leaves the endpoint alone for this long: its sends use the
+/// current token while it lasts, or fail at once, rather than each calling the endpoint again.
+const RETRY_FETCH_AFTER: Duration = Duration::from_secs(1);
 
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -76,6 +81,8 @@ pub struct TokenManager<S> {
     cached: Mutex<Option<Cached>>,
     /// One task per process does the slow path; the others wait for it here.
     slow_path: tokio::sync::Mutex<()>,
+    /// When this process's last fetch failed, if it did.
+    failed_fetch_at: Mutex<Option<Instant>>,
 }
 
 impl<S: TokenSource> TokenManager<S> {
@@ -97,6 +104,7 @@ impl<S: TokenSource> TokenManager<S> {
             release: Script::new(RELEASE),
             cached: Mutex::new(None),
             slow_path: tokio::sync::Mutex::new(()),
+            failed_fetch_at: Mutex::new(None),
         }
     }
 
@@ -120,25 +128,40 @@ impl<S: TokenSource> TokenManager<S> {
                 return Ok(current.token.clone());
             }
             // None, or due for renewal: one process renews, the others use what there is.
-            if let Some(owner) = self.try_lock().await {
+            let may_fetch = self.may_fetch();
+            if may_fetch && let Some(owner) = self.try_lock().await {
                 let renewed = self.renew().await;
                 self.unlock(&owner).await;
                 match renewed {
                     Ok(token) => return Ok(token),
-                    Err(e) => match stored {
-                        // The current token still works: use it, renewing is retried later.
-                        Some(current) if Instant::now() < current.expires_at => {
-                            tracing::warn!(provider = self.provider, error = %e, "could not renew the provider token; using the current one");
-                            return Ok(current.token);
-                        }
-                        _ => return Err(e),
-                    },
+                    Err(e) => {
+                        self.fetch_failed();
+                        return match stored {
+                            // The current token still works: use it, renewing is retried later.
+                            Some(current) if Instant::now() < current.expires_at => {
+                                tracing::warn!(provider = self.provider, error = %e, "could not renew the provider token; using the current one");
+                                let token = current.token.clone();
+                                self.remember(Cached {
+                                    refresh_at: Instant::now() + RETRY_FETCH_AFTER,
+                                    ..current
+                                });
+                                Ok(token)
+                            }
+                            _ => Err(e),
+                        };
+                    }
                 }
             }
             if let Some(current) = stored
                 && Instant::now() < current.expires_at
             {
                 return Ok(current.token);
+            }
+            if !may_fetch {
+                return Err(format!(
+                    "the last {} token fetch failed; the next is tried within {RETRY_FETCH_AFTER:?}",
+                    self.provider
+                ));
             }
             if Instant::now() >= deadline {
                 return Err(format!(
@@ -172,6 +195,23 @@ impl<S: TokenSource> TokenManager<S> {
                 "the provider rejected its token; a new one will be fetched"
             );
         }
+    }
+
+    /// Whether this process may call the token endpoint: not within [`RETRY_FETCH_AFTER`] of a
+    /// failed call.
+    fn may_fetch(&self) -> bool {
+        let failed_at = self
+            .failed_fetch_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failed_at.is_none_or(|at| at.elapsed() >= RETRY_FETCH_AFTER)
+    }
+
+    fn fetch_failed(&self) {
+        *self
+            .failed_fetch_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
     fn fresh_in_memory(&self) -> Option<Token> {

@@ -138,7 +138,9 @@ async fn four_worker_processes_share_one_token_renewed_once_per_lifetime() {
     .await;
 }
 
-/// In a process of its own, so that its log is its own.
+/// A token endpoint that answers tokens no header can carry: each is refused when fetched and
+/// never stored, and while fetches fail the worker calls the endpoint about once a second, not
+/// once per send. In a process of its own, so that its log is its own.
 #[tokio::test]
 async fn a_token_that_cannot_be_a_header_is_refused_when_fetched_and_never_stored() {
     with_harness(QueueType::Classic, |h| async move {
@@ -146,13 +148,22 @@ async fn a_token_that_cannot_be_a_header_is_refused_when_fetched_and_never_store
             unsendable: true,
             ..TokenPolicy::default()
         });
-        let overrides = infobip_only(&h, &[]);
+        // The breaker would stop the sends for 30 s after five failures; here they must go on.
+        let overrides = infobip_only(
+            &h,
+            &[
+                ("WORKER_CONCURRENCY", "20"),
+                ("PROVIDER_BREAKER_FAILURES", "10000"),
+            ],
+        );
         let mut worker = h.start_worker_process(&pairs(&overrides)).await;
-        let to = phone();
-        h.request_sms(&to).await;
-        // The send is retried; each try asks for a token and refuses what it gets.
-        eventually(WAIT, "two token fetches", || async {
-            h.fake.token_calls().len() >= 2
+        let numbers: Vec<String> = (0..20).map(|_| phone()).collect();
+        for to in &numbers {
+            h.request_sms(to).await;
+        }
+        // Twenty sends retrying with backoff; each fetch refuses what it gets.
+        eventually(WAIT, "three token fetches", || async {
+            h.fake.token_calls().len() >= 3
         })
         .await;
         let stored: Vec<String> = redis::cmd("KEYS")
@@ -168,10 +179,20 @@ async fn a_token_that_cannot_be_a_header_is_refused_when_fetched_and_never_store
             h.fake.messages(None).is_empty(),
             "nothing can have been sent"
         );
+        let calls = h.fake.token_calls();
+        for pair in calls.windows(2) {
+            let gap = Duration::try_from(pair[1].at - pair[0].at).unwrap();
+            assert!(
+                gap >= Duration::from_millis(900),
+                "two calls {gap:?} apart: {calls:?}"
+            );
+        }
 
-        // Once the endpoint issues usable tokens, the same event goes out.
+        // Once the endpoint issues usable tokens, the same events go out.
         h.fake.set_token_policy(TokenPolicy::default());
-        h.wait_for_messages(&to, 1).await;
+        for to in &numbers {
+            h.wait_for_messages(to, 1).await;
+        }
         worker.terminate();
         worker.wait(WAIT).await;
         let logs = worker.logs();
@@ -186,6 +207,59 @@ async fn a_token_that_cannot_be_a_header_is_refused_when_fetched_and_never_store
             "{logs}"
         );
         assert!(!logs.contains("ibtok-"), "a token reached the log: {logs}");
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
+/// Renewal is due but the endpoint answers only tokens no header can carry: until the current
+/// token expires, sends go on with it, and the worker asks the endpoint about once a second, not
+/// once per send.
+#[tokio::test]
+async fn a_failing_renewal_leaves_the_endpoint_alone_while_the_current_token_works() {
+    with_harness(QueueType::Classic, |h| async move {
+        // Five-second tokens: renewal is due a second before expiry.
+        let short = TokenPolicy {
+            lifetime_secs: 5,
+            ..TokenPolicy::default()
+        };
+        h.fake.set_token_policy(short.clone());
+        let overrides = infobip_only(&h, &[("PROVIDER_BREAKER_FAILURES", "10000")]);
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let first = phone();
+        h.request_sms(&first).await;
+        h.wait_for_messages(&first, 1).await;
+        let issued = h.fake.token_calls()[0].at;
+        h.fake.set_token_policy(TokenPolicy {
+            unsendable: true,
+            ..short
+        });
+
+        // Ten sends a second until just before the token expires: the last ones fall in the
+        // renewal window.
+        let until = issued + Duration::from_millis(4_800);
+        let mut numbers = Vec::new();
+        while time::OffsetDateTime::now_utc() < until {
+            let to = phone();
+            h.request_sms(&to).await;
+            numbers.push(to);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for to in &numbers {
+            h.wait_for_messages(to, 1).await;
+        }
+        worker.stop().await;
+        let renewals: Vec<_> = h
+            .fake
+            .token_calls()
+            .into_iter()
+            .filter(|c| c.at > issued && c.at < until)
+            .collect();
+        assert!(
+            !renewals.is_empty() && renewals.len() <= 2,
+            "{} renewal calls in the window: {renewals:?}",
+            renewals.len()
+        );
         assert_eq!(h.dead_lettered().await, 0);
     })
     .await;
