@@ -21,6 +21,21 @@ fn infobip_only(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     overrides
 }
 
+/// Requests an SMS to a new number ten times a second while `go_on` says so, then waits until
+/// each has been delivered.
+async fn ten_a_second_until_delivered(h: &Harness, go_on: impl Fn() -> bool) {
+    let mut numbers = Vec::new();
+    while go_on() {
+        let to = phone();
+        h.request_sms(&to).await;
+        numbers.push(to);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for to in &numbers {
+        h.wait_for_messages(to, 1).await;
+    }
+}
+
 #[tokio::test]
 async fn a_hundred_concurrent_sends_on_an_empty_cache_make_one_token_call() {
     with_harness(QueueType::Classic, |h| async move {
@@ -93,16 +108,7 @@ async fn four_worker_processes_share_one_token_renewed_once_per_lifetime() {
         }
         // 20 s of steady sends, ten a second.
         let started = Instant::now();
-        let mut numbers = Vec::new();
-        while started.elapsed() < Duration::from_secs(20) {
-            let to = phone();
-            h.request_sms(&to).await;
-            numbers.push(to);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        for to in &numbers {
-            h.wait_for_messages(to, 1).await;
-        }
+        ten_a_second_until_delivered(&h, || started.elapsed() < Duration::from_secs(20)).await;
         for worker in &mut workers {
             worker.terminate();
         }
@@ -238,16 +244,7 @@ async fn a_failing_renewal_leaves_the_endpoint_alone_while_the_current_token_wor
         // Ten sends a second until just before the token expires: the last ones fall in the
         // renewal window.
         let until = issued + Duration::from_millis(4_800);
-        let mut numbers = Vec::new();
-        while time::OffsetDateTime::now_utc() < until {
-            let to = phone();
-            h.request_sms(&to).await;
-            numbers.push(to);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        for to in &numbers {
-            h.wait_for_messages(to, 1).await;
-        }
+        ten_a_second_until_delivered(&h, || time::OffsetDateTime::now_utc() < until).await;
         worker.stop().await;
         let renewals: Vec<_> = h
             .fake
