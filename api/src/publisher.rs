@@ -1,6 +1,10 @@
-//! Publishes `OtpRequested` with publisher confirms. Many publishes share one confirm-mode
-//! channel and their confirms are awaited concurrently, so throughput is not bound by one round
-//! trip per request. The connection is (re)made on demand: an api started while the broker is
+//! Publishes `OtpRequested` with publisher confirms. Publishes share one connection and their
+//! confirms are awaited concurrently, so throughput is not bound by one round trip per request.
+//! Each publish has a confirm-mode channel to itself until its confirm comes, taken from a pool:
+//! that is what ties a message the broker returns (it reached no queue) to the publish that sent
+//! it. lapin hands a returned message to whichever confirm it settles next on the channel, so on
+//! a shared channel an unroutable event could be reported as another's, and be answered 202 with
+//! no SMS to come. The connection is (re)made on demand: an api started while the broker is
 //! down keeps serving, answers 503 for OTP requests, and recovers by itself.
 //!
 //! On a cluster (`AMQP_URL` lists several nodes) the connection goes to the first node that
@@ -21,6 +25,7 @@ use shared::amqp::{ConfirmError, event_properties, publish_confirmed};
 use shared::event::ROUTING_KEY;
 use shared::{OtpRequested, Topology};
 use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Without a quorum majority a confirm never comes; an attempt must not wait forever for it. Short
 /// enough that a second attempt fits in the request's publish deadline (5 s).
@@ -36,6 +41,10 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 /// After a failed connect, fail fast for this long instead of making every request wait for
 /// its own connect attempt.
 const RECONNECT_COOLDOWN: Duration = Duration::from_millis(500);
+/// Channels open at once on the connection, which is how many publishes can await their
+/// confirm at once; more wait for a channel. Below RabbitMQ's default `channel_max` (2,047), so a
+/// burst never makes the broker refuse a channel, which would cost the connection.
+const MAX_CHANNELS: usize = 1_024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -47,12 +56,68 @@ pub enum PublishError {
     Expired,
 }
 
-/// One AMQP connection and its confirm-mode channel.
+/// One AMQP connection and its idle confirm-mode channels.
 struct BrokerConnection {
     connection: Connection,
-    channel: Channel,
     /// Which of the nodes it is to.
     node: usize,
+    /// Channels with nothing in flight. A channel is in here or held by one publish, never both.
+    idle: Mutex<Vec<Channel>>,
+    /// One permit per channel open or that may be opened ([`MAX_CHANNELS`]).
+    channels: Arc<Semaphore>,
+}
+
+impl BrokerConnection {
+    /// A confirm-mode channel with nothing in flight: an idle one, or a new one.
+    async fn lease(self: &Arc<Self>) -> lapin::Result<ChannelLease> {
+        let permit = self
+            .channels
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the channel semaphore is never closed");
+        let reused = loop {
+            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match next {
+                Some(channel) if !channel.status().connected() => continue,
+                other => break other,
+            }
+        };
+        let channel = match reused {
+            Some(channel) => channel,
+            None => open_confirm_channel(&self.connection).await?,
+        };
+        Ok(ChannelLease {
+            channel,
+            broker: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+/// A channel held by one publish. Dropped without [`ChannelLease::settled`] (the publish failed,
+/// or its request was cancelled before the confirm), the channel is closed, never reused: a
+/// late return on it would be taken for the next publish's.
+struct ChannelLease {
+    channel: Channel,
+    broker: Arc<BrokerConnection>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ChannelLease {
+    /// The publish got its confirm, so nothing of it can still arrive: the channel is idle.
+    fn settled(self) {
+        let mut idle = self.broker.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.push(self.channel);
+    }
+}
+
+async fn open_confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 pub struct Publisher {
@@ -79,7 +144,7 @@ impl Publisher {
         let connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
         connection
             .as_ref()
-            .filter(|c| c.channel.status().connected())
+            .filter(|c| c.connection.status().connected())
             .cloned()
     }
 
@@ -134,15 +199,13 @@ impl Publisher {
         let from = self.first_node.load(Ordering::Relaxed);
         let (connection, node) = self.nodes.connect(from, properties).await?;
         self.first_node.store(node, Ordering::Relaxed);
-        let channel = connection.create_channel().await?;
+        let channel = open_confirm_channel(&connection).await?;
         self.topology.declare(&connection, &channel).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         Ok(BrokerConnection {
             connection,
-            channel,
             node,
+            idle: Mutex::new(vec![channel]),
+            channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
         })
     }
 
@@ -176,15 +239,9 @@ impl Publisher {
                 return Err(PublishError::Expired);
             }
             let broker = self.broker().await?;
-            let result = publish_confirmed(
-                &broker.channel,
-                &self.topology.events_exchange(),
-                ROUTING_KEY,
-                &body,
-                event_properties(event, ttl_ms),
-                CONFIRM_TIMEOUT,
-            )
-            .await;
+            let result = self
+                .attempt(&broker, &body, event_properties(event, ttl_ms))
+                .await;
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.channel_suspect() => {
@@ -200,6 +257,35 @@ impl Publisher {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// One publish on a channel of its own, bounded by [`CONFIRM_TIMEOUT`] twice at most: for a
+    /// channel, then for the confirm.
+    async fn attempt(
+        &self,
+        broker: &Arc<BrokerConnection>,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> Result<(), ConfirmError> {
+        let lease = match tokio::time::timeout(CONFIRM_TIMEOUT, broker.lease()).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(e)) => return Err(ConfirmError::Broker(e)),
+            Err(_) => return Err(ConfirmError::Timeout),
+        };
+        let result = publish_confirmed(
+            &lease.channel,
+            &self.topology.events_exchange(),
+            ROUTING_KEY,
+            body,
+            properties,
+            CONFIRM_TIMEOUT,
+        )
+        .await;
+        // Confirmed, or returned and then confirmed: either way nothing of it is still to come.
+        if matches!(result, Ok(()) | Err(ConfirmError::Unroutable)) {
+            lease.settled();
+        }
+        result
     }
 
     /// For `/readyz`: opens the channel if it is not open, and says whether that worked.
