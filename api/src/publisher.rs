@@ -9,8 +9,9 @@
 //!
 //! On a cluster (`AMQP_URL` lists several nodes) the connection goes to the first node that
 //! answers, and after that node dies, to the next. A publish that is nacked, times out or loses
-//! its connection before the confirm is tried again on a fresh channel: after a quorum queue's
-//! leader dies, a channel that saw a nack can keep nacking although the new leader is up. A
+//! its connection before the confirm is tried again on a fresh connection, with fresh channels:
+//! after a quorum queue's leader dies, a channel that saw a nack, and idle channels that
+//! published to the old leader, can keep nacking although the new leader is up. A
 //! retried event may be stored twice; the worker's ledger sends its SMS once. Retries back off
 //! (50 ms, doubling), because for a moment after a leader dies even a fresh channel is nacked.
 
@@ -41,10 +42,15 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 /// After a failed connect, fail fast for this long instead of making every request wait for
 /// its own connect attempt.
 const RECONNECT_COOLDOWN: Duration = Duration::from_millis(500);
-/// Channels open at once on the connection, which is how many publishes can await their
-/// confirm at once; more wait for a channel. Below RabbitMQ's default `channel_max` (2,047), so a
-/// burst never makes the broker refuse a channel, which would cost the connection.
+/// Publishes awaiting their confirm at once on a connection, each on a channel of its own; more
+/// wait for one to be free. Never more than the connection's `channel_max` allows (RabbitMQ's
+/// default is 2,047), less [`CHANNELS_KEPT_FREE`]: a channel refused would cost the connection.
 const MAX_CHANNELS: usize = 1_024;
+/// Channel ids left for the declaring channel and for channels still closing.
+const CHANNELS_KEPT_FREE: usize = 64;
+/// Idle channels kept for the next publishes; one freed beyond this is closed, so a burst does not
+/// leave a thousand channels open on the broker for the life of the connection.
+const MAX_IDLE_CHANNELS: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -63,19 +69,24 @@ struct BrokerConnection {
     node: usize,
     /// Channels with nothing in flight. A channel is in here or held by one publish, never both.
     idle: Mutex<Vec<Channel>>,
-    /// One permit per channel open or that may be opened ([`MAX_CHANNELS`]).
+    /// One permit per publish holding a channel ([`MAX_CHANNELS`]).
     channels: Arc<Semaphore>,
 }
 
 impl BrokerConnection {
-    /// A confirm-mode channel with nothing in flight: an idle one, or a new one.
-    async fn lease(self: &Arc<Self>) -> lapin::Result<ChannelLease> {
-        let permit = self
-            .channels
+    /// Waits until a publish may hold a channel. Bounded by the caller (the request's publish
+    /// deadline), and not by an attempt's: waiting for a free channel says nothing about the
+    /// broker.
+    async fn permit(&self) -> OwnedSemaphorePermit {
+        self.channels
             .clone()
             .acquire_owned()
             .await
-            .expect("the channel semaphore is never closed");
+            .expect("the channel semaphore is never closed")
+    }
+
+    /// A confirm-mode channel with nothing in flight: an idle one, or a new one.
+    async fn lease(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> lapin::Result<ChannelLease> {
         let reused = loop {
             let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match next {
@@ -108,8 +119,27 @@ impl ChannelLease {
     /// The publish got its confirm, so nothing of it can still arrive: the channel is idle.
     fn settled(self) {
         let mut idle = self.broker.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.push(self.channel);
+        if idle.len() < MAX_IDLE_CHANNELS {
+            idle.push(self.channel);
+        }
     }
+}
+
+/// How many publishes may hold a channel at once on `connection`: [`MAX_CHANNELS`], within what
+/// the broker and lapin agreed on (`channel_max`).
+fn channel_budget(connection: &Connection) -> usize {
+    budget_within(connection.configuration().channel_max())
+}
+
+fn budget_within(channel_max: u16) -> usize {
+    // 0 means no limit in AMQP 0-9-1.
+    let allowed = match channel_max {
+        0 => usize::MAX,
+        limit => usize::from(limit),
+    };
+    MAX_CHANNELS
+        .min(allowed.saturating_sub(CHANNELS_KEPT_FREE))
+        .max(1)
 }
 
 async fn open_confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
@@ -148,8 +178,7 @@ impl Publisher {
             .cloned()
     }
 
-    /// A connection with a confirm-mode channel, connecting first if need be (one connect at a
-    /// time).
+    /// A connection and its channel pool, connecting first if need be (one connect at a time).
     async fn broker(&self) -> Result<Arc<BrokerConnection>, PublishError> {
         if let Some(connection) = self.current() {
             return Ok(connection);
@@ -201,16 +230,18 @@ impl Publisher {
         self.first_node.store(node, Ordering::Relaxed);
         let channel = open_confirm_channel(&connection).await?;
         self.topology.declare(&connection, &channel).await?;
+        let budget = channel_budget(&connection);
         Ok(BrokerConnection {
             connection,
             node,
             idle: Mutex::new(vec![channel]),
-            channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
+            channels: Arc::new(Semaphore::new(budget)),
         })
     }
 
-    /// Forgets a channel that failed, so the next publish opens a fresh one (a channel can keep
-    /// rejecting publishes after a broker restart or a quorum leader change). When the
+    /// Forgets a connection whose publish failed, and its idle channels with it, so the next
+    /// publish opens fresh ones (a channel can keep rejecting publishes after a broker restart or
+    /// a quorum leader change). When the
     /// connection itself is gone, its node probably is too: the next connect starts with the
     /// node after it.
     fn discard(&self, failed: &Arc<BrokerConnection>) {
@@ -229,7 +260,8 @@ impl Publisher {
     }
 
     /// Returns once the broker has confirmed that the event is stored. The caller bounds the
-    /// whole (the request's publish deadline); each attempt is bounded by [`CONFIRM_TIMEOUT`].
+    /// whole (the request's publish deadline); each attempt, once it may hold a channel, is
+    /// bounded by [`CONFIRM_TIMEOUT`].
     pub async fn publish(&self, event: &OtpRequested) -> Result<(), PublishError> {
         let body = serde_json::to_vec(event).expect("an event always serialises");
         let mut attempt = 1;
@@ -250,7 +282,7 @@ impl Publisher {
                         return Err(e.into());
                     }
                     metrics::counter!(crate::metrics::PUBLISH_RETRIES).increment(1);
-                    tracing::info!(event_id = %event.event_id, attempt, error = %e, "publish not confirmed; trying again on a fresh channel");
+                    tracing::info!(event_id = %event.event_id, attempt, error = %e, "publish not confirmed; trying again on a fresh connection");
                     tokio::time::sleep(retry_delay(attempt)).await;
                     attempt += 1;
                 }
@@ -259,15 +291,17 @@ impl Publisher {
         }
     }
 
-    /// One publish on a channel of its own, bounded by [`CONFIRM_TIMEOUT`] twice at most: for a
-    /// channel, then for the confirm.
+    /// One publish on a channel of its own. Once a channel may be held, opening it (when no idle
+    /// one is left), publishing and the confirm share one [`CONFIRM_TIMEOUT`].
     async fn attempt(
         &self,
         broker: &Arc<BrokerConnection>,
         body: &[u8],
         properties: lapin::BasicProperties,
     ) -> Result<(), ConfirmError> {
-        let lease = match tokio::time::timeout(CONFIRM_TIMEOUT, broker.lease()).await {
+        let permit = broker.permit().await;
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        let lease = match tokio::time::timeout_at(deadline, broker.lease(permit)).await {
             Ok(Ok(lease)) => lease,
             Ok(Err(e)) => return Err(ConfirmError::Broker(e)),
             Err(_) => return Err(ConfirmError::Timeout),
@@ -278,7 +312,7 @@ impl Publisher {
             ROUTING_KEY,
             body,
             properties,
-            CONFIRM_TIMEOUT,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
         )
         .await;
         // Confirmed, or returned and then confirmed: either way nothing of it is still to come.
@@ -288,7 +322,7 @@ impl Publisher {
         result
     }
 
-    /// For `/readyz`: opens the channel if it is not open, and says whether that worked.
+    /// For `/readyz`: connects if there is no connection, and says whether that worked.
     pub async fn ensure_connected(&self) -> Result<(), PublishError> {
         self.broker().await.map(|_| ())
     }
@@ -305,6 +339,14 @@ fn retry_delay(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_channel_budget_stays_within_channel_max() {
+        assert_eq!(budget_within(2_047), MAX_CHANNELS);
+        assert_eq!(budget_within(0), MAX_CHANNELS);
+        assert_eq!(budget_within(200), 200 - CHANNELS_KEPT_FREE);
+        assert_eq!(budget_within(10), 1);
+    }
 
     #[test]
     fn retry_delays_double_and_spread() {
