@@ -9,8 +9,8 @@
 //! lock is released by compare-and-delete, and its lease outlives a slow token call but not a
 //! dead process. A token the provider rejected is deleted only if it is still the current one,
 //! so fifty concurrent 401s cause one refresh, not fifty. After a failed fetch a process leaves
-//! the endpoint alone for a second: its sends use the current token while it lasts, or fail at
-//! once, so a failing endpoint is not called once per send.
+//! the endpoint alone for a second: its sends use the current token while it lasts, or wait
+//! (bounded) for the next fetch, so a failing endpoint is not called once per send.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,7 +30,8 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const WAIT_LIMIT: Duration = Duration::from_secs(12);
 const POLL: Duration = Duration::from_millis(50);
 /// After a failed fetch this process leaves the endpoint alone for this long: its sends use the
-/// current token while it lasts, or fail at once, rather than each calling the endpoint again.
+/// current token while it lasts, or wait for the next fetch, rather than each calling the
+/// endpoint again.
 const RETRY_FETCH_AFTER: Duration = Duration::from_secs(1);
 
 const RELEASE: &str = r"
@@ -128,8 +129,11 @@ impl<S: TokenSource> TokenManager<S> {
                 return Ok(current.token.clone());
             }
             // None, or due for renewal: one process renews, the others use what there is.
-            let may_fetch = self.may_fetch();
-            if may_fetch && let Some(owner) = self.try_lock().await {
+            // Within the pause after a failed fetch, wait as for another process's fetch rather
+            // than fail: a burst of sends failing at once would trip the provider's breaker.
+            if self.may_fetch()
+                && let Some(owner) = self.try_lock().await
+            {
                 let renewed = self.renew().await;
                 self.unlock(&owner).await;
                 match renewed {
@@ -156,12 +160,6 @@ impl<S: TokenSource> TokenManager<S> {
                 && Instant::now() < current.expires_at
             {
                 return Ok(current.token);
-            }
-            if !may_fetch {
-                return Err(format!(
-                    "the last {} token fetch failed; the next is tried within {RETRY_FETCH_AFTER:?}",
-                    self.provider
-                ));
             }
             if Instant::now() >= deadline {
                 return Err(format!(
