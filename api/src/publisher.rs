@@ -155,6 +155,8 @@ pub struct Publisher {
     /// The node to try first at the next connect.
     first_node: AtomicUsize,
     topology: Topology,
+    /// `{ns}.events`, named once rather than per publish.
+    events_exchange: String,
     connection: Mutex<Option<Arc<BrokerConnection>>>,
     connecting: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -164,6 +166,7 @@ impl Publisher {
         Self {
             nodes,
             first_node: AtomicUsize::new(0),
+            events_exchange: topology.events_exchange(),
             topology,
             connection: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(None),
@@ -308,7 +311,7 @@ impl Publisher {
         };
         let result = publish_confirmed(
             &lease.channel,
-            &self.topology.events_exchange(),
+            &self.events_exchange,
             ROUTING_KEY,
             body,
             properties,
