@@ -1,5 +1,4 @@
 use std::process::ExitCode;
-use std::time::Duration;
 
 use api::{ApiConfig, Application};
 use shared::Env;
@@ -24,12 +23,7 @@ fn main() -> ExitCode {
         }
     };
     let _logs = shared::telemetry::init_logging(config.common.log_format);
-    // Spawned rather than driven by `block_on`, so the server runs on the runtime's threads and
-    // not also on this one (as the worker does, BENCHMARKS.md round 5).
-    let served = runtime.block_on(runtime.spawn(serve(config)));
-    // Tasks still running (a connection closing, a publish ending) stop before the log writer
-    // closes, so that what they log is written rather than counted as dropped.
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    let served = shared::telemetry::run_then_stop(runtime, serve(config));
     match served {
         Ok(code) => code,
         Err(e) => {

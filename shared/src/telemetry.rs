@@ -16,8 +16,8 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use crate::LogFormat;
 use log_writer::{BatchedWriter, WriterGuard};
 
-/// Lines the log writer could not keep up with since start-up (it drops rather than block).
-static DROPPED_LINES: OnceLock<BatchedWriter> = OnceLock::new();
+/// The log writer, for the count of lines it dropped since start-up (it drops rather than block).
+static LOG_WRITER: OnceLock<BatchedWriter> = OnceLock::new();
 
 /// Flushes the log writer when dropped: keep it alive until the program ends.
 #[must_use = "logs written after the guard is dropped are lost"]
@@ -34,7 +34,7 @@ pub struct LogGuard(#[allow(dead_code)] WriterGuard);
 /// counted in `log_lines_dropped_total`.
 pub fn init_logging(format: LogFormat) -> LogGuard {
     let (writer, guard) = BatchedWriter::start(std::io::stdout());
-    let _ = DROPPED_LINES.set(writer.clone());
+    let _ = LOG_WRITER.set(writer.clone());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let layer = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -54,6 +54,23 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
         .with(layer)
         .try_init();
     LogGuard(guard)
+}
+
+/// Runs a program's main task on `runtime`'s threads, then stops the runtime, giving tasks still
+/// running a second. Spawned rather than driven by `block_on`, so that the task's wake-ups do not
+/// also go through this thread (BENCHMARKS.md, round 5); call it while the [`LogGuard`] lives, so
+/// that what the last tasks log is written rather than counted as dropped.
+pub fn run_then_stop<F>(
+    runtime: tokio::runtime::Runtime,
+    task: F,
+) -> Result<F::Output, tokio::task::JoinError>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let outcome = runtime.block_on(runtime.spawn(task));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome
 }
 
 /// Targets never logged, at any level: lapin logs a message the broker returned (a `mandatory`
@@ -98,7 +115,7 @@ const DURATION_BUCKETS: &[f64] = &[
 /// date first.
 pub fn render_metrics() -> String {
     let handle = metrics_handle();
-    if let Some(writer) = DROPPED_LINES.get() {
+    if let Some(writer) = LOG_WRITER.get() {
         metrics::counter!("log_lines_dropped_total").absolute(writer.dropped_lines());
     }
     handle.render()

@@ -75,13 +75,10 @@ pub fn main() -> ExitCode {
                 }
             };
             let _logs = shared::telemetry::init_logging(config.common.log_format);
-            // Spawned, not driven by `block_on` itself: the consume loop would then run on this
-            // thread, and every delivery would wake it and then a worker thread for the send
-            // (BENCHMARKS.md, round 5).
-            let worker = runtime.spawn(crate::run(config, shared::telemetry::shutdown_signal()));
-            let outcome = runtime.block_on(worker);
-            // Stragglers end before the log writer closes, so that what they log is written.
-            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            let outcome = shared::telemetry::run_then_stop(
+                runtime,
+                crate::run(config, shared::telemetry::shutdown_signal()),
+            );
             match outcome {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => {
