@@ -14,6 +14,12 @@
 //! published to the old leader, can keep nacking although the new leader is up. A
 //! retried event may be stored twice; the worker's ledger sends its SMS once. Retries back off
 //! (50 ms, doubling), because for a moment after a leader dies even a fresh channel is nacked.
+//!
+//! The caller's deadline bounds the whole publish, and it is passed in rather than imposed by
+//! cancelling it, because how a publish failed matters: a refused event (nacked, returned, never
+//! written) gives its request's limit slots back, while one that was sent and heard nothing may
+//! still be delivered, and must keep them ([`Unpublished::maybe_stored`]). So that few end that
+//! way, no attempt is sent with under [`MIN_TIME_FOR_AN_ATTEMPT`] left.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +57,13 @@ const CHANNELS_KEPT_FREE: usize = 64;
 /// Idle channels kept for the next publishes; one freed beyond this is closed, so a burst does not
 /// leave a thousand channels open on the broker for the life of the connection.
 const MAX_IDLE_CHANNELS: usize = 128;
+/// Channels being opened at once on a connection. A new connection starts with one channel, and a
+/// burst must not open a thousand together: the broker answers them one after another, the last
+/// ones past the attempt's timeout, and the timeouts would discard the new connection in turn.
+const MAX_OPENING_CHANNELS: usize = 32;
+/// No attempt starts with less of the request's deadline left: one cut short after its event
+/// went out leaves the outcome unknown (see [`Unpublished::maybe_stored`]).
+const MIN_TIME_FOR_AN_ATTEMPT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -60,6 +73,30 @@ pub enum PublishError {
     Confirm(#[from] ConfirmError),
     #[error("the OTP expired before it could be published")]
     Expired,
+    #[error("no confirm within the request's publish deadline")]
+    Deadline,
+}
+
+/// Why an event was not confirmed, and whether the broker may have stored it all the same.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Unpublished {
+    #[source]
+    pub error: PublishError,
+    /// An attempt sent the event and then heard neither a confirm nor a refusal (its confirm
+    /// timed out, or its connection was lost): the broker may have stored it, and a worker may
+    /// send its SMS. The request must then keep counting toward the send limits.
+    pub maybe_stored: bool,
+}
+
+/// How one attempt failed.
+enum FailedAttempt {
+    /// The request's deadline came before the event was sent. Nothing is wrong with the broker.
+    OutOfTime,
+    /// The broker does not have the event: refused, or never sent.
+    NotStored(ConfirmError),
+    /// Sent, perhaps, and no answer came: the broker may have it.
+    OutcomeUnknown(ConfirmError),
 }
 
 /// One AMQP connection and its idle confirm-mode channels.
@@ -69,40 +106,66 @@ struct BrokerConnection {
     node: usize,
     /// Channels with nothing in flight. A channel is in here or held by one publish, never both.
     idle: Mutex<Vec<Channel>>,
-    /// One permit per publish holding a channel ([`MAX_CHANNELS`]).
+    /// One permit per publish holding a channel ([`MAX_CHANNELS`]). Closed when the connection is
+    /// discarded, so publishes waiting for a channel move to its replacement.
     channels: Arc<Semaphore>,
+    /// One permit per channel being opened ([`MAX_OPENING_CHANNELS`]).
+    opening: Semaphore,
 }
 
 impl BrokerConnection {
-    /// Waits until a publish may hold a channel. Bounded by the caller (the request's publish
-    /// deadline), and not by an attempt's: waiting for a free channel says nothing about the
-    /// broker.
-    async fn permit(&self) -> OwnedSemaphorePermit {
-        self.channels
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the channel semaphore is never closed")
+    /// Waits until a publish may hold a channel; `None` once the connection was discarded.
+    /// Bounded by the caller (the request's publish deadline), and not by an attempt's: waiting
+    /// for a free channel says nothing about the broker.
+    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.channels.clone().acquire_owned().await.ok()
     }
 
-    /// A confirm-mode channel with nothing in flight: an idle one, or a new one.
-    async fn lease(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> lapin::Result<ChannelLease> {
-        let reused = loop {
-            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            match next {
-                Some(channel) if !channel.status().connected() => continue,
-                other => break other,
-            }
-        };
-        let channel = match reused {
-            Some(channel) => channel,
-            None => open_confirm_channel(&self.connection).await?,
-        };
-        Ok(ChannelLease {
+    /// An idle channel that is still open, if any.
+    fn idle_channel(&self) -> Option<Channel> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        std::iter::from_fn(|| idle.pop()).find(|channel| channel.status().connected())
+    }
+
+    /// A confirm-mode channel with nothing in flight: an idle one, or a new one. Waiting for a
+    /// turn to open one ends by `deadline` (the request's). The attempt's own clock,
+    /// [`CONFIRM_TIMEOUT`], starts once it has a channel or a turn to open one.
+    async fn lease(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+    ) -> Result<ChannelLease, FailedAttempt> {
+        let attempt_ends = || deadline.min(tokio::time::Instant::now() + CONFIRM_TIMEOUT);
+        let lease = |channel, attempt_deadline| ChannelLease {
             channel,
+            attempt_deadline,
             broker: self.clone(),
             _permit: permit,
-        })
+        };
+        if let Some(channel) = self.idle_channel() {
+            return Ok(lease(channel, attempt_ends()));
+        }
+        let Ok(Ok(_turn)) = tokio::time::timeout_at(deadline, self.opening.acquire()).await else {
+            return Err(FailedAttempt::OutOfTime);
+        };
+        let attempt_deadline = attempt_ends();
+        // While this publish waited its turn, another may have freed a channel.
+        if let Some(channel) = self.idle_channel() {
+            return Ok(lease(channel, attempt_deadline));
+        }
+        let opened =
+            tokio::time::timeout_at(attempt_deadline, open_confirm_channel(&self.connection)).await;
+        match opened {
+            Ok(Ok(channel)) => Ok(lease(channel, attempt_deadline)),
+            Ok(Err(e)) => Err(FailedAttempt::NotStored(ConfirmError::NotSent(e))),
+            Err(_) => Err(FailedAttempt::NotStored(ConfirmError::Timeout)),
+        }
+    }
+
+    /// Sends publishes waiting for a channel to the replacement, and closes the idle channels.
+    fn retire(&self) {
+        self.channels.close();
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -111,15 +174,18 @@ impl BrokerConnection {
 /// late return on it would be taken for the next publish's.
 struct ChannelLease {
     channel: Channel,
+    /// When the attempt holding it gives up on the broker.
+    attempt_deadline: tokio::time::Instant,
     broker: Arc<BrokerConnection>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl ChannelLease {
-    /// The publish got its confirm, so nothing of it can still arrive: the channel is idle.
+    /// The publish got its confirm, so nothing of it can still arrive: the channel is idle (unless
+    /// its connection was discarded meanwhile).
     fn settled(self) {
         let mut idle = self.broker.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE_CHANNELS {
+        if idle.len() < MAX_IDLE_CHANNELS && !self.broker.channels.is_closed() {
             idle.push(self.channel);
         }
     }
@@ -239,6 +305,7 @@ impl Publisher {
             node,
             idle: Mutex::new(vec![channel]),
             channels: Arc::new(Semaphore::new(budget)),
+            opening: Semaphore::new(MAX_OPENING_CHANNELS),
         })
     }
 
@@ -260,69 +327,116 @@ impl Publisher {
             }
             *current = None;
         }
+        drop(current);
+        // Only once it is no longer current: a publish sent back from it must find another.
+        failed.retire();
     }
 
-    /// Returns once the broker has confirmed that the event is stored. The caller bounds the
-    /// whole (the request's publish deadline); each attempt, once it may hold a channel, is
-    /// bounded by [`CONFIRM_TIMEOUT`].
-    pub async fn publish(&self, event: &OtpRequested) -> Result<(), PublishError> {
+    /// Returns once the broker has confirmed that the event is stored, or by `deadline` (the
+    /// request's) with why not. Each attempt, once it has a channel or a turn to open one, is
+    /// bounded by [`CONFIRM_TIMEOUT`]; none sends with less than [`MIN_TIME_FOR_AN_ATTEMPT`] left.
+    pub async fn publish(
+        &self,
+        event: &OtpRequested,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Unpublished> {
         let body = serde_json::to_vec(event).expect("an event always serialises");
+        // Once an attempt's outcome is unknown, so is the whole publish's: the event may be
+        // stored even if every later attempt is refused.
+        let mut maybe_stored = false;
+        let fail = |error, maybe_stored| {
+            Err(Unpublished {
+                error,
+                maybe_stored,
+            })
+        };
         let mut attempt = 1;
         loop {
             let ttl_ms = event.millis_left(OffsetDateTime::now_utc());
             if ttl_ms == 0 {
-                return Err(PublishError::Expired);
+                return fail(PublishError::Expired, maybe_stored);
             }
-            let broker = self.broker().await?;
-            let result = self
-                .attempt(&broker, &body, event_properties(event, ttl_ms))
-                .await;
-            match result {
+            let broker = match tokio::time::timeout_at(deadline, self.broker()).await {
+                Ok(Ok(broker)) => broker,
+                Ok(Err(e)) => return fail(e, maybe_stored),
+                Err(_) => return fail(PublishError::Deadline, maybe_stored),
+            };
+            let permit = match tokio::time::timeout_at(deadline, broker.permit()).await {
+                Ok(Some(permit)) => permit,
+                // The connection was discarded while this publish waited: take its replacement.
+                Ok(None) => continue,
+                Err(_) => return fail(PublishError::Deadline, maybe_stored),
+            };
+            let properties = event_properties(event, ttl_ms);
+            let e = match self
+                .attempt(&broker, permit, &body, properties, deadline)
+                .await
+            {
                 Ok(()) => return Ok(()),
-                Err(e) if e.channel_suspect() => {
-                    self.discard(&broker);
-                    if attempt == PUBLISH_ATTEMPTS {
-                        return Err(e.into());
-                    }
-                    metrics::counter!(crate::metrics::PUBLISH_RETRIES).increment(1);
-                    tracing::info!(event_id = %event.event_id, attempt, error = %e, "publish not confirmed; trying again on a fresh connection");
-                    tokio::time::sleep(retry_delay(attempt)).await;
-                    attempt += 1;
+                Err(FailedAttempt::OutOfTime) => return fail(PublishError::Deadline, maybe_stored),
+                Err(FailedAttempt::NotStored(e)) => e,
+                Err(FailedAttempt::OutcomeUnknown(e)) => {
+                    maybe_stored = true;
+                    e
                 }
-                Err(e) => return Err(e.into()),
+            };
+            if !e.channel_suspect() {
+                return fail(e.into(), maybe_stored);
             }
+            self.discard(&broker);
+            let pause = tokio::time::Instant::now() + retry_delay(attempt);
+            if attempt == PUBLISH_ATTEMPTS || pause + MIN_TIME_FOR_AN_ATTEMPT > deadline {
+                return fail(e.into(), maybe_stored);
+            }
+            metrics::counter!(crate::metrics::PUBLISH_RETRIES).increment(1);
+            tracing::info!(event_id = %event.event_id, attempt, error = %e, "publish not confirmed; trying again on a fresh connection");
+            tokio::time::sleep_until(pause).await;
+            attempt += 1;
         }
     }
 
-    /// One publish on a channel of its own. Once a channel may be held, opening it (when no idle
-    /// one is left), publishing and the confirm share one [`CONFIRM_TIMEOUT`].
+    /// One publish on a channel of its own, sent only with [`MIN_TIME_FOR_AN_ATTEMPT`] left.
     async fn attempt(
         &self,
         broker: &Arc<BrokerConnection>,
+        permit: OwnedSemaphorePermit,
         body: &[u8],
         properties: lapin::BasicProperties,
-    ) -> Result<(), ConfirmError> {
-        let permit = broker.permit().await;
-        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
-        let lease = match tokio::time::timeout_at(deadline, broker.lease(permit)).await {
-            Ok(Ok(lease)) => lease,
-            Ok(Err(e)) => return Err(ConfirmError::Broker(e)),
-            Err(_) => return Err(ConfirmError::Timeout),
-        };
+        deadline: tokio::time::Instant,
+    ) -> Result<(), FailedAttempt> {
+        let lease = broker.lease(permit, deadline).await?;
+        let now = tokio::time::Instant::now();
+        if deadline.saturating_duration_since(now) < MIN_TIME_FOR_AN_ATTEMPT {
+            // Too late to start: one cut short after sending would leave the outcome unknown.
+            lease.settled();
+            return Err(FailedAttempt::OutOfTime);
+        }
         let result = publish_confirmed(
             &lease.channel,
             &self.events_exchange,
             ROUTING_KEY,
             body,
             properties,
-            deadline.saturating_duration_since(tokio::time::Instant::now()),
+            lease.attempt_deadline.saturating_duration_since(now),
         )
         .await;
-        // Confirmed, or returned and then confirmed: either way nothing of it is still to come.
-        if matches!(result, Ok(()) | Err(ConfirmError::Unroutable)) {
-            lease.settled();
+        match result {
+            Ok(()) => {
+                lease.settled();
+                Ok(())
+            }
+            // Returned, then confirmed: nothing of it is still to come on the channel.
+            Err(error @ ConfirmError::Unroutable) => {
+                lease.settled();
+                Err(FailedAttempt::NotStored(error))
+            }
+            Err(error @ (ConfirmError::Nacked | ConfirmError::NotSent(_))) => {
+                Err(FailedAttempt::NotStored(error))
+            }
+            Err(error @ (ConfirmError::Timeout | ConfirmError::Broker(_))) => {
+                Err(FailedAttempt::OutcomeUnknown(error))
+            }
         }
-        result
     }
 
     /// For `/readyz`: connects if there is no connection, and says whether that worked.

@@ -18,8 +18,14 @@ pub const PERSISTENT: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfirmError {
-    #[error("RabbitMQ refused the publish: {0}")]
-    Broker(#[from] lapin::Error),
+    /// The channel or connection failed before the message was all written: the broker cannot
+    /// have stored it.
+    #[error("the publish could not be sent: {0}")]
+    NotSent(lapin::Error),
+    /// The message was sent, and the channel or connection failed before the confirm: the broker
+    /// may have stored it.
+    #[error("RabbitMQ did not confirm the publish: {0}")]
+    Broker(lapin::Error),
     /// Without a quorum majority a confirm never comes.
     #[error("RabbitMQ did not confirm the publish in time")]
     Timeout,
@@ -34,7 +40,10 @@ impl ConfirmError {
     /// a quorum queue's leader changes, RabbitMQ 3.10 can keep nacking every publish on a channel
     /// that saw a nack, although the new leader is up; a fresh channel works at once.
     pub fn channel_suspect(&self) -> bool {
-        matches!(self, Self::Broker(_) | Self::Timeout | Self::Nacked)
+        matches!(
+            self,
+            Self::NotSent(_) | Self::Broker(_) | Self::Timeout | Self::Nacked
+        )
     }
 }
 
@@ -50,6 +59,7 @@ pub async fn publish_confirmed(
     timeout: Duration,
 ) -> Result<(), ConfirmError> {
     let confirm = async {
+        // lapin resolves this once every frame of the message is written.
         let pending = channel
             .basic_publish(
                 exchange.into(),
@@ -61,12 +71,13 @@ pub async fn publish_confirmed(
                 body,
                 properties,
             )
-            .await?;
-        pending.await
+            .await
+            .map_err(ConfirmError::NotSent)?;
+        pending.await.map_err(ConfirmError::Broker)
     };
     match tokio::time::timeout(timeout, confirm).await {
         Err(_) => Err(ConfirmError::Timeout),
-        Ok(Err(e)) => Err(ConfirmError::Broker(e)),
+        Ok(Err(e)) => Err(e),
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),
         Ok(Ok(Confirmation::Ack(Some(_)))) => Err(ConfirmError::Unroutable),
         Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(ConfirmError::Nacked),

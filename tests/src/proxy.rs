@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::servers::Server;
@@ -19,6 +21,8 @@ pub struct TcpProxy {
 struct Inner {
     upstream: SocketAddr,
     up: AtomicBool,
+    /// While true, what the server sends is held back (the client's bytes still go through).
+    replies_held: watch::Sender<bool>,
     connections: Mutex<Vec<AbortHandle>>,
 }
 
@@ -30,6 +34,7 @@ impl TcpProxy {
         let inner = Arc::new(Inner {
             upstream,
             up: AtomicBool::new(true),
+            replies_held: watch::Sender::new(false),
             connections: Mutex::new(Vec::new()),
         });
         let accept_inner = inner.clone();
@@ -40,12 +45,20 @@ impl TcpProxy {
                     continue;
                 }
                 let upstream = accept_inner.upstream;
+                let held = accept_inner.replies_held.subscribe();
                 let task = tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
-                    let mut client = client;
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let (mut client_reads, mut client_writes) = client.into_split();
+                    let (mut server_reads, mut server_writes) = server.into_split();
+                    let requests = tokio::io::copy(&mut client_reads, &mut server_writes);
+                    let replies = forward_replies(&mut server_reads, &mut client_writes, held);
+                    // Either direction ending ends the connection, as a dead server would.
+                    tokio::select! {
+                        _ = requests => {}
+                        _ = replies => {}
+                    }
                 });
                 let mut connections = accept_inner.connections.lock().expect("not poisoned");
                 connections.retain(|c| !c.is_finished());
@@ -91,6 +104,37 @@ impl TcpProxy {
     /// Accepts connections again.
     pub fn come_back(&self) {
         self.inner.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds back everything the server sends, on open connections and new ones, while passing
+    /// on what clients send: the server does the work and its answers never arrive (a stalled
+    /// broker, a network that drops one direction).
+    pub fn hold_replies(&self) {
+        self.inner.replies_held.send_replace(true);
+    }
+
+    /// Delivers the held replies, and the ones after them.
+    pub fn release_replies(&self) {
+        self.inner.replies_held.send_replace(false);
+    }
+}
+
+/// Copies the server's bytes to the client, waiting while replies are held.
+async fn forward_replies(
+    server: &mut tokio::net::tcp::OwnedReadHalf,
+    client: &mut tokio::net::tcp::OwnedWriteHalf,
+    mut held: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = server.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        if held.wait_for(|held| !held).await.is_err() {
+            return Ok(());
+        }
+        client.write_all(&buffer[..read]).await?;
     }
 }
 

@@ -87,25 +87,33 @@ pub async fn request_code(
     })
 }
 
-/// The broker's confirm makes the pending code current; anything else gives every slot back.
+/// The broker's confirm makes the pending code current. A refusal (or no attempt at all) gives
+/// every slot back; a publish whose outcome is unknown keeps them, since its SMS may still go.
 async fn publish_then_promote(
     state: AppState,
     event: OtpRequested,
     slots: Slots,
 ) -> Result<(), ApiError> {
     let started = std::time::Instant::now();
-    let published = tokio::time::timeout(PUBLISH_DEADLINE, state.publisher.publish(&event)).await;
+    let deadline = tokio::time::Instant::now() + PUBLISH_DEADLINE;
+    let published = state.publisher.publish(&event, deadline).await;
     metrics::histogram!(m::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
-    let failure = match published {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(anyhow::Error::from(e)),
-        Err(_) => Some(anyhow::anyhow!("no confirm within {PUBLISH_DEADLINE:?}")),
-    };
-    if let Some(failure) = failure {
+    if let Err(unpublished) = published {
         metrics::counter!(m::OTP_REQUESTS, "outcome" => "unavailable").increment(1);
-        // The code was never sent: it must not become valid, and the request counts for nothing.
-        slots.give_back(&state).await;
-        return Err(ApiError::unavailable(Dependency::RabbitMq, failure));
+        if unpublished.maybe_stored {
+            // The code stays pending, so it never becomes valid; the slots stay taken, so an
+            // attacker who makes publishes time out cannot send past the limits.
+            metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN).increment(1);
+            tracing::warn!(event_id = %event.event_id, error = %unpublished.error, "no confirm, but the event may be stored: its limit slots are kept");
+        } else {
+            // The code was never sent: it must not become valid, and the request counts for
+            // nothing.
+            slots.give_back(&state).await;
+        }
+        return Err(ApiError::unavailable(
+            Dependency::RabbitMq,
+            anyhow::Error::from(unpublished),
+        ));
     }
     let promoted = redis_step(state.otp_store.promote(
         state.redis(),

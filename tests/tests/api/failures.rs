@@ -98,6 +98,43 @@ async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
     );
 }
 
+/// A publish the broker received but never answered (its replies held back on the way) may
+/// still be delivered. The request is refused, its code never becomes valid, and it keeps its
+/// place in the limits: an attacker who makes confirms time out cannot send SMS past them.
+/// Withdrawn instead, the resend gap would let the same number through again at once.
+#[tokio::test]
+async fn an_event_sent_but_never_confirmed_keeps_its_place_in_the_limits() {
+    let (broker, app) = app_through_proxy(&servers().rabbitmq, "AMQP_URL").await;
+
+    broker.hold_replies();
+    app.request_otp(PHONE)
+        .await
+        .assert_problem(503, "unavailable");
+    // The broker has the event, so a worker would send its SMS.
+    let (event, _) = app.next_delivery(PHONE).await;
+    let logs = crate::helpers::captured_logs();
+    assert!(
+        logs.lines()
+            .any(|line| line.contains(&event.event_id.to_string())
+                && line.contains("its limit slots are kept")),
+        "{logs}"
+    );
+
+    broker.release_replies();
+    eventually(
+        Duration::from_secs(15),
+        "the api to publish again",
+        || async { app.request_otp("+14155550102").await.status == StatusCode::ACCEPTED },
+    )
+    .await;
+    app.request_otp(PHONE)
+        .await
+        .assert_problem(429, "rate_limited");
+    app.verify(PHONE, event.otp.as_deref().expect("a code"))
+        .await
+        .assert_problem(401, "invalid_otp");
+}
+
 #[tokio::test]
 async fn postgres_down_during_verify_keeps_the_code_usable() {
     let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
