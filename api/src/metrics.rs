@@ -23,8 +23,9 @@ pub const PUBLISH_DURATION: &str = "amqp_publish_duration_seconds";
 /// Counter: publishes tried again on a fresh channel (nacked, unconfirmed in time, or their
 /// connection lost), e.g. while a quorum queue's leader moves.
 pub const PUBLISH_RETRIES: &str = "amqp_publish_retries_total";
-/// Counter: OTP requests answered 503 although their event may be stored (sent, then neither
-/// confirmed nor refused): their limit slots are kept.
+/// Counter, label `resolution`: publishes sent and then neither confirmed nor refused, settled
+/// through the send ledger: `withdrawn` (before any worker took it: 503, slots given back),
+/// `taken` (a worker had it: accepted), `kept` (Redis could not say: 503, slots kept).
 pub const PUBLISH_OUTCOME_UNKNOWN: &str = "amqp_publish_outcome_unknown_total";
 
 /// Gives every metric its `# HELP` line. Call once the recorder is installed.
@@ -66,7 +67,7 @@ pub fn describe() {
     );
     describe_counter!(
         PUBLISH_OUTCOME_UNKNOWN,
-        "OTP requests answered 503 whose event was sent and neither confirmed nor refused: it may still be delivered, so the request keeps its limit slots."
+        "Publishes sent and neither confirmed nor refused, by resolution: withdrawn (503, slots given back), taken (a worker had the event: accepted), kept (Redis could not withdraw it: 503, slots kept)."
     );
     describe_counter!(
         TEST_NUMBER_USES,

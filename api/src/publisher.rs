@@ -79,13 +79,13 @@ pub enum PublishError {
 
 /// Why an event was not confirmed, and whether the broker may have stored it all the same.
 #[derive(Debug, thiserror::Error)]
-#[error("{error}")]
+#[error("the event was not confirmed")]
 pub struct Unpublished {
     #[source]
     pub error: PublishError,
     /// An attempt sent the event and then heard neither a confirm nor a refusal (its confirm
     /// timed out, or its connection was lost): the broker may have stored it, and a worker may
-    /// send its SMS. The request must then keep counting toward the send limits.
+    /// send its SMS, unless the request withdraws it first.
     pub maybe_stored: bool,
 }
 
@@ -128,37 +128,36 @@ impl BrokerConnection {
     }
 
     /// A confirm-mode channel with nothing in flight: an idle one, or a new one. Waiting for a
-    /// turn to open one ends by `deadline` (the request's). The attempt's own clock,
-    /// [`CONFIRM_TIMEOUT`], starts once it has a channel or a turn to open one.
+    /// turn to open one ends by `deadline` (the request's); opening it, within
+    /// [`CONFIRM_TIMEOUT`] of the turn.
     async fn lease(
         self: &Arc<Self>,
         permit: OwnedSemaphorePermit,
         deadline: tokio::time::Instant,
     ) -> Result<ChannelLease, FailedAttempt> {
-        let attempt_ends = || deadline.min(tokio::time::Instant::now() + CONFIRM_TIMEOUT);
-        let lease = |channel, attempt_deadline| ChannelLease {
+        let lease = |channel| ChannelLease {
             channel,
-            attempt_deadline,
             broker: self.clone(),
             _permit: permit,
         };
         if let Some(channel) = self.idle_channel() {
-            return Ok(lease(channel, attempt_ends()));
+            return Ok(lease(channel));
         }
         let Ok(Ok(_turn)) = tokio::time::timeout_at(deadline, self.opening.acquire()).await else {
             return Err(FailedAttempt::OutOfTime);
         };
-        let attempt_deadline = attempt_ends();
         // While this publish waited its turn, another may have freed a channel.
         if let Some(channel) = self.idle_channel() {
-            return Ok(lease(channel, attempt_deadline));
+            return Ok(lease(channel));
         }
-        let opened =
-            tokio::time::timeout_at(attempt_deadline, open_confirm_channel(&self.connection)).await;
-        match opened {
-            Ok(Ok(channel)) => Ok(lease(channel, attempt_deadline)),
+        let open_by = deadline.min(tokio::time::Instant::now() + CONFIRM_TIMEOUT);
+        match tokio::time::timeout_at(open_by, open_confirm_channel(&self.connection)).await {
+            Ok(Ok(channel)) => Ok(lease(channel)),
             Ok(Err(e)) => Err(FailedAttempt::NotStored(ConfirmError::NotSent(e))),
-            Err(_) => Err(FailedAttempt::NotStored(ConfirmError::Timeout)),
+            Err(_) => Err(FailedAttempt::NotStored(ConfirmError::NotSent(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "opening a channel timed out")
+                    .into(),
+            ))),
         }
     }
 
@@ -174,8 +173,6 @@ impl BrokerConnection {
 /// late return on it would be taken for the next publish's.
 struct ChannelLease {
     channel: Channel,
-    /// When the attempt holding it gives up on the broker.
-    attempt_deadline: tokio::time::Instant,
     broker: Arc<BrokerConnection>,
     _permit: OwnedSemaphorePermit,
 }
@@ -333,8 +330,9 @@ impl Publisher {
     }
 
     /// Returns once the broker has confirmed that the event is stored, or by `deadline` (the
-    /// request's) with why not. Each attempt, once it has a channel or a turn to open one, is
-    /// bounded by [`CONFIRM_TIMEOUT`]; none sends with less than [`MIN_TIME_FOR_AN_ATTEMPT`] left.
+    /// request's) with why not. Opening a channel, and then the publish and its confirm, are each
+    /// bounded by [`CONFIRM_TIMEOUT`]; no event is sent with less than
+    /// [`MIN_TIME_FOR_AN_ATTEMPT`] left.
     pub async fn publish(
         &self,
         event: &OtpRequested,
@@ -406,7 +404,8 @@ impl Publisher {
     ) -> Result<(), FailedAttempt> {
         let lease = broker.lease(permit, deadline).await?;
         let now = tokio::time::Instant::now();
-        if deadline.saturating_duration_since(now) < MIN_TIME_FOR_AN_ATTEMPT {
+        let time_left = deadline.saturating_duration_since(now);
+        if time_left < MIN_TIME_FOR_AN_ATTEMPT {
             // Too late to start: one cut short after sending would leave the outcome unknown.
             lease.settled();
             return Err(FailedAttempt::OutOfTime);
@@ -417,7 +416,7 @@ impl Publisher {
             ROUTING_KEY,
             body,
             properties,
-            lease.attempt_deadline.saturating_duration_since(now),
+            time_left.min(CONFIRM_TIMEOUT),
         )
         .await;
         match result {

@@ -9,6 +9,10 @@
 //! - `sent`: the provider accepted the SMS. Later copies are acknowledged without sending.
 //! - `dead`: the event was dead-lettered. Later copies are acknowledged too, so an event ends as
 //!   exactly one of "sent" or "dead-lettered".
+//! - `withdrawn`: written by the api, never by a worker, for an event whose publish it could not
+//!   tell was stored (no confirm, and no refusal either), and only while no worker had claimed it
+//!   (`SET NX`). Copies are acknowledged without sending: the api answered 503 and gave the
+//!   request's rate-limit slots back, so no SMS may go for it.
 //!
 //! A second key, `{ns}:sms:{<event_id>}:resend`, is the one resend a carrier-side delivery
 //! failure may earn (see `worker::resend`): set once, however many receipts arrive.
@@ -24,9 +28,7 @@ use redis::{RedisError, Script};
 use shared::redis_connection::RedisConnection;
 use uuid::Uuid;
 
-/// How long a finished event is remembered after its OTP expires: room for clock skew between
-/// the api, the broker and the workers.
-pub const DONE_MARGIN: Duration = Duration::from_secs(3600);
+pub use shared::send_ledger::DONE_MARGIN;
 
 /// What a claim attempt found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub enum Claim {
 pub enum Finished {
     Sent,
     DeadLettered,
+    /// The api withdrew it before any worker took it: never sent.
+    Withdrawn,
 }
 
 /// Proves that this task holds an event's claim: only the holder may renew or release it.
@@ -97,7 +101,7 @@ impl SendLedger {
     }
 
     pub fn key(&self, event_id: Uuid) -> String {
-        format!("{}:sms:{{{}}}", self.namespace, event_id)
+        shared::send_ledger::key(&self.namespace, event_id)
     }
 
     pub async fn claim(
@@ -162,6 +166,7 @@ impl SendLedger {
         let value = match finished {
             Finished::Sent => "sent",
             Finished::DeadLettered => "dead",
+            Finished::Withdrawn => shared::send_ledger::WITHDRAWN,
         };
         let () = redis::cmd("SET")
             .arg(self.key(event_id))
@@ -198,6 +203,7 @@ fn parse_finished(value: &str) -> Option<Finished> {
     match value {
         "sent" => Some(Finished::Sent),
         "dead" => Some(Finished::DeadLettered),
+        shared::send_ledger::WITHDRAWN => Some(Finished::Withdrawn),
         _ => None,
     }
 }

@@ -1,8 +1,9 @@
 //! Metric names, served in Prometheus text format on `/metrics`.
 
 /// Counter, label `outcome`: `sent`, `retried` (one per retried attempt), `dead_lettered`,
-/// `duplicate_skipped` (a copy of an event that was already handled), `requeued` (handed back to
-/// the broker, e.g. when the dead-letter publish failed).
+/// `duplicate_skipped` (a copy of an event that was already handled), `withdrawn` (an event the
+/// api withdrew: its publish was never confirmed), `requeued` (handed back to the broker, e.g.
+/// when the dead-letter publish failed).
 pub const SENDS: &str = "sms_sends_total";
 /// Counter, label `kind`: `permanent`, `retries_exhausted`, `expired`, `invalid_message`.
 pub const DEAD_LETTERS: &str = "sms_dead_letters_total";
@@ -65,7 +66,7 @@ pub fn describe() {
     );
     describe_counter!(
         SENDS,
-        "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, requeued."
+        "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, withdrawn, requeued."
     );
     describe_counter!(
         DEAD_LETTERS,

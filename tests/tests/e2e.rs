@@ -5,6 +5,7 @@
 
 use serde_json::{Value, json};
 use tests::loadgen::{self, Scenario};
+use tests::servers::servers;
 use tests::stack::{DEADLINE, Stack};
 use tests::wait::eventually;
 
@@ -184,4 +185,49 @@ async fn loadgen_scenarios_run_against_the_stack() {
         let json = serde_json::to_value(&report).unwrap();
         assert!(json["latency"].is_object() || scenario == Scenario::Drain);
     }
+}
+
+/// The api's publish reaches the broker, but the broker's replies are held back on the way to the
+/// api (the worker's own connection is untouched): the worker sends the SMS while the api never
+/// hears the confirm. At its deadline the api finds the worker's record in the send ledger, so
+/// the event was stored after all: the request is accepted, and the code in the SMS works.
+#[tokio::test]
+async fn a_request_whose_confirm_never_came_is_accepted_when_a_worker_took_its_event() {
+    let (broker, amqp_url) = tests::proxy::TcpProxy::in_front_of(&servers().rabbitmq).await;
+    let stack = Stack::start_with(&[("AMQP_URL", &amqp_url)], "info").await;
+    let phone = "+14155550124";
+
+    broker.hold_replies();
+    let reply = stack
+        .client
+        .post(format!("{}/v1/otp", stack.api_url))
+        .json(&json!({ "phone_number": phone }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 202, "{:?}", reply.text().await);
+    broker.release_replies();
+
+    let api_logs = eventually(DEADLINE, "the api to log how it settled", || async {
+        let logs = stack.logs("api");
+        logs.contains("a worker has the event").then_some(logs)
+    })
+    .await;
+    assert!(
+        !api_logs.contains("withdrawn before any worker"),
+        "{api_logs}"
+    );
+    let sms: Value = eventually(DEADLINE, "the SMS at fake-sms", || async {
+        let url = format!("{}/messages?to=%2B14155550124", stack.sms_url);
+        let messages: Vec<Value> = stack.client.get(url).send().await.ok()?.json().await.ok()?;
+        messages.into_iter().next()
+    })
+    .await;
+    let code = loadgen::extract_code(sms["body"].as_str().unwrap()).expect("a code in the SMS");
+    let verify = stack
+        .client
+        .post(format!("{}/v1/otp/verify", stack.api_url))
+        .json(&json!({ "phone_number": phone, "otp": code }));
+    let session = stack.json(verify).await;
+    assert!(session["access_token"].as_str().is_some(), "{session}");
 }

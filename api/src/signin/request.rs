@@ -2,9 +2,11 @@
 //! and only then does the new code replace the old one.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use shared::{OtpRequested, PhoneNumber};
+use time::OffsetDateTime;
 
 use super::{PUBLISH_DEADLINE, detached, redis_step};
 use crate::client_ip::ClientKey;
@@ -87,8 +89,9 @@ pub async fn request_code(
     })
 }
 
-/// The broker's confirm makes the pending code current. A refusal (or no attempt at all) gives
-/// every slot back; a publish whose outcome is unknown keeps them, since its SMS may still go.
+/// The broker's confirm makes the pending code current; a refusal (or no attempt at all) gives
+/// every slot back. A publish whose outcome is unknown is settled through the send ledger first
+/// (see [`settle_unknown_publish`]).
 async fn publish_then_promote(
     state: AppState,
     event: OtpRequested,
@@ -99,21 +102,21 @@ async fn publish_then_promote(
     let published = state.publisher.publish(&event, deadline).await;
     metrics::histogram!(m::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
     if let Err(unpublished) = published {
-        metrics::counter!(m::OTP_REQUESTS, "outcome" => "unavailable").increment(1);
-        if unpublished.maybe_stored {
-            // The code stays pending, so it never becomes valid; the slots stay taken, so an
-            // attacker who makes publishes time out cannot send past the limits.
-            metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN).increment(1);
-            tracing::warn!(event_id = %event.event_id, error = %unpublished.error, "no confirm, but the event may be stored: its limit slots are kept");
+        let refused = if unpublished.maybe_stored {
+            settle_unknown_publish(&state, &event, slots).await
         } else {
-            // The code was never sent: it must not become valid, and the request counts for
+            // The code was never stored: it must not become valid, and the request counts for
             // nothing.
             slots.give_back(&state).await;
+            Some(())
+        };
+        if refused.is_some() {
+            metrics::counter!(m::OTP_REQUESTS, "outcome" => "unavailable").increment(1);
+            return Err(ApiError::unavailable(
+                Dependency::RabbitMq,
+                anyhow::Error::from(unpublished),
+            ));
         }
-        return Err(ApiError::unavailable(
-            Dependency::RabbitMq,
-            anyhow::Error::from(unpublished),
-        ));
     }
     let promoted = redis_step(state.otp_store.promote(
         state.redis(),
@@ -128,6 +131,56 @@ async fn publish_then_promote(
     }
     tracing::info!(phone = %event.phone_number, event_id = %event.event_id, "OTP requested");
     Ok(())
+}
+
+/// Settles a publish that was sent and then neither confirmed nor refused: the broker may have
+/// stored the event, and a worker may send it. Returns `None` when a worker already took it (it
+/// was stored, so the request is accepted after all), `Some(())` when the request is refused.
+///
+/// The api records the event as withdrawn in the send ledger, unless a worker got there first
+/// (`SET NX`, one key, so the two cannot both win). Withdrawn, no worker will send it, and the
+/// slots go back, so a broker outage costs users no place in the limits. When Redis cannot say,
+/// the slots are kept: an SMS may go, and an attacker who makes confirms time out must not send
+/// past the limits. Either way the code stays pending, never valid.
+async fn settle_unknown_publish(
+    state: &AppState,
+    event: &OtpRequested,
+    slots: Slots,
+) -> Option<()> {
+    let remember = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()))
+        + shared::send_ledger::DONE_MARGIN;
+    let mut withdraw = redis::cmd("SET");
+    withdraw
+        .arg(shared::send_ledger::key(
+            &state.config.common.namespace,
+            event.event_id,
+        ))
+        .arg(shared::send_ledger::WITHDRAWN)
+        .arg("NX")
+        .arg("GET")
+        .arg("PX")
+        .arg(u64::try_from(remember.as_millis()).unwrap_or(u64::MAX));
+    let mut redis = state.redis();
+    match redis_step(withdraw.query_async::<Option<String>>(&mut redis)).await {
+        // A worker took it, so the broker stored it: the request went through after all.
+        Ok(Some(held)) if held != "dead" => {
+            metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => "taken").increment(1);
+            tracing::info!(event_id = %event.event_id, "no confirm came, but a worker has the event: accepted");
+            None
+        }
+        // Withdrawn, or dead-lettered: no SMS goes.
+        Ok(_) => {
+            metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => "withdrawn").increment(1);
+            tracing::info!(event_id = %event.event_id, "no confirm came; the event was withdrawn before any worker took it");
+            slots.give_back(state).await;
+            Some(())
+        }
+        Err(_) => {
+            metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => "kept").increment(1);
+            tracing::warn!(event_id = %event.event_id, "no confirm came, and Redis could not withdraw the event: it may still be sent, so its limit slots are kept");
+            Some(())
+        }
+    }
 }
 
 /// One limit a request took a slot on.

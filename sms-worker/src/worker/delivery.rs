@@ -191,6 +191,13 @@ async fn settle(
             send_outcome("sent_unconfirmed");
             acks.finished(delivery.delivery_tag);
         }
+        Outcome::AlreadyHandled(Finished::Withdrawn) => {
+            info!(
+                "the api withdrew this event (its publish was never confirmed, and the request was refused); acknowledging it without sending"
+            );
+            send_outcome("withdrawn");
+            acks.finished(delivery.delivery_tag);
+        }
         Outcome::AlreadyHandled(finished) => {
             info!(already = ?finished, "this event was already handled; acknowledging the copy without sending");
             send_outcome("duplicate_skipped");

@@ -98,41 +98,40 @@ async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
     );
 }
 
-/// A publish the broker received but never answered (its replies held back on the way) may
-/// still be delivered. The request is refused, its code never becomes valid, and it keeps its
-/// place in the limits: an attacker who makes confirms time out cannot send SMS past them.
-/// Withdrawn instead, the resend gap would let the same number through again at once.
+/// A publish the broker received but never answered (its replies held back on the way) may be
+/// stored, so a worker could still send it. With no worker having taken it, the api withdraws it
+/// in the send ledger, which every worker honours (`worker::at_most_once`), and only then gives
+/// the request's limit slots back: the request is refused, its code never becomes valid, and a
+/// broker outage costs the user no place in the limits.
 #[tokio::test]
-async fn an_event_sent_but_never_confirmed_keeps_its_place_in_the_limits() {
+async fn an_event_sent_but_never_confirmed_is_withdrawn_before_its_slots_go_back() {
     let (broker, app) = app_through_proxy(&servers().rabbitmq, "AMQP_URL").await;
 
     broker.hold_replies();
     app.request_otp(PHONE)
         .await
         .assert_problem(503, "unavailable");
-    // The broker has the event, so a worker would send its SMS.
+    // The broker has the event, and the send ledger says no worker may send it.
     let (event, _) = app.next_delivery(PHONE).await;
-    let logs = crate::helpers::captured_logs();
-    assert!(
-        logs.lines()
-            .any(|line| line.contains(&event.event_id.to_string())
-                && line.contains("its limit slots are kept")),
-        "{logs}"
-    );
-
-    broker.release_replies();
-    eventually(
-        Duration::from_secs(15),
-        "the api to publish again",
-        || async { app.request_otp("+14155550102").await.status == StatusCode::ACCEPTED },
-    )
-    .await;
-    app.request_otp(PHONE)
+    let mut redis = app.redis().await;
+    let ledger: Option<String> = redis::cmd("GET")
+        .arg(shared::send_ledger::key(&app.namespace, event.event_id))
+        .query_async(&mut redis)
         .await
-        .assert_problem(429, "rate_limited");
+        .expect("GET");
+    assert_eq!(ledger.as_deref(), Some(shared::send_ledger::WITHDRAWN));
     app.verify(PHONE, event.otp.as_deref().expect("a code"))
         .await
         .assert_problem(401, "invalid_otp");
+
+    broker.release_replies();
+    // The slots went back, so the same number is not held to its resend gap.
+    eventually(
+        Duration::from_secs(15),
+        "the api to publish again",
+        || async { app.request_otp(PHONE).await.status == StatusCode::ACCEPTED },
+    )
+    .await;
 }
 
 #[tokio::test]

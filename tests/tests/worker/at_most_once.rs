@@ -51,3 +51,34 @@ async fn the_same_event_published_twice_gives_one_sms() {
     })
     .await;
 }
+
+/// An event the api withdrew (its publish was neither confirmed nor refused, and the request was
+/// answered 503 with its limit slots given back) gets no SMS: the worker acknowledges it. The
+/// next event for the same number is sent as usual.
+#[tokio::test]
+async fn an_event_the_api_withdrew_is_acknowledged_without_an_sms() {
+    with_harness(QueueType::Classic, |h| async move {
+        let mut worker = h.start_worker_process(&[]).await;
+        let to = phone();
+        let withdrawn = event(&to, CODE_VALIDITY);
+        h.withdraw(&withdrawn).await;
+        h.publish(&withdrawn).await;
+        let next = event(&to, CODE_VALIDITY);
+        h.publish(&next).await;
+        h.wait_for_messages(&to, 1).await;
+        eventually(WAIT, "the withdrawn event to be acknowledged", || async {
+            worker.logs().contains("the api withdrew this event")
+        })
+        .await;
+        worker.terminate();
+        worker.wait(WAIT).await;
+
+        let sent = h.fake.messages(Some(&to));
+        assert_eq!(sent.len(), 1, "one SMS, for the event not withdrawn");
+        assert!(sent[0].body.contains(next.otp.as_deref().expect("a code")));
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        assert_eq!(h.queued().await, 0, "both events were acknowledged");
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}

@@ -173,6 +173,21 @@ impl Harness {
             .expect("the code is stored");
     }
 
+    /// Withdraws `event` as the api does when its publish was neither confirmed nor refused: the
+    /// send ledger says `withdrawn` before any worker took it.
+    pub async fn withdraw(&self, event: &OtpRequested) {
+        let mut redis = self.redis().await;
+        let () = redis::cmd("SET")
+            .arg(shared::send_ledger::key(&self.ns, event.event_id))
+            .arg(shared::send_ledger::WITHDRAWN)
+            .arg("NX")
+            .arg("PX")
+            .arg(600_000)
+            .query_async(&mut redis)
+            .await
+            .expect("the event is withdrawn");
+    }
+
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(servers().redis.url())
             .expect("a Redis URL")
