@@ -25,7 +25,8 @@ pub const PUBLISH_DURATION: &str = "amqp_publish_duration_seconds";
 pub const PUBLISH_RETRIES: &str = "amqp_publish_retries_total";
 /// Counter, label `resolution`: publishes sent and then neither confirmed nor refused, settled
 /// through the send ledger: `withdrawn` (before any worker took it: 503, slots given back),
-/// `taken` (a worker had it: accepted), `kept` (Redis could not say: 503, slots kept).
+/// `taken` (a worker had it: accepted), `dead_lettered` (a worker dead-lettered it: 503, slots
+/// given back), `kept` (Redis could not say: 503, slots kept).
 pub const PUBLISH_OUTCOME_UNKNOWN: &str = "amqp_publish_outcome_unknown_total";
 
 /// Gives every metric its `# HELP` line. Call once the recorder is installed.
@@ -67,7 +68,7 @@ pub fn describe() {
     );
     describe_counter!(
         PUBLISH_OUTCOME_UNKNOWN,
-        "Publishes sent and neither confirmed nor refused, by resolution: withdrawn (503, slots given back), taken (a worker had the event: accepted), kept (Redis could not withdraw it: 503, slots kept)."
+        "Publishes sent and neither confirmed nor refused, by resolution: withdrawn (503, slots given back), taken (a worker had the event: accepted), dead_lettered (503, slots given back), kept (Redis could not withdraw it: 503, slots kept)."
     );
     describe_counter!(
         TEST_NUMBER_USES,

@@ -18,8 +18,9 @@
 //! The caller's deadline bounds the whole publish, and it is passed in rather than imposed by
 //! cancelling it, because how a publish failed matters: a refused event (nacked, returned, never
 //! written) gives its request's limit slots back, while one that was sent and heard nothing may
-//! still be delivered, and must keep them ([`Unpublished::maybe_stored`]). So that few end that
-//! way, no attempt is sent with under [`MIN_TIME_FOR_AN_ATTEMPT`] left.
+//! still be delivered ([`Unpublished::maybe_stored`]): the request must withdraw it before it
+//! gives them back (`signin::withdrawal`). So that few end that way, no event is sent with under
+//! [`MIN_TIME_FOR_AN_ATTEMPT`] left.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,7 +36,8 @@ use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Without a quorum majority a confirm never comes; an attempt must not wait forever for it. Short
-/// enough that a second attempt fits in the request's publish deadline (5 s).
+/// enough that a second attempt usually fits in the request's publish deadline (5 s); opening a
+/// channel, when one must be opened, has the same bound of its own.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting to one node (TCP, AMQP handshake, channel, declarations) may take this long.
 const CONNECT_TIMEOUT_PER_NODE: Duration = Duration::from_secs(3);

@@ -10,7 +10,13 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-/// The value of an event the api withdrew before any worker took it.
+/// A worker holds the claim and is sending: `sending:<token>`.
+pub const SENDING_PREFIX: &str = "sending:";
+/// The provider accepted the SMS.
+pub const SENT: &str = "sent";
+/// The event was dead-lettered: no SMS went.
+pub const DEAD: &str = "dead";
+/// The api withdrew the event before any worker took it: no SMS may go. Only the api writes it.
 pub const WITHDRAWN: &str = "withdrawn";
 
 /// How long a finished record is kept after its OTP expires: room for clock skew between the
@@ -21,4 +27,41 @@ pub const DONE_MARGIN: Duration = Duration::from_secs(3600);
 /// `{ns}:sms:{<event_id>}`; the braces make the event id its Redis Cluster hash tag.
 pub fn key(namespace: &str, event_id: Uuid) -> String {
     format!("{namespace}:sms:{{{event_id}}}")
+}
+
+/// What a ledger record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    Sending,
+    Sent,
+    Dead,
+    Withdrawn,
+}
+
+impl Record {
+    /// `None` for a value neither program writes.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            SENT => Some(Self::Sent),
+            DEAD => Some(Self::Dead),
+            WITHDRAWN => Some(Self::Withdrawn),
+            v if v.starts_with(SENDING_PREFIX) => Some(Self::Sending),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_reads_back() {
+        assert_eq!(Record::parse("sending:0af3"), Some(Record::Sending));
+        assert_eq!(Record::parse(SENT), Some(Record::Sent));
+        assert_eq!(Record::parse(DEAD), Some(Record::Dead));
+        assert_eq!(Record::parse(WITHDRAWN), Some(Record::Withdrawn));
+        assert_eq!(Record::parse("sendin"), None);
+        assert_eq!(Record::parse(""), None);
+    }
 }

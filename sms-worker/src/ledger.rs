@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use redis::{RedisError, Script};
 use shared::redis_connection::RedisConnection;
+use shared::send_ledger::Record;
 use uuid::Uuid;
 
 pub use shared::send_ledger::DONE_MARGIN;
@@ -57,7 +58,11 @@ pub struct ClaimToken(String);
 impl ClaimToken {
     /// A fresh token: `sending:<uuid>`.
     pub fn generate() -> Self {
-        Self(format!("sending:{}", Uuid::new_v4().simple()))
+        Self(format!(
+            "{}{}",
+            shared::send_ledger::SENDING_PREFIX,
+            Uuid::new_v4().simple()
+        ))
     }
 }
 
@@ -68,6 +73,7 @@ pub struct SendLedger {
     claim: Script,
     renew: Script,
     release: Script,
+    finish: Script,
 }
 
 impl SendLedger {
@@ -96,6 +102,12 @@ impl SendLedger {
                     return redis.call('DEL', KEYS[1])
                   end
                   return 0",
+            ),
+            // Records the outcome and says what it replaced (SET's GET option needs Redis 6.2).
+            finish: Script::new(
+                r"local was = redis.call('GET', KEYS[1])
+                  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+                  return was",
             ),
         }
     }
@@ -156,26 +168,29 @@ impl SendLedger {
         Ok(())
     }
 
-    /// Records the outcome for `time_left` (until the OTP expires) plus [`DONE_MARGIN`].
+    /// Records the outcome for `time_left` (until the OTP expires) plus [`DONE_MARGIN`]. Returns
+    /// `true` when it replaced the api's withdrawal: the claim had been lost (released at
+    /// shutdown, or its lease lapsed) and the api, hearing no confirm, withdrew the event, yet an
+    /// SMS went.
     pub async fn finish(
         &self,
         event_id: Uuid,
         finished: Finished,
         time_left: Duration,
-    ) -> Result<(), RedisError> {
+    ) -> Result<bool, RedisError> {
         let value = match finished {
-            Finished::Sent => "sent",
-            Finished::DeadLettered => "dead",
+            Finished::Sent => shared::send_ledger::SENT,
+            Finished::DeadLettered => shared::send_ledger::DEAD,
             Finished::Withdrawn => shared::send_ledger::WITHDRAWN,
         };
-        let () = redis::cmd("SET")
-            .arg(self.key(event_id))
+        let was: Option<String> = self
+            .finish
+            .key(self.key(event_id))
             .arg(value)
-            .arg("PX")
             .arg(millis(time_left + DONE_MARGIN))
-            .query_async(&mut self.redis.clone())
+            .invoke_async(&mut self.redis.clone())
             .await?;
-        Ok(())
+        Ok(was.as_deref() == Some(shared::send_ledger::WITHDRAWN))
     }
 }
 
@@ -200,11 +215,11 @@ impl SendLedger {
 }
 
 fn parse_finished(value: &str) -> Option<Finished> {
-    match value {
-        "sent" => Some(Finished::Sent),
-        "dead" => Some(Finished::DeadLettered),
-        shared::send_ledger::WITHDRAWN => Some(Finished::Withdrawn),
-        _ => None,
+    match Record::parse(value)? {
+        Record::Sent => Some(Finished::Sent),
+        Record::Dead => Some(Finished::DeadLettered),
+        Record::Withdrawn => Some(Finished::Withdrawn),
+        Record::Sending => None,
     }
 }
 

@@ -2,8 +2,9 @@
 
 /// Counter, label `outcome`: `sent`, `retried` (one per retried attempt), `dead_lettered`,
 /// `duplicate_skipped` (a copy of an event that was already handled), `withdrawn` (an event the
-/// api withdrew: its publish was never confirmed), `requeued` (handed back to the broker, e.g.
-/// when the dead-letter publish failed).
+/// api withdrew: its publish was never confirmed), `sent_after_withdrawal` (sent, though the api
+/// had withdrawn it meanwhile: its claim was lost during the send), `requeued` (handed back to
+/// the broker, e.g. when the dead-letter publish failed).
 pub const SENDS: &str = "sms_sends_total";
 /// Counter, label `kind`: `permanent`, `retries_exhausted`, `expired`, `invalid_message`.
 pub const DEAD_LETTERS: &str = "sms_dead_letters_total";
@@ -66,7 +67,7 @@ pub fn describe() {
     );
     describe_counter!(
         SENDS,
-        "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, withdrawn, requeued."
+        "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, withdrawn, sent_after_withdrawal, requeued."
     );
     describe_counter!(
         DEAD_LETTERS,

@@ -87,12 +87,26 @@ impl Program {
 
     /// Sends SIGTERM, as an orchestrator stopping it does.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// SIGSTOP: it does nothing, its connections stay open, until [`Program::resume`].
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT, after [`Program::pause`].
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("the program is running");
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{signal}"), &pid.to_string()])
             .status()
             .expect("kill runs");
-        assert!(status.success(), "SIGTERM to {} failed", self.name);
+        assert!(status.success(), "SIG{signal} to {} failed", self.name);
     }
 
     /// SIGKILL: it dies at once, with whatever it held.

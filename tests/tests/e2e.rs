@@ -24,12 +24,7 @@ async fn sign_in_across_api_worker_and_fake_sms() {
         .unwrap();
     assert_eq!(reply.status(), 202);
 
-    let sms: Value = eventually(DEADLINE, "the SMS at fake-sms", || async {
-        let url = format!("{}/messages?to=%2B14155550123", stack.sms_url);
-        let messages: Vec<Value> = stack.client.get(url).send().await.ok()?.json().await.ok()?;
-        messages.into_iter().next()
-    })
-    .await;
+    let sms = first_sms_to(&stack, phone).await;
     let body = sms["body"].as_str().unwrap();
     assert!(body.starts_with("Your sign-in code is "), "{body}");
     let validity = sms["validity_period"].as_u64().unwrap();
@@ -80,12 +75,7 @@ async fn logs_at_trace_hold_no_code_token_or_full_number() {
         .json(api("/v1/otp").json(&json!({ "phone_number": phone })))
         .await;
     let challenge_id = &sent["challenge_id"];
-    let sms: Value = eventually(DEADLINE, "the SMS at fake-sms", || async {
-        let url = format!("{}/messages?to=%2B14155550124", stack.sms_url);
-        let messages: Vec<Value> = stack.client.get(url).send().await.ok()?.json().await.ok()?;
-        messages.into_iter().next()
-    })
-    .await;
+    let sms = first_sms_to(&stack, phone).await;
     let code = loadgen::extract_code(sms["body"].as_str().unwrap()).expect("a code in the SMS");
     assert_eq!(code.len(), 10);
 
@@ -195,7 +185,7 @@ async fn loadgen_scenarios_run_against_the_stack() {
 async fn a_request_whose_confirm_never_came_is_accepted_when_a_worker_took_its_event() {
     let (broker, amqp_url) = tests::proxy::TcpProxy::in_front_of(&servers().rabbitmq).await;
     let stack = Stack::start_with(&[("AMQP_URL", &amqp_url)], "info").await;
-    let phone = "+14155550124";
+    let phone = "+14155550125";
 
     broker.hold_replies();
     let reply = stack
@@ -217,17 +207,84 @@ async fn a_request_whose_confirm_never_came_is_accepted_when_a_worker_took_its_e
         !api_logs.contains("withdrawn before any worker"),
         "{api_logs}"
     );
-    let sms: Value = eventually(DEADLINE, "the SMS at fake-sms", || async {
-        let url = format!("{}/messages?to=%2B14155550124", stack.sms_url);
-        let messages: Vec<Value> = stack.client.get(url).send().await.ok()?.json().await.ok()?;
-        messages.into_iter().next()
+    signs_in_with_the_sms(&stack, phone).await;
+}
+
+/// As above, but the worker is paused until the api has settled the request: no worker took the
+/// event, so the api withdraws it and refuses the request. The worker, resumed, finds the
+/// event withdrawn and acknowledges it without an SMS; the number may ask again at once, since
+/// the request gave its limit slots back, and that code arrives and works.
+#[tokio::test]
+async fn a_request_whose_confirm_never_came_is_withdrawn_when_no_worker_took_its_event() {
+    let (broker, amqp_url) = tests::proxy::TcpProxy::in_front_of(&servers().rabbitmq).await;
+    let stack = Stack::start_with(&[("AMQP_URL", &amqp_url)], "info").await;
+    let worker = &stack.programs[2];
+    assert_eq!(worker.name(), "sms-worker");
+    let phone = "+14155550126";
+    let request = || {
+        stack
+            .client
+            .post(format!("{}/v1/otp", stack.api_url))
+            .json(&json!({ "phone_number": phone }))
+            .send()
+    };
+
+    worker.pause();
+    broker.hold_replies();
+    let refused = request().await.unwrap();
+    broker.release_replies();
+    worker.resume();
+    assert_eq!(refused.status(), 503, "{:?}", refused.text().await);
+
+    eventually(
+        DEADLINE,
+        "the worker to acknowledge the withdrawn event",
+        || async {
+            stack
+                .logs("sms-worker")
+                .contains("the api withdrew this event")
+        },
+    )
+    .await;
+    let url = format!("{}/messages?to=%2B14155550126", stack.sms_url);
+    let sent: Vec<Value> = stack
+        .json(stack.client.get(url))
+        .await
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(sent.is_empty(), "no SMS for the withdrawn event: {sent:?}");
+
+    eventually(DEADLINE, "the same number to be accepted again", || async {
+        request().await.is_ok_and(|reply| reply.status() == 202)
     })
     .await;
-    let code = loadgen::extract_code(sms["body"].as_str().unwrap()).expect("a code in the SMS");
+    signs_in_with_the_sms(&stack, phone).await;
+}
+
+/// The code in the first SMS to `phone` opens a session.
+async fn signs_in_with_the_sms(stack: &Stack, phone: &str) {
+    let sms = first_sms_to(stack, phone).await;
+    let code =
+        loadgen::extract_code(sms["body"].as_str().expect("a body")).expect("a code in the SMS");
     let verify = stack
         .client
         .post(format!("{}/v1/otp/verify", stack.api_url))
         .json(&json!({ "phone_number": phone, "otp": code }));
     let session = stack.json(verify).await;
     assert!(session["access_token"].as_str().is_some(), "{session}");
+}
+
+/// The first SMS fake-sms received for `phone`, once it has.
+async fn first_sms_to(stack: &Stack, phone: &str) -> Value {
+    eventually(DEADLINE, "the SMS at fake-sms", || async {
+        let url = format!(
+            "{}/messages?to={}",
+            stack.sms_url,
+            phone.replace('+', "%2B")
+        );
+        let messages: Vec<Value> = stack.client.get(url).send().await.ok()?.json().await.ok()?;
+        messages.into_iter().next()
+    })
+    .await
 }

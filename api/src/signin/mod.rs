@@ -4,12 +4,14 @@
 //! Both halves end with an undo that must run whatever happens to the HTTP request (a client
 //! that hangs up, the request timeout): withdrawing a code whose event was not confirmed, or
 //! putting back a code whose session could not be stored. So that work runs on a task of its
-//! own, which the handler awaits but does not own. Its deadlines add up to less than the
+//! own, which the handler awaits but does not own. Its deadlines add up to no more than the
 //! request timeout (10 s), so the client hears the outcome rather than a generic timeout:
-//! Redis at most [`REDIS_DEADLINE`] per step, the publish at most [`PUBLISH_DEADLINE`].
+//! Redis at most [`REDIS_DEADLINE`] per step, the publish at most [`PUBLISH_DEADLINE`], and
+//! withdrawing an event whose publish went unanswered at most 1 s (`withdrawal`).
 
 pub mod request;
 pub mod verify;
+mod withdrawal;
 
 use std::time::Duration;
 

@@ -2,12 +2,11 @@
 //! and only then does the new code replace the old one.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use futures_util::future::join_all;
 use shared::{OtpRequested, PhoneNumber};
-use time::OffsetDateTime;
 
+use super::withdrawal::{self, Settled};
 use super::{PUBLISH_DEADLINE, detached, redis_step};
 use crate::client_ip::ClientKey;
 use crate::config::FraudGuardMode;
@@ -133,54 +132,43 @@ async fn publish_then_promote(
     Ok(())
 }
 
-/// Settles a publish that was sent and then neither confirmed nor refused: the broker may have
-/// stored the event, and a worker may send it. Returns `None` when a worker already took it (it
-/// was stored, so the request is accepted after all), `Some(())` when the request is refused.
-///
-/// The api records the event as withdrawn in the send ledger, unless a worker got there first
-/// (`SET NX`, one key, so the two cannot both win). Withdrawn, no worker will send it, and the
-/// slots go back, so a broker outage costs users no place in the limits. When Redis cannot say,
-/// the slots are kept: an SMS may go, and an attacker who makes confirms time out must not send
-/// past the limits. Either way the code stays pending, never valid.
+/// Settles a publish that was sent and then neither confirmed nor refused (see
+/// [`withdrawal`]). Returns `None` when a worker already took the event (it was stored, so the
+/// request is accepted after all), `Some(())` when the request is refused. Withdrawn, the slots
+/// go back, so a broker outage costs users no place in the limits. When Redis cannot say, they
+/// are kept: an SMS may go, and an attacker who makes confirms time out must not send past the
+/// limits. Refused, the code stays pending, never valid.
 async fn settle_unknown_publish(
     state: &AppState,
     event: &OtpRequested,
     slots: Slots,
 ) -> Option<()> {
-    let remember = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()))
-        + shared::send_ledger::DONE_MARGIN;
-    let mut withdraw = redis::cmd("SET");
-    withdraw
-        .arg(shared::send_ledger::key(
-            &state.config.common.namespace,
-            event.event_id,
-        ))
-        .arg(shared::send_ledger::WITHDRAWN)
-        .arg("NX")
-        .arg("GET")
-        .arg("PX")
-        .arg(u64::try_from(remember.as_millis()).unwrap_or(u64::MAX));
-    let mut redis = state.redis();
-    match redis_step(withdraw.query_async::<Option<String>>(&mut redis)).await {
-        // A worker took it, so the broker stored it: the request went through after all.
-        Ok(Some(held)) if held != "dead" => {
-            metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => "taken").increment(1);
+    let settled = withdrawal::withdraw(state, event).await;
+    let resolution = match settled {
+        Settled::Taken => "taken",
+        Settled::Withdrawn => "withdrawn",
+        Settled::DeadLettered => "dead_lettered",
+        Settled::Unsettled => "kept",
+    };
+    metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => resolution).increment(1);
+    match settled {
+        Settled::Taken => {
             tracing::info!(event_id = %event.event_id, "no confirm came, but a worker has the event: accepted");
-            None
+            return None;
         }
-        // Withdrawn, or dead-lettered: no SMS goes.
-        Ok(_) => {
-            metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => "withdrawn").increment(1);
+        Settled::Withdrawn => {
             tracing::info!(event_id = %event.event_id, "no confirm came; the event was withdrawn before any worker took it");
             slots.give_back(state).await;
-            Some(())
         }
-        Err(_) => {
-            metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => "kept").increment(1);
-            tracing::warn!(event_id = %event.event_id, "no confirm came, and Redis could not withdraw the event: it may still be sent, so its limit slots are kept");
-            Some(())
+        Settled::DeadLettered => {
+            tracing::info!(event_id = %event.event_id, "no confirm came, and a worker dead-lettered the event");
+            slots.give_back(state).await;
+        }
+        Settled::Unsettled => {
+            tracing::warn!(event_id = %event.event_id, "no confirm came, and the event could not be withdrawn: it may still be sent, so its limit slots are kept");
         }
     }
+    Some(())
 }
 
 /// One limit a request took a slot on.

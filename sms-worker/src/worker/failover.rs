@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use shared::OtpRequested;
 use time::OffsetDateTime;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::budget::{MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
@@ -348,7 +348,18 @@ async fn record_in_ledger(ledger: &SendLedger, event: &OtpRequested) {
     let ttl = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     for attempt in 1..=3 {
         match ledger.finish(event.event_id, Finished::Sent, ttl).await {
-            Ok(()) => return,
+            Ok(false) => return,
+            Ok(true) => {
+                // Its claim was lost while it sent, and the api, hearing no confirm in time,
+                // withdrew the event and refused the request: an SMS went whose code will not
+                // work, and the request gave its limit slots back.
+                metrics::counter!(crate::metrics::SENDS, "outcome" => "sent_after_withdrawal")
+                    .increment(1);
+                error!(
+                    "sent an event the api had withdrawn: its claim was lost while it was being sent"
+                );
+                return;
+            }
             Err(e) if attempt == 3 => {
                 warn!(error = %e, "sent, but could not record it in Redis; a redelivered copy could be sent again")
             }

@@ -82,3 +82,34 @@ async fn an_event_the_api_withdrew_is_acknowledged_without_an_sms() {
     })
     .await;
 }
+
+/// A send whose claim was lost while it went out, and which the api withdrew meanwhile (here the
+/// withdrawal replaces the claim mid-send, as after a lapsed lease), is reported as an error
+/// when it is recorded: the user got a code that will not work.
+#[tokio::test]
+async fn a_send_that_replaces_a_withdrawal_is_reported() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(1_000));
+        let mut worker = h.start_worker_process(&[]).await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        eventually(WAIT, "the send to be under way", || async {
+            !h.fake.requests(Some(&to)).is_empty()
+        })
+        .await;
+        h.withdraw(&event).await;
+        h.wait_for_messages(&to, 1).await;
+        eventually(WAIT, "the worker to report the send", || async {
+            worker
+                .logs()
+                .contains("sent an event the api had withdrawn")
+        })
+        .await;
+        worker.terminate();
+        worker.wait(WAIT).await;
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}

@@ -174,13 +174,13 @@ impl Harness {
     }
 
     /// Withdraws `event` as the api does when its publish was neither confirmed nor refused: the
-    /// send ledger says `withdrawn` before any worker took it.
+    /// send ledger says `withdrawn`. (The api writes it only where no worker holds a claim; this
+    /// writes it whatever is there, as if the claim had lapsed.)
     pub async fn withdraw(&self, event: &OtpRequested) {
         let mut redis = self.redis().await;
         let () = redis::cmd("SET")
             .arg(shared::send_ledger::key(&self.ns, event.event_id))
             .arg(shared::send_ledger::WITHDRAWN)
-            .arg("NX")
             .arg("PX")
             .arg(600_000)
             .query_async(&mut redis)
