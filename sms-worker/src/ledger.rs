@@ -73,7 +73,6 @@ pub struct SendLedger {
     claim: Script,
     renew: Script,
     release: Script,
-    finish: Script,
 }
 
 impl SendLedger {
@@ -102,12 +101,6 @@ impl SendLedger {
                     return redis.call('DEL', KEYS[1])
                   end
                   return 0",
-            ),
-            // Records the outcome and says what it replaced (SET's GET option needs Redis 6.2).
-            finish: Script::new(
-                r"local was = redis.call('GET', KEYS[1])
-                  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-                  return was",
             ),
         }
     }
@@ -183,12 +176,15 @@ impl SendLedger {
             Finished::DeadLettered => shared::send_ledger::DEAD,
             Finished::Withdrawn => shared::send_ledger::WITHDRAWN,
         };
-        let was: Option<String> = self
-            .finish
-            .key(self.key(event_id))
+        // GET returns what the SET replaced (Redis 6.2), in the same command: cheaper for Redis
+        // than a script, on the path every SMS takes.
+        let was: Option<String> = redis::cmd("SET")
+            .arg(self.key(event_id))
             .arg(value)
+            .arg("PX")
             .arg(millis(time_left + DONE_MARGIN))
-            .invoke_async(&mut self.redis.clone())
+            .arg("GET")
+            .query_async(&mut self.redis.clone())
             .await?;
         Ok(was.as_deref() == Some(shared::send_ledger::WITHDRAWN))
     }
