@@ -89,7 +89,9 @@ async fn an_event_the_api_withdrew_is_acknowledged_without_an_sms() {
 #[tokio::test]
 async fn a_send_that_replaces_a_withdrawal_is_reported() {
     with_harness(QueueType::Classic, |h| async move {
-        h.fake.set_faults(Faults::latency(1_000));
+        // Long enough for the withdrawal below to land while the send is under way, on a busy
+        // machine too.
+        h.fake.set_faults(Faults::latency(4_000));
         let mut worker = h.start_worker_process(&[]).await;
         let to = phone();
         let event = event(&to, CODE_VALIDITY);
