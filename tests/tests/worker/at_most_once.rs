@@ -2,6 +2,7 @@
 
 use shared::QueueType;
 use tests::fake_sms::Faults;
+use tests::program::Program;
 use tests::wait::eventually;
 
 use crate::harness::{CODE_VALIDITY, WAIT, event, phone, with_harness};
@@ -72,6 +73,18 @@ async fn an_event_the_api_withdrew_is_acknowledged_without_an_sms() {
         .await;
         worker.terminate();
         worker.wait(WAIT).await;
+
+        // The operator sees why no SMS went.
+        let mut env = h.env();
+        env.retain(|(name, _)| name != "RUST_LOG");
+        let mut trace = Program::start_workspace("sms-worker", &["trace", to.as_str()], env).await;
+        assert!(trace.wait(WAIT).await.success(), "{}", trace.logs());
+        let out = trace.stdout();
+        assert!(
+            out.contains(&format!("event {}", withdrawn.event_id)),
+            "{out}"
+        );
+        assert!(out.contains("ended: withdrawn"), "{out}");
 
         let sent = h.fake.messages(Some(&to));
         assert_eq!(sent.len(), 1, "one SMS, for the event not withdrawn");
