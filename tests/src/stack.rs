@@ -14,13 +14,7 @@ use crate::wait::eventually;
 /// Generous: three programs start and connect at once, beside the other suites.
 pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("a bound address")
-        .port()
-}
+pub use crate::ports::free_port;
 
 /// `pairs` as a program's environment, with JSON logs (what production runs, and what the
 /// test reads) filtered by `rust_log`.

@@ -5,19 +5,12 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use tests::cleanup::{remove_now, unique};
+use tests::ports::free_port;
 use tests::program::Program;
 use tests::servers::servers;
 use tests::wait::eventually;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("a bound address")
-        .port()
-}
 
 /// The `api` program with a namespace and database of its own, removed when it is dropped.
 struct ApiProcess {

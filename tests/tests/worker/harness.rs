@@ -138,10 +138,7 @@ impl Harness {
     /// Overrides for [`Harness::failover`] with delivery receipts on: a callback listener on a
     /// free local port, which fake-sms calls as the carrier.
     pub fn receipts(&self) -> Vec<(String, String)> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
+        let port = tests::ports::free_port();
         let mut overrides = self.failover();
         overrides.extend([
             ("CALLBACK_ADDR".to_owned(), format!("127.0.0.1:{port}")),
