@@ -101,15 +101,15 @@ async fn publish_then_promote(
     let published = state.publisher.publish(&event, deadline).await;
     metrics::histogram!(m::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
     if let Err(unpublished) = published {
-        let refused = if unpublished.maybe_stored {
+        let stored_after_all = if unpublished.maybe_stored {
             settle_unknown_publish(&state, &event, slots).await
         } else {
             // The code was never stored: it must not become valid, and the request counts for
             // nothing.
             slots.give_back(&state).await;
-            Some(())
+            false
         };
-        if refused.is_some() {
+        if !stored_after_all {
             metrics::counter!(m::OTP_REQUESTS, "outcome" => "unavailable").increment(1);
             return Err(ApiError::unavailable(
                 Dependency::RabbitMq,
@@ -133,28 +133,18 @@ async fn publish_then_promote(
 }
 
 /// Settles a publish that was sent and then neither confirmed nor refused (see
-/// [`withdrawal`]). Returns `None` when a worker already took the event (it was stored, so the
-/// request is accepted after all), `Some(())` when the request is refused. Withdrawn, the slots
+/// [`withdrawal`]). Returns whether the event turned out to be stored (a worker already took
+/// it), in which case the request is accepted after all; otherwise it is refused. Withdrawn, the slots
 /// go back, so a broker outage costs users no place in the limits. When Redis cannot say, they
 /// are kept: an SMS may go, and an attacker who makes confirms time out must not send past the
 /// limits. Refused, the code stays pending, never valid.
-async fn settle_unknown_publish(
-    state: &AppState,
-    event: &OtpRequested,
-    slots: Slots,
-) -> Option<()> {
+async fn settle_unknown_publish(state: &AppState, event: &OtpRequested, slots: Slots) -> bool {
     let settled = withdrawal::withdraw(state, event).await;
-    let resolution = match settled {
-        Settled::Taken => "taken",
-        Settled::Withdrawn => "withdrawn",
-        Settled::DeadLettered => "dead_lettered",
-        Settled::Unsettled => "kept",
-    };
-    metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => resolution).increment(1);
+    metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => settled.label()).increment(1);
     match settled {
         Settled::Taken => {
             tracing::info!(event_id = %event.event_id, "no confirm came, but a worker has the event: accepted");
-            return None;
+            return true;
         }
         Settled::Withdrawn => {
             tracing::info!(event_id = %event.event_id, "no confirm came; the event was withdrawn before any worker took it");
@@ -168,7 +158,7 @@ async fn settle_unknown_publish(
             tracing::warn!(event_id = %event.event_id, "no confirm came, and the event could not be withdrawn: it may still be sent, so its limit slots are kept");
         }
     }
-    Some(())
+    false
 }
 
 /// One limit a request took a slot on.

@@ -41,6 +41,18 @@ pub enum Settled {
     Unsettled,
 }
 
+impl Settled {
+    /// The `resolution` label of `amqp_publish_outcome_unknown_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Taken => "taken",
+            Self::Withdrawn => "withdrawn",
+            Self::DeadLettered => "dead_lettered",
+            Self::Unsettled => "kept",
+        }
+    }
+}
+
 /// Withdraws `event` unless a worker already took it.
 pub async fn withdraw(state: &AppState, event: &OtpRequested) -> Settled {
     // As long as the worker keeps its own records: no copy of the event can arrive later.

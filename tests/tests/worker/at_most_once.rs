@@ -2,7 +2,6 @@
 
 use shared::QueueType;
 use tests::fake_sms::Faults;
-use tests::program::Program;
 use tests::wait::eventually;
 
 use crate::harness::{CODE_VALIDITY, WAIT, event, phone, with_harness};
@@ -75,11 +74,7 @@ async fn an_event_the_api_withdrew_is_acknowledged_without_an_sms() {
         worker.wait(WAIT).await;
 
         // The operator sees why no SMS went.
-        let mut env = h.env();
-        env.retain(|(name, _)| name != "RUST_LOG");
-        let mut trace = Program::start_workspace("sms-worker", &["trace", to.as_str()], env).await;
-        assert!(trace.wait(WAIT).await.success(), "{}", trace.logs());
-        let out = trace.stdout();
+        let out = h.trace(&to, &[]).await;
         assert!(
             out.contains(&format!("event {}", withdrawn.event_id)),
             "{out}"

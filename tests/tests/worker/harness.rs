@@ -193,6 +193,16 @@ impl Harness {
             .expect("Redis")
     }
 
+    /// What `sms-worker trace <to>` prints, as an operator runs it (no `RUST_LOG`), with
+    /// `overrides` in its environment.
+    pub async fn trace(&self, to: &str, overrides: &[(&str, &str)]) -> String {
+        let mut env = self.env_with(overrides);
+        env.retain(|(name, _)| name != "RUST_LOG");
+        let mut program = Program::start_workspace("sms-worker", &["trace", to], env).await;
+        assert!(program.wait(WAIT).await.success(), "{}", program.logs());
+        program.stdout()
+    }
+
     /// [`Harness::env`] with `overrides` (an empty value unsets a variable).
     pub fn env_with(&self, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut env = self.env();

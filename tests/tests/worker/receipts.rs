@@ -10,7 +10,6 @@ use std::time::Duration;
 use shared::{OtpRequested, PhoneNumber, QueueType};
 use sms_worker::trace::{Line, Timelines, What};
 use tests::fake_sms::{Carrier, Outcome, SmsProvider, twilio_signature};
-use tests::program::Program;
 use tests::wait::eventually;
 
 use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
@@ -223,12 +222,7 @@ async fn an_undelivered_30007_is_resent_once_through_the_second_provider() {
         assert_eq!(not_resent.len(), 1, "Infobip's failure: {not_resent:?}");
 
         // The operator's view of the whole story, from the program.
-        let mut env = h.env_with(&pairs(&overrides));
-        env.retain(|(name, _)| name != "RUST_LOG");
-        let mut program =
-            Program::start_workspace("sms-worker", &["trace", to.as_str()], env).await;
-        assert!(program.wait(WAIT).await.success(), "{}", program.logs());
-        let out = program.stdout();
+        let out = h.trace(&to, &pairs(&overrides)).await;
         for expected in [
             shared::mask_phone(&to).as_str(),
             &format!("event {}", event.event_id),
