@@ -10,7 +10,9 @@
 //! dead process. A token the provider rejected is deleted only if it is still the current one,
 //! so fifty concurrent 401s cause one refresh, not fifty. After a failed fetch a process leaves
 //! the endpoint alone for a second: its sends use the current token while it lasts, or wait
-//! (bounded) for the next fetch, so a failing endpoint is not called once per send.
+//! (bounded) for the next fetch, so a failing endpoint is not called once per send. Sends that
+//! waited for a fetch that failed all get its error at once (and may move to the next provider),
+//! rather than each waiting its turn for a fetch of its own.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -82,8 +84,15 @@ pub struct TokenManager<S> {
     cached: Mutex<Option<Cached>>,
     /// One task per process does the slow path; the others wait for it here.
     slow_path: tokio::sync::Mutex<()>,
-    /// When this process's last fetch failed, if it did.
-    failed_fetch_at: Mutex<Option<Instant>>,
+    /// This process's failed fetches.
+    failures: Mutex<FetchFailures>,
+}
+
+/// This process's failed fetches: how many, the last one's time and error.
+#[derive(Default)]
+struct FetchFailures {
+    count: u64,
+    last: Option<(Instant, String)>,
 }
 
 impl<S: TokenSource> TokenManager<S> {
@@ -105,7 +114,7 @@ impl<S: TokenSource> TokenManager<S> {
             release: Script::new(RELEASE),
             cached: Mutex::new(None),
             slow_path: tokio::sync::Mutex::new(()),
-            failed_fetch_at: Mutex::new(None),
+            failures: Mutex::default(),
         }
     }
 
@@ -115,11 +124,17 @@ impl<S: TokenSource> TokenManager<S> {
         if let Some(token) = self.fresh_in_memory() {
             return Ok(token);
         }
-        let _one_at_a_time = self.slow_path.lock().await;
+        let deadline = Instant::now() + WAIT_LIMIT;
+        let failures_before = self.failure_count();
+        let no_token = || format!("no {} token arrived within {WAIT_LIMIT:?}", self.provider);
+        let Ok(_one_at_a_time) =
+            tokio::time::timeout_at(deadline.into(), self.slow_path.lock()).await
+        else {
+            return Err(no_token());
+        };
         if let Some(token) = self.fresh_in_memory() {
             return Ok(token);
         }
-        let deadline = Instant::now() + WAIT_LIMIT;
         loop {
             let stored = self.read().await.map_err(|e| format!("Redis: {e}"))?;
             if let Some(current) = &stored
@@ -139,14 +154,16 @@ impl<S: TokenSource> TokenManager<S> {
                 match renewed {
                     Ok(token) => return Ok(token),
                     Err(e) => {
-                        self.fetch_failed();
+                        self.fetch_failed(&e);
                         return match stored {
                             // The current token still works: use it, renewing is retried later.
                             Some(current) if Instant::now() < current.expires_at => {
                                 tracing::warn!(provider = self.provider, error = %e, "could not renew the provider token; using the current one");
                                 let token = current.token.clone();
+                                // Never past its expiry, which may be nearer than the pause.
                                 self.remember(Cached {
-                                    refresh_at: Instant::now() + RETRY_FETCH_AFTER,
+                                    refresh_at: (Instant::now() + RETRY_FETCH_AFTER)
+                                        .min(current.expires_at),
                                     ..current
                                 });
                                 Ok(token)
@@ -161,11 +178,14 @@ impl<S: TokenSource> TokenManager<S> {
             {
                 return Ok(current.token);
             }
+            // A fetch of this process failed while this send waited for it: that is its outcome,
+            // as for the sends that waited beside it, rather than a turn at a fetch of its own
+            // (one a second, so the last of many waiting sends would wait many seconds).
+            if let Some(e) = self.failed_since(failures_before) {
+                return Err(e);
+            }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "no {} token arrived within {WAIT_LIMIT:?}",
-                    self.provider
-                ));
+                return Err(no_token());
             }
             tokio::time::sleep(POLL).await;
         }
@@ -198,18 +218,33 @@ impl<S: TokenSource> TokenManager<S> {
     /// Whether this process may call the token endpoint: not within [`RETRY_FETCH_AFTER`] of a
     /// failed call.
     fn may_fetch(&self) -> bool {
-        let failed_at = self
-            .failed_fetch_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        failed_at.is_none_or(|at| at.elapsed() >= RETRY_FETCH_AFTER)
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures
+            .last
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= RETRY_FETCH_AFTER)
     }
 
-    fn fetch_failed(&self) {
-        *self
-            .failed_fetch_at
+    fn fetch_failed(&self, error: &str) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.count += 1;
+        failures.last = Some((Instant::now(), error.to_owned()));
+    }
+
+    fn failure_count(&self) -> u64 {
+        self.failures
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            .unwrap_or_else(|e| e.into_inner())
+            .count
+    }
+
+    /// The last fetch's error, if a fetch failed since the count was `before`.
+    fn failed_since(&self, before: u64) -> Option<String> {
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.count == before {
+            return None;
+        }
+        failures.last.as_ref().map(|(_, e)| e.clone())
     }
 
     fn fresh_in_memory(&self) -> Option<Token> {

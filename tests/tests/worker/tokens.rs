@@ -261,3 +261,51 @@ async fn a_failing_renewal_leaves_the_endpoint_alone_while_the_current_token_wor
     })
     .await;
 }
+
+/// Infobip first, Twilio after it, and Infobip's token endpoint failing (here: issuing tokens no
+/// header can carry). Sends waiting in the slow path get the outcome of the fetch they waited
+/// for, together: their failures open Infobip's breaker and they go out through Twilio. They
+/// do not each wait their turn for a fetch of their own, one a second, until five failures open
+/// the breaker (five calls, and the last waiting sends delayed by seconds).
+#[tokio::test]
+async fn sends_waiting_for_a_failing_token_fetch_fail_over_together() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_token_policy(TokenPolicy {
+            unsendable: true,
+            // Slow enough that all twenty sends are waiting while the first fetch runs.
+            latency_ms: 300,
+            ..TokenPolicy::default()
+        });
+        let mut overrides = h.failover();
+        overrides.extend([
+            ("SMS_PROVIDERS".to_owned(), "infobip,twilio".to_owned()),
+            ("WORKER_CONCURRENCY".to_owned(), "20".to_owned()),
+        ]);
+        let numbers: Vec<String> = (0..20).map(|_| phone()).collect();
+        for to in &numbers {
+            h.request_sms(to).await;
+        }
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        for to in &numbers {
+            h.wait_for_messages(to, 1).await;
+        }
+        worker.stop().await;
+        assert_eq!(
+            h.fake.requests_via(SmsProvider::Twilio, None).len(),
+            20,
+            "every send failed over to Twilio"
+        );
+        let calls = h.fake.token_calls();
+        assert!(
+            calls.len() <= 2,
+            "one fetch for the waiting sends: {calls:?}"
+        );
+        assert!(
+            h.fake
+                .messages(None)
+                .iter()
+                .all(|m| m.provider == SmsProvider::Twilio)
+        );
+    })
+    .await;
+}
