@@ -16,8 +16,9 @@
 
 use std::time::Duration;
 
-use redis::{RedisResult, Script};
+use redis::RedisResult;
 use shared::redis_connection::RedisConnection;
+use shared::redis_script::Script;
 
 use crate::client_ip::ClientKey;
 use crate::config::{FraudGuardMode, FraudGuardPolicy};
@@ -197,7 +198,11 @@ impl Limits {
         Ok(())
     }
 
-    fn run_counter<'a>(&'a self, counter: &Counter, op: &str) -> redis::ScriptInvocation<'a> {
+    fn run_counter<'a>(
+        &'a self,
+        counter: &Counter,
+        op: &str,
+    ) -> shared::redis_script::ScriptInvocation<'a> {
         let mut invocation = self.counter.key(&counter.key);
         invocation
             .arg(op)

@@ -8,6 +8,7 @@ pub mod event;
 pub mod otp_keys;
 pub mod phone;
 pub mod redis_connection;
+pub mod redis_script;
 pub mod send_ledger;
 pub mod telemetry;
 pub mod topology;

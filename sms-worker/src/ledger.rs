@@ -24,8 +24,9 @@
 
 use std::time::Duration;
 
-use redis::{RedisError, Script};
+use redis::RedisError;
 use shared::redis_connection::RedisConnection;
+use shared::redis_script::Script;
 use shared::send_ledger::Record;
 use uuid::Uuid;
 

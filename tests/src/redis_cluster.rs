@@ -112,6 +112,57 @@ impl RedisCluster {
         }
     }
 
+    /// The nodes' ports.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// The port of the master that serves `key`'s hash slot.
+    pub fn port_serving(&self, key: &str) -> u16 {
+        let slot: u16 = redis_cli(self.ports[0], &["cluster", "keyslot", key])
+            .and_then(|out| out.trim().parse().ok())
+            .expect("CLUSTER KEYSLOT answers a number");
+        let serves = |port: u16| {
+            let nodes = redis_cli(port, &["cluster", "nodes"]).unwrap_or_default();
+            let Some(own) = nodes.lines().find(|line| line.contains("myself")) else {
+                return false;
+            };
+            own.split_whitespace().skip(8).any(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                matches!((first.parse::<u16>(), last.parse::<u16>()), (Ok(a), Ok(b)) if (a..=b).contains(&slot))
+            })
+        };
+        self.ports
+            .iter()
+            .copied()
+            .find(|port| serves(*port))
+            .expect("a master serves every slot")
+    }
+
+    /// Empties one node's script cache, as a restart or a replica's promotion leaves it.
+    pub fn flush_scripts(&self, port: u16) {
+        let answer = redis_cli(port, &["script", "flush"]);
+        assert!(
+            answer.is_some_and(|out| out.contains("OK")),
+            "SCRIPT FLUSH on {port}"
+        );
+    }
+
+    /// Stops one node's process (SIGSTOP), so it accepts connections and answers nothing.
+    pub fn freeze_node(&self, port: u16) {
+        let index = self
+            .ports
+            .iter()
+            .position(|p| *p == port)
+            .expect("a node of this cluster");
+        let pid = self.nodes[index].id().to_string();
+        let stopped = Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(stopped, "kill -STOP {pid}");
+    }
+
     /// The keys of every master, for a test to look at what was written where.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         self.ports

@@ -174,3 +174,52 @@ async fn a_hung_cluster_node_fails_each_command_within_seconds() {
         );
     }
 }
+
+/// A node without the script in its cache (a promoted replica, a restarted master) must run it
+/// while another node of the cluster is down. The redis crate's own scripts answer `NOSCRIPT` with
+/// `SCRIPT LOAD` sent to every node, which fails while any node does not answer; ours fall back
+/// to `EVAL` on the key's node.
+#[tokio::test]
+async fn a_script_runs_on_a_node_that_lost_it_while_another_node_is_down() {
+    use shared::redis_connection::{RedisConnection, RedisTarget};
+    use shared::redis_script::Script;
+
+    let Some(cluster) = required::or_skip("the Redis Cluster test", RedisCluster::start).await
+    else {
+        return;
+    };
+    let target = RedisTarget::parse(&cluster.url().into()).expect("a cluster URL");
+    let mut redis = RedisConnection::new(&target).expect("a cluster connection");
+    let script = Script::new("return redis.call('INCR', KEYS[1])");
+    let key = "{script-test}:count";
+    let first: i64 = script
+        .key(key)
+        .invoke_async(&mut redis)
+        .await
+        .expect("the first run");
+    assert_eq!(first, 1);
+
+    let serving = cluster.port_serving(key);
+    cluster.flush_scripts(serving);
+    let down = *cluster
+        .ports()
+        .iter()
+        .find(|port| **port != serving)
+        .expect("a second node");
+    cluster.freeze_node(down);
+
+    let second = tokio::time::timeout(
+        Duration::from_secs(10),
+        script.key(key).invoke_async::<i64>(&mut redis),
+    )
+    .await
+    .expect("the script call ends");
+    assert_eq!(second.expect("the script runs on its key's node"), 2);
+    // EVAL cached it there: the next call is an EVALSHA that works.
+    let third: i64 = script
+        .key(key)
+        .invoke_async(&mut redis)
+        .await
+        .expect("the third run");
+    assert_eq!(third, 3);
+}

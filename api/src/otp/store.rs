@@ -15,9 +15,10 @@
 
 use std::time::Duration;
 
-use redis::{RedisResult, Script, Value};
+use redis::{RedisResult, Value};
 use shared::PhoneNumber;
 use shared::redis_connection::RedisConnection;
+use shared::redis_script::Script;
 use uuid::Uuid;
 
 use super::CodeDigest;

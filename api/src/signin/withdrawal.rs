@@ -7,8 +7,8 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::Script;
 use shared::OtpRequested;
+use shared::redis_script::Script;
 use shared::send_ledger::{self, Record};
 use time::OffsetDateTime;
 

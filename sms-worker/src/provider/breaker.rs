@@ -14,8 +14,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use redis::Script;
 use shared::redis_connection::RedisConnection;
+use shared::redis_script::Script;
 
 use crate::config::BreakerConfig;
 use crate::metrics as m;

@@ -17,10 +17,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redis::Script;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use shared::redis_connection::RedisConnection;
+use shared::redis_script::Script;
 
 use crate::metrics as m;
 use crate::seal::SealKey;

@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
-use redis::{RedisResult, Script, Value};
+use redis::{RedisResult, Value};
 use serde::{Deserialize, Serialize};
 use shared::PhoneNumber;
 use shared::redis_connection::RedisConnection;
+use shared::redis_script::Script;
 use uuid::Uuid;
 
 use super::Receipt;
