@@ -15,6 +15,12 @@
 //! retried event may be stored twice; the worker's ledger sends its SMS once. Retries back off
 //! (50 ms, doubling), because for a moment after a leader dies even a fresh channel is nacked.
 //!
+//! While RabbitMQ blocks the connection (a memory or disk alarm: it stops reading what publishing
+//! connections send, and lapin stops writing), a request is refused at once, and the connection is
+//! kept. Neither waiting out the confirm timeout nor a fresh connection would help: the broker
+//! would block the new connection at its first publish, and each discarded one would still hold
+//! a socket and memory on a broker already short of it.
+//!
 //! The caller's deadline bounds the whole publish, and it is passed in rather than imposed by
 //! cancelling it, because how a publish failed matters: a refused event (nacked, returned, never
 //! written) gives its request's limit slots back, while one that was sent and heard nothing may
@@ -28,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
+use shared::amqp::alarms::AlarmWatch;
 use shared::amqp::nodes::BrokerNodes;
 use shared::amqp::{ConfirmError, event_properties, publish_confirmed};
 use shared::event::ROUTING_KEY;
@@ -77,6 +84,8 @@ pub enum PublishError {
     Expired,
     #[error("no confirm within the request's publish deadline")]
     Deadline,
+    #[error("RabbitMQ is blocking publishes (a memory or disk alarm)")]
+    Blocked,
 }
 
 /// Why an event was not confirmed, and whether the broker may have stored it all the same.
@@ -113,6 +122,8 @@ struct BrokerConnection {
     channels: Arc<Semaphore>,
     /// One permit per channel being opened ([`MAX_OPENING_CHANNELS`]).
     opening: Semaphore,
+    /// Reports the broker's alarms (a warning, `amqp_connection_blocked`) while the connection lives.
+    _alarms: AlarmWatch,
 }
 
 impl BrokerConnection {
@@ -161,6 +172,11 @@ impl BrokerConnection {
                     .into(),
             ))),
         }
+    }
+
+    /// Whether RabbitMQ has told this connection it is blocked: nothing sent on it is read.
+    fn blocked(&self) -> bool {
+        self.connection.status().blocked()
     }
 
     /// Sends publishes waiting for a channel to the replacement, and closes the idle channels.
@@ -299,12 +315,18 @@ impl Publisher {
         let channel = open_confirm_channel(&connection).await?;
         self.topology.declare(&connection, &channel).await?;
         let budget = channel_budget(&connection);
+        let alarms = AlarmWatch::start(
+            &connection,
+            crate::metrics::BROKER_BLOCKED,
+            "OTP requests get 503 until it lifts",
+        );
         Ok(BrokerConnection {
             connection,
             node,
             idle: Mutex::new(vec![channel]),
             channels: Arc::new(Semaphore::new(budget)),
             opening: Semaphore::new(MAX_OPENING_CHANNELS),
+            _alarms: alarms,
         })
     }
 
@@ -361,6 +383,9 @@ impl Publisher {
                 Ok(Err(e)) => return fail(e, maybe_stored),
                 Err(_) => return fail(PublishError::Deadline, maybe_stored),
             };
+            if broker.blocked() {
+                return fail(PublishError::Blocked, maybe_stored);
+            }
             let permit = match tokio::time::timeout_at(deadline, broker.permit()).await {
                 Ok(Some(permit)) => permit,
                 // The connection was discarded while this publish waited: take its replacement.
@@ -382,6 +407,11 @@ impl Publisher {
             };
             if !e.channel_suspect() {
                 return fail(e.into(), maybe_stored);
+            }
+            if broker.blocked() {
+                // The alarm came while this attempt waited: its frames may be in the broker's
+                // socket buffer, unread (so `maybe_stored` stands), and the connection is kept.
+                return fail(PublishError::Blocked, maybe_stored);
             }
             self.discard(&broker);
             let pause = tokio::time::Instant::now() + retry_delay(attempt);

@@ -1,6 +1,7 @@
 //! Publishing with confirms, the one way both programs put messages on the broker, and reading
 //! the headers of what comes back.
 
+pub mod alarms;
 pub mod headers;
 pub mod nodes;
 

@@ -45,6 +45,8 @@ pub const QUEUE_DEPTH: &str = "sms_queue_depth";
 pub const IN_FLIGHT: &str = "sms_in_flight";
 /// Counter: connections to RabbitMQ opened (more than one means it reconnected).
 pub const AMQP_CONNECTS: &str = "sms_amqp_connections_total";
+/// Gauge: 1 while RabbitMQ blocks the worker's dead-letter connection (a memory or disk alarm).
+pub const AMQP_BLOCKED: &str = "sms_amqp_connection_blocked";
 /// Counter: deliveries acknowledged to the broker.
 pub const ACKED: &str = "sms_acked_total";
 /// Counter of `basic.ack` frames sent, label `multiple` (`true`: one frame for a run of
@@ -124,6 +126,10 @@ pub fn describe() {
         "Messages ready in the work queue and the dead-letter queue."
     );
     describe_gauge!(IN_FLIGHT, "Deliveries being handled by this process.");
+    describe_gauge!(
+        AMQP_BLOCKED,
+        "1 while RabbitMQ blocks the dead-letter connection (a memory or disk alarm)."
+    );
     describe_counter!(
         AMQP_CONNECTS,
         "Connections to RabbitMQ opened; above 1, the worker reconnected."

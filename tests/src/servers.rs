@@ -146,6 +146,12 @@ impl Server {
     }
 
     /// The server's socket address, for a [`crate::proxy::TcpProxy`] in front of it.
+    /// Whether it is the AMQP broker (a proxy in front of it can speak for it: see
+    /// `TcpProxy::block_like_an_alarm`).
+    pub fn is_broker(&self) -> bool {
+        matches!(self.kind, Kind::RabbitMq)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         // An IPv6 host comes in brackets, which resolving does not take.
         let host = self.url.host_str().unwrap_or_default();

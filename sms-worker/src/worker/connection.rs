@@ -12,6 +12,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use shared::amqp::alarms::AlarmWatch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -97,11 +98,19 @@ enum ConsumeEnd {
     Lost(String),
 }
 
-/// One AMQP connection: a consuming channel (the work queue and the broker's own dead letters)
-/// and a confirm-mode channel for dead letters.
+/// Two AMQP connections to one node: one consuming (the work queue and the broker's own dead
+/// letters) and acknowledging, and one with a confirm-mode channel for dead letters. Apart
+/// because RabbitMQ, during a memory or disk alarm, stops reading from any connection that
+/// publishes: one shared connection would stop acknowledging at its first dead letter, and the
+/// worker would stall with a full prefetch until the alarm cleared. A consuming connection is
+/// never blocked.
 struct BrokerConnection {
     connection: Connection,
     channel: Channel,
+    /// The publishing connection, for dead letters only.
+    publishing: Connection,
+    /// Reports the broker's alarms on it (a warning, `sms_amqp_connection_blocked`).
+    _alarms: AlarmWatch,
     dead_letter_channel: Channel,
     consumer: Consumer,
     broker_copies: Consumer,
@@ -119,7 +128,7 @@ impl BrokerConnection {
         let config = &context.config;
         // Named after the namespace, so an operator (or a test) can tell the connections apart.
         let name = format!("sms-worker {}", config.common.namespace);
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let properties = ConnectionProperties::default().with_connection_name(name.clone().into());
         let (connection, node) = config.common.amqp.connect(first_node, properties).await?;
         let channel = connection.create_channel().await?;
         // Prefetch = concurrency: the broker never hands this process more than it works on, so
@@ -129,7 +138,11 @@ impl BrokerConnection {
             .await?;
         // Declared here too, so the worker can start before the api.
         context.topology.declare(&connection, &channel).await?;
-        let dead_letter_channel = connection.create_channel().await?;
+        // To the same node when it answers: the one the consumer's queue is reachable through.
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("{name} dead letters").into());
+        let (publishing, _) = config.common.amqp.connect(node, properties).await?;
+        let dead_letter_channel = publishing.create_channel().await?;
         dead_letter_channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -161,6 +174,12 @@ impl BrokerConnection {
             acks: Acks::start(channel.clone(), context.config.concurrency),
             connection,
             channel,
+            _alarms: AlarmWatch::start(
+                &publishing,
+                m::AMQP_BLOCKED,
+                "dead letters wait until it lifts",
+            ),
+            publishing,
             dead_letter_channel,
             consumer,
             broker_copies,
@@ -196,8 +215,11 @@ impl BrokerConnection {
                 },
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
                 _ = health.tick() => {
-                    if !self.connection.status().connected() || !self.dead_letter_channel.status().connected() {
-                        break ConsumeEnd::Lost("the connection or the dead-letter channel closed".to_owned());
+                    if !self.connection.status().connected()
+                        || !self.publishing.status().connected()
+                        || !self.dead_letter_channel.status().connected()
+                    {
+                        break ConsumeEnd::Lost("a connection or the dead-letter channel closed".to_owned());
                     }
                 }
             }
@@ -235,10 +257,12 @@ impl BrokerConnection {
             );
         }
         let _ = with_timeout(self.connection.close(200, "shutting down".into())).await;
+        let _ = with_timeout(self.publishing.close(200, "shutting down".into())).await;
     }
 
     async fn abandon(self) {
         let _ = with_timeout(self.connection.close(200, "reconnecting".into())).await;
+        let _ = with_timeout(self.publishing.close(200, "reconnecting".into())).await;
     }
 }
 

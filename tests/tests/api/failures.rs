@@ -9,7 +9,7 @@ use tests::proxy::TcpProxy;
 use tests::servers::{Server, database_url, servers};
 use tests::wait::eventually;
 
-use crate::helpers::{PHONE, Spawn, TestApp, spawn_app, spawn_with};
+use crate::helpers::{PHONE, Spawn, TestApp, metric_value, spawn_app, spawn_with};
 
 /// The api reaching `server` through a proxy the test can cut (`variable` is the api's URL
 /// variable for it), shown working first.
@@ -132,6 +132,59 @@ async fn an_event_sent_but_never_confirmed_is_withdrawn_before_its_slots_go_back
         || async { app.request_otp(PHONE).await.status == StatusCode::ACCEPTED },
     )
     .await;
+}
+
+/// RabbitMQ under a memory or disk alarm blocks a connection at its first publish: it reads
+/// nothing more from it, that publish included. The api must then refuse OTP requests at once
+/// and give their slots back, send nothing and open no new connection (each timed-out publish
+/// used to cost one, on a broker short of memory), and carry on over the same connection once
+/// the alarm lifts.
+#[tokio::test]
+async fn a_broker_that_blocks_publishing_gets_no_events_and_no_new_connections() {
+    let (broker, app) = app_through_proxy(&servers().rabbitmq, "AMQP_URL").await;
+    let connections = broker.connections_accepted();
+    let gauge = |metrics: String| metric_value(&metrics, "amqp_connection_blocked");
+
+    broker.block_like_an_alarm();
+    // The publish that meets the alarm is held unread, unconfirmed: settled through the ledger.
+    app.request_otp("+14155550102")
+        .await
+        .assert_problem(503, "unavailable");
+    eventually(
+        Duration::from_secs(10),
+        "the api to report the block",
+        || async { gauge(app.metrics().await) == 1.0 },
+    )
+    .await;
+    // The same number each time: a refused request that kept its slots would hold the number
+    // to its resend gap, and the next request would get 429.
+    for _ in 0..3 {
+        app.request_otp(PHONE)
+            .await
+            .assert_problem(503, "unavailable");
+    }
+    assert_eq!(
+        broker.connections_accepted(),
+        connections,
+        "the api connected again while the broker was blocked"
+    );
+
+    broker.unblock();
+    eventually(
+        Duration::from_secs(10),
+        "the api to hear the alarm end",
+        || async { gauge(app.metrics().await) == 0.0 },
+    )
+    .await;
+    assert_eq!(app.request_otp(PHONE).await.status, StatusCode::ACCEPTED);
+    // Nothing of the blocked spell reached the broker for this number: its first event is the
+    // accepted one, whose code signs in (a refused one's code never becomes valid).
+    let (event, _) = app.next_delivery(PHONE).await;
+    let reply = app
+        .verify(PHONE, event.otp.as_deref().expect("a code"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(broker.connections_accepted(), connections);
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use shared::event::ROUTING_KEY;
 use shared::{Env, OtpRequested, PhoneNumber, QueueType, Topology};
 use sms_worker::Config;
 use tests::cleanup::{remove_namespace, unique};
-use tests::fake_sms::{FakeSms, FakeSmsConfig};
+use tests::fake_sms::{FakeSms, FakeSmsConfig, Faults, InjectedResponse, Rule};
 use tests::program::Program;
 use tests::servers::servers;
 use tests::wait::eventually;
@@ -250,6 +250,20 @@ impl Harness {
     }
 
     /// Publishes a new event for `to`, valid for [`CODE_VALIDITY`], as the api does.
+    /// A new number that Twilio (fake-sms) calls invalid (21211), so its event is dead-lettered
+    /// at the first call. Replaces fake-sms's faults.
+    pub fn invalid_number(&self) -> String {
+        let invalid = phone();
+        self.fake.set_faults(Faults {
+            rules: vec![Rule {
+                to: invalid.clone(),
+                response: InjectedResponse::twilio_error(400, 21211),
+            }],
+            ..Faults::default()
+        });
+        invalid
+    }
+
     pub async fn request_sms(&self, to: &str) -> OtpRequested {
         let event = event(to, CODE_VALIDITY);
         self.publish(&event).await;

@@ -5,7 +5,6 @@ use shared::{CommonConfig, Env, QueueType};
 use sms_worker::dead_letter;
 use tests::program::Program;
 
-use tests::fake_sms::{Faults, InjectedResponse, Rule};
 use tests::wait::eventually;
 
 use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, phone, with_harness};
@@ -53,14 +52,7 @@ async fn dlq_list_shows_entries_and_leaves_them_in_place() {
         );
 
         // A worker dead letter: Twilio says the number is invalid.
-        let invalid = phone();
-        h.fake.set_faults(Faults {
-            rules: vec![Rule {
-                to: invalid.clone(),
-                response: InjectedResponse::twilio_error(400, 21211),
-            }],
-            ..Faults::default()
-        });
+        let invalid = h.invalid_number();
         let worker = h.start_worker(&[]).await;
         h.request_sms(&invalid).await;
         let letters = h.wait_for_dead_letters(2).await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use shared::QueueType;
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
+use tests::wait::eventually;
 
 use crate::harness::{phone, with_harness};
 
@@ -57,6 +58,67 @@ async fn keeps_running_through_a_rabbitmq_outage() {
         worker.stop().await;
         assert_eq!(h.fake.requests(Some(&to)).len(), 1);
         assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
+/// RabbitMQ, during a memory or disk alarm, stops reading from a connection at its first
+/// publish. The worker's dead letters go out on a connection of their own, so a dead letter in
+/// an alarm holds up only itself: the deliveries behind it, more than the prefetch allows in
+/// flight at once, are still sent and acknowledged. (On one shared connection its acks stopped
+/// with the dead letter, and the worker stalled at its prefetch until the alarm cleared.)
+#[tokio::test]
+async fn a_dead_letter_during_a_broker_alarm_holds_up_no_other_send() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+        let invalid = h.invalid_number();
+        let worker = h
+            .start_worker(&[("AMQP_URL", &amqp_url), ("WORKER_CONCURRENCY", "2")])
+            .await;
+
+        broker.block_like_an_alarm();
+        h.request_sms(&invalid).await;
+        eventually(
+            Duration::from_secs(10),
+            "the worker to try the invalid number",
+            || async { !h.fake.requests(Some(&invalid)).is_empty() },
+        )
+        .await;
+        eventually(
+            Duration::from_secs(10),
+            "the worker to report its dead-letter connection blocked",
+            || async {
+                h.metrics(&worker)
+                    .await
+                    .contains("sms_amqp_connection_blocked 1")
+            },
+        )
+        .await;
+        let others: Vec<String> = (0..6).map(|_| phone()).collect();
+        for to in &others {
+            h.request_sms(to).await;
+        }
+        for to in &others {
+            h.wait_for_messages(to, 1).await;
+        }
+
+        broker.unblock();
+        h.wait_for_dead_lettered(1).await;
+        eventually(
+            Duration::from_secs(10),
+            "the worker to report the alarm over",
+            || async {
+                h.metrics(&worker)
+                    .await
+                    .contains("sms_amqp_connection_blocked 0")
+            },
+        )
+        .await;
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0);
+        for to in &others {
+            assert_eq!(h.fake.messages(Some(to)).len(), 1, "one SMS to each");
+        }
     })
     .await;
 }

@@ -1,0 +1,58 @@
+//! RabbitMQ's memory and disk alarms, as a connection hears of them. During an alarm the broker
+//! stops reading from every connection that publishes and tells it so (`connection.blocked`,
+//! then `connection.unblocked`); lapin then holds everything the connection would send. Code
+//! that publishes reads `Connection::status().blocked()` itself; this only makes the alarm
+//! visible: a warning in the log and a gauge at 1 while it lasts.
+
+use futures_util::StreamExt as _;
+use lapin::{Connection, Event};
+use tokio::sync::oneshot;
+
+/// Reports one connection's blocks until dropped (keep it beside the connection).
+pub struct AlarmWatch {
+    _stop: oneshot::Sender<()>,
+}
+
+impl AlarmWatch {
+    /// Starts reporting `connection`'s blocks: `gauge` is 1 while it is blocked, and the log
+    /// says so, with `effect`: what the alarm stops meanwhile.
+    pub fn start(connection: &Connection, gauge: &'static str, effect: &'static str) -> Self {
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(report(connection.events_listener(), stopped, gauge, effect));
+        Self { _stop: stop }
+    }
+}
+
+async fn report(
+    events: impl futures_util::Stream<Item = Event>,
+    mut stopped: oneshot::Receiver<()>,
+    gauge: &'static str,
+    effect: &'static str,
+) {
+    let mut events = std::pin::pin!(events);
+    let mut blocked = false;
+    loop {
+        let event = tokio::select! {
+            _ = &mut stopped => break,
+            event = events.next() => event,
+        };
+        match event {
+            None => break,
+            Some(Event::ConnectionBlocked(reason)) => {
+                blocked = true;
+                metrics::gauge!(gauge).set(1.0);
+                tracing::warn!(%reason, effect, "RabbitMQ blocked publishing on this connection (a memory or disk alarm)");
+            }
+            Some(Event::ConnectionUnblocked) => {
+                blocked = false;
+                metrics::gauge!(gauge).set(0.0);
+                tracing::info!("RabbitMQ unblocked publishing on this connection");
+            }
+            Some(_) => {}
+        }
+    }
+    // The connection is gone; its replacement reports its own state.
+    if blocked {
+        metrics::gauge!(gauge).set(0.0);
+    }
+}
