@@ -41,6 +41,10 @@ struct OAuthEndpoint {
     client_secret: SecretString,
 }
 
+/// Longer than any bearer token a real endpoint issues (Infobip's are under 100 bytes), and it
+/// goes into Redis and a header of every send.
+const MAX_TOKEN_LEN: usize = 4_096;
+
 #[derive(Deserialize)]
 struct TokenAnswer {
     access_token: String,
@@ -73,6 +77,12 @@ impl TokenSource for OAuthEndpoint {
             .map_err(|_| "infobip token endpoint answered an unreadable body".to_owned())?;
         // Refused here, before it is stored and shared: the refresh counts as failed, and no
         // worker is handed a token that every send would have to forget again.
+        if answer.access_token.is_empty() || answer.access_token.len() > MAX_TOKEN_LEN {
+            return Err(format!(
+                "infobip token endpoint answered a token of {} bytes (1 to {MAX_TOKEN_LEN} expected)",
+                answer.access_token.len()
+            ));
+        }
         if sensitive_header(format!("Bearer {}", answer.access_token)).is_err() {
             return Err(
                 "infobip token endpoint answered a token that cannot be sent as a header"

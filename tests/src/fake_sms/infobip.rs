@@ -42,6 +42,9 @@ pub struct TokenPolicy {
     /// endpoint).
     #[serde(default)]
     pub unsendable: bool,
+    /// Tokens are empty strings (a broken token endpoint).
+    #[serde(default)]
+    pub empty: bool,
 }
 
 fn default_lifetime() -> u64 {
@@ -56,6 +59,7 @@ impl Default for TokenPolicy {
             invalidate_previous: false,
             latency_ms: 0,
             unsendable: false,
+            empty: false,
         }
     }
 }
@@ -154,6 +158,9 @@ pub(super) async fn issue_token(
         let mut token = format!("ibtok-{}", uuid::Uuid::new_v4().simple());
         if tokens.policy.unsendable {
             token.push_str("\r\n");
+        }
+        if tokens.policy.empty {
+            token.clear();
         }
         let lifetime = tokens.policy.lifetime_secs;
         if tokens.policy.invalidate_previous {

@@ -98,8 +98,7 @@ async fn four_worker_processes_share_one_token_renewed_once_per_lifetime() {
             lifetime_secs: 5,
             calls_per_second: Some(1),
             invalidate_previous: true,
-            latency_ms: 0,
-            unsendable: false,
+            ..TokenPolicy::default()
         });
         let overrides = infobip_only(&h, &[]);
         let mut workers = Vec::new();
@@ -269,12 +268,30 @@ async fn a_failing_renewal_leaves_the_endpoint_alone_while_the_current_token_wor
 /// the breaker (five calls, and the last waiting sends delayed by seconds).
 #[tokio::test]
 async fn sends_waiting_for_a_failing_token_fetch_fail_over_together() {
+    fail_over_together_when_tokens_are(TokenPolicy {
+        unsendable: true,
+        ..TokenPolicy::default()
+    })
+    .await;
+}
+
+/// An empty token is refused like an unsendable one, before it is stored and shared: sent, it
+/// would only earn a 401 on every send.
+#[tokio::test]
+async fn an_empty_token_counts_as_a_failed_fetch() {
+    fail_over_together_when_tokens_are(TokenPolicy {
+        empty: true,
+        ..TokenPolicy::default()
+    })
+    .await;
+}
+
+async fn fail_over_together_when_tokens_are(policy: TokenPolicy) {
     with_harness(QueueType::Classic, |h| async move {
         h.fake.set_token_policy(TokenPolicy {
-            unsendable: true,
             // Slow enough that all twenty sends are waiting while the first fetch runs.
             latency_ms: 300,
-            ..TokenPolicy::default()
+            ..policy
         });
         let mut overrides = h.failover();
         overrides.extend([
@@ -294,6 +311,10 @@ async fn sends_waiting_for_a_failing_token_fetch_fail_over_together() {
             h.fake.requests_via(SmsProvider::Twilio, None).len(),
             20,
             "every send failed over to Twilio"
+        );
+        assert!(
+            h.fake.requests_via(SmsProvider::Infobip, None).is_empty(),
+            "no send went out with the token"
         );
         let calls = h.fake.token_calls();
         assert!(
