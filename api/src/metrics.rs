@@ -28,8 +28,8 @@ pub const PUBLISH_RETRIES: &str = "amqp_publish_retries_total";
 /// `taken` (a worker had it: accepted), `dead_lettered` (a worker dead-lettered it: 503, slots
 /// given back), `kept` (Redis could not say: 503, slots kept).
 pub const PUBLISH_OUTCOME_UNKNOWN: &str = "amqp_publish_outcome_unknown_total";
-/// Gauge: 1 while RabbitMQ blocks the api's connection (a memory or disk alarm: it reads nothing
-/// the api sends), 0 otherwise. OTP requests get 503 at once meanwhile.
+/// Gauge: the api's connections RabbitMQ is blocking now (a memory or disk alarm: it reads
+/// nothing the api sends on them); 1 or 0 in practice. OTP requests get 503 at once meanwhile.
 pub const BROKER_BLOCKED: &str = "amqp_connection_blocked";
 
 /// Gives every metric its `# HELP` line. Call once the recorder is installed.
@@ -79,7 +79,7 @@ pub fn describe() {
     );
     describe_gauge!(
         BROKER_BLOCKED,
-        "1 while RabbitMQ blocks publishing on the api's connection (a resource alarm)."
+        "Connections on which RabbitMQ blocks the api's publishes now (a resource alarm)."
     );
     describe_histogram!(
         PUBLISH_DURATION,

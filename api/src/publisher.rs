@@ -104,6 +104,8 @@ pub struct Unpublished {
 enum FailedAttempt {
     /// The request's deadline came before the event was sent. Nothing is wrong with the broker.
     OutOfTime,
+    /// The broker blocked the connection while this attempt waited for a channel; nothing sent.
+    Blocked,
     /// The broker does not have the event: refused, or never sent.
     NotStored(ConfirmError),
     /// Sent, perhaps, and no answer came: the broker may have it.
@@ -155,6 +157,11 @@ impl BrokerConnection {
         };
         if let Some(channel) = self.idle_channel() {
             return Ok(lease(channel));
+        }
+        // Opening a channel on a blocked connection would wait out its timeout, and the open
+        // would reach the broker when the alarm ends, for nothing.
+        if self.blocked() {
+            return Err(FailedAttempt::Blocked);
         }
         let Ok(Ok(_turn)) = tokio::time::timeout_at(deadline, self.opening.acquire()).await else {
             return Err(FailedAttempt::OutOfTime);
@@ -399,6 +406,7 @@ impl Publisher {
             {
                 Ok(()) => return Ok(()),
                 Err(FailedAttempt::OutOfTime) => return fail(PublishError::Deadline, maybe_stored),
+                Err(FailedAttempt::Blocked) => return fail(PublishError::Blocked, maybe_stored),
                 Err(FailedAttempt::NotStored(e)) => e,
                 Err(FailedAttempt::OutcomeUnknown(e)) => {
                     maybe_stored = true;
@@ -435,6 +443,11 @@ impl Publisher {
         deadline: tokio::time::Instant,
     ) -> Result<(), FailedAttempt> {
         let lease = broker.lease(permit, deadline).await?;
+        if broker.blocked() {
+            // Blocked while this attempt waited: the event would wait unread, then be withdrawn.
+            lease.settled();
+            return Err(FailedAttempt::Blocked);
+        }
         let now = tokio::time::Instant::now();
         let time_left = deadline.saturating_duration_since(now);
         if time_left < MIN_TIME_FOR_AN_ATTEMPT {
@@ -449,6 +462,9 @@ impl Publisher {
             body,
             properties,
             time_left.min(CONFIRM_TIMEOUT),
+            // Never past the request's deadline: an event held by a blocked connection is
+            // settled through the send ledger instead.
+            None,
         )
         .await;
         match result {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, ConnectionStatus};
 
 use crate::OtpRequested;
 use crate::event::{CONTENT_TYPE, MESSAGE_TYPE, REQUEST_ID_HEADER};
@@ -51,6 +51,11 @@ impl ConfirmError {
 /// Publishes on a confirm-mode channel and waits up to `timeout` for the broker to confirm it
 /// stored the message. `mandatory` is set: a message that reaches no queue comes back as an
 /// error instead of vanishing.
+///
+/// With `held_by`, the wait goes on past `timeout` while the broker blocks that connection (a
+/// memory or disk alarm): the message is then in the connection's buffers, unread, and the
+/// broker stores it once the alarm ends, so giving up on it would not take it back, and a retry
+/// would store it twice.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -58,6 +63,7 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
     timeout: Duration,
+    held_by: Option<&ConnectionStatus>,
 ) -> Result<(), ConfirmError> {
     let confirm = async {
         // lapin resolves this once every frame of the message is written.
@@ -76,12 +82,19 @@ pub async fn publish_confirmed(
             .map_err(ConfirmError::NotSent)?;
         pending.await.map_err(ConfirmError::Broker)
     };
-    match tokio::time::timeout(timeout, confirm).await {
-        Err(_) => Err(ConfirmError::Timeout),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(ConfirmError::Unroutable),
-        Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(ConfirmError::Nacked),
+    let mut confirm = std::pin::pin!(confirm);
+    let answer = loop {
+        match tokio::time::timeout(timeout, &mut confirm).await {
+            Err(_) if held_by.is_some_and(ConnectionStatus::blocked) => {}
+            Err(_) => return Err(ConfirmError::Timeout),
+            Ok(answer) => break answer,
+        }
+    };
+    match answer {
+        Err(e) => Err(e),
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(_))) => Err(ConfirmError::Unroutable),
+        Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Err(ConfirmError::Nacked),
     }
 }
 

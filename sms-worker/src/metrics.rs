@@ -45,7 +45,8 @@ pub const QUEUE_DEPTH: &str = "sms_queue_depth";
 pub const IN_FLIGHT: &str = "sms_in_flight";
 /// Counter: connections to RabbitMQ opened (more than one means it reconnected).
 pub const AMQP_CONNECTS: &str = "sms_amqp_connections_total";
-/// Gauge: 1 while RabbitMQ blocks the worker's dead-letter connection (a memory or disk alarm).
+/// Gauge: 1 while RabbitMQ blocks the worker's dead-letter connection (a memory or disk alarm);
+/// it counts blocked connections, and the worker has one that publishes.
 pub const AMQP_BLOCKED: &str = "sms_amqp_connection_blocked";
 /// Counter: deliveries acknowledged to the broker.
 pub const ACKED: &str = "sms_acked_total";

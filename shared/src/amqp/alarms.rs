@@ -2,7 +2,7 @@
 //! stops reading from every connection that publishes and tells it so (`connection.blocked`,
 //! then `connection.unblocked`); lapin then holds everything the connection would send. Code
 //! that publishes reads `Connection::status().blocked()` itself; this only makes the alarm
-//! visible: a warning in the log and a gauge at 1 while it lasts.
+//! visible: a warning in the log, and a gauge that counts the process's blocked connections.
 
 use futures_util::StreamExt as _;
 use lapin::{Connection, Event};
@@ -14,8 +14,9 @@ pub struct AlarmWatch {
 }
 
 impl AlarmWatch {
-    /// Starts reporting `connection`'s blocks: `gauge` is 1 while it is blocked, and the log
-    /// says so, with `effect`: what the alarm stops meanwhile.
+    /// Starts reporting `connection`'s blocks: it counts in `gauge` while it is blocked (so an
+    /// old connection ending does not clear its replacement's block), and the log says so, with
+    /// `effect`: what the alarm stops meanwhile.
     pub fn start(connection: &Connection, gauge: &'static str, effect: &'static str) -> Self {
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(report(connection.events_listener(), stopped, gauge, effect));
@@ -39,13 +40,17 @@ async fn report(
         match event {
             None => break,
             Some(Event::ConnectionBlocked(reason)) => {
+                if !blocked {
+                    metrics::gauge!(gauge).increment(1.0);
+                }
                 blocked = true;
-                metrics::gauge!(gauge).set(1.0);
                 tracing::warn!(%reason, effect, "RabbitMQ blocked publishing on this connection (a memory or disk alarm)");
             }
             Some(Event::ConnectionUnblocked) => {
+                if blocked {
+                    metrics::gauge!(gauge).decrement(1.0);
+                }
                 blocked = false;
-                metrics::gauge!(gauge).set(0.0);
                 tracing::info!("RabbitMQ unblocked publishing on this connection");
             }
             Some(_) => {}
@@ -53,6 +58,6 @@ async fn report(
     }
     // The connection is gone; its replacement reports its own state.
     if blocked {
-        metrics::gauge!(gauge).set(0.0);
+        metrics::gauge!(gauge).decrement(1.0);
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, ConnectionStatus};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -17,7 +17,17 @@ use super::reason::{
 };
 
 /// Without a quorum majority a confirm never comes; the message then goes back to the queue.
+/// Not while the broker blocks the connection (a memory or disk alarm): the copy is then stored
+/// when the alarm ends, and the original waits for that.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where dead letters go: a confirm-mode channel, and the status of its connection (which the
+/// broker blocks during an alarm).
+#[derive(Clone)]
+pub struct Route {
+    pub channel: Channel,
+    pub connection: ConnectionStatus,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -32,14 +42,23 @@ pub enum PublishError {
 /// raw bytes of a message that could not be parsed. A copy that reaches no queue comes back as
 /// an error, and the original then stays in the work queue.
 pub async fn publish(
-    channel: &Channel,
+    route: &Route,
     queue: &str,
     original: &BasicProperties,
     body: &[u8],
     dead_letter: &DeadLetter,
 ) -> Result<(), PublishError> {
     let properties = properties(original, dead_letter, OffsetDateTime::now_utc());
-    publish_confirmed(channel, "", queue, body, properties, CONFIRM_TIMEOUT).await?;
+    publish_confirmed(
+        &route.channel,
+        "",
+        queue,
+        body,
+        properties,
+        CONFIRM_TIMEOUT,
+        Some(&route.connection),
+    )
+    .await?;
     Ok(())
 }
 
@@ -47,7 +66,7 @@ pub async fn publish(
 /// queue with its code removed: the broker's `x-death` and every other header stay, so
 /// `dlq list` still shows why it died.
 pub async fn forward_broker_copy(
-    channel: &Channel,
+    route: &Route,
     queue: &str,
     original: &BasicProperties,
     body: &[u8],
@@ -68,7 +87,16 @@ pub async fn forward_broker_copy(
     if let Some(timestamp) = original.timestamp() {
         properties = properties.with_timestamp(*timestamp);
     }
-    publish_confirmed(channel, "", queue, &body, properties, CONFIRM_TIMEOUT).await?;
+    publish_confirmed(
+        &route.channel,
+        "",
+        queue,
+        &body,
+        properties,
+        CONFIRM_TIMEOUT,
+        Some(&route.connection),
+    )
+    .await?;
     Ok(())
 }
 

@@ -23,10 +23,10 @@ pub(crate) fn spawn(
     delivery: Delivery,
 ) {
     tasks.spawn(async move {
-        let forwarded = match context.dead_letter_channel() {
-            Some(channel) => {
+        let forwarded = match context.dead_letter_route() {
+            Some(route) => {
                 dead_letter::forward_broker_copy(
-                    &channel,
+                    &route,
                     &context.topology.dead_letter_queue(),
                     &delivery.properties,
                     &delivery.data,

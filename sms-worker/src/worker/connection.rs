@@ -20,6 +20,7 @@ use super::acks::Acks;
 use super::context::Context;
 use super::queue_depth::DepthGauge;
 use super::{broker_copies, delivery};
+use crate::dead_letter;
 use crate::metrics as m;
 
 /// Connecting (TCP, AMQP handshake, channels, declarations) must not hang forever on a broker that
@@ -57,7 +58,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
                     }
                     ConsumeEnd::Lost(reason) => {
                         warn!(%reason, "lost RabbitMQ; reconnecting");
-                        context.set_dead_letter_channel(None);
+                        context.set_dead_letter_route(None);
                         first_node = (connection.node + 1) % nodes.len().max(1);
                         lost_a_node = nodes.len() > 1;
                         connection.abandon().await;
@@ -191,7 +192,10 @@ impl BrokerConnection {
     /// Hands each delivery to a task of its own until the worker shuts down or the connection is
     /// lost.
     async fn consume(&mut self, context: &Arc<Context>, tasks: &mut JoinSet<()>) -> ConsumeEnd {
-        context.set_dead_letter_channel(Some(self.dead_letter_channel.clone()));
+        context.set_dead_letter_route(Some(dead_letter::Route {
+            channel: self.dead_letter_channel.clone(),
+            connection: self.publishing.status().clone(),
+        }));
         context.readiness.set_consuming(true);
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let end = loop {
@@ -245,10 +249,9 @@ impl BrokerConnection {
         let acknowledged = tokio::time::timeout(CLOSE_TIMEOUT, self.acks.flush())
             .await
             .is_ok();
-        context.set_dead_letter_channel(None);
+        context.set_dead_letter_route(None);
         if acknowledged {
             let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
-            let _ = with_timeout(self.dead_letter_channel.close(200, "shutting down".into())).await;
         } else {
             // The broker is not reading: closing each channel politely would only wait out two
             // more deadlines (and the orchestrator's patience); closing the connection ends all.
@@ -256,13 +259,23 @@ impl BrokerConnection {
                 "the last acknowledgements were not sent in time; the broker will redeliver and the copies are skipped"
             );
         }
-        let _ = with_timeout(self.connection.close(200, "shutting down".into())).await;
-        let _ = with_timeout(self.publishing.close(200, "shutting down".into())).await;
+        self.close_both("shutting down").await;
     }
 
     async fn abandon(self) {
-        let _ = with_timeout(self.connection.close(200, "reconnecting".into())).await;
-        let _ = with_timeout(self.publishing.close(200, "reconnecting".into())).await;
+        self.close_both("reconnecting").await;
+    }
+
+    /// Closes both connections at once, each within [`CLOSE_TIMEOUT`]. A blocked one is not
+    /// asked: the broker reads nothing from it, so the close would only wait out its deadline.
+    async fn close_both(&self, reason: &str) {
+        let publishing = async {
+            if !self.publishing.status().blocked() {
+                let _ = with_timeout(self.publishing.close(200, reason.into())).await;
+            }
+        };
+        let consuming = with_timeout(self.connection.close(200, reason.into()));
+        let _ = tokio::join!(consuming, publishing);
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use lapin::Channel;
+use crate::dead_letter;
 use shared::Topology;
 
 use crate::config::Config;
@@ -32,9 +32,9 @@ pub(crate) struct Context {
     pub(crate) timelines: Timelines,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) shutdown: Shutdown,
-    /// The confirm-mode channel of the current connection. Tasks read it when they need it, so a
+    /// The dead-letter route of the current connection. Tasks read it when they need it, so a
     /// task that outlived its connection still dead-letters through the new one.
-    dead_letter_channel: Mutex<Option<Channel>>,
+    dead_letter_route: Mutex<Option<dead_letter::Route>>,
 }
 
 impl Context {
@@ -54,21 +54,21 @@ impl Context {
             providers,
             readiness,
             shutdown,
-            dead_letter_channel: Mutex::new(None),
+            dead_letter_route: Mutex::new(None),
         }
     }
 
-    pub(crate) fn dead_letter_channel(&self) -> Option<Channel> {
-        self.dead_letter_channel
+    pub(crate) fn dead_letter_route(&self) -> Option<dead_letter::Route> {
+        self.dead_letter_route
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub(crate) fn set_dead_letter_channel(&self, channel: Option<Channel>) {
+    pub(crate) fn set_dead_letter_route(&self, route: Option<dead_letter::Route>) {
         *self
-            .dead_letter_channel
+            .dead_letter_route
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = channel;
+            .unwrap_or_else(|e| e.into_inner()) = route;
     }
 }

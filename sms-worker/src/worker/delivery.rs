@@ -267,16 +267,14 @@ async fn publish_dead_letter(
     event: Option<&OtpRequested>,
     dead_letter: &DeadLetter,
 ) -> Result<(), PublishError> {
-    let channel = context
-        .dead_letter_channel()
-        .ok_or(PublishError::NoChannel)?;
+    let route = context.dead_letter_route().ok_or(PublishError::NoChannel)?;
     let body = match event {
         Some(event) => serde_json::to_vec(&event.without_code()).unwrap_or_default(),
         // Unreadable as an event, but maybe JSON with a real code beside a bad field.
         None => dead_letter::without_code(&delivery.data),
     };
     dead_letter::publish(
-        &channel,
+        &route,
         &context.topology.dead_letter_queue(),
         &delivery.properties,
         &body,

@@ -253,15 +253,23 @@ impl Harness {
     /// A new number that Twilio (fake-sms) calls invalid (21211), so its event is dead-lettered
     /// at the first call. Replaces fake-sms's faults.
     pub fn invalid_number(&self) -> String {
-        let invalid = phone();
+        self.invalid_numbers(1).remove(0)
+    }
+
+    /// `count` such numbers.
+    pub fn invalid_numbers(&self, count: usize) -> Vec<String> {
+        let numbers: Vec<String> = (0..count).map(|_| phone()).collect();
         self.fake.set_faults(Faults {
-            rules: vec![Rule {
-                to: invalid.clone(),
-                response: InjectedResponse::twilio_error(400, 21211),
-            }],
+            rules: numbers
+                .iter()
+                .map(|to| Rule {
+                    to: to.clone(),
+                    response: InjectedResponse::twilio_error(400, 21211),
+                })
+                .collect(),
             ..Faults::default()
         });
-        invalid
+        numbers
     }
 
     pub async fn request_sms(&self, to: &str) -> OtpRequested {
@@ -299,6 +307,7 @@ impl Harness {
             body,
             properties,
             WAIT,
+            None,
         )
         .await
         .expect("the broker confirms the publish");
