@@ -85,7 +85,9 @@ pub async fn publish_confirmed(
     let mut confirm = std::pin::pin!(confirm);
     let answer = loop {
         match tokio::time::timeout(timeout, &mut confirm).await {
-            Err(_) if held_by.is_some_and(ConnectionStatus::blocked) => {}
+            // Connected too: a connection that died while blocked fails its confirms, and if one
+            // were left unresolved, this must not wait for it forever.
+            Err(_) if held_by.is_some_and(|c| c.blocked() && c.connected()) => {}
             Err(_) => return Err(ConfirmError::Timeout),
             Ok(answer) => break answer,
         }
