@@ -480,9 +480,11 @@ impl Publisher {
             Err(error @ (ConfirmError::Nacked | ConfirmError::NotSent(_))) => {
                 Err(FailedAttempt::NotStored(error))
             }
-            Err(error @ (ConfirmError::Timeout | ConfirmError::Broker(_))) => {
-                Err(FailedAttempt::OutcomeUnknown(error))
-            }
+            Err(
+                error @ (ConfirmError::Timeout
+                | ConfirmError::Broker(_)
+                | ConfirmError::HeldByAlarm),
+            ) => Err(FailedAttempt::OutcomeUnknown(error)),
         }
     }
 

@@ -34,6 +34,13 @@ pub enum ConfirmError {
     Nacked,
     #[error("the message reached no queue")]
     Unroutable,
+    /// No confirm in time because the broker blocks the connection (a memory or disk alarm): the
+    /// message waits unread and is stored when the alarm ends, unless the connection is lost
+    /// first. Only with [`publish_confirmed`]'s `held_by`.
+    #[error(
+        "RabbitMQ is blocking the connection (a memory or disk alarm); the message is stored when it ends"
+    )]
+    HeldByAlarm,
 }
 
 impl ConfirmError {
@@ -52,10 +59,10 @@ impl ConfirmError {
 /// stored the message. `mandatory` is set: a message that reaches no queue comes back as an
 /// error instead of vanishing.
 ///
-/// With `held_by`, the wait goes on past `timeout` while the broker blocks that connection (a
-/// memory or disk alarm): the message is then in the connection's buffers, unread, and the
-/// broker stores it once the alarm ends, so giving up on it would not take it back, and a retry
-/// would store it twice.
+/// With `held_by`, a timeout while the broker blocks that connection (a memory or disk alarm) is
+/// [`ConfirmError::HeldByAlarm`], not [`ConfirmError::Timeout`]: the message is then in the
+/// connection's buffers, unread, and the broker stores it once the alarm ends, so a retry would
+/// store it twice.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -82,16 +89,17 @@ pub async fn publish_confirmed(
             .map_err(ConfirmError::NotSent)?;
         pending.await.map_err(ConfirmError::Broker)
     };
-    let mut confirm = std::pin::pin!(confirm);
-    let answer = loop {
-        match tokio::time::timeout(timeout, &mut confirm).await {
-            // Connected too: a connection that died while blocked fails its confirms, and if one
-            // were left unresolved, this must not wait for it forever.
-            Err(_) if held_by.is_some_and(|c| c.blocked() && c.connected()) => {}
-            Err(_) => return Err(ConfirmError::Timeout),
-            Ok(answer) => break answer,
+    match tokio::time::timeout(timeout, confirm).await {
+        // Connected too: lapin keeps a dead connection's `blocked` flag, and its frames are lost.
+        Err(_) if held_by.is_some_and(|c| c.blocked() && c.connected()) => {
+            Err(ConfirmError::HeldByAlarm)
         }
-    };
+        Err(_) => Err(ConfirmError::Timeout),
+        Ok(answer) => confirmation(answer),
+    }
+}
+
+fn confirmation(answer: Result<Confirmation, ConfirmError>) -> Result<(), ConfirmError> {
     match answer {
         Err(e) => Err(e),
         Ok(Confirmation::Ack(None)) => Ok(()),

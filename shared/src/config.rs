@@ -302,6 +302,8 @@ pub fn redact_url(url: &SecretString) -> String {
             let user = userinfo.split(':').next().unwrap_or_default();
             format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
         }
+        // Malformed (`amqp:user:password@host`): whatever comes before the `@` may be a password.
+        (_, Some(at)) => format!("***@{}", &url[at + 1..]),
         _ => url.to_owned(),
     }
 }
@@ -349,6 +351,8 @@ mod tests {
         for url in [
             "redis://u:hun,ter2@r1:6379",
             "redis+cluster://u:hun,ter2@r1:7001,r2:7002",
+            // Malformed, without "//": still no password.
+            "amqp:guest:hun,ter2@rmq",
         ] {
             let redacted = redact_url(&SecretString::from(url.to_owned()));
             assert!(!redacted.contains("ter2"), "{redacted}");

@@ -53,6 +53,14 @@ async fn report(
                 blocked = false;
                 tracing::info!("RabbitMQ unblocked publishing on this connection");
             }
+            // A connection that died while blocked is no longer blocked by an alarm; its
+            // replacement reports its own state. (lapin keeps the flag set on a dead connection.)
+            Some(Event::Error(_)) => {
+                if blocked {
+                    metrics::gauge!(gauge).decrement(1.0);
+                }
+                blocked = false;
+            }
             Some(_) => {}
         }
     }

@@ -40,9 +40,12 @@ impl BrokerNodes {
             if url.is_empty() {
                 return Err(format!("URI {} of the list is empty", i + 1));
             }
-            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
-                // lapin's message does not quote the URI, so no password reaches the error.
-                return Err(format!("URI {} is not an AMQP URI: {e}", i + 1));
+            if url.parse::<AMQPUri>().is_err() {
+                // Not lapin's message: for some malformed URIs it quotes the URI, password and all.
+                return Err(format!(
+                    "URI {} is not an AMQP URI (amqp://user:password@host:port/vhost)",
+                    i + 1
+                ));
             }
             nodes.push(SecretString::from(url.to_owned()));
         }
@@ -101,10 +104,10 @@ impl BrokerNodes {
 
 /// `uri` parsed, with [`HEARTBEAT_SECS`] unless it asks for a heartbeat of its own.
 fn with_heartbeat(uri: &str) -> Result<AMQPUri, lapin::Error> {
-    // Checked by `parse`; lapin's message does not quote the URI.
+    // Checked by `parse` already. lapin's message can quote the URI, password and all.
     let mut uri: AMQPUri = uri
         .parse()
-        .map_err(|e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an AMQP URI"))?;
     uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
     Ok(uri)
 }
@@ -119,12 +122,9 @@ mod tests {
         assert_eq!(uri.query.heartbeat, Some(HEARTBEAT_SECS));
         let uri = with_heartbeat("amqp://u:p@rmq1:5672/%2f?heartbeat=5").unwrap();
         assert_eq!(uri.query.heartbeat, Some(5));
+        // lapin then takes the broker's value.
         let uri = with_heartbeat("amqp://rmq1?heartbeat=0").unwrap();
-        assert_eq!(
-            uri.query.heartbeat,
-            Some(0),
-            "an explicit 0 turns heartbeats off"
-        );
+        assert_eq!(uri.query.heartbeat, Some(0));
     }
 
     fn parse(urls: &str) -> Result<BrokerNodes, String> {
@@ -158,5 +158,9 @@ mod tests {
                 .unwrap_err()
                 .contains("hunter2")
         );
+        // amq-protocol-uri quotes this one whole in its own message.
+        let error = parse("amqp:guest:hunter2@rmq").unwrap_err();
+        assert!(error.contains("URI 1"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
     }
 }

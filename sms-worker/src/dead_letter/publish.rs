@@ -17,8 +17,8 @@ use super::reason::{
 };
 
 /// Without a quorum majority a confirm never comes; the message then goes back to the queue.
-/// Not while the broker blocks the connection (a memory or disk alarm): the copy is then stored
-/// when the alarm ends, and the original waits for that.
+/// Not while the broker blocks the connection (a memory or disk alarm): see
+/// [`PublishError::stored_when_the_alarm_ends`].
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where dead letters go: a confirm-mode channel, and the status of its connection (which the
@@ -35,6 +35,17 @@ pub enum PublishError {
     NoChannel,
     #[error("dead letter: {0}")]
     Confirm(#[from] ConfirmError),
+}
+
+impl PublishError {
+    /// The copy waits unread in a connection the broker blocks (a memory or disk alarm), and is
+    /// stored when the alarm ends. The original is then acknowledged as dead-lettered: given back
+    /// to the queue, it would go to the provider again and leave one more copy each time, or,
+    /// held, keep a slot of the prefetch for the whole alarm. Only if the connection is lost
+    /// before the alarm ends is the copy lost; the log keeps its record.
+    pub fn stored_when_the_alarm_ends(&self) -> bool {
+        matches!(self, Self::Confirm(ConfirmError::HeldByAlarm))
+    }
 }
 
 /// Publishes the copy straight into the dead-letter queue `queue` (through the default

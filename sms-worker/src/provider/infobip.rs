@@ -45,6 +45,28 @@ struct OAuthEndpoint {
 /// goes into Redis and a header of every send.
 const MAX_TOKEN_LEN: usize = 4_096;
 
+/// An OAuth answer is a few hundred bytes; no more than this is read of one, so a broken
+/// endpoint cannot fill the worker's memory.
+const MAX_TOKEN_ANSWER: usize = 16 * 1024;
+
+/// The body, or an error once it passes `limit` bytes.
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("infobip token endpoint: {}", e.without_url()))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(format!(
+                "infobip token endpoint answered more than {limit} bytes"
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 #[derive(Deserialize)]
 struct TokenAnswer {
     access_token: String,
@@ -71,13 +93,12 @@ impl TokenSource for OAuthEndpoint {
         if !status.is_success() {
             return Err(format!("infobip token endpoint answered {status}"));
         }
-        let answer: TokenAnswer = response
-            .json()
-            .await
+        let body = read_capped(response, MAX_TOKEN_ANSWER).await?;
+        let answer: TokenAnswer = serde_json::from_slice(&body)
             .map_err(|_| "infobip token endpoint answered an unreadable body".to_owned())?;
         // Refused here, before it is stored and shared: the refresh counts as failed, and no
         // worker is handed a token that every send would have to forget again.
-        if answer.access_token.is_empty() || answer.access_token.len() > MAX_TOKEN_LEN {
+        if answer.access_token.trim().is_empty() || answer.access_token.len() > MAX_TOKEN_LEN {
             return Err(format!(
                 "infobip token endpoint answered a token of {} bytes (1 to {MAX_TOKEN_LEN} expected)",
                 answer.access_token.len()

@@ -35,6 +35,15 @@ pub(crate) fn spawn(
             }
             None => Err(PublishError::NoChannel),
         };
+        let forwarded = match forwarded {
+            Err(e) if e.stored_when_the_alarm_ends() => {
+                warn!(
+                    "RabbitMQ is blocking dead letters (a memory or disk alarm): this broker dead letter is stored when the alarm ends; acknowledging the original now"
+                );
+                Ok(())
+            }
+            forwarded => forwarded,
+        };
         match forwarded {
             Ok(()) => {
                 metrics::counter!(crate::metrics::DEAD_LETTERS, "kind" => "broker").increment(1);

@@ -217,7 +217,19 @@ async fn settle(
             nack_requeue(acks, delivery).await;
         }
         Outcome::DeadLetter { dead_letter, claim } => {
-            match publish_dead_letter(context, delivery, event, &dead_letter).await {
+            let published = match publish_dead_letter(context, delivery, event, &dead_letter).await
+            {
+                Err(e) if e.stored_when_the_alarm_ends() => {
+                    warn!(
+                        kind = dead_letter.kind.as_str(),
+                        attempts = dead_letter.attempts,
+                        "RabbitMQ is blocking dead letters (a memory or disk alarm): this one is stored when the alarm ends; acknowledging the original now"
+                    );
+                    Ok(())
+                }
+                published => published,
+            };
+            match published {
                 Ok(()) => {
                     if let Some(event) = event {
                         let time_left =
