@@ -339,9 +339,8 @@ impl Publisher {
 
     /// Forgets a connection whose publish failed, and its idle channels with it, so the next
     /// publish opens fresh ones (a channel can keep rejecting publishes after a broker restart or
-    /// a quorum leader change). When the
-    /// connection itself is gone, its node probably is too: the next connect starts with the
-    /// node after it.
+    /// a quorum leader change). When the connection itself is gone, its node probably is too: the
+    /// next connect starts with the node after it.
     fn discard(&self, failed: &Arc<BrokerConnection>) {
         let mut current = self.connection.lock().unwrap_or_else(|e| e.into_inner());
         // The very connection that failed: a late failure of an old one must not drop its

@@ -11,8 +11,9 @@
 //!   exactly one of "sent" or "dead-lettered".
 //! - `withdrawn`: written by the api, never by a worker, for an event whose publish it could not
 //!   tell was stored (no confirm, and no refusal either), and only where no record exists (one
-//!   script: a worker's claim and the api's withdrawal cannot both win). Copies are acknowledged without sending: the api answered 503 and gave the
-//!   request's rate-limit slots back, so no SMS may go for it.
+//!   script: a worker's claim and the api's withdrawal cannot both win). Copies are acknowledged
+//!   without sending: the api answered 503 and gave the request's rate-limit slots back, so no
+//!   SMS may go for it.
 //!
 //! A second key, `{ns}:sms:{<event_id>}:resend`, is the one resend a carrier-side delivery
 //! failure may earn (see `worker::resend`): set once, however many receipts arrive.

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use shared::redis_connection::{RedisConnection, RedisTarget};
 use tests::loadgen;
 use tests::redis_cluster::RedisCluster;
 use tests::required;
@@ -117,8 +118,8 @@ async fn a_hung_seed_node_does_not_keep_callers_out() {
         "redis+cluster://",
         &format!("redis+cluster://127.0.0.1:{hung_port},"),
     );
-    let target = shared::redis_connection::RedisTarget::parse(&url.into()).expect("a cluster URL");
-    let connection = shared::redis_connection::RedisConnection::new(&target).expect("a client");
+    let target = RedisTarget::parse(&url.into()).expect("a cluster URL");
+    let connection = RedisConnection::new(&target).expect("a client");
 
     let started = std::time::Instant::now();
     let mut attempts = 0;
@@ -146,14 +147,10 @@ async fn a_hung_seed_node_does_not_keep_callers_out() {
 #[tokio::test]
 async fn a_hung_cluster_node_fails_each_command_within_seconds() {
     use redis::AsyncCommands as _;
-    use shared::redis_connection::{RedisConnection, RedisTarget};
 
-    let Some(cluster) = required::or_skip("the Redis Cluster test", RedisCluster::start).await
-    else {
+    let Some((cluster, mut redis)) = cluster_and_connection().await else {
         return;
     };
-    let target = RedisTarget::parse(&cluster.url().into()).expect("a cluster URL");
-    let mut redis = RedisConnection::new(&target).expect("a cluster connection");
     let _: () = redis.set("hung-node-test", "1").await.expect("SET");
 
     cluster.freeze();
@@ -181,15 +178,11 @@ async fn a_hung_cluster_node_fails_each_command_within_seconds() {
 /// to `EVAL` on the key's node.
 #[tokio::test]
 async fn a_script_runs_on_a_node_that_lost_it_while_another_node_is_down() {
-    use shared::redis_connection::{RedisConnection, RedisTarget};
     use shared::redis_script::Script;
 
-    let Some(cluster) = required::or_skip("the Redis Cluster test", RedisCluster::start).await
-    else {
+    let Some((cluster, mut redis)) = cluster_and_connection().await else {
         return;
     };
-    let target = RedisTarget::parse(&cluster.url().into()).expect("a cluster URL");
-    let mut redis = RedisConnection::new(&target).expect("a cluster connection");
     let script = Script::new("return redis.call('INCR', KEYS[1])");
     let key = "{script-test}:count";
     let first: i64 = script
@@ -222,4 +215,13 @@ async fn a_script_runs_on_a_node_that_lost_it_while_another_node_is_down() {
         .await
         .expect("the third run");
     assert_eq!(third, 3);
+}
+
+/// A throwaway cluster and the programs' connection type to it; `None` (the test skips) where
+/// `redis-server` is not installed.
+async fn cluster_and_connection() -> Option<(RedisCluster, RedisConnection)> {
+    let cluster = required::or_skip("the Redis Cluster test", RedisCluster::start).await?;
+    let target = RedisTarget::parse(&cluster.url().into()).expect("a cluster URL");
+    let redis = RedisConnection::new(&target).expect("a cluster connection");
+    Some((cluster, redis))
 }
