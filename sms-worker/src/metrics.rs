@@ -8,6 +8,10 @@
 pub const SENDS: &str = "sms_sends_total";
 /// Counter, label `kind`: `permanent`, `retries_exhausted`, `expired`, `invalid_message`.
 pub const DEAD_LETTERS: &str = "sms_dead_letters_total";
+/// Counter: dead letters acknowledged while RabbitMQ blocked their connection (an alarm). Their
+/// copies wait in this process's memory for the alarm to end, and are lost if the process stops
+/// or the connection drops first.
+pub const DEAD_LETTERS_HELD: &str = "sms_dead_letters_held_total";
 /// Histogram (seconds) of one provider call, labels `provider` and `outcome` (`accepted`, or the
 /// failure kind: `retryable`, `ambiguous`, `recipient`, `provider`, `route`).
 pub const PROVIDER_DURATION: &str = "sms_provider_request_duration_seconds";
@@ -71,6 +75,10 @@ pub fn describe() {
     describe_counter!(
         SENDS,
         "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, withdrawn, sent_after_withdrawal, requeued."
+    );
+    describe_counter!(
+        DEAD_LETTERS_HELD,
+        "Dead letters acknowledged while an alarm held their copy in this process (lost if it stops first)."
     );
     describe_counter!(
         DEAD_LETTERS,

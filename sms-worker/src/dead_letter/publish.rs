@@ -38,11 +38,13 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// The copy waits unread in a connection the broker blocks (a memory or disk alarm), and is
-    /// stored when the alarm ends. The original is then acknowledged as dead-lettered: given back
-    /// to the queue, it would go to the provider again and leave one more copy each time, or,
-    /// held, keep a slot of the prefetch for the whole alarm. Only if the connection is lost
-    /// before the alarm ends is the copy lost; the log keeps its record.
+    /// The broker blocks the copy's connection (a memory or disk alarm): the copy waits, in
+    /// lapin's buffers in this process or unread in the broker's socket, and is stored when the
+    /// alarm ends. The original is then acknowledged as dead-lettered: given back to the queue, it
+    /// would go to the provider again and leave one more copy each time, or, held, keep a slot of
+    /// the prefetch for the whole alarm. If this process stops or the connection drops before the
+    /// alarm ends, the copy is lost; the log's warning (with the event id) and
+    /// `sms_dead_letters_held_total` keep the record.
     pub fn stored_when_the_alarm_ends(&self) -> bool {
         matches!(self, Self::Confirm(ConfirmError::HeldByAlarm))
     }

@@ -37,6 +37,7 @@ pub(crate) fn spawn(
         };
         let forwarded = match forwarded {
             Err(e) if e.stored_when_the_alarm_ends() => {
+                metrics::counter!(crate::metrics::DEAD_LETTERS_HELD).increment(1);
                 warn!(
                     "RabbitMQ is blocking dead letters (a memory or disk alarm): this broker dead letter is stored when the alarm ends; acknowledging the original now"
                 );

@@ -220,6 +220,7 @@ async fn settle(
             let published = match publish_dead_letter(context, delivery, event, &dead_letter).await
             {
                 Err(e) if e.stored_when_the_alarm_ends() => {
+                    metrics::counter!(crate::metrics::DEAD_LETTERS_HELD).increment(1);
                     warn!(
                         kind = dead_letter.kind.as_str(),
                         attempts = dead_letter.attempts,

@@ -391,6 +391,16 @@ impl Harness {
         .await;
     }
 
+    /// Waits until the worker's `/metrics` has `line` (e.g. `name 1`).
+    pub async fn wait_for_metric(&self, worker: &RunningWorker, line: &str) {
+        eventually(
+            WAIT,
+            &format!("the worker's /metrics to say {line}"),
+            || async { self.metrics(worker).await.lines().any(|l| l == line) },
+        )
+        .await;
+    }
+
     /// What the worker's `/metrics` says now.
     pub async fn metrics(&self, worker: &RunningWorker) -> String {
         self.http

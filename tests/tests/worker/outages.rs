@@ -7,7 +7,6 @@ use std::time::Duration;
 use shared::QueueType;
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
-use tests::wait::eventually;
 
 use crate::harness::{phone, with_harness};
 
@@ -88,16 +87,8 @@ async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other
         for to in &invalid {
             h.request_sms(to).await;
         }
-        eventually(
-            Duration::from_secs(10),
-            "the worker to report its dead-letter connection blocked",
-            || async {
-                h.metrics(&worker)
-                    .await
-                    .contains("sms_amqp_connection_blocked 1")
-            },
-        )
-        .await;
+        h.wait_for_metric(&worker, "sms_amqp_connection_blocked 1")
+            .await;
         let others: Vec<String> = (0..6).map(|_| phone()).collect();
         for to in &others {
             h.request_sms(to).await;
@@ -108,19 +99,14 @@ async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other
         // The alarm outlasts the dead letters' 10 s confirm timeout: a scenario, not a wait for
         // a condition (done right, nothing shows meanwhile).
         tokio::time::sleep(Duration::from_secs(12)).await;
+        // Both originals were acknowledged as held by the alarm.
+        h.wait_for_metric(&worker, "sms_dead_letters_held_total 2")
+            .await;
 
         broker.unblock();
         h.wait_for_dead_lettered(2).await;
-        eventually(
-            Duration::from_secs(10),
-            "the worker to report the alarm over",
-            || async {
-                h.metrics(&worker)
-                    .await
-                    .contains("sms_amqp_connection_blocked 0")
-            },
-        )
-        .await;
+        h.wait_for_metric(&worker, "sms_amqp_connection_blocked 0")
+            .await;
         worker.stop().await;
         assert_eq!(h.queued().await, 0);
         assert_eq!(
