@@ -28,6 +28,11 @@ pub const PUBLISH_RETRIES: &str = "amqp_publish_retries_total";
 /// `taken` (a worker had it: accepted), `dead_lettered` (a worker dead-lettered it: 503, slots
 /// given back), `kept` (Redis could not say: 503, slots kept).
 pub const PUBLISH_OUTCOME_UNKNOWN: &str = "amqp_publish_outcome_unknown_total";
+/// Counter, label `outcome`: confirmed codes that Redis did not make current within their
+/// request, so a background task kept trying: `promoted` (Redis came back in time),
+/// `replaced` (a newer code of the same phone had replaced it), `expired` (Redis stayed away
+/// until the code expired: its SMS carried a code that never worked).
+pub const PROMOTIONS_DEFERRED: &str = "otp_promotions_deferred_total";
 /// Gauge: the api's connections RabbitMQ is blocking now (a memory or disk alarm: it reads
 /// nothing the api sends on them); 1 or 0 in practice. OTP requests get 503 at once meanwhile.
 pub const BROKER_BLOCKED: &str = "amqp_connection_blocked";
@@ -72,6 +77,10 @@ pub fn describe() {
     describe_counter!(
         PUBLISH_OUTCOME_UNKNOWN,
         "Publishes sent and neither confirmed nor refused, by resolution: withdrawn (503, slots given back), taken (a worker had the event: accepted), dead_lettered (503, slots given back), kept (Redis could not withdraw it: 503, slots kept)."
+    );
+    describe_counter!(
+        PROMOTIONS_DEFERRED,
+        "Confirmed codes Redis did not make current within their request (202 all the same), by how the background retry ended: promoted, replaced (a newer code came first), expired (the code never worked)."
     );
     describe_counter!(
         TEST_NUMBER_USES,

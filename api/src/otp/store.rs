@@ -53,11 +53,15 @@ return {1}
 ";
 
 /// The pending code becomes current, with fresh budgets, keeping its own expiry. A pending code
-/// of another (newer) request is left alone. Returns 1 when promoted. RENAME moves the hash and
-/// its expiry, replacing the old current code, in one step: cheaper for Redis than reading the
+/// of another (newer) request is left alone. Returns 1 when promoted, or when this code already
+/// is current (a try whose answer Redis lost, tried again). RENAME moves the hash and its
+/// expiry, replacing the old current code, in one step: cheaper for Redis than reading the
 /// pending code, deleting both and writing the current one (BENCHMARKS.md, issue 12).
 const PROMOTE: &str = r"
-if redis.call('HGET', KEYS[2], 'e') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'e') ~= ARGV[1] then
+  if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then return 1 end
+  return 0
+end
 if redis.call('PTTL', KEYS[2]) <= 0 then return 0 end
 redis.call('RENAME', KEYS[2], KEYS[1])
 redis.call('HSET', KEYS[1], 'a', 0, 'u', 0)

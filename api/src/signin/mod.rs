@@ -7,8 +7,11 @@
 //! own, which the handler awaits but does not own. Its deadlines add up to no more than the
 //! request timeout (10 s), so the client hears the outcome rather than a generic timeout:
 //! Redis at most [`REDIS_DEADLINE`] per step, the publish at most [`PUBLISH_DEADLINE`], and
-//! withdrawing an event whose publish went unanswered at most 1 s (`withdrawal`).
+//! withdrawing an event whose publish went unanswered at most 1 s (`withdrawal`). Making a
+//! confirmed code current is one Redis step, retried within it; past that it goes on in the
+//! background, since the request was decided by the confirm (`promotion`).
 
+mod promotion;
 pub mod request;
 pub mod verify;
 mod withdrawal;

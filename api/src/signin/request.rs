@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use futures_util::future::join_all;
 use shared::{OtpRequested, PhoneNumber};
 
+use super::promotion;
 use super::withdrawal::{self, Settled};
 use super::{PUBLISH_DEADLINE, detached, redis_step};
 use crate::client_ip::ClientKey;
@@ -117,17 +118,8 @@ async fn publish_then_promote(
             ));
         }
     }
-    let promoted = redis_step(state.otp_store.promote(
-        state.redis(),
-        &event.phone_number,
-        event.event_id,
-    ))
-    .await?;
-    if !promoted {
-        // A newer request for the same number replaced this pending code: its SMS is the one
-        // that counts. This one was sent, so it is still an accepted request.
-        tracing::info!(event_id = %event.event_id, "a newer code replaced this one before it was confirmed");
-    }
+    // Confirmed (or taken by a worker): the SMS will go, so the request is accepted.
+    promotion::make_current(&state, &event).await;
     tracing::info!(phone = %event.phone_number, event_id = %event.event_id, "OTP requested");
     Ok(())
 }

@@ -51,6 +51,16 @@ async fn assert_request_unavailable(app: &TestApp) {
     assert!(reply.header("retry-after").is_some());
 }
 
+/// Verifies [`PHONE`] with `code` until it signs in, as a new user, waiting for `what`.
+async fn signs_in_a_new_user_within_15_s(app: &TestApp, code: &str, what: &str) {
+    let session = eventually(Duration::from_secs(15), what, || async {
+        let reply = app.verify(PHONE, code).await;
+        (reply.status == StatusCode::OK).then_some(reply)
+    })
+    .await;
+    assert_eq!(session.body["new_user"], true);
+}
+
 #[tokio::test]
 async fn redis_unreachable_gives_503_and_recovers() {
     let (redis, app) = app_through_proxy(&servers().redis, "REDIS_URL").await;
@@ -187,6 +197,61 @@ async fn a_broker_that_blocks_publishing_gets_no_events_and_no_new_connections()
     assert_eq!(broker.connections_accepted(), connections);
 }
 
+/// The broker's confirm decides a request: from then on its SMS goes, whatever the api answers.
+/// Redis going away just after it (a failover) must not turn the request into a 503, which would
+/// leave the user an SMS whose code never becomes valid and their number held to its resend gap.
+/// The request is accepted while Redis is still away, and its code works once Redis is back.
+#[tokio::test]
+async fn redis_lost_just_after_the_confirm_still_accepts_and_the_code_works_once_it_is_back() {
+    let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+    let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+    let app = spawn_with(
+        Spawn::default()
+            .var("AMQP_URL", amqp_url)
+            .var("REDIS_URL", redis_url),
+    )
+    .await;
+    assert_eq!(
+        app.request_otp("+14155550101").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    // The broker stores the event; its confirm is held until Redis is gone.
+    broker.hold_replies();
+    let cut_redis_then_confirm = async {
+        let (event, _) = app.next_delivery(PHONE).await;
+        redis.go_down();
+        broker.release_replies();
+        event
+    };
+    let (reply, event) = tokio::join!(app.request_otp(PHONE), cut_redis_then_confirm);
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    let code = event.otp.expect("the event carries the code");
+    app.verify(PHONE, &code)
+        .await
+        .assert_problem(503, "unavailable");
+
+    redis.come_back();
+    signs_in_a_new_user_within_15_s(
+        &app,
+        &code,
+        "the confirmed code to become current once Redis is back",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the late promotion to be counted",
+        || async {
+            let metrics = app.metrics().await;
+            metric_value(
+                &metrics,
+                r#"otp_promotions_deferred_total{outcome="promoted"}"#,
+            ) >= 1.0
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn postgres_down_during_verify_keeps_the_code_usable() {
     let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
@@ -205,16 +270,7 @@ async fn postgres_down_during_verify_keeps_the_code_usable() {
         .assert_problem(503, "unavailable");
 
     postgres.come_back();
-    let session = eventually(
-        Duration::from_secs(15),
-        "the api to reach PostgreSQL again",
-        || async {
-            let reply = app.verify(PHONE, &code).await;
-            (reply.status == StatusCode::OK).then_some(reply)
-        },
-    )
-    .await;
-    assert_eq!(session.body["new_user"], true);
+    signs_in_a_new_user_within_15_s(&app, &code, "the api to reach PostgreSQL again").await;
     drop(app);
     drop_database(&database).await;
 }
