@@ -34,9 +34,9 @@ pub enum ConfirmError {
     Nacked,
     #[error("the message reached no queue")]
     Unroutable,
-    /// No confirm in time because the broker blocks the connection (a memory or disk alarm): the
-    /// message waits unread and is stored when the alarm ends, unless the connection is lost
-    /// first. Only with [`publish_confirmed`]'s `held_by`.
+    /// No confirm because the broker blocks the connection (a memory or disk alarm): the message
+    /// waits unread and is stored when the alarm ends, unless the connection is lost first. Only
+    /// with [`publish_confirmed`]'s `held_by`.
     #[error(
         "RabbitMQ is blocking the connection (a memory or disk alarm); the message is stored when it ends"
     )]
@@ -59,10 +59,11 @@ impl ConfirmError {
 /// stored the message. `mandatory` is set: a message that reaches no queue comes back as an
 /// error instead of vanishing.
 ///
-/// With `held_by`, a timeout while the broker blocks that connection (a memory or disk alarm) is
+/// With `held_by`, a publish whose connection the broker blocks (a memory or disk alarm) ends as
 /// [`ConfirmError::HeldByAlarm`], not [`ConfirmError::Timeout`]: the message is then in the
 /// connection's buffers, unread, and the broker stores it once the alarm ends, so a retry would
-/// store it twice.
+/// store it twice. That is known once the connection has stayed blocked for [`BLOCKED_GRACE`],
+/// so the publish does not wait out `timeout`.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -89,13 +90,55 @@ pub async fn publish_confirmed(
             .map_err(ConfirmError::NotSent)?;
         pending.await.map_err(ConfirmError::Broker)
     };
-    match tokio::time::timeout(timeout, confirm).await {
-        // Connected too: lapin keeps a dead connection's `blocked` flag, and its frames are lost.
-        Err(_) if held_by.is_some_and(|c| c.blocked() && c.connected()) => {
-            Err(ConfirmError::HeldByAlarm)
+    let held = async {
+        match held_by {
+            Some(connection) => held_by_alarm(connection).await,
+            None => std::future::pending().await,
         }
-        Err(_) => Err(ConfirmError::Timeout),
-        Ok(answer) => confirmation(answer),
+    };
+    tokio::select! {
+        answer = confirm => confirmation(answer),
+        () = held => Err(ConfirmError::HeldByAlarm),
+        () = tokio::time::sleep(timeout) => {
+            if held_by.is_some_and(held_now) {
+                Err(ConfirmError::HeldByAlarm)
+            } else {
+                Err(ConfirmError::Timeout)
+            }
+        }
+    }
+}
+
+/// How long a connection must stay blocked before a publish on it counts as held by the alarm.
+/// Frames the broker read before it blocked the connection are still confirmed, within
+/// milliseconds; after that nothing more is read until the alarm ends, so there is no point
+/// waiting out the whole confirm timeout (a dead letter holds one of the worker's slots
+/// meanwhile).
+const BLOCKED_GRACE: Duration = Duration::from_secs(1);
+/// How often [`held_by_alarm`] looks at the connection: lapin's flag has no notification.
+const BLOCKED_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// Blocked, and still connected: lapin keeps a dead connection's `blocked` flag, and a dead
+/// connection's frames are lost rather than held.
+fn held_now(connection: &ConnectionStatus) -> bool {
+    connection.blocked() && connection.connected()
+}
+
+/// Resolves once `connection` has been held (see [`held_now`]) for [`BLOCKED_GRACE`] without a
+/// break.
+async fn held_by_alarm(connection: &ConnectionStatus) {
+    let mut held_since = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        if held_now(connection) {
+            let since = *held_since.get_or_insert(now);
+            if now.duration_since(since) >= BLOCKED_GRACE {
+                return;
+            }
+        } else {
+            held_since = None;
+        }
+        tokio::time::sleep(BLOCKED_CHECK_EVERY).await;
     }
 }
 

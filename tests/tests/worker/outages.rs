@@ -7,6 +7,7 @@ use std::time::Duration;
 use shared::QueueType;
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
+use tests::wait::eventually;
 
 use crate::harness::{phone, with_harness};
 
@@ -96,12 +97,20 @@ async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other
         for to in &others {
             h.wait_for_messages(to, 1).await;
         }
-        // The alarm outlasts the dead letters' 10 s confirm timeout: a scenario, not a wait for
-        // a condition (done right, nothing shows meanwhile).
-        tokio::time::sleep(Duration::from_secs(12)).await;
-        // Both originals were acknowledged as held by the alarm.
-        h.wait_for_metric(&worker, "sms_dead_letters_held_total 2")
-            .await;
+        // Both originals are acknowledged as held by the alarm once their connection has stayed
+        // blocked for a second, well before the dead letters' 10 s confirm timeout (a slot each
+        // until then).
+        eventually(
+            Duration::from_secs(5),
+            "both dead letters to be held by the alarm",
+            || async {
+                let metrics = h.metrics(&worker).await;
+                metrics
+                    .lines()
+                    .any(|l| l == "sms_dead_letters_held_total 2")
+            },
+        )
+        .await;
 
         broker.unblock();
         h.wait_for_dead_lettered(2).await;
