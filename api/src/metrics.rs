@@ -28,16 +28,22 @@ pub const PUBLISH_RETRIES: &str = "amqp_publish_retries_total";
 /// `taken` (a worker had it: accepted), `dead_lettered` (a worker dead-lettered it: 503, slots
 /// given back), `kept` (Redis could not say: 503, slots kept).
 pub const PUBLISH_OUTCOME_UNKNOWN: &str = "amqp_publish_outcome_unknown_total";
-/// Counter, label `outcome`: confirmed codes that Redis did not make current within their
-/// request, so a background task kept trying: `promoted` (Redis came back in time),
-/// `replaced` (a newer code of the same phone had replaced it), `expired` (Redis stayed away
-/// until the code expired: its SMS carried a code that never worked).
+/// Counter: confirmed codes that Redis did not make current within their request (202 all the
+/// same, since the SMS goes), left to a background task that retries until the code expires.
 pub const PROMOTIONS_DEFERRED: &str = "otp_promotions_deferred_total";
+/// Counter, label `reason`: confirmed codes, their SMS sent, that never became valid: `lost`
+/// (the pending code was gone from Redis: a failover or restart lost it), `expired` (Redis
+/// stayed away until the code expired), `abandoned` (too many were already waiting for Redis).
+pub const CODES_NEVER_VALID: &str = "otp_codes_never_valid_total";
+/// The reasons of [`CODES_NEVER_VALID`], each exported at 0 from the start: an alert on its
+/// increase then sees the first one (a series that appears at 1 has no increase).
+pub const CODES_NEVER_VALID_REASONS: [&str; 3] = ["lost", "expired", "abandoned"];
 /// Gauge: the api's connections RabbitMQ is blocking now (a memory or disk alarm: it reads
 /// nothing the api sends on them); 1 or 0 in practice. OTP requests get 503 at once meanwhile.
 pub const BROKER_BLOCKED: &str = "amqp_connection_blocked";
 
-/// Gives every metric its `# HELP` line. Call once the recorder is installed.
+/// Gives every metric its `# HELP` line, and exports the counters of rare failures at 0. Call
+/// once the recorder is installed.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
@@ -80,8 +86,15 @@ pub fn describe() {
     );
     describe_counter!(
         PROMOTIONS_DEFERRED,
-        "Confirmed codes Redis did not make current within their request (202 all the same), by how the background retry ended: promoted, replaced (a newer code came first), expired (the code never worked)."
+        "Confirmed codes Redis did not make current within their request (202 all the same), left to a background retry."
     );
+    describe_counter!(
+        CODES_NEVER_VALID,
+        "Confirmed codes, their SMS sent, that never became valid: lost (gone from Redis), expired (Redis away until then), abandoned (too many waiting)."
+    );
+    for reason in CODES_NEVER_VALID_REASONS {
+        metrics::counter!(CODES_NEVER_VALID, "reason" => reason).increment(0);
+    }
     describe_counter!(
         TEST_NUMBER_USES,
         "Requests and verifications with a fixed test number (OTP_TEST_NUMBERS)."

@@ -12,6 +12,7 @@ use crate::limits::{FraudAlarm, Limits};
 use crate::otp::OtpHasher;
 use crate::otp::store::OtpStore;
 use crate::publisher::Publisher;
+use crate::signin::promotion::DeferredPromotions;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -26,6 +27,8 @@ pub struct Inner {
     pub fraud_alarm: FraudAlarm,
     pub hasher: OtpHasher,
     pub publisher: Publisher,
+    /// Confirmed codes that Redis has yet to make current, retried in the background.
+    pub deferred_promotions: DeferredPromotions,
     /// Set once the migrations have run; until then database routes answer 503.
     pub schema_ready: AtomicBool,
     /// Which dependencies the last `/readyz` found down, to log changes only.
@@ -48,6 +51,7 @@ impl AppState {
             fraud_alarm: FraudAlarm::default(),
             hasher: OtpHasher::new(&config.otp_secret),
             publisher: Publisher::new(config.common.amqp.clone(), topology),
+            deferred_promotions: DeferredPromotions::default(),
             schema_ready: AtomicBool::new(false),
             readiness_down: std::sync::Mutex::default(),
             config,

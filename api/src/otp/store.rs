@@ -52,14 +52,17 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {1}
 ";
 
-/// The pending code becomes current, with fresh budgets, keeping its own expiry. A pending code
-/// of another (newer) request is left alone. Returns 1 when promoted, or when this code already
-/// is current (a try whose answer Redis lost, tried again). RENAME moves the hash and its
-/// expiry, replacing the old current code, in one step: cheaper for Redis than reading the
-/// pending code, deleting both and writing the current one (BENCHMARKS.md, issue 12).
+/// The pending code becomes current, with fresh budgets, keeping its own expiry. Returns 1 when
+/// promoted, or when this code already is current (a try whose answer was lost, tried again);
+/// 2 when the pending code is another (newer) request's, which is left alone; 0 when there is
+/// none (it expired, or Redis lost it). RENAME moves the hash and its expiry, replacing the old
+/// current code, in one step: cheaper for Redis than reading the pending code, deleting both
+/// and writing the current one (BENCHMARKS.md, issue 12).
 const PROMOTE: &str = r"
-if redis.call('HGET', KEYS[2], 'e') ~= ARGV[1] then
+local pending = redis.call('HGET', KEYS[2], 'e')
+if pending ~= ARGV[1] then
   if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then return 1 end
+  if pending then return 2 end
   return 0
 end
 if redis.call('PTTL', KEYS[2]) <= 0 then return 0 end
@@ -194,6 +197,18 @@ impl PhoneKeys {
     }
 }
 
+/// What [`OtpStore::promote`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    /// The code is the phone's current code.
+    Current,
+    /// A newer request's code replaced it while it was pending: that one counts.
+    Replaced,
+    /// No pending code at all: it expired, or Redis lost it (a failover that dropped the last
+    /// writes of a master, a restart without persistence).
+    Missing,
+}
+
 pub struct OtpStore {
     namespace: String,
     issue: Script,
@@ -263,7 +278,7 @@ impl OtpStore {
         mut conn: RedisConnection,
         phone: &PhoneNumber,
         event_id: Uuid,
-    ) -> RedisResult<bool> {
+    ) -> RedisResult<Promotion> {
         let keys = self.keys(phone);
         let promoted: i64 = self
             .promote
@@ -272,7 +287,11 @@ impl OtpStore {
             .arg(event_id.to_string())
             .invoke_async(&mut conn)
             .await?;
-        Ok(promoted == 1)
+        Ok(match promoted {
+            1 => Promotion::Current,
+            2 => Promotion::Replaced,
+            _ => Promotion::Missing,
+        })
     }
 
     /// Undoes [`OtpStore::issue`] for a code whose event was never confirmed.

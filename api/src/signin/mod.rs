@@ -11,7 +11,7 @@
 //! confirmed code current is one Redis step, retried within it; past that it goes on in the
 //! background, since the request was decided by the confirm (`promotion`).
 
-mod promotion;
+pub mod promotion;
 pub mod request;
 pub mod verify;
 mod withdrawal;
@@ -20,6 +20,9 @@ use std::time::Duration;
 
 /// One Redis step of a sign-in.
 pub const REDIS_DEADLINE: Duration = Duration::from_secs(2);
+/// How long an OTP request may take to decide its answer: the router's 10 s timeout, less a
+/// margin, so that the client hears the outcome rather than a generic timeout.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(9);
 /// Connecting to RabbitMQ (when needed) and the broker's confirm, together.
 pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(5);
 

@@ -3,89 +3,135 @@
 //! The broker's confirm decides an OTP request: from then on the event is stored, a worker will
 //! send it, and the request is accepted (SPEC: a 503 leaves nothing half-done, and an SMS that
 //! goes is not nothing). Promoting the pending code is a second Redis step after that point, and
-//! Redis can fail it (a failover's `MOVED` storm, a timeout) just after the publish went through.
-//! Answering 503 then would send the user an SMS for a request they were told failed, with a code
-//! that never becomes valid, and hold their number to its resend gap for the retry.
+//! Redis can fail it (a failover, a timeout) just after the publish went through. Answering 503
+//! then would send the user an SMS for a request they were told failed, with a code that never
+//! becomes valid, and hold their number to its resend gap for the retry.
 //!
 //! So the promotion is retried: within the request first, for as long as one Redis step may
-//! take ([`REDIS_DEADLINE`]), and then, if Redis is still away, on a task of its own until the
-//! code would have expired. The request is answered 202 either way.
+//! take ([`REDIS_DEADLINE`]) and the request's time allows, and then, if Redis is still away,
+//! on a task of its own until the code would have expired. At most [`MAX_DEFERRED`] such tasks
+//! run at once, so that a long Redis brown-out under load cannot pile them up (each one more
+//! caller of the Redis that is struggling). The request is answered 202 either way.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use shared::{OtpRequested, PhoneNumber};
 use time::OffsetDateTime;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::REDIS_DEADLINE;
 use crate::metrics as m;
+use crate::otp::store::Promotion;
 use crate::state::AppState;
 
-/// The first pause between two tries; it doubles up to [`LONGEST_PAUSE`].
+/// The first pause between two tries; it doubles up to [`LONGEST_PAUSE`], each drawn between
+/// half and all of that, so that requests that failed together do not retry together.
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
-const LONGEST_PAUSE: Duration = Duration::from_secs(2);
+const LONGEST_PAUSE: Duration = Duration::from_secs(10);
 
-/// What became of a confirmed code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Promotion {
-    /// It is the phone's current code.
-    Current,
-    /// A newer request's code replaced it while it was pending (or it expired): that newer
-    /// code is the one that counts.
-    Replaced,
+/// Background promotions at most, per api process. Past that a confirmed code whose promotion
+/// failed within its request is given up on at once (`otp_codes_never_valid_total`, reason
+/// `abandoned`).
+pub const MAX_DEFERRED: usize = 10_000;
+
+/// The background promotions under way: a permit each.
+#[derive(Clone)]
+pub struct DeferredPromotions(Arc<Semaphore>);
+
+impl Default for DeferredPromotions {
+    fn default() -> Self {
+        Self(Arc::new(Semaphore::new(MAX_DEFERRED)))
+    }
 }
 
-/// Makes the confirmed `event`'s code current, within the request if Redis answers in time and
-/// otherwise in the background (see the module doc). Never fails the request.
-pub async fn make_current(state: &AppState, event: &OtpRequested) {
+/// Makes the confirmed `event`'s code current, within the request (by `answer_by` at the
+/// latest) if Redis answers in time, and otherwise in the background (see the module doc).
+/// Never fails the request.
+pub async fn make_current(state: &AppState, event: &OtpRequested, answer_by: Instant) {
     let phone = &event.phone_number;
-    let within_request = Instant::now() + REDIS_DEADLINE;
-    match promote_until(state, phone, event.event_id, within_request).await {
-        Some(promotion) => log_promoted(event.event_id, promotion),
-        None => {
-            tracing::warn!(%phone, event_id = %event.event_id, "the event is confirmed but Redis did not make its code current in time; the request is accepted and the code becomes current once Redis answers");
-            let expires_in = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-            let state = state.clone();
-            let (phone, event_id) = (phone.clone(), event.event_id);
-            tokio::spawn(async move {
-                let outcome = match promote_until(
-                    &state,
-                    &phone,
-                    event_id,
-                    Instant::now() + expires_in,
-                )
-                .await
-                {
-                    Some(Promotion::Current) => {
-                        tracing::info!(%phone, %event_id, "Redis answered: the confirmed code is current");
-                        "promoted"
-                    }
-                    Some(Promotion::Replaced) => {
-                        log_promoted(event_id, Promotion::Replaced);
-                        "replaced"
-                    }
-                    None => {
-                        tracing::error!(%phone, %event_id, "Redis never answered before the code expired: its SMS carries a code that never became valid");
-                        "expired"
-                    }
-                };
-                metrics::counter!(m::PROMOTIONS_DEFERRED, "outcome" => outcome).increment(1);
-            });
+    let event_id = event.event_id;
+    let within_request = answer_by.min(Instant::now() + REDIS_DEADLINE);
+    if let Some(promotion) = promote_until(state, phone, event_id, within_request).await {
+        return report(phone, event_id, promotion);
+    }
+    metrics::counter!(m::PROMOTIONS_DEFERRED).increment(1);
+    let Ok(permit) = state.deferred_promotions.0.clone().try_acquire_owned() else {
+        never_valid("abandoned");
+        tracing::error!(%phone, %event_id, "the event is confirmed but Redis did not make its code current, and {MAX_DEFERRED} codes already wait for Redis: this one is given up, its SMS carries a code that will not work");
+        return;
+    };
+    tracing::warn!(%phone, %event_id, "the event is confirmed but Redis did not make its code current in time; the request is accepted and the code becomes current once Redis answers");
+    let expires_in = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
+    let state = state.clone();
+    let phone = phone.clone();
+    // The task logs on behalf of the request: it keeps the request's span (and its id).
+    let retry = async move {
+        let mut unfinished = Unfinished {
+            phone: phone.clone(),
+            event_id,
+            done: false,
+        };
+        match promote_until(&state, &phone, event_id, Instant::now() + expires_in).await {
+            Some(promotion) => {
+                if promotion == Promotion::Current {
+                    tracing::info!(%phone, %event_id, "Redis answered: the confirmed code is current");
+                }
+                report(&phone, event_id, promotion);
+            }
+            None => {
+                never_valid("expired");
+                tracing::error!(%phone, %event_id, "Redis never answered before the code expired: its SMS carries a code that never became valid");
+            }
+        }
+        unfinished.done = true;
+        drop(permit);
+    };
+    tokio::spawn(retry.instrument(tracing::Span::current()));
+}
+
+/// Logs, when dropped, that the api stopped before a background promotion was done: the
+/// runtime drops its tasks at exit, and the code is then never made current.
+struct Unfinished {
+    phone: PhoneNumber,
+    event_id: Uuid,
+    done: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        tracing::warn!(phone = %self.phone, event_id = %self.event_id, "the api stopped before Redis made this confirmed code current: its SMS carries a code that will not work");
+    }
+}
+
+fn report(phone: &PhoneNumber, event_id: Uuid, promotion: Promotion) {
+    match promotion {
+        Promotion::Current => {}
+        // A newer request for the same number replaced this pending code: its SMS is the one
+        // that counts. This one was sent, so it is still an accepted request.
+        Promotion::Replaced => {
+            tracing::info!(%event_id, "a newer code replaced this one before it was confirmed");
+        }
+        Promotion::Missing => {
+            never_valid("lost");
+            tracing::error!(%phone, %event_id, "the event is confirmed but its pending code is gone from Redis (lost in a failover or restart, or expired): its SMS carries a code that will not work");
         }
     }
 }
 
-fn log_promoted(event_id: Uuid, promotion: Promotion) {
-    if promotion == Promotion::Replaced {
-        // A newer request for the same number replaced this pending code: its SMS is the one
-        // that counts. This one was sent, so it is still an accepted request.
-        tracing::info!(%event_id, "a newer code replaced this one before it was confirmed");
-    }
+fn never_valid(reason: &'static str) {
+    metrics::counter!(m::CODES_NEVER_VALID, "reason" => reason).increment(1);
 }
 
 /// Tries to promote until `deadline`, each try bounded by [`REDIS_DEADLINE`] and the deadline.
-/// `None` when no try got an answer from Redis.
+/// `None` when no try got an answer from Redis. The first failure is logged as a warning, the
+/// rest at debug: a Redis outage is reported by `/readyz` and the Redis client already.
 async fn promote_until(
     state: &AppState,
     phone: &PhoneNumber,
@@ -93,18 +139,22 @@ async fn promote_until(
     deadline: Instant,
 ) -> Option<Promotion> {
     let mut pause = FIRST_PAUSE;
+    let mut failures = 0u32;
     loop {
         let try_until = deadline.min(Instant::now() + REDIS_DEADLINE);
         let promote = state.otp_store.promote(state.redis(), phone, event_id);
         match tokio::time::timeout_at(try_until, promote).await {
-            Ok(Ok(true)) => return Some(Promotion::Current),
-            Ok(Ok(false)) => return Some(Promotion::Replaced),
+            Ok(Ok(promotion)) => return Some(promotion),
+            Ok(Err(e)) if failures == 0 => {
+                tracing::warn!(error = %e, %event_id, "promoting a confirmed code failed; trying again");
+            }
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, %event_id, "promoting a confirmed code failed; trying again");
+                tracing::debug!(error = %e, %event_id, "promoting a confirmed code failed again");
             }
             Err(_) => {}
         }
-        let next_try = Instant::now() + pause;
+        failures += 1;
+        let next_try = Instant::now() + pause / 2 + (pause / 2).mul_f64(rand::random::<f64>());
         if next_try >= deadline {
             return None;
         }

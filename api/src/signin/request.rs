@@ -8,7 +8,7 @@ use shared::{OtpRequested, PhoneNumber};
 
 use super::promotion;
 use super::withdrawal::{self, Settled};
-use super::{PUBLISH_DEADLINE, detached, redis_step};
+use super::{ANSWER_WITHIN, PUBLISH_DEADLINE, detached, redis_step};
 use crate::client_ip::ClientKey;
 use crate::config::FraudGuardMode;
 use crate::error::{ApiError, Dependency, Limit};
@@ -33,6 +33,7 @@ pub async fn request_code(
     client: IpAddr,
     request_id: &str,
 ) -> Result<Requested, ApiError> {
+    let answer_by = tokio::time::Instant::now() + ANSWER_WITHIN;
     let policy = &state.config.otp;
     let test_code = state.config.phone.test_code(&destination.phone);
     let code = test_code.map_or_else(|| generate_code(policy.length), str::to_owned);
@@ -81,7 +82,7 @@ pub async fn request_code(
             challenge_id: challenge.into_string(),
         });
     }
-    detached(publish_then_promote(state.clone(), event, slots)).await?;
+    detached(publish_then_promote(state.clone(), event, slots, answer_by)).await?;
     metrics::counter!(m::OTP_REQUESTS, "outcome" => "accepted").increment(1);
     Ok(Requested {
         phone,
@@ -96,6 +97,7 @@ async fn publish_then_promote(
     state: AppState,
     event: OtpRequested,
     slots: Slots,
+    answer_by: tokio::time::Instant,
 ) -> Result<(), ApiError> {
     let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + PUBLISH_DEADLINE;
@@ -119,7 +121,7 @@ async fn publish_then_promote(
         }
     }
     // Confirmed (or taken by a worker): the SMS will go, so the request is accepted.
-    promotion::make_current(&state, &event).await;
+    promotion::make_current(&state, &event, answer_by).await;
     tracing::info!(phone = %event.phone_number, event_id = %event.event_id, "OTP requested");
     Ok(())
 }
