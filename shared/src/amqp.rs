@@ -97,6 +97,9 @@ pub async fn publish_confirmed(
         }
     };
     tokio::select! {
+        // An answer that is there wins over the alarm and the timeout seen in the same poll: a
+        // nack or a return must not pass for a copy the broker will store.
+        biased;
         answer = confirm => confirmation(answer),
         () = held => Err(ConfirmError::HeldByAlarm),
         () = tokio::time::sleep(timeout) => {
@@ -120,7 +123,7 @@ const BLOCKED_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// Blocked, and still connected: lapin keeps a dead connection's `blocked` flag, and a dead
 /// connection's frames are lost rather than held.
-fn held_now(connection: &ConnectionStatus) -> bool {
+pub fn held_now(connection: &ConnectionStatus) -> bool {
     connection.blocked() && connection.connected()
 }
 

@@ -25,6 +25,12 @@ pub(crate) fn spawn(
     tasks.spawn(async move {
         let forwarded = match context.dead_letter_route() {
             Some(route) => {
+                // In an alarm the copy would only wait in this process's memory, where a
+                // restart loses it; unforwarded, the broker keeps it. Waiting costs no provider
+                // call and no claim, and this queue's own prefetch bounds how many wait.
+                if !until_unblocked(&route, &context).await {
+                    return;
+                }
                 dead_letter::forward_broker_copy(
                     &route,
                     &context.topology.dead_letter_queue(),
@@ -66,4 +72,28 @@ pub(crate) fn spawn(
             }
         }
     });
+}
+
+/// Waits while the broker blocks the dead-letter connection (a memory or disk alarm). `false`
+/// when shutdown came first: the delivery is then left unacknowledged, and goes back to the
+/// queue with the connection.
+async fn until_unblocked(route: &dead_letter::Route, context: &Context) -> bool {
+    if !shared::amqp::held_now(&route.connection) {
+        return true;
+    }
+    // The alarm itself is logged once, by the connection's alarm watch.
+    tracing::debug!(
+        "RabbitMQ is blocking dead letters: this broker dead letter waits in its queue"
+    );
+    while shared::amqp::held_now(&route.connection) {
+        if context
+            .shutdown
+            .sleep(Duration::from_millis(200))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
 }

@@ -299,6 +299,22 @@ impl Harness {
         .await;
     }
 
+    /// Puts `event` straight into the queue where RabbitMQ dead-letters what expired in the
+    /// work queue, code included, as the broker would (no worker can take it first).
+    pub async fn put_among_broker_dead_letters(&self, event: &OtpRequested) {
+        shared::amqp::publish_confirmed(
+            &self.channel,
+            "",
+            &self.topology.broker_dead_letter_queue(),
+            &serde_json::to_vec(event).expect("an event serialises"),
+            without_expiration(shared::amqp::event_properties(event, 1)),
+            WAIT,
+            None,
+        )
+        .await
+        .expect("the broker confirms the publish");
+    }
+
     pub async fn publish_with(&self, body: &[u8], properties: BasicProperties) {
         shared::amqp::publish_confirmed(
             &self.channel,
