@@ -61,6 +61,7 @@ pub(super) async fn drain(args: &Args, sms: &SmsInbox) -> anyhow::Result<Report>
         figures: BTreeMap::new(),
         costs: None,
         rss: Vec::new(),
+        refused_503: Vec::new(),
     })
 }
 

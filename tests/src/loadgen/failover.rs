@@ -152,5 +152,6 @@ pub(super) async fn failover(args: &Args, sms: &SmsInbox) -> anyhow::Result<Repo
         figures,
         costs: None,
         rss: Vec::new(),
+        refused_503: Vec::new(),
     })
 }

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use super::api::Api;
 use super::scenarios::Operations;
 use super::sms_inbox::SmsInbox;
-use super::{Args, Latency, Report, Scenario, cost, prepare};
+use super::{Args, Latency, Report, Scenario, cost, phone, prepare};
 
 /// Hands out operation numbers until the run is over.
 struct Pacer {
@@ -54,6 +54,8 @@ struct Tally {
     accepted: Vec<(String, OffsetDateTime)>,
     /// When each success came, since the start: for the longest stall.
     succeeded_at_ms: Vec<u64>,
+    /// `request`: the numbers answered 503.
+    refused_503: Vec<String>,
 }
 
 impl Tally {
@@ -65,6 +67,7 @@ impl Tally {
         }
         self.accepted.extend(other.accepted);
         self.succeeded_at_ms.extend(other.succeeded_at_ms);
+        self.refused_503.extend(other.refused_503);
     }
 
     /// The longest time without a success, between the first and the last: how long a failover
@@ -140,7 +143,12 @@ pub(super) async fn load(
                             .push(started.elapsed().as_micros() as u64);
                         tally.accepted.extend(accepted);
                     }
-                    Err(kind) => *tally.errors.entry(kind).or_default() += 1,
+                    Err(kind) => {
+                        if operations.scenario == Scenario::Request && kind == "503" {
+                            tally.refused_503.push(phone(operations.phone_offset, i));
+                        }
+                        *tally.errors.entry(kind).or_default() += 1;
+                    }
                 }
             }
             tally
@@ -197,5 +205,6 @@ pub(super) async fn load(
         figures,
         costs,
         rss,
+        refused_503: total.refused_503,
     })
 }

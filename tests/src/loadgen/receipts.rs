@@ -139,6 +139,7 @@ pub(super) async fn absorb(args: &Args, sms: &SmsInbox) -> anyhow::Result<Report
         figures,
         costs: None,
         rss: Vec::new(),
+        refused_503: Vec::new(),
     })
 }
 
@@ -232,5 +233,6 @@ pub(super) async fn resend(
         figures: BTreeMap::new(),
         costs: None,
         rss: Vec::new(),
+        refused_503: Vec::new(),
     })
 }

@@ -62,6 +62,10 @@ pub struct Report {
     /// `--rss-every`: resident memory over the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rss: Vec<RssSample>,
+    /// `request`: the numbers whose request was answered 503. None of them may get an SMS
+    /// (`scripts/drill` checks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused_503: Vec<String>,
 }
 
 impl fmt::Display for Report {
