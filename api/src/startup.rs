@@ -13,6 +13,10 @@ use crate::config::ApiConfig;
 use crate::state::AppState;
 use crate::{jobs, router, serve};
 
+/// How long a stopping api waits for codes Redis has yet to make current (see
+/// `signin::promotion`), after the in-flight requests: only while Redis has been failing.
+const PROMOTIONS_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+
 pub struct Application {
     listener: TcpListener,
     router: Router,
@@ -91,6 +95,10 @@ impl Application {
         tracing::info!(%addr, "api listening");
         let limits = self.state.config.server;
         serve::serve(self.listener, self.router, limits, shutdown).await?;
+        self.state
+            .deferred_promotions
+            .finish(PROMOTIONS_AT_SHUTDOWN)
+            .await;
         tracing::info!("api stopped");
         Ok(())
     }

@@ -54,15 +54,20 @@ return {1}
 
 /// The pending code becomes current, with fresh budgets, keeping its own expiry. Returns 1 when
 /// promoted, or when this code already is current (a try whose answer was lost, tried again);
-/// 2 when the pending code is another (newer) request's, which is left alone; 0 when there is
-/// none (it expired, or Redis lost it). RENAME moves the hash and its expiry, replacing the old
-/// current code, in one step: cheaper for Redis than reading the pending code, deleting both
-/// and writing the current one (BENCHMARKS.md, issue 12).
+/// 2 when a newer request's code replaced it (pending now, or since made current or used: the
+/// phone's sends, KEYS[3], list a later one), which is left alone; 0 when it is gone (it
+/// expired, or Redis lost it). RENAME moves the hash and its expiry, replacing the old current
+/// code, in one step: cheaper for Redis than reading the pending code, deleting both and
+/// writing the current one (BENCHMARKS.md, issue 12). The other branches are off the usual path.
 const PROMOTE: &str = r"
 local pending = redis.call('HGET', KEYS[2], 'e')
 if pending ~= ARGV[1] then
   if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then return 1 end
   if pending then return 2 end
+  local mine = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if mine and #redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. mine, '+inf', 'LIMIT', 0, 1) > 0 then
+    return 2
+  end
   return 0
 end
 if redis.call('PTTL', KEYS[2]) <= 0 then return 0 end
@@ -202,7 +207,7 @@ impl PhoneKeys {
 pub enum Promotion {
     /// The code is the phone's current code.
     Current,
-    /// A newer request's code replaced it while it was pending: that one counts.
+    /// A newer request's code replaced it: that one counts.
     Replaced,
     /// No pending code at all: it expired, or Redis lost it (a failover that dropped the last
     /// writes of a master, a restart without persistence).
@@ -284,6 +289,7 @@ impl OtpStore {
             .promote
             .key(&keys.code)
             .key(&keys.pending)
+            .key(&keys.sent)
             .arg(event_id.to_string())
             .invoke_async(&mut conn)
             .await?;

@@ -48,6 +48,32 @@ impl Default for DeferredPromotions {
     }
 }
 
+impl DeferredPromotions {
+    /// At shutdown: gives the background promotions still under way up to `within` to finish
+    /// (Redis may be back by then). Those left are dropped with the runtime, each logging its
+    /// event as never made current.
+    pub async fn finish(&self, within: Duration) {
+        let under_way = MAX_DEFERRED - self.0.available_permits();
+        if under_way == 0 {
+            return;
+        }
+        tracing::warn!(
+            under_way,
+            "waiting for Redis to make confirmed codes current before stopping"
+        );
+        let all = u32::try_from(MAX_DEFERRED).unwrap_or(u32::MAX);
+        if tokio::time::timeout(within, self.0.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = MAX_DEFERRED - self.0.available_permits(),
+                "stopping with confirmed codes Redis has not made current: their SMS carry codes that will not work"
+            );
+        }
+    }
+}
+
 /// Makes the confirmed `event`'s code current, within the request (by `answer_by` at the
 /// latest) if Redis answers in time, and otherwise in the background (see the module doc).
 /// Never fails the request.
@@ -68,13 +94,16 @@ pub async fn make_current(state: &AppState, event: &OtpRequested, answer_by: Ins
     let expires_in = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     let state = state.clone();
     let phone = phone.clone();
+    let unfinished = Unfinished {
+        phone: phone.clone(),
+        event_id,
+        done: false,
+    };
     // The task logs on behalf of the request: it keeps the request's span (and its id).
     let retry = async move {
-        let mut unfinished = Unfinished {
-            phone: phone.clone(),
-            event_id,
-            done: false,
-        };
+        // Moved in whole (a closure would take only the field it sets), so that it is dropped
+        // with the task if the runtime stops first.
+        let mut unfinished = unfinished;
         match promote_until(&state, &phone, event_id, Instant::now() + expires_in).await {
             Some(promotion) => {
                 if promotion == Promotion::Current {

@@ -173,6 +173,12 @@ impl Acks {
         tags.mark_settled(tag);
     }
 
+    /// Whether the channel is still open: once it is not, the broker has put its unsettled
+    /// deliveries back in their queues.
+    pub(crate) fn channel_connected(&self) -> bool {
+        self.0.channel.status().connected()
+    }
+
     /// Whether the delivery is neither settled nor waiting for its ack: only then may its task
     /// settle it another way (a second settlement of one tag closes the channel).
     pub(crate) fn is_open(&self, tag: u64) -> bool {

@@ -26,9 +26,10 @@ pub(crate) fn spawn(
         let forwarded = match context.dead_letter_route() {
             Some(route) => {
                 // In an alarm the copy would only wait in this process's memory, where a
-                // restart loses it; unforwarded, the broker keeps it. Waiting costs no provider
-                // call and no claim, and this queue's own prefetch bounds how many wait.
-                if !until_unblocked(&route, &context).await {
+                // restart loses it; unforwarded, the broker keeps it. So a short alarm is waited
+                // out (no provider call or claim is at stake). Not a long one: the delivery's
+                // tag, unsettled, holds back the batched acks of the whole channel.
+                if !wait_out_a_short_alarm(&route, &context, &acks).await {
                     return;
                 }
                 dead_letter::forward_broker_copy(
@@ -74,10 +75,20 @@ pub(crate) fn spawn(
     });
 }
 
-/// Waits while the broker blocks the dead-letter connection (a memory or disk alarm). `false`
-/// when shutdown came first: the delivery is then left unacknowledged, and goes back to the
-/// queue with the connection.
-async fn until_unblocked(route: &dead_letter::Route, context: &Context) -> bool {
+/// How long a broker dead letter waits for an alarm to end before it is forwarded anyway (and
+/// held in this process until the alarm ends): as long as a dead letter's confirm may take.
+const LONGEST_WAIT_FOR_AN_ALARM: Duration = Duration::from_secs(10);
+
+/// Waits while the broker blocks the dead-letter connection (a memory or disk alarm), at most
+/// [`LONGEST_WAIT_FOR_AN_ALARM`]. `false` when the copy is not to be forwarded: shutdown came,
+/// or the channel it came on is gone (the broker has put it back in its queue, for another
+/// task to take).
+async fn wait_out_a_short_alarm(
+    route: &dead_letter::Route,
+    context: &Context,
+    acks: &Acks,
+) -> bool {
+    let give_up_at = tokio::time::Instant::now() + LONGEST_WAIT_FOR_AN_ALARM;
     if !shared::amqp::held_now(&route.connection) {
         return true;
     }
@@ -85,13 +96,16 @@ async fn until_unblocked(route: &dead_letter::Route, context: &Context) -> bool 
     tracing::debug!(
         "RabbitMQ is blocking dead letters: this broker dead letter waits in its queue"
     );
-    while shared::amqp::held_now(&route.connection) {
+    while shared::amqp::held_now(&route.connection) && tokio::time::Instant::now() < give_up_at {
         if context
             .shutdown
             .sleep(Duration::from_millis(200))
             .await
             .is_err()
         {
+            return false;
+        }
+        if !acks.channel_connected() {
             return false;
         }
     }

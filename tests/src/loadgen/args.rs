@@ -66,6 +66,10 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// `request`, `signup`: where the run's numbers start (random by default). Runs whose
+    /// numbers must not meet (the drill's phases) give ranges apart.
+    #[arg(long)]
+    pub phone_offset: Option<u64>,
 }
 
 impl Args {

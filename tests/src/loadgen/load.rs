@@ -103,7 +103,9 @@ pub(super) async fn load(
         sms: sms.clone(),
         codes,
         tokens,
-        phone_offset: rand::random_range(0..5_000_000),
+        phone_offset: args
+            .phone_offset
+            .unwrap_or_else(|| rand::random_range(0..5_000_000)),
     });
     let stack = if args.cost || args.rss_every.is_some() {
         cost::discover()?

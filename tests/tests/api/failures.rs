@@ -9,7 +9,9 @@ use tests::proxy::TcpProxy;
 use tests::servers::{Server, database_url, servers};
 use tests::wait::eventually;
 
-use crate::helpers::{PHONE, Spawn, TestApp, metric_value, spawn_app, spawn_with};
+use crate::helpers::{
+    PHONE, Spawn, TestApp, metric_value, signs_in_a_new_user_within_15_s, spawn_app, spawn_with,
+};
 
 /// The api reaching `server` through a proxy the test can cut (`variable` is the api's URL
 /// variable for it), shown working first.
@@ -49,16 +51,6 @@ async fn assert_request_unavailable(app: &TestApp) {
     let reply = app.request_otp(PHONE).await;
     reply.assert_problem(503, "unavailable");
     assert!(reply.header("retry-after").is_some());
-}
-
-/// Verifies [`PHONE`] with `code` until it signs in, as a new user, waiting for `what`.
-async fn signs_in_a_new_user_within_15_s(app: &TestApp, code: &str, what: &str) {
-    let session = eventually(Duration::from_secs(15), what, || async {
-        let reply = app.verify(PHONE, code).await;
-        (reply.status == StatusCode::OK).then_some(reply)
-    })
-    .await;
-    assert_eq!(session.body["new_user"], true);
 }
 
 #[tokio::test]
@@ -195,105 +187,6 @@ async fn a_broker_that_blocks_publishing_gets_no_events_and_no_new_connections()
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(broker.connections_accepted(), connections);
-}
-
-/// The broker's confirm decides a request: from then on its SMS goes, whatever the api answers.
-/// Redis going away just after it (a failover) must not turn the request into a 503, which would
-/// leave the user an SMS whose code never becomes valid and their number held to its resend gap.
-/// The request is accepted while Redis is still away, and its code works once Redis is back.
-#[tokio::test]
-async fn redis_lost_just_after_the_confirm_still_accepts_and_the_code_works_once_it_is_back() {
-    let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
-    let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
-    let app = spawn_with(
-        Spawn::default()
-            .var("AMQP_URL", amqp_url)
-            .var("REDIS_URL", redis_url),
-    )
-    .await;
-    assert_eq!(
-        app.request_otp("+14155550101").await.status,
-        StatusCode::ACCEPTED
-    );
-
-    // The test's reader of the queue connects now: within the window below it would have to
-    // connect, consume and get the event before the api's 2 s confirm timeout.
-    app.next_delivery("+14155550101").await;
-    // The broker stores the event; its confirm is held until Redis is gone.
-    broker.hold_replies();
-    let cut_redis_then_confirm = async {
-        let (event, _) = app.next_delivery(PHONE).await;
-        redis.go_down();
-        broker.release_replies();
-        event
-    };
-    let (reply, event) = tokio::join!(app.request_otp(PHONE), cut_redis_then_confirm);
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
-    let code = event.otp.expect("the event carries the code");
-    app.verify(PHONE, &code)
-        .await
-        .assert_problem(503, "unavailable");
-
-    redis.come_back();
-    signs_in_a_new_user_within_15_s(
-        &app,
-        &code,
-        "the confirmed code to become current once Redis is back",
-    )
-    .await;
-    eventually(
-        Duration::from_secs(5),
-        "the deferred promotion to be counted",
-        || async {
-            let metrics = app.metrics().await;
-            metric_value(&metrics, "otp_promotions_deferred_total") >= 1.0
-        },
-    )
-    .await;
-}
-
-/// A pending code that is gone when its confirm comes (a Redis failover that lost the master's
-/// last writes, a restart) cannot be made current. The request is still accepted, since its SMS
-/// goes, but the code will not work: counted and logged as lost, never passed off as replaced by
-/// a newer code. The counters of such rare failures are there at 0 before the first one.
-#[tokio::test]
-async fn a_pending_code_lost_before_its_confirm_is_counted_as_never_valid() {
-    let (broker, app) = app_through_proxy(&servers().rabbitmq, "AMQP_URL").await;
-    let metrics = app.metrics().await;
-    for reason in ["lost", "expired", "abandoned"] {
-        let series = format!(r#"otp_codes_never_valid_total{{reason="{reason}"}} "#);
-        assert!(metrics.contains(&series), "{series}is exported before any");
-    }
-    let lost_before = metric_value(&metrics, r#"otp_codes_never_valid_total{reason="lost"}"#);
-    app.next_delivery("+14155550101").await;
-
-    broker.hold_replies();
-    let lose_the_pending_code_then_confirm = async {
-        let (event, _) = app.next_delivery(PHONE).await;
-        let mut redis = app.redis().await;
-        let pending = shared::otp_keys::pending_code(&app.namespace, &event.phone_number);
-        let deleted: i64 = redis::cmd("DEL")
-            .arg(&pending)
-            .query_async(&mut redis)
-            .await
-            .expect("DEL");
-        assert_eq!(deleted, 1, "the code was pending until the confirm");
-        broker.release_replies();
-        event
-    };
-    let (reply, event) = tokio::join!(app.request_otp(PHONE), lose_the_pending_code_then_confirm);
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
-    let lost = metric_value(
-        &app.metrics().await,
-        r#"otp_codes_never_valid_total{reason="lost"}"#,
-    );
-    assert!(
-        lost > lost_before,
-        "counted as lost: {lost_before} -> {lost}"
-    );
-    app.verify(PHONE, event.otp.as_deref().expect("a code"))
-        .await
-        .assert_problem(401, "invalid_otp");
 }
 
 #[tokio::test]

@@ -221,6 +221,16 @@ pub fn metric_value(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Verifies [`PHONE`] with `code` until it signs in, as a new user, waiting for `what`.
+pub async fn signs_in_a_new_user_within_15_s(app: &TestApp, code: &str, what: &str) {
+    let session = eventually(Duration::from_secs(15), what, || async {
+        let reply = app.verify(PHONE, code).await;
+        (reply.status == StatusCode::OK).then_some(reply)
+    })
+    .await;
+    assert_eq!(session.body["new_user"], true);
+}
+
 /// How many of `replies` have `status`.
 pub fn count(replies: &[Reply], status: StatusCode) -> usize {
     replies.iter().filter(|r| r.status == status).count()

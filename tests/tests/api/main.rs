@@ -2,6 +2,7 @@
 //! says). Each test gets its own database and NAMESPACE, so they run in parallel and again and
 //! again.
 
+mod after_the_confirm;
 mod challenges;
 mod errors;
 mod exposure;
