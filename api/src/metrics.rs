@@ -92,6 +92,7 @@ pub fn describe() {
         CODES_NEVER_VALID,
         "Confirmed codes, their SMS sent, that never became valid: lost (gone from Redis), expired (Redis away until then), abandoned (too many waiting)."
     );
+    metrics::counter!(PROMOTIONS_DEFERRED).increment(0);
     for reason in CODES_NEVER_VALID_REASONS {
         metrics::counter!(CODES_NEVER_VALID, "reason" => reason).increment(0);
     }

@@ -133,6 +133,7 @@ async fn a_pending_code_lost_before_its_confirm_is_counted_as_never_valid() {
         let series = format!(r#"otp_codes_never_valid_total{{reason="{reason}"}} "#);
         assert!(metrics.contains(&series), "{series}is exported before any");
     }
+    assert!(metrics.contains("\notp_promotions_deferred_total "));
     let lost = async || {
         metric_value(
             &app.metrics().await,
