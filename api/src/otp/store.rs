@@ -55,19 +55,18 @@ return {1}
 /// The pending code becomes current, with fresh budgets, keeping its own expiry. Returns 1 when
 /// promoted, or when this code already is current (a try whose answer was lost, tried again);
 /// 2 when a newer request's code replaced it (pending now, or since made current or used: the
-/// phone's sends, KEYS[3], list a later one), which is left alone; 0 when it is gone (it
-/// expired, or Redis lost it). RENAME moves the hash and its expiry, replacing the old current
-/// code, in one step: cheaper for Redis than reading the pending code, deleting both and
-/// writing the current one (BENCHMARKS.md, issue 12). The other branches are off the usual path.
+/// phone's sends, KEYS[3], list another one issued in the same millisecond or later), which is
+/// left alone; 0 when it is gone (it expired, or Redis lost it). RENAME moves the hash and its
+/// expiry, replacing the old current code, in one step: cheaper for Redis than reading the
+/// pending code, deleting both and writing the current one (BENCHMARKS.md, issue 12). The other
+/// branches are off the usual path.
 const PROMOTE: &str = r"
 local pending = redis.call('HGET', KEYS[2], 'e')
 if pending ~= ARGV[1] then
   if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then return 1 end
   if pending then return 2 end
   local mine = redis.call('ZSCORE', KEYS[3], ARGV[1])
-  if mine and #redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. mine, '+inf', 'LIMIT', 0, 1) > 0 then
-    return 2
-  end
+  if mine and redis.call('ZCOUNT', KEYS[3], mine, '+inf') > 1 then return 2 end
   return 0
 end
 if redis.call('PTTL', KEYS[2]) <= 0 then return 0 end

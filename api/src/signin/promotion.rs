@@ -38,22 +38,41 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(10);
 /// `abandoned`).
 pub const MAX_DEFERRED: usize = 10_000;
 
-/// The background promotions under way: a permit each.
+/// How often a background promotion tries once the api is stopping: its last few seconds.
+const PAUSE_WHILE_STOPPING: Duration = Duration::from_millis(200);
+
+/// The background promotions under way (a permit each), and whether the api is stopping.
 #[derive(Clone)]
-pub struct DeferredPromotions(Arc<Semaphore>);
+pub struct DeferredPromotions {
+    permits: Arc<Semaphore>,
+    stopping: tokio::sync::watch::Sender<bool>,
+}
 
 impl Default for DeferredPromotions {
     fn default() -> Self {
-        Self(Arc::new(Semaphore::new(MAX_DEFERRED)))
+        Self {
+            permits: Arc::new(Semaphore::new(MAX_DEFERRED)),
+            stopping: tokio::sync::watch::Sender::new(false),
+        }
     }
 }
 
 impl DeferredPromotions {
+    fn under_way(&self) -> usize {
+        MAX_DEFERRED - self.permits.available_permits()
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
     /// At shutdown: gives the background promotions still under way up to `within` to finish
-    /// (Redis may be back by then). Those left are dropped with the runtime, each logging its
-    /// event as never made current.
+    /// (Redis may be back by then), each trying again at once and then every
+    /// [`PAUSE_WHILE_STOPPING`] rather than waiting out its backoff. Those left are dropped with
+    /// the runtime, each logging its event as never made current.
     pub async fn finish(&self, within: Duration) {
-        let under_way = MAX_DEFERRED - self.0.available_permits();
+        self.stopping.send_replace(true);
+        let under_way = self.under_way();
         if under_way == 0 {
             return;
         }
@@ -62,12 +81,12 @@ impl DeferredPromotions {
             "waiting for Redis to make confirmed codes current before stopping"
         );
         let all = u32::try_from(MAX_DEFERRED).unwrap_or(u32::MAX);
-        if tokio::time::timeout(within, self.0.acquire_many(all))
+        if tokio::time::timeout(within, self.permits.acquire_many(all))
             .await
             .is_err()
         {
             tracing::warn!(
-                left = MAX_DEFERRED - self.0.available_permits(),
+                left = self.under_way(),
                 "stopping with confirmed codes Redis has not made current: their SMS carry codes that will not work"
             );
         }
@@ -85,7 +104,13 @@ pub async fn make_current(state: &AppState, event: &OtpRequested, answer_by: Ins
         return report(phone, event_id, promotion);
     }
     metrics::counter!(m::PROMOTIONS_DEFERRED).increment(1);
-    let Ok(permit) = state.deferred_promotions.0.clone().try_acquire_owned() else {
+    let deferred = &state.deferred_promotions;
+    let Ok(permit) = deferred.permits.clone().try_acquire_owned() else {
+        if deferred.is_stopping() {
+            // `finish` holds the permits it collected: a request the shutdown cut short.
+            tracing::warn!(%phone, %event_id, "the event is confirmed but Redis did not make its code current, and the api is stopping: its SMS carries a code that will not work");
+            return;
+        }
         never_valid("abandoned");
         tracing::error!(%phone, %event_id, "the event is confirmed but Redis did not make its code current, and {MAX_DEFERRED} codes already wait for Redis: this one is given up, its SMS carries a code that will not work");
         return;
@@ -167,6 +192,7 @@ async fn promote_until(
     event_id: Uuid,
     deadline: Instant,
 ) -> Option<Promotion> {
+    let mut stopping = state.deferred_promotions.stopping.subscribe();
     let mut pause = FIRST_PAUSE;
     let mut failures = 0u32;
     loop {
@@ -183,11 +209,18 @@ async fn promote_until(
             Err(_) => {}
         }
         failures += 1;
+        if *stopping.borrow_and_update() {
+            pause = pause.min(PAUSE_WHILE_STOPPING);
+        }
         let next_try = Instant::now() + pause / 2 + (pause / 2).mul_f64(rand::random::<f64>());
         if next_try >= deadline {
             return None;
         }
-        tokio::time::sleep_until(next_try).await;
+        // The api starting to stop cuts the pause short: it has only a few seconds left.
+        tokio::select! {
+            () = tokio::time::sleep_until(next_try) => {}
+            _ = stopping.changed() => {}
+        }
         pause = (pause * 2).min(LONGEST_PAUSE);
     }
 }

@@ -57,8 +57,6 @@ async fn request_confirmed_after<T>(
 async fn redis_lost_just_after_the_confirm_still_accepts_and_the_code_works_once_it_is_back() {
     let (broker, redis) = (proxy_to_broker().await, proxy_to_redis().await);
     let app = app_through(&broker, Some(&redis), Spawn::default()).await;
-    let deferred = async || metric_value(&app.metrics().await, "otp_promotions_deferred_total");
-    let deferred_before = deferred().await;
 
     let (reply, event) = request_confirmed_after(&app, &broker, async |event| {
         redis.go_down();
@@ -66,10 +64,10 @@ async fn redis_lost_just_after_the_confirm_still_accepts_and_the_code_works_once
     })
     .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
-    let code = event.otp.expect("the event carries the code");
+    let code = event.otp.clone().expect("the event carries the code");
     assert!(
-        deferred().await > deferred_before,
-        "the deferred promotion is counted"
+        logged_for(&event, "did not make its code current in time"),
+        "the promotion is left to the background, with a warning"
     );
     app.verify(PHONE, &code)
         .await
