@@ -42,9 +42,9 @@ impl PublishError {
     /// lapin's buffers in this process or unread in the broker's socket, and is stored when the
     /// alarm ends. The original is then acknowledged as dead-lettered: given back to the queue, it
     /// would go to the provider again and leave one more copy each time, or, held, keep a slot of
-    /// the prefetch for the whole alarm. If this process stops or the connection drops before the
-    /// alarm ends, the copy is lost; the log's warning (with the event id) and
-    /// `sms_dead_letters_held_total` keep the record.
+    /// the prefetch for the whole alarm. A stopping worker waits, within its grace period, for the
+    /// alarm to end; if the process ends or the connection drops first, the copy is lost, and the
+    /// log's warning (with the event id) and `sms_dead_letters_held_total` keep the record.
     pub fn stored_when_the_alarm_ends(&self) -> bool {
         matches!(self, Self::Confirm(ConfirmError::HeldByAlarm))
     }

@@ -235,6 +235,7 @@ impl BrokerConnection {
     /// SIGTERM: stop taking messages, let in-flight sends finish within the grace period, then
     /// close, which hands every unacknowledged message back to the queue.
     async fn shut_down(self, context: &Context, tasks: &mut JoinSet<()>) {
+        let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
         for consumer in [&self.consumer, &self.broker_copies] {
             let cancel = self
                 .channel
@@ -259,7 +260,32 @@ impl BrokerConnection {
                 "the last acknowledgements were not sent in time; the broker will redeliver and the copies are skipped"
             );
         }
+        self.let_held_dead_letters_out(stop_by).await;
         self.close_both("shutting down").await;
+    }
+
+    /// A dead-letter connection the broker blocks (a memory or disk alarm) holds the copies of
+    /// dead letters already acknowledged, unwritten: they go out when the alarm ends, and are
+    /// lost if this process ends first. So a stop waits, within the grace period, for the alarm
+    /// to end.
+    async fn let_held_dead_letters_out(&self, stop_by: tokio::time::Instant) {
+        let connection = self.publishing.status();
+        if !shared::amqp::held_now(connection) {
+            return;
+        }
+        warn!(
+            "RabbitMQ is blocking dead letters (a memory or disk alarm): waiting, within the grace period, for it to end so that those held here are stored"
+        );
+        while shared::amqp::held_now(connection) && tokio::time::Instant::now() < stop_by {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if shared::amqp::held_now(connection) {
+            warn!(
+                "stopping while RabbitMQ still blocks dead letters: those held here are lost (each was logged with its event id)"
+            );
+        } else {
+            info!("RabbitMQ lifted its alarm; the held dead letters went out");
+        }
     }
 
     async fn abandon(self) {

@@ -73,12 +73,7 @@ async fn keeps_running_through_a_rabbitmq_outage() {
 #[tokio::test]
 async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other_send() {
     with_harness(QueueType::Classic, |h| async move {
-        let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
-        // The real broker is in no alarm, so it still expects the worker's heartbeats, which
-        // the proxy holds with the rest: a long heartbeat keeps it from closing the connection
-        // on a slow machine.
-        let separator = if amqp_url.contains('?') { '&' } else { '?' };
-        let amqp_url = format!("{amqp_url}{separator}heartbeat=60");
+        let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
         let invalid = h.invalid_numbers(2);
         let worker = h
             .start_worker(&[("AMQP_URL", &amqp_url), ("WORKER_CONCURRENCY", "3")])
@@ -156,6 +151,62 @@ async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other
     .await;
 }
 
+/// A dead letter held by an alarm was acknowledged: its copy exists only in the worker, unwritten
+/// on the blocked connection. A worker told to stop then waits, within its grace period, for the
+/// alarm to end, so that the copy is stored; ended at once, it lost it.
+#[tokio::test]
+async fn a_worker_stopped_during_an_alarm_waits_for_it_to_end_to_store_its_held_dead_letters() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
+        // A process: what it holds in memory ends with it.
+        let mut worker = h.start_worker_process(&[("AMQP_URL", &amqp_url)]).await;
+
+        broker.block_like_an_alarm();
+        let [first, second] = h.invalid_numbers(2).try_into().expect("two numbers");
+        h.request_sms(&first).await;
+        // The first copy is written (and held unread); once the worker knows the connection is
+        // blocked, the next one stays in its own buffers.
+        eventually(
+            Duration::from_secs(15),
+            "the worker to hear of the block",
+            || async { worker.logs().contains("RabbitMQ blocked publishing") },
+        )
+        .await;
+        h.request_sms(&second).await;
+        eventually(
+            Duration::from_secs(15),
+            "both dead letters to be held by the alarm",
+            || async {
+                worker
+                    .logs()
+                    .matches("is stored when the alarm ends")
+                    .count()
+                    == 2
+            },
+        )
+        .await;
+        worker.terminate();
+        // The alarm ends once the worker has begun to stop (without the wait, it is gone by then).
+        eventually(
+            Duration::from_secs(10),
+            "the worker to begin to stop",
+            || async { worker.logs().contains("stopping: no new messages") },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        broker.unblock();
+        worker.wait(Duration::from_secs(20)).await;
+
+        assert_eq!(h.dead_lettered().await, 2, "the held copies were stored");
+        assert!(
+            worker.logs().contains("the held dead letters went out"),
+            "{}",
+            worker.logs()
+        );
+    })
+    .await;
+}
+
 /// `AMQP_URL` lists a cluster's nodes: when the node the worker consumes from dies, it moves
 /// to the next at once and keeps sending.
 #[tokio::test]
@@ -228,4 +279,13 @@ async fn keeps_running_through_a_redis_outage() {
         assert_eq!(h.dead_lettered().await, 0);
     })
     .await;
+}
+
+/// A proxy in front of the broker, to act out its alarms, and the `AMQP_URL` through it. The
+/// real broker is in no alarm, so it still expects the worker's heartbeats, which the proxy holds
+/// with the rest: a long heartbeat keeps it from closing the connection on a slow machine.
+async fn broker_that_can_raise_an_alarm() -> (TcpProxy, String) {
+    let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+    let separator = if amqp_url.contains('?') { '&' } else { '?' };
+    (broker, format!("{amqp_url}{separator}heartbeat=60"))
 }
