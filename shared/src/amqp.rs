@@ -127,6 +127,15 @@ pub fn held_now(connection: &ConnectionStatus) -> bool {
     connection.blocked() && connection.connected()
 }
 
+/// Waits while `connection` is held (see [`held_now`]), until `until` at the latest. Returns
+/// whether the alarm is over for it.
+pub async fn wait_while_held(connection: &ConnectionStatus, until: tokio::time::Instant) -> bool {
+    while held_now(connection) && tokio::time::Instant::now() < until {
+        tokio::time::sleep(BLOCKED_CHECK_EVERY).await;
+    }
+    !held_now(connection)
+}
+
 /// Resolves once `connection` has been held (see [`held_now`]) for [`BLOCKED_GRACE`] without a
 /// break.
 async fn held_by_alarm(connection: &ConnectionStatus) {

@@ -192,7 +192,8 @@ async fn promote_until(
     event_id: Uuid,
     deadline: Instant,
 ) -> Option<Promotion> {
-    let mut stopping = state.deferred_promotions.stopping.subscribe();
+    // Watched from the first failure on: the usual request succeeds at once.
+    let mut stopping = None;
     let mut pause = FIRST_PAUSE;
     let mut failures = 0u32;
     loop {
@@ -209,6 +210,8 @@ async fn promote_until(
             Err(_) => {}
         }
         failures += 1;
+        let stopping =
+            stopping.get_or_insert_with(|| state.deferred_promotions.stopping.subscribe());
         if *stopping.borrow_and_update() {
             pause = pause.min(PAUSE_WHILE_STOPPING);
         }

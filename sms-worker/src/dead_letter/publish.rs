@@ -17,8 +17,7 @@ use super::reason::{
 };
 
 /// Without a quorum majority a confirm never comes; the message then goes back to the queue.
-/// Not while the broker blocks the connection (a memory or disk alarm): see
-/// [`PublishError::stored_when_the_alarm_ends`].
+/// Not while the broker blocks the connection (a memory or disk alarm): see [`Route::publish`].
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where dead letters go: a confirm-mode channel, and the status of its connection (which the
@@ -29,25 +28,51 @@ pub struct Route {
     pub connection: ConnectionStatus,
 }
 
+impl Route {
+    /// Publishes `body` into `queue` (through the default exchange) and waits for the confirm.
+    ///
+    /// A copy held by an alarm counts as published (`held` says so in the log, and
+    /// `sms_dead_letters_held_total` counts it): the broker blocks the connection, the copy
+    /// waits in lapin's buffers or unread in the broker's socket, and is stored when the alarm
+    /// ends. Its original is then acknowledged as dead-lettered: given back to the queue, it would
+    /// go to the provider again and leave one more copy each time, or, held, keep a slot of the
+    /// prefetch for the whole alarm. A stopping worker waits, within its grace period, for the
+    /// alarm to end; if the process ends or the connection drops first, the copy is lost, and the
+    /// log's warning and the counter keep the record.
+    async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        held: impl FnOnce(),
+    ) -> Result<(), PublishError> {
+        let published = publish_confirmed(
+            &self.channel,
+            "",
+            queue,
+            body,
+            properties,
+            CONFIRM_TIMEOUT,
+            Some(&self.connection),
+        )
+        .await;
+        match published {
+            Err(ConfirmError::HeldByAlarm) => {
+                metrics::counter!(crate::metrics::DEAD_LETTERS_HELD).increment(1);
+                held();
+                Ok(())
+            }
+            published => Ok(published?),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("no channel to RabbitMQ")]
     NoChannel,
     #[error("dead letter: {0}")]
     Confirm(#[from] ConfirmError),
-}
-
-impl PublishError {
-    /// The broker blocks the copy's connection (a memory or disk alarm): the copy waits, in
-    /// lapin's buffers in this process or unread in the broker's socket, and is stored when the
-    /// alarm ends. The original is then acknowledged as dead-lettered: given back to the queue, it
-    /// would go to the provider again and leave one more copy each time, or, held, keep a slot of
-    /// the prefetch for the whole alarm. A stopping worker waits, within its grace period, for the
-    /// alarm to end; if the process ends or the connection drops first, the copy is lost, and the
-    /// log's warning (with the event id) and `sms_dead_letters_held_total` keep the record.
-    pub fn stored_when_the_alarm_ends(&self) -> bool {
-        matches!(self, Self::Confirm(ConfirmError::HeldByAlarm))
-    }
 }
 
 /// Publishes the copy straight into the dead-letter queue `queue` (through the default
@@ -62,17 +87,15 @@ pub async fn publish(
     dead_letter: &DeadLetter,
 ) -> Result<(), PublishError> {
     let properties = properties(original, dead_letter, OffsetDateTime::now_utc());
-    publish_confirmed(
-        &route.channel,
-        "",
-        queue,
-        body,
-        properties,
-        CONFIRM_TIMEOUT,
-        Some(&route.connection),
-    )
-    .await?;
-    Ok(())
+    route
+        .publish(queue, body, properties, || {
+            tracing::warn!(
+                kind = dead_letter.kind.as_str(),
+                attempts = dead_letter.attempts,
+                "RabbitMQ is blocking dead letters (a memory or disk alarm): this one is stored when the alarm ends; acknowledging the original now"
+            );
+        })
+        .await
 }
 
 /// Moves one of RabbitMQ's own dead letters (from the holding queue) into the dead-letter
@@ -100,17 +123,13 @@ pub async fn forward_broker_copy(
     if let Some(timestamp) = original.timestamp() {
         properties = properties.with_timestamp(*timestamp);
     }
-    publish_confirmed(
-        &route.channel,
-        "",
-        queue,
-        &body,
-        properties,
-        CONFIRM_TIMEOUT,
-        Some(&route.connection),
-    )
-    .await?;
-    Ok(())
+    route
+        .publish(queue, &body, properties, || {
+            tracing::warn!(
+                "RabbitMQ is blocking dead letters (a memory or disk alarm): this broker dead letter is stored when the alarm ends; acknowledging the original now"
+            );
+        })
+        .await
 }
 
 /// The body with `otp` set to null when it is a JSON object. Anything else was never a valid

@@ -42,16 +42,6 @@ pub(crate) fn spawn(
             }
             None => Err(PublishError::NoChannel),
         };
-        let forwarded = match forwarded {
-            Err(e) if e.stored_when_the_alarm_ends() => {
-                metrics::counter!(crate::metrics::DEAD_LETTERS_HELD).increment(1);
-                warn!(
-                    "RabbitMQ is blocking dead letters (a memory or disk alarm): this broker dead letter is stored when the alarm ends; acknowledging the original now"
-                );
-                Ok(())
-            }
-            forwarded => forwarded,
-        };
         match forwarded {
             Ok(()) => {
                 metrics::counter!(crate::metrics::DEAD_LETTERS, "kind" => "broker").increment(1);
@@ -88,7 +78,6 @@ async fn wait_out_a_short_alarm(
     context: &Context,
     acks: &Acks,
 ) -> bool {
-    let give_up_at = tokio::time::Instant::now() + LONGEST_WAIT_FOR_AN_ALARM;
     if !shared::amqp::held_now(&route.connection) {
         return true;
     }
@@ -96,18 +85,9 @@ async fn wait_out_a_short_alarm(
     tracing::debug!(
         "RabbitMQ is blocking dead letters: this broker dead letter waits in its queue"
     );
-    while shared::amqp::held_now(&route.connection) && tokio::time::Instant::now() < give_up_at {
-        if context
-            .shutdown
-            .sleep(Duration::from_millis(200))
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        if !acks.channel_connected() {
-            return false;
-        }
+    let give_up_at = tokio::time::Instant::now() + LONGEST_WAIT_FOR_AN_ALARM;
+    tokio::select! {
+        _ = shared::amqp::wait_while_held(&route.connection, give_up_at) => acks.channel_connected(),
+        () = context.shutdown.recv() => false,
     }
-    true
 }

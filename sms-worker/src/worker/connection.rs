@@ -276,15 +276,12 @@ impl BrokerConnection {
         warn!(
             "RabbitMQ is blocking dead letters (a memory or disk alarm): waiting, within the grace period, for it to end so that those held here are stored"
         );
-        while shared::amqp::held_now(connection) && tokio::time::Instant::now() < stop_by {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if shared::amqp::held_now(connection) {
+        if shared::amqp::wait_while_held(connection, stop_by).await {
+            info!("RabbitMQ lifted its alarm; the held dead letters went out");
+        } else {
             warn!(
                 "stopping while RabbitMQ still blocks dead letters: those held here are lost (each was logged with its event id)"
             );
-        } else {
-            info!("RabbitMQ lifted its alarm; the held dead letters went out");
         }
     }
 

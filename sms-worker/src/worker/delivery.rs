@@ -217,19 +217,7 @@ async fn settle(
             nack_requeue(acks, delivery).await;
         }
         Outcome::DeadLetter { dead_letter, claim } => {
-            let published = match publish_dead_letter(context, delivery, event, &dead_letter).await
-            {
-                Err(e) if e.stored_when_the_alarm_ends() => {
-                    metrics::counter!(crate::metrics::DEAD_LETTERS_HELD).increment(1);
-                    warn!(
-                        kind = dead_letter.kind.as_str(),
-                        attempts = dead_letter.attempts,
-                        "RabbitMQ is blocking dead letters (a memory or disk alarm): this one is stored when the alarm ends; acknowledging the original now"
-                    );
-                    Ok(())
-                }
-                published => published,
-            };
+            let published = publish_dead_letter(context, delivery, event, &dead_letter).await;
             match published {
                 Ok(()) => {
                     if let Some(event) = event {
