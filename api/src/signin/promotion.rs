@@ -10,8 +10,9 @@
 //! So the promotion is retried: within the request first, for as long as one Redis step may
 //! take ([`REDIS_DEADLINE`]) and the request's time allows, and then, if Redis is still away,
 //! on a task of its own until the code would have expired. At most [`MAX_DEFERRED`] such tasks
-//! run at once, so that a long Redis brown-out under load cannot pile them up (each one more
-//! caller of the Redis that is struggling). The request is answered 202 either way.
+//! run at once, and at most [`RETRIES_AT_ONCE`] retries are sent at once, so that a long Redis
+//! brown-out under load cannot pile them onto the Redis that is struggling (a stopping api,
+//! which wakes them all, included). The request is answered 202 either way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,12 +40,16 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(10);
 pub const MAX_DEFERRED: usize = 10_000;
 
 /// How often a background promotion tries once the api is stopping: its last few seconds.
-const PAUSE_WHILE_STOPPING: Duration = Duration::from_millis(200);
+const PAUSE_WHILE_STOPPING: Duration = Duration::from_secs(1);
+/// Retried promotions under way at once, per api process (first tries are not counted).
+const RETRIES_AT_ONCE: usize = 32;
 
 /// The background promotions under way (a permit each), and whether the api is stopping.
 #[derive(Clone)]
 pub struct DeferredPromotions {
     permits: Arc<Semaphore>,
+    /// Turns for a retry ([`RETRIES_AT_ONCE`]).
+    retries: Arc<Semaphore>,
     stopping: tokio::sync::watch::Sender<bool>,
 }
 
@@ -52,6 +57,7 @@ impl Default for DeferredPromotions {
     fn default() -> Self {
         Self {
             permits: Arc::new(Semaphore::new(MAX_DEFERRED)),
+            retries: Arc::new(Semaphore::new(RETRIES_AT_ONCE)),
             stopping: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -68,7 +74,8 @@ impl DeferredPromotions {
 
     /// At shutdown: gives the background promotions still under way up to `within` to finish
     /// (Redis may be back by then), each trying again at once and then every
-    /// [`PAUSE_WHILE_STOPPING`] rather than waiting out its backoff. Those left are dropped with
+    /// [`PAUSE_WHILE_STOPPING`] rather than waiting out its backoff, [`RETRIES_AT_ONCE`] at a
+    /// time. Those left are dropped with
     /// the runtime, each logging its event as never made current.
     pub async fn finish(&self, within: Duration) {
         self.stopping.send_replace(true);
@@ -197,6 +204,16 @@ async fn promote_until(
     let mut pause = FIRST_PAUSE;
     let mut failures = 0u32;
     loop {
+        // Retries take turns, so that many of them cannot pile onto a Redis that is struggling.
+        let _turn = if failures > 0 {
+            let turn = state.deferred_promotions.retries.acquire();
+            match tokio::time::timeout_at(deadline, turn).await {
+                Ok(Ok(turn)) => Some(turn),
+                _ => return None,
+            }
+        } else {
+            None
+        };
         let try_until = deadline.min(Instant::now() + REDIS_DEADLINE);
         let promote = state.otp_store.promote(state.redis(), phone, event_id);
         match tokio::time::timeout_at(try_until, promote).await {
