@@ -261,6 +261,12 @@ impl Publisher {
         }
     }
 
+    /// Whether RabbitMQ blocks the current connection (a memory or disk alarm): a publish now
+    /// would be refused. Connects to nothing.
+    pub fn blocked(&self) -> bool {
+        self.current().is_some_and(|broker| broker.blocked())
+    }
+
     fn current(&self) -> Option<Arc<BrokerConnection>> {
         let connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
         connection

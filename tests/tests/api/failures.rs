@@ -53,6 +53,22 @@ async fn assert_request_unavailable(app: &TestApp) {
     assert!(reply.header("retry-after").is_some());
 }
 
+/// Acts out a RabbitMQ alarm in front of `app`'s broker and waits until the api knows of it: the
+/// publish that meets the alarm is held unread and unconfirmed (settled through the ledger, 503),
+/// and the broker then tells the connection it is blocked.
+async fn raise_an_alarm_the_api_hears_of(broker: &TcpProxy, app: &TestApp) {
+    broker.block_like_an_alarm();
+    app.request_otp("+14155550102")
+        .await
+        .assert_problem(503, "unavailable");
+    eventually(
+        Duration::from_secs(10),
+        "the api to report the block",
+        || async { metric_value(&app.metrics().await, "amqp_connection_blocked") == 1.0 },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn redis_unreachable_gives_503_and_recovers() {
     let (redis, app) = app_through_proxy(&servers().redis, "REDIS_URL").await;
@@ -147,17 +163,7 @@ async fn a_broker_that_blocks_publishing_gets_no_events_and_no_new_connections()
     let connections = broker.connections_accepted();
     let gauge = |metrics: String| metric_value(&metrics, "amqp_connection_blocked");
 
-    broker.block_like_an_alarm();
-    // The publish that meets the alarm is held unread, unconfirmed: settled through the ledger.
-    app.request_otp("+14155550102")
-        .await
-        .assert_problem(503, "unavailable");
-    eventually(
-        Duration::from_secs(10),
-        "the api to report the block",
-        || async { gauge(app.metrics().await) == 1.0 },
-    )
-    .await;
+    raise_an_alarm_the_api_hears_of(&broker, &app).await;
     // The same number each time: a refused request that kept its slots would hold the number
     // to its resend gap, and the next request would get 429.
     for _ in 0..3 {
@@ -187,6 +193,40 @@ async fn a_broker_that_blocks_publishing_gets_no_events_and_no_new_connections()
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(broker.connections_accepted(), connections);
+}
+
+/// During an alarm an OTP request is refused before any Redis work: run first, the limits'
+/// scripts would take their slots only to give them back, so the limits would bind nobody while
+/// every request still cost Redis its work. Shown with Redis away as well: the 503 names
+/// RabbitMQ, not Redis.
+#[tokio::test]
+async fn during_an_alarm_a_request_is_refused_before_any_redis_work() {
+    let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+    let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+    let app = spawn_with(
+        Spawn::default()
+            .var("AMQP_URL", amqp_url)
+            .var("REDIS_URL", redis_url),
+    )
+    .await;
+    assert_eq!(
+        app.request_otp("+14155550101").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    raise_an_alarm_the_api_hears_of(&broker, &app).await;
+    redis.go_down();
+    let reply = app.request_otp(PHONE).await;
+    reply.assert_problem(503, "unavailable");
+    assert!(
+        reply.body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rabbitmq"),
+        "{}",
+        reply.body
+    );
+    broker.unblock();
 }
 
 #[tokio::test]
