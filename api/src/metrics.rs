@@ -31,6 +31,9 @@ pub const PUBLISH_OUTCOME_UNKNOWN: &str = "amqp_publish_outcome_unknown_total";
 /// Counter: confirmed codes that Redis did not make current within their request (202 all the
 /// same, since the SMS goes), left to a background task that retries until the code expires.
 pub const PROMOTIONS_DEFERRED: &str = "otp_promotions_deferred_total";
+/// Counter: pending codes a sign-in made current, their SMS having gone (`signin::late_promotion`):
+/// a promotion after the confirm that never ran (the api killed, or stopped with Redis away).
+pub const PROMOTIONS_AT_SIGN_IN: &str = "otp_promotions_at_sign_in_total";
 /// Counter, label `reason`: confirmed codes, their SMS sent, that never became valid: `lost`
 /// (the pending code was gone from Redis: a failover or restart lost it), `expired` (Redis
 /// stayed away until the code expired), `abandoned` (too many were already waiting for Redis).
@@ -92,7 +95,12 @@ pub fn describe() {
         CODES_NEVER_VALID,
         "Confirmed codes, their SMS sent, that never became valid: lost (gone from Redis), expired (Redis away until then), abandoned (too many waiting)."
     );
+    describe_counter!(
+        PROMOTIONS_AT_SIGN_IN,
+        "Pending codes a sign-in made current because their SMS had gone: a promotion after the confirm that never ran."
+    );
     metrics::counter!(PROMOTIONS_DEFERRED).increment(0);
+    metrics::counter!(PROMOTIONS_AT_SIGN_IN).increment(0);
     for reason in CODES_NEVER_VALID_REASONS {
         metrics::counter!(CODES_NEVER_VALID, "reason" => reason).increment(0);
     }

@@ -46,6 +46,8 @@ pub struct Stack {
     /// fake-sms, api and sms-worker, in that order.
     pub programs: Vec<Program>,
     pub client: reqwest::Client,
+    /// The api's environment, to start it again ([`Stack::restart_api`]).
+    api_env: Vec<(String, String)>,
 }
 
 impl Stack {
@@ -104,7 +106,8 @@ impl Stack {
                 .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
         );
         let api_env = api_env.chain(overrides.iter().cloned());
-        let api = Program::start_workspace("api", &[], env(api_env, rust_log)).await;
+        let api_env = env(api_env, rust_log);
+        let api = Program::start_workspace("api", &[], api_env.clone()).await;
         let worker_env = common.into_iter().chain(pairs([
             ("WORKER_ADDR", format!("127.0.0.1:{worker_port}")),
             // As in production: two providers, delivery receipts on.
@@ -149,6 +152,7 @@ impl Stack {
             callback_url: format!("http://127.0.0.1:{callback_port}"),
             programs: vec![fake, api, worker],
             client: reqwest::Client::new(),
+            api_env,
         };
         for url in [
             format!("{}/readyz", stack.api_url),
@@ -173,6 +177,19 @@ impl Stack {
             .json()
             .await
             .expect("a JSON answer")
+    }
+
+    /// Starts a new api process in place of the one that ran (it must have exited, or been
+    /// killed), on the same address and environment, and waits until it is ready.
+    pub async fn restart_api(&mut self) {
+        let api = Program::start_workspace("api", &[], self.api_env.clone()).await;
+        self.programs[1] = api;
+        let url = format!("{}/readyz", self.api_url);
+        eventually(DEADLINE, "the new api to be ready", || async {
+            let response = self.client.get(&url).send().await;
+            response.is_ok_and(|r| r.status().is_success())
+        })
+        .await;
     }
 
     /// What the program called `name` (`fake-sms`, `api` or `sms-worker`) printed so far.

@@ -273,6 +273,46 @@ async fn a_request_whose_confirm_never_came_is_withdrawn_when_no_worker_took_its
     signs_in_with_the_sms(&stack, phone).await;
 }
 
+/// The api killed (SIGKILL, the OOM killer) after its publish reached the broker and before it
+/// could make the code current: the worker sends the SMS all the same. The api that replaces
+/// it finds the code still pending when the user signs in with it, sees in the send ledger that
+/// its SMS went, and makes it current: the user is not left with a code that never works.
+#[tokio::test]
+async fn a_code_whose_api_was_killed_before_making_it_current_works_when_its_user_signs_in() {
+    let (broker, amqp_url) = tests::proxy::TcpProxy::in_front_of(&servers().rabbitmq).await;
+    let mut stack = Stack::start_with(&[("AMQP_URL", &amqp_url)], "info").await;
+    let phone = "+14155550127";
+
+    broker.hold_replies();
+    let request = stack
+        .client
+        .post(format!("{}/v1/otp", stack.api_url))
+        .json(&json!({ "phone_number": phone }))
+        .send();
+    let killed_waiting = tokio::spawn(request);
+    // The worker has the event and sent it while the api still waits for the confirm.
+    first_sms_to(&stack, phone).await;
+    stack.programs[1].kill().await;
+    assert!(
+        killed_waiting.await.expect("the request task").is_err(),
+        "the client heard nothing: the api died waiting for the confirm"
+    );
+    broker.release_replies();
+
+    stack.restart_api().await;
+    signs_in_with_the_sms(&stack, phone).await;
+    eventually(
+        DEADLINE,
+        "the new api to log the late promotion",
+        || async {
+            stack
+                .logs("api")
+                .contains("a sign-in found a code that was sent but not yet made current")
+        },
+    )
+    .await;
+}
+
 /// The code in the first SMS to `phone` opens a session.
 async fn signs_in_with_the_sms(stack: &Stack, phone: &str) {
     let sms = first_sms_to(stack, phone).await;

@@ -53,7 +53,8 @@ return {1}
 ";
 
 /// The pending code becomes current, with fresh budgets, keeping its own expiry. Returns 1 when
-/// promoted, or when this code already is current (a try whose answer was lost, tried again);
+/// promoted, or when this code already is current or was used (KEYS[4]): a try whose answer was
+/// lost, tried again, or a sign-in that made it current itself (`signin::rescue`);
 /// 2 when a newer request's code replaced it (pending now, or since made current or used: the
 /// phone's sends, KEYS[3], list another one issued in the same millisecond or later), which is
 /// left alone; 0 when it is gone (it expired, or Redis lost it). RENAME moves the hash and its
@@ -64,6 +65,7 @@ const PROMOTE: &str = r"
 local pending = redis.call('HGET', KEYS[2], 'e')
 if pending ~= ARGV[1] then
   if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then return 1 end
+  if redis.call('GET', KEYS[4]) == ARGV[1] then return 1 end
   if pending then return 2 end
   local mine = redis.call('ZSCORE', KEYS[3], ARGV[1])
   if mine and redis.call('ZCOUNT', KEYS[3], mine, '+inf') > 1 then return 2 end
@@ -85,13 +87,20 @@ if redis.call('HGET', KEYS[2], 'e') == id then redis.call('DEL', KEYS[2]) end
 return 1
 ";
 
-/// Checks a guess against the current code. ARGV: digest, challenge fingerprint ('' when the
-/// guess carries none), max attempts, daily fail cap. The digest comparison runs over every
+/// Checks a guess against the current code. KEYS: current code, the phone's fails, pending code,
+/// used. ARGV: digest, challenge fingerprint ('' when the guess carries none), max attempts,
+/// daily fail cap, '1' to report a pending code first. The digest comparison runs over every
 /// byte without an early exit, so its time does not depend on how much of the guess matched.
-/// Returns {0} wrong/absent, {1, pttl, a, u, challenge, event} right (the code is consumed),
-/// {2} burned, {3} the unbound budget is spent, {4, retry_ms} the phone's daily fails are,
-/// {5} the guess carries another code's `challenge_id` (not checked, not counted).
+/// Returns {0} wrong/absent, {1, pttl, a, u, challenge, event} right (the code is consumed, and
+/// its event noted as used for PROMOTE), {2} burned, {3} the unbound budget is spent,
+/// {4, retry_ms} the phone's daily fails are, {5} the guess carries another code's
+/// `challenge_id` (not checked, not counted), {6, event} a pending code exists (nothing checked
+/// or counted; whatever the guess, so its answer says nothing about the guess).
 const CHECK: &str = r"
+if ARGV[5] == '1' then
+  local pending = redis.call('HGET', KEYS[3], 'e')
+  if pending then return {6, pending} end
+end
 local s = redis.call('HMGET', KEYS[1], 'h', 'c', 'e', 'a', 'u')
 local bound = ARGV[2] ~= ''
 if bound and ARGV[2] ~= s[2] then return {5} end
@@ -119,6 +128,7 @@ end
 if diff == 0 then
   local pttl = redis.call('PTTL', KEYS[1])
   redis.call('DEL', KEYS[1])
+  if pttl > 0 then redis.call('SET', KEYS[4], s[3], 'PX', pttl) end
   return {1, pttl, a, u, s[2], s[3]}
 end
 if bound then
@@ -158,6 +168,9 @@ pub enum CheckOutcome {
     Burned,
     /// The phone's daily tally of wrong guesses is full: unbound guesses wait.
     PhoneFailsExhausted { retry_after: Duration },
+    /// Nothing checked: the phone has a pending code, of this event, to look into first
+    /// (`None`: its event field is not an event id, so there is nothing to look up).
+    Pending { event_id: Option<Uuid> },
 }
 
 /// What a right guess removed, to restore it if the session cannot be created.
@@ -169,6 +182,15 @@ pub struct Consumed {
     bound_attempts: i64,
     unbound_attempts: i64,
     ttl_left_ms: i64,
+}
+
+/// A guess to check: its digest, the fingerprint of its `challenge_id` if it has one, and the
+/// budgets it counts against.
+pub struct CheckedGuess<'a> {
+    pub digest: &'a CodeDigest,
+    pub challenge: Option<&'a str>,
+    pub max_attempts: u32,
+    pub fails_per_phone_per_day: u32,
 }
 
 /// A new code: for whom, its digest, the fingerprint of its `challenge_id` and its event.
@@ -186,6 +208,8 @@ struct PhoneKeys {
     resend: String,
     sent: String,
     fails: String,
+    /// The event of the code last used: lets PROMOTE tell a used code from a lost one.
+    used: String,
 }
 
 impl PhoneKeys {
@@ -197,6 +221,7 @@ impl PhoneKeys {
             resend: key("resend"),
             sent: key("sent"),
             fails: key("fails"),
+            used: key("used"),
         }
     }
 }
@@ -289,6 +314,7 @@ impl OtpStore {
             .key(&keys.code)
             .key(&keys.pending)
             .key(&keys.sent)
+            .key(&keys.used)
             .arg(event_id.to_string())
             .invoke_async(&mut conn)
             .await?;
@@ -320,30 +346,32 @@ impl OtpStore {
     }
 
     /// Checks a guess against the current code, counting a wrong one. `challenge` is the
-    /// fingerprint of the guess's `challenge_id`, if it carried one.
+    /// fingerprint of the guess's `challenge_id`, if it carried one. With `pending_first`, a
+    /// pending code is reported instead ([`CheckOutcome::Pending`]), before anything is checked.
     pub async fn check_guess(
         &self,
         mut conn: RedisConnection,
         phone: &PhoneNumber,
-        digest: &CodeDigest,
-        challenge: Option<&str>,
-        max_attempts: u32,
-        fails_per_phone_per_day: u32,
+        guess: &CheckedGuess<'_>,
+        pending_first: bool,
     ) -> RedisResult<CheckOutcome> {
         let keys = self.keys(phone);
         let reply: Vec<Value> = self
             .check
             .key(&keys.code)
             .key(&keys.fails)
-            .arg(digest.as_str())
-            .arg(challenge.unwrap_or(""))
-            .arg(max_attempts)
-            .arg(fails_per_phone_per_day)
+            .key(&keys.pending)
+            .key(&keys.used)
+            .arg(guess.digest.as_str())
+            .arg(guess.challenge.unwrap_or(""))
+            .arg(guess.max_attempts)
+            .arg(guess.fails_per_phone_per_day)
+            .arg(if pending_first { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
         Ok(match int(&reply, 0) {
             1 => CheckOutcome::Accepted(Consumed {
-                digest: digest.clone(),
+                digest: guess.digest.clone(),
                 ttl_left_ms: int(&reply, 1),
                 bound_attempts: int(&reply, 2),
                 unbound_attempts: int(&reply, 3),
@@ -355,6 +383,9 @@ impl OtpStore {
                 retry_after: retry(int(&reply, 1)),
             },
             5 => CheckOutcome::Unchecked,
+            6 => CheckOutcome::Pending {
+                event_id: text(&reply, 1).and_then(|id| Uuid::parse_str(&id).ok()),
+            },
             _ => CheckOutcome::Rejected,
         })
     }
@@ -421,6 +452,7 @@ mod tests {
             &keys.resend,
             &keys.sent,
             &keys.fails,
+            &keys.used,
         ] {
             assert!(key.starts_with("ns:otp:{+14155550100}:"), "{key}");
         }

@@ -9,8 +9,10 @@
 //! Redis at most [`REDIS_DEADLINE`] per step, the publish at most [`PUBLISH_DEADLINE`], and
 //! withdrawing an event whose publish went unanswered at most 1 s (`withdrawal`). Making a
 //! confirmed code current is one Redis step, retried within it; past that it goes on in the
-//! background, since the request was decided by the confirm (`promotion`).
+//! background, since the request was decided by the confirm (`promotion`); a sign-in makes a
+//! sent code current itself if that never happened (`late_promotion`).
 
+mod late_promotion;
 pub mod promotion;
 pub mod request;
 pub mod verify;

@@ -13,6 +13,10 @@
 //! run at once, and at most [`RETRIES_AT_ONCE`] retries are sent at once, so that a long Redis
 //! brown-out under load cannot pile them onto the Redis that is struggling (a stopping api,
 //! which wakes them all, included). The request is answered 202 either way.
+//!
+//! If the promotion never runs at all (the api killed, or stopped before Redis came back), the
+//! code stays pending, and the user's sign-in makes it current itself, since its SMS went
+//! (`late_promotion`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,7 +98,7 @@ impl DeferredPromotions {
         {
             tracing::warn!(
                 left = self.under_way(),
-                "stopping with confirmed codes Redis has not made current: their SMS carry codes that will not work"
+                "stopping with confirmed codes Redis has not made current: each becomes current only when its user signs in with it, if Redis still holds it pending"
             );
         }
     }
@@ -115,11 +119,11 @@ pub async fn make_current(state: &AppState, event: &OtpRequested, answer_by: Ins
     let Ok(permit) = deferred.permits.clone().try_acquire_owned() else {
         if deferred.is_stopping() {
             // `finish` holds the permits it collected: a request the shutdown cut short.
-            tracing::warn!(%phone, %event_id, "the event is confirmed but Redis did not make its code current, and the api is stopping: its SMS carries a code that will not work");
+            tracing::warn!(%phone, %event_id, "the event is confirmed but Redis did not make its code current, and the api is stopping: the code becomes current only when its user signs in with it, if Redis still holds it pending");
             return;
         }
         never_valid("abandoned");
-        tracing::error!(%phone, %event_id, "the event is confirmed but Redis did not make its code current, and {MAX_DEFERRED} codes already wait for Redis: this one is given up, its SMS carries a code that will not work");
+        tracing::error!(%phone, %event_id, "the event is confirmed but Redis did not make its code current, and {MAX_DEFERRED} codes already wait for Redis: this one is given up, and becomes current only when its user signs in with it, if Redis still holds it pending");
         return;
     };
     tracing::warn!(%phone, %event_id, "the event is confirmed but Redis did not make its code current in time; the request is accepted and the code becomes current once Redis answers");
@@ -155,7 +159,8 @@ pub async fn make_current(state: &AppState, event: &OtpRequested, answer_by: Ins
 }
 
 /// Logs, when dropped, that the api stopped before a background promotion was done: the
-/// runtime drops its tasks at exit, and the code is then never made current.
+/// runtime drops its tasks at exit, and the code is then made current only by a sign-in with it
+/// (`late_promotion`).
 struct Unfinished {
     phone: PhoneNumber,
     event_id: Uuid,
@@ -167,7 +172,7 @@ impl Drop for Unfinished {
         if self.done {
             return;
         }
-        tracing::warn!(phone = %self.phone, event_id = %self.event_id, "the api stopped before Redis made this confirmed code current: its SMS carries a code that will not work");
+        tracing::warn!(phone = %self.phone, event_id = %self.event_id, "the api stopped before Redis made this confirmed code current: it becomes current only when its user signs in with it, if Redis still holds it pending");
     }
 }
 

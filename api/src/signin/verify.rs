@@ -8,12 +8,12 @@ use crate::db::{self, IssuedSession};
 use crate::error::{ApiError, Limit};
 use crate::limits::{Counter, Taken};
 use crate::metrics as m;
-use crate::otp::store::CheckOutcome;
+use crate::otp::store::{CheckOutcome, CheckedGuess};
 use crate::otp::{self, ChallengeId};
 use crate::phone::Destination;
 use crate::state::AppState;
 
-use super::{detached, redis_step};
+use super::{detached, late_promotion, redis_step};
 
 /// One guess, as the client sent it (the number already normalised).
 pub struct Guess {
@@ -68,18 +68,20 @@ async fn check_then_sign_in(
     let phone = &guess.destination.phone;
     let digest = state.hasher.digest(phone, &guess.code);
     let challenge = guess.challenge_id.as_deref().map(ChallengeId::fingerprint);
-    let checked = redis_step(state.otp_store.check_guess(
-        state.redis(),
+    let checked = late_promotion::check_guess(
+        &state,
         phone,
-        &digest,
-        challenge.as_deref(),
-        config.otp.max_attempts,
-        config.verify_limits.fails_per_phone_per_day,
-    ))
+        &CheckedGuess {
+            digest: &digest,
+            challenge: challenge.as_deref(),
+            max_attempts: config.otp.max_attempts,
+            fails_per_phone_per_day: config.verify_limits.fails_per_phone_per_day,
+        },
+    )
     .await;
     let consumed = match checked {
         Ok(CheckOutcome::Accepted(consumed)) => consumed,
-        Ok(CheckOutcome::Rejected) => {
+        Ok(CheckOutcome::Rejected | CheckOutcome::Pending { .. }) => {
             metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "invalid").increment(1);
             tracing::info!(%phone, bound = guess.challenge_id.is_some(), "OTP rejected");
             return Err(ApiError::InvalidOtp);

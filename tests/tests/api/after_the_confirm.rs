@@ -101,18 +101,9 @@ async fn a_stopping_api_waits_briefly_for_codes_redis_has_yet_to_make_current() 
         redis.come_back();
     };
     tokio::join!(app.stop(), redis_back_soon);
-    let mut direct = app.redis().await;
-    let current: Option<String> = redis::cmd("HGET")
-        .arg(shared::otp_keys::current_code(
-            &app.namespace,
-            &event.phone_number,
-        ))
-        .arg(shared::otp_keys::EVENT_FIELD)
-        .query_async(&mut direct)
-        .await
-        .expect("HGET");
+    let current = shared::otp_keys::current_code(&app.namespace, &event.phone_number);
     assert_eq!(
-        current,
+        event_of_code(&app, &current).await,
         Some(event.event_id.to_string()),
         "current before the api ended"
     );
@@ -132,6 +123,7 @@ async fn a_pending_code_lost_before_its_confirm_is_counted_as_never_valid() {
         assert!(metrics.contains(&series), "{series}is exported before any");
     }
     assert!(metrics.contains("\notp_promotions_deferred_total "));
+    assert!(metrics.contains("\notp_promotions_at_sign_in_total "));
     let lost = async || {
         metric_value(
             &app.metrics().await,
@@ -202,6 +194,73 @@ async fn a_code_confirmed_after_a_newer_one_became_current_is_replaced_not_lost(
         .verify(PHONE, newer.otp.as_deref().expect("a code"))
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+}
+
+/// A sign-in made current a pending code while its confirm was still held, which only a sent
+/// SMS allows: a code whose SMS has not gone (no record in the send ledger yet, or dead-lettered)
+/// is left pending and does not work. When the confirm then reaches the api, its promotion finds
+/// the code used, not lost.
+#[tokio::test]
+async fn a_pending_code_works_at_sign_in_only_once_its_sms_went_and_is_then_not_counted_as_lost() {
+    let broker = proxy_to_broker().await;
+    let app = app_through(&broker, None, Spawn::default()).await;
+    let other = spawn_with(Spawn::default().var("NAMESPACE", &app.namespace)).await;
+
+    let (reply, event) = request_confirmed_after(&app, &broker, async |event| {
+        let code = event.otp.clone().expect("a code");
+        let pending = shared::otp_keys::pending_code(&app.namespace, &event.phone_number);
+        other
+            .verify(PHONE, &code)
+            .await
+            .assert_problem(401, "invalid_otp");
+        record_in_the_send_ledger(&app, &event, shared::send_ledger::DEAD).await;
+        other
+            .verify(PHONE, &code)
+            .await
+            .assert_problem(401, "invalid_otp");
+        assert_eq!(
+            event_of_code(&app, &pending).await,
+            Some(event.event_id.to_string()),
+            "left pending while its SMS has not gone"
+        );
+
+        record_in_the_send_ledger(&app, &event, shared::send_ledger::SENT).await;
+        let reply = other.verify(PHONE, &code).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        event
+    })
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    assert!(
+        !logged_for(&event, "its pending code is gone"),
+        "a code used before its promotion answered is not lost"
+    );
+}
+
+/// What the worker writes in its send ledger for `event` (`shared::send_ledger`): these tests
+/// take the events off the queue themselves, in the worker's place.
+async fn record_in_the_send_ledger(app: &TestApp, event: &OtpRequested, record: &str) {
+    let mut redis = app.redis().await;
+    let key = shared::send_ledger::key(&app.namespace, event.event_id);
+    let () = redis::cmd("SET")
+        .arg(key)
+        .arg(record)
+        .arg("EX")
+        .arg(600)
+        .query_async(&mut redis)
+        .await
+        .expect("SET");
+}
+
+/// The event of the code hash at `key` (`shared::otp_keys`), if there is one.
+async fn event_of_code(app: &TestApp, key: &str) -> Option<String> {
+    let mut redis = app.redis().await;
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(shared::otp_keys::EVENT_FIELD)
+        .query_async(&mut redis)
+        .await
+        .expect("HGET")
 }
 
 async fn proxy_to_broker() -> TcpProxy {

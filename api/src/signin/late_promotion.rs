@@ -1,0 +1,78 @@
+//! A sent code the api never made current, made current when its user enters it.
+//!
+//! The api makes a code current once the broker confirmed its event (`promotion`). That step can
+//! fail to run at all: the api killed between the confirm and the promotion (SIGKILL, the OOM
+//! killer), or stopped while Redis was away for longer than its shutdown waits. The code then
+//! stays pending in Redis while its SMS goes out, and the user would hold a code that never
+//! works, then wait out the resend gap for another.
+//!
+//! So a sign-in that finds a pending code asks the worker's send ledger (`shared::send_ledger`)
+//! about its event first. A worker sending it or having sent it proves that the broker stored
+//! the event, which is all the confirm would have said, so the code is made current as the api
+//! would have made it, and then the guess is checked. Anything else leaves the pending code
+//! alone: no record yet (its confirm may still come), withdrawn or dead-lettered (no SMS went).
+//!
+//! The usual sign-in finds no pending code, at the cost of one HGET inside its script. Whether
+//! the ledger is asked depends only on the pending code being there, never on the guess, so the
+//! extra step tells a guesser nothing about the code.
+
+use shared::PhoneNumber;
+use shared::send_ledger::{self, Record};
+use uuid::Uuid;
+
+use super::redis_step;
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::otp::store::{CheckOutcome, CheckedGuess, Promotion};
+use crate::state::AppState;
+
+/// Checks `guess` against the phone's current code, after making a pending code current if its
+/// SMS went. Never answers [`CheckOutcome::Pending`].
+pub async fn check_guess(
+    state: &AppState,
+    phone: &PhoneNumber,
+    guess: &CheckedGuess<'_>,
+) -> Result<CheckOutcome, ApiError> {
+    let store = &state.otp_store;
+    let checked = redis_step(store.check_guess(state.redis(), phone, guess, true)).await?;
+    let CheckOutcome::Pending { event_id } = checked else {
+        return Ok(checked);
+    };
+    if let Some(event_id) = event_id {
+        promote_if_sent(state, phone, event_id).await?;
+    }
+    match redis_step(store.check_guess(state.redis(), phone, guess, false)).await? {
+        // Asked not to report one: cannot come back, and would not be a right guess.
+        CheckOutcome::Pending { .. } => Ok(CheckOutcome::Rejected),
+        checked => Ok(checked),
+    }
+}
+
+async fn promote_if_sent(
+    state: &AppState,
+    phone: &PhoneNumber,
+    event_id: Uuid,
+) -> Result<(), ApiError> {
+    let record = send_ledger::key(&state.config.common.namespace, event_id);
+    let held: Option<String> = redis_step(async {
+        redis::cmd("GET")
+            .arg(&record)
+            .query_async(&mut state.redis())
+            .await
+    })
+    .await?;
+    let sent = matches!(
+        held.as_deref().and_then(Record::parse),
+        Some(Record::Sending | Record::Sent)
+    );
+    if !sent {
+        return Ok(());
+    }
+    if redis_step(state.otp_store.promote(state.redis(), phone, event_id)).await?
+        == Promotion::Current
+    {
+        metrics::counter!(m::PROMOTIONS_AT_SIGN_IN).increment(1);
+        tracing::warn!(%phone, %event_id, "a sign-in found a code that was sent but not yet made current (its promotion after the confirm did not run, or has yet to); it is current now");
+    }
+    Ok(())
+}
