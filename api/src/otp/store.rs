@@ -53,8 +53,8 @@ return {1}
 ";
 
 /// The pending code becomes current, with fresh budgets, keeping its own expiry. Returns 1 when
-/// promoted, or when this code already is current or was used (KEYS[4]): a try whose answer was
-/// lost, tried again, or a sign-in that made it current itself (`signin::rescue`);
+/// promoted; 3 when this code already is current or was used (KEYS[4]): a try whose answer was
+/// lost, tried again, or a sign-in that made it current itself (`signin::late_promotion`);
 /// 2 when a newer request's code replaced it (pending now, or since made current or used: the
 /// phone's sends, KEYS[3], list another one issued in the same millisecond or later), which is
 /// left alone; 0 when it is gone (it expired, or Redis lost it). RENAME moves the hash and its
@@ -64,8 +64,8 @@ return {1}
 const PROMOTE: &str = r"
 local pending = redis.call('HGET', KEYS[2], 'e')
 if pending ~= ARGV[1] then
-  if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then return 1 end
-  if redis.call('GET', KEYS[4]) == ARGV[1] then return 1 end
+  if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then return 3 end
+  if redis.call('GET', KEYS[4]) == ARGV[1] then return 3 end
   if pending then return 2 end
   local mine = redis.call('ZSCORE', KEYS[3], ARGV[1])
   if mine and redis.call('ZCOUNT', KEYS[3], mine, '+inf') > 1 then return 2 end
@@ -128,7 +128,7 @@ end
 if diff == 0 then
   local pttl = redis.call('PTTL', KEYS[1])
   redis.call('DEL', KEYS[1])
-  if pttl > 0 then redis.call('SET', KEYS[4], s[3], 'PX', pttl) end
+  if pttl > 0 and s[3] then redis.call('SET', KEYS[4], s[3], 'PX', pttl) end
   return {1, pttl, a, u, s[2], s[3]}
 end
 if bound then
@@ -229,7 +229,10 @@ impl PhoneKeys {
 /// What [`OtpStore::promote`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Promotion {
-    /// The code is the phone's current code.
+    /// The code is now the phone's current code.
+    Promoted,
+    /// The code already was current, or was used: made current by an earlier try or by a
+    /// sign-in.
     Current,
     /// A newer request's code replaced it: that one counts.
     Replaced,
@@ -319,7 +322,8 @@ impl OtpStore {
             .invoke_async(&mut conn)
             .await?;
         Ok(match promoted {
-            1 => Promotion::Current,
+            1 => Promotion::Promoted,
+            3 => Promotion::Current,
             2 => Promotion::Replaced,
             _ => Promotion::Missing,
         })

@@ -7,14 +7,22 @@
 //! works, then wait out the resend gap for another.
 //!
 //! So a sign-in that finds a pending code asks the worker's send ledger (`shared::send_ledger`)
-//! about its event first. A worker sending it or having sent it proves that the broker stored
-//! the event, which is all the confirm would have said, so the code is made current as the api
-//! would have made it, and then the guess is checked. Anything else leaves the pending code
-//! alone: no record yet (its confirm may still come), withdrawn or dead-lettered (no SMS went).
+//! about its event first. `sent` (the provider accepted the SMS) proves that the broker stored
+//! the event, which is all the confirm would have said, and that the user may hold the code, so
+//! the code is made current as the api would have made it, and then the guess is checked.
+//! Anything else leaves the pending code alone: no record yet (its confirm may still come),
+//! `sending` (a claim, which its worker may still give up, and the api then withdraw the event),
+//! withdrawn or dead-lettered (no SMS went).
 //!
 //! The usual sign-in finds no pending code, at the cost of one HGET inside its script. Whether
 //! the ledger is asked depends only on the pending code being there, never on the guess, so the
-//! extra step tells a guesser nothing about the code.
+//! extra step tells a guesser nothing about the code (its timing does tell that the number has a
+//! code pending, which a request's resend-gap 429 tells as well). The ledger lives on another
+//! Redis Cluster slot than the phone's codes: if it cannot be read, the guess is checked against
+//! the current code all the same.
+//!
+//! A sign-in that carries a `challenge_id` must carry the late code's own: a client whose api
+//! died before answering holds only the previous request's, and that guess is not checked.
 
 use shared::PhoneNumber;
 use shared::send_ledger::{self, Record};
@@ -38,8 +46,10 @@ pub async fn check_guess(
     let CheckOutcome::Pending { event_id } = checked else {
         return Ok(checked);
     };
-    if let Some(event_id) = event_id {
-        promote_if_sent(state, phone, event_id).await?;
+    if let Some(event_id) = event_id
+        && let Err(e) = promote_if_sent(state, phone, event_id).await
+    {
+        tracing::warn!(error = %e, %event_id, "could not look into a pending code; checking the guess against the current code");
     }
     match redis_step(store.check_guess(state.redis(), phone, guess, false)).await? {
         // Asked not to report one: cannot come back, and would not be a right guess.
@@ -61,18 +71,16 @@ async fn promote_if_sent(
             .await
     })
     .await?;
-    let sent = matches!(
-        held.as_deref().and_then(Record::parse),
-        Some(Record::Sending | Record::Sent)
-    );
-    if !sent {
+    if held.as_deref().and_then(Record::parse) != Some(Record::Sent) {
         return Ok(());
     }
+    // Counted only when this sign-in made it current, not when the api's own promotion (or a
+    // concurrent sign-in) got there first.
     if redis_step(state.otp_store.promote(state.redis(), phone, event_id)).await?
-        == Promotion::Current
+        == Promotion::Promoted
     {
         metrics::counter!(m::PROMOTIONS_AT_SIGN_IN).increment(1);
-        tracing::warn!(%phone, %event_id, "a sign-in found a code that was sent but not yet made current (its promotion after the confirm did not run, or has yet to); it is current now");
+        tracing::warn!(%phone, %event_id, "a sign-in found a code that was sent but not yet made current (its promotion after the confirm did not run, or had yet to); it is current now");
     }
     Ok(())
 }

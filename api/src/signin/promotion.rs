@@ -142,7 +142,7 @@ pub async fn make_current(state: &AppState, event: &OtpRequested, answer_by: Ins
         let mut unfinished = unfinished;
         match promote_until(&state, &phone, event_id, Instant::now() + expires_in).await {
             Some(promotion) => {
-                if promotion == Promotion::Current {
+                if matches!(promotion, Promotion::Promoted | Promotion::Current) {
                     tracing::info!(%phone, %event_id, "Redis answered: the confirmed code is current");
                 }
                 report(&phone, event_id, promotion);
@@ -178,7 +178,7 @@ impl Drop for Unfinished {
 
 fn report(phone: &PhoneNumber, event_id: Uuid, promotion: Promotion) {
     match promotion {
-        Promotion::Current => {}
+        Promotion::Promoted | Promotion::Current => {}
         // A newer request for the same number replaced this pending code: its SMS is the one
         // that counts. This one was sent, so it is still an accepted request.
         Promotion::Replaced => {

@@ -142,7 +142,9 @@ async fn publish_then_promote(
 /// it), in which case the request is accepted after all; otherwise it is refused. Withdrawn, the slots
 /// go back, so a broker outage costs users no place in the limits. When Redis cannot say, they
 /// are kept: an SMS may go, and an attacker who makes confirms time out must not send past the
-/// limits. Refused, the code stays pending, never valid.
+/// limits. Refused, the code stays pending, never made current by this request; only if its SMS
+/// goes all the same (Redis could not withdraw it) does a sign-in make it current
+/// (`late_promotion`).
 async fn settle_unknown_publish(state: &AppState, event: &OtpRequested, slots: Slots) -> bool {
     let settled = withdrawal::withdraw(state, event).await;
     metrics::counter!(m::PUBLISH_OUTCOME_UNKNOWN, "resolution" => settled.label()).increment(1);
