@@ -80,6 +80,8 @@ pub fn describe() {
         DEAD_LETTERS_HELD,
         "Dead letters acknowledged while an alarm held their copy in this process (lost if it stops first)."
     );
+    // At 0 from the start, so that an alert on its increase sees the first one.
+    metrics::counter!(DEAD_LETTERS_HELD).increment(0);
     describe_counter!(
         DEAD_LETTERS,
         "The worker's own dead letters by kind: permanent, retries_exhausted, expired, invalid_message."

@@ -53,6 +53,10 @@ pub struct Config {
     /// `SHUTDOWN_GRACE_SECS` (advanced): on SIGTERM, how long in-flight sends may take to finish
     /// before the rest is handed back to the queue.
     pub shutdown_grace: Duration,
+    /// `SMS_DEAD_LETTERS_HELD_MAX` (advanced): dead-letter copies a RabbitMQ alarm may hold in
+    /// the worker's memory (their originals acknowledged); past it, dead letters wait for the
+    /// alarm to end, their originals unacknowledged.
+    pub dead_letters_held_max: usize,
 }
 
 /// Where providers report delivery (`CALLBACK_ADDR`, `CALLBACK_BASE_URL`).
@@ -186,6 +190,11 @@ impl Config {
                 "SHUTDOWN_GRACE_SECS",
                 send_timeout.as_secs() + 5,
                 0..=3_600,
+            )?,
+            dead_letters_held_max: env.integer_in(
+                "SMS_DEAD_LETTERS_HELD_MAX",
+                1_000,
+                1..=1_000_000,
             )?,
         })
     }

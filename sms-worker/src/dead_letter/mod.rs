@@ -10,7 +10,9 @@ pub mod publish;
 mod reason;
 
 pub use inspect::{Entry, Listing, count, entries, format_table, list, purge};
-pub use publish::{PublishError, Route, forward_broker_copy, properties, publish, without_code};
+pub use publish::{
+    HeldCopies, PublishError, Route, forward_broker_copy, properties, publish, without_code,
+};
 pub use reason::{
     ATTEMPTS_HEADER, DeadLetter, ERROR_HEADER, ERROR_KIND_HEADER, ErrorKind, FAILED_AT_HEADER,
     PROVIDER_CODE_HEADER, PROVIDER_STATUS_HEADER, PROVIDERS_HEADER,

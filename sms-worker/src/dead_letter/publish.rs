@@ -1,6 +1,8 @@
 //! Publishing a dead letter: the copy goes to `{ns}.dlx` with the reason in its headers, and the
 //! original is acknowledged only once the broker confirmed the copy.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -8,7 +10,7 @@ use lapin::{BasicProperties, Channel, ConnectionStatus};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use shared::amqp::{ConfirmError, PERSISTENT, publish_confirmed};
+use shared::amqp::{ConfirmError, PERSISTENT, held_now, publish_confirmed};
 use shared::event::{CONTENT_TYPE, REQUEST_ID_HEADER};
 
 use super::reason::{
@@ -19,13 +21,35 @@ use super::reason::{
 /// Without a quorum majority a confirm never comes; the message then goes back to the queue.
 /// Not while the broker blocks the connection (a memory or disk alarm): see [`Route::publish`].
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a dead letter waiting for room looks at the connection again: lapin's `blocked`
+/// flag has no notification.
+const ROOM_CHECK_EVERY: Duration = Duration::from_millis(100);
 
-/// Where dead letters go: a confirm-mode channel, and the status of its connection (which the
-/// broker blocks during an alarm).
+/// Where dead letters go: a confirm-mode channel, the status of its connection (which the
+/// broker blocks during an alarm), and the copies an alarm holds on it.
 #[derive(Clone)]
 pub struct Route {
     pub channel: Channel,
     pub connection: ConnectionStatus,
+    pub held: Arc<HeldCopies>,
+}
+
+/// The dead-letter copies an alarm holds in this worker's memory, on one connection, and how
+/// many it may hold (`SMS_DEAD_LETTERS_HELD_MAX`). Copies on a connection that is lost are lost
+/// with it, so a new connection starts at 0.
+#[derive(Debug)]
+pub struct HeldCopies {
+    now: AtomicUsize,
+    max: usize,
+}
+
+impl HeldCopies {
+    pub fn new(max: usize) -> Self {
+        Self {
+            now: AtomicUsize::new(0),
+            max,
+        }
+    }
 }
 
 impl Route {
@@ -39,6 +63,12 @@ impl Route {
     /// prefetch for the whole alarm. A stopping worker waits, within its grace period, for the
     /// alarm to end; if the process ends or the connection drops first, the copy is lost, and the
     /// log's warning and the counter keep the record.
+    ///
+    /// So that a long alarm cannot fill the worker's memory with copies, at most
+    /// `SMS_DEAD_LETTERS_HELD_MAX` are held; past that, a dead letter waits for the alarm to end
+    /// before its copy is written, its original unacknowledged (a slot of the prefetch each: the
+    /// worker slows down rather than grow). A stopping worker hands such originals back to the
+    /// queue.
     async fn publish(
         &self,
         queue: &str,
@@ -46,6 +76,7 @@ impl Route {
         properties: BasicProperties,
         held: impl FnOnce(),
     ) -> Result<(), PublishError> {
+        self.wait_for_room().await;
         let published = publish_confirmed(
             &self.channel,
             "",
@@ -58,11 +89,30 @@ impl Route {
         .await;
         match published {
             Err(ConfirmError::HeldByAlarm) => {
+                self.held.now.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::DEAD_LETTERS_HELD).increment(1);
                 held();
                 Ok(())
             }
             published => Ok(published?),
+        }
+    }
+
+    /// Returns once a copy may be written: the connection is not held (its held copies are
+    /// then written, so the count starts again), or fewer than the most allowed are held.
+    async fn wait_for_room(&self) {
+        let full = || self.held.now.load(Ordering::Relaxed) >= self.held.max;
+        if full() && held_now(&self.connection) {
+            tracing::warn!(
+                held = self.held.max,
+                "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
+            );
+            while full() && held_now(&self.connection) {
+                tokio::time::sleep(ROOM_CHECK_EVERY).await;
+            }
+        }
+        if !held_now(&self.connection) {
+            self.held.now.store(0, Ordering::Relaxed);
         }
     }
 }

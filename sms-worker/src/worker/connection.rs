@@ -195,6 +195,9 @@ impl BrokerConnection {
         context.set_dead_letter_route(Some(dead_letter::Route {
             channel: self.dead_letter_channel.clone(),
             connection: self.publishing.status().clone(),
+            held: Arc::new(dead_letter::HeldCopies::new(
+                context.config.dead_letters_held_max,
+            )),
         }));
         context.readiness.set_consuming(true);
         let mut health = tokio::time::interval(Duration::from_secs(1));

@@ -151,6 +151,78 @@ async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other
     .await;
 }
 
+/// An alarm holds at most `SMS_DEAD_LETTERS_HELD_MAX` dead-letter copies in a worker's memory.
+/// Past that, a dead letter waits for the alarm to end with its original unacknowledged (a slot
+/// of the prefetch), and is stored then: a long alarm with many failed sends slows the worker
+/// down instead of filling its memory with copies a restart would lose.
+#[tokio::test]
+async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_end() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
+        // A process: its logs are its own (an in-process worker's counters are shared by every
+        // test's worker).
+        let mut worker = h
+            .start_worker_process(&[("AMQP_URL", &amqp_url), ("SMS_DEAD_LETTERS_HELD_MAX", "1")])
+            .await;
+        let held = |worker: &tests::program::Program| {
+            worker
+                .logs()
+                .matches("is stored when the alarm ends")
+                .count()
+        };
+        let [first, second] = h.invalid_numbers(2).try_into().expect("two numbers");
+
+        broker.block_like_an_alarm();
+        h.request_sms(&first).await;
+        eventually(
+            Duration::from_secs(15),
+            "the first copy to be held",
+            || async { held(&worker) == 1 },
+        )
+        .await;
+        h.request_sms(&second).await;
+        eventually(
+            Duration::from_secs(15),
+            "the second dead letter to wait for the alarm",
+            || async {
+                worker
+                    .logs()
+                    .contains("this one waits for the alarm to end")
+            },
+        )
+        .await;
+        // The alarm goes on past the 1 s after which a copy counts as held: a scenario, not a
+        // wait for a condition (done right, nothing shows meanwhile).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            held(&worker),
+            1,
+            "a second copy was held past the most allowed"
+        );
+        assert_eq!(
+            h.dead_lettered().await,
+            0,
+            "nothing stored during the alarm"
+        );
+
+        broker.unblock();
+        h.wait_for_dead_lettered(2).await;
+        worker.terminate();
+        worker.wait(Duration::from_secs(20)).await;
+        assert_eq!(held(&worker), 1, "the second copy was never held");
+        assert_eq!(h.queued().await, 0, "the waiting original was acknowledged");
+        assert_eq!(
+            h.dead_lettered().await,
+            2,
+            "one dead letter each, no copies"
+        );
+        for to in [&first, &second] {
+            assert_eq!(h.fake.requests(Some(to)).len(), 1, "one provider call each");
+        }
+    })
+    .await;
+}
+
 /// A dead letter held by an alarm was acknowledged: its copy exists only in the worker, unwritten
 /// on the blocked connection. A worker told to stop then waits, within its grace period, for the
 /// alarm to end, so that the copy is stored; ended at once, it lost it.
