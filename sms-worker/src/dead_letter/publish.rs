@@ -13,6 +13,8 @@ use time::format_description::well_known::Rfc3339;
 use shared::amqp::{ConfirmError, PERSISTENT, held_now, publish_confirmed};
 use shared::event::{CONTENT_TYPE, REQUEST_ID_HEADER};
 
+use crate::shutdown::Shutdown;
+
 use super::reason::{
     ATTEMPTS_HEADER, DeadLetter, ERROR_HEADER, ERROR_KIND_HEADER, FAILED_AT_HEADER,
     PROVIDER_CODE_HEADER, PROVIDER_STATUS_HEADER, PROVIDERS_HEADER,
@@ -62,13 +64,8 @@ impl Route {
     /// go to the provider again and leave one more copy each time, or, held, keep a slot of the
     /// prefetch for the whole alarm. A stopping worker waits, within its grace period, for the
     /// alarm to end; if the process ends or the connection drops first, the copy is lost, and the
-    /// log's warning and the counter keep the record.
-    ///
-    /// So that a long alarm cannot fill the worker's memory with copies, at most
-    /// `SMS_DEAD_LETTERS_HELD_MAX` are held; past that, a dead letter waits for the alarm to end
-    /// before its copy is written, its original unacknowledged (a slot of the prefetch each: the
-    /// worker slows down rather than grow). A stopping worker hands such originals back to the
-    /// queue.
+    /// log's warning and the counter keep the record. The worker's own dead letters first wait
+    /// for room ([`Route::wait_for_room`]).
     async fn publish(
         &self,
         queue: &str,
@@ -76,7 +73,6 @@ impl Route {
         properties: BasicProperties,
         held: impl FnOnce(),
     ) -> Result<(), PublishError> {
-        self.wait_for_room().await;
         let published = publish_confirmed(
             &self.channel,
             "",
@@ -98,22 +94,38 @@ impl Route {
         }
     }
 
-    /// Returns once a copy may be written: the connection is not held (its held copies are
-    /// then written, so the count starts again), or fewer than the most allowed are held.
-    async fn wait_for_room(&self) {
+    /// So that a long alarm cannot fill the worker's memory with copies, about
+    /// `SMS_DEAD_LETTERS_HELD_MAX` at most are held (a copy counts once it has been held for a
+    /// second, so dead letters arriving together may pass the count by up to the sends in
+    /// flight). Past that, a dead letter waits here for the alarm to end before its copy is
+    /// written, its original unacknowledged: a slot of the prefetch each, so the worker slows
+    /// down rather than grow. Returns once a copy may be written: the connection is not held
+    /// (its held copies are then written, and the count starts again), or fewer are held.
+    ///
+    /// [`PublishError::NoRoom`] when the worker starts to stop or `delivery_channel_open` says
+    /// the original's channel is gone first: the original then goes back to the queue (the
+    /// broker's consumer timeout closes a channel whose delivery waits 30 minutes by default).
+    pub(crate) async fn wait_for_room(
+        &self,
+        shutdown: &Shutdown,
+        delivery_channel_open: impl Fn() -> bool,
+    ) -> Result<(), PublishError> {
         let full = || self.held.now.load(Ordering::Relaxed) >= self.held.max;
         if full() && held_now(&self.connection) {
             tracing::warn!(
-                held = self.held.max,
+                most = self.held.max,
                 "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
             );
             while full() && held_now(&self.connection) {
-                tokio::time::sleep(ROOM_CHECK_EVERY).await;
+                if shutdown.sleep(ROOM_CHECK_EVERY).await.is_err() || !delivery_channel_open() {
+                    return Err(PublishError::NoRoom);
+                }
             }
         }
         if !held_now(&self.connection) {
             self.held.now.store(0, Ordering::Relaxed);
         }
+        Ok(())
     }
 }
 
@@ -121,6 +133,10 @@ impl Route {
 pub enum PublishError {
     #[error("no channel to RabbitMQ")]
     NoChannel,
+    #[error(
+        "RabbitMQ's alarm holds SMS_DEAD_LETTERS_HELD_MAX dead letters, and the worker began to stop (or the delivery's channel closed) before it ended"
+    )]
+    NoRoom,
     #[error("dead letter: {0}")]
     Confirm(#[from] ConfirmError),
 }

@@ -217,7 +217,7 @@ async fn settle(
             nack_requeue(acks, delivery).await;
         }
         Outcome::DeadLetter { dead_letter, claim } => {
-            let published = publish_dead_letter(context, delivery, event, &dead_letter).await;
+            let published = publish_dead_letter(context, acks, delivery, event, &dead_letter).await;
             match published {
                 Ok(()) => {
                     if let Some(event) = event {
@@ -264,11 +264,15 @@ async fn settle(
 /// Publishes the dead letter: the event without its code, or an unreadable body as it came.
 async fn publish_dead_letter(
     context: &Context,
+    acks: &Acks,
     delivery: &Delivery,
     event: Option<&OtpRequested>,
     dead_letter: &DeadLetter,
 ) -> Result<(), PublishError> {
     let route = context.dead_letter_route().ok_or(PublishError::NoChannel)?;
+    route
+        .wait_for_room(&context.shutdown, || acks.channel_connected())
+        .await?;
     let body = match event {
         Some(event) => serde_json::to_vec(&event.without_code()).unwrap_or_default(),
         // Unreadable as an event, but maybe JSON with a real code beside a bad field.

@@ -5,11 +5,12 @@
 use std::time::Duration;
 
 use shared::QueueType;
+use tests::program::Program;
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
 use tests::wait::eventually;
 
-use crate::harness::{CODE_VALIDITY, event, phone, with_harness};
+use crate::harness::{CODE_VALIDITY, Harness, event, phone, with_harness};
 
 #[tokio::test]
 async fn without_redis_nothing_is_sent_blindly() {
@@ -158,39 +159,13 @@ async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other
 #[tokio::test]
 async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_end() {
     with_harness(QueueType::Classic, |h| async move {
-        let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
-        // A process: its logs are its own (an in-process worker's counters are shared by every
-        // test's worker).
-        let mut worker = h
-            .start_worker_process(&[("AMQP_URL", &amqp_url), ("SMS_DEAD_LETTERS_HELD_MAX", "1")])
-            .await;
-        let held = |worker: &tests::program::Program| {
+        let (broker, mut worker, [first, second]) = a_dead_letter_waiting_for_room(&h, &[]).await;
+        let held = |worker: &Program| {
             worker
                 .logs()
                 .matches("is stored when the alarm ends")
                 .count()
         };
-        let [first, second] = h.invalid_numbers(2).try_into().expect("two numbers");
-
-        broker.block_like_an_alarm();
-        h.request_sms(&first).await;
-        eventually(
-            Duration::from_secs(15),
-            "the first copy to be held",
-            || async { held(&worker) == 1 },
-        )
-        .await;
-        h.request_sms(&second).await;
-        eventually(
-            Duration::from_secs(15),
-            "the second dead letter to wait for the alarm",
-            || async {
-                worker
-                    .logs()
-                    .contains("this one waits for the alarm to end")
-            },
-        )
-        .await;
         // The alarm goes on past the 1 s after which a copy counts as held: a scenario, not a
         // wait for a condition (done right, nothing shows meanwhile).
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -219,6 +194,36 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
         for to in [&first, &second] {
             assert_eq!(h.fake.requests(Some(to)).len(), 1, "one provider call each");
         }
+    })
+    .await;
+}
+
+/// A dead letter waiting for room (above) keeps its original unacknowledged: a worker told to
+/// stop meanwhile does not wait for the alarm on its account, and the original goes back to the
+/// queue, for a worker to try again once the alarm is over.
+#[tokio::test]
+async fn a_stopping_worker_hands_a_dead_letter_waiting_for_room_back_to_the_queue() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, mut worker, _) =
+            a_dead_letter_waiting_for_room(&h, &[("SHUTDOWN_GRACE_SECS", "2")]).await;
+        assert_eq!(h.queued().await, 0, "the waiting original is the worker's");
+
+        worker.terminate();
+        worker.wait(Duration::from_secs(20)).await;
+        assert!(
+            worker
+                .logs()
+                .contains("the worker began to stop (or the delivery's channel closed)"),
+            "the waiting dead letter gave up as the worker began to stop, not when it was cut off: {}",
+            worker.logs()
+        );
+        eventually(
+            Duration::from_secs(10),
+            "the waiting original to be back in the queue",
+            || async { h.queued().await == 1 },
+        )
+        .await;
+        broker.unblock();
     })
     .await;
 }
@@ -351,6 +356,46 @@ async fn keeps_running_through_a_redis_outage() {
         assert_eq!(h.dead_lettered().await, 0);
     })
     .await;
+}
+
+/// A worker process allowed one dead letter held by an alarm, during an alarm: the first of two
+/// numbers the provider refuses has its copy held, the second waits for room. Returns the
+/// broker's proxy (blocked), the worker and the two numbers.
+async fn a_dead_letter_waiting_for_room(
+    h: &Harness,
+    overrides: &[(&str, &str)],
+) -> (TcpProxy, Program, [String; 2]) {
+    let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
+    // A process: its logs are its own (an in-process worker's counters are shared by every
+    // test's worker).
+    let mut vars = vec![
+        ("AMQP_URL", amqp_url.as_str()),
+        ("SMS_DEAD_LETTERS_HELD_MAX", "1"),
+    ];
+    vars.extend_from_slice(overrides);
+    let worker = h.start_worker_process(&vars).await;
+    let [first, second] = h.invalid_numbers(2).try_into().expect("two numbers");
+
+    broker.block_like_an_alarm();
+    h.request_sms(&first).await;
+    eventually(
+        Duration::from_secs(15),
+        "the first copy to be held",
+        || async { worker.logs().contains("is stored when the alarm ends") },
+    )
+    .await;
+    h.request_sms(&second).await;
+    eventually(
+        Duration::from_secs(15),
+        "the second dead letter to wait for the alarm",
+        || async {
+            worker
+                .logs()
+                .contains("this one waits for the alarm to end")
+        },
+    )
+    .await;
+    (broker, worker, [first, second])
 }
 
 /// A proxy in front of the broker, to act out its alarms, and the `AMQP_URL` through it. The
