@@ -9,8 +9,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, ConnectionStatus};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::time::Instant;
 
-use shared::amqp::{ConfirmError, PERSISTENT, held_now, publish_confirmed};
+use shared::amqp::{ConfirmError, PERSISTENT, held_now, publish_confirmed, wait_while_held};
 use shared::event::{CONTENT_TYPE, REQUEST_ID_HEADER};
 
 use crate::shutdown::Shutdown;
@@ -23,9 +24,9 @@ use super::reason::{
 /// Without a quorum majority a confirm never comes; the message then goes back to the queue.
 /// Not while the broker blocks the connection (a memory or disk alarm): see [`Route::publish`].
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a dead letter waiting for room looks at the connection again: lapin's `blocked`
-/// flag has no notification.
-const ROOM_CHECK_EVERY: Duration = Duration::from_millis(100);
+/// How often a dead letter waiting out an alarm looks whether its delivery's channel is still
+/// open: lapin's channel status has no notification.
+const CHANNEL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Where dead letters go: a confirm-mode channel, the status of its connection (which the
 /// broker blocks during an alarm), and the copies an alarm holds on it.
@@ -110,22 +111,50 @@ impl Route {
         shutdown: &Shutdown,
         delivery_channel_open: impl Fn() -> bool,
     ) -> Result<(), PublishError> {
-        let full = || self.held.now.load(Ordering::Relaxed) >= self.held.max;
-        if full() && held_now(&self.connection) {
+        // The count only starts again once the connection is not held, so while it is held a
+        // full count stays full: the wait is for the alarm to end.
+        if self.held.now.load(Ordering::Relaxed) >= self.held.max && held_now(&self.connection) {
             tracing::warn!(
                 most = self.held.max,
                 "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
             );
-            while full() && held_now(&self.connection) {
-                if shutdown.sleep(ROOM_CHECK_EVERY).await.is_err() || !delivery_channel_open() {
-                    return Err(PublishError::NoRoom);
-                }
+            if !self
+                .wait_out_alarm(None, shutdown, delivery_channel_open)
+                .await
+            {
+                return Err(PublishError::NoRoom);
             }
         }
         if !held_now(&self.connection) {
             self.held.now.store(0, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Waits while the broker blocks this route's connection (a memory or disk alarm), until
+    /// `until` if given. `false` when the dead letter is not to be published: the worker began to
+    /// stop, or `delivery_channel_open` says the channel its delivery came on is gone (the broker
+    /// has put the delivery back in its queue). `true` once the alarm is over or `until` passed.
+    pub(crate) async fn wait_out_alarm(
+        &self,
+        until: Option<Instant>,
+        shutdown: &Shutdown,
+        delivery_channel_open: impl Fn() -> bool,
+    ) -> bool {
+        loop {
+            let look_again = Instant::now() + CHANNEL_CHECK_EVERY;
+            let step_until = until.map_or(look_again, |until| until.min(look_again));
+            tokio::select! {
+                _ = wait_while_held(&self.connection, step_until) => {}
+                () = shutdown.recv() => return false,
+            }
+            if !delivery_channel_open() {
+                return false;
+            }
+            if !held_now(&self.connection) || until.is_some_and(|until| Instant::now() >= until) {
+                return true;
+            }
+        }
     }
 }
 

@@ -86,8 +86,9 @@ async fn wait_out_a_short_alarm(
         "RabbitMQ is blocking dead letters: this broker dead letter waits in its queue"
     );
     let give_up_at = tokio::time::Instant::now() + LONGEST_WAIT_FOR_AN_ALARM;
-    tokio::select! {
-        _ = shared::amqp::wait_while_held(&route.connection, give_up_at) => acks.channel_connected(),
-        () = context.shutdown.recv() => false,
-    }
+    route
+        .wait_out_alarm(Some(give_up_at), &context.shutdown, || {
+            acks.channel_connected()
+        })
+        .await
 }
