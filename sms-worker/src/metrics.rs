@@ -12,6 +12,8 @@ pub const DEAD_LETTERS: &str = "sms_dead_letters_total";
 /// copies wait in this process's memory for the alarm to end, and are lost if the process stops
 /// or the connection drops first.
 pub const DEAD_LETTERS_HELD: &str = "sms_dead_letters_held_total";
+/// Gauge: the dead-letter copies an alarm holds in this process now (0 once it ends).
+pub const DEAD_LETTERS_HELD_NOW: &str = "sms_dead_letters_held";
 /// Histogram (seconds) of one provider call, labels `provider` and `outcome` (`accepted`, or the
 /// failure kind: `retryable`, `ambiguous`, `recipient`, `provider`, `route`).
 pub const PROVIDER_DURATION: &str = "sms_provider_request_duration_seconds";
@@ -80,8 +82,13 @@ pub fn describe() {
         DEAD_LETTERS_HELD,
         "Dead letters acknowledged while an alarm held their copy in this process (lost if it stops first)."
     );
+    describe_gauge!(
+        DEAD_LETTERS_HELD_NOW,
+        "Dead-letter copies a RabbitMQ alarm holds in this process now (lost if it stops before the alarm ends)."
+    );
     // At 0 from the start, so that an alert on its increase sees the first one.
     metrics::counter!(DEAD_LETTERS_HELD).increment(0);
+    metrics::gauge!(DEAD_LETTERS_HELD_NOW).set(0.0);
     describe_counter!(
         DEAD_LETTERS,
         "The worker's own dead letters by kind: permanent, retries_exhausted, expired, invalid_message."

@@ -37,9 +37,9 @@ pub struct Route {
     pub held: Arc<HeldCopies>,
 }
 
-/// The dead-letter copies an alarm holds in this worker's memory, on one connection, and how
-/// many it may hold (`SMS_DEAD_LETTERS_HELD_MAX`). Copies on a connection that is lost are lost
-/// with it, so a new connection starts at 0.
+/// The dead-letter copies an alarm holds in this worker's memory, and how many it may hold
+/// (`SMS_DEAD_LETTERS_HELD_MAX`). One count per process, kept across reconnects: a connection
+/// given up during an alarm may still hold its copies until it closes.
 #[derive(Debug)]
 pub struct HeldCopies {
     now: AtomicUsize,
@@ -51,6 +51,23 @@ impl HeldCopies {
         Self {
             now: AtomicUsize::new(0),
             max,
+        }
+    }
+
+    fn one_more(&self) {
+        let now = self.now.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::counter!(crate::metrics::DEAD_LETTERS_HELD).increment(1);
+        metrics::gauge!(crate::metrics::DEAD_LETTERS_HELD_NOW).set(now as f64);
+    }
+
+    fn full(&self) -> bool {
+        self.now.load(Ordering::Relaxed) >= self.max
+    }
+
+    /// The connection is no longer blocked: what it held has been written.
+    pub fn written(&self) {
+        if self.now.swap(0, Ordering::Relaxed) > 0 {
+            metrics::gauge!(crate::metrics::DEAD_LETTERS_HELD_NOW).set(0.0);
         }
     }
 }
@@ -86,8 +103,7 @@ impl Route {
         .await;
         match published {
             Err(ConfirmError::HeldByAlarm) => {
-                self.held.now.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(crate::metrics::DEAD_LETTERS_HELD).increment(1);
+                self.held.one_more();
                 held();
                 Ok(())
             }
@@ -111,9 +127,10 @@ impl Route {
         shutdown: &Shutdown,
         delivery_channel_open: impl Fn() -> bool,
     ) -> Result<(), PublishError> {
-        // The count only starts again once the connection is not held, so while it is held a
-        // full count stays full: the wait is for the alarm to end.
-        if self.held.now.load(Ordering::Relaxed) >= self.held.max && held_now(&self.connection) {
+        // The count only starts again once the connection is not held (the consume loop looks
+        // every second), so while it is held a full count stays full: the wait is for the
+        // alarm to end.
+        if self.held.full() && held_now(&self.connection) {
             tracing::warn!(
                 most = self.held.max,
                 "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
@@ -124,9 +141,6 @@ impl Route {
             {
                 return Err(PublishError::NoRoom);
             }
-        }
-        if !held_now(&self.connection) {
-            self.held.now.store(0, Ordering::Relaxed);
         }
         Ok(())
     }

@@ -195,9 +195,7 @@ impl BrokerConnection {
         context.set_dead_letter_route(Some(dead_letter::Route {
             channel: self.dead_letter_channel.clone(),
             connection: self.publishing.status().clone(),
-            held: Arc::new(dead_letter::HeldCopies::new(
-                context.config.dead_letters_held_max,
-            )),
+            held: context.held_dead_letters.clone(),
         }));
         context.readiness.set_consuming(true);
         let mut health = tokio::time::interval(Duration::from_secs(1));
@@ -222,6 +220,9 @@ impl BrokerConnection {
                 },
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
                 _ = health.tick() => {
+                    if !shared::amqp::held_now(self.publishing.status()) {
+                        context.held_dead_letters.written();
+                    }
                     if !self.connection.status().connected()
                         || !self.publishing.status().connected()
                         || !self.dead_letter_channel.status().connected()

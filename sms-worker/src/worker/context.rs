@@ -35,6 +35,8 @@ pub(crate) struct Context {
     /// The dead-letter route of the current connection. Tasks read it when they need it, so a
     /// task that outlived its connection still dead-letters through the new one.
     dead_letter_route: Mutex<Option<dead_letter::Route>>,
+    /// Dead-letter copies an alarm holds in this process, whatever the connection.
+    pub(crate) held_dead_letters: Arc<dead_letter::HeldCopies>,
 }
 
 impl Context {
@@ -45,6 +47,8 @@ impl Context {
         readiness: Arc<Readiness>,
         shutdown: Shutdown,
     ) -> Self {
+        let held_dead_letters =
+            Arc::new(dead_letter::HeldCopies::new(config.dead_letters_held_max));
         Self {
             topology: config.common.topology(),
             config,
@@ -55,6 +59,7 @@ impl Context {
             readiness,
             shutdown,
             dead_letter_route: Mutex::new(None),
+            held_dead_letters,
         }
     }
 

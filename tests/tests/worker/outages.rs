@@ -159,7 +159,20 @@ async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other
 #[tokio::test]
 async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_end() {
     with_harness(QueueType::Classic, |h| async move {
-        let (broker, mut worker, [first, second]) = a_dead_letter_waiting_for_room(&h, &[]).await;
+        let (broker, mut worker, [first, second], metrics_url) =
+            a_dead_letter_waiting_for_room(&h, &[]).await;
+        let gauge_says = async |line: &str| {
+            let metrics = h
+                .http
+                .get(&metrics_url)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            Some(metrics.lines().any(|l| l == line))
+        };
         let held = |worker: &Program| {
             worker
                 .logs()
@@ -179,9 +192,20 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
             0,
             "nothing stored during the alarm"
         );
+        assert_eq!(
+            gauge_says("sms_dead_letters_held 1").await,
+            Some(true),
+            "one copy held now"
+        );
 
         broker.unblock();
         h.wait_for_dead_lettered(2).await;
+        eventually(
+            Duration::from_secs(10),
+            "the gauge to fall to 0 once the alarm is over",
+            || async { gauge_says("sms_dead_letters_held 0").await == Some(true) },
+        )
+        .await;
         worker.terminate();
         worker.wait(Duration::from_secs(20)).await;
         assert_eq!(held(&worker), 1, "the second copy was never held");
@@ -204,7 +228,7 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
 #[tokio::test]
 async fn a_stopping_worker_hands_a_dead_letter_waiting_for_room_back_to_the_queue() {
     with_harness(QueueType::Classic, |h| async move {
-        let (broker, mut worker, _) =
+        let (broker, mut worker, _, _) =
             a_dead_letter_waiting_for_room(&h, &[("SHUTDOWN_GRACE_SECS", "2")]).await;
         assert_eq!(h.queued().await, 0, "the waiting original is the worker's");
 
@@ -360,17 +384,19 @@ async fn keeps_running_through_a_redis_outage() {
 
 /// A worker process allowed one dead letter held by an alarm, during an alarm: the first of two
 /// numbers the provider refuses has its copy held, the second waits for room. Returns the
-/// broker's proxy (blocked), the worker and the two numbers.
+/// broker's proxy (blocked), the worker, the two numbers and the worker's `/metrics` URL.
 async fn a_dead_letter_waiting_for_room(
     h: &Harness,
     overrides: &[(&str, &str)],
-) -> (TcpProxy, Program, [String; 2]) {
+) -> (TcpProxy, Program, [String; 2], String) {
     let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
     // A process: its logs are its own (an in-process worker's counters are shared by every
     // test's worker).
+    let addr = format!("127.0.0.1:{}", tests::ports::free_port());
     let mut vars = vec![
         ("AMQP_URL", amqp_url.as_str()),
         ("SMS_DEAD_LETTERS_HELD_MAX", "1"),
+        ("WORKER_ADDR", addr.as_str()),
     ];
     vars.extend_from_slice(overrides);
     let worker = h.start_worker_process(&vars).await;
@@ -395,7 +421,12 @@ async fn a_dead_letter_waiting_for_room(
         },
     )
     .await;
-    (broker, worker, [first, second])
+    (
+        broker,
+        worker,
+        [first, second],
+        format!("http://{addr}/metrics"),
+    )
 }
 
 /// A proxy in front of the broker, to act out its alarms, and the `AMQP_URL` through it. The
