@@ -24,11 +24,14 @@
 //! A sign-in that carries a `challenge_id` must carry the late code's own: a client whose api
 //! died before answering holds only the previous request's, and that guess is not checked.
 
+use std::time::Duration;
+
 use shared::PhoneNumber;
 use shared::send_ledger::{self, Record};
+use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::redis_step;
+use super::{REDIS_DEADLINE, redis_step, redis_step_by};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::otp::store::{CheckOutcome, CheckedGuess, Promotion};
@@ -46,25 +49,37 @@ pub async fn check_guess(
     let CheckOutcome::Pending { event_id } = checked else {
         return Ok(checked);
     };
+    // The steps this adds share one Redis step's time, so that a sign-in still fits the
+    // request's 10 s with the others (see the module doc of `signin`).
+    let give_up_at = Instant::now() + REDIS_DEADLINE;
     if let Some(event_id) = event_id
-        && let Err(e) = promote_if_sent(state, phone, event_id).await
+        && let Err(e) = promote_if_sent(state, phone, event_id, give_up_at - LOOKUP_LEAVES).await
     {
         tracing::warn!(error = %e, %event_id, "could not look into a pending code; checking the guess against the current code");
     }
-    match redis_step(store.check_guess(state.redis(), phone, guess, false)).await? {
+    match redis_step_by(
+        give_up_at,
+        store.check_guess(state.redis(), phone, guess, false),
+    )
+    .await?
+    {
         // Asked not to report one: cannot come back, and would not be a right guess.
         CheckOutcome::Pending { .. } => Ok(CheckOutcome::Rejected),
         checked => Ok(checked),
     }
 }
 
+/// Of the time the late promotion adds, what its lookup leaves for checking the guess.
+const LOOKUP_LEAVES: Duration = Duration::from_secs(1);
+
 async fn promote_if_sent(
     state: &AppState,
     phone: &PhoneNumber,
     event_id: Uuid,
+    give_up_at: Instant,
 ) -> Result<(), ApiError> {
     let record = send_ledger::key(&state.config.common.namespace, event_id);
-    let held: Option<String> = redis_step(async {
+    let held: Option<String> = redis_step_by(give_up_at, async {
         redis::cmd("GET")
             .arg(&record)
             .query_async(&mut state.redis())
@@ -76,7 +91,11 @@ async fn promote_if_sent(
     }
     // Counted only when this sign-in made it current, not when the api's own promotion (or a
     // concurrent sign-in) got there first.
-    if redis_step(state.otp_store.promote(state.redis(), phone, event_id)).await?
+    if redis_step_by(
+        give_up_at,
+        state.otp_store.promote(state.redis(), phone, event_id),
+    )
+    .await?
         == Promotion::Promoted
     {
         metrics::counter!(m::PROMOTIONS_AT_SIGN_IN).increment(1);

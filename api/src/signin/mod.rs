@@ -10,7 +10,8 @@
 //! withdrawing an event whose publish went unanswered at most 1 s (`withdrawal`). Making a
 //! confirmed code current is one Redis step, retried within it; past that it goes on in the
 //! background, since the request was decided by the confirm (`promotion`); a sign-in makes a
-//! sent code current itself if that never happened (`late_promotion`).
+//! sent code current itself if that never happened (`late_promotion`), within one more Redis
+//! step's time.
 
 mod late_promotion;
 pub mod promotion;
@@ -45,11 +46,19 @@ async fn detached<T: Send + 'static>(
 async fn redis_step<T>(
     step: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, crate::error::ApiError> {
-    match tokio::time::timeout(REDIS_DEADLINE, step).await {
+    redis_step_by(tokio::time::Instant::now() + REDIS_DEADLINE, step).await
+}
+
+/// Runs Redis steps that share one deadline; a timeout is Redis being unavailable.
+async fn redis_step_by<T>(
+    deadline: tokio::time::Instant,
+    step: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, crate::error::ApiError> {
+    match tokio::time::timeout_at(deadline, step).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(crate::error::ApiError::unavailable(
             crate::error::Dependency::Redis,
-            anyhow::anyhow!("Redis did not answer within {REDIS_DEADLINE:?}"),
+            anyhow::anyhow!("Redis did not answer in time"),
         )),
     }
 }
