@@ -31,8 +31,9 @@ pub const PUBLISH_OUTCOME_UNKNOWN: &str = "amqp_publish_outcome_unknown_total";
 /// Counter: confirmed codes that Redis did not make current within their request (202 all the
 /// same, since the SMS goes), left to a background task that retries until the code expires.
 pub const PROMOTIONS_DEFERRED: &str = "otp_promotions_deferred_total";
-/// Counter: pending codes a sign-in made current, their SMS having gone (`signin::late_promotion`):
-/// a promotion after the confirm that never ran (the api killed, or stopped with Redis away).
+/// Counter: pending codes a sign-in (anyone's guess) made current, their SMS having gone
+/// (`signin::late_promotion`): a promotion after the confirm that never ran (the api killed, or
+/// stopped with Redis away) or had yet to (Redis slow).
 pub const PROMOTIONS_AT_SIGN_IN: &str = "otp_promotions_at_sign_in_total";
 /// Counter, label `reason`: confirmed codes, their SMS sent, that never became valid: `lost`
 /// (the pending code was gone from Redis: a failover or restart lost it), `expired` (Redis
@@ -97,7 +98,7 @@ pub fn describe() {
     );
     describe_counter!(
         PROMOTIONS_AT_SIGN_IN,
-        "Pending codes a sign-in made current because their SMS had gone: a promotion after the confirm that never ran."
+        "Pending codes a sign-in made current because their SMS had gone: a promotion after the confirm that never ran, or had yet to."
     );
     metrics::counter!(PROMOTIONS_DEFERRED).increment(0);
     metrics::counter!(PROMOTIONS_AT_SIGN_IN).increment(0);
