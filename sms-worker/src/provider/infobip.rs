@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 use shared::redis_connection::RedisConnection;
 
+use super::answer::{read_at_most, read_send_answer};
 use super::token::{FETCH_TIMEOUT, FreshToken, Token, TokenManager, TokenSource};
 use super::{
     Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after, sensitive_header,
@@ -49,24 +50,6 @@ const MAX_TOKEN_LEN: usize = 4_096;
 /// endpoint cannot fill the worker's memory.
 const MAX_TOKEN_ANSWER: usize = 16 * 1024;
 
-/// The body, or an error once it passes `limit` bytes.
-async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| format!("infobip token endpoint: {}", e.without_url()))?
-    {
-        if body.len() + chunk.len() > limit {
-            return Err(format!(
-                "infobip token endpoint answered more than {limit} bytes"
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
 #[derive(Deserialize)]
 struct TokenAnswer {
     access_token: String,
@@ -93,8 +76,15 @@ impl TokenSource for OAuthEndpoint {
         if !status.is_success() {
             return Err(format!("infobip token endpoint answered {status}"));
         }
-        let body = read_capped(response, MAX_TOKEN_ANSWER).await?;
-        let answer: TokenAnswer = serde_json::from_slice(&body)
+        let body = read_at_most(response, MAX_TOKEN_ANSWER)
+            .await
+            .map_err(|e| format!("infobip token endpoint: {}", e.without_url()))?;
+        if body.cut {
+            return Err(format!(
+                "infobip token endpoint answered more than {MAX_TOKEN_ANSWER} bytes"
+            ));
+        }
+        let answer: TokenAnswer = serde_json::from_slice(&body.bytes)
             .map_err(|_| "infobip token endpoint answered an unreadable body".to_owned())?;
         // Refused here, before it is stored and shared: the refresh counts as failed, and no
         // worker is handed a token that every send would have to forget again.
@@ -274,10 +264,7 @@ impl Infobip {
             .map_err(|e| SendError::transport("infobip", &e, sms.to))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| SendError::transport("infobip", &e, sms.to))?;
+        let bytes = read_send_answer("infobip", response, sms.to).await?;
         let status = status.as_u16();
         let mask = |text: String| mask_number(&text, sms.to.as_str());
 

@@ -8,6 +8,7 @@
 //! and an answer that never came after the request was written is *ambiguous*: the SMS may be on
 //! its way, so it is never retried in a loop.
 
+mod answer;
 pub mod breaker;
 mod infobip;
 pub mod token;

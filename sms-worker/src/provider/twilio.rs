@@ -7,6 +7,7 @@ use reqwest::header::HeaderValue;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
+use super::answer::read_send_answer;
 use super::{
     Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after, sensitive_header,
 };
@@ -97,10 +98,7 @@ impl Twilio {
         let retry_after = retry_after(response.headers());
         // The body is read under the same deadline as the request; a body that cannot be read
         // after the status came is as ambiguous as a lost answer.
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| SendError::transport("twilio", &e, sms.to))?;
+        let body = read_send_answer("twilio", response, sms.to).await?;
 
         if status.is_success() {
             let message: Option<TwilioMessage> = serde_json::from_slice(&body).ok();

@@ -72,6 +72,10 @@ pub struct Faults {
     pub rules: Vec<Rule>,
     #[serde(default)]
     pub always: Option<InjectedResponse>,
+    /// Bytes of JSON whitespace sent after every answer's body, a chunk at a time and slowly
+    /// (see [`pad_answer`]): a provider whose answer never seems to end.
+    #[serde(default)]
+    pub answer_padding_bytes: u64,
 }
 
 impl Faults {
@@ -95,6 +99,42 @@ impl Faults {
             })
             .or_else(|| self.always.clone())
     }
+}
+
+/// How much padding one chunk carries, and how long fake-sms waits before the next: 6.4 MB/s,
+/// so an unbounded reader takes many seconds over a padding a bounded one stops early in.
+const PADDING_CHUNK: usize = 64 * 1024;
+const PADDING_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// `response` with `bytes` of whitespace trickled after its body. The body stays valid JSON
+/// (whitespace may follow a document), so only a reader that stops early tells the difference.
+pub(super) async fn pad_answer(response: Response, bytes: u64) -> Response {
+    if bytes == 0 {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let Ok(head) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let chunk = axum::body::Bytes::from(vec![b' '; PADDING_CHUNK]);
+    let chunks = futures_util::stream::unfold((Some(head), bytes), move |(head, left)| {
+        let chunk = chunk.clone();
+        async move {
+            if let Some(head) = head {
+                return Some((Ok::<_, std::io::Error>(head), (None, left)));
+            }
+            if left == 0 {
+                return None;
+            }
+            tokio::time::sleep(PADDING_PAUSE).await;
+            let size = left.min(PADDING_CHUNK as u64);
+            let next = chunk.slice(..usize::try_from(size).unwrap_or(PADDING_CHUNK));
+            Some((Ok(next), (None, left - size)))
+        }
+    });
+    let mut parts = parts;
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from_stream(chunks))
 }
 
 /// `/control/faults` is Twilio's (what fake-sms began with); `/control/faults/{provider}` names

@@ -173,6 +173,11 @@ impl FakeState {
             .collect()
     }
 
+    /// How each request to `to` (or to anyone) was answered, in order.
+    pub fn statuses(&self, to: Option<&str>) -> Vec<u16> {
+        self.requests(to).iter().map(|r| r.status).collect()
+    }
+
     /// Requests to one provider's send endpoint.
     pub fn requests_via(&self, provider: SmsProvider, to: Option<&str>) -> Vec<RecordedRequest> {
         self.requests(to)
@@ -208,6 +213,13 @@ impl FakeState {
         records.messages.clear();
         records.by_to.clear();
         records.requests.clear();
+    }
+
+    pub(super) fn answer_padding_bytes(&self, provider: SmsProvider) -> u64 {
+        self.lock()
+            .faults
+            .get(&provider)
+            .map_or(0, |f| f.answer_padding_bytes)
     }
 
     pub(super) fn latency_ms(&self, provider: SmsProvider) -> u64 {

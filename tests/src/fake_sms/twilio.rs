@@ -49,7 +49,8 @@ pub(super) async fn create_message(
         tokio::time::sleep(latency).await;
     }
     state.mark_responded(id);
-    answer.response
+    let padding = state.answer_padding_bytes(SmsProvider::Twilio);
+    super::faults::pad_answer(answer.response, padding).await
 }
 
 struct Answer {
