@@ -14,6 +14,9 @@ pub const DEAD_LETTERS: &str = "sms_dead_letters_total";
 pub const DEAD_LETTERS_HELD: &str = "sms_dead_letters_held_total";
 /// Gauge: the dead-letter copies an alarm holds in this process now (0 once it ends).
 pub const DEAD_LETTERS_HELD_NOW: &str = "sms_dead_letters_held";
+/// Gauge: dead letters waiting, their originals unacknowledged, because an alarm already holds
+/// `SMS_DEAD_LETTERS_HELD_MAX` copies in this process (each takes a slot of the prefetch).
+pub const DEAD_LETTERS_WAITING_FOR_ROOM: &str = "sms_dead_letters_waiting_for_room";
 /// Histogram (seconds) of one provider call, labels `provider` and `outcome` (`accepted`, or the
 /// failure kind: `retryable`, `ambiguous`, `recipient`, `provider`, `route`).
 pub const PROVIDER_DURATION: &str = "sms_provider_request_duration_seconds";
@@ -86,9 +89,14 @@ pub fn describe() {
         DEAD_LETTERS_HELD_NOW,
         "Dead-letter copies a RabbitMQ alarm holds in this process now (lost if it stops before the alarm ends)."
     );
+    describe_gauge!(
+        DEAD_LETTERS_WAITING_FOR_ROOM,
+        "Dead letters waiting unacknowledged for an alarm to end, past SMS_DEAD_LETTERS_HELD_MAX held copies (each takes a prefetch slot)."
+    );
     // At 0 from the start, so that an alert on its increase sees the first one.
     metrics::counter!(DEAD_LETTERS_HELD).increment(0);
     metrics::gauge!(DEAD_LETTERS_HELD_NOW).set(0.0);
+    metrics::gauge!(DEAD_LETTERS_WAITING_FOR_ROOM).set(0.0);
     describe_counter!(
         DEAD_LETTERS,
         "The worker's own dead letters by kind: permanent, retries_exhausted, expired, invalid_message."

@@ -72,6 +72,24 @@ impl HeldCopies {
     }
 }
 
+/// One dead letter in `sms_dead_letters_waiting_for_room`, for as long as this lives (a guard,
+/// so that a delivery task cut off at the end of the grace period still counts itself out).
+struct WaitingForRoom(metrics::Gauge);
+
+impl WaitingForRoom {
+    fn count() -> Self {
+        let gauge = metrics::gauge!(crate::metrics::DEAD_LETTERS_WAITING_FOR_ROOM);
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for WaitingForRoom {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 impl Route {
     /// Publishes `body` into `queue` (through the default exchange) and waits for the confirm.
     ///
@@ -135,6 +153,7 @@ impl Route {
                 most = self.held.max,
                 "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
             );
+            let _waiting = WaitingForRoom::count();
             if !self
                 .wait_out_alarm(None, shutdown, delivery_channel_open)
                 .await

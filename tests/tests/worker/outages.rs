@@ -197,6 +197,11 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
             Some(true),
             "one copy held now"
         );
+        assert_eq!(
+            gauge_says("sms_dead_letters_waiting_for_room 1").await,
+            Some(true),
+            "one dead letter waiting for room now"
+        );
 
         broker.unblock();
         h.wait_for_dead_lettered(2).await;
@@ -206,6 +211,11 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
             || async { gauge_says("sms_dead_letters_held 0").await == Some(true) },
         )
         .await;
+        assert_eq!(
+            gauge_says("sms_dead_letters_waiting_for_room 0").await,
+            Some(true),
+            "the dead letter that waited went on"
+        );
         worker.terminate();
         worker.wait(Duration::from_secs(20)).await;
         assert_eq!(held(&worker), 1, "the second copy was never held");
