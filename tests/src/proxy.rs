@@ -32,7 +32,8 @@ struct Inner {
     amqp: bool,
     /// Connections accepted so far.
     accepted: AtomicUsize,
-    connections: Mutex<Vec<AbortHandle>>,
+    /// Each connection's task, and whether the alarm blocks it.
+    connections: Mutex<Vec<(AbortHandle, watch::Receiver<bool>)>>,
 }
 
 impl TcpProxy {
@@ -65,14 +66,15 @@ impl TcpProxy {
                 let held = accept_inner.replies_held.subscribe();
                 let alarm = accept_inner.alarm.subscribe();
                 let amqp = accept_inner.amqp;
+                // Whether the broker has blocked this connection (it published in an alarm).
+                let blocked = watch::Sender::new(false);
+                let blocked_now = blocked.subscribe();
                 let task = tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     let (mut client_reads, mut client_writes) = client.into_split();
                     let (mut server_reads, mut server_writes) = server.into_split();
-                    // Whether the broker has blocked this connection (it published in an alarm).
-                    let blocked = watch::Sender::new(false);
                     let requests = async {
                         if amqp {
                             forward_amqp_requests(
@@ -104,8 +106,8 @@ impl TcpProxy {
                     }
                 });
                 let mut connections = accept_inner.connections.lock().expect("not poisoned");
-                connections.retain(|c| !c.is_finished());
-                connections.push(task.abort_handle());
+                connections.retain(|(c, _)| !c.is_finished());
+                connections.push((task.abort_handle(), blocked_now));
             }
         })
         .abort_handle();
@@ -140,7 +142,7 @@ impl TcpProxy {
             .expect("not poisoned")
             .drain(..)
         {
-            connection.abort();
+            connection.0.abort();
         }
     }
 
@@ -182,6 +184,24 @@ impl TcpProxy {
     /// How many connections the proxy has accepted.
     pub fn connections_accepted(&self) -> usize {
         self.inner.accepted.load(Ordering::SeqCst)
+    }
+
+    /// How many connections through the proxy are open now.
+    pub fn connections_open(&self) -> usize {
+        let connections = self.inner.connections.lock().expect("not poisoned");
+        connections.iter().filter(|(c, _)| !c.is_finished()).count()
+    }
+
+    /// Cuts every connection the alarm does not block, and only those: a client loses its
+    /// consuming connection while its publishing one is held (as when the broker's consumer
+    /// timeout ends a consumer during a long alarm).
+    pub fn cut_unblocked(&self) {
+        let connections = self.inner.connections.lock().expect("not poisoned");
+        for (connection, blocked) in connections.iter() {
+            if !*blocked.borrow() {
+                connection.abort();
+            }
+        }
     }
 }
 

@@ -40,6 +40,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
     let nodes = &context.config.common.amqp;
     // The node to try first: after a node is lost, the next one (AMQP_URL lists a cluster's).
     let mut first_node = 0;
+    let mut left_blocked = LeftBlocked::default();
     while !shutdown.is_shutdown() {
         let opened = tokio::select! {
             opened = tokio::time::timeout(CONNECT_TIMEOUT, BrokerConnection::open(context, first_node)) => opened,
@@ -51,9 +52,14 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
                 backoff = reconnect_backoff();
                 metrics::counter!(m::AMQP_CONNECTS).increment(1);
                 info!(queue = %context.topology.sms_queue(), node = connection.node + 1, nodes = nodes.len(), "connected to RabbitMQ; consuming");
-                match connection.consume(context, &mut tasks).await {
+                match connection
+                    .consume(context, &mut tasks, &mut left_blocked)
+                    .await
+                {
                     ConsumeEnd::ShuttingDown => {
-                        connection.shut_down(context, &mut tasks).await;
+                        connection
+                            .shut_down(context, &mut tasks, &mut left_blocked)
+                            .await;
                         return;
                     }
                     ConsumeEnd::Lost(reason) => {
@@ -61,7 +67,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
                         context.set_dead_letter_route(None);
                         first_node = (connection.node + 1) % nodes.len().max(1);
                         lost_a_node = nodes.len() > 1;
-                        connection.abandon().await;
+                        connection.abandon(&mut left_blocked).await;
                     }
                 }
             }
@@ -81,7 +87,9 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
         }
     }
     // Stopped while disconnected: what is left can finish, but cannot be acknowledged anyway.
+    let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
     drain(&mut tasks, context.config.shutdown_grace).await;
+    left_blocked.wait_out(stop_by).await;
 }
 
 fn reconnect_backoff() -> ExponentialBackoff {
@@ -191,7 +199,12 @@ impl BrokerConnection {
 
     /// Hands each delivery to a task of its own until the worker shuts down or the connection is
     /// lost.
-    async fn consume(&mut self, context: &Arc<Context>, tasks: &mut JoinSet<()>) -> ConsumeEnd {
+    async fn consume(
+        &mut self,
+        context: &Arc<Context>,
+        tasks: &mut JoinSet<()>,
+        left_blocked: &mut LeftBlocked,
+    ) -> ConsumeEnd {
         context.set_dead_letter_route(Some(dead_letter::Route {
             channel: self.dead_letter_channel.clone(),
             connection: self.publishing.status().clone(),
@@ -220,7 +233,9 @@ impl BrokerConnection {
                 },
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
                 _ = health.tick() => {
-                    if !shared::amqp::held_now(self.publishing.status()) {
+                    // Both at every tick: tidying closes what an alarm has let go.
+                    let old_ones_held = left_blocked.tidy();
+                    if !old_ones_held && !shared::amqp::held_now(self.publishing.status()) {
                         context.held_dead_letters.written();
                     }
                     if !self.connection.status().connected()
@@ -238,7 +253,12 @@ impl BrokerConnection {
 
     /// SIGTERM: stop taking messages, let in-flight sends finish within the grace period, then
     /// close, which hands every unacknowledged message back to the queue.
-    async fn shut_down(self, context: &Context, tasks: &mut JoinSet<()>) {
+    async fn shut_down(
+        self,
+        context: &Context,
+        tasks: &mut JoinSet<()>,
+        left_blocked: &mut LeftBlocked,
+    ) {
         let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
         for consumer in [&self.consumer, &self.broker_copies] {
             let cancel = self
@@ -265,6 +285,7 @@ impl BrokerConnection {
             );
         }
         self.let_held_dead_letters_out(stop_by).await;
+        left_blocked.wait_out(stop_by).await;
         self.close_both("shutting down").await;
     }
 
@@ -281,6 +302,10 @@ impl BrokerConnection {
             "RabbitMQ is blocking dead letters (a memory or disk alarm): waiting, within the grace period, for it to end so that those held here are stored"
         );
         if shared::amqp::wait_while_held(connection, stop_by).await {
+            // Confirmed before the close, which could otherwise overtake them.
+            if let Err(e) = with_timeout(self.dead_letter_channel.wait_for_confirms()).await {
+                warn!(error = %e, "the held dead letters were not confirmed; they may be lost");
+            }
             info!("RabbitMQ lifted its alarm; the held dead letters went out");
         } else {
             warn!(
@@ -289,8 +314,23 @@ impl BrokerConnection {
         }
     }
 
-    async fn abandon(self) {
-        self.close_both("reconnecting").await;
+    /// Closes both connections, except a dead-letter connection that an alarm blocks: it holds
+    /// copies of dead letters already acknowledged, which closing it would lose, so it is kept,
+    /// with its alarm watch, until the alarm ends ([`LeftBlocked`]).
+    async fn abandon(self, left_blocked: &mut LeftBlocked) {
+        if !shared::amqp::held_now(self.publishing.status()) {
+            self.close_both("reconnecting").await;
+            return;
+        }
+        warn!(
+            "RabbitMQ blocks this dead-letter connection (an alarm): it is kept until the alarm ends, so that the dead letters held there are stored, and closed then"
+        );
+        let _ = with_timeout(self.connection.close(200, "reconnecting".into())).await;
+        left_blocked.0.push(KeptConnection {
+            connection: self.publishing,
+            channel: self.dead_letter_channel,
+            _alarms: self._alarms,
+        });
     }
 
     /// Closes both connections at once, each within [`CLOSE_TIMEOUT`]. A blocked one is not
@@ -304,6 +344,71 @@ impl BrokerConnection {
         let consuming = with_timeout(self.connection.close(200, reason.into()));
         let _ = tokio::join!(consuming, publishing);
     }
+}
+
+/// Dead-letter connections left behind by a reconnect while RabbitMQ blocked them. Each holds
+/// copies of dead letters already acknowledged, written when the alarm ends; it is closed then.
+/// Until then the held count is not reset, and a stop waits for them as for the current one.
+#[derive(Default)]
+struct LeftBlocked(Vec<KeptConnection>);
+
+/// A blocked dead-letter connection, its channel, and the watch that reports its alarm.
+struct KeptConnection {
+    connection: Connection,
+    channel: Channel,
+    _alarms: AlarmWatch,
+}
+
+impl LeftBlocked {
+    /// Takes out those the alarm has let go (nothing more is published on them) and forgets
+    /// those the broker dropped.
+    fn take_let_go(&mut self) -> Vec<KeptConnection> {
+        let (held, let_go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|kept| shared::amqp::held_now(kept.connection.status()));
+        self.0 = held;
+        let_go
+            .into_iter()
+            .filter(|kept| kept.connection.status().connected())
+            .collect()
+    }
+
+    /// Closes, in the background, those the alarm has let go; whether any is still held.
+    fn tidy(&mut self) -> bool {
+        for connection in self.take_let_go() {
+            tokio::spawn(close_after_its_copies(connection));
+        }
+        !self.0.is_empty()
+    }
+
+    /// Waits, until `stop_by` at the latest, for the alarm to let each go, and closes them.
+    async fn wait_out(&mut self, stop_by: tokio::time::Instant) {
+        if !self.0.is_empty() {
+            warn!(
+                connections = self.0.len(),
+                "RabbitMQ still blocks dead-letter connections of earlier reconnects: waiting, within the grace period, for the alarm to end so that those held there are stored"
+            );
+        }
+        for kept in &self.0 {
+            shared::amqp::wait_while_held(kept.connection.status(), stop_by).await;
+        }
+        let let_go = self.take_let_go();
+        if !self.0.is_empty() {
+            warn!(
+                "stopping while RabbitMQ still blocks dead-letter connections of earlier reconnects: those held there are lost (each was logged with its event id)"
+            );
+        }
+        futures_util::future::join_all(let_go.into_iter().map(close_after_its_copies)).await;
+    }
+}
+
+/// Closes a dead-letter connection an alarm has let go, once the broker has confirmed the
+/// copies it held (a close sent at once could overtake them).
+async fn close_after_its_copies(kept: KeptConnection) {
+    if let Err(e) = with_timeout(kept.channel.wait_for_confirms()).await {
+        warn!(error = %e, "the dead letters held on an old connection were not confirmed; they may be lost");
+    }
+    let _ = with_timeout(kept.connection.close(200, "the alarm is over".into())).await;
 }
 
 async fn with_timeout<T>(future: impl Future<Output = lapin::Result<T>>) -> Result<T, String> {

@@ -232,6 +232,52 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
     .await;
 }
 
+/// A worker that loses its consuming connection during an alarm (as when the broker's consumer
+/// timeout ends a consumer) keeps the blocked dead-letter connection through the reconnect, with
+/// the copies held there. Told to stop, it waits for the alarm to end for that connection too
+/// (its new one holds nothing), so the copies are stored; and the old connection is closed.
+#[tokio::test]
+async fn a_worker_stopped_after_a_reconnect_in_an_alarm_still_stores_the_copies_held_before_it() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
+        let mut worker = h
+            .start_worker_process(&[("AMQP_URL", amqp_url.as_str())])
+            .await;
+        two_copies_held_by_an_alarm(&h, &broker, &worker).await;
+
+        broker.cut_unblocked();
+        eventually(
+            Duration::from_secs(20),
+            "the worker to reconnect",
+            || async {
+                worker
+                    .logs()
+                    .matches("connected to RabbitMQ; consuming")
+                    .count()
+                    == 2
+            },
+        )
+        .await;
+        assert_eq!(
+            broker.connections_open(),
+            3,
+            "the blocked dead-letter connection is kept beside the new two"
+        );
+        stop_then_end_the_alarm(&mut worker, &broker).await;
+
+        assert_eq!(
+            h.dead_lettered().await,
+            2,
+            "the held copies were stored: {}",
+            worker.logs()
+        );
+        assert_eq!(broker.connections_open(), 0, "{}", worker.logs());
+        assert_eq!(h.fake.requests(None).len(), 2, "one provider call each");
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
 /// A dead letter waiting for room (above) keeps its original unacknowledged: a worker told to
 /// stop meanwhile does not wait for the alarm on its account, and the original goes back to the
 /// queue, for a worker to try again once the alarm is over.
@@ -272,43 +318,15 @@ async fn a_worker_stopped_during_an_alarm_waits_for_it_to_end_to_store_its_held_
         // A process: what it holds in memory ends with it.
         let mut worker = h.start_worker_process(&[("AMQP_URL", &amqp_url)]).await;
 
-        broker.block_like_an_alarm();
-        let [first, second] = h.invalid_numbers(2).try_into().expect("two numbers");
-        h.request_sms(&first).await;
-        // The first copy is written (and held unread); once the worker knows the connection is
-        // blocked, the next one stays in its own buffers.
-        eventually(
-            Duration::from_secs(15),
-            "the worker to hear of the block",
-            || async { worker.logs().contains("RabbitMQ blocked publishing") },
-        )
-        .await;
-        h.request_sms(&second).await;
-        eventually(
-            Duration::from_secs(15),
-            "both dead letters to be held by the alarm",
-            || async {
-                worker
-                    .logs()
-                    .matches("is stored when the alarm ends")
-                    .count()
-                    == 2
-            },
-        )
-        .await;
-        worker.terminate();
-        // The alarm ends once the worker has begun to stop (without the wait, it is gone by then).
-        eventually(
-            Duration::from_secs(10),
-            "the worker to begin to stop",
-            || async { worker.logs().contains("stopping: no new messages") },
-        )
-        .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        broker.unblock();
-        worker.wait(Duration::from_secs(20)).await;
+        two_copies_held_by_an_alarm(&h, &broker, &worker).await;
+        stop_then_end_the_alarm(&mut worker, &broker).await;
 
-        assert_eq!(h.dead_lettered().await, 2, "the held copies were stored");
+        assert_eq!(
+            h.dead_lettered().await,
+            2,
+            "the held copies were stored: {}",
+            worker.logs()
+        );
         assert!(
             worker.logs().contains("the held dead letters went out"),
             "{}",
@@ -442,6 +460,49 @@ async fn a_dead_letter_waiting_for_room(
 /// A proxy in front of the broker, to act out its alarms, and the `AMQP_URL` through it. The
 /// real broker is in no alarm, so it still expects the worker's heartbeats, which the proxy holds
 /// with the rest: a long heartbeat keeps it from closing the connection on a slow machine.
+/// Raises the alarm and has the worker dead-letter two numbers. The first copy is written (and
+/// held unread by the broker); once the worker knows the connection is blocked, the second
+/// stays in its own buffers. Returns once both originals are acknowledged.
+async fn two_copies_held_by_an_alarm(h: &Harness, broker: &TcpProxy, worker: &Program) {
+    broker.block_like_an_alarm();
+    let [first, second] = h.invalid_numbers(2).try_into().expect("two numbers");
+    h.request_sms(&first).await;
+    eventually(
+        Duration::from_secs(15),
+        "the worker to hear of the block",
+        || async { worker.logs().contains("RabbitMQ blocked publishing") },
+    )
+    .await;
+    h.request_sms(&second).await;
+    eventually(
+        Duration::from_secs(15),
+        "both dead letters to be held by the alarm",
+        || async {
+            worker
+                .logs()
+                .matches("is stored when the alarm ends")
+                .count()
+                == 2
+        },
+    )
+    .await;
+}
+
+/// Tells the worker to stop, ends the alarm once it has begun to (without the wait for the
+/// alarm, it is gone by then), and waits for it to exit.
+async fn stop_then_end_the_alarm(worker: &mut Program, broker: &TcpProxy) {
+    worker.terminate();
+    eventually(
+        Duration::from_secs(10),
+        "the worker to begin to stop",
+        || async { worker.logs().contains("stopping: no new messages") },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.unblock();
+    worker.wait(Duration::from_secs(20)).await;
+}
+
 async fn broker_that_can_raise_an_alarm() -> (TcpProxy, String) {
     let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
     let separator = if amqp_url.contains('?') { '&' } else { '?' };
