@@ -1,77 +1,112 @@
-//! Reading a provider's answer without trusting its length.
+//! Reading a provider's answer without trusting its length or its pace.
 //!
 //! A provider's body is read into memory to be parsed, so a broken or hostile endpoint (a proxy
-//! gone wrong, a DNS record pointing elsewhere) could otherwise answer without end: the worker
-//! would hold it all, and the send would hang until its timeout and turn ambiguous, although the
-//! status had already said what happened.
+//! gone wrong, a DNS record pointing elsewhere) could otherwise answer without end, or a byte at
+//! a time: the worker would hold it all, and the send would hang until its timeout and turn
+//! ambiguous (tried once more, elsewhere) although the status had already said what happened.
+
+use std::time::Duration;
 
 use shared::PhoneNumber;
-
-use super::SendError;
 
 /// Far longer than any answer to a send (Twilio's message resource is about 1 KB, Infobip's
 /// answer a few hundred bytes, their errors less).
 pub const MAX_SEND_ANSWER: usize = 64 * 1024;
 
-/// The start of an answer's body: all of it, or its first `limit` bytes.
+/// How long the body of an answer may take once its status has come: a real one comes with it.
+pub const BODY_WITHIN: Duration = Duration::from_secs(2);
+
+/// The start of an answer's body, and how the reading ended.
 pub struct Body {
     pub bytes: Vec<u8>,
-    /// Whether the body went on past `limit` (the rest was not read).
-    pub cut: bool,
+    pub end: End,
 }
 
-/// Reads at most `limit` bytes of `response`'s body. A body that declares a length within the
-/// limit is read in one go; any other is read chunk by chunk until it ends or passes the limit.
-pub async fn read_at_most(
-    response: reqwest::Response,
-    limit: usize,
-) -> Result<Body, reqwest::Error> {
-    if response
-        .content_length()
-        .is_some_and(|length| length <= limit as u64)
-    {
-        // hyper refuses a body longer than its Content-Length, so this cannot run over.
-        return Ok(Body {
-            bytes: response.bytes().await?.into(),
-            cut: false,
-        });
+pub enum End {
+    /// All of it was read.
+    Whole,
+    /// It went on past the limit; the rest was not read.
+    TooLong,
+    /// It had not ended within the time allowed.
+    Stalled,
+    /// The connection failed while it was read (or the request's own timeout passed).
+    Broken(reqwest::Error),
+}
+
+impl End {
+    fn describe(self) -> String {
+        match self {
+            End::Whole => "whole".to_owned(),
+            End::TooLong => "longer than the limit".to_owned(),
+            End::Stalled => "not over in time".to_owned(),
+            End::Broken(e) => format!("broken off: {}", e.without_url()),
+        }
     }
+}
+
+/// Reads `response`'s body until it ends, passes `limit` bytes, takes longer than `within`, or
+/// fails; what was read is kept in every case.
+pub async fn read_at_most(response: reqwest::Response, limit: usize, within: Duration) -> Body {
     let mut response = response;
-    let mut bytes = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
+    let expected = response.content_length().unwrap_or(0).min(limit as u64);
+    let mut bytes = Vec::with_capacity(usize::try_from(expected).unwrap_or(limit));
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => chunk,
+            Ok(Ok(None)) => {
+                return Body {
+                    bytes,
+                    end: End::Whole,
+                };
+            }
+            Ok(Err(e)) => {
+                return Body {
+                    bytes,
+                    end: End::Broken(e),
+                };
+            }
+            Err(_) => {
+                return Body {
+                    bytes,
+                    end: End::Stalled,
+                };
+            }
+        };
         let room = limit - bytes.len();
         if chunk.len() > room {
             bytes.extend_from_slice(&chunk[..room]);
-            return Ok(Body { bytes, cut: true });
+            return Body {
+                bytes,
+                end: End::TooLong,
+            };
         }
         bytes.extend_from_slice(&chunk);
     }
-    Ok(Body { bytes, cut: false })
 }
 
-/// The start of the answer to a send, at most [`MAX_SEND_ANSWER`] bytes: what is cut off is
-/// logged, and the start is parsed as usual. A whole document followed by padding still parses;
-/// a cut document parses as no answer (for a success, an SMS accepted without its id). The
-/// status alone has already decided whether the send went, so a long answer never turns a sent
-/// SMS into a retry.
+/// The answer to a send, as far as it could be read: at most [`MAX_SEND_ANSWER`] bytes within
+/// [`BODY_WITHIN`]. The status has already decided whether the send went, so an answer cut
+/// short (too long, too slow, broken off) is logged and its start parsed as usual: a whole
+/// document followed by padding still parses; a cut one parses as no answer, which for a
+/// success is an SMS accepted without its id, never a retry that would send it twice.
 pub async fn read_send_answer(
     provider: &'static str,
     response: reqwest::Response,
     to: &PhoneNumber,
-) -> Result<Vec<u8>, SendError> {
+) -> Vec<u8> {
     let status = response.status().as_u16();
-    let body = read_at_most(response, MAX_SEND_ANSWER)
-        .await
-        .map_err(|e| SendError::transport(provider, &e, to))?;
-    if body.cut {
+    let body = read_at_most(response, MAX_SEND_ANSWER, BODY_WITHIN).await;
+    if !matches!(body.end, End::Whole) {
         tracing::warn!(
             provider,
             status,
-            limit = MAX_SEND_ANSWER,
-            "the provider's answer to a send was longer than the limit; only its start was read"
+            read = body.bytes.len(),
+            how = %super::mask_number(&body.end.describe(), to.as_str()),
+            "the provider's answer to a send was cut short; its status decides, and only the start read is parsed"
         );
     }
-    Ok(body.bytes)
+    body.bytes
 }
 
 #[cfg(test)]
@@ -111,23 +146,24 @@ mod tests {
         format!("http://{addr}")
     }
 
-    async fn read(url: String, limit: usize) -> Body {
+    async fn read(url: String, limit: usize) -> (usize, bool) {
         let response = reqwest::get(url).await.unwrap();
-        read_at_most(response, limit).await.unwrap()
+        let body = read_at_most(response, limit, Duration::from_secs(5)).await;
+        (body.bytes.len(), matches!(body.end, End::TooLong))
     }
 
     #[tokio::test]
     async fn reads_a_body_up_to_the_limit_and_says_whether_it_went_on() {
         let base = server().await;
         for (path, size) in [("sized", 10_000), ("streamed", 10_000), ("streamed", 0)] {
-            let body = read(format!("{base}/{path}/{size}"), 10_000).await;
-            assert_eq!((body.bytes.len(), body.cut), (size, false), "{path} {size}");
+            let read = read(format!("{base}/{path}/{size}"), 10_000).await;
+            assert_eq!(read, (size, false), "{path} {size}");
         }
         for path in ["sized", "streamed"] {
-            let body = read(format!("{base}/{path}/10001"), 10_000).await;
-            assert_eq!((body.bytes.len(), body.cut), (10_000, true), "{path}");
-            let body = read(format!("{base}/{path}/5000000"), 10_000).await;
-            assert_eq!((body.bytes.len(), body.cut), (10_000, true), "{path}");
+            let read_over = read(format!("{base}/{path}/10001"), 10_000).await;
+            assert_eq!(read_over, (10_000, true), "{path}");
+            let read_far_over = read(format!("{base}/{path}/5000000"), 10_000).await;
+            assert_eq!(read_far_over, (10_000, true), "{path}");
         }
     }
 }

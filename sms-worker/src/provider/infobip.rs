@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 use shared::redis_connection::RedisConnection;
 
-use super::answer::{read_at_most, read_send_answer};
+use super::answer::{End, read_at_most, read_send_answer};
 use super::token::{FETCH_TIMEOUT, FreshToken, Token, TokenManager, TokenSource};
 use super::{
     Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after, sensitive_header,
@@ -76,13 +76,16 @@ impl TokenSource for OAuthEndpoint {
         if !status.is_success() {
             return Err(format!("infobip token endpoint answered {status}"));
         }
-        let body = read_at_most(response, MAX_TOKEN_ANSWER)
-            .await
-            .map_err(|e| format!("infobip token endpoint: {}", e.without_url()))?;
-        if body.cut {
-            return Err(format!(
-                "infobip token endpoint answered more than {MAX_TOKEN_ANSWER} bytes"
-            ));
+        let body = read_at_most(response, MAX_TOKEN_ANSWER, FETCH_TIMEOUT).await;
+        match body.end {
+            End::Whole => {}
+            End::TooLong => {
+                return Err(format!(
+                    "infobip token endpoint answered more than {MAX_TOKEN_ANSWER} bytes"
+                ));
+            }
+            End::Stalled => return Err("infobip token endpoint: its answer stalled".to_owned()),
+            End::Broken(e) => return Err(format!("infobip token endpoint: {}", e.without_url())),
         }
         let answer: TokenAnswer = serde_json::from_slice(&body.bytes)
             .map_err(|_| "infobip token endpoint answered an unreadable body".to_owned())?;
@@ -264,7 +267,7 @@ impl Infobip {
             .map_err(|e| SendError::transport("infobip", &e, sms.to))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let bytes = read_send_answer("infobip", response, sms.to).await?;
+        let bytes = read_send_answer("infobip", response, sms.to).await;
         let status = status.as_u16();
         let mask = |text: String| mask_number(&text, sms.to.as_str());
 

@@ -76,6 +76,10 @@ pub struct Faults {
     /// (see [`pad_answer`]): a provider whose answer never seems to end.
     #[serde(default)]
     pub answer_padding_bytes: u64,
+    /// The padding comes a byte every 100 ms instead: an answer that never seems to end, and
+    /// stays short.
+    #[serde(default)]
+    pub answer_padding_trickles: bool,
 }
 
 impl Faults {
@@ -105,18 +109,25 @@ impl Faults {
 /// so an unbounded reader takes many seconds over a padding a bounded one stops early in.
 const PADDING_CHUNK: usize = 64 * 1024;
 const PADDING_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+/// A trickle: a byte every 100 ms.
+const TRICKLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// `response` with `bytes` of whitespace trickled after its body. The body stays valid JSON
+/// `response` with `bytes` of whitespace sent slowly after its body. The body stays valid JSON
 /// (whitespace may follow a document), so only a reader that stops early tells the difference.
-pub(super) async fn pad_answer(response: Response, bytes: u64) -> Response {
+pub(super) async fn pad_answer(response: Response, bytes: u64, trickles: bool) -> Response {
     if bytes == 0 {
         return response;
     }
+    let (chunk_size, pause) = if trickles {
+        (1, TRICKLE_PAUSE)
+    } else {
+        (PADDING_CHUNK, PADDING_PAUSE)
+    };
     let (parts, body) = response.into_parts();
     let Ok(head) = axum::body::to_bytes(body, usize::MAX).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let chunk = axum::body::Bytes::from(vec![b' '; PADDING_CHUNK]);
+    let chunk = axum::body::Bytes::from(vec![b' '; chunk_size]);
     let chunks = futures_util::stream::unfold((Some(head), bytes), move |(head, left)| {
         let chunk = chunk.clone();
         async move {
@@ -126,9 +137,9 @@ pub(super) async fn pad_answer(response: Response, bytes: u64) -> Response {
             if left == 0 {
                 return None;
             }
-            tokio::time::sleep(PADDING_PAUSE).await;
-            let size = left.min(PADDING_CHUNK as u64);
-            let next = chunk.slice(..usize::try_from(size).unwrap_or(PADDING_CHUNK));
+            tokio::time::sleep(pause).await;
+            let size = left.min(chunk_size as u64);
+            let next = chunk.slice(..usize::try_from(size).unwrap_or(chunk_size));
             Some((Ok(next), (None, left - size)))
         }
     });

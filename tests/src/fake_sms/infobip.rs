@@ -215,8 +215,8 @@ pub(super) async fn send_messages(
         tokio::time::sleep(latency).await;
     }
     state.mark_responded(id);
-    let padding = state.answer_padding_bytes(SmsProvider::Infobip);
-    super::faults::pad_answer(response, padding).await
+    let (padding, trickles) = state.answer_padding(SmsProvider::Infobip);
+    super::faults::pad_answer(response, padding, trickles).await
 }
 
 /// Decides the answer, and records the message when it is accepted.

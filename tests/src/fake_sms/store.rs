@@ -215,11 +215,11 @@ impl FakeState {
         records.requests.clear();
     }
 
-    pub(super) fn answer_padding_bytes(&self, provider: SmsProvider) -> u64 {
-        self.lock()
-            .faults
-            .get(&provider)
-            .map_or(0, |f| f.answer_padding_bytes)
+    /// The padding after each answer: its bytes, and whether they trickle.
+    pub(super) fn answer_padding(&self, provider: SmsProvider) -> (u64, bool) {
+        self.lock().faults.get(&provider).map_or((0, false), |f| {
+            (f.answer_padding_bytes, f.answer_padding_trickles)
+        })
     }
 
     pub(super) fn latency_ms(&self, provider: SmsProvider) -> u64 {

@@ -49,8 +49,8 @@ pub(super) async fn create_message(
         tokio::time::sleep(latency).await;
     }
     state.mark_responded(id);
-    let padding = state.answer_padding_bytes(SmsProvider::Twilio);
-    super::faults::pad_answer(answer.response, padding).await
+    let (padding, trickles) = state.answer_padding(SmsProvider::Twilio);
+    super::faults::pad_answer(answer.response, padding, trickles).await
 }
 
 struct Answer {

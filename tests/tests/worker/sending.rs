@@ -147,50 +147,52 @@ async fn retries_5xx_then_succeeds() {
     .await;
 }
 
-/// A provider whose answer never seems to end: 1 GiB of whitespace after the JSON, trickled at
-/// 6.4 MB/s. The worker reads the start, which holds the whole answer, and goes on: the send is
-/// recorded at once, not after minutes, and neither sent twice nor turned ambiguous. An error
-/// answer padded the same way is still sorted by its status.
+/// A provider whose answer never seems to end: 1 GiB of whitespace after the JSON, sent at
+/// 6.4 MB/s, or a byte every 100 ms. The worker reads the start, which holds the whole answer,
+/// and goes on: the send is recorded within seconds, not after minutes, and neither sent twice
+/// nor turned ambiguous. An error answer padded the same way is still sorted by its status.
 #[tokio::test]
-async fn an_answer_that_does_not_end_is_read_only_up_to_the_limit() {
+async fn an_answer_that_does_not_end_is_read_only_up_to_a_limit_of_size_and_time() {
     with_harness(QueueType::Classic, |h| async move {
-        h.fake.set_faults(Faults {
-            responses: [InjectedResponse::status(503)].into(),
-            answer_padding_bytes: 1 << 30,
-            ..Faults::default()
-        });
-        // Read whole, the first answer alone would take minutes, past this timeout.
+        // Read whole, each answer would take minutes, past this timeout.
         let worker = h.start_worker(&[("SEND_TIMEOUT_SECS", "60")]).await;
-        let to = phone();
-        let event = h.request_sms(&to).await;
-
-        let key = shared::send_ledger::key(&h.topology.namespace, event.event_id);
         let redis = h.redis().await;
-        eventually(WAIT, "the send recorded as sent", || {
-            let mut redis = redis.clone();
-            let key = key.clone();
-            async move {
-                let value: Option<String> = redis::cmd("GET")
-                    .arg(&key)
-                    .query_async(&mut redis)
-                    .await
-                    .expect("GET");
-                value.as_deref() == Some(shared::send_ledger::SENT)
-            }
-        })
-        .await;
-        assert_eq!(
-            h.fake.statuses(Some(&to)),
-            [503, 201],
-            "the 503 retried, the 201 taken as sent"
-        );
-        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
-        // The SID in the answer's start was read: the number's timeline names the message.
-        let sid = h.fake.messages(Some(&to))[0].sid.clone();
-        eventually(WAIT, "the timeline to name the message", || async {
-            h.trace(&to, &[]).await.contains(&sid)
-        })
-        .await;
+        for trickles in [false, true] {
+            h.fake.set_faults(Faults {
+                responses: [InjectedResponse::status(503)].into(),
+                answer_padding_bytes: 1 << 30,
+                answer_padding_trickles: trickles,
+                ..Faults::default()
+            });
+            let to = phone();
+            let event = h.request_sms(&to).await;
+            let key = shared::send_ledger::key(&h.topology.namespace, event.event_id);
+            eventually(WAIT, "the send recorded as sent", || {
+                let mut redis = redis.clone();
+                let key = key.clone();
+                async move {
+                    let value: Option<String> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut redis)
+                        .await
+                        .expect("GET");
+                    value.as_deref() == Some(shared::send_ledger::SENT)
+                }
+            })
+            .await;
+            assert_eq!(
+                h.fake.statuses(Some(&to)),
+                [503, 201],
+                "the 503 retried, the 201 taken as sent (trickles: {trickles})"
+            );
+            assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+            // The SID in the answer's start was read: the number's timeline names the message.
+            let sid = h.fake.messages(Some(&to))[0].sid.clone();
+            eventually(WAIT, "the timeline to name the message", || async {
+                h.trace(&to, &[]).await.contains(&sid)
+            })
+            .await;
+        }
         worker.stop().await;
         assert_eq!(h.dead_lettered().await, 0);
         assert_eq!(h.queued().await, 0);
