@@ -54,8 +54,8 @@ pub const QUEUE_DEPTH: &str = "sms_queue_depth";
 pub const IN_FLIGHT: &str = "sms_in_flight";
 /// Counter: connections to RabbitMQ opened (more than one means it reconnected).
 pub const AMQP_CONNECTS: &str = "sms_amqp_connections_total";
-/// Gauge: 1 while RabbitMQ blocks the worker's dead-letter connection (a memory or disk alarm);
-/// it counts blocked connections, and the worker has one that publishes.
+/// Gauge: the dead-letter connections RabbitMQ blocks (a memory or disk alarm): the current one,
+/// and any kept, with its held copies, through a reconnect during the alarm.
 pub const AMQP_BLOCKED: &str = "sms_amqp_connection_blocked";
 /// Counter: deliveries acknowledged to the broker.
 pub const ACKED: &str = "sms_acked_total";
@@ -154,7 +154,7 @@ pub fn describe() {
     describe_gauge!(IN_FLIGHT, "Deliveries being handled by this process.");
     describe_gauge!(
         AMQP_BLOCKED,
-        "1 while RabbitMQ blocks the dead-letter connection (a memory or disk alarm)."
+        "Dead-letter connections RabbitMQ blocks (a memory or disk alarm): 1 during one, more after a reconnect during it."
     );
     describe_counter!(
         AMQP_CONNECTS,

@@ -44,6 +44,8 @@ pub struct Route {
 pub struct HeldCopies {
     now: AtomicUsize,
     max: usize,
+    /// Wakes the dead letters waiting for room when the count starts again.
+    room: tokio::sync::Notify,
 }
 
 impl HeldCopies {
@@ -51,6 +53,7 @@ impl HeldCopies {
         Self {
             now: AtomicUsize::new(0),
             max,
+            room: tokio::sync::Notify::new(),
         }
     }
 
@@ -64,10 +67,11 @@ impl HeldCopies {
         self.now.load(Ordering::Relaxed) >= self.max
     }
 
-    /// The connection is no longer blocked: what it held has been written.
+    /// No dead-letter connection is blocked any more: what they held has been written.
     pub fn written(&self) {
         if self.now.swap(0, Ordering::Relaxed) > 0 {
             metrics::gauge!(crate::metrics::DEAD_LETTERS_HELD_NOW).set(0.0);
+            self.room.notify_waiters();
         }
     }
 }
@@ -134,8 +138,8 @@ impl Route {
     /// second, so dead letters arriving together may pass the count by up to the sends in
     /// flight). Past that, a dead letter waits here for the alarm to end before its copy is
     /// written, its original unacknowledged: a slot of the prefetch each, so the worker slows
-    /// down rather than grow. Returns once a copy may be written: the connection is not held
-    /// (its held copies are then written, and the count starts again), or fewer are held.
+    /// down rather than grow. Returns once a copy may be written: no dead-letter connection is
+    /// held any more (their copies are then written, and the count starts again).
     ///
     /// [`PublishError::NoRoom`] when the worker starts to stop or `delivery_channel_open` says
     /// the original's channel is gone first: the original then goes back to the queue (the
@@ -145,19 +149,30 @@ impl Route {
         shutdown: &Shutdown,
         delivery_channel_open: impl Fn() -> bool,
     ) -> Result<(), PublishError> {
-        // The count only starts again once the connection is not held (the consume loop looks
-        // every second), so while it is held a full count stays full: the wait is for the
-        // alarm to end.
-        if self.held.full() && held_now(&self.connection) {
-            tracing::warn!(
-                most = self.held.max,
-                "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
-            );
-            let _waiting = WaitingForRoom::count();
-            if !self
-                .wait_out_alarm(None, shutdown, delivery_channel_open)
-                .await
-            {
+        // The count starts again only once no dead-letter connection is held, the current one
+        // or one kept from before a reconnect (the consume loop looks every second). So the wait
+        // is on the count, not on this connection: after a reconnect during the alarm, the new
+        // connection is not blocked until it publishes, and would let a fresh batch through.
+        if !self.held.full() {
+            return Ok(());
+        }
+        tracing::warn!(
+            most = self.held.max,
+            "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
+        );
+        let _waiting = WaitingForRoom::count();
+        loop {
+            // Made before the look at the count, so a reset in between still wakes it.
+            let room = self.held.room.notified();
+            if !self.held.full() {
+                break;
+            }
+            tokio::select! {
+                () = room => {}
+                () = tokio::time::sleep(CHANNEL_CHECK_EVERY) => {}
+                () = shutdown.recv() => return Err(PublishError::NoRoom),
+            }
+            if !delivery_channel_open() {
                 return Err(PublishError::NoRoom);
             }
         }

@@ -302,10 +302,6 @@ impl BrokerConnection {
             "RabbitMQ is blocking dead letters (a memory or disk alarm): waiting, within the grace period, for it to end so that those held here are stored"
         );
         if shared::amqp::wait_while_held(connection, stop_by).await {
-            // Confirmed before the close, which could otherwise overtake them.
-            if let Err(e) = with_timeout(self.dead_letter_channel.wait_for_confirms()).await {
-                warn!(error = %e, "the held dead letters were not confirmed; they may be lost");
-            }
             info!("RabbitMQ lifted its alarm; the held dead letters went out");
         } else {
             warn!(
@@ -326,7 +322,7 @@ impl BrokerConnection {
             "RabbitMQ blocks this dead-letter connection (an alarm): it is kept until the alarm ends, so that the dead letters held there are stored, and closed then"
         );
         let _ = with_timeout(self.connection.close(200, "reconnecting".into())).await;
-        left_blocked.0.push(KeptConnection {
+        left_blocked.kept.push(KeptConnection {
             connection: self.publishing,
             channel: self.dead_letter_channel,
             _alarms: self._alarms,
@@ -338,6 +334,10 @@ impl BrokerConnection {
     async fn close_both(&self, reason: &str) {
         let publishing = async {
             if !self.publishing.status().blocked() {
+                // What it still has unconfirmed goes first: lapin's close could overtake it.
+                if let Err(e) = with_timeout(self.dead_letter_channel.wait_for_confirms()).await {
+                    warn!(error = %e, "dead letters were not confirmed before the close; they may be lost");
+                }
                 let _ = with_timeout(self.publishing.close(200, reason.into())).await;
             }
         };
@@ -350,7 +350,11 @@ impl BrokerConnection {
 /// copies of dead letters already acknowledged, written when the alarm ends; it is closed then.
 /// Until then the held count is not reset, and a stop waits for them as for the current one.
 #[derive(Default)]
-struct LeftBlocked(Vec<KeptConnection>);
+struct LeftBlocked {
+    kept: Vec<KeptConnection>,
+    /// Closes under way, joined before the process ends.
+    closing: JoinSet<()>,
+}
 
 /// A blocked dead-letter connection, its channel, and the watch that reports its alarm.
 struct KeptConnection {
@@ -363,42 +367,49 @@ impl LeftBlocked {
     /// Takes out those the alarm has let go (nothing more is published on them) and forgets
     /// those the broker dropped.
     fn take_let_go(&mut self) -> Vec<KeptConnection> {
-        let (held, let_go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.0)
+        let (held, let_go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.kept)
             .into_iter()
             .partition(|kept| shared::amqp::held_now(kept.connection.status()));
-        self.0 = held;
-        let_go
+        self.kept = held;
+        let (open, dropped): (Vec<_>, Vec<_>) = let_go
             .into_iter()
-            .filter(|kept| kept.connection.status().connected())
-            .collect()
+            .partition(|kept| kept.connection.status().connected());
+        if !dropped.is_empty() {
+            warn!(
+                connections = dropped.len(),
+                "a dead-letter connection kept through a reconnect was lost before its alarm ended: the dead letters held there are lost (each was logged with its event id)"
+            );
+        }
+        open
     }
 
     /// Closes, in the background, those the alarm has let go; whether any is still held.
     fn tidy(&mut self) -> bool {
-        for connection in self.take_let_go() {
-            tokio::spawn(close_after_its_copies(connection));
+        while self.closing.try_join_next().is_some() {}
+        for kept in self.take_let_go() {
+            self.closing.spawn(close_after_its_copies(kept));
         }
-        !self.0.is_empty()
+        !self.kept.is_empty()
     }
 
     /// Waits, until `stop_by` at the latest, for the alarm to let each go, and closes them.
     async fn wait_out(&mut self, stop_by: tokio::time::Instant) {
-        if !self.0.is_empty() {
+        if !self.kept.is_empty() {
             warn!(
-                connections = self.0.len(),
+                connections = self.kept.len(),
                 "RabbitMQ still blocks dead-letter connections of earlier reconnects: waiting, within the grace period, for the alarm to end so that those held there are stored"
             );
         }
-        for kept in &self.0 {
+        for kept in &self.kept {
             shared::amqp::wait_while_held(kept.connection.status(), stop_by).await;
         }
-        let let_go = self.take_let_go();
-        if !self.0.is_empty() {
+        self.tidy();
+        if !self.kept.is_empty() {
             warn!(
                 "stopping while RabbitMQ still blocks dead-letter connections of earlier reconnects: those held there are lost (each was logged with its event id)"
             );
         }
-        futures_util::future::join_all(let_go.into_iter().map(close_after_its_copies)).await;
+        while self.closing.join_next().await.is_some() {}
     }
 }
 

@@ -161,18 +161,7 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
     with_harness(QueueType::Classic, |h| async move {
         let (broker, mut worker, [first, second], metrics_url) =
             a_dead_letter_waiting_for_room(&h, &[]).await;
-        let gauge_says = async |line: &str| {
-            let metrics = h
-                .http
-                .get(&metrics_url)
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            Some(metrics.lines().any(|l| l == line))
-        };
+        let gauge_says = async |line: &str| metrics_say(&h, &metrics_url, line).await;
         let held = |worker: &Program| {
             worker
                 .logs()
@@ -232,6 +221,68 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
     .await;
 }
 
+/// A reconnect during an alarm, with the most copies already held: the blocked dead-letter
+/// connection is kept with them, and the next dead letter waits for room although the new
+/// connection is not blocked yet (it would otherwise start a fresh batch of held copies). When
+/// the alarm ends, all are stored once, the kept connection is closed, and the counts fall to 0.
+#[tokio::test]
+async fn a_reconnect_during_an_alarm_keeps_the_held_copies_and_their_limit() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
+        let addr = format!("127.0.0.1:{}", tests::ports::free_port());
+        let metrics_url = format!("http://{addr}/metrics");
+        let mut worker = h
+            .start_worker_process(&[
+                ("AMQP_URL", amqp_url.as_str()),
+                ("SMS_DEAD_LETTERS_HELD_MAX", "2"),
+                ("WORKER_ADDR", addr.as_str()),
+            ])
+            .await;
+        two_copies_held_by_an_alarm(&h, &broker, &worker).await;
+        reconnect_keeping_the_blocked_connection(&broker, &worker).await;
+
+        let third = h.invalid_number();
+        h.request_sms(&third).await;
+        eventually(
+            Duration::from_secs(15),
+            "the third dead letter to wait for room",
+            || async {
+                metrics_say(&h, &metrics_url, "sms_dead_letters_waiting_for_room 1").await
+                    == Some(true)
+            },
+        )
+        .await;
+        assert_eq!(
+            worker
+                .logs()
+                .matches("is stored when the alarm ends")
+                .count(),
+            2,
+            "no copy held past the most allowed"
+        );
+
+        broker.unblock();
+        h.wait_for_dead_lettered(3).await;
+        eventually(
+            Duration::from_secs(10),
+            "the kept connection to be closed and the counts to fall to 0",
+            || async {
+                broker.connections_open() == 2
+                    && metrics_say(&h, &metrics_url, "sms_dead_letters_held 0").await == Some(true)
+                    && metrics_say(&h, &metrics_url, "sms_dead_letters_waiting_for_room 0").await
+                        == Some(true)
+            },
+        )
+        .await;
+        worker.terminate();
+        worker.wait(Duration::from_secs(20)).await;
+        assert_eq!(h.dead_lettered().await, 3, "each stored once");
+        assert_eq!(h.fake.requests(None).len(), 3, "one provider call each");
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
 /// A worker that loses its consuming connection during an alarm (as when the broker's consumer
 /// timeout ends a consumer) keeps the blocked dead-letter connection through the reconnect, with
 /// the copies held there. Told to stop, it waits for the alarm to end for that connection too
@@ -245,24 +296,7 @@ async fn a_worker_stopped_after_a_reconnect_in_an_alarm_still_stores_the_copies_
             .await;
         two_copies_held_by_an_alarm(&h, &broker, &worker).await;
 
-        broker.cut_unblocked();
-        eventually(
-            Duration::from_secs(20),
-            "the worker to reconnect",
-            || async {
-                worker
-                    .logs()
-                    .matches("connected to RabbitMQ; consuming")
-                    .count()
-                    == 2
-            },
-        )
-        .await;
-        assert_eq!(
-            broker.connections_open(),
-            3,
-            "the blocked dead-letter connection is kept beside the new two"
-        );
+        reconnect_keeping_the_blocked_connection(&broker, &worker).await;
         stop_then_end_the_alarm(&mut worker, &broker).await;
 
         assert_eq!(
@@ -271,7 +305,6 @@ async fn a_worker_stopped_after_a_reconnect_in_an_alarm_still_stores_the_copies_
             "the held copies were stored: {}",
             worker.logs()
         );
-        assert_eq!(broker.connections_open(), 0, "{}", worker.logs());
         assert_eq!(h.fake.requests(None).len(), 2, "one provider call each");
         assert_eq!(h.queued().await, 0);
     })
@@ -457,9 +490,6 @@ async fn a_dead_letter_waiting_for_room(
     )
 }
 
-/// A proxy in front of the broker, to act out its alarms, and the `AMQP_URL` through it. The
-/// real broker is in no alarm, so it still expects the worker's heartbeats, which the proxy holds
-/// with the rest: a long heartbeat keeps it from closing the connection on a slow machine.
 /// Raises the alarm and has the worker dead-letter two numbers. The first copy is written (and
 /// held unread by the broker); once the worker knows the connection is blocked, the second
 /// stays in its own buffers. Returns once both originals are acknowledged.
@@ -488,6 +518,29 @@ async fn two_copies_held_by_an_alarm(h: &Harness, broker: &TcpProxy, worker: &Pr
     .await;
 }
 
+/// Cuts the worker's consuming connection (not the blocked one) and waits for it to reconnect:
+/// the blocked dead-letter connection is kept beside the new two.
+async fn reconnect_keeping_the_blocked_connection(broker: &TcpProxy, worker: &Program) {
+    broker.cut_unblocked();
+    eventually(
+        Duration::from_secs(20),
+        "the worker to reconnect",
+        || async {
+            worker
+                .logs()
+                .matches("connected to RabbitMQ; consuming")
+                .count()
+                == 2
+        },
+    )
+    .await;
+    assert_eq!(
+        broker.connections_open(),
+        3,
+        "the blocked dead-letter connection is kept beside the new two"
+    );
+}
+
 /// Tells the worker to stop, ends the alarm once it has begun to (without the wait for the
 /// alarm, it is gone by then), and waits for it to exit.
 async fn stop_then_end_the_alarm(worker: &mut Program, broker: &TcpProxy) {
@@ -503,6 +556,15 @@ async fn stop_then_end_the_alarm(worker: &mut Program, broker: &TcpProxy) {
     worker.wait(Duration::from_secs(20)).await;
 }
 
+/// Whether the worker's `/metrics` at `url` has the line `line` (`None`: it did not answer).
+async fn metrics_say(h: &Harness, url: &str, line: &str) -> Option<bool> {
+    let metrics = h.http.get(url).send().await.ok()?.text().await.ok()?;
+    Some(metrics.lines().any(|l| l == line))
+}
+
+/// A proxy in front of the broker, to act out its alarms, and the `AMQP_URL` through it. The
+/// real broker is in no alarm, so it still expects the worker's heartbeats, which the proxy holds
+/// with the rest: a long heartbeat keeps it from closing the connection on a slow machine.
 async fn broker_that_can_raise_an_alarm() -> (TcpProxy, String) {
     let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
     let separator = if amqp_url.contains('?') { '&' } else { '?' };
