@@ -20,6 +20,9 @@ pub const DEAD_LETTERS_WAITING_FOR_ROOM: &str = "sms_dead_letters_waiting_for_ro
 /// Histogram (seconds) of one provider call, labels `provider` and `outcome` (`accepted`, or the
 /// failure kind: `retryable`, `ambiguous`, `recipient`, `provider`, `route`).
 pub const PROVIDER_DURATION: &str = "sms_provider_request_duration_seconds";
+/// Counter, label `provider`: answers to a send cut short (longer than 64 KiB, still coming 2 s
+/// after the status, or broken off); each was decided by its status alone.
+pub const PROVIDER_ANSWERS_CUT: &str = "sms_provider_answers_cut_total";
 /// Counter of provider calls, labels `provider` and `outcome` (as [`PROVIDER_DURATION`]).
 pub const PROVIDER_SENDS: &str = "sms_provider_sends_total";
 /// Gauge per `provider`: its breaker as this worker last saw it, 0 closed, 1 open, 2 half-open.
@@ -100,6 +103,10 @@ pub fn describe() {
     describe_counter!(
         DEAD_LETTERS,
         "The worker's own dead letters by kind: permanent, retries_exhausted, expired, invalid_message."
+    );
+    describe_counter!(
+        PROVIDER_ANSWERS_CUT,
+        "Answers to a send cut short (over 64 KiB, still coming 2 s after the status, or broken off), decided by their status alone."
     );
     describe_histogram!(
         PROVIDER_DURATION,

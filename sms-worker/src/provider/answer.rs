@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use shared::PhoneNumber;
 
+use super::Failure;
+
 /// Far longer than any answer to a send (Twilio's message resource is about 1 KB, Infobip's
 /// answer a few hundred bytes, their errors less).
 pub const MAX_SEND_ANSWER: usize = 64 * 1024;
@@ -85,19 +87,42 @@ pub async fn read_at_most(response: reqwest::Response, limit: usize, within: Dur
     }
 }
 
+/// The answer to a send, as far as it could be read.
+pub struct AnswerRead {
+    pub bytes: Vec<u8>,
+    /// Whether all of it was read.
+    pub whole: bool,
+}
+
+impl AnswerRead {
+    /// `kind`, as sorted from this answer's status and start. A refusal whose reason was cut
+    /// off may be wrongly put on the recipient (no code read): since a refusal sent nothing, it
+    /// is retried instead, rather than dead-lettered for a reason never read.
+    pub fn sorted(&self, kind: Failure) -> Failure {
+        if !self.whole && kind == Failure::Recipient {
+            Failure::Retryable
+        } else {
+            kind
+        }
+    }
+}
+
 /// The answer to a send, as far as it could be read: at most [`MAX_SEND_ANSWER`] bytes within
 /// [`BODY_WITHIN`]. The status has already decided whether the send went, so an answer cut
-/// short (too long, too slow, broken off) is logged and its start parsed as usual: a whole
-/// document followed by padding still parses; a cut one parses as no answer, which for a
-/// success is an SMS accepted without its id, never a retry that would send it twice.
+/// short (too long, too slow, broken off) is logged and counted, and its start parsed as usual:
+/// a whole document followed by padding still parses; a cut one parses as no answer, which for
+/// a success is an SMS accepted without its id, never a retry that would send it twice.
 pub async fn read_send_answer(
     provider: &'static str,
     response: reqwest::Response,
     to: &PhoneNumber,
-) -> Vec<u8> {
+) -> AnswerRead {
     let status = response.status().as_u16();
     let body = read_at_most(response, MAX_SEND_ANSWER, BODY_WITHIN).await;
-    if !matches!(body.end, End::Whole) {
+    let whole = matches!(body.end, End::Whole);
+    if !whole {
+        metrics::counter!(crate::metrics::PROVIDER_ANSWERS_CUT, "provider" => provider)
+            .increment(1);
         tracing::warn!(
             provider,
             status,
@@ -106,7 +131,10 @@ pub async fn read_send_answer(
             "the provider's answer to a send was cut short; its status decides, and only the start read is parsed"
         );
     }
-    body.bytes
+    AnswerRead {
+        bytes: body.bytes,
+        whole,
+    }
 }
 
 #[cfg(test)]
@@ -114,6 +142,7 @@ mod tests {
     use super::*;
     use axum::body::{Body as HttpBody, Bytes};
     use axum::routing::get;
+    use futures_util::StreamExt as _;
 
     /// A server on loopback answering `/sized` with a `Content-Length`, and `/streamed/{n}` with
     /// `n` bytes in 1 KiB chunks and no length.
@@ -140,6 +169,15 @@ mod tests {
                         },
                     ),
                 );
+        let app = app.route(
+            "/stalls",
+            get(|| async {
+                let start = futures_util::stream::once(async {
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"{\"sid\":"))
+                });
+                HttpBody::from_stream(start.chain(futures_util::stream::pending()))
+            }),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -165,5 +203,18 @@ mod tests {
             let read_far_over = read(format!("{base}/{path}/5000000"), 10_000).await;
             assert_eq!(read_far_over, (10_000, true), "{path}");
         }
+    }
+
+    #[tokio::test]
+    async fn keeps_what_came_of_a_body_that_stalls() {
+        let base = server().await;
+        let response = reqwest::get(format!("{base}/stalls")).await.unwrap();
+        let read = read_at_most(response, 10_000, Duration::from_millis(300));
+        // A deadline on the test, so that a reader that waits for ever fails instead of hanging.
+        let body = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the read gives up on a stalled body");
+        assert!(matches!(body.end, End::Stalled));
+        assert_eq!(body.bytes, b"{\"sid\":");
     }
 }

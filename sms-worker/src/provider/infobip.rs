@@ -267,12 +267,13 @@ impl Infobip {
             .map_err(|e| SendError::transport("infobip", &e, sms.to))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let bytes = read_send_answer("infobip", response, sms.to).await;
+        let answer = read_send_answer("infobip", response, sms.to).await;
+        let bytes = &answer.bytes;
         let status = status.as_u16();
         let mask = |text: String| mask_number(&text, sms.to.as_str());
 
         if (200..300).contains(&status) {
-            let message = serde_json::from_slice::<SendAnswer>(&bytes)
+            let message = serde_json::from_slice::<SendAnswer>(bytes)
                 .ok()
                 .and_then(|answer| answer.messages.into_iter().next());
             let Some(message) = message else {
@@ -314,7 +315,7 @@ impl Infobip {
             });
         }
 
-        let error: ErrorAnswer = serde_json::from_slice(&bytes).unwrap_or_default();
+        let error: ErrorAnswer = serde_json::from_slice(bytes).unwrap_or_default();
         let text = error
             .description
             .clone()
@@ -336,7 +337,7 @@ impl Infobip {
             .as_deref()
             .and_then(|c| c.trim_start_matches('E').parse().ok());
         Err(SendError {
-            kind: classify(status, about_destination),
+            kind: answer.sorted(classify(status, about_destination)),
             message: mask(format!("infobip answered {status}: {text}")),
             status: Some(status),
             code,

@@ -96,24 +96,25 @@ impl Twilio {
 
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let body = read_send_answer("twilio", response, sms.to).await;
+        let answer = read_send_answer("twilio", response, sms.to).await;
+        let body = &answer.bytes;
 
         if status.is_success() {
-            let message: Option<TwilioMessage> = serde_json::from_slice(&body).ok();
+            let message: Option<TwilioMessage> = serde_json::from_slice(body).ok();
             return Ok(Accepted {
                 provider: "twilio",
                 message_id: message.as_ref().and_then(|m| m.sid.clone()),
                 status: message.and_then(|m| m.status),
             });
         }
-        let error: Option<TwilioError> = serde_json::from_slice(&body).ok();
+        let error: Option<TwilioError> = serde_json::from_slice(body).ok();
         let code = error.as_ref().and_then(|e| e.code);
         let text = error
             .and_then(|e| e.message)
             .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
         let status = status.as_u16();
         Err(SendError {
-            kind: classify(status, code),
+            kind: answer.sorted(classify(status, code)),
             message: mask_number(
                 &format!("twilio answered {status}: {text}"),
                 sms.to.as_str(),

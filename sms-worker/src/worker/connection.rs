@@ -269,24 +269,34 @@ impl BrokerConnection {
             }
         }
         drain(tasks, context.config.shutdown_grace).await;
-        // What finished during the drain is acknowledged before the channel closes (within a
-        // deadline: a broker that stopped reading must not hold the stop).
-        let acknowledged = tokio::time::timeout(CLOSE_TIMEOUT, self.acks.flush())
-            .await
-            .is_ok();
-        context.set_dead_letter_route(None);
-        if acknowledged {
-            let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
-        } else {
-            // The broker is not reading: closing each channel politely would only wait out two
-            // more deadlines (and the orchestrator's patience); closing the connection ends all.
-            warn!(
-                "the last acknowledgements were not sent in time; the broker will redeliver and the copies are skipped"
+        // What follows the grace period has one deadline in all, so that a broker that stopped
+        // reading cannot hold the stop past an orchestrator's patience (Compose waits 30 s; the
+        // grace is 15 s by default).
+        let hard_stop = stop_by.max(tokio::time::Instant::now()) + 2 * CLOSE_TIMEOUT;
+        let rest = async {
+            // What finished during the drain is acknowledged before the channel closes.
+            let acknowledged = tokio::time::timeout(CLOSE_TIMEOUT, self.acks.flush())
+                .await
+                .is_ok();
+            context.set_dead_letter_route(None);
+            if acknowledged {
+                let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
+            } else {
+                // The broker is not reading: closing each channel politely would only wait out
+                // more deadlines; closing the connection ends all.
+                warn!(
+                    "the last acknowledgements were not sent in time; the broker will redeliver and the copies are skipped"
+                );
+            }
+            tokio::join!(
+                self.let_held_dead_letters_out(stop_by),
+                left_blocked.wait_out(stop_by)
             );
+            self.close_both("shutting down").await;
+        };
+        if tokio::time::timeout_at(hard_stop, rest).await.is_err() {
+            warn!("RabbitMQ did not let the worker finish closing in time; stopping anyway");
         }
-        self.let_held_dead_letters_out(stop_by).await;
-        left_blocked.wait_out(stop_by).await;
-        self.close_both("shutting down").await;
     }
 
     /// A dead-letter connection the broker blocks (a memory or disk alarm) holds the copies of
@@ -352,8 +362,8 @@ impl BrokerConnection {
 #[derive(Default)]
 struct LeftBlocked {
     kept: Vec<KeptConnection>,
-    /// Closes under way, joined before the process ends.
-    closing: JoinSet<()>,
+    /// Closes under way; a connection blocked again before its copies were confirmed comes back.
+    closing: JoinSet<Option<KeptConnection>>,
 }
 
 /// A blocked dead-letter connection, its channel, and the watch that reports its alarm.
@@ -364,8 +374,8 @@ struct KeptConnection {
 }
 
 impl LeftBlocked {
-    /// Takes out those the alarm has let go (nothing more is published on them) and forgets
-    /// those the broker dropped.
+    /// Takes out those the alarm has let go (nothing more is published on them) and forgets,
+    /// with a warning, those the broker dropped.
     fn take_let_go(&mut self) -> Vec<KeptConnection> {
         let (held, let_go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.kept)
             .into_iter()
@@ -383,13 +393,26 @@ impl LeftBlocked {
         open
     }
 
-    /// Closes, in the background, those the alarm has let go; whether any is still held.
+    /// Takes back what finished closing: a connection blocked again is kept once more.
+    fn collect(&mut self, joined: Result<Option<KeptConnection>, tokio::task::JoinError>) {
+        match joined {
+            Ok(Some(kept)) => self.kept.push(kept),
+            Ok(None) => {}
+            Err(e) if e.is_panic() => error!("closing a kept dead-letter connection panicked"),
+            Err(_) => {}
+        }
+    }
+
+    /// Starts closing those the alarm has let go. Whether any may still hold copies: kept and
+    /// blocked, or closing with copies not yet confirmed.
     fn tidy(&mut self) -> bool {
-        while self.closing.try_join_next().is_some() {}
+        while let Some(joined) = self.closing.try_join_next() {
+            self.collect(joined);
+        }
         for kept in self.take_let_go() {
             self.closing.spawn(close_after_its_copies(kept));
         }
-        !self.kept.is_empty()
+        !self.kept.is_empty() || !self.closing.is_empty()
     }
 
     /// Waits, until `stop_by` at the latest, for the alarm to let each go, and closes them.
@@ -404,22 +427,35 @@ impl LeftBlocked {
             shared::amqp::wait_while_held(kept.connection.status(), stop_by).await;
         }
         self.tidy();
+        while let Some(joined) = self.closing.join_next().await {
+            self.collect(joined);
+        }
         if !self.kept.is_empty() {
             warn!(
                 "stopping while RabbitMQ still blocks dead-letter connections of earlier reconnects: those held there are lost (each was logged with its event id)"
             );
         }
-        while self.closing.join_next().await.is_some() {}
     }
 }
 
 /// Closes a dead-letter connection an alarm has let go, once the broker has confirmed the
-/// copies it held (a close sent at once could overtake them).
-async fn close_after_its_copies(kept: KeptConnection) {
-    if let Err(e) = with_timeout(kept.channel.wait_for_confirms()).await {
-        warn!(error = %e, "the dead letters held on an old connection were not confirmed; they may be lost");
+/// copies it held (a close sent at once could overtake them). Gives it back if the alarm
+/// blocks it again first (alarms come and go), so that it is kept, not closed with its copies.
+async fn close_after_its_copies(kept: KeptConnection) -> Option<KeptConnection> {
+    match tokio::time::timeout(CLOSE_TIMEOUT, kept.channel.wait_for_confirms()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "the dead letters held on an old connection were not confirmed; they may be lost");
+        }
+        Err(_) if shared::amqp::held_now(kept.connection.status()) => return Some(kept),
+        Err(_) => {
+            warn!(
+                "the dead letters held on an old connection were not confirmed in time; they may be lost"
+            );
+        }
     }
     let _ = with_timeout(kept.connection.close(200, "the alarm is over".into())).await;
+    None
 }
 
 async fn with_timeout<T>(future: impl Future<Output = lapin::Result<T>>) -> Result<T, String> {
