@@ -214,6 +214,10 @@ pub enum PublishError {
         "RabbitMQ's alarm holds SMS_DEAD_LETTERS_HELD_MAX dead letters, and the worker began to stop (or the delivery's channel closed) before it ended"
     )]
     NoRoom,
+    #[error(
+        "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker; this broker dead letter stays in its queue until the alarm ends"
+    )]
+    Full,
     #[error("dead letter: {0}")]
     Confirm(#[from] ConfirmError),
 }
@@ -250,6 +254,11 @@ pub async fn forward_broker_copy(
     original: &BasicProperties,
     body: &[u8],
 ) -> Result<(), PublishError> {
+    // Past the most held, the copy stays where it is safe: in the broker's queue (the caller
+    // hands it back), not in this process's memory.
+    if route.held.full() {
+        return Err(PublishError::Full);
+    }
     let body = without_code(body);
     let mut properties = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)

@@ -49,7 +49,12 @@ pub(crate) fn spawn(
                 acks.finished(delivery.delivery_tag);
             }
             Err(e) => {
-                warn!(error = %e, "could not forward a broker dead letter; returning it");
+                if matches!(e, PublishError::Full) {
+                    // Each one comes back every few seconds while the alarm lasts.
+                    tracing::debug!(error = %e, "returning a broker dead letter");
+                } else {
+                    warn!(error = %e, "could not forward a broker dead letter; returning it");
+                }
                 // A pause, so that a broken route does not become a busy loop.
                 if let Ok(()) = context.shutdown.sleep(Duration::from_secs(1)).await {
                     let _ = delivery

@@ -221,6 +221,46 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
     .await;
 }
 
+/// RabbitMQ's own dead letters wait out a short alarm in their queue, then are held like the
+/// others, up to the same most: past it, one is handed back to the broker's queue (and taken
+/// again a few seconds later) instead of joining the copies in the worker's memory, and is
+/// forwarded once the alarm ends.
+#[tokio::test]
+async fn past_the_most_held_a_broker_dead_letter_stays_in_the_broker_during_the_alarm() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, mut worker, _, metrics_url) = a_dead_letter_waiting_for_room(&h, &[]).await;
+        h.put_among_broker_dead_letters(&event(&phone(), CODE_VALIDITY))
+            .await;
+        // Past the 10 s a broker dead letter waits for an alarm to end before it is forwarded:
+        // a scenario, not a wait for a condition (done right, nothing shows meanwhile).
+        tokio::time::sleep(Duration::from_secs(13)).await;
+        assert!(
+            !worker
+                .logs()
+                .contains("this broker dead letter is stored when the alarm ends"),
+            "a broker dead letter was held past the most allowed"
+        );
+        assert_eq!(
+            metrics_say(&h, &metrics_url, "sms_dead_letters_held 1").await,
+            Some(true),
+            "still one copy held"
+        );
+        assert_eq!(
+            h.dead_lettered().await,
+            0,
+            "nothing stored during the alarm"
+        );
+
+        broker.unblock();
+        h.wait_for_dead_lettered(3).await;
+        worker.terminate();
+        worker.wait(Duration::from_secs(20)).await;
+        assert_eq!(h.dead_lettered().await, 3, "each stored once");
+        assert_eq!(h.held_by_the_broker().await, 0);
+    })
+    .await;
+}
+
 /// A reconnect during an alarm, with the most copies already held: the blocked dead-letter
 /// connection is kept with them, and the next dead letter waits for room although the new
 /// connection is not blocked yet (it would otherwise start a fresh batch of held copies). When
