@@ -230,6 +230,9 @@ impl Providers {
                         )?))
                     }
                 };
+                // At 0 from the start, so that an alert on its increase sees the first one.
+                metrics::counter!(m::PROVIDER_ANSWERS_CUT, "provider" => provider.name())
+                    .increment(0);
                 Ok(Provider {
                     name: provider.name(),
                     client,

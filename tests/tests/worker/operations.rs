@@ -178,6 +178,8 @@ async fn reports_readiness_and_metrics() {
             "sms_sends_total{outcome=\"sent\"}",
             "sms_provider_request_duration_seconds_bucket",
             "sms_in_flight",
+            // At 0 from the start, for the alert on its increase.
+            "sms_provider_answers_cut_total{provider=\"twilio\"}",
         ] {
             assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
         }
