@@ -196,9 +196,18 @@ impl TcpProxy {
     /// consuming connection while its publishing one is held (as when the broker's consumer
     /// timeout ends a consumer during a long alarm).
     pub fn cut_unblocked(&self) {
+        self.cut_where(false);
+    }
+
+    /// Cuts every connection the alarm blocks, and only those, with what they hold unread.
+    pub fn cut_blocked(&self) {
+        self.cut_where(true);
+    }
+
+    fn cut_where(&self, blocked_now: bool) {
         let connections = self.inner.connections.lock().expect("not poisoned");
         for (connection, blocked) in connections.iter() {
-            if !*blocked.borrow() {
+            if *blocked.borrow() == blocked_now {
                 connection.abort();
             }
         }

@@ -268,18 +268,7 @@ async fn past_the_most_held_a_broker_dead_letter_stays_in_the_broker_during_the_
 #[tokio::test]
 async fn a_reconnect_during_an_alarm_keeps_the_held_copies_and_their_limit() {
     with_harness(QueueType::Classic, |h| async move {
-        let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
-        let addr = format!("127.0.0.1:{}", tests::ports::free_port());
-        let metrics_url = format!("http://{addr}/metrics");
-        let mut worker = h
-            .start_worker_process(&[
-                ("AMQP_URL", amqp_url.as_str()),
-                ("SMS_DEAD_LETTERS_HELD_MAX", "2"),
-                ("WORKER_ADDR", addr.as_str()),
-            ])
-            .await;
-        two_copies_held_by_an_alarm(&h, &broker, &worker).await;
-        reconnect_keeping_the_blocked_connection(&broker, &worker).await;
+        let (broker, mut worker, metrics_url) = two_copies_held_then_a_reconnect(&h).await;
 
         let third = h.invalid_number();
         h.request_sms(&third).await;
@@ -318,6 +307,52 @@ async fn a_reconnect_during_an_alarm_keeps_the_held_copies_and_their_limit() {
         worker.wait(Duration::from_secs(20)).await;
         assert_eq!(h.dead_lettered().await, 3, "each stored once");
         assert_eq!(h.fake.requests(None).len(), 3, "one provider call each");
+        assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
+/// A dead-letter connection kept through a reconnect and then lost before the alarm ends takes
+/// its copies with it: that is logged, and the held count starts again, so that the next dead
+/// letter is held rather than waiting for room that copies no longer in memory took.
+#[tokio::test]
+async fn a_kept_connection_lost_in_the_alarm_is_logged_and_frees_its_room() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, mut worker, metrics_url) = two_copies_held_then_a_reconnect(&h).await;
+
+        broker.cut_blocked();
+        eventually(
+            Duration::from_secs(15),
+            "the loss to be logged and the count to start again",
+            || async {
+                worker.logs().contains("was lost before its alarm ended")
+                    && metrics_say(&h, &metrics_url, "sms_dead_letters_held 0").await == Some(true)
+            },
+        )
+        .await;
+        h.request_sms(&h.invalid_number()).await;
+        eventually(
+            Duration::from_secs(15),
+            "the third copy to be held",
+            || async {
+                worker
+                    .logs()
+                    .matches("is stored when the alarm ends")
+                    .count()
+                    == 3
+            },
+        )
+        .await;
+
+        broker.unblock();
+        h.wait_for_dead_lettered(1).await;
+        worker.terminate();
+        worker.wait(Duration::from_secs(20)).await;
+        assert_eq!(
+            h.dead_lettered().await,
+            1,
+            "the third stored; the two on the lost connection lost, as logged"
+        );
         assert_eq!(h.queued().await, 0);
     })
     .await;
@@ -556,6 +591,24 @@ async fn two_copies_held_by_an_alarm(h: &Harness, broker: &TcpProxy, worker: &Pr
         },
     )
     .await;
+}
+
+/// A worker process allowed two held copies, behind a proxy acting out an alarm: both are held
+/// (see [`two_copies_held_by_an_alarm`]), then the worker reconnects, keeping the blocked
+/// connection. Returns the proxy (the alarm on), the worker and its `/metrics` URL.
+async fn two_copies_held_then_a_reconnect(h: &Harness) -> (TcpProxy, Program, String) {
+    let (broker, amqp_url) = broker_that_can_raise_an_alarm().await;
+    let addr = format!("127.0.0.1:{}", tests::ports::free_port());
+    let worker = h
+        .start_worker_process(&[
+            ("AMQP_URL", amqp_url.as_str()),
+            ("SMS_DEAD_LETTERS_HELD_MAX", "2"),
+            ("WORKER_ADDR", addr.as_str()),
+        ])
+        .await;
+    two_copies_held_by_an_alarm(h, &broker, &worker).await;
+    reconnect_keeping_the_blocked_connection(&broker, &worker).await;
+    (broker, worker, format!("http://{addr}/metrics"))
 }
 
 /// Cuts the worker's consuming connection (not the blocked one) and waits for it to reconnect:
