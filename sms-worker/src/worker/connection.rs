@@ -40,7 +40,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
     let nodes = &context.config.common.amqp;
     // The node to try first: after a node is lost, the next one (AMQP_URL lists a cluster's).
     let mut first_node = 0;
-    let mut left_blocked = LeftBlocked::default();
+    let mut retired = RetiredConnections::default();
     while !shutdown.is_shutdown() {
         let opened = tokio::select! {
             opened = tokio::time::timeout(CONNECT_TIMEOUT, BrokerConnection::open(context, first_node)) => opened,
@@ -52,13 +52,10 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
                 backoff = reconnect_backoff();
                 metrics::counter!(m::AMQP_CONNECTS).increment(1);
                 info!(queue = %context.topology.sms_queue(), node = connection.node + 1, nodes = nodes.len(), "connected to RabbitMQ; consuming");
-                match connection
-                    .consume(context, &mut tasks, &mut left_blocked)
-                    .await
-                {
+                match connection.consume(context, &mut tasks, &mut retired).await {
                     ConsumeEnd::ShuttingDown => {
                         connection
-                            .shut_down(context, &mut tasks, &mut left_blocked)
+                            .shut_down(context, &mut tasks, &mut retired)
                             .await;
                         return;
                     }
@@ -67,7 +64,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
                         context.set_dead_letter_route(None);
                         first_node = (connection.node + 1) % nodes.len().max(1);
                         lost_a_node = nodes.len() > 1;
-                        connection.abandon(&mut left_blocked).await;
+                        connection.abandon(&mut retired).await;
                     }
                 }
             }
@@ -89,7 +86,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
     // Stopped while disconnected: what is left can finish, but cannot be acknowledged anyway.
     let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
     drain(&mut tasks, context.config.shutdown_grace).await;
-    left_blocked.wait_out(stop_by).await;
+    retired.wait_out(stop_by).await;
 }
 
 fn reconnect_backoff() -> ExponentialBackoff {
@@ -116,11 +113,7 @@ enum ConsumeEnd {
 struct BrokerConnection {
     connection: Connection,
     channel: Channel,
-    /// The publishing connection, for dead letters only.
-    publishing: Connection,
-    /// Reports the broker's alarms on it (a warning, `sms_amqp_connection_blocked`).
-    _alarms: AlarmWatch,
-    dead_letter_channel: Channel,
+    dead_letters: DeadLetterConnection,
     consumer: Consumer,
     broker_copies: Consumer,
     /// Acknowledges the consumers' deliveries in batches.
@@ -183,13 +176,15 @@ impl BrokerConnection {
             acks: Acks::start(channel.clone(), context.config.concurrency),
             connection,
             channel,
-            _alarms: AlarmWatch::start(
-                &publishing,
-                m::AMQP_BLOCKED,
-                "dead letters wait until it lifts",
-            ),
-            publishing,
-            dead_letter_channel,
+            dead_letters: DeadLetterConnection {
+                _alarms: AlarmWatch::start(
+                    &publishing,
+                    m::AMQP_BLOCKED,
+                    "dead letters wait until it lifts",
+                ),
+                connection: publishing,
+                channel: dead_letter_channel,
+            },
             consumer,
             broker_copies,
             _depth: depth,
@@ -203,11 +198,11 @@ impl BrokerConnection {
         &mut self,
         context: &Arc<Context>,
         tasks: &mut JoinSet<()>,
-        left_blocked: &mut LeftBlocked,
+        retired: &mut RetiredConnections,
     ) -> ConsumeEnd {
         context.set_dead_letter_route(Some(dead_letter::Route {
-            channel: self.dead_letter_channel.clone(),
-            connection: self.publishing.status().clone(),
+            channel: self.dead_letters.channel.clone(),
+            connection: self.dead_letters.connection.status().clone(),
             held: context.held_dead_letters.clone(),
         }));
         context.readiness.set_consuming(true);
@@ -234,13 +229,13 @@ impl BrokerConnection {
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
                 _ = health.tick() => {
                     // Both at every tick: tidying closes what an alarm has let go.
-                    let old_ones_held = left_blocked.tidy();
-                    if !old_ones_held && !shared::amqp::held_now(self.publishing.status()) {
+                    let old_ones_held = retired.tidy();
+                    if !old_ones_held && !shared::amqp::held_now(self.dead_letters.connection.status()) {
                         context.held_dead_letters.written();
                     }
                     if !self.connection.status().connected()
-                        || !self.publishing.status().connected()
-                        || !self.dead_letter_channel.status().connected()
+                        || !self.dead_letters.connection.status().connected()
+                        || !self.dead_letters.channel.status().connected()
                     {
                         break ConsumeEnd::Lost("a connection or the dead-letter channel closed".to_owned());
                     }
@@ -257,7 +252,7 @@ impl BrokerConnection {
         self,
         context: &Context,
         tasks: &mut JoinSet<()>,
-        left_blocked: &mut LeftBlocked,
+        retired: &mut RetiredConnections,
     ) {
         let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
         for consumer in [&self.consumer, &self.broker_copies] {
@@ -273,14 +268,21 @@ impl BrokerConnection {
         // reading cannot hold the stop past an orchestrator's patience (Compose waits 30 s; the
         // grace is 15 s by default).
         let hard_stop = stop_by.max(tokio::time::Instant::now()) + 2 * CLOSE_TIMEOUT;
+        let Self {
+            connection,
+            channel,
+            dead_letters,
+            acks,
+            ..
+        } = self;
         let rest = async {
             // What finished during the drain is acknowledged before the channel closes.
-            let acknowledged = tokio::time::timeout(CLOSE_TIMEOUT, self.acks.flush())
+            let acknowledged = tokio::time::timeout(CLOSE_TIMEOUT, acks.flush())
                 .await
                 .is_ok();
             context.set_dead_letter_route(None);
             if acknowledged {
-                let _ = with_timeout(self.channel.close(200, "shutting down".into())).await;
+                let _ = with_timeout(channel.close(200, "shutting down".into())).await;
             } else {
                 // The broker is not reading: closing each channel politely would only wait out
                 // more deadlines; closing the connection ends all.
@@ -288,173 +290,146 @@ impl BrokerConnection {
                     "the last acknowledgements were not sent in time; the broker will redeliver and the copies are skipped"
                 );
             }
-            tokio::join!(
-                self.let_held_dead_letters_out(stop_by),
-                left_blocked.wait_out(stop_by)
+            // The current dead-letter connection retires like the earlier ones: a stop waits,
+            // within the grace period, for the alarm to let each go, so that the copies held
+            // there are stored, and closes each once they are confirmed.
+            retired.dead_letters.push(dead_letters);
+            let (_closed, ()) = tokio::join!(
+                with_timeout(connection.close(200, "shutting down".into())),
+                retired.wait_out(stop_by)
             );
-            self.close_both("shutting down").await;
         };
         if tokio::time::timeout_at(hard_stop, rest).await.is_err() {
             warn!("RabbitMQ did not let the worker finish closing in time; stopping anyway");
         }
     }
 
-    /// A dead-letter connection the broker blocks (a memory or disk alarm) holds the copies of
-    /// dead letters already acknowledged, unwritten: they go out when the alarm ends, and are
-    /// lost if this process ends first. So a stop waits, within the grace period, for the alarm
-    /// to end.
-    async fn let_held_dead_letters_out(&self, stop_by: tokio::time::Instant) {
-        let connection = self.publishing.status();
-        if !shared::amqp::held_now(connection) {
-            return;
-        }
-        warn!(
-            "RabbitMQ is blocking dead letters (a memory or disk alarm): waiting, within the grace period, for it to end so that those held here are stored"
-        );
-        if shared::amqp::wait_while_held(connection, stop_by).await {
-            info!("RabbitMQ lifted its alarm; the held dead letters went out");
-        } else {
+    /// Closes the consuming connection, and retires the dead-letter one: closed once its
+    /// confirms are in, or, if an alarm blocks it, kept until the alarm ends, since it holds the
+    /// copies of dead letters already acknowledged, which closing it now would lose.
+    async fn abandon(self, retired: &mut RetiredConnections) {
+        if shared::amqp::held_now(self.dead_letters.connection.status()) {
             warn!(
-                "stopping while RabbitMQ still blocks dead letters: those held here are lost (each was logged with its event id)"
+                "RabbitMQ blocks this dead-letter connection (an alarm): it is kept until the alarm ends, so that the dead letters held there are stored, and closed then"
             );
         }
-    }
-
-    /// Closes both connections, except a dead-letter connection that an alarm blocks: it holds
-    /// copies of dead letters already acknowledged, which closing it would lose, so it is kept,
-    /// with its alarm watch, until the alarm ends ([`LeftBlocked`]).
-    async fn abandon(self, left_blocked: &mut LeftBlocked) {
-        if !shared::amqp::held_now(self.publishing.status()) {
-            self.close_both("reconnecting").await;
-            return;
-        }
-        warn!(
-            "RabbitMQ blocks this dead-letter connection (an alarm): it is kept until the alarm ends, so that the dead letters held there are stored, and closed then"
-        );
+        retired.dead_letters.push(self.dead_letters);
+        retired.tidy();
         let _ = with_timeout(self.connection.close(200, "reconnecting".into())).await;
-        left_blocked.kept.push(KeptConnection {
-            connection: self.publishing,
-            channel: self.dead_letter_channel,
-            _alarms: self._alarms,
-        });
-    }
-
-    /// Closes both connections at once, each within [`CLOSE_TIMEOUT`]. A blocked one is not
-    /// asked: the broker reads nothing from it, so the close would only wait out its deadline.
-    async fn close_both(&self, reason: &str) {
-        let publishing = async {
-            if !self.publishing.status().blocked() {
-                // What it still has unconfirmed goes first: lapin's close could overtake it.
-                if let Err(e) = with_timeout(self.dead_letter_channel.wait_for_confirms()).await {
-                    warn!(error = %e, "dead letters were not confirmed before the close; they may be lost");
-                }
-                let _ = with_timeout(self.publishing.close(200, reason.into())).await;
-            }
-        };
-        let consuming = with_timeout(self.connection.close(200, reason.into()));
-        let _ = tokio::join!(consuming, publishing);
     }
 }
 
-/// Dead-letter connections left behind by a reconnect while RabbitMQ blocked them. Each holds
-/// copies of dead letters already acknowledged, written when the alarm ends; it is closed then.
-/// Until then the held count is not reset, and a stop waits for them as for the current one.
+/// Dead-letter connections given up, by a reconnect or by the stop. One that RabbitMQ blocks (an
+/// alarm) holds copies of dead letters already acknowledged, written when the alarm ends: it is
+/// kept until then. Each is closed once the broker has confirmed what it held. Until none holds
+/// copies the held count is not reset, and a stop waits for them within its grace period.
 #[derive(Default)]
-struct LeftBlocked {
-    kept: Vec<KeptConnection>,
+struct RetiredConnections {
+    dead_letters: Vec<DeadLetterConnection>,
     /// Closes under way; a connection blocked again before its copies were confirmed comes back.
-    closing: JoinSet<Option<KeptConnection>>,
+    closing: JoinSet<Option<DeadLetterConnection>>,
 }
 
-/// A blocked dead-letter connection, its channel, and the watch that reports its alarm.
-struct KeptConnection {
+/// The connection dead letters are published on, its confirm-mode channel, and the watch that
+/// reports the broker's alarms on it (a warning, `sms_amqp_connection_blocked`).
+struct DeadLetterConnection {
     connection: Connection,
     channel: Channel,
     _alarms: AlarmWatch,
 }
 
-impl LeftBlocked {
-    /// Takes out those the alarm has let go (nothing more is published on them) and forgets,
-    /// with a warning, those the broker dropped.
-    fn take_let_go(&mut self) -> Vec<KeptConnection> {
-        let (held, let_go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.kept)
+impl RetiredConnections {
+    /// Takes out those the alarm lets go (nothing more is published on them) and forgets those
+    /// the broker dropped, with a warning for one that was blocked (its copies are lost).
+    fn take_let_go(&mut self) -> Vec<DeadLetterConnection> {
+        let (held, let_go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dead_letters)
             .into_iter()
-            .partition(|kept| shared::amqp::held_now(kept.connection.status()));
-        self.kept = held;
+            .partition(|retired| shared::amqp::held_now(retired.connection.status()));
+        self.dead_letters = held;
         let (open, dropped): (Vec<_>, Vec<_>) = let_go
             .into_iter()
-            .partition(|kept| kept.connection.status().connected());
-        if !dropped.is_empty() {
+            .partition(|retired| retired.connection.status().connected());
+        // lapin keeps the blocked flag on a connection that died.
+        let lost = dropped
+            .iter()
+            .filter(|retired| retired.connection.status().blocked())
+            .count();
+        if lost > 0 {
             warn!(
-                connections = dropped.len(),
-                "a dead-letter connection kept through a reconnect was lost before its alarm ended: the dead letters held there are lost (each was logged with its event id)"
+                connections = lost,
+                "a dead-letter connection blocked by an alarm was lost before its alarm ended: the dead letters held there are lost (each was logged with its event id)"
             );
         }
         open
     }
 
     /// Takes back what finished closing: a connection blocked again is kept once more.
-    fn collect(&mut self, joined: Result<Option<KeptConnection>, tokio::task::JoinError>) {
+    fn collect(&mut self, joined: Result<Option<DeadLetterConnection>, tokio::task::JoinError>) {
         match joined {
-            Ok(Some(kept)) => self.kept.push(kept),
+            Ok(Some(retired)) => self.dead_letters.push(retired),
             Ok(None) => {}
-            Err(e) if e.is_panic() => error!("closing a kept dead-letter connection panicked"),
+            Err(e) if e.is_panic() => error!("closing a dead-letter connection panicked"),
             Err(_) => {}
         }
     }
 
-    /// Starts closing those the alarm has let go. Whether any may still hold copies: kept and
+    /// Starts closing those the alarm lets go. Whether any may still hold copies: kept and
     /// blocked, or closing with copies not yet confirmed.
     fn tidy(&mut self) -> bool {
         while let Some(joined) = self.closing.try_join_next() {
             self.collect(joined);
         }
-        for kept in self.take_let_go() {
-            self.closing.spawn(close_after_its_copies(kept));
+        for retired in self.take_let_go() {
+            self.closing.spawn(close_after_its_copies(retired));
         }
-        !self.kept.is_empty() || !self.closing.is_empty()
+        !self.dead_letters.is_empty() || !self.closing.is_empty()
     }
 
     /// Waits, until `stop_by` at the latest, for the alarm to let each go, and closes them.
     async fn wait_out(&mut self, stop_by: tokio::time::Instant) {
-        if !self.kept.is_empty() {
+        let held = self
+            .dead_letters
+            .iter()
+            .filter(|retired| shared::amqp::held_now(retired.connection.status()))
+            .count();
+        if held > 0 {
             warn!(
-                connections = self.kept.len(),
-                "RabbitMQ still blocks dead-letter connections of earlier reconnects: waiting, within the grace period, for the alarm to end so that those held there are stored"
+                connections = held,
+                "RabbitMQ is blocking dead letters (a memory or disk alarm): waiting, within the grace period, for it to end so that those held here are stored"
             );
         }
-        for kept in &self.kept {
-            shared::amqp::wait_while_held(kept.connection.status(), stop_by).await;
+        for retired in &self.dead_letters {
+            shared::amqp::wait_while_held(retired.connection.status(), stop_by).await;
         }
         self.tidy();
         while let Some(joined) = self.closing.join_next().await {
             self.collect(joined);
         }
-        if !self.kept.is_empty() {
+        if !self.dead_letters.is_empty() {
             warn!(
-                "stopping while RabbitMQ still blocks dead-letter connections of earlier reconnects: those held there are lost (each was logged with its event id)"
+                "stopping while RabbitMQ still blocks dead letters: those held here are lost (each was logged with its event id)"
             );
+        } else if held > 0 {
+            info!("RabbitMQ lifted its alarm; the held dead letters went out");
         }
     }
 }
 
-/// Closes a dead-letter connection an alarm has let go, once the broker has confirmed the
-/// copies it held (a close sent at once could overtake them). Gives it back if the alarm
-/// blocks it again first (alarms come and go), so that it is kept, not closed with its copies.
-async fn close_after_its_copies(kept: KeptConnection) -> Option<KeptConnection> {
-    match tokio::time::timeout(CLOSE_TIMEOUT, kept.channel.wait_for_confirms()).await {
+/// Closes a dead-letter connection, once the broker has confirmed the copies it held (lapin's
+/// close could overtake them). Gives it back if the alarm blocks it again first (alarms come and
+/// go), so that it is kept, not closed with its copies.
+async fn close_after_its_copies(retired: DeadLetterConnection) -> Option<DeadLetterConnection> {
+    match tokio::time::timeout(CLOSE_TIMEOUT, retired.channel.wait_for_confirms()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            warn!(error = %e, "the dead letters held on an old connection were not confirmed; they may be lost");
+            warn!(error = %e, "dead letters were not confirmed before the close; they may be lost");
         }
-        Err(_) if shared::amqp::held_now(kept.connection.status()) => return Some(kept),
+        Err(_) if shared::amqp::held_now(retired.connection.status()) => return Some(retired),
         Err(_) => {
-            warn!(
-                "the dead letters held on an old connection were not confirmed in time; they may be lost"
-            );
+            warn!("dead letters were not confirmed in time before the close; they may be lost");
         }
     }
-    let _ = with_timeout(kept.connection.close(200, "the alarm is over".into())).await;
+    let _ = with_timeout(retired.connection.close(200, "retired".into())).await;
     None
 }
 
