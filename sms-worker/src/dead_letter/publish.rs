@@ -74,6 +74,52 @@ impl HeldCopies {
             self.room.notify_waiters();
         }
     }
+
+    /// So that a long alarm cannot fill the worker's memory with copies, about
+    /// `SMS_DEAD_LETTERS_HELD_MAX` at most are held (a copy counts once it has been held for a
+    /// second, so dead letters arriving together may pass the count by up to the sends in
+    /// flight). Past that, a dead letter waits here for the alarm to end before its copy is
+    /// written, its original unacknowledged: a slot of the prefetch each, so the worker slows
+    /// down rather than grow. Returns once a copy may be written: no dead-letter connection is
+    /// held any more (their copies are then written, and the count starts again).
+    ///
+    /// [`PublishError::NoRoom`] when the worker starts to stop or `delivery_channel_open` says
+    /// the original's channel is gone first: the original then goes back to the queue (the
+    /// broker's consumer timeout closes a channel whose delivery waits 30 minutes by default).
+    pub(crate) async fn wait_for_room(
+        &self,
+        shutdown: &Shutdown,
+        delivery_channel_open: impl Fn() -> bool,
+    ) -> Result<(), PublishError> {
+        // The count starts again only once no dead-letter connection is held, the current one
+        // or one kept from before a reconnect (the consume loop looks every second). So the wait
+        // is on the count, not on a connection: after a reconnect during the alarm, the new
+        // connection is not blocked until it publishes, and would let a fresh batch through.
+        if !self.full() {
+            return Ok(());
+        }
+        tracing::warn!(
+            most = self.max,
+            "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
+        );
+        let _waiting = WaitingForRoom::count();
+        loop {
+            // Made before the look at the count, so a reset in between still wakes it.
+            let room = self.room.notified();
+            if !self.full() {
+                break;
+            }
+            tokio::select! {
+                () = room => {}
+                () = tokio::time::sleep(CHANNEL_CHECK_EVERY) => {}
+                () = shutdown.recv() => return Err(PublishError::NoRoom),
+            }
+            if !delivery_channel_open() {
+                return Err(PublishError::NoRoom);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One dead letter in `sms_dead_letters_waiting_for_room`, for as long as this lives (a guard,
@@ -105,7 +151,7 @@ impl Route {
     /// prefetch for the whole alarm. A stopping worker waits, within its grace period, for the
     /// alarm to end; if the process ends or the connection drops first, the copy is lost, and the
     /// log's warning and the counter keep the record. The worker's own dead letters first wait
-    /// for room ([`Route::wait_for_room`]).
+    /// for room ([`HeldCopies::wait_for_room`]).
     async fn publish(
         &self,
         queue: &str,
@@ -131,52 +177,6 @@ impl Route {
             }
             published => Ok(published?),
         }
-    }
-
-    /// So that a long alarm cannot fill the worker's memory with copies, about
-    /// `SMS_DEAD_LETTERS_HELD_MAX` at most are held (a copy counts once it has been held for a
-    /// second, so dead letters arriving together may pass the count by up to the sends in
-    /// flight). Past that, a dead letter waits here for the alarm to end before its copy is
-    /// written, its original unacknowledged: a slot of the prefetch each, so the worker slows
-    /// down rather than grow. Returns once a copy may be written: no dead-letter connection is
-    /// held any more (their copies are then written, and the count starts again).
-    ///
-    /// [`PublishError::NoRoom`] when the worker starts to stop or `delivery_channel_open` says
-    /// the original's channel is gone first: the original then goes back to the queue (the
-    /// broker's consumer timeout closes a channel whose delivery waits 30 minutes by default).
-    pub(crate) async fn wait_for_room(
-        &self,
-        shutdown: &Shutdown,
-        delivery_channel_open: impl Fn() -> bool,
-    ) -> Result<(), PublishError> {
-        // The count starts again only once no dead-letter connection is held, the current one
-        // or one kept from before a reconnect (the consume loop looks every second). So the wait
-        // is on the count, not on this connection: after a reconnect during the alarm, the new
-        // connection is not blocked until it publishes, and would let a fresh batch through.
-        if !self.held.full() {
-            return Ok(());
-        }
-        tracing::warn!(
-            most = self.held.max,
-            "RabbitMQ's alarm already holds SMS_DEAD_LETTERS_HELD_MAX dead letters in this worker's memory: this one waits for the alarm to end, its original unacknowledged"
-        );
-        let _waiting = WaitingForRoom::count();
-        loop {
-            // Made before the look at the count, so a reset in between still wakes it.
-            let room = self.held.room.notified();
-            if !self.held.full() {
-                break;
-            }
-            tokio::select! {
-                () = room => {}
-                () = tokio::time::sleep(CHANNEL_CHECK_EVERY) => {}
-                () = shutdown.recv() => return Err(PublishError::NoRoom),
-            }
-            if !delivery_channel_open() {
-                return Err(PublishError::NoRoom);
-            }
-        }
-        Ok(())
     }
 
     /// Waits while the broker blocks this route's connection (a memory or disk alarm), until

@@ -17,7 +17,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 use super::acks::Acks;
 use super::context::Context;
 use super::outcome::Outcome;
-use super::send::send_otp;
+use super::send::{Lease, send_otp};
 use crate::dead_letter::{self, DeadLetter, ErrorKind, PublishError};
 use crate::ledger::Finished;
 use crate::metrics::{self as m, InFlight, send_outcome};
@@ -217,7 +217,19 @@ async fn settle(
             nack_requeue(acks, delivery).await;
         }
         Outcome::DeadLetter { dead_letter, claim } => {
-            let published = publish_dead_letter(context, acks, delivery, event, &dead_letter).await;
+            // The claim stays this task's while the dead letter may wait (for room, during an
+            // alarm): lapsed, another copy of the event could claim it and try to send.
+            let published = {
+                let _lease = event.zip(claim.as_ref()).map(|(event, claim)| {
+                    Lease::keep(
+                        context.ledger.clone(),
+                        event.event_id,
+                        claim.clone(),
+                        context.config.claim_lease,
+                    )
+                });
+                publish_dead_letter(context, acks, delivery, event, &dead_letter).await
+            };
             match published {
                 Ok(()) => {
                     if let Some(event) = event {
@@ -269,10 +281,12 @@ async fn publish_dead_letter(
     event: Option<&OtpRequested>,
     dead_letter: &DeadLetter,
 ) -> Result<(), PublishError> {
-    let route = context.dead_letter_route().ok_or(PublishError::NoChannel)?;
-    route
+    context
+        .held_dead_letters
         .wait_for_room(&context.shutdown, || acks.channel_connected())
         .await?;
+    // Read after the wait: a reconnect meanwhile brings a new route.
+    let route = context.dead_letter_route().ok_or(PublishError::NoChannel)?;
     let body = match event {
         Some(event) => serde_json::to_vec(&event.without_code()).unwrap_or_default(),
         // Unreadable as an event, but maybe JSON with a real code beside a bad field.

@@ -128,10 +128,15 @@ async fn claim(
 }
 
 /// Keeps renewing a claim's lease until dropped.
-struct Lease(tokio::task::JoinHandle<()>);
+pub(super) struct Lease(tokio::task::JoinHandle<()>);
 
 impl Lease {
-    fn keep(ledger: SendLedger, event_id: Uuid, token: ClaimToken, lease: Duration) -> Self {
+    pub(super) fn keep(
+        ledger: SendLedger,
+        event_id: Uuid,
+        token: ClaimToken,
+        lease: Duration,
+    ) -> Self {
         Self(tokio::spawn(async move {
             let every = lease / 3;
             loop {

@@ -159,8 +159,9 @@ async fn dead_letters_during_a_broker_alarm_are_stored_once_and_hold_up_no_other
 #[tokio::test]
 async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_end() {
     with_harness(QueueType::Classic, |h| async move {
+        // A short lease: the 3 s below outlast it several times over.
         let (broker, mut worker, [first, second], metrics_url) =
-            a_dead_letter_waiting_for_room(&h, &[]).await;
+            a_dead_letter_waiting_for_room(&h, &[("SMS_CLAIM_LEASE_MS", "1000")]).await;
         let gauge_says = async |line: &str| metrics_say(&h, &metrics_url, line).await;
         let held = |worker: &Program| {
             worker
@@ -190,6 +191,11 @@ async fn past_the_most_held_a_dead_letter_waits_unacknowledged_for_the_alarm_to_
             gauge_says("sms_dead_letters_waiting_for_room 1").await,
             Some(true),
             "one dead letter waiting for room now"
+        );
+        assert_eq!(
+            claims_held(&h).await,
+            1,
+            "the waiting dead letter keeps its claim, so no other copy of its event can send"
         );
 
         broker.unblock();
@@ -647,6 +653,30 @@ async fn stop_then_end_the_alarm(worker: &mut Program, broker: &TcpProxy) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     broker.unblock();
     worker.wait(Duration::from_secs(20)).await;
+}
+
+/// How many events of this test's namespace a worker holds the send ledger's claim on.
+async fn claims_held(h: &Harness) -> usize {
+    let mut redis = h.redis().await;
+    let pattern = shared::send_ledger::key(&h.topology.namespace, uuid::Uuid::nil())
+        .replace(&uuid::Uuid::nil().to_string(), "*");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut redis)
+        .await
+        .expect("KEYS");
+    let mut held = 0;
+    for key in keys {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or(None);
+        if value.is_some_and(|v| v.starts_with(shared::send_ledger::SENDING_PREFIX)) {
+            held += 1;
+        }
+    }
+    held
 }
 
 /// Whether the worker's `/metrics` at `url` has the line `line` (`None`: it did not answer).
