@@ -105,6 +105,15 @@ impl std::fmt::Display for SendError {
 }
 
 impl SendError {
+    /// With `code` masked in the text: a provider (or whatever answers in its place) that echoes
+    /// the message it was sent must not put the code into logs, dead letters or timelines.
+    pub fn masking(mut self, code: &str) -> Self {
+        if !code.is_empty() {
+            self.message = self.message.replace(code, &"*".repeat(code.len()));
+        }
+        self
+    }
+
     fn new(kind: Failure, message: impl Into<String>) -> Self {
         Self {
             kind,

@@ -129,7 +129,10 @@ pub(crate) async fn send_through_providers(
             message_id: event.event_id.to_string(),
         };
         let timeout = config.send_timeout.min(Duration::from_millis(millis_left));
-        let result = provider.send(&sms, timeout).await;
+        let result = provider
+            .send(&sms, timeout)
+            .await
+            .map_err(|e| e.masking(code));
         journal.tried(provider.name(), &result);
         let error = match result {
             Ok(accepted) => {

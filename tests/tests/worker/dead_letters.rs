@@ -252,3 +252,41 @@ async fn only_a_code_and_an_e164_number_are_ever_sent() {
     })
     .await;
 }
+
+/// A provider (or whatever answers in its place) that echoes the message it was sent in its
+/// refusal: the code is masked before the text reaches the dead letter, the log or the timeline.
+#[tokio::test]
+async fn a_refusal_that_echoes_the_code_leaves_it_out_of_the_dead_letter() {
+    with_harness(QueueType::Classic, |h| async move {
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        let code = event.otp.clone().expect("a code");
+        h.fake.set_faults(Faults {
+            rules: vec![Rule {
+                to: to.clone(),
+                response: InjectedResponse {
+                    message: Some(format!(
+                        "the body 'Your sign-in code is {code}' was refused"
+                    )),
+                    ..InjectedResponse::twilio_error(400, 21211)
+                },
+            }],
+            ..Faults::default()
+        });
+        let worker = h.start_worker(&[]).await;
+        h.publish(&event).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        let error = dead[0].header_str("x-error").expect("the reason");
+        assert!(error.contains("was refused"), "{error}");
+        assert!(
+            !error.contains(&code),
+            "the code reached the dead letter: {error}"
+        );
+        assert!(
+            !h.trace(&to, &[]).await.contains(&code),
+            "the code reached the timeline"
+        );
+        worker.stop().await;
+    })
+    .await;
+}
