@@ -263,7 +263,12 @@ impl BrokerConnection {
                 warn!(error = %e, "could not cancel a consumer");
             }
         }
-        drain(tasks, context.config.shutdown_grace).await;
+        // Until the grace period's end, not a fresh one: cancelling may have taken some of it.
+        drain(
+            tasks,
+            stop_by.saturating_duration_since(tokio::time::Instant::now()),
+        )
+        .await;
         // What follows the grace period has one deadline in all, so that a broker that stopped
         // reading cannot hold the stop past an orchestrator's patience (Compose waits 30 s; the
         // grace is 15 s by default).
