@@ -31,7 +31,7 @@ use shared::send_ledger::{self, Record};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{REDIS_DEADLINE, redis_step, redis_step_by};
+use super::{REDIS_DEADLINE, redis_step_by};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::otp::store::{CheckOutcome, CheckedGuess, Promotion};
@@ -45,13 +45,17 @@ pub async fn check_guess(
     guess: &CheckedGuess<'_>,
 ) -> Result<CheckOutcome, ApiError> {
     let store = &state.otp_store;
-    let checked = redis_step(store.check_guess(state.redis(), phone, guess, true)).await?;
+    // The check and the steps a late promotion adds share one Redis step's time, so that a
+    // sign-in still fits the request's 10 s with the others (see the module doc of `signin`).
+    let give_up_at = Instant::now() + REDIS_DEADLINE;
+    let checked = redis_step_by(
+        give_up_at,
+        store.check_guess(state.redis(), phone, guess, true),
+    )
+    .await?;
     let CheckOutcome::Pending { event_id } = checked else {
         return Ok(checked);
     };
-    // The steps this adds share one Redis step's time, so that a sign-in still fits the
-    // request's 10 s with the others (see the module doc of `signin`).
-    let give_up_at = Instant::now() + REDIS_DEADLINE;
     if let Some(event_id) = event_id
         && let Err(e) = promote_if_sent(state, phone, event_id, give_up_at - LOOKUP_LEAVES).await
     {

@@ -10,8 +10,8 @@
 //! withdrawing an event whose publish went unanswered at most 1 s (`withdrawal`). Making a
 //! confirmed code current is one Redis step, retried within it; past that it goes on in the
 //! background, since the request was decided by the confirm (`promotion`); a sign-in makes a
-//! sent code current itself if that never happened (`late_promotion`), within one more Redis
-//! step's time.
+//! sent code current itself if that never happened (`late_promotion`), within the time of the
+//! Redis step that checks the guess.
 
 mod late_promotion;
 pub mod promotion;

@@ -210,7 +210,8 @@ async fn promote_until(
     let mut failures = 0u32;
     loop {
         // Retries take turns, so that many of them cannot pile onto a Redis that is struggling.
-        let _turn = if failures > 0 {
+        // A turn is held for the call only, not through the pause after it.
+        let turn = if failures > 0 {
             let turn = state.deferred_promotions.retries.acquire();
             match tokio::time::timeout_at(deadline, turn).await {
                 Ok(Ok(turn)) => Some(turn),
@@ -221,7 +222,9 @@ async fn promote_until(
         };
         let try_until = deadline.min(Instant::now() + REDIS_DEADLINE);
         let promote = state.otp_store.promote(state.redis(), phone, event_id);
-        match tokio::time::timeout_at(try_until, promote).await {
+        let tried = tokio::time::timeout_at(try_until, promote).await;
+        drop(turn);
+        match tried {
             Ok(Ok(promotion)) => return Some(promotion),
             Ok(Err(e)) if failures == 0 => {
                 tracing::warn!(error = %e, %event_id, "promoting a confirmed code failed; trying again");
