@@ -109,9 +109,11 @@ pub(crate) async fn send_through_providers(
             }
             // Every remaining provider's breaker is open: wait as for a retryable failure.
             debug!("every provider's breaker is open; waiting");
-            match wait(context, event, &claim, retries, None).await {
+            match wait(context, retries, None).await {
                 Ok(()) => continue,
-                Err(outcome) => return give_up(outcome, &tried, attempts, claim),
+                Err(stop) => {
+                    return give_up(context, event, journal, stop, &tried, attempts, claim).await;
+                }
             }
         };
 
@@ -188,10 +190,9 @@ pub(crate) async fn send_through_providers(
                     provider.breaker.is_open() && has_alternative(context, &tried, provider.name());
                 if !elsewhere {
                     send_outcome("retried");
-                    if let Err(outcome) =
-                        wait(context, event, &claim, retries, error.retry_after).await
-                    {
-                        return give_up(outcome, &tried, attempts, claim);
+                    if let Err(stop) = wait(context, retries, error.retry_after).await {
+                        return give_up(context, event, journal, stop, &tried, attempts, claim)
+                            .await;
                     }
                 }
             }
@@ -240,8 +241,6 @@ enum Stop {
 /// the event first.
 async fn wait(
     context: &Context,
-    event: &OtpRequested,
-    claim: &ClaimToken,
     retries: &mut Retries,
     retry_after: Option<Duration>,
 ) -> Result<(), Stop> {
@@ -251,18 +250,35 @@ async fn wait(
         "retrying after a delay"
     );
     if let Err(ShuttingDown) = context.shutdown.sleep(delay).await {
-        // Shutting down: hand it to another worker rather than wait here.
-        if let Err(e) = context.ledger.release(event.event_id, claim).await {
-            debug!(error = %e, "could not release the claim; it will lapse");
-        }
         return Err(Stop::ShuttingDown);
     }
     Ok(())
 }
 
-fn give_up(stop: Stop, tried: &Tried, attempts: u32, claim: ClaimToken) -> Outcome {
+/// Ends an event whose wait for the next attempt was cut short.
+async fn give_up(
+    context: &Context,
+    event: &OtpRequested,
+    journal: &mut Journal,
+    stop: Stop,
+    tried: &Tried,
+    attempts: u32,
+    claim: ClaimToken,
+) -> Outcome {
+    if tried.ambiguous {
+        // The SMS may be on its way already (the next provider's breaker was open, so the one
+        // more attempt never went). Handed to another worker or dead-lettered, and later
+        // requeued by an operator, it would be sent a second time.
+        return sent_unconfirmed(context, event, journal).await;
+    }
     match stop {
-        Stop::ShuttingDown => Outcome::LeaveToRedeliver,
+        Stop::ShuttingDown => {
+            // Hand it to another worker rather than wait here.
+            if let Err(e) = context.ledger.release(event.event_id, &claim).await {
+                debug!(error = %e, "could not release the claim; it will lapse");
+            }
+            Outcome::LeaveToRedeliver
+        }
         Stop::Budget(kind) => {
             warn!(attempts, kind = kind.as_str(), "giving up; dead-lettering");
             let prefix = format!("gave up after {attempts} attempts: ");

@@ -2,10 +2,11 @@
 //! more attempt at most (on the next provider where there is one) and never the retry loop, and
 //! an event that ends without a clear answer is recorded as sent, not dead-lettered.
 
-use shared::QueueType;
+use shared::{OtpRequested, QueueType};
 use tests::fake_sms::{Faults, SmsProvider};
+use tests::wait::eventually;
 
-use crate::harness::{WAIT, phone, with_harness};
+use crate::harness::{Harness, WAIT, phone, with_harness};
 
 #[tokio::test]
 async fn a_slow_provider_gets_at_most_two_calls_per_event() {
@@ -64,6 +65,103 @@ async fn after_an_ambiguous_call_the_next_provider_gets_the_one_more_attempt() {
             1
         );
         assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
+/// What the send ledger holds for `event`: `sent`, `dead`, `sending:…`, or nothing.
+async fn ledger_record(h: &Harness, event: &OtpRequested) -> Option<String> {
+    redis::cmd("GET")
+        .arg(shared::send_ledger::key(&h.ns, event.event_id))
+        .query_async(&mut h.redis().await)
+        .await
+        .expect("Redis answers")
+}
+
+/// One provider, whose breaker (shared by every worker, through Redis) the ambiguous call opens
+/// for `cooldown_secs`: the one more attempt has to wait for it, and the wait ends before the
+/// breaker lets anything through. Calls take 1.5 s and the worker waits 1 s.
+fn breaker_opened_by_one_slow_call(
+    h: &Harness,
+    cooldown_secs: &'static str,
+    retry_for_secs: &'static str,
+) -> [(&'static str, &'static str); 5] {
+    h.fake.set_faults(Faults::latency(1_500));
+    [
+        ("SEND_TIMEOUT_SECS", "1"),
+        ("PROVIDER_BREAKER_FAILURES", "1"),
+        ("PROVIDER_BREAKER_COOLDOWN_SECS", cooldown_secs),
+        ("SMS_RETRY_MAX_DELAY_MS", "200"),
+        ("RETRY_MAX_ELAPSED_SECS", retry_for_secs),
+    ]
+}
+
+/// The retry budget runs out while the breaker is open: no dead letter, which an operator might
+/// send on, and no second call.
+#[tokio::test]
+async fn an_ambiguous_call_whose_one_more_attempt_runs_out_of_time_ends_as_sent() {
+    with_harness(QueueType::Classic, |h| async move {
+        let worker = h
+            .start_worker(&breaker_opened_by_one_slow_call(&h, "600", "2"))
+            .await;
+        let to = phone();
+        let event = h.request_sms(&to).await;
+        eventually(WAIT, "the event to end", || async {
+            matches!(
+                ledger_record(&h, &event).await.as_deref(),
+                Some(shared::send_ledger::SENT | shared::send_ledger::DEAD)
+            )
+        })
+        .await;
+        worker.stop().await;
+        assert_eq!(
+            ledger_record(&h, &event).await.as_deref(),
+            Some(shared::send_ledger::SENT),
+            "the SMS may have gone: recorded as sent"
+        );
+        assert_eq!(
+            h.dead_lettered().await,
+            0,
+            "dead-lettered after the SMS may have gone"
+        );
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+    })
+    .await;
+}
+
+/// The worker stops while it waits: the event is not handed to another worker, which would send
+/// it again once the breaker lets it.
+#[tokio::test]
+async fn an_ambiguous_call_whose_worker_stops_before_the_one_more_attempt_ends_as_sent() {
+    with_harness(QueueType::Classic, |h| async move {
+        // The breaker lets a probe through a second after it opens: to the next worker.
+        let stopped = h
+            .start_worker(&breaker_opened_by_one_slow_call(&h, "1", "120"))
+            .await;
+        let to = phone();
+        let event = h.request_sms(&to).await;
+        eventually(WAIT, "the slow call", || async {
+            !h.fake.requests(Some(&to)).is_empty()
+        })
+        .await;
+        // The stop lets the call end (ambiguous) and the breaker open; the wait ends at once.
+        stopped.stop().await;
+        h.fake.set_faults(Faults::default());
+        // Handed on, the event would be claimed by the next worker and sent once the breaker
+        // lets a probe through: recorded as sent only then.
+        let next = h.start_worker(&[]).await;
+        eventually(WAIT, "the event to end as sent", || async {
+            h.queued().await == 0
+                && ledger_record(&h, &event).await.as_deref() == Some(shared::send_ledger::SENT)
+        })
+        .await;
+        next.stop().await;
+        assert_eq!(h.queued().await, 0, "the event was acknowledged");
+        assert_eq!(
+            h.fake.requests(Some(&to)).len(),
+            1,
+            "a second call after an ambiguous one"
+        );
     })
     .await;
 }
