@@ -8,7 +8,8 @@
 //!   after its worker died takes over once the lease has lapsed.
 //! - `sent`: the provider accepted the SMS. Later copies are acknowledged without sending.
 //! - `dead`: the event was dead-lettered. Later copies are acknowledged too, so an event ends as
-//!   exactly one of "sent" or "dead-lettered".
+//!   exactly one of "sent" or "dead-lettered". It never replaces `sent`, which a copy that took
+//!   over a lapsed claim may have written while this one was being dead-lettered.
 //! - `withdrawn`: written by the api, never by a worker, for an event whose publish it could not
 //!   tell was stored (no confirm, and no refusal either), and only where no record exists (one
 //!   script: a worker's claim and the api's withdrawal cannot both win). Copies are acknowledged
@@ -75,6 +76,7 @@ pub struct SendLedger {
     claim: Script,
     renew: Script,
     release: Script,
+    finish_dead: Script,
 }
 
 impl SendLedger {
@@ -103,6 +105,16 @@ impl SendLedger {
                     return redis.call('DEL', KEYS[1])
                   end
                   return 0",
+            ),
+            // `dead` never replaces `sent`: a copy that sent the SMS after this one's claim was
+            // lost has the last word, as a sign-in's late promotion trusts only `sent`.
+            finish_dead: Script::new(
+                r"local v = redis.call('GET', KEYS[1])
+                  if v == ARGV[3] then
+                    return v
+                  end
+                  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+                  return v",
             ),
         }
     }
@@ -166,7 +178,8 @@ impl SendLedger {
     /// Records the outcome for `time_left` (until the OTP expires) plus [`DONE_MARGIN`]. Returns
     /// `true` when it replaced the api's withdrawal: the claim had been lost (released at
     /// shutdown, or its lease lapsed) and the api, hearing no confirm, withdrew the event, yet an
-    /// SMS went.
+    /// SMS went. `dead` never replaces `sent`: a copy that took over a lost claim and sent has
+    /// the last word.
     pub async fn finish(
         &self,
         event_id: Uuid,
@@ -178,16 +191,27 @@ impl SendLedger {
             Finished::DeadLettered => shared::send_ledger::DEAD,
             Finished::Withdrawn => shared::send_ledger::WITHDRAWN,
         };
-        // GET returns what the SET replaced (Redis 6.2), in the same command: cheaper for Redis
-        // than a script, on the path every SMS takes.
-        let was: Option<String> = redis::cmd("SET")
-            .arg(self.key(event_id))
-            .arg(value)
-            .arg("PX")
-            .arg(millis(time_left + DONE_MARGIN))
-            .arg("GET")
-            .query_async(&mut self.redis.clone())
-            .await?;
+        let keep_for = millis(time_left + DONE_MARGIN);
+        let was: Option<String> = if finished == Finished::DeadLettered {
+            self.finish_dead
+                .key(self.key(event_id))
+                .arg(value)
+                .arg(keep_for)
+                .arg(shared::send_ledger::SENT)
+                .invoke_async(&mut self.redis.clone())
+                .await?
+        } else {
+            // GET returns what the SET replaced (Redis 6.2), in the same command: cheaper for
+            // Redis than a script, on the path every SMS takes.
+            redis::cmd("SET")
+                .arg(self.key(event_id))
+                .arg(value)
+                .arg("PX")
+                .arg(keep_for)
+                .arg("GET")
+                .query_async(&mut self.redis.clone())
+                .await?
+        };
         Ok(was.as_deref() == Some(shared::send_ledger::WITHDRAWN))
     }
 }
@@ -225,4 +249,76 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::SecretString;
+    use shared::redis_connection::RedisTarget;
+
+    use super::*;
+
+    /// The Redis the integration tests use (`TEST_REDIS_URL`), under a namespace of its own.
+    fn ledger() -> SendLedger {
+        let url = std::env::var("TEST_REDIS_URL")
+            .unwrap_or_else(|_| shared::config::DEFAULT_REDIS_URL.to_owned());
+        let target = RedisTarget::parse(&SecretString::from(url)).unwrap();
+        let namespace = format!("ledger-test-{}", Uuid::new_v4().simple());
+        SendLedger::new(RedisConnection::new(&target).unwrap(), &namespace)
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_never_replaces_a_sent_record() {
+        let ledger = ledger();
+        let minute = Duration::from_secs(60);
+        let (sent, lost) = (Uuid::new_v4(), Uuid::new_v4());
+        let token = ClaimToken::generate();
+
+        // This copy's claim lapsed and another copy sent the SMS; then this one dead-letters.
+        assert_eq!(
+            ledger.claim(sent, &token, minute).await.unwrap(),
+            Claim::Acquired
+        );
+        assert!(!ledger.finish(sent, Finished::Sent, minute).await.unwrap());
+        assert!(
+            !ledger
+                .finish(sent, Finished::DeadLettered, minute)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            ledger
+                .claim(sent, &ClaimToken::generate(), minute)
+                .await
+                .unwrap(),
+            Claim::Finished(Finished::Sent)
+        );
+
+        // Over a claim, its own or another's, the dead letter is recorded.
+        assert_eq!(
+            ledger.claim(lost, &token, minute).await.unwrap(),
+            Claim::Acquired
+        );
+        assert!(
+            !ledger
+                .finish(lost, Finished::DeadLettered, minute)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            ledger
+                .claim(lost, &ClaimToken::generate(), minute)
+                .await
+                .unwrap(),
+            Claim::Finished(Finished::DeadLettered)
+        );
+
+        let mut redis = ledger.redis.clone();
+        let _: i64 = redis::cmd("DEL")
+            .arg(ledger.key(sent))
+            .arg(ledger.key(lost))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
 }
