@@ -114,6 +114,18 @@ impl SendError {
         self
     }
 
+    /// With every run of 4 or more digits of `body` masked, for a send that has the message it
+    /// sent but not its code (a resend): the code is one of those runs.
+    pub fn masking_digits_of(self, body: &str) -> Self {
+        let mut runs: Vec<&str> = body
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|run| run.len() >= 4)
+            .collect();
+        // Longest first, so that a shorter run inside a longer one cannot leave part of it.
+        runs.sort_by_key(|run| std::cmp::Reverse(run.len()));
+        runs.into_iter().fold(self, Self::masking)
+    }
+
     fn new(kind: Failure, message: impl Into<String>) -> Self {
         Self {
             kind,
@@ -347,6 +359,26 @@ mod tests {
         let masked = mask_number(text, "+14155550100");
         assert!(!masked.contains("4155550100"), "{masked}");
         assert!(masked.contains("+1415*****00"), "{masked}");
+    }
+
+    #[test]
+    fn masks_the_code_of_a_body_in_an_echo_of_it() {
+        let body = "Your code is 048213. It expires in 10 minutes (ref 12345678).";
+        let error = SendError::new(
+            Failure::Recipient,
+            format!("infobip answered 400: '{body}' was refused, error 21211"),
+        )
+        .masking_digits_of(body);
+        assert!(!error.message.contains("048213"), "{}", error.message);
+        assert!(!error.message.contains("1234"), "{}", error.message);
+        assert!(
+            error.message.contains("code is ******."),
+            "{}",
+            error.message
+        );
+        // Short runs of the body, and digits the body does not hold, are kept.
+        assert!(error.message.contains("in 10 minutes"), "{}", error.message);
+        assert!(error.message.contains("error 21211"), "{}", error.message);
     }
 
     #[test]

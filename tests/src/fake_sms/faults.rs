@@ -22,6 +22,7 @@ pub struct InjectedResponse {
     /// when `status` is 200.
     #[serde(default)]
     pub code: Option<i64>,
+    /// The error's text: Twilio's `message`, or Infobip's `description`.
     #[serde(default)]
     pub message: Option<String>,
     /// Sent as `Retry-After`.

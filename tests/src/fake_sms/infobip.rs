@@ -271,7 +271,7 @@ fn answer(
         let mut response = api_error(
             injected.status,
             &format!("E{}", injected.status),
-            "Injected error",
+            injected.message.as_deref().unwrap_or("Injected error"),
             &[],
         );
         if let Some(secs) = injected.retry_after_secs

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use shared::{OtpRequested, PhoneNumber, QueueType};
 use sms_worker::trace::{Line, Timelines, What};
-use tests::fake_sms::{Carrier, Outcome, SmsProvider, twilio_signature};
+use tests::fake_sms::{
+    Carrier, Faults, InjectedResponse, Outcome, Rule, SmsProvider, twilio_signature,
+};
 use tests::wait::eventually;
 
 use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
@@ -332,6 +334,59 @@ async fn receipts_alone_open_the_breaker_while_the_api_accepts_everything() {
         assert_eq!(h.fake.messages(Some(&to))[0].provider, SmsProvider::Infobip);
         let twilio_calls = h.fake.requests_via(SmsProvider::Twilio, Some(&to));
         assert!(twilio_calls.is_empty(), "{twilio_calls:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_resend_whose_refusal_echoes_the_code_leaves_it_out_of_the_log() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = h.receipts();
+        // A process of its own: its log is what an operator reads.
+        let worker = h.start_worker_process(&pairs(&overrides)).await;
+        let to = phone();
+        h.fake.set_carrier(Carrier {
+            delay_ms: 20,
+            outcomes: vec![Outcome::new(&to, "undelivered", Some(30007))],
+            ..Carrier::default()
+        });
+        let event = event(&to, CODE_VALIDITY);
+        let code = event.otp.clone().expect("a code");
+        // Infobip, the resend's provider, refuses it quoting the message it was given.
+        h.fake.set_faults_for(
+            SmsProvider::Infobip,
+            Faults {
+                rules: vec![Rule {
+                    to: to.clone(),
+                    response: InjectedResponse {
+                        message: Some(format!(
+                            "the text 'Your sign-in code is {code}' was refused"
+                        )),
+                        ..InjectedResponse::status(400)
+                    },
+                }],
+                ..Faults::default()
+            },
+        );
+        h.hold_code(&event).await;
+        h.publish(&event).await;
+        eventually(WAIT, "the resend to fail", || async {
+            worker.logs().contains("the resend failed")
+        })
+        .await;
+        let resent = lines_of(&h, &overrides, &to, What::Resent).await;
+        assert_eq!(resent.len(), 1, "{resent:?}");
+        assert_eq!(resent[0].provider.as_deref(), Some("infobip"));
+        let logs = worker.logs();
+        assert!(
+            logs.contains("was refused"),
+            "the refusal's text is kept:\n{logs}"
+        );
+        assert!(!logs.contains(&code), "the code reached the log:\n{logs}");
+        assert!(
+            !h.trace(&to, &pairs(&overrides)).await.contains(&code),
+            "the code reached the timeline"
+        );
     })
     .await;
 }
