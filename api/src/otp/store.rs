@@ -94,12 +94,15 @@ return 1
 /// Returns {0} wrong/absent, {1, pttl, a, u, challenge, event} right (the code is consumed, and
 /// its event noted as used for PROMOTE), {2} burned, {3} the unbound budget is spent,
 /// {4, retry_ms} the phone's daily fails are, {5} the guess carries another code's
-/// `challenge_id` (not checked, not counted), {6, event} a pending code exists (nothing checked
-/// or counted; whatever the guess, so its answer says nothing about the guess).
+/// `challenge_id` (not checked, not counted), {6, event} a pending code exists and the guess
+/// carries no `challenge_id` or the pending code's (nothing checked or counted, whatever the code
+/// guessed, so its answer says nothing about the guess). A guess bound to another code skips the
+/// pending one: only the late code's own `challenge_id` could be made to work by promoting it,
+/// and a made-up one must not buy a look into the send ledger and a second CHECK.
 const CHECK: &str = r"
 if ARGV[5] == '1' then
-  local pending = redis.call('HGET', KEYS[3], 'e')
-  if pending then return {6, pending} end
+  local pending = redis.call('HMGET', KEYS[3], 'e', 'c')
+  if pending[1] and (ARGV[2] == '' or ARGV[2] == pending[2]) then return {6, pending[1]} end
 end
 local s = redis.call('HMGET', KEYS[1], 'h', 'c', 'e', 'a', 'u')
 local bound = ARGV[2] ~= ''
@@ -351,7 +354,8 @@ impl OtpStore {
 
     /// Checks a guess against the current code, counting a wrong one. `challenge` is the
     /// fingerprint of the guess's `challenge_id`, if it carried one. With `pending_first`, a
-    /// pending code is reported instead ([`CheckOutcome::Pending`]), before anything is checked.
+    /// pending code is reported instead ([`CheckOutcome::Pending`]), before anything is checked,
+    /// unless the guess is bound to another code.
     pub async fn check_guess(
         &self,
         mut conn: RedisConnection,

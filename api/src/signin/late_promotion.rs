@@ -14,15 +14,18 @@
 //! `sending` (a claim, which its worker may still give up, and the api then withdraw the event),
 //! withdrawn or dead-lettered (no SMS went).
 //!
-//! The usual sign-in finds no pending code, at the cost of one HGET inside its script. Whether
-//! the ledger is asked depends only on the pending code being there, never on the guess, so the
+//! The usual sign-in finds no pending code, at the cost of one HMGET inside its script. Whether
+//! the ledger is asked depends only on the pending code being there (and, for a guess that
+//! carries a `challenge_id`, on its being the pending code's), never on the code guessed, so the
 //! extra step tells a guesser nothing about the code (its timing does tell that the number has a
 //! code pending, which a request's resend-gap 429 tells as well). The ledger lives on another
 //! Redis Cluster slot than the phone's codes: if it cannot be read, the guess is checked against
 //! the current code all the same.
 //!
 //! A sign-in that carries a `challenge_id` must carry the late code's own: a client whose api
-//! died before answering holds only the previous request's, and that guess is not checked.
+//! died before answering holds only the previous request's, and that guess is checked against
+//! the current code alone, as if nothing were pending. So a made-up `challenge_id` costs one
+//! script, as it does with no code pending, not the ledger's lookup and a second check.
 
 use std::time::Duration;
 

@@ -198,8 +198,9 @@ async fn a_code_confirmed_after_a_newer_one_became_current_is_replaced_not_lost(
 
 /// A sign-in made current a pending code while its confirm was still held, which only a sent
 /// SMS allows: a code whose SMS has not gone (no record in the send ledger yet, a worker's claim,
-/// or dead-lettered) is left pending and does not work; once sent, it works once. When the confirm then reaches the api, its promotion finds
-/// the code used, not lost.
+/// or dead-lettered) is left pending and does not work; once sent, it works once, though not for
+/// a guess bound to another code. When the confirm then reaches the api, its promotion finds the
+/// code used, not lost.
 #[tokio::test]
 async fn a_pending_code_works_at_sign_in_only_once_its_sms_went_and_is_then_not_counted_as_lost() {
     let broker = proxy_to_broker().await;
@@ -228,6 +229,17 @@ async fn a_pending_code_works_at_sign_in_only_once_its_sms_went_and_is_then_not_
         );
 
         record_in_the_send_ledger(&app, &event, shared::send_ledger::SENT).await;
+        // A made-up challenge_id cannot be the pending code's: the sign-in does not look into
+        // the ledger for it (which would have made the code current) and checks nothing.
+        other
+            .verify_bound(PHONE, &code, "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+            .await
+            .assert_problem(401, "invalid_otp");
+        assert_eq!(
+            event_of_code(&app, &pending).await,
+            Some(event.event_id.to_string()),
+            "a guess bound to another code made the pending code current"
+        );
         let reply = other.verify(PHONE, &code).await;
         assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
         other
