@@ -8,8 +8,9 @@
 //!   after its worker died takes over once the lease has lapsed.
 //! - `sent`: the provider accepted the SMS. Later copies are acknowledged without sending.
 //! - `dead`: the event was dead-lettered. Later copies are acknowledged too, so an event ends as
-//!   exactly one of "sent" or "dead-lettered". It never replaces `sent`, which a copy that took
-//!   over a lapsed claim may have written while this one was being dead-lettered.
+//!   exactly one of "sent" or "dead-lettered". It is written only over the dead-lettering copy's
+//!   own claim or where nothing is recorded: never over `sent`, which a copy that took over a
+//!   lapsed claim may have written meanwhile, nor over that copy's claim while it sends.
 //! - `withdrawn`: written by the api, never by a worker, for an event whose publish it could not
 //!   tell was stored (no confirm, and no refusal either), and only where no record exists (one
 //!   script: a worker's claim and the api's withdrawal cannot both win). Copies are acknowledged
@@ -76,7 +77,7 @@ pub struct SendLedger {
     claim: Script,
     renew: Script,
     release: Script,
-    finish_dead: Script,
+    record_dead: Script,
 }
 
 impl SendLedger {
@@ -106,15 +107,14 @@ impl SendLedger {
                   end
                   return 0",
             ),
-            // `dead` never replaces `sent`: a copy that sent the SMS after this one's claim was
-            // lost has the last word, as a sign-in's late promotion trusts only `sent`.
-            finish_dead: Script::new(
+            // `dead` goes only over this copy's own claim, or where nothing is recorded (the
+            // claim lapsed): never over `sent`, which a copy that took the lapsed claim over may
+            // have written, nor over that copy's claim while it sends.
+            record_dead: Script::new(
                 r"local v = redis.call('GET', KEYS[1])
-                  if v == ARGV[3] then
-                    return v
-                  end
-                  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-                  return v",
+                  if v and v ~= ARGV[1] then return 0 end
+                  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+                  return 1",
             ),
         }
     }
@@ -175,44 +175,47 @@ impl SendLedger {
         Ok(())
     }
 
-    /// Records the outcome for `time_left` (until the OTP expires) plus [`DONE_MARGIN`]. Returns
-    /// `true` when it replaced the api's withdrawal: the claim had been lost (released at
-    /// shutdown, or its lease lapsed) and the api, hearing no confirm, withdrew the event, yet an
-    /// SMS went. `dead` never replaces `sent`: a copy that took over a lost claim and sent has
-    /// the last word.
-    pub async fn finish(
+    /// Records the SMS as sent for `time_left` (until the OTP expires) plus [`DONE_MARGIN`],
+    /// whatever was recorded. Returns `true` when it replaced the api's withdrawal: the claim
+    /// had been lost (released at shutdown, or its lease lapsed) and the api, hearing no
+    /// confirm, withdrew the event, yet an SMS went.
+    pub async fn record_sent(
         &self,
         event_id: Uuid,
-        finished: Finished,
         time_left: Duration,
     ) -> Result<bool, RedisError> {
-        let value = match finished {
-            Finished::Sent => shared::send_ledger::SENT,
-            Finished::DeadLettered => shared::send_ledger::DEAD,
-            Finished::Withdrawn => shared::send_ledger::WITHDRAWN,
-        };
-        let keep_for = millis(time_left + DONE_MARGIN);
-        let was: Option<String> = if finished == Finished::DeadLettered {
-            self.finish_dead
-                .key(self.key(event_id))
-                .arg(value)
-                .arg(keep_for)
-                .arg(shared::send_ledger::SENT)
-                .invoke_async(&mut self.redis.clone())
-                .await?
-        } else {
-            // GET returns what the SET replaced (Redis 6.2), in the same command: cheaper for
-            // Redis than a script, on the path every SMS takes.
-            redis::cmd("SET")
-                .arg(self.key(event_id))
-                .arg(value)
-                .arg("PX")
-                .arg(keep_for)
-                .arg("GET")
-                .query_async(&mut self.redis.clone())
-                .await?
-        };
+        // GET returns what the SET replaced (Redis 6.2), in the same command: cheaper for Redis
+        // than a script, on the path every SMS takes.
+        let was: Option<String> = redis::cmd("SET")
+            .arg(self.key(event_id))
+            .arg(shared::send_ledger::SENT)
+            .arg("PX")
+            .arg(millis(time_left + DONE_MARGIN))
+            .arg("GET")
+            .query_async(&mut self.redis.clone())
+            .await?;
         Ok(was.as_deref() == Some(shared::send_ledger::WITHDRAWN))
+    }
+
+    /// Records the event as dead-lettered by the holder of `token` (`None`: a copy that never
+    /// held the claim, as when Redis was away), for as long as [`Self::record_sent`] would.
+    /// `false` when another copy's outcome or claim stands instead.
+    pub async fn record_dead_letter(
+        &self,
+        event_id: Uuid,
+        token: Option<&ClaimToken>,
+        time_left: Duration,
+    ) -> Result<bool, RedisError> {
+        let recorded: i64 = self
+            .record_dead
+            .key(self.key(event_id))
+            // No record is ever empty: '' matches only where nothing is recorded.
+            .arg(token.map_or("", |token| token.0.as_str()))
+            .arg(shared::send_ledger::DEAD)
+            .arg(millis(time_left + DONE_MARGIN))
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(recorded == 1)
     }
 }
 
@@ -268,57 +271,80 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dead_letter_never_replaces_a_sent_record() {
+    async fn a_dead_letter_is_recorded_only_over_its_own_claim_or_nothing() {
         let ledger = ledger();
         let minute = Duration::from_secs(60);
-        let (sent, lost) = (Uuid::new_v4(), Uuid::new_v4());
-        let token = ClaimToken::generate();
-
-        // This copy's claim lapsed and another copy sent the SMS; then this one dead-letters.
-        assert_eq!(
-            ledger.claim(sent, &token, minute).await.unwrap(),
-            Claim::Acquired
+        let mine = ClaimToken::generate();
+        let (own, unclaimed, sent, taken) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
         );
-        assert!(!ledger.finish(sent, Finished::Sent, minute).await.unwrap());
+        let claim = |id| ledger.claim(id, &mine, minute);
+        // What another copy finds.
+        let other = ClaimToken::generate();
+        let looked_at = |id| ledger.claim(id, &other, minute);
+
+        assert_eq!(claim(own).await.unwrap(), Claim::Acquired);
         assert!(
-            !ledger
-                .finish(sent, Finished::DeadLettered, minute)
+            ledger
+                .record_dead_letter(own, Some(&mine), minute)
                 .await
                 .unwrap()
         );
         assert_eq!(
-            ledger
-                .claim(sent, &ClaimToken::generate(), minute)
-                .await
-                .unwrap(),
-            Claim::Finished(Finished::Sent)
-        );
-
-        // Over a claim, its own or another's, the dead letter is recorded.
-        assert_eq!(
-            ledger.claim(lost, &token, minute).await.unwrap(),
-            Claim::Acquired
-        );
-        assert!(
-            !ledger
-                .finish(lost, Finished::DeadLettered, minute)
-                .await
-                .unwrap()
-        );
-        assert_eq!(
-            ledger
-                .claim(lost, &ClaimToken::generate(), minute)
-                .await
-                .unwrap(),
+            looked_at(own).await.unwrap(),
             Claim::Finished(Finished::DeadLettered)
         );
 
+        // Never claimed by this copy (Redis was away), and nobody else has it.
+        assert!(
+            ledger
+                .record_dead_letter(unclaimed, None, minute)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            looked_at(unclaimed).await.unwrap(),
+            Claim::Finished(Finished::DeadLettered)
+        );
+
+        // Another copy took the lapsed claim over and sent the SMS: its outcome stands.
+        assert!(!ledger.record_sent(sent, minute).await.unwrap());
+        assert!(
+            !ledger
+                .record_dead_letter(sent, Some(&mine), minute)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            looked_at(sent).await.unwrap(),
+            Claim::Finished(Finished::Sent)
+        );
+
+        // Another copy holds the claim and is sending: its claim stands.
+        let theirs = ClaimToken::generate();
+        assert_eq!(
+            ledger.claim(taken, &theirs, minute).await.unwrap(),
+            Claim::Acquired
+        );
+        assert!(
+            !ledger
+                .record_dead_letter(taken, Some(&mine), minute)
+                .await
+                .unwrap()
+        );
+        assert_eq!(looked_at(taken).await.unwrap(), Claim::HeldElsewhere);
+        assert!(ledger.renew(taken, &theirs, minute).await.unwrap());
+
         let mut redis = ledger.redis.clone();
-        let _: i64 = redis::cmd("DEL")
-            .arg(ledger.key(sent))
-            .arg(ledger.key(lost))
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        for id in [own, unclaimed, sent, taken] {
+            let _: i64 = redis::cmd("DEL")
+                .arg(ledger.key(id))
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
     }
 }

@@ -235,12 +235,18 @@ async fn settle(
                     if let Some(event) = event {
                         let time_left =
                             Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-                        if let Err(e) = context
+                        match context
                             .ledger
-                            .finish(event.event_id, Finished::DeadLettered, time_left)
+                            .record_dead_letter(event.event_id, claim.as_ref(), time_left)
                             .await
                         {
-                            debug!(error = %e, "could not record the dead letter in Redis");
+                            Ok(true) => {}
+                            Ok(false) => warn!(
+                                "dead-lettered, but another copy of the event took its claim over meanwhile: the ledger keeps that copy's outcome"
+                            ),
+                            Err(e) => {
+                                debug!(error = %e, "could not record the dead letter in Redis");
+                            }
                         }
                     }
                     send_outcome("dead_lettered");

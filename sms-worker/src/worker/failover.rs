@@ -9,7 +9,9 @@
 //! - recipient (no provider could): dead-lettered;
 //! - ambiguous (the request went out, no answer came back): the SMS may be on its way, so it
 //!   gets exactly one more attempt, on the next provider where there is one, and never the
-//!   retry loop; if that ends without a clear "accepted", the event ends as sent-unconfirmed.
+//!   retry loop; if that ends without a clear "accepted", whatever it met, or never comes (a
+//!   breaker still open when the budget ends, a stop), the event ends as sent-unconfirmed. It is
+//!   never dead-lettered or handed to another worker: either could lead to a second SMS.
 
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use super::budget::{MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
 use super::outcome::Outcome;
 use crate::dead_letter::{DeadLetter, ErrorKind};
-use crate::ledger::{ClaimToken, Finished, SendLedger};
+use crate::ledger::{ClaimToken, SendLedger};
 use crate::message;
 use crate::metrics::{self as m, send_outcome};
 use crate::provider::breaker::Allowance;
@@ -168,11 +170,10 @@ pub(crate) async fn send_through_providers(
             "send failed"
         );
         if tried.ambiguous {
-            // The one attempt after an ambiguous one is the last, whatever it met, unless it
-            // proves that nothing could have been delivered.
-            if error.kind == Failure::Recipient {
-                return dead_letter_now(&tried, attempts, claim);
-            }
+            // The one attempt after an ambiguous one is the last, whatever it met. Even a
+            // refusal naming the recipient proves little about the first call (Infobip calls any
+            // 400 a recipient's), and a dead letter would record `dead` over an SMS that may be
+            // on the phone.
             return sent_unconfirmed(context, event, journal).await;
         }
         match error.kind {
@@ -267,8 +268,9 @@ async fn give_up(
 ) -> Outcome {
     if tried.ambiguous {
         // The SMS may be on its way already (the next provider's breaker was open, so the one
-        // more attempt never went). Handed to another worker or dead-lettered, and later
-        // requeued by an operator, it would be sent a second time.
+        // more attempt never went). Handed to another worker, it would be sent a second time;
+        // dead-lettered, the ledger would say `dead`, and a sign-in's late promotion would
+        // refuse a code that may be on the phone.
         return sent_unconfirmed(context, event, journal).await;
     }
     match stop {
@@ -366,7 +368,7 @@ async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line
 async fn record_in_ledger(ledger: &SendLedger, event: &OtpRequested) {
     let ttl = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     for attempt in 1..=3 {
-        match ledger.finish(event.event_id, Finished::Sent, ttl).await {
+        match ledger.record_sent(event.event_id, ttl).await {
             Ok(false) => return,
             Ok(true) => {
                 // Its claim was lost while it sent, and the api, hearing no confirm in time,

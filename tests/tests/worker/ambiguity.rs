@@ -3,10 +3,10 @@
 //! an event that ends without a clear answer is recorded as sent, not dead-lettered.
 
 use shared::{OtpRequested, QueueType};
-use tests::fake_sms::{Faults, SmsProvider};
+use tests::fake_sms::{Faults, InjectedResponse, Rule, SmsProvider};
 use tests::wait::eventually;
 
-use crate::harness::{Harness, WAIT, phone, with_harness};
+use crate::harness::{Harness, WAIT, pairs, phone, with_harness};
 
 #[tokio::test]
 async fn a_slow_provider_gets_at_most_two_calls_per_event() {
@@ -18,15 +18,19 @@ async fn a_slow_provider_gets_at_most_two_calls_per_event() {
             .start_worker(&[("SEND_TIMEOUT_SECS", "1"), ("RETRY_MAX_ELAPSED_SECS", "60")])
             .await;
         let numbers: Vec<String> = (0..3).map(|_| phone()).collect();
+        let mut events = Vec::new();
         for to in &numbers {
-            h.request_sms(to).await;
+            events.push(h.request_sms(to).await);
         }
-        tests::wait::eventually(WAIT, "every event settled", || async {
-            h.queued().await == 0
-                && numbers
-                    .iter()
-                    .all(|to| !h.fake.requests(Some(to)).is_empty())
-                && h.metrics(&worker).await.contains("sms_ambiguous_total 3")
+        // By the ledger, not `sms_ambiguous_total`: the in-process workers of the tests running
+        // alongside share one metrics recorder.
+        eventually(WAIT, "every event ended as sent-unconfirmed", || async {
+            let mut all_sent = h.queued().await == 0;
+            for event in &events {
+                all_sent &=
+                    ledger_record(&h, event).await.as_deref() == Some(shared::send_ledger::SENT);
+            }
+            all_sent
         })
         .await;
         worker.stop().await;
@@ -146,6 +150,11 @@ async fn an_ambiguous_call_whose_worker_stops_before_the_one_more_attempt_ends_a
         .await;
         // The stop lets the call end (ambiguous) and the breaker open; the wait ends at once.
         stopped.stop().await;
+        assert_eq!(h.queued().await, 0, "acknowledged during the stop's drain");
+        assert_eq!(
+            ledger_record(&h, &event).await.as_deref(),
+            Some(shared::send_ledger::SENT)
+        );
         h.fake.set_faults(Faults::default());
         // Handed on, the event would be claimed by the next worker and sent once the breaker
         // lets a probe through: recorded as sent only then.
@@ -162,6 +171,51 @@ async fn an_ambiguous_call_whose_worker_stops_before_the_one_more_attempt_ends_a
             1,
             "a second call after an ambiguous one"
         );
+    })
+    .await;
+}
+
+/// A refusal after an ambiguous call says nothing of the first call (Infobip calls any 400 the
+/// recipient's): the event ends as sent-unconfirmed, not dead-lettered.
+#[tokio::test]
+async fn a_refusal_after_an_ambiguous_call_ends_as_sent_not_dead_lettered() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(1_500));
+        let to = phone();
+        h.fake.set_faults_for(
+            SmsProvider::Infobip,
+            Faults {
+                rules: vec![Rule {
+                    to: to.clone(),
+                    response: InjectedResponse::status(400),
+                }],
+                ..Faults::default()
+            },
+        );
+        let mut overrides = h.failover();
+        overrides.push(("SEND_TIMEOUT_SECS".to_owned(), "1".to_owned()));
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let event = h.request_sms(&to).await;
+        eventually(WAIT, "the event to end", || async {
+            matches!(
+                ledger_record(&h, &event).await.as_deref(),
+                Some(shared::send_ledger::SENT | shared::send_ledger::DEAD)
+            )
+        })
+        .await;
+        worker.stop().await;
+        assert_eq!(
+            h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len(),
+            1,
+            "Infobip had the one more attempt"
+        );
+        assert_eq!(
+            ledger_record(&h, &event).await.as_deref(),
+            Some(shared::send_ledger::SENT),
+            "the first SMS may have gone: recorded as sent"
+        );
+        assert_eq!(h.dead_lettered().await, 0);
+        assert_eq!(h.queued().await, 0);
     })
     .await;
 }
