@@ -114,8 +114,9 @@ impl SendError {
         self
     }
 
-    /// With every run of 4 or more digits of `body` masked, for a send that has the message it
-    /// sent but not its code (a resend): the code is one of those runs.
+    /// With the code of `body` masked, for a send that has the message it sent but not its
+    /// code (a resend): every run of 4 or more digits of the body (the code is one of them), and
+    /// every run of 3 or more digits in the text that is part of one (an echo cut short).
     pub fn masking_digits_of(self, body: &str) -> Self {
         let mut runs: Vec<&str> = body
             .split(|c: char| !c.is_ascii_digit())
@@ -123,7 +124,27 @@ impl SendError {
             .collect();
         // Longest first, so that a shorter run inside a longer one cannot leave part of it.
         runs.sort_by_key(|run| std::cmp::Reverse(run.len()));
-        runs.into_iter().fold(self, Self::masking)
+        let mut masked = runs.iter().fold(self, |error, run| error.masking(run));
+        let part_of_a_run =
+            |digits: &str| digits.len() >= 3 && runs.iter().any(|run| run.contains(digits));
+        let mut text = String::with_capacity(masked.message.len());
+        let mut digits = String::new();
+        for c in masked.message.chars().chain(std::iter::once(' ')) {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            if part_of_a_run(&digits) {
+                text.extend(std::iter::repeat_n('*', digits.len()));
+            } else {
+                text.push_str(&digits);
+            }
+            digits.clear();
+            text.push(c);
+        }
+        text.pop();
+        masked.message = text;
+        masked
     }
 
     fn new(kind: Failure, message: impl Into<String>) -> Self {
@@ -376,6 +397,10 @@ mod tests {
             "{}",
             error.message
         );
+        // An echo cut short.
+        let cut = SendError::new(Failure::Recipient, "refused: 'Your code is 0482'")
+            .masking_digits_of(body);
+        assert_eq!(cut.message, "refused: 'Your code is ****'");
         // Short runs of the body, and digits the body does not hold, are kept.
         assert!(error.message.contains("in 10 minutes"), "{}", error.message);
         assert!(error.message.contains("error 21211"), "{}", error.message);
