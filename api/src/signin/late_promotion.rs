@@ -24,8 +24,9 @@
 //!
 //! A sign-in that carries a `challenge_id` must carry the late code's own: a client whose api
 //! died before answering holds only the previous request's, and that guess is checked against
-//! the current code alone, as if nothing were pending. So a made-up `challenge_id` costs one
-//! script, as it does with no code pending, not the ledger's lookup and a second check.
+//! the current code alone, as if nothing were pending: the late code typed in is a wrong guess
+//! for the previous one, and counts as one. So a made-up `challenge_id` costs one script, as it
+//! does with no code pending, not the ledger's lookup and a second check.
 
 use std::time::Duration;
 
