@@ -82,6 +82,18 @@ async fn ledger_record(h: &Harness, event: &OtpRequested) -> Option<String> {
         .expect("Redis answers")
 }
 
+/// Waits until the ledger says how `event` ended, `sent` or `dead`, and says which.
+async fn wait_for_the_end(h: &Harness, event: &OtpRequested) -> String {
+    eventually(WAIT, "the event to end", || async {
+        matches!(
+            ledger_record(h, event).await.as_deref(),
+            Some(shared::send_ledger::SENT | shared::send_ledger::DEAD)
+        )
+    })
+    .await;
+    ledger_record(h, event).await.unwrap_or_default()
+}
+
 /// One provider, whose breaker (shared by every worker, through Redis) the ambiguous call opens
 /// for `cooldown_secs`: the one more attempt has to wait for it, and the wait ends before the
 /// breaker lets anything through. Calls take 1.5 s and the worker waits 1 s.
@@ -110,17 +122,11 @@ async fn an_ambiguous_call_whose_one_more_attempt_runs_out_of_time_ends_as_sent(
             .await;
         let to = phone();
         let event = h.request_sms(&to).await;
-        eventually(WAIT, "the event to end", || async {
-            matches!(
-                ledger_record(&h, &event).await.as_deref(),
-                Some(shared::send_ledger::SENT | shared::send_ledger::DEAD)
-            )
-        })
-        .await;
+        let ended = wait_for_the_end(&h, &event).await;
         worker.stop().await;
         assert_eq!(
-            ledger_record(&h, &event).await.as_deref(),
-            Some(shared::send_ledger::SENT),
+            ended.as_str(),
+            shared::send_ledger::SENT,
             "the SMS may have gone: recorded as sent"
         );
         assert_eq!(
@@ -196,13 +202,7 @@ async fn a_refusal_after_an_ambiguous_call_ends_as_sent_not_dead_lettered() {
         overrides.push(("SEND_TIMEOUT_SECS".to_owned(), "1".to_owned()));
         let worker = h.start_worker(&pairs(&overrides)).await;
         let event = h.request_sms(&to).await;
-        eventually(WAIT, "the event to end", || async {
-            matches!(
-                ledger_record(&h, &event).await.as_deref(),
-                Some(shared::send_ledger::SENT | shared::send_ledger::DEAD)
-            )
-        })
-        .await;
+        let ended = wait_for_the_end(&h, &event).await;
         worker.stop().await;
         assert_eq!(
             h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len(),
@@ -210,8 +210,8 @@ async fn a_refusal_after_an_ambiguous_call_ends_as_sent_not_dead_lettered() {
             "Infobip had the one more attempt"
         );
         assert_eq!(
-            ledger_record(&h, &event).await.as_deref(),
-            Some(shared::send_ledger::SENT),
+            ended.as_str(),
+            shared::send_ledger::SENT,
             "the first SMS may have gone: recorded as sent"
         );
         assert_eq!(h.dead_lettered().await, 0);
