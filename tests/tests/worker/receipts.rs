@@ -1,8 +1,9 @@
 //! Delivery receipts over real HTTP, with fake-sms as the carrier: signed Twilio callbacks
 //! accepted and forged ones refused, Infobip reports only with the URL's secret, duplicates and
 //! late statuses ignored, one resend through the other provider for a carrier-side failure of a
-//! code that is still valid (and none otherwise), the breaker opening on receipts alone, and
-//! `sms-worker trace` telling the story.
+//! code that is still valid (and none otherwise), a failed resend's refusal logged without the
+//! code it echoes, the breaker opening on receipts alone, and `sms-worker trace` telling the
+//! story.
 
 use std::sync::Arc;
 use std::time::Duration;
