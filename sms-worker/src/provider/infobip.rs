@@ -13,7 +13,8 @@ use shared::redis_connection::RedisConnection;
 use super::answer::{End, read_at_most, read_send_answer};
 use super::token::{FETCH_TIMEOUT, FreshToken, Token, TokenManager, TokenSource};
 use super::{
-    Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after, sensitive_header,
+    Accepted, Failure, SendError, Sms, http_client, mask_number, masked_words, retry_after,
+    sensitive_header,
 };
 use crate::config::{InfobipAuth, InfobipConfig};
 use crate::seal::SealKey;
@@ -338,7 +339,7 @@ impl Infobip {
             .and_then(|c| c.trim_start_matches('E').parse().ok());
         Err(SendError {
             kind: answer.sorted(classify(status, about_destination)),
-            message: mask(format!("infobip answered {status}: {text}")),
+            message: format!("infobip answered {status}: {}", masked_words(&text)),
             status: Some(status),
             code,
             retry_after,

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::answer::read_send_answer;
 use super::{
-    Accepted, Failure, SendError, Sms, http_client, mask_number, retry_after, sensitive_header,
+    Accepted, Failure, SendError, Sms, http_client, masked_words, retry_after, sensitive_header,
 };
 use crate::config::{TwilioAuth, TwilioConfig};
 
@@ -115,10 +115,7 @@ impl Twilio {
         let status = status.as_u16();
         Err(SendError {
             kind: answer.sorted(classify(status, code)),
-            message: mask_number(
-                &format!("twilio answered {status}: {text}"),
-                sms.to.as_str(),
-            ),
+            message: format!("twilio answered {status}: {}", masked_words(&text)),
             status: Some(status),
             code,
             retry_after,

@@ -190,10 +190,7 @@ async fn resend(
         message_id: format!("{event_id}-resend"),
     };
     let timeout = context.config.send_timeout.min(time_left);
-    let result = provider
-        .send(&sms, timeout)
-        .await
-        .map_err(|e| e.masking_digits_of(&sms.body));
+    let result = provider.send(&sms, timeout).await;
     let line = Line::new(event_id.to_owned(), What::Resent).provider(provider.name());
     match result {
         Ok(accepted) => {
