@@ -112,9 +112,9 @@ impl SendLedger {
             // have written, nor over that copy's claim while it sends.
             record_dead: Script::new(
                 r"local v = redis.call('GET', KEYS[1])
-                  if v and v ~= ARGV[1] then return 0 end
+                  if v and v ~= ARGV[1] then return v end
                   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-                  return 1",
+                  return false",
             ),
         }
     }
@@ -199,14 +199,14 @@ impl SendLedger {
 
     /// Records the event as dead-lettered by the holder of `token` (`None`: a copy that never
     /// held the claim, as when Redis was away), for as long as [`Self::record_sent`] would.
-    /// `false` when another copy's outcome or claim stands instead.
+    /// `Some` says what stands instead: another copy's outcome or claim.
     pub async fn record_dead_letter(
         &self,
         event_id: Uuid,
         token: Option<&ClaimToken>,
         time_left: Duration,
-    ) -> Result<bool, RedisError> {
-        let recorded: i64 = self
+    ) -> Result<Option<&'static str>, RedisError> {
+        let stands: Option<String> = self
             .record_dead
             .key(self.key(event_id))
             // No record is ever empty: '' matches only where nothing is recorded.
@@ -215,7 +215,13 @@ impl SendLedger {
             .arg(millis(time_left + DONE_MARGIN))
             .invoke_async(&mut self.redis.clone())
             .await?;
-        Ok(recorded == 1)
+        Ok(stands.map(|value| match Record::parse(&value) {
+            Some(Record::Sending) => "another copy's claim",
+            Some(Record::Sent) => "sent",
+            Some(Record::Dead) => "dead",
+            Some(Record::Withdrawn) => "withdrawn",
+            None => "a value no program writes",
+        }))
     }
 }
 
@@ -275,49 +281,27 @@ mod tests {
         let ledger = ledger();
         let minute = Duration::from_secs(60);
         let mine = ClaimToken::generate();
-        let (own, unclaimed, sent, taken) = (
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-        );
-        let claim = |id| ledger.claim(id, &mine, minute);
+        let [own, unclaimed, sent, taken, withdrawn] = [(); 5].map(|()| Uuid::new_v4());
+        let dead = |id, token| ledger.record_dead_letter(id, token, minute);
         // What another copy finds.
         let other = ClaimToken::generate();
         let looked_at = |id| ledger.claim(id, &other, minute);
+        let dead_lettered = Claim::Finished(Finished::DeadLettered);
 
-        assert_eq!(claim(own).await.unwrap(), Claim::Acquired);
-        assert!(
-            ledger
-                .record_dead_letter(own, Some(&mine), minute)
-                .await
-                .unwrap()
-        );
         assert_eq!(
-            looked_at(own).await.unwrap(),
-            Claim::Finished(Finished::DeadLettered)
+            ledger.claim(own, &mine, minute).await.unwrap(),
+            Claim::Acquired
         );
+        assert_eq!(dead(own, Some(&mine)).await.unwrap(), None);
+        assert_eq!(looked_at(own).await.unwrap(), dead_lettered);
 
         // Never claimed by this copy (Redis was away), and nobody else has it.
-        assert!(
-            ledger
-                .record_dead_letter(unclaimed, None, minute)
-                .await
-                .unwrap()
-        );
-        assert_eq!(
-            looked_at(unclaimed).await.unwrap(),
-            Claim::Finished(Finished::DeadLettered)
-        );
+        assert_eq!(dead(unclaimed, None).await.unwrap(), None);
+        assert_eq!(looked_at(unclaimed).await.unwrap(), dead_lettered);
 
         // Another copy took the lapsed claim over and sent the SMS: its outcome stands.
         assert!(!ledger.record_sent(sent, minute).await.unwrap());
-        assert!(
-            !ledger
-                .record_dead_letter(sent, Some(&mine), minute)
-                .await
-                .unwrap()
-        );
+        assert_eq!(dead(sent, Some(&mine)).await.unwrap(), Some("sent"));
         assert_eq!(
             looked_at(sent).await.unwrap(),
             Claim::Finished(Finished::Sent)
@@ -329,17 +313,28 @@ mod tests {
             ledger.claim(taken, &theirs, minute).await.unwrap(),
             Claim::Acquired
         );
-        assert!(
-            !ledger
-                .record_dead_letter(taken, Some(&mine), minute)
-                .await
-                .unwrap()
+        assert_eq!(
+            dead(taken, Some(&mine)).await.unwrap(),
+            Some("another copy's claim")
         );
         assert_eq!(looked_at(taken).await.unwrap(), Claim::HeldElsewhere);
         assert!(ledger.renew(taken, &theirs, minute).await.unwrap());
 
+        // The api withdrew the event after this copy's claim lapsed: no SMS either way.
         let mut redis = ledger.redis.clone();
-        for id in [own, unclaimed, sent, taken] {
+        let () = redis::cmd("SET")
+            .arg(ledger.key(withdrawn))
+            .arg(shared::send_ledger::WITHDRAWN)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(
+            dead(withdrawn, Some(&mine)).await.unwrap(),
+            Some("withdrawn")
+        );
+        assert_eq!(dead(withdrawn, None).await.unwrap(), Some("withdrawn"));
+
+        for id in [own, unclaimed, sent, taken, withdrawn] {
             let _: i64 = redis::cmd("DEL")
                 .arg(ledger.key(id))
                 .query_async(&mut redis)

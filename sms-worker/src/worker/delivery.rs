@@ -19,7 +19,7 @@ use super::context::Context;
 use super::outcome::Outcome;
 use super::send::{Lease, send_otp};
 use crate::dead_letter::{self, DeadLetter, ErrorKind, PublishError};
-use crate::ledger::Finished;
+use crate::ledger::{ClaimToken, Finished};
 use crate::metrics::{self as m, InFlight, send_outcome};
 use crate::trace::Journal;
 
@@ -218,37 +218,23 @@ async fn settle(
         }
         Outcome::DeadLetter { dead_letter, claim } => {
             // The claim stays this task's while the dead letter may wait (for room, during an
-            // alarm): lapsed, another copy of the event could claim it and try to send.
-            let published = {
-                let _lease = event.zip(claim.as_ref()).map(|(event, claim)| {
-                    Lease::keep(
-                        context.ledger.clone(),
-                        event.event_id,
-                        claim.clone(),
-                        context.config.claim_lease,
-                    )
-                });
-                publish_dead_letter(context, acks, delivery, event, &dead_letter).await
-            };
+            // alarm) and until the ledger has it: lapsed, another copy of the event could claim
+            // it and try to send.
+            let lease = event.zip(claim.as_ref()).map(|(event, claim)| {
+                Lease::keep(
+                    context.ledger.clone(),
+                    event.event_id,
+                    claim.clone(),
+                    context.config.claim_lease,
+                )
+            });
+            let published = publish_dead_letter(context, acks, delivery, event, &dead_letter).await;
             match published {
                 Ok(()) => {
                     if let Some(event) = event {
-                        let time_left =
-                            Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-                        match context
-                            .ledger
-                            .record_dead_letter(event.event_id, claim.as_ref(), time_left)
-                            .await
-                        {
-                            Ok(true) => {}
-                            Ok(false) => warn!(
-                                "dead-lettered, but another copy of the event took its claim over meanwhile: the ledger keeps that copy's outcome"
-                            ),
-                            Err(e) => {
-                                debug!(error = %e, "could not record the dead letter in Redis");
-                            }
-                        }
+                        record_dead_letter(context, event, claim.as_ref()).await;
                     }
+                    drop(lease);
                     send_outcome("dead_lettered");
                     metrics::counter!(m::DEAD_LETTERS, "kind" => dead_letter.kind.as_str())
                         .increment(1);
@@ -260,6 +246,7 @@ async fn settle(
                     acks.finished(delivery.delivery_tag);
                 }
                 Err(e) => {
+                    drop(lease);
                     // Never drop: the original goes back to the queue and is tried again.
                     warn!(error = %e, "could not dead-letter the message; returning it to the queue");
                     if let (Some(event), Some(claim)) = (event, claim)
@@ -275,6 +262,33 @@ async fn settle(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Records in the send ledger that the event was dead-lettered, with a few quick tries as for a
+/// sent SMS: with no record, a copy of the event the broker still holds (stored twice by a
+/// retried publish) could be sent.
+async fn record_dead_letter(context: &Context, event: &OtpRequested, claim: Option<&ClaimToken>) {
+    let time_left = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
+    for attempt in 1..=3 {
+        match context
+            .ledger
+            .record_dead_letter(event.event_id, claim, time_left)
+            .await
+        {
+            Ok(None) => return,
+            Ok(Some(stands)) => {
+                warn!(
+                    stands,
+                    "dead-lettered, but the send ledger holds another outcome or another copy's claim for this event, which stands"
+                );
+                return;
+            }
+            Err(e) if attempt == 3 => {
+                warn!(error = %e, "dead-lettered, but could not record it in Redis; another copy of the event could still be sent");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
 }
