@@ -16,8 +16,9 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::acks::Acks;
 use super::context::Context;
+use super::lease::Lease;
 use super::outcome::Outcome;
-use super::send::{Lease, send_otp};
+use super::send::send_otp;
 use crate::dead_letter::{self, DeadLetter, ErrorKind, PublishError};
 use crate::ledger::{ClaimToken, Finished};
 use crate::metrics::{self as m, InFlight, send_outcome};

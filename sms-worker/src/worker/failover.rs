@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use super::budget::{MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
+use super::lease::Lease;
 use super::outcome::Outcome;
 use crate::dead_letter::{DeadLetter, ErrorKind};
 use crate::ledger::{ClaimToken, SendLedger};
@@ -76,6 +77,7 @@ pub(crate) async fn send_through_providers(
     context: &Context,
     event: &OtpRequested,
     claim: ClaimToken,
+    lease: &Lease,
     retries: &mut Retries,
     journal: &mut Journal,
 ) -> Outcome {
@@ -119,6 +121,18 @@ pub(crate) async fn send_through_providers(
             }
         };
 
+        if !lease.surely_held() {
+            // Redis has not renewed the claim lately: it may lapse there, and another copy of
+            // the event take it and send.
+            if tried.ambiguous {
+                return sent_unconfirmed(context, event, journal).await;
+            }
+            warn!(
+                attempts,
+                "cannot be sure the event's claim is still this worker's (Redis has not renewed it lately); returning the event to the queue rather than risk a second SMS"
+            );
+            return Outcome::Requeue;
+        }
         attempts += 1;
         let sms = Sms {
             to: &event.phone_number,

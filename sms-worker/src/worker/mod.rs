@@ -4,7 +4,8 @@
 //! - [`connection`]: the AMQP connection and the consume loop, reconnecting when the broker goes;
 //! - [`delivery`]: one message's life, from parsing to ack, nack or dead letter;
 //! - [`broker_copies`]: RabbitMQ's own dead letters, moved to the DLQ without their code;
-//! - [`send`]: the send path: claiming the event in the ledger, within a [`budget`];
+//! - [`send`]: the send path: claiming the event in the ledger, within a [`budget`], its
+//!   [`lease`] kept while the event is worked on;
 //! - [`failover`]: sending it through the providers in order, past their breakers;
 //! - [`callbacks`]: the public listener for delivery receipts, which [`resend`] applies.
 
@@ -16,6 +17,7 @@ mod connection;
 mod context;
 mod delivery;
 mod failover;
+mod lease;
 mod outcome;
 mod queue_depth;
 mod resend;

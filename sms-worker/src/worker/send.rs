@@ -6,15 +6,16 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use shared::OtpRequested;
 use time::OffsetDateTime;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::budget::{Budget, MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
 use super::failover::send_through_providers;
+use super::lease::Lease;
 use super::outcome::Outcome;
 use crate::dead_letter::{DeadLetter, ErrorKind};
-use crate::ledger::{Claim, ClaimToken, SendLedger};
+use crate::ledger::{Claim, ClaimToken};
 use crate::shutdown::ShuttingDown;
 use crate::trace::Journal;
 
@@ -48,8 +49,8 @@ pub(crate) async fn send_otp(
 
     // The claim comes first, in one round trip that also says whether the event was handled
     // already: a copy of a handled event is acknowledged whatever its age.
-    let claim = match claim(context, event.event_id, started, &mut retries).await {
-        Ok(claim) => claim,
+    let (claim, claimed_at) = match claim(context, event.event_id, started, &mut retries).await {
+        Ok(claimed) => claimed,
         Err(outcome) => return outcome,
     };
     if millis_left < MIN_MILLIS_LEFT {
@@ -63,13 +64,14 @@ pub(crate) async fn send_otp(
             claim: Some(claim),
         };
     }
-    let _lease = Lease::keep(
+    let lease = Lease::keep_from(
         context.ledger.clone(),
         event.event_id,
         claim.clone(),
         config.claim_lease,
+        claimed_at,
     );
-    send_through_providers(context, event, claim, &mut retries, journal).await
+    send_through_providers(context, event, claim, &lease, &mut retries, journal).await
 }
 
 /// Takes the event's claim, so that no other copy sends it at the same time. A copy that finds
@@ -79,19 +81,21 @@ async fn claim(
     event_id: Uuid,
     started: Instant,
     retries: &mut Retries,
-) -> Result<ClaimToken, Outcome> {
+) -> Result<(ClaimToken, Instant), Outcome> {
     let config = &context.config;
     let token = ClaimToken::generate();
     // A copy that waits for another is bounded by the other's budget, plus its lease lapsing.
     let wait_limit = config.retry_max_elapsed + config.send_timeout + config.claim_lease * 2;
     let mut waiting = false;
     loop {
+        // The lease runs from when the claim was asked for, at the latest.
+        let asked_at = Instant::now();
         match context
             .ledger
             .claim(event_id, &token, config.claim_lease)
             .await
         {
-            Ok(Claim::Acquired) => return Ok(token),
+            Ok(Claim::Acquired) => return Ok((token, asked_at)),
             Ok(Claim::Finished(finished)) => return Err(Outcome::AlreadyHandled(finished)),
             Ok(Claim::HeldElsewhere) => {
                 if !waiting {
@@ -124,38 +128,5 @@ async fn claim(
                 }
             }
         }
-    }
-}
-
-/// Keeps renewing a claim's lease until dropped.
-pub(super) struct Lease(tokio::task::JoinHandle<()>);
-
-impl Lease {
-    pub(super) fn keep(
-        ledger: SendLedger,
-        event_id: Uuid,
-        token: ClaimToken,
-        lease: Duration,
-    ) -> Self {
-        Self(tokio::spawn(async move {
-            let every = lease / 3;
-            loop {
-                tokio::time::sleep(every).await;
-                match ledger.renew(event_id, &token, lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        warn!(%event_id, "lost the claim on this event (its lease lapsed)");
-                        return;
-                    }
-                    Err(e) => debug!(%event_id, error = %e, "could not renew the claim"),
-                }
-            }
-        }))
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use shared::QueueType;
+use tests::fake_sms::{Faults, InjectedResponse};
 use tests::program::Program;
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
 use tests::wait::eventually;
 
-use crate::harness::{CODE_VALIDITY, Harness, event, phone, with_harness};
+use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, phone, with_harness};
 
 #[tokio::test]
 async fn without_redis_nothing_is_sent_blindly() {
@@ -518,6 +519,58 @@ async fn keeps_running_through_a_redis_outage() {
         worker.wait_ready(&h.http).await;
         worker.stop().await;
         assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        assert_eq!(h.queued().await, 0);
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
+/// Redis going away while a worker retries a send: once its claim has gone unrenewed for a
+/// while, the claim may lapse in Redis and another copy of the event take it, so the worker
+/// calls the provider no more. The event goes back to the queue, waits for Redis with the
+/// duplicate check, and is sent once Redis is back.
+#[tokio::test]
+async fn a_claim_that_cannot_be_renewed_stops_the_calls_to_the_provider() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        // The provider asks for a retry every time: the worker calls it every 100 ms or so. The
+        // harness's claim lease is 1 s.
+        h.fake.set_faults(Faults {
+            always: Some(InjectedResponse::status(503)),
+            ..Faults::default()
+        });
+        let worker = h
+            .start_worker(&[
+                ("REDIS_URL", &redis_url),
+                ("SMS_RETRY_MAX_DELAY_MS", "100"),
+                ("PROVIDER_BREAKER_FAILURES", "10000"),
+            ])
+            .await;
+        let to = phone();
+        h.request_sms(&to).await;
+        eventually(WAIT, "the worker to be retrying", || async {
+            h.fake.requests(Some(&to)).len() >= 3
+        })
+        .await;
+
+        redis.go_down();
+        // Observation windows, not synchronisation: within two thirds of a lease the worker
+        // stops calling (2 s leaves room for a call started just before); over the next 1.5 s,
+        // a call every 100 ms or so would show.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let calls = h.fake.requests(Some(&to)).len();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(
+            h.fake.requests(Some(&to)).len(),
+            calls,
+            "called the provider without a claim it could be sure of"
+        );
+
+        h.fake.set_faults(Faults::default());
+        redis.come_back();
+        h.wait_for_messages(&to, 1).await;
+        worker.stop().await;
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
         assert_eq!(h.queued().await, 0);
         assert_eq!(h.dead_lettered().await, 0);
     })
