@@ -86,11 +86,16 @@ impl SendLedger {
             redis,
             namespace: namespace.to_owned(),
             // One round trip, atomic: take the claim if the key is free, else say who has it.
+            // A claim this task already holds (an earlier try whose answer was lost) gets a
+            // fresh lease, so that the lease runs from this try, as its caller counts it.
             claim: Script::new(
                 r"local v = redis.call('GET', KEYS[1])
                   if not v then
                     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
                     return 'acquired'
+                  end
+                  if v == ARGV[1] then
+                    redis.call('PEXPIRE', KEYS[1], ARGV[2])
                   end
                   return v",
             ),

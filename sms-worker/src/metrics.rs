@@ -82,7 +82,7 @@ pub fn describe() {
     );
     describe_counter!(
         SENDS,
-        "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, withdrawn, sent_after_withdrawal, requeued."
+        "Deliveries by outcome: sent, sent_unconfirmed, retried, dead_lettered, duplicate_skipped, withdrawn, sent_after_withdrawal, claim_in_doubt, requeued."
     );
     describe_counter!(
         DEAD_LETTERS_HELD,

@@ -100,6 +100,13 @@ pub(crate) async fn send_through_providers(
                 claim: Some(claim),
             };
         }
+        // Before a breaker's probe is taken: a requeue would leave it stranded.
+        if !lease.make_sure().await {
+            if tried.ambiguous {
+                return sent_unconfirmed(context, event, journal).await;
+            }
+            return claim_in_doubt(context, event, &claim, attempts).await;
+        }
         let Some((provider, allowance)) = choose(context, &tried).await else {
             if all_excluded(context, &tried) {
                 if tried.ambiguous {
@@ -121,18 +128,6 @@ pub(crate) async fn send_through_providers(
             }
         };
 
-        if !lease.surely_held() {
-            // Redis has not renewed the claim lately: it may lapse there, and another copy of
-            // the event take it and send.
-            if tried.ambiguous {
-                return sent_unconfirmed(context, event, journal).await;
-            }
-            warn!(
-                attempts,
-                "cannot be sure the event's claim is still this worker's (Redis has not renewed it lately); returning the event to the queue rather than risk a second SMS"
-            );
-            return Outcome::Requeue;
-        }
         attempts += 1;
         let sms = Sms {
             to: &event.phone_number,
@@ -268,6 +263,31 @@ async fn wait(
         return Err(Stop::ShuttingDown);
     }
     Ok(())
+}
+
+/// Hands back an event whose claim Redis could not renew: it may lapse there, and another copy
+/// of the event take it and send, so no provider call may start. The claim is released if Redis
+/// answers, and the event goes back to the queue after a pause, where its next delivery waits
+/// for the duplicate check.
+async fn claim_in_doubt(
+    context: &Context,
+    event: &OtpRequested,
+    claim: &ClaimToken,
+    attempts: u32,
+) -> Outcome {
+    warn!(
+        attempts,
+        "cannot be sure the event's claim is still this worker's (Redis did not renew it); returning the event to the queue rather than risk a second SMS"
+    );
+    send_outcome("claim_in_doubt");
+    if let Err(e) = context.ledger.release(event.event_id, claim).await {
+        debug!(error = %e, "could not release the claim; it will lapse");
+    }
+    // So that a Redis that stays away does not turn into a loop of redeliveries.
+    match context.shutdown.sleep(Duration::from_secs(1)).await {
+        Ok(()) => Outcome::Requeue,
+        Err(ShuttingDown) => Outcome::LeaveToRedeliver,
+    }
 }
 
 /// Ends an event whose wait for the next attempt was cut short.

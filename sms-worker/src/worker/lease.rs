@@ -10,18 +10,70 @@ use uuid::Uuid;
 
 use crate::ledger::{ClaimToken, SendLedger};
 
+/// Renewals per lease. Several, so that one failed renewal (a Redis timeout, a reconnect) leaves
+/// the claim well inside its lease, above [`SURE_FOR`].
+const RENEWALS_PER_LEASE: u32 = 6;
+/// After a failed renewal, the next try comes this soon, not a whole renewal period later.
+const RETRY_AFTER_A_FAILURE: Duration = Duration::from_millis(100);
+/// A provider call starts only while the claim is held for this part of a lease yet.
+const SURE_FOR: u32 = 3;
+
 /// Keeps renewing a claim's lease until dropped, and knows until when the claim is surely
-/// held: the lease renewed last, counted from when that renewal was asked for.
+/// held: the last renewal's lease, counted from when that renewal was asked for.
 pub(super) struct Lease {
     renewing: tokio::task::JoinHandle<()>,
-    /// `None` once the claim is known to be lost.
-    held_until: Arc<Mutex<Option<Instant>>>,
-    /// How long a lease runs.
+    claim: Arc<HeldClaim>,
+}
+
+/// One claim, and until when it is held (`None` once it is known to be lost).
+struct HeldClaim {
+    ledger: SendLedger,
+    event_id: Uuid,
+    token: ClaimToken,
     lease: Duration,
+    held_until: Mutex<Option<Instant>>,
+}
+
+impl HeldClaim {
+    /// Asks Redis to extend the lease; `false` when it could not say (the claim is then held
+    /// until its last lease ends, no longer).
+    async fn renew(&self) -> bool {
+        let asked_at = Instant::now();
+        let held = match self
+            .ledger
+            .renew(self.event_id, &self.token, self.lease)
+            .await
+        {
+            Ok(true) => Some(asked_at + self.lease),
+            Ok(false) => {
+                warn!(event_id = %self.event_id, "lost the claim on this event (its lease lapsed)");
+                None
+            }
+            Err(e) => {
+                debug!(event_id = %self.event_id, error = %e, "could not renew the claim");
+                return false;
+            }
+        };
+        if let Ok(mut held_until) = self.held_until.lock() {
+            // A renewal asked for earlier may answer later: the lease runs to the latest end.
+            // A claim lost stays lost.
+            *held_until = held.and_then(|new| held_until.map(|old| new.max(old)));
+        }
+        true
+    }
+
+    fn lost(&self) -> bool {
+        self.held_until.lock().map_or(true, |held| held.is_none())
+    }
+
+    fn surely_held(&self) -> bool {
+        let held_until = self.held_until.lock().ok().and_then(|held| *held);
+        held_until.is_some_and(|until| Instant::now() + self.lease / SURE_FOR < until)
+    }
 }
 
 impl Lease {
-    /// Only keeps the claim alive: [`Self::surely_held`] would count its lease from now, later
+    /// Only keeps the claim alive: [`Self::make_sure`] would count its lease from now, later
     /// than its last renewal.
     pub(super) fn keep(
         ledger: SendLedger,
@@ -40,46 +92,42 @@ impl Lease {
         lease: Duration,
         claimed_at: Instant,
     ) -> Self {
-        let held_until = Arc::new(Mutex::new(Some(claimed_at + lease)));
-        let renewed = held_until.clone();
+        let claim = Arc::new(HeldClaim {
+            ledger,
+            event_id,
+            token,
+            lease,
+            held_until: Mutex::new(Some(claimed_at + lease)),
+        });
+        let renewed = claim.clone();
         let renewing = tokio::spawn(async move {
-            let every = lease / 3;
+            let every = lease / RENEWALS_PER_LEASE;
+            let mut next = every;
             loop {
-                tokio::time::sleep(every).await;
-                let asked_at = Instant::now();
-                let held = match ledger.renew(event_id, &token, lease).await {
-                    Ok(true) => Some(asked_at + lease),
-                    Ok(false) => {
-                        warn!(%event_id, "lost the claim on this event (its lease lapsed)");
-                        None
-                    }
-                    Err(e) => {
-                        debug!(%event_id, error = %e, "could not renew the claim");
-                        continue;
-                    }
+                tokio::time::sleep(next).await;
+                next = if renewed.renew().await {
+                    every
+                } else {
+                    RETRY_AFTER_A_FAILURE.min(every)
                 };
-                if let Ok(mut held_until) = renewed.lock() {
-                    *held_until = held;
-                }
-                if held.is_none() {
+                if renewed.lost() {
                     return;
                 }
             }
         });
-        Self {
-            renewing,
-            held_until,
-            lease,
-        }
+        Self { renewing, claim }
     }
 
-    /// Whether the claim is surely this copy's for a while yet: a third of a lease, the time
-    /// between two renewals. Once renewals fail for longer (Redis away or stalled), the lease
-    /// may lapse in Redis and another copy of the event take the claim and send: no provider
-    /// call may start then.
-    pub(super) fn surely_held(&self) -> bool {
-        let held_until = self.held_until.lock().ok().and_then(|held| *held);
-        held_until.is_some_and(|until| Instant::now() + self.lease / 3 < until)
+    /// Whether the claim is surely this copy's for a while yet (a third of a lease), renewing
+    /// it once more first if that is in doubt. Once Redis cannot renew it, the lease may lapse
+    /// there and another copy of the event take the claim and send: no provider call may
+    /// start then.
+    pub(super) async fn make_sure(&self) -> bool {
+        if self.claim.surely_held() {
+            return true;
+        }
+        self.claim.renew().await;
+        self.claim.surely_held()
     }
 }
 
