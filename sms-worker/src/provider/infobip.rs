@@ -13,8 +13,7 @@ use shared::redis_connection::RedisConnection;
 use super::answer::{End, read_at_most, read_send_answer};
 use super::token::{FETCH_TIMEOUT, FreshToken, Token, TokenManager, TokenSource};
 use super::{
-    Accepted, Failure, SendError, Sms, http_client, mask_number, masked_words, retry_after,
-    sensitive_header,
+    Accepted, Failure, SendError, Sms, http_client, masked_words, retry_after, sensitive_header,
 };
 use crate::config::{InfobipAuth, InfobipConfig};
 use crate::seal::SealKey;
@@ -271,7 +270,6 @@ impl Infobip {
         let answer = read_send_answer("infobip", response, sms.to).await;
         let bytes = &answer.bytes;
         let status = status.as_u16();
-        let mask = |text: String| mask_number(&text, sms.to.as_str());
 
         if (200..300).contains(&status) {
             let message = serde_json::from_slice::<SendAnswer>(bytes)
@@ -303,7 +301,7 @@ impl Infobip {
                 let name = message.status.and_then(|s| s.name).unwrap_or_default();
                 return Err(SendError {
                     kind: classify_rejection(id),
-                    message: mask(format!("infobip rejected the message: {name}")),
+                    message: format!("infobip rejected the message: {}", masked_words(&name)),
                     status: Some(status),
                     code: id,
                     retry_after: None,
