@@ -577,6 +577,64 @@ async fn a_claim_that_cannot_be_renewed_stops_the_calls_to_the_provider() {
     .await;
 }
 
+/// What the lease check is for: two copies of one event (a publish retried after a lost
+/// confirm), one on a worker that loses Redis while it retries the provider. Its claim lapses
+/// and the other worker takes the event over; the first must not send it too.
+#[tokio::test]
+async fn a_worker_cut_off_from_redis_leaves_the_event_to_the_copy_that_takes_its_claim_over() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        h.fake.set_faults(Faults {
+            always: Some(InjectedResponse::status(503)),
+            ..Faults::default()
+        });
+        // One delivery at a time: the second copy waits in the queue for the other worker.
+        let cut_off = h
+            .start_worker(&[
+                ("REDIS_URL", &redis_url),
+                ("WORKER_CONCURRENCY", "1"),
+                ("SMS_RETRY_MAX_DELAY_MS", "100"),
+                ("PROVIDER_BREAKER_FAILURES", "10000"),
+            ])
+            .await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        h.publish(&event).await;
+        eventually(WAIT, "the first worker to be retrying", || async {
+            h.fake.requests(Some(&to)).len() >= 3
+        })
+        .await;
+
+        redis.go_down();
+        // A scenario: the claim lapses in Redis a lease (1 s) after its last renewal; the
+        // provider starts accepting only after that.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        h.fake.set_faults(Faults::default());
+        let other = h
+            .start_worker(&[("PROVIDER_BREAKER_FAILURES", "10000")])
+            .await;
+        h.wait_for_messages(&to, 1).await;
+        // An observation window: a first worker still calling (every half second or so, with
+        // its Redis calls failing) would send the event again.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // Redis back, the copy the first worker holds finds the event sent; stopped first, it
+        // would hand the copy back, and the other worker find it sent.
+        redis.come_back();
+        cut_off.stop().await;
+        eventually(WAIT, "both copies to be acknowledged", || async {
+            h.queued().await == 0
+        })
+        .await;
+        other.stop().await;
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1, "two SMS for one event");
+        assert_eq!(h.queued().await, 0);
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
 /// A worker process allowed one dead letter held by an alarm, during an alarm: the first of two
 /// numbers the provider refuses has its copy held, the second waits for room. Returns the
 /// broker's proxy (blocked), the worker, the two numbers and the worker's `/metrics` URL.
