@@ -55,6 +55,17 @@ pub enum Finished {
     Withdrawn,
 }
 
+/// What a renewal of a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still the holder's: the lease runs again from the renewal.
+    Renewed,
+    /// The event's outcome is recorded (by this holder, or another copy): no claim is left.
+    Finished,
+    /// Gone (lapsed, or released) or another copy's claim now.
+    Lost,
+}
+
 /// Proves that this task holds an event's claim: only the holder may renew or release it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimToken(String);
@@ -100,11 +111,14 @@ impl SendLedger {
                   return v",
             ),
             // Only the holder may extend or drop its claim: after a lapse another worker owns it.
+            // Else says what is there instead ('' for nothing).
             renew: Script::new(
-                r"if redis.call('GET', KEYS[1]) == ARGV[1] then
-                    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                r"local v = redis.call('GET', KEYS[1])
+                  if v == ARGV[1] then
+                    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                    return 'renewed'
                   end
-                  return 0",
+                  return v or ''",
             ),
             release: Script::new(
                 r"if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -152,21 +166,27 @@ impl SendLedger {
         })
     }
 
-    /// Extends the lease; `false` when the claim was lost (it lapsed and someone took it).
+    /// Extends the lease, if the claim is still the holder's of `token`.
     pub async fn renew(
         &self,
         event_id: Uuid,
         token: &ClaimToken,
         lease: Duration,
-    ) -> Result<bool, RedisError> {
-        let renewed: i64 = self
+    ) -> Result<Renewal, RedisError> {
+        let found: String = self
             .renew
             .key(self.key(event_id))
             .arg(&token.0)
             .arg(millis(lease))
             .invoke_async(&mut self.redis.clone())
             .await?;
-        Ok(renewed == 1)
+        Ok(match found.as_str() {
+            "renewed" => Renewal::Renewed,
+            found => match parse_finished(found) {
+                Some(_) => Renewal::Finished,
+                None => Renewal::Lost,
+            },
+        })
     }
 
     /// Gives the claim up so that a redelivered copy can try without waiting for the lease.
@@ -323,7 +343,18 @@ mod tests {
             Some("another copy's claim")
         );
         assert_eq!(looked_at(taken).await.unwrap(), Claim::HeldElsewhere);
-        assert!(ledger.renew(taken, &theirs, minute).await.unwrap());
+        assert_eq!(
+            ledger.renew(taken, &theirs, minute).await.unwrap(),
+            Renewal::Renewed
+        );
+        assert_eq!(
+            ledger.renew(taken, &mine, minute).await.unwrap(),
+            Renewal::Lost
+        );
+        assert_eq!(
+            ledger.renew(sent, &mine, minute).await.unwrap(),
+            Renewal::Finished
+        );
 
         // The api withdrew the event after this copy's claim lapsed: no SMS either way.
         let mut redis = ledger.redis.clone();

@@ -100,12 +100,10 @@ pub(crate) async fn send_through_providers(
                 claim: Some(claim),
             };
         }
-        // Before a breaker's probe is taken: a requeue would leave it stranded.
+        // No provider call may start with the claim in doubt (see `claim_in_doubt`). Looked at
+        // first before a breaker's probe is taken, which a requeue would leave stranded.
         if !lease.make_sure().await {
-            if tried.ambiguous {
-                return sent_unconfirmed(context, event, journal).await;
-            }
-            return claim_in_doubt(context, event, &claim, attempts).await;
+            return claim_in_doubt(context, event, journal, &claim, lease, &tried, attempts).await;
         }
         let Some((provider, allowance)) = choose(context, &tried).await else {
             if all_excluded(context, &tried) {
@@ -123,10 +121,16 @@ pub(crate) async fn send_through_providers(
             match wait(context, retries, None).await {
                 Ok(()) => continue,
                 Err(stop) => {
+                    lease.stop();
                     return give_up(context, event, journal, stop, &tried, attempts, claim).await;
                 }
             }
         };
+        // Once more: the breakers' state comes from Redis, and reading it may have taken long.
+        // A probe taken and left is cheaper than a second SMS.
+        if !lease.make_sure().await {
+            return claim_in_doubt(context, event, journal, &claim, lease, &tried, attempts).await;
+        }
 
         attempts += 1;
         let sms = Sms {
@@ -201,6 +205,7 @@ pub(crate) async fn send_through_providers(
                 if !elsewhere {
                     send_outcome("retried");
                     if let Err(stop) = wait(context, retries, error.retry_after).await {
+                        lease.stop();
                         return give_up(context, event, journal, stop, &tried, attempts, claim)
                             .await;
                     }
@@ -265,21 +270,29 @@ async fn wait(
     Ok(())
 }
 
-/// Hands back an event whose claim Redis could not renew: it may lapse there, and another copy
-/// of the event take it and send, so no provider call may start. The claim is released if Redis
-/// answers, and the event goes back to the queue after a pause, where its next delivery waits
-/// for the duplicate check.
+/// Ends the work on an event whose claim Redis could not renew: it may lapse there, and another
+/// copy of the event take it and send, so no provider call may start. After an ambiguous call
+/// the event is sent-unconfirmed. Otherwise the claim is released if Redis answers, and the
+/// event goes back to the queue after a pause, where its next delivery waits for the duplicate
+/// check.
 async fn claim_in_doubt(
     context: &Context,
     event: &OtpRequested,
+    journal: &mut Journal,
     claim: &ClaimToken,
+    lease: &Lease,
+    tried: &Tried,
     attempts: u32,
 ) -> Outcome {
+    if tried.ambiguous {
+        return sent_unconfirmed(context, event, journal).await;
+    }
     warn!(
         attempts,
         "cannot be sure the event's claim is still this worker's (Redis did not renew it); returning the event to the queue rather than risk a second SMS"
     );
     send_outcome("claim_in_doubt");
+    lease.stop();
     if let Err(e) = context.ledger.release(event.event_id, claim).await {
         debug!(error = %e, "could not release the claim; it will lapse");
     }

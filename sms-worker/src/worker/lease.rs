@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use crate::ledger::{ClaimToken, SendLedger};
+use crate::ledger::{ClaimToken, Renewal, SendLedger};
 
 /// Renewals per lease. Several, so that one failed renewal (a Redis timeout, a reconnect) leaves
 /// the claim well inside its lease, above [`SURE_FOR`].
 const RENEWALS_PER_LEASE: u32 = 6;
-/// After a failed renewal, the next try comes this soon, not a whole renewal period later.
+/// After a failed renewal, the next try comes this soon, not a whole renewal period later; after
+/// more failures, twice as late each time, up to a renewal period, so that many claims on a sick
+/// Redis do not hammer it.
 const RETRY_AFTER_A_FAILURE: Duration = Duration::from_millis(100);
 /// A provider call starts only while the claim is held for this part of a lease yet.
 const SURE_FOR: u32 = 3;
@@ -44,8 +46,12 @@ impl HeldClaim {
             .renew(self.event_id, &self.token, self.lease)
             .await
         {
-            Ok(true) => Some(asked_at + self.lease),
-            Ok(false) => {
+            Ok(Renewal::Renewed) => Some(asked_at + self.lease),
+            Ok(Renewal::Finished) => {
+                debug!(event_id = %self.event_id, "the event's outcome is recorded; no claim left to renew");
+                None
+            }
+            Ok(Renewal::Lost) => {
                 warn!(event_id = %self.event_id, "lost the claim on this event (its lease lapsed)");
                 None
             }
@@ -103,13 +109,20 @@ impl Lease {
         let renewing = tokio::spawn(async move {
             let every = lease / RENEWALS_PER_LEASE;
             let mut next = every;
+            let mut after_a_failure = RETRY_AFTER_A_FAILURE;
             loop {
                 tokio::time::sleep(next).await;
-                next = if renewed.renew().await {
-                    every
+                if renewed.renew().await {
+                    next = every;
+                    after_a_failure = RETRY_AFTER_A_FAILURE;
                 } else {
-                    RETRY_AFTER_A_FAILURE.min(every)
-                };
+                    // Spread, so that the claims a Redis failure hit together do not all come
+                    // back together.
+                    next = after_a_failure
+                        .min(every)
+                        .mul_f64(rand::random_range(0.5..=1.0));
+                    after_a_failure *= 2;
+                }
                 if renewed.lost() {
                     return;
                 }
@@ -128,6 +141,14 @@ impl Lease {
         }
         self.claim.renew().await;
         self.claim.surely_held()
+    }
+}
+
+impl Lease {
+    /// Stops renewing, before the holder itself releases the claim or records the event's
+    /// outcome over it.
+    pub(super) fn stop(&self) {
+        self.renewing.abort();
     }
 }
 
