@@ -17,7 +17,7 @@ const RENEWALS_PER_LEASE: u32 = 6;
 /// more failures, twice as late each time, up to a renewal period, so that many claims on a sick
 /// Redis do not hammer it.
 const RETRY_AFTER_A_FAILURE: Duration = Duration::from_millis(100);
-/// A provider call starts only while the claim is held for this part of a lease yet.
+/// A provider call starts only while the claim is held for `lease / SURE_FOR` yet: a third.
 const SURE_FOR: u32 = 3;
 
 /// Keeps renewing a claim's lease until dropped, and knows until when the claim is surely
