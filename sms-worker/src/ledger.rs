@@ -270,6 +270,26 @@ impl SendLedger {
     }
 }
 
+/// Runs a write of an event's outcome up to three times, 200 ms apart, and returns the last
+/// answer: without the record, a copy of the event the broker still holds could be sent again,
+/// and a Redis blip should not decide that.
+pub async fn with_a_few_tries<T, F, Fut>(mut write: F) -> Result<T, RedisError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RedisError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Err(_) if attempt < 3 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 fn parse_finished(value: &str) -> Option<Finished> {
     match Record::parse(value)? {
         Record::Sent => Some(Finished::Sent),

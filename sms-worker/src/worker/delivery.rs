@@ -20,7 +20,7 @@ use super::lease::Lease;
 use super::outcome::Outcome;
 use super::send::send_otp;
 use crate::dead_letter::{self, DeadLetter, ErrorKind, PublishError};
-use crate::ledger::{ClaimToken, Finished};
+use crate::ledger::{ClaimToken, Finished, with_a_few_tries};
 use crate::metrics::{self as m, InFlight, send_outcome};
 use crate::trace::Journal;
 
@@ -268,28 +268,23 @@ async fn settle(
 }
 
 /// Records in the send ledger that the event was dead-lettered, with a few quick tries as for a
-/// sent SMS: with no record, a copy of the event the broker still holds (stored twice by a
-/// retried publish) could be sent.
+/// sent SMS.
 async fn record_dead_letter(context: &Context, event: &OtpRequested, claim: Option<&ClaimToken>) {
     let time_left = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-    for attempt in 1..=3 {
-        match context
+    let recorded = with_a_few_tries(|| {
+        context
             .ledger
             .record_dead_letter(event.event_id, claim, time_left)
-            .await
-        {
-            Ok(None) => return,
-            Ok(Some(stands)) => {
-                warn!(
-                    stands,
-                    "dead-lettered, but the send ledger holds another outcome or another copy's claim for this event, which stands"
-                );
-                return;
-            }
-            Err(e) if attempt == 3 => {
-                warn!(error = %e, "dead-lettered, but could not record it in Redis; another copy of the event could still be sent");
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+    })
+    .await;
+    match recorded {
+        Ok(None) => {}
+        Ok(Some(stands)) => warn!(
+            stands,
+            "dead-lettered, but the send ledger holds another outcome or another copy's claim for this event, which stands"
+        ),
+        Err(e) => {
+            warn!(error = %e, "dead-lettered, but could not record it in Redis; another copy of the event could still be sent");
         }
     }
 }

@@ -24,7 +24,7 @@ use super::context::Context;
 use super::lease::Lease;
 use super::outcome::Outcome;
 use crate::dead_letter::{DeadLetter, ErrorKind};
-use crate::ledger::{ClaimToken, SendLedger};
+use crate::ledger::{ClaimToken, SendLedger, with_a_few_tries};
 use crate::message;
 use crate::metrics::{self as m, send_outcome};
 use crate::provider::breaker::Allowance;
@@ -414,24 +414,20 @@ async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line
 /// A few quick tries, since a missing record could let a redelivered copy send the SMS again.
 async fn record_in_ledger(ledger: &SendLedger, event: &OtpRequested) {
     let ttl = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-    for attempt in 1..=3 {
-        match ledger.record_sent(event.event_id, ttl).await {
-            Ok(false) => return,
-            Ok(true) => {
-                // Its claim was lost while it sent, and the api, hearing no confirm in time,
-                // withdrew the event and refused the request: an SMS went whose code will not
-                // work, and the request gave its limit slots back.
-                metrics::counter!(crate::metrics::SENDS, "outcome" => "sent_after_withdrawal")
-                    .increment(1);
-                error!(
-                    "sent an event the api had withdrawn: its claim was lost while it was being sent"
-                );
-                return;
-            }
-            Err(e) if attempt == 3 => {
-                warn!(error = %e, "sent, but could not record it in Redis; a redelivered copy could be sent again")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+    match with_a_few_tries(|| ledger.record_sent(event.event_id, ttl)).await {
+        Ok(false) => {}
+        Ok(true) => {
+            // Its claim was lost while it sent, and the api, hearing no confirm in time,
+            // withdrew the event and refused the request: an SMS went whose code will not
+            // work, and the request gave its limit slots back.
+            metrics::counter!(crate::metrics::SENDS, "outcome" => "sent_after_withdrawal")
+                .increment(1);
+            error!(
+                "sent an event the api had withdrawn: its claim was lost while it was being sent"
+            );
+        }
+        Err(e) => {
+            warn!(error = %e, "sent, but could not record it in Redis; a redelivered copy could be sent again");
         }
     }
 }

@@ -4,14 +4,14 @@
 
 use std::time::Duration;
 
-use shared::QueueType;
+use shared::{OtpRequested, QueueType};
 use tests::fake_sms::{Faults, InjectedResponse};
 use tests::program::Program;
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
 use tests::wait::eventually;
 
-use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, phone, with_harness};
+use crate::harness::{CODE_VALIDITY, Harness, RunningWorker, WAIT, event, phone, with_harness};
 
 #[tokio::test]
 async fn without_redis_nothing_is_sent_blindly() {
@@ -525,6 +525,38 @@ async fn keeps_running_through_a_redis_outage() {
     .await;
 }
 
+/// A worker reaching Redis through a proxy, retrying `event` (published `copies` times) against a
+/// provider that asks for a retry every time: it calls about every 100 ms, and the harness's
+/// claim lease is 1 s. Returns once it has called three times.
+async fn retrying_through_a_redis_proxy(
+    h: &Harness,
+    event: &OtpRequested,
+    copies: usize,
+    overrides: &[(&str, &str)],
+) -> (TcpProxy, RunningWorker) {
+    let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+    h.fake.set_faults(Faults {
+        always: Some(InjectedResponse::status(503)),
+        ..Faults::default()
+    });
+    let mut vars = vec![
+        ("REDIS_URL", redis_url.as_str()),
+        ("SMS_RETRY_MAX_DELAY_MS", "100"),
+        ("PROVIDER_BREAKER_FAILURES", "10000"),
+    ];
+    vars.extend_from_slice(overrides);
+    let worker = h.start_worker(&vars).await;
+    for _ in 0..copies {
+        h.publish(event).await;
+    }
+    let to = event.phone_number.as_str();
+    eventually(WAIT, "the worker to be retrying", || async {
+        h.fake.requests(Some(to)).len() >= 3
+    })
+    .await;
+    (redis, worker)
+}
+
 /// Redis going away while a worker retries a send: once its claim has gone unrenewed for a
 /// while, the claim may lapse in Redis and another copy of the event take it, so the worker
 /// calls the provider no more. The event goes back to the queue, waits for Redis with the
@@ -532,26 +564,9 @@ async fn keeps_running_through_a_redis_outage() {
 #[tokio::test]
 async fn a_claim_that_cannot_be_renewed_stops_the_calls_to_the_provider() {
     with_harness(QueueType::Classic, |h| async move {
-        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
-        // The provider asks for a retry every time: the worker calls it every 100 ms or so. The
-        // harness's claim lease is 1 s.
-        h.fake.set_faults(Faults {
-            always: Some(InjectedResponse::status(503)),
-            ..Faults::default()
-        });
-        let worker = h
-            .start_worker(&[
-                ("REDIS_URL", &redis_url),
-                ("SMS_RETRY_MAX_DELAY_MS", "100"),
-                ("PROVIDER_BREAKER_FAILURES", "10000"),
-            ])
-            .await;
         let to = phone();
-        h.request_sms(&to).await;
-        eventually(WAIT, "the worker to be retrying", || async {
-            h.fake.requests(Some(&to)).len() >= 3
-        })
-        .await;
+        let (redis, worker) =
+            retrying_through_a_redis_proxy(&h, &event(&to, CODE_VALIDITY), 1, &[]).await;
 
         redis.go_down();
         // Observation windows, not synchronisation: within two thirds of a lease the worker
@@ -583,27 +598,14 @@ async fn a_claim_that_cannot_be_renewed_stops_the_calls_to_the_provider() {
 #[tokio::test]
 async fn a_worker_cut_off_from_redis_leaves_the_event_to_the_copy_that_takes_its_claim_over() {
     with_harness(QueueType::Classic, |h| async move {
-        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
-        h.fake.set_faults(Faults {
-            always: Some(InjectedResponse::status(503)),
-            ..Faults::default()
-        });
-        // One delivery at a time: the second copy waits in the queue for the other worker.
-        let cut_off = h
-            .start_worker(&[
-                ("REDIS_URL", &redis_url),
-                ("WORKER_CONCURRENCY", "1"),
-                ("SMS_RETRY_MAX_DELAY_MS", "100"),
-                ("PROVIDER_BREAKER_FAILURES", "10000"),
-            ])
-            .await;
         let to = phone();
-        let event = event(&to, CODE_VALIDITY);
-        h.publish(&event).await;
-        h.publish(&event).await;
-        eventually(WAIT, "the first worker to be retrying", || async {
-            h.fake.requests(Some(&to)).len() >= 3
-        })
+        // One delivery at a time: the second copy waits in the queue for the other worker.
+        let (redis, cut_off) = retrying_through_a_redis_proxy(
+            &h,
+            &event(&to, CODE_VALIDITY),
+            2,
+            &[("WORKER_CONCURRENCY", "1")],
+        )
         .await;
 
         redis.go_down();
