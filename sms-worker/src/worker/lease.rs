@@ -121,7 +121,8 @@ impl Lease {
                     next = after_a_failure
                         .min(every)
                         .mul_f64(rand::random_range(0.5..=1.0));
-                    after_a_failure *= 2;
+                    // Capped before it doubles, so no run of failures can overflow it.
+                    after_a_failure = after_a_failure.min(every) * 2;
                 }
                 if renewed.lost() {
                     return;
