@@ -33,9 +33,11 @@ use crate::receipts::store::SentMessage;
 use crate::shutdown::ShuttingDown;
 use crate::trace::{Journal, Line};
 
-/// What this event has been through so far.
+/// What this event has been through so far, across the claims its delivery took.
 #[derive(Default)]
-struct Tried {
+pub(super) struct Tried {
+    /// Provider calls made.
+    attempts: u32,
     /// Providers that cannot send this event (they refused it, or were ambiguous about it).
     excluded: Vec<&'static str>,
     /// `name:status:code` per call, for the dead letter.
@@ -56,7 +58,21 @@ impl Tried {
         self.last_error = Some(error.clone());
     }
 
-    fn dead_letter(&self, kind: ErrorKind, attempts: u32, prefix: &str) -> DeadLetter {
+    pub(super) fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Dead-letters the event: its retry budget ran out.
+    pub(super) fn gave_up(&self, kind: ErrorKind, claim: Option<ClaimToken>) -> Outcome {
+        let attempts = self.attempts;
+        warn!(attempts, kind = kind.as_str(), "giving up; dead-lettering");
+        Outcome::DeadLetter {
+            dead_letter: self.dead_letter(kind, &format!("gave up after {attempts} attempts: ")),
+            claim,
+        }
+    }
+
+    fn dead_letter(&self, kind: ErrorKind, prefix: &str) -> DeadLetter {
         let error = self.last_error.as_ref();
         DeadLetter {
             kind,
@@ -64,7 +80,7 @@ impl Tried {
                 "{prefix}{}",
                 error.map_or("no provider could take it", |e| e.message.as_str())
             ),
-            attempts,
+            attempts: self.attempts,
             provider_status: error.and_then(|e| e.status),
             provider_code: error.and_then(|e| e.code),
             providers: self.calls.clone(),
@@ -72,49 +88,50 @@ impl Tried {
     }
 }
 
-/// Sends the event, failing over between providers, and says how the delivery ends.
-pub(crate) async fn send_through_providers(
+/// Redis could not renew the claim, so no provider call may start (see `claim_in_doubt`): the
+/// claim is released where Redis answers, and the event waits to be claimed again.
+pub(super) struct ClaimInDoubt;
+
+/// Sends the event, failing over between providers, and says how the delivery ends, unless the
+/// claim falls in doubt first.
+pub(super) async fn send_through_providers(
     context: &Context,
     event: &OtpRequested,
-    claim: ClaimToken,
+    claim: &ClaimToken,
     lease: &Lease,
     retries: &mut Retries,
+    tried: &mut Tried,
     journal: &mut Journal,
-) -> Outcome {
+) -> Result<Outcome, ClaimInDoubt> {
     let config = &context.config;
     let code = event.otp.as_deref().unwrap_or_default();
-    let mut tried = Tried::default();
-    let mut attempts: u32 = 0;
     loop {
         let millis_left = event.millis_left(OffsetDateTime::now_utc());
         if millis_left < MIN_MILLIS_LEFT {
             if tried.ambiguous {
-                return sent_unconfirmed(context, event, journal).await;
+                return Ok(sent_unconfirmed(context, event, journal).await);
             }
-            return Outcome::DeadLetter {
-                dead_letter: tried.dead_letter(
-                    ErrorKind::Expired,
-                    attempts,
-                    "the OTP expired while retrying: ",
-                ),
-                claim: Some(claim),
-            };
+            return Ok(Outcome::DeadLetter {
+                dead_letter: tried
+                    .dead_letter(ErrorKind::Expired, "the OTP expired while retrying: "),
+                claim: Some(claim.clone()),
+            });
         }
         // No provider call may start with the claim in doubt (see `claim_in_doubt`). Looked at
-        // first before a breaker's probe is taken, which a requeue would leave stranded.
+        // first before a breaker's probe is taken, which a claim in doubt would leave stranded.
         if !lease.make_sure().await {
-            return claim_in_doubt(context, event, journal, &claim, lease, &tried, attempts).await;
+            return claim_in_doubt(context, event, journal, claim, lease, tried).await;
         }
-        let Some((provider, allowance)) = choose(context, &tried).await else {
-            if all_excluded(context, &tried) {
+        let Some((provider, allowance)) = choose(context, tried).await else {
+            if all_excluded(context, tried) {
                 if tried.ambiguous {
-                    return sent_unconfirmed(context, event, journal).await;
+                    return Ok(sent_unconfirmed(context, event, journal).await);
                 }
-                warn!(attempts, providers = ?tried.calls, "every provider refused the SMS; dead-lettering it");
-                return Outcome::DeadLetter {
-                    dead_letter: tried.dead_letter(ErrorKind::Permanent, attempts, ""),
-                    claim: Some(claim),
-                };
+                warn!(attempts = tried.attempts, providers = ?tried.calls, "every provider refused the SMS; dead-lettering it");
+                return Ok(Outcome::DeadLetter {
+                    dead_letter: tried.dead_letter(ErrorKind::Permanent, ""),
+                    claim: Some(claim.clone()),
+                });
             }
             // Every remaining provider's breaker is open: wait as for a retryable failure.
             debug!("every provider's breaker is open; waiting");
@@ -122,17 +139,17 @@ pub(crate) async fn send_through_providers(
                 Ok(()) => continue,
                 Err(stop) => {
                     lease.stop();
-                    return give_up(context, event, journal, stop, &tried, attempts, claim).await;
+                    return Ok(give_up(context, event, journal, stop, tried, claim).await);
                 }
             }
         };
         // Once more: the breakers' state comes from Redis, and reading it may have taken long.
         // A probe taken and left is cheaper than a second SMS.
         if !lease.make_sure().await {
-            return claim_in_doubt(context, event, journal, &claim, lease, &tried, attempts).await;
+            return claim_in_doubt(context, event, journal, claim, lease, tried).await;
         }
 
-        attempts += 1;
+        tried.attempts += 1;
         let sms = Sms {
             to: &event.phone_number,
             body: message::render(&config.message, code, millis_left, event.locale.as_deref()),
@@ -155,7 +172,7 @@ pub(crate) async fn send_through_providers(
             Ok(accepted) => {
                 provider.breaker.success(allowance).await;
                 info!(
-                    attempts,
+                    attempts = tried.attempts,
                     provider = accepted.provider,
                     message_id = accepted.message_id.as_deref().unwrap_or("-"),
                     status = accepted.status.as_deref().unwrap_or("-"),
@@ -165,7 +182,7 @@ pub(crate) async fn send_through_providers(
                 let timeline = journal.end("sent", None);
                 record_sent(context, event, timeline).await;
                 await_receipts(context, event, &accepted, sms.body).await;
-                return Outcome::Sent;
+                return Ok(Outcome::Sent);
             }
             Err(error) => error,
         };
@@ -174,7 +191,7 @@ pub(crate) async fn send_through_providers(
             provider.breaker.failure().await;
         }
         warn!(
-            attempts,
+            attempts = tried.attempts,
             provider = provider.name(),
             kind = error.kind.as_str(),
             status = error.status,
@@ -187,10 +204,10 @@ pub(crate) async fn send_through_providers(
             // refusal naming the recipient proves little about the first call (Infobip calls any
             // 400 a recipient's), and a dead letter would record `dead` over an SMS that may be
             // on the phone.
-            return sent_unconfirmed(context, event, journal).await;
+            return Ok(sent_unconfirmed(context, event, journal).await);
         }
         match error.kind {
-            Failure::Recipient => return dead_letter_now(&tried, attempts, claim),
+            Failure::Recipient => return Ok(dead_letter_now(tried, claim)),
             Failure::Provider | Failure::Route => tried.excluded.push(provider.name()),
             Failure::Ambiguous => {
                 tried.ambiguous = true;
@@ -201,13 +218,12 @@ pub(crate) async fn send_through_providers(
             }
             Failure::Retryable => {
                 let elsewhere =
-                    provider.breaker.is_open() && has_alternative(context, &tried, provider.name());
+                    provider.breaker.is_open() && has_alternative(context, tried, provider.name());
                 if !elsewhere {
                     send_outcome("retried");
                     if let Err(stop) = wait(context, retries, error.retry_after).await {
                         lease.stop();
-                        return give_up(context, event, journal, stop, &tried, attempts, claim)
-                            .await;
+                        return Ok(give_up(context, event, journal, stop, tried, claim).await);
                     }
                 }
             }
@@ -270,11 +286,12 @@ async fn wait(
     Ok(())
 }
 
-/// Ends the work on an event whose claim Redis could not renew: it may lapse there, and another
-/// copy of the event take it and send, so no provider call may start. After an ambiguous call
-/// the event is sent-unconfirmed. Otherwise the claim is released if Redis answers, and the
-/// event goes back to the queue after a pause, where its next delivery waits for the duplicate
-/// check.
+/// Ends this claim's work on an event whose claim Redis could not renew: it may lapse there,
+/// and another copy of the event take it and send, so no provider call may start. After an
+/// ambiguous call the event is sent-unconfirmed. Otherwise the claim is released if Redis
+/// answers, and the caller waits to claim the event again, keeping the delivery: a message
+/// handed back to a quorum queue counts toward its delivery limit, and its retry budget would
+/// start again.
 async fn claim_in_doubt(
     context: &Context,
     event: &OtpRequested,
@@ -282,25 +299,20 @@ async fn claim_in_doubt(
     claim: &ClaimToken,
     lease: &Lease,
     tried: &Tried,
-    attempts: u32,
-) -> Outcome {
+) -> Result<Outcome, ClaimInDoubt> {
     if tried.ambiguous {
-        return sent_unconfirmed(context, event, journal).await;
+        return Ok(sent_unconfirmed(context, event, journal).await);
     }
     warn!(
-        attempts,
-        "cannot be sure the event's claim is still this worker's (Redis did not renew it); returning the event to the queue rather than risk a second SMS"
+        attempts = tried.attempts,
+        "cannot be sure the event's claim is still this worker's (Redis did not renew it); no provider call until it is claimed again, rather than risk a second SMS"
     );
     send_outcome("claim_in_doubt");
     lease.stop();
     if let Err(e) = context.ledger.release(event.event_id, claim).await {
         debug!(error = %e, "could not release the claim; it will lapse");
     }
-    // So that a Redis that stays away does not turn into a loop of redeliveries.
-    match context.shutdown.sleep(Duration::from_secs(1)).await {
-        Ok(()) => Outcome::Requeue,
-        Err(ShuttingDown) => Outcome::LeaveToRedeliver,
-    }
+    Err(ClaimInDoubt)
 }
 
 /// Ends an event whose wait for the next attempt was cut short.
@@ -310,8 +322,7 @@ async fn give_up(
     journal: &mut Journal,
     stop: Stop,
     tried: &Tried,
-    attempts: u32,
-    claim: ClaimToken,
+    claim: &ClaimToken,
 ) -> Outcome {
     if tried.ambiguous {
         // The SMS may be on its way already (the next provider's breaker was open, so the one
@@ -323,30 +334,23 @@ async fn give_up(
     match stop {
         Stop::ShuttingDown => {
             // Hand it to another worker rather than wait here.
-            if let Err(e) = context.ledger.release(event.event_id, &claim).await {
+            if let Err(e) = context.ledger.release(event.event_id, claim).await {
                 debug!(error = %e, "could not release the claim; it will lapse");
             }
             Outcome::LeaveToRedeliver
         }
-        Stop::Budget(kind) => {
-            warn!(attempts, kind = kind.as_str(), "giving up; dead-lettering");
-            let prefix = format!("gave up after {attempts} attempts: ");
-            Outcome::DeadLetter {
-                dead_letter: tried.dead_letter(kind, attempts, &prefix),
-                claim: Some(claim),
-            }
-        }
+        Stop::Budget(kind) => tried.gave_up(kind, Some(claim.clone())),
     }
 }
 
-fn dead_letter_now(tried: &Tried, attempts: u32, claim: ClaimToken) -> Outcome {
+fn dead_letter_now(tried: &Tried, claim: &ClaimToken) -> Outcome {
     warn!(
-        attempts,
+        attempts = tried.attempts,
         "the SMS cannot be delivered to this recipient; dead-lettering it"
     );
     Outcome::DeadLetter {
-        dead_letter: tried.dead_letter(ErrorKind::Permanent, attempts, ""),
-        claim: Some(claim),
+        dead_letter: tried.dead_letter(ErrorKind::Permanent, ""),
+        claim: Some(claim.clone()),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The send path of one event: claim it in the ledger so no other copy sends it, then hand it to
-//! [`super::failover`], which sends it through the providers within a budget.
+//! [`super::failover`], which sends it through the providers within a budget. When Redis cannot
+//! renew the claim mid-send, the event is claimed again, in the same delivery and budget.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use uuid::Uuid;
 
 use super::budget::{Budget, MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
-use super::failover::send_through_providers;
+use super::failover::{ClaimInDoubt, Tried, send_through_providers};
 use super::lease::Lease;
 use super::outcome::Outcome;
 use crate::dead_letter::{DeadLetter, ErrorKind};
@@ -47,31 +48,69 @@ pub(crate) async fn send_otp(
             .build(),
     };
 
-    // The claim comes first, in one round trip that also says whether the event was handled
-    // already: a copy of a handled event is acknowledged whatever its age.
-    let (claim, claimed_at) = match claim(context, event.event_id, started, &mut retries).await {
-        Ok(claimed) => claimed,
-        Err(outcome) => return outcome,
-    };
-    if millis_left < MIN_MILLIS_LEFT {
-        info!("the OTP expired before it could be sent; dead-lettering it");
-        return Outcome::DeadLetter {
-            dead_letter: DeadLetter::new(
-                ErrorKind::Expired,
-                "the OTP expired before it could be sent",
-                0,
-            ),
-            claim: Some(claim),
+    // One token for every claim this delivery takes: a claim it could not release (Redis
+    // away) is its own to take again.
+    let token = ClaimToken::generate();
+    let mut tried = Tried::default();
+    loop {
+        // The claim comes first, in one round trip that also says whether the event was handled
+        // already: a copy of a handled event is acknowledged whatever its age.
+        let claiming = claim(
+            context,
+            event.event_id,
+            &token,
+            started,
+            &tried,
+            &mut retries,
+        );
+        let claimed_at = match claiming.await {
+            Ok(claimed_at) => claimed_at,
+            Err(outcome) => return outcome,
         };
+        if tried.attempts() == 0 && event.millis_left(OffsetDateTime::now_utc()) < MIN_MILLIS_LEFT {
+            info!("the OTP expired before it could be sent; dead-lettering it");
+            return Outcome::DeadLetter {
+                dead_letter: DeadLetter::new(
+                    ErrorKind::Expired,
+                    "the OTP expired before it could be sent",
+                    0,
+                ),
+                claim: Some(token),
+            };
+        }
+        let lease = Lease::keep_from(
+            context.ledger.clone(),
+            event.event_id,
+            token.clone(),
+            config.claim_lease,
+            claimed_at,
+        );
+        let sending = send_through_providers(
+            context,
+            event,
+            &token,
+            &lease,
+            &mut retries,
+            &mut tried,
+            journal,
+        );
+        match sending.await {
+            Ok(outcome) => return outcome,
+            Err(ClaimInDoubt) => {
+                drop(lease);
+                // Redis failed to renew the claim a moment ago: wait for it within the budget,
+                // as for a failed call, then claim the event again with the duplicate check.
+                match retries.next_delay(None) {
+                    Ok(delay) => {
+                        if let Err(ShuttingDown) = context.shutdown.sleep(delay).await {
+                            return Outcome::LeaveToRedeliver;
+                        }
+                    }
+                    Err(kind) => return tried.gave_up(kind, None),
+                }
+            }
+        }
     }
-    let lease = Lease::keep_from(
-        context.ledger.clone(),
-        event.event_id,
-        claim.clone(),
-        config.claim_lease,
-        claimed_at,
-    );
-    send_through_providers(context, event, claim, &lease, &mut retries, journal).await
 }
 
 /// Takes the event's claim, so that no other copy sends it at the same time. A copy that finds
@@ -79,11 +118,12 @@ pub(crate) async fn send_otp(
 async fn claim(
     context: &Context,
     event_id: Uuid,
+    token: &ClaimToken,
     started: Instant,
+    tried: &Tried,
     retries: &mut Retries,
-) -> Result<(ClaimToken, Instant), Outcome> {
+) -> Result<Instant, Outcome> {
     let config = &context.config;
-    let token = ClaimToken::generate();
     // A copy that waits for another is bounded by the other's budget, plus its lease lapsing.
     let wait_limit = config.retry_max_elapsed + config.send_timeout + config.claim_lease * 2;
     let mut waiting = false;
@@ -92,10 +132,10 @@ async fn claim(
         let asked_at = Instant::now();
         match context
             .ledger
-            .claim(event_id, &token, config.claim_lease)
+            .claim(event_id, token, config.claim_lease)
             .await
         {
-            Ok(Claim::Acquired) => return Ok((token, asked_at)),
+            Ok(Claim::Acquired) => return Ok(asked_at),
             Ok(Claim::Finished(finished)) => return Err(Outcome::AlreadyHandled(finished)),
             Ok(Claim::HeldElsewhere) => {
                 if !waiting {
@@ -121,7 +161,7 @@ async fn claim(
                     }
                     Err(kind) => {
                         return Err(Outcome::DeadLetter {
-                            dead_letter: DeadLetter::new(kind, error, 0),
+                            dead_letter: DeadLetter::new(kind, error, tried.attempts()),
                             claim: None,
                         });
                     }

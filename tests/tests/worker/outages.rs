@@ -559,8 +559,8 @@ async fn retrying_through_a_redis_proxy(
 
 /// Redis going away while a worker retries a send: once its claim has gone unrenewed for a
 /// while, the claim may lapse in Redis and another copy of the event take it, so the worker
-/// calls the provider no more. The event goes back to the queue, waits for Redis with the
-/// duplicate check, and is sent once Redis is back.
+/// calls the provider no more. The event waits for Redis, is claimed again with the duplicate
+/// check, and is sent once Redis is back.
 #[tokio::test]
 async fn a_claim_that_cannot_be_renewed_stops_the_calls_to_the_provider() {
     with_harness(QueueType::Classic, |h| async move {
@@ -588,6 +588,41 @@ async fn a_claim_that_cannot_be_renewed_stops_the_calls_to_the_provider() {
         assert_eq!(h.fake.messages(Some(&to)).len(), 1);
         assert_eq!(h.queued().await, 0);
         assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
+/// A claim in doubt keeps its delivery: the event waits in the worker for Redis, within its
+/// retry budget, rather than going back to the queue, where each return would count toward a
+/// quorum queue's delivery limit and start its budget and its count of attempts again.
+#[tokio::test]
+async fn a_claim_in_doubt_keeps_its_delivery_and_its_count_of_attempts() {
+    with_harness(QueueType::Quorum, |h| async move {
+        let to = phone();
+        let (redis, worker) = retrying_through_a_redis_proxy(
+            &h,
+            &event(&to, CODE_VALIDITY),
+            1,
+            &[("RETRY_MAX_ELAPSED_SECS", "5")],
+        )
+        .await;
+
+        // A scenario: long enough for the claim to fall in doubt (a third of the 1 s lease
+        // unrenewed); the provider keeps asking for retries until the budget runs out.
+        redis.go_down();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        redis.come_back();
+        let letters = h.wait_for_dead_letters(1).await;
+        worker.stop().await;
+
+        let calls = h.fake.requests(Some(&to)).len();
+        assert_eq!(
+            letters[0].header_int("x-attempts"),
+            i64::try_from(calls).ok(),
+            "the dead letter does not count the calls made before the claim fell in doubt"
+        );
+        assert_eq!(letters.len(), 1);
+        assert_eq!(h.queued().await, 0);
     })
     .await;
 }
