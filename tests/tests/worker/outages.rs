@@ -564,32 +564,50 @@ async fn retrying_through_a_redis_proxy(
 #[tokio::test]
 async fn a_claim_that_cannot_be_renewed_stops_the_calls_to_the_provider() {
     with_harness(QueueType::Classic, |h| async move {
-        let to = phone();
-        let (redis, worker) =
-            retrying_through_a_redis_proxy(&h, &event(&to, CODE_VALIDITY), 1, &[]).await;
-
-        redis.go_down();
-        // Observation windows, not synchronisation: within two thirds of a lease the worker
-        // stops calling (2 s leaves room for a call started just before); over the next 1.5 s,
-        // a call every 100 ms or so would show.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let calls = h.fake.requests(Some(&to)).len();
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        assert_eq!(
-            h.fake.requests(Some(&to)).len(),
-            calls,
-            "called the provider without a claim it could be sure of"
-        );
-
-        h.fake.set_faults(Faults::default());
-        redis.come_back();
-        h.wait_for_messages(&to, 1).await;
-        worker.stop().await;
-        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
-        assert_eq!(h.queued().await, 0);
-        assert_eq!(h.dead_lettered().await, 0);
+        calls_stop_while_redis_is_away(&h, TcpProxy::go_down, TcpProxy::come_back).await;
     })
     .await;
+}
+
+/// The same with a Redis that stalls rather than goes down: its commands still run, the claim's
+/// renewals and its release included, but no answer comes back, and each command times out.
+#[tokio::test]
+async fn a_stalled_redis_stops_the_calls_to_the_provider_too() {
+    with_harness(QueueType::Classic, |h| async move {
+        calls_stop_while_redis_is_away(&h, TcpProxy::hold_replies, TcpProxy::release_replies).await;
+    })
+    .await;
+}
+
+async fn calls_stop_while_redis_is_away(
+    h: &Harness,
+    go_away: fn(&TcpProxy),
+    come_back: fn(&TcpProxy),
+) {
+    let to = phone();
+    let (redis, worker) =
+        retrying_through_a_redis_proxy(h, &event(&to, CODE_VALIDITY), 1, &[]).await;
+
+    go_away(&redis);
+    // Observation windows, not synchronisation: within two thirds of a lease (plus a Redis
+    // command's timeout, for a stall) the worker stops calling; over the next 1.5 s, a call
+    // every 100 ms or so would show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = h.fake.requests(Some(&to)).len();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        h.fake.requests(Some(&to)).len(),
+        calls,
+        "called the provider without a claim it could be sure of"
+    );
+
+    h.fake.set_faults(Faults::default());
+    come_back(&redis);
+    h.wait_for_messages(&to, 1).await;
+    worker.stop().await;
+    assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+    assert_eq!(h.queued().await, 0);
+    assert_eq!(h.dead_lettered().await, 0);
 }
 
 /// A claim in doubt keeps its delivery: the event waits in the worker for Redis, within its
