@@ -2,11 +2,15 @@
 //! more attempt at most (on the next provider where there is one) and never the retry loop, and
 //! an event that ends without a clear answer is recorded as sent, not dead-lettered.
 
+use std::time::Duration;
+
 use shared::{OtpRequested, QueueType};
 use tests::fake_sms::{Faults, InjectedResponse, Rule, SmsProvider};
+use tests::proxy::TcpProxy;
+use tests::servers::servers;
 use tests::wait::eventually;
 
-use crate::harness::{Harness, WAIT, pairs, phone, with_harness};
+use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
 
 #[tokio::test]
 async fn a_slow_provider_gets_at_most_two_calls_per_event() {
@@ -216,6 +220,40 @@ async fn a_refusal_after_an_ambiguous_call_ends_as_sent_not_dead_lettered() {
         );
         assert_eq!(h.dead_lettered().await, 0);
         assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
+/// Redis going away between an ambiguous call and its one more attempt: the claim falls in
+/// doubt, and the event ends as sent-unconfirmed rather than wait for Redis and be claimed
+/// again, which would call the provider a second time for an SMS that may be on the phone.
+#[tokio::test]
+async fn an_ambiguous_call_whose_claim_falls_in_doubt_ends_as_sent() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(1_500));
+        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        let worker = h
+            .start_worker(&[("REDIS_URL", &redis_url), ("SEND_TIMEOUT_SECS", "1")])
+            .await;
+        let to = phone();
+        h.publish(&event(&to, CODE_VALIDITY)).await;
+        eventually(WAIT, "the first call", || async {
+            !h.fake.requests(Some(&to)).is_empty()
+        })
+        .await;
+        // The call times out a second after it started, and the 1 s lease, unrenewed since,
+        // is then in doubt. An observation window, then a stop with Redis still away: an event
+        // still waiting for Redis to be claimed again would go back to the queue.
+        redis.go_down();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0, "the event was not acknowledged");
+        assert_eq!(
+            h.fake.requests(Some(&to)).len(),
+            1,
+            "a second call after an ambiguous one"
+        );
+        assert_eq!(h.dead_lettered().await, 0);
     })
     .await;
 }
