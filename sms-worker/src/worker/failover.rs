@@ -17,21 +17,21 @@ use std::time::Duration;
 
 use shared::OtpRequested;
 use time::OffsetDateTime;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::budget::{MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
 use super::lease::Lease;
 use super::outcome::Outcome;
+use super::sent::{await_receipts, record_sent};
 use crate::dead_letter::{DeadLetter, ErrorKind};
-use crate::ledger::{ClaimToken, SendLedger, with_a_few_tries};
+use crate::ledger::ClaimToken;
 use crate::message;
 use crate::metrics::{self as m, send_outcome};
 use crate::provider::breaker::Allowance;
-use crate::provider::{Accepted, Failure, Provider, SendError, Sms};
-use crate::receipts::store::SentMessage;
+use crate::provider::{Failure, Provider, SendError, Sms};
 use crate::shutdown::ShuttingDown;
-use crate::trace::{Journal, Line};
+use crate::trace::Journal;
 
 /// What this event has been through so far, across the claims its delivery took.
 #[derive(Default)]
@@ -368,70 +368,4 @@ async fn sent_unconfirmed(
     );
     record_sent(context, event, timeline).await;
     Outcome::SentUnconfirmed
-}
-
-/// With receipts on, remembers the accepted message (its body sealed) so that its receipts find
-/// it and a carrier-side failure can be resent.
-async fn await_receipts(
-    context: &Context,
-    event: &OtpRequested,
-    accepted: &Accepted,
-    body: String,
-) {
-    let (Some(store), Some(message_id)) = (&context.receipts, &accepted.message_id) else {
-        return;
-    };
-    let expires_ms =
-        u64::try_from(event.expires_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-    let message = SentMessage {
-        event_id: event.event_id,
-        to: event.phone_number.as_str().to_owned(),
-        body,
-        expires_ms,
-    };
-    let trace_id = context.timelines.trace_id(event.phone_number.as_str());
-    let calling_code = event.phone_number.calling_code();
-    if let Err(e) = store
-        .record_sent(
-            accepted.provider,
-            message_id,
-            &message,
-            calling_code,
-            &trace_id,
-        )
-        .await
-    {
-        warn!(error = %e, "could not remember the message for its receipts; they will be ignored");
-    }
-}
-
-/// Records the send in the ledger, and writes the number's timeline, ended, alongside: on one
-/// Redis server both usually leave in one write. The timeline is written on a task of its own
-/// and not waited for: on a Redis Cluster it lives on another node than the ledger record, and a
-/// sick node there must not hold this delivery's ack (and its prefetch slot) for a diagnostic.
-async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
-    let trace_id = context.timelines.trace_id(event.phone_number.as_str());
-    context.timelines.append_detached(trace_id, timeline);
-    record_in_ledger(&context.ledger, event).await;
-}
-
-/// A few quick tries, since a missing record could let a redelivered copy send the SMS again.
-async fn record_in_ledger(ledger: &SendLedger, event: &OtpRequested) {
-    let ttl = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-    match with_a_few_tries(|| ledger.record_sent(event.event_id, ttl)).await {
-        Ok(false) => {}
-        Ok(true) => {
-            // Its claim was lost while it sent, and the api, hearing no confirm in time,
-            // withdrew the event and refused the request: an SMS went whose code will not
-            // work, and the request gave its limit slots back.
-            metrics::counter!(crate::metrics::SENDS, "outcome" => "sent_after_withdrawal")
-                .increment(1);
-            error!(
-                "sent an event the api had withdrawn: its claim was lost while it was being sent"
-            );
-        }
-        Err(e) => {
-            warn!(error = %e, "sent, but could not record it in Redis; a redelivered copy could be sent again");
-        }
-    }
 }

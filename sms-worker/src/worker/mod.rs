@@ -22,6 +22,7 @@ mod outcome;
 mod queue_depth;
 mod resend;
 mod send;
+mod sent;
 
 use std::future::Future;
 use std::net::SocketAddr;

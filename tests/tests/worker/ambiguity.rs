@@ -32,7 +32,7 @@ async fn a_slow_provider_gets_at_most_two_calls_per_event() {
             let mut all_sent = h.queued().await == 0;
             for event in &events {
                 all_sent &=
-                    ledger_record(&h, event).await.as_deref() == Some(shared::send_ledger::SENT);
+                    h.ledger_record(event).await.as_deref() == Some(shared::send_ledger::SENT);
             }
             all_sent
         })
@@ -77,25 +77,16 @@ async fn after_an_ambiguous_call_the_next_provider_gets_the_one_more_attempt() {
     .await;
 }
 
-/// What the send ledger holds for `event`: `sent`, `dead`, `sending:…`, or nothing.
-async fn ledger_record(h: &Harness, event: &OtpRequested) -> Option<String> {
-    redis::cmd("GET")
-        .arg(shared::send_ledger::key(&h.ns, event.event_id))
-        .query_async(&mut h.redis().await)
-        .await
-        .expect("Redis answers")
-}
-
 /// Waits until the ledger says how `event` ended, `sent` or `dead`, and says which.
 async fn wait_for_the_end(h: &Harness, event: &OtpRequested) -> String {
     eventually(WAIT, "the event to end", || async {
         matches!(
-            ledger_record(h, event).await.as_deref(),
+            h.ledger_record(event).await.as_deref(),
             Some(shared::send_ledger::SENT | shared::send_ledger::DEAD)
         )
     })
     .await;
-    ledger_record(h, event).await.unwrap_or_default()
+    h.ledger_record(event).await.unwrap_or_default()
 }
 
 /// One provider, whose breaker (shared by every worker, through Redis) the ambiguous call opens
@@ -162,7 +153,7 @@ async fn an_ambiguous_call_whose_worker_stops_before_the_one_more_attempt_ends_a
         stopped.stop().await;
         assert_eq!(h.queued().await, 0, "acknowledged during the stop's drain");
         assert_eq!(
-            ledger_record(&h, &event).await.as_deref(),
+            h.ledger_record(&event).await.as_deref(),
             Some(shared::send_ledger::SENT)
         );
         h.fake.set_faults(Faults::default());
@@ -171,7 +162,7 @@ async fn an_ambiguous_call_whose_worker_stops_before_the_one_more_attempt_ends_a
         let next = h.start_worker(&[]).await;
         eventually(WAIT, "the event to end as sent", || async {
             h.queued().await == 0
-                && ledger_record(&h, &event).await.as_deref() == Some(shared::send_ledger::SENT)
+                && h.ledger_record(&event).await.as_deref() == Some(shared::send_ledger::SENT)
         })
         .await;
         next.stop().await;

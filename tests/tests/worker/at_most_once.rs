@@ -1,7 +1,11 @@
 //! At most one SMS per event: copies of an event, at once or later, give one provider call.
 
+use std::time::Duration;
+
 use shared::QueueType;
 use tests::fake_sms::Faults;
+use tests::proxy::TcpProxy;
+use tests::servers::servers;
 use tests::wait::eventually;
 
 use crate::harness::{CODE_VALIDITY, WAIT, event, phone, with_harness};
@@ -120,6 +124,44 @@ async fn a_send_that_replaces_a_withdrawal_is_reported() {
         worker.wait(WAIT).await;
         assert_eq!(h.fake.requests(Some(&to)).len(), 1);
         assert_eq!(h.queued().await, 0);
+    })
+    .await;
+}
+
+/// Redis going away while the provider takes the SMS: the `sent` record waits for Redis (the
+/// delivery unacknowledged meanwhile) rather than being dropped after a few quick tries. A copy
+/// of the event published once the claim has long lapsed then finds it sent.
+#[tokio::test]
+async fn a_send_recorded_once_redis_is_back_keeps_a_later_copy_from_a_second_sms() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(1_000));
+        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        let worker = h.start_worker(&[("REDIS_URL", &redis_url)]).await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        eventually(WAIT, "the call", || async {
+            !h.fake.requests(Some(&to)).is_empty()
+        })
+        .await;
+        // The provider accepts a second after the call, with Redis away; by the time Redis is
+        // back, the claim's 1 s lease has lapsed.
+        redis.go_down();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(h.ledger_record(&event).await, None, "the claim lapsed");
+        redis.come_back();
+        eventually(WAIT, "the send to be recorded", || async {
+            h.ledger_record(&event).await.as_deref() == Some(shared::send_ledger::SENT)
+        })
+        .await;
+
+        h.publish(&event).await;
+        // An observation window: a copy still unhandled would go back to the queue at the stop.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        worker.stop().await;
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1, "two SMS for one event");
+        assert_eq!(h.queued().await, 0);
+        assert_eq!(h.dead_lettered().await, 0);
     })
     .await;
 }

@@ -185,6 +185,15 @@ impl Harness {
             .expect("the event is withdrawn");
     }
 
+    /// What the send ledger holds for `event`: `sent`, `dead`, `sending:…`, or nothing.
+    pub async fn ledger_record(&self, event: &OtpRequested) -> Option<String> {
+        redis::cmd("GET")
+            .arg(shared::send_ledger::key(&self.ns, event.event_id))
+            .query_async(&mut self.redis().await)
+            .await
+            .expect("Redis answers")
+    }
+
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(servers().redis.url())
             .expect("a Redis URL")
