@@ -65,6 +65,9 @@ pub const ACKED: &str = "sms_acked_total";
 /// Counter of `basic.ack` frames sent, label `multiple` (`true`: one frame for a run of
 /// deliveries): acknowledged deliveries per frame is the batching's gain.
 pub const ACK_FRAMES: &str = "sms_ack_frames_total";
+/// Gauge: SMS sent whose `sent` record waits for Redis in the background (their deliveries
+/// acknowledged); a copy of such an event could be sent again until it lands.
+pub const SENT_RECORDS_WAITING: &str = "sms_sent_records_waiting";
 /// Counter: timeline writes skipped because too many were still under way (a slow Redis).
 pub const TIMELINE_WRITES_DROPPED: &str = "sms_timeline_writes_dropped_total";
 
@@ -96,6 +99,11 @@ pub fn describe() {
         DEAD_LETTERS_WAITING_FOR_ROOM,
         "Dead letters waiting unacknowledged for an alarm to end, past SMS_DEAD_LETTERS_HELD_MAX held copies (each takes a prefetch slot)."
     );
+    describe_gauge!(
+        SENT_RECORDS_WAITING,
+        "SMS sent whose ledger record waits for Redis in the background; until it lands, a copy of the event could be sent again."
+    );
+    metrics::gauge!(SENT_RECORDS_WAITING).set(0.0);
     // At 0 from the start, so that an alert on its increase sees the first one.
     metrics::counter!(DEAD_LETTERS_HELD).increment(0);
     metrics::gauge!(DEAD_LETTERS_HELD_NOW).set(0.0);

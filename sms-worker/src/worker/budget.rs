@@ -22,6 +22,11 @@ impl Retries {
     ) -> Result<Duration, ErrorKind> {
         self.budget.next_delay(&mut self.backoff, retry_after)
     }
+
+    /// `delay`, a pause outside the backoff, if the budget has room for an attempt after it.
+    pub(crate) fn pause(&self, delay: Duration) -> Result<Duration, ErrorKind> {
+        self.budget.fits(delay)
+    }
 }
 
 /// Retrying ends at `RETRY_MAX_ELAPSED_SECS` or at the OTP's expiry, whichever is first.
@@ -39,7 +44,11 @@ impl Budget {
         retry_after: Option<Duration>,
     ) -> Result<Duration, ErrorKind> {
         let delay = backoff.next().unwrap_or(Duration::from_secs(20));
-        let delay = retry_after.map_or(delay, |after| after.max(delay));
+        self.fits(retry_after.map_or(delay, |after| after.max(delay)))
+    }
+
+    /// `delay`, or why an attempt after it would come too late.
+    fn fits(&self, delay: Duration) -> Result<Duration, ErrorKind> {
         let next_attempt = Instant::now() + delay;
         // The next attempt also needs a moment before the OTP expires to be worth it.
         if next_attempt + Duration::from_millis(MIN_MILLIS_LEFT) > self.expires {
@@ -78,6 +87,15 @@ mod tests {
         );
         assert_eq!(
             budget.next_delay(&mut backoff, Some(Duration::from_secs(61))),
+            Err(ErrorKind::RetriesExhausted)
+        );
+        // A pause outside the backoff is held to the same budget.
+        assert_eq!(
+            budget.fits(Duration::from_secs(1)),
+            Ok(Duration::from_secs(1))
+        );
+        assert_eq!(
+            budget.fits(Duration::from_secs(61)),
             Err(ErrorKind::RetriesExhausted)
         );
 

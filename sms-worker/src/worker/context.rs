@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Semaphore;
+
 use crate::dead_letter;
 use shared::Topology;
 
@@ -37,6 +39,8 @@ pub(crate) struct Context {
     dead_letter_route: Mutex<Option<dead_letter::Route>>,
     /// Dead-letter copies an alarm holds in this process, whatever the connection.
     pub(crate) held_dead_letters: Arc<dead_letter::HeldCopies>,
+    /// Room for `sent` records that wait for Redis in the background.
+    pub(crate) records_waiting: Arc<Semaphore>,
 }
 
 impl Context {
@@ -60,6 +64,7 @@ impl Context {
             shutdown,
             dead_letter_route: Mutex::new(None),
             held_dead_letters,
+            records_waiting: Arc::new(Semaphore::new(super::sent::RECORDS_WAITING_MAX)),
         }
     }
 

@@ -96,7 +96,7 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
 
 /// How the delivery ended, for the number's timeline; `None` for a copy of an event that was
 /// handled already (its story is told by the copy that handled it), and for an SMS that went
-/// out, whose timeline was ended when the send was recorded (see `failover::record_sent`). An
+/// out, whose timeline was ended when the send was recorded (see `sent::record_sent`). An
 /// event the api withdrew has no other story: it gets its ending here.
 fn ending(outcome: &Outcome) -> Option<(&'static str, Option<String>)> {
     Some(match outcome {

@@ -63,12 +63,38 @@ impl Tried {
     }
 
     /// Dead-letters the event: its retry budget ran out.
-    pub(super) fn gave_up(&self, kind: ErrorKind, claim: Option<ClaimToken>) -> Outcome {
+    fn gave_up(&self, kind: ErrorKind, claim: &ClaimToken) -> Outcome {
         let attempts = self.attempts;
         warn!(attempts, kind = kind.as_str(), "giving up; dead-lettering");
         Outcome::DeadLetter {
             dead_letter: self.dead_letter(kind, &format!("gave up after {attempts} attempts: ")),
-            claim,
+            claim: Some(claim.clone()),
+        }
+    }
+
+    /// Dead-letters the event: Redis stayed away until its budget ran out (`reason` says how).
+    /// With the delivery's own claim, which Redis may still hold.
+    pub(super) fn gave_up_on_redis(
+        &self,
+        kind: ErrorKind,
+        reason: String,
+        claim: &ClaimToken,
+    ) -> Outcome {
+        warn!(
+            attempts = self.attempts,
+            kind = kind.as_str(),
+            "Redis stayed away; dead-lettering"
+        );
+        Outcome::DeadLetter {
+            dead_letter: DeadLetter {
+                kind,
+                error: reason,
+                attempts: self.attempts,
+                provider_status: None,
+                provider_code: None,
+                providers: self.calls.clone(),
+            },
+            claim: Some(claim.clone()),
         }
     }
 
@@ -89,7 +115,7 @@ impl Tried {
 }
 
 /// Redis could not renew the claim, so no provider call may start (see `claim_in_doubt`): the
-/// claim is released where Redis answers, and the event waits to be claimed again.
+/// event waits to be claimed again.
 pub(super) struct ClaimInDoubt;
 
 /// Sends the event, failing over between providers, and says how the delivery ends, unless the
@@ -120,7 +146,7 @@ pub(super) async fn send_through_providers(
         // No provider call may start with the claim in doubt (see `claim_in_doubt`). Looked at
         // first before a breaker's probe is taken, which a claim in doubt would leave stranded.
         if !lease.make_sure().await {
-            return claim_in_doubt(context, event, journal, claim, lease, tried).await;
+            return claim_in_doubt(context, event, journal, lease, tried).await;
         }
         let Some((provider, allowance)) = choose(context, tried).await else {
             if all_excluded(context, tried) {
@@ -146,7 +172,7 @@ pub(super) async fn send_through_providers(
         // Once more: the breakers' state comes from Redis, and reading it may have taken long.
         // A probe taken and left is cheaper than a second SMS.
         if !lease.make_sure().await {
-            return claim_in_doubt(context, event, journal, claim, lease, tried).await;
+            return claim_in_doubt(context, event, journal, lease, tried).await;
         }
 
         tried.attempts += 1;
@@ -288,15 +314,14 @@ async fn wait(
 
 /// Ends this claim's work on an event whose claim Redis could not renew: it may lapse there,
 /// and another copy of the event take it and send, so no provider call may start. After an
-/// ambiguous call the event is sent-unconfirmed. Otherwise the claim is released if Redis
-/// answers, and the caller waits to claim the event again, keeping the delivery: a message
-/// handed back to a quorum queue counts toward its delivery limit, and its retry budget would
-/// start again.
+/// ambiguous call the event is sent-unconfirmed. Otherwise the caller claims the event again,
+/// keeping the delivery: a message handed back to a quorum queue counts toward its delivery
+/// limit, and its retry budget would start again. The claim is not released: a release that
+/// reached Redis late would delete the claim taken again with the same token.
 async fn claim_in_doubt(
     context: &Context,
     event: &OtpRequested,
     journal: &mut Journal,
-    claim: &ClaimToken,
     lease: &Lease,
     tried: &Tried,
 ) -> Result<Outcome, ClaimInDoubt> {
@@ -309,9 +334,6 @@ async fn claim_in_doubt(
     );
     send_outcome("claim_in_doubt");
     lease.stop();
-    if let Err(e) = context.ledger.release(event.event_id, claim).await {
-        debug!(error = %e, "could not release the claim; it will lapse");
-    }
     Err(ClaimInDoubt)
 }
 
@@ -339,7 +361,7 @@ async fn give_up(
             }
             Outcome::LeaveToRedeliver
         }
-        Stop::Budget(kind) => tried.gave_up(kind, Some(claim.clone())),
+        Stop::Budget(kind) => tried.gave_up(kind, claim),
     }
 }
 

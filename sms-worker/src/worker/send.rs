@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use shared::OtpRequested;
 use time::OffsetDateTime;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::budget::{Budget, MIN_MILLIS_LEFT, Retries};
@@ -22,6 +22,8 @@ use crate::trace::Journal;
 
 /// How often a copy that found its event claimed by another worker looks again.
 const CLAIM_POLL: Duration = Duration::from_millis(100);
+/// How long a delivery whose claim fell in doubt waits before it claims the event again.
+const CLAIM_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// Sends the event's SMS, retrying what can be retried, and says how the delivery ends.
 /// Acknowledging is the caller's job.
@@ -98,15 +100,22 @@ pub(crate) async fn send_otp(
             Ok(outcome) => return outcome,
             Err(ClaimInDoubt) => {
                 drop(lease);
-                // Redis failed to renew the claim a moment ago: wait for it within the budget,
-                // as for a failed call, then claim the event again with the duplicate check.
-                match retries.next_delay(None) {
-                    Ok(delay) => {
-                        if let Err(ShuttingDown) = context.shutdown.sleep(delay).await {
+                // Redis failed to renew the claim a moment ago: claim the event again, with the
+                // duplicate check, after a pause (the claim's own retries take over from there).
+                match retries.pause(CLAIM_AGAIN_AFTER) {
+                    Ok(pause) => {
+                        if let Err(ShuttingDown) = context.shutdown.sleep(pause).await {
+                            // So that another worker need not wait for the claim to lapse.
+                            if let Err(e) = context.ledger.release(event.event_id, &token).await {
+                                debug!(error = %e, "could not release the claim; it will lapse");
+                            }
                             return Outcome::LeaveToRedeliver;
                         }
                     }
-                    Err(kind) => return tried.gave_up(kind, None),
+                    Err(kind) => {
+                        let reason = "Redis could not keep the send claim, so no provider call could start before the retry budget ran out";
+                        return tried.gave_up_on_redis(kind, reason.to_owned(), &token);
+                    }
                 }
             }
         }
@@ -159,12 +168,7 @@ async fn claim(
                             return Err(Outcome::LeaveToRedeliver);
                         }
                     }
-                    Err(kind) => {
-                        return Err(Outcome::DeadLetter {
-                            dead_letter: DeadLetter::new(kind, error, tried.attempts()),
-                            claim: None,
-                        });
-                    }
+                    Err(kind) => return Err(tried.gave_up_on_redis(kind, error, token)),
                 }
             }
         }

@@ -1,23 +1,29 @@
 //! What follows an SMS that went out (or may have): its `sent` record in the send ledger, its
 //! timeline, and, with receipts on, the message its receipts will look for.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use redis::RedisError;
 use shared::OtpRequested;
 use time::OffsetDateTime;
-use tracing::{error, info, warn};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{Instrument, error, info, warn};
 
 use super::context::Context;
 use crate::ledger::with_a_few_tries;
 use crate::provider::Accepted;
 use crate::receipts::store::SentMessage;
-use crate::shutdown::ShuttingDown;
 use crate::trace::Line;
 
-/// After the first quick tries, how long the next try waits; twice as long each time, up to
+/// After the first quick tries, the next try comes this late; twice as late each time, up to
 /// [`RECORD_RETRY_MAX`].
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(500);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Sent records waiting for Redis in the background, at most this many at once in a process:
+/// each is a small task, and a Redis away for long at 4,000 SMS a second would otherwise gather
+/// one per SMS. Past it a record is given up at once, as all were before there was a wait.
+pub(super) const RECORDS_WAITING_MAX: usize = 4_096;
 
 /// Records the send in the ledger, and writes the number's timeline, ended, alongside: on one
 /// Redis server both usually leave in one write. The timeline is written on a task of its own
@@ -26,45 +32,89 @@ const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
 pub(super) async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
     context.timelines.append_detached(trace_id, timeline);
-    record_in_ledger(context, event).await;
-}
-
-/// Writes `sent`, waiting for Redis if need be, the delivery unacknowledged meanwhile: without
-/// the record, a copy of the event could be sent again once the claim lapses, and a sign-in
-/// holding a code whose request the api could not confirm in time (a pending code) would be
-/// refused, the SMS on the phone. The wait ends when the code expires (no copy is sent after
-/// that, and no sign-in succeeds) or the worker stops.
-async fn record_in_ledger(context: &Context, event: &OtpRequested) {
     let ledger = &context.ledger;
     let time_left = || Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-    let mut answer = with_a_few_tries(|| ledger.record_sent(event.event_id, time_left())).await;
-    let mut pause = RECORD_RETRY_FIRST;
-    let mut waited = false;
-    while let Err(e) = &answer {
-        if time_left().is_zero() {
-            warn!(error = %e, "sent, but could not record it in Redis before the code expired");
-            return;
-        }
-        if !waited {
-            waited = true;
-            warn!(error = %e, "sent, but could not record it in Redis; trying until Redis answers or the code expires");
-        }
-        if let Err(ShuttingDown) = context.shutdown.sleep(pause).await {
-            warn!(error = %e, "sent, but could not record it in Redis before the worker stopped; a copy of the event could be sent again");
-            return;
-        }
-        pause = (pause * 2).min(RECORD_RETRY_MAX);
-        answer = ledger.record_sent(event.event_id, time_left()).await;
-        if answer.is_ok() {
-            info!("recorded the send once Redis answered");
-        }
+    match with_a_few_tries(|| ledger.record_sent(event.event_id, time_left())).await {
+        Ok(withdrawn) => report_withdrawal(withdrawn),
+        Err(e) => keep_trying(context, event, &e),
     }
-    if let Ok(true) = answer {
-        // Its claim was lost while it sent, and the api, hearing no confirm in time, withdrew
-        // the event and refused the request: an SMS went whose code will not work, and the
-        // request gave its limit slots back.
+}
+
+/// Goes on writing `sent` in the background, after the delivery is acknowledged, until Redis
+/// takes it, the code expires or the worker stops. Without the record, a copy of the event
+/// published twice could be sent again once the claim lapses, and a sign-in with a code whose
+/// request the api could not confirm in time (a pending code) would be refused, the SMS on the
+/// phone. The delivery is not held meanwhile: a message unacknowledged goes back to the queue
+/// if the channel closes, and would then be sent again.
+fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
+    let Ok(slot) = Arc::clone(&context.records_waiting).try_acquire_owned() else {
+        warn!(error = %error, "sent, but could not record it in Redis, and too many records wait already; a copy of the event could be sent again");
+        return;
+    };
+    warn!(error = %error, "sent, but could not record it in Redis; trying again in the background until Redis answers or the code expires");
+    let waiting = RecordWaiting::count(slot);
+    let ledger = context.ledger.clone();
+    let shutdown = context.shutdown.clone();
+    let (event_id, expires_at) = (event.event_id, event.expires_at);
+    let time_left = move || {
+        let left = (expires_at - OffsetDateTime::now_utc()).whole_milliseconds();
+        Duration::from_millis(u64::try_from(left).unwrap_or(0))
+    };
+    let retrying = async move {
+        let _waiting = waiting;
+        let mut pause = RECORD_RETRY_FIRST;
+        loop {
+            // One more try once the worker stops, then no more: the process is about to end.
+            let stopping = shutdown.sleep(pause).await.is_err();
+            if time_left().is_zero() {
+                warn!("gave up recording the send: the code expired before Redis answered");
+                return;
+            }
+            match ledger.record_sent(event_id, time_left()).await {
+                Ok(withdrawn) => {
+                    info!("recorded the send once Redis answered");
+                    report_withdrawal(withdrawn);
+                    return;
+                }
+                Err(e) if stopping => {
+                    warn!(error = %e, "gave up recording the send: the worker stopped before Redis answered; a copy of the event could be sent again");
+                    return;
+                }
+                Err(_) => pause = (pause * 2).min(RECORD_RETRY_MAX),
+            }
+        }
+    };
+    tokio::spawn(retrying.in_current_span());
+}
+
+/// `record_sent` found `withdrawn`: its claim was lost while it sent, and the api, hearing no
+/// confirm in time, withdrew the event and refused the request. An SMS went whose code will not
+/// work, and the request gave its limit slots back.
+fn report_withdrawal(withdrawn: bool) {
+    if withdrawn {
         metrics::counter!(crate::metrics::SENDS, "outcome" => "sent_after_withdrawal").increment(1);
         error!("sent an event the api had withdrawn: its claim was lost while it was being sent");
+    }
+}
+
+/// One record in `sms_sent_records_waiting` and one of [`RECORDS_WAITING_MAX`], for as long as
+/// this lives.
+struct RecordWaiting {
+    _slot: OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
+}
+
+impl RecordWaiting {
+    fn count(slot: OwnedSemaphorePermit) -> Self {
+        let gauge = metrics::gauge!(crate::metrics::SENT_RECORDS_WAITING);
+        gauge.increment(1.0);
+        Self { _slot: slot, gauge }
+    }
+}
+
+impl Drop for RecordWaiting {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
     }
 }
 

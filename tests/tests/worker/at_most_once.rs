@@ -128,9 +128,9 @@ async fn a_send_that_replaces_a_withdrawal_is_reported() {
     .await;
 }
 
-/// Redis going away while the provider takes the SMS: the `sent` record waits for Redis (the
-/// delivery unacknowledged meanwhile) rather than being dropped after a few quick tries. A copy
-/// of the event published once the claim has long lapsed then finds it sent.
+/// Redis going away while the provider takes the SMS: the `sent` record is written in the
+/// background once Redis is back, rather than dropped after a few quick tries. A copy of the
+/// event published once the claim has long lapsed then finds it sent.
 #[tokio::test]
 async fn a_send_recorded_once_redis_is_back_keeps_a_later_copy_from_a_second_sms() {
     with_harness(QueueType::Classic, |h| async move {
