@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::RedisError;
+use redis::{RedisError, RetryMethod};
 use shared::OtpRequested;
 use time::OffsetDateTime;
 use tokio::sync::OwnedSemaphorePermit;
@@ -47,6 +47,10 @@ pub(super) async fn record_sent(context: &Context, event: &OtpRequested, timelin
 /// phone. The delivery is not held meanwhile: a message unacknowledged goes back to the queue
 /// if the channel closes, and would then be sent again.
 fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
+    if !worth_waiting_for(error) {
+        warn!(error = %error, "sent, but Redis refused its record; a copy of the event could be sent again");
+        return;
+    }
     let Ok(slot) = Arc::clone(&context.records_waiting).try_acquire_owned() else {
         warn!(error = %error, "sent, but could not record it in Redis, and too many records wait already; a copy of the event could be sent again");
         return;
@@ -76,6 +80,10 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
                     report_withdrawal(withdrawn);
                     return;
                 }
+                Err(e) if !worth_waiting_for(&e) => {
+                    warn!(error = %e, "gave up recording the send: Redis refused it; a copy of the event could be sent again");
+                    return;
+                }
                 Err(e) if stopping => {
                     warn!(error = %e, "gave up recording the send: the worker stopped before Redis answered; a copy of the event could be sent again");
                     return;
@@ -85,6 +93,12 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
         }
     };
     tokio::spawn(retrying.in_current_span());
+}
+
+/// Whether waiting may help: Redis away, timing out, failing over or loading. Not a refusal of
+/// the command itself (`ERR`, `NOPERM`), which would come back every time.
+fn worth_waiting_for(error: &RedisError) -> bool {
+    !matches!(error.retry_method(), RetryMethod::NoRetry)
 }
 
 /// `record_sent` found `withdrawn`: its claim was lost while it sent, and the api, hearing no
@@ -150,5 +164,32 @@ pub(super) async fn await_receipts(
         .await
     {
         warn!(error = %e, "could not remember the message for its receipts; they will be ignored");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+    use super::worth_waiting_for;
+
+    #[test]
+    fn waits_for_a_redis_that_is_away_not_for_one_that_refuses() {
+        let timed_out = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let dropped = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let loading = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::BusyLoading),
+            "Redis is loading",
+        ));
+        let refused = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "syntax error",
+        ));
+        let no_perm = RedisError::from((ErrorKind::Server(ServerErrorKind::NoPerm), "no perm"));
+        assert!(worth_waiting_for(&timed_out));
+        assert!(worth_waiting_for(&dropped));
+        assert!(worth_waiting_for(&loading));
+        assert!(!worth_waiting_for(&refused));
+        assert!(!worth_waiting_for(&no_perm));
     }
 }
