@@ -185,6 +185,7 @@ impl Worker {
         if !context.timelines.flush(TIMELINE_FLUSH).await {
             warn!("some timeline writes did not finish before the worker stopped");
         }
+        sent::report_records_left(&context);
 
         signal.abort();
         let _ = http_stop_tx.send(());

@@ -105,11 +105,7 @@ pub(crate) async fn send_otp(
                 match retries.pause(CLAIM_AGAIN_AFTER) {
                     Ok(pause) => {
                         if let Err(ShuttingDown) = context.shutdown.sleep(pause).await {
-                            // So that another worker need not wait for the claim to lapse.
-                            if let Err(e) = context.ledger.release(event.event_id, &token).await {
-                                debug!(error = %e, "could not release the claim; it will lapse");
-                            }
-                            return Outcome::LeaveToRedeliver;
+                            return leave_to_redeliver(context, event.event_id, &token).await;
                         }
                     }
                     Err(kind) => {
@@ -165,7 +161,8 @@ async fn claim(
                 match retries.next_delay(None) {
                     Ok(delay) => {
                         if let Err(ShuttingDown) = context.shutdown.sleep(delay).await {
-                            return Err(Outcome::LeaveToRedeliver);
+                            // A claim that fell in doubt earlier may still be this delivery's.
+                            return Err(leave_to_redeliver(context, event_id, token).await);
                         }
                     }
                     Err(kind) => return Err(tried.gave_up_on_redis(kind, error, token)),
@@ -173,4 +170,13 @@ async fn claim(
             }
         }
     }
+}
+
+/// The worker is stopping: releases the delivery's claim where Redis answers, so that another
+/// worker need not wait for it to lapse, and leaves the message to be redelivered.
+async fn leave_to_redeliver(context: &Context, event_id: Uuid, token: &ClaimToken) -> Outcome {
+    if let Err(e) = context.ledger.release(event_id, token).await {
+        debug!(error = %e, "could not release the claim; it will lapse");
+    }
+    Outcome::LeaveToRedeliver
 }

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{RedisError, RetryMethod};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
 use shared::OtpRequested;
 use time::OffsetDateTime;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, error, info, warn};
 
 use super::context::Context;
-use crate::ledger::with_a_few_tries;
+use super::lease::Lease;
+use crate::ledger::{ClaimToken, with_a_few_tries};
 use crate::provider::Accepted;
 use crate::receipts::store::SentMessage;
 use crate::trace::Line;
@@ -29,49 +30,65 @@ pub(super) const RECORDS_WAITING_MAX: usize = 4_096;
 /// Redis server both usually leave in one write. The timeline is written on a task of its own
 /// and not waited for: on a Redis Cluster it lives on another node than the ledger record, and a
 /// sick node there must not hold this delivery's ack (and its prefetch slot) for a diagnostic.
-pub(super) async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
+pub(super) async fn record_sent(
+    context: &Context,
+    event: &OtpRequested,
+    claim: &ClaimToken,
+    timeline: Vec<Line>,
+) {
     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
     context.timelines.append_detached(trace_id, timeline);
     let ledger = &context.ledger;
     let time_left = || Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     match with_a_few_tries(|| ledger.record_sent(event.event_id, time_left())).await {
         Ok(withdrawn) => report_withdrawal(withdrawn),
-        Err(e) => keep_trying(context, event, &e),
+        Err(e) => keep_trying(context, event, claim, &e),
     }
 }
 
 /// Goes on writing `sent` in the background, after the delivery is acknowledged, until Redis
-/// takes it, the code expires or the worker stops. Without the record, a copy of the event
-/// published twice could be sent again once the claim lapses, and a sign-in with a code whose
-/// request the api could not confirm in time (a pending code) would be refused, the SMS on the
-/// phone. The delivery is not held meanwhile: a message unacknowledged goes back to the queue
-/// if the channel closes, and would then be sent again.
-fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
+/// takes it or the code expires, and keeps the claim alive meanwhile, so that no copy of the
+/// event takes it over while Redis is back but the record not yet written. Without the record,
+/// a copy of the event published twice could be sent again once the claim lapses, and a sign-in
+/// with a code whose request the api could not confirm in time (a pending code) would be
+/// refused, the SMS on the phone. The delivery is not held meanwhile: a message unacknowledged
+/// goes back to the queue if the channel closes, and would then be sent again.
+fn keep_trying(context: &Context, event: &OtpRequested, claim: &ClaimToken, error: &RedisError) {
     if !worth_waiting_for(error) {
         warn!(error = %error, "sent, but Redis refused its record; a copy of the event could be sent again");
+        gave_up("refused");
         return;
     }
     let Ok(slot) = Arc::clone(&context.records_waiting).try_acquire_owned() else {
         warn!(error = %error, "sent, but could not record it in Redis, and too many records wait already; a copy of the event could be sent again");
+        gave_up("too_many");
         return;
     };
     warn!(error = %error, "sent, but could not record it in Redis; trying again in the background until Redis answers or the code expires");
     let waiting = RecordWaiting::count(slot);
     let ledger = context.ledger.clone();
-    let shutdown = context.shutdown.clone();
+    let lease = Lease::keep(
+        ledger.clone(),
+        event.event_id,
+        claim.clone(),
+        context.config.claim_lease,
+    );
     let (event_id, expires_at) = (event.event_id, event.expires_at);
     let time_left = move || {
         let left = (expires_at - OffsetDateTime::now_utc()).whole_milliseconds();
         Duration::from_millis(u64::try_from(left).unwrap_or(0))
     };
+    // Through the worker's stop too, while the process lasts: the stop reports what is left.
     let retrying = async move {
-        let _waiting = waiting;
+        let (_waiting, _lease) = (waiting, lease);
         let mut pause = RECORD_RETRY_FIRST;
         loop {
-            // One more try once the worker stops, then no more: the process is about to end.
-            let stopping = shutdown.sleep(pause).await.is_err();
+            // Spread, so that the records one Redis failure left behind do not all come back
+            // together.
+            tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.0))).await;
             if time_left().is_zero() {
                 warn!("gave up recording the send: the code expired before Redis answered");
+                gave_up("expired");
                 return;
             }
             match ledger.record_sent(event_id, time_left()).await {
@@ -82,10 +99,7 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
                 }
                 Err(e) if !worth_waiting_for(&e) => {
                     warn!(error = %e, "gave up recording the send: Redis refused it; a copy of the event could be sent again");
-                    return;
-                }
-                Err(e) if stopping => {
-                    warn!(error = %e, "gave up recording the send: the worker stopped before Redis answered; a copy of the event could be sent again");
+                    gave_up("refused");
                     return;
                 }
                 Err(_) => pause = (pause * 2).min(RECORD_RETRY_MAX),
@@ -95,10 +109,34 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
     tokio::spawn(retrying.in_current_span());
 }
 
-/// Whether waiting may help: Redis away, timing out, failing over or loading. Not a refusal of
-/// the command itself (`ERR`, `NOPERM`), which would come back every time.
+/// Records still waiting for Redis when the worker stops, given up with the process.
+pub(super) fn report_records_left(context: &Context) {
+    let left = RECORDS_WAITING_MAX - context.records_waiting.available_permits();
+    if left > 0 {
+        warn!(
+            records = left,
+            "stopping with sent SMS whose record Redis has not taken; copies of those events could be sent again"
+        );
+        metrics::counter!(crate::metrics::SENT_RECORDS_GIVEN_UP, "reason" => "stopped")
+            .increment(left as u64);
+    }
+}
+
+fn gave_up(reason: &'static str) {
+    metrics::counter!(crate::metrics::SENT_RECORDS_GIVEN_UP, "reason" => reason).increment(1);
+}
+
+/// Whether waiting may help: Redis away, timing out, failing over, loading, full or out of
+/// connections. Not a refusal of the command itself, which would come back every time: `ERR`
+/// (a Redis older than 6.2 knows no `SET … GET`), `NOPERM`, `CROSSSLOT`.
 fn worth_waiting_for(error: &RedisError) -> bool {
-    !matches!(error.retry_method(), RetryMethod::NoRetry)
+    match error.kind() {
+        ErrorKind::Server(ServerErrorKind::NoPerm | ServerErrorKind::CrossSlot) => false,
+        ErrorKind::Server(ServerErrorKind::ResponseError) => error
+            .detail()
+            .is_some_and(|detail| detail.starts_with("max number of clients")),
+        _ => true,
+    }
 }
 
 /// `record_sent` found `withdrawn`: its claim was lost while it sent, and the api, hearing no
@@ -173,23 +211,32 @@ mod tests {
 
     use super::worth_waiting_for;
 
+    fn server_error(kind: ServerErrorKind, detail: &str) -> RedisError {
+        RedisError::from((ErrorKind::Server(kind), "server error", detail.to_owned()))
+    }
+
     #[test]
-    fn waits_for_a_redis_that_is_away_not_for_one_that_refuses() {
+    fn waits_for_a_redis_that_is_away_or_busy_not_for_one_that_refuses_the_command() {
         let timed_out = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
         let dropped = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        let loading = RedisError::from((
-            ErrorKind::Server(ServerErrorKind::BusyLoading),
-            "Redis is loading",
+        let full = RedisError::from((
+            ErrorKind::Extension,
+            "OOM",
+            "command not allowed when used memory > 'maxmemory'".to_owned(),
         ));
-        let refused = RedisError::from((
-            ErrorKind::Server(ServerErrorKind::ResponseError),
-            "syntax error",
-        ));
-        let no_perm = RedisError::from((ErrorKind::Server(ServerErrorKind::NoPerm), "no perm"));
-        assert!(worth_waiting_for(&timed_out));
-        assert!(worth_waiting_for(&dropped));
-        assert!(worth_waiting_for(&loading));
-        assert!(!worth_waiting_for(&refused));
-        assert!(!worth_waiting_for(&no_perm));
+        let crowded = server_error(
+            ServerErrorKind::ResponseError,
+            "max number of clients reached",
+        );
+        let loading = server_error(ServerErrorKind::BusyLoading, "Redis is loading");
+        let read_only = server_error(ServerErrorKind::ReadOnly, "You can't write");
+        for error in [&timed_out, &dropped, &full, &crowded, &loading, &read_only] {
+            assert!(worth_waiting_for(error), "{error}");
+        }
+        let old_redis = server_error(ServerErrorKind::ResponseError, "syntax error");
+        let no_perm = server_error(ServerErrorKind::NoPerm, "this user has no permissions");
+        for error in [&old_redis, &no_perm] {
+            assert!(!worth_waiting_for(error), "{error}");
+        }
     }
 }

@@ -165,3 +165,44 @@ async fn a_send_recorded_once_redis_is_back_keeps_a_later_copy_from_a_second_sms
     })
     .await;
 }
+
+/// A worker that stops while a sent record still waits for Redis says so: the message was
+/// acknowledged with the send, and the record, and the guard it gives against a second copy of
+/// the event, end with the process.
+#[tokio::test]
+async fn a_worker_stopping_with_a_sent_record_still_waiting_says_so() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(1_000));
+        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        let mut worker = h
+            .start_worker_process(&[("REDIS_URL", &redis_url), ("LOG_FORMAT", "json")])
+            .await;
+        let to = phone();
+        h.publish(&event(&to, CODE_VALIDITY)).await;
+        eventually(WAIT, "the call", || async {
+            !h.fake.requests(Some(&to)).is_empty()
+        })
+        .await;
+        redis.go_down();
+        eventually(WAIT, "the record to wait in the background", || async {
+            worker.logs().contains("trying again in the background")
+        })
+        .await;
+        worker.terminate();
+        worker.wait(WAIT).await;
+
+        let logs = worker.logs();
+        let stopping = logs
+            .lines()
+            .find(|line| line.contains("stopping with sent SMS whose record"))
+            .unwrap_or_else(|| panic!("no word of the record left behind:\n{logs}"));
+        assert!(stopping.contains(r#""records":1"#), "{stopping}");
+        assert_eq!(
+            h.queued().await,
+            0,
+            "the message was acknowledged with the send"
+        );
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+    })
+    .await;
+}
