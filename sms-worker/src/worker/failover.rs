@@ -135,7 +135,7 @@ pub(super) async fn send_through_providers(
         let millis_left = event.millis_left(OffsetDateTime::now_utc());
         if millis_left < MIN_MILLIS_LEFT {
             if tried.ambiguous {
-                return Ok(sent_unconfirmed(context, event, claim, journal).await);
+                return Ok(sent_unconfirmed(context, event, journal).await);
             }
             return Ok(Outcome::DeadLetter {
                 dead_letter: tried
@@ -146,12 +146,12 @@ pub(super) async fn send_through_providers(
         // No provider call may start with the claim in doubt (see `claim_in_doubt`). Looked at
         // first before a breaker's probe is taken, which a claim in doubt would leave stranded.
         if !lease.make_sure().await {
-            return claim_in_doubt(context, event, journal, claim, lease, tried).await;
+            return claim_in_doubt(context, event, journal, lease, tried).await;
         }
         let Some((provider, allowance)) = choose(context, tried).await else {
             if all_excluded(context, tried) {
                 if tried.ambiguous {
-                    return Ok(sent_unconfirmed(context, event, claim, journal).await);
+                    return Ok(sent_unconfirmed(context, event, journal).await);
                 }
                 warn!(attempts = tried.attempts, providers = ?tried.calls, "every provider refused the SMS; dead-lettering it");
                 return Ok(Outcome::DeadLetter {
@@ -172,7 +172,7 @@ pub(super) async fn send_through_providers(
         // Once more: the breakers' state comes from Redis, and reading it may have taken long.
         // A probe taken and left is cheaper than a second SMS.
         if !lease.make_sure().await {
-            return claim_in_doubt(context, event, journal, claim, lease, tried).await;
+            return claim_in_doubt(context, event, journal, lease, tried).await;
         }
 
         tried.attempts += 1;
@@ -206,7 +206,7 @@ pub(super) async fn send_through_providers(
                 );
                 send_outcome("sent");
                 let timeline = journal.end("sent", None);
-                record_sent(context, event, claim, timeline).await;
+                record_sent(context, event, timeline).await;
                 await_receipts(context, event, &accepted, sms.body).await;
                 return Ok(Outcome::Sent);
             }
@@ -230,7 +230,7 @@ pub(super) async fn send_through_providers(
             // refusal naming the recipient proves little about the first call (Infobip calls any
             // 400 a recipient's), and a dead letter would record `dead` over an SMS that may be
             // on the phone.
-            return Ok(sent_unconfirmed(context, event, claim, journal).await);
+            return Ok(sent_unconfirmed(context, event, journal).await);
         }
         match error.kind {
             Failure::Recipient => return Ok(dead_letter_now(tried, claim)),
@@ -322,12 +322,11 @@ async fn claim_in_doubt(
     context: &Context,
     event: &OtpRequested,
     journal: &mut Journal,
-    claim: &ClaimToken,
     lease: &Lease,
     tried: &Tried,
 ) -> Result<Outcome, ClaimInDoubt> {
     if tried.ambiguous {
-        return Ok(sent_unconfirmed(context, event, claim, journal).await);
+        return Ok(sent_unconfirmed(context, event, journal).await);
     }
     warn!(
         attempts = tried.attempts,
@@ -352,7 +351,7 @@ async fn give_up(
         // more attempt never went). Handed to another worker, it would be sent a second time;
         // dead-lettered, the ledger would say `dead`, and a sign-in's late promotion would
         // refuse a code that may be on the phone.
-        return sent_unconfirmed(context, event, claim, journal).await;
+        return sent_unconfirmed(context, event, journal).await;
     }
     match stop {
         Stop::ShuttingDown => {
@@ -381,7 +380,6 @@ fn dead_letter_now(tried: &Tried, claim: &ClaimToken) -> Outcome {
 async fn sent_unconfirmed(
     context: &Context,
     event: &OtpRequested,
-    claim: &ClaimToken,
     journal: &mut Journal,
 ) -> Outcome {
     warn!("no provider confirmed the SMS, but it may have been sent; not trying again");
@@ -390,6 +388,6 @@ async fn sent_unconfirmed(
         "sent_unconfirmed",
         Some("no provider confirmed it, and it may have gone out: not tried again".to_owned()),
     );
-    record_sent(context, event, claim, timeline).await;
+    record_sent(context, event, timeline).await;
     Outcome::SentUnconfirmed
 }

@@ -11,14 +11,15 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, error, info, warn};
 
 use super::context::Context;
-use super::lease::Lease;
-use crate::ledger::{ClaimToken, with_a_few_tries};
+use crate::ledger::with_a_few_tries;
 use crate::provider::Accepted;
 use crate::receipts::store::SentMessage;
 use crate::trace::Line;
 
 /// After the first quick tries, the next try comes this late; twice as late each time, up to
-/// [`RECORD_RETRY_MAX`].
+/// [`RECORD_RETRY_MAX`] or a quarter of the claim's lease, whichever is less: the claim, no
+/// longer renewed, outlives the last renewal by a lease, and a record that lands within it
+/// leaves no gap in which a copy of the event could take the claim over.
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(500);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Sent records waiting for Redis in the background, at most this many at once in a process:
@@ -30,30 +31,24 @@ pub(super) const RECORDS_WAITING_MAX: usize = 4_096;
 /// Redis server both usually leave in one write. The timeline is written on a task of its own
 /// and not waited for: on a Redis Cluster it lives on another node than the ledger record, and a
 /// sick node there must not hold this delivery's ack (and its prefetch slot) for a diagnostic.
-pub(super) async fn record_sent(
-    context: &Context,
-    event: &OtpRequested,
-    claim: &ClaimToken,
-    timeline: Vec<Line>,
-) {
+pub(super) async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
     context.timelines.append_detached(trace_id, timeline);
     let ledger = &context.ledger;
     let time_left = || Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     match with_a_few_tries(|| ledger.record_sent(event.event_id, time_left())).await {
         Ok(withdrawn) => report_withdrawal(withdrawn),
-        Err(e) => keep_trying(context, event, claim, &e),
+        Err(e) => keep_trying(context, event, &e),
     }
 }
 
 /// Goes on writing `sent` in the background, after the delivery is acknowledged, until Redis
-/// takes it or the code expires, and keeps the claim alive meanwhile, so that no copy of the
-/// event takes it over while Redis is back but the record not yet written. Without the record,
-/// a copy of the event published twice could be sent again once the claim lapses, and a sign-in
-/// with a code whose request the api could not confirm in time (a pending code) would be
-/// refused, the SMS on the phone. The delivery is not held meanwhile: a message unacknowledged
-/// goes back to the queue if the channel closes, and would then be sent again.
-fn keep_trying(context: &Context, event: &OtpRequested, claim: &ClaimToken, error: &RedisError) {
+/// takes it or the code expires. Without the record, a copy of the event published twice could
+/// be sent again once the claim lapses, and a sign-in with a code whose request the api could
+/// not confirm in time (a pending code) would be refused, the SMS on the phone. The delivery is
+/// not held meanwhile: a message unacknowledged goes back to the queue if the channel closes,
+/// and would then be sent again.
+fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
     if !worth_waiting_for(error) {
         warn!(error = %error, "sent, but Redis refused its record; a copy of the event could be sent again");
         gave_up("refused");
@@ -67,21 +62,16 @@ fn keep_trying(context: &Context, event: &OtpRequested, claim: &ClaimToken, erro
     warn!(error = %error, "sent, but could not record it in Redis; trying again in the background until Redis answers or the code expires");
     let waiting = RecordWaiting::count(slot);
     let ledger = context.ledger.clone();
-    let lease = Lease::keep(
-        ledger.clone(),
-        event.event_id,
-        claim.clone(),
-        context.config.claim_lease,
-    );
+    let most_between_tries = RECORD_RETRY_MAX.min(context.config.claim_lease / 4);
     let (event_id, expires_at) = (event.event_id, event.expires_at);
     let time_left = move || {
         let left = (expires_at - OffsetDateTime::now_utc()).whole_milliseconds();
         Duration::from_millis(u64::try_from(left).unwrap_or(0))
     };
-    // Through the worker's stop too, while the process lasts: the stop reports what is left.
+    // Through the worker's stop too, while the process lasts: the stop says how many are left.
     let retrying = async move {
-        let (_waiting, _lease) = (waiting, lease);
-        let mut pause = RECORD_RETRY_FIRST;
+        let _waiting = waiting;
+        let mut pause = RECORD_RETRY_FIRST.min(most_between_tries);
         loop {
             // Spread, so that the records one Redis failure left behind do not all come back
             // together.
@@ -102,23 +92,22 @@ fn keep_trying(context: &Context, event: &OtpRequested, claim: &ClaimToken, erro
                     gave_up("refused");
                     return;
                 }
-                Err(_) => pause = (pause * 2).min(RECORD_RETRY_MAX),
+                Err(_) => pause = (pause * 2).min(most_between_tries),
             }
         }
     };
     tokio::spawn(retrying.in_current_span());
 }
 
-/// Records still waiting for Redis when the worker stops, given up with the process.
+/// Says how many records still wait for Redis as the worker stops: they end with the process
+/// (or land in its last moments), and their `/metrics` with it.
 pub(super) fn report_records_left(context: &Context) {
     let left = RECORDS_WAITING_MAX - context.records_waiting.available_permits();
     if left > 0 {
         warn!(
             records = left,
-            "stopping with sent SMS whose record Redis has not taken; copies of those events could be sent again"
+            "stopping with sent SMS whose record Redis has not taken yet; copies of those events could be sent again"
         );
-        metrics::counter!(crate::metrics::SENT_RECORDS_GIVEN_UP, "reason" => "stopped")
-            .increment(left as u64);
     }
 }
 
@@ -127,15 +116,16 @@ fn gave_up(reason: &'static str) {
 }
 
 /// Whether waiting may help: Redis away, timing out, failing over, loading, full or out of
-/// connections. Not a refusal of the command itself, which would come back every time: `ERR`
-/// (a Redis older than 6.2 knows no `SET … GET`), `NOPERM`, `CROSSSLOT`.
+/// connections. Not a refusal that would come back every time: `ERR` (a Redis older than 6.2
+/// knows no `SET … GET`), `NOPERM`, `CROSSSLOT`, or credentials Redis refuses.
 fn worth_waiting_for(error: &RedisError) -> bool {
     match error.kind() {
-        ErrorKind::Server(ServerErrorKind::NoPerm | ServerErrorKind::CrossSlot) => false,
+        ErrorKind::Server(ServerErrorKind::NoPerm | ServerErrorKind::CrossSlot)
+        | ErrorKind::AuthenticationFailed => false,
         ErrorKind::Server(ServerErrorKind::ResponseError) => error
             .detail()
             .is_some_and(|detail| detail.starts_with("max number of clients")),
-        _ => true,
+        _ => !matches!(error.code(), Some("NOAUTH" | "WRONGPASS")),
     }
 }
 
@@ -219,11 +209,10 @@ mod tests {
     fn waits_for_a_redis_that_is_away_or_busy_not_for_one_that_refuses_the_command() {
         let timed_out = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
         let dropped = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        let full = RedisError::from((
-            ErrorKind::Extension,
-            "OOM",
-            "command not allowed when used memory > 'maxmemory'".to_owned(),
-        ));
+        let full = redis::make_extension_error(
+            "OOM".to_owned(),
+            Some("command not allowed when used memory > 'maxmemory'".to_owned()),
+        );
         let crowded = server_error(
             ServerErrorKind::ResponseError,
             "max number of clients reached",
@@ -235,7 +224,11 @@ mod tests {
         }
         let old_redis = server_error(ServerErrorKind::ResponseError, "syntax error");
         let no_perm = server_error(ServerErrorKind::NoPerm, "this user has no permissions");
-        for error in [&old_redis, &no_perm] {
+        let no_auth = redis::make_extension_error(
+            "NOAUTH".to_owned(),
+            Some("Authentication required.".to_owned()),
+        );
+        for error in [&old_redis, &no_perm, &no_auth] {
             assert!(!worth_waiting_for(error), "{error}");
         }
     }

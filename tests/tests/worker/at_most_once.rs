@@ -174,8 +174,13 @@ async fn a_worker_stopping_with_a_sent_record_still_waiting_says_so() {
     with_harness(QueueType::Classic, |h| async move {
         h.fake.set_faults(Faults::latency(1_000));
         let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        let addr = format!("127.0.0.1:{}", tests::ports::free_port());
         let mut worker = h
-            .start_worker_process(&[("REDIS_URL", &redis_url), ("LOG_FORMAT", "json")])
+            .start_worker_process(&[
+                ("REDIS_URL", &redis_url),
+                ("LOG_FORMAT", "json"),
+                ("WORKER_ADDR", &addr),
+            ])
             .await;
         let to = phone();
         h.publish(&event(&to, CODE_VALIDITY)).await;
@@ -188,6 +193,22 @@ async fn a_worker_stopping_with_a_sent_record_still_waiting_says_so() {
             worker.logs().contains("trying again in the background")
         })
         .await;
+        let metrics = h
+            .http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .expect("the worker's /metrics")
+            .text()
+            .await
+            .expect("a body");
+        let lines: Vec<&str> = metrics.lines().collect();
+        assert!(lines.contains(&"sms_sent_records_waiting 1"), "{metrics}");
+        // At 0 before the first is given up, so that an alert on its increase sees that one.
+        assert!(
+            lines.contains(&r#"sms_sent_records_given_up_total{reason="expired"} 0"#),
+            "{metrics}"
+        );
         worker.terminate();
         worker.wait(WAIT).await;
 
