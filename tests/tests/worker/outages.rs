@@ -579,6 +579,8 @@ async fn a_stalled_redis_stops_the_calls_to_the_provider_too() {
     .await;
 }
 
+/// A worker retrying a send loses Redis (`go_away`): it must call the provider no more until
+/// Redis is back (`come_back`), then send the event once.
 async fn calls_stop_while_redis_is_away(
     h: &Harness,
     go_away: fn(&TcpProxy),
