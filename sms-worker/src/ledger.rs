@@ -189,6 +189,13 @@ impl SendLedger {
         })
     }
 
+    /// [`Self::release`] where Redis answers; where it does not, the claim lapses with its lease.
+    pub async fn release_or_let_lapse(&self, event_id: Uuid, token: &ClaimToken) {
+        if let Err(e) = self.release(event_id, token).await {
+            tracing::debug!(error = %e, "could not release the claim; it will lapse");
+        }
+    }
+
     /// Gives the claim up so that a redelivered copy can try without waiting for the lease.
     pub async fn release(&self, event_id: Uuid, token: &ClaimToken) -> Result<(), RedisError> {
         let _deleted: i64 = self

@@ -31,7 +31,8 @@ use crate::metrics as m;
 
 /// How long the flusher waits for more deliveries to finish before acknowledging: a few
 /// milliseconds gather dozens of acks under load, and delay nothing a user waits for (the SMS
-/// has gone out; a lost ack only means a redelivery that the ledger skips).
+/// has gone out; a lost ack only means a redelivery that the ledger skips, unless Redis did
+/// not take the `sent` record either: see `sent::keep_trying`).
 const LINGER: Duration = Duration::from_millis(3);
 
 /// A batch is sent without waiting out [`LINGER`] once this share of the prefetch (1/8) has

@@ -250,10 +250,11 @@ async fn settle(
                     drop(lease);
                     // Never drop: the original goes back to the queue and is tried again.
                     warn!(error = %e, "could not dead-letter the message; returning it to the queue");
-                    if let (Some(event), Some(claim)) = (event, claim)
-                        && let Err(e) = context.ledger.release(event.event_id, &claim).await
-                    {
-                        debug!(error = %e, "could not release the claim; it will lapse");
+                    if let (Some(event), Some(claim)) = (event, claim) {
+                        context
+                            .ledger
+                            .release_or_let_lapse(event.event_id, &claim)
+                            .await;
                     }
                     send_outcome("requeued");
                     // A short pause, so that a broken dead-letter route does not turn into a

@@ -10,8 +10,9 @@
 //! - ambiguous (the request went out, no answer came back): the SMS may be on its way, so it
 //!   gets exactly one more attempt, on the next provider where there is one, and never the
 //!   retry loop; if that ends without a clear "accepted", whatever it met, or never comes (a
-//!   breaker still open when the budget ends, a stop), the event ends as sent-unconfirmed. It is
-//!   never dead-lettered or handed to another worker: either could lead to a second SMS.
+//!   breaker still open when the budget ends, a stop, a claim Redis can no longer renew), the
+//!   event ends as sent-unconfirmed. It is never dead-lettered or handed to another worker:
+//!   either could lead to a second SMS.
 
 use std::time::Duration;
 
@@ -87,12 +88,10 @@ impl Tried {
         );
         Outcome::DeadLetter {
             dead_letter: DeadLetter {
-                kind,
                 error: reason,
-                attempts: self.attempts,
                 provider_status: None,
                 provider_code: None,
-                providers: self.calls.clone(),
+                ..self.dead_letter(kind, "")
             },
             claim: Some(claim.clone()),
         }
@@ -356,9 +355,10 @@ async fn give_up(
     match stop {
         Stop::ShuttingDown => {
             // Hand it to another worker rather than wait here.
-            if let Err(e) = context.ledger.release(event.event_id, claim).await {
-                debug!(error = %e, "could not release the claim; it will lapse");
-            }
+            context
+                .ledger
+                .release_or_let_lapse(event.event_id, claim)
+                .await;
             Outcome::LeaveToRedeliver
         }
         Stop::Budget(kind) => tried.gave_up(kind, claim),

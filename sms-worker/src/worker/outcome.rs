@@ -14,7 +14,9 @@ pub(crate) enum Outcome {
     /// Publish a dead letter, then acknowledge.
     DeadLetter {
         dead_letter: DeadLetter,
-        /// The claim this task holds, to release if the dead letter cannot be published.
+        /// This delivery's claim token, which Redis may hold (when Redis was away, it may not:
+        /// kept all the same, since a claim whose answer was lost may stand). Released if the
+        /// dead letter cannot be published; the `dead` record may replace it.
         claim: Option<ClaimToken>,
     },
     /// The worker is stopping: leave the message unacknowledged. Closing the channel hands it

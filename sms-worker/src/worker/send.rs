@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use shared::OtpRequested;
 use time::OffsetDateTime;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::budget::{Budget, MIN_MILLIS_LEFT, Retries};
@@ -175,8 +175,6 @@ async fn claim(
 /// The worker is stopping: releases the delivery's claim where Redis answers, so that another
 /// worker need not wait for it to lapse, and leaves the message to be redelivered.
 async fn leave_to_redeliver(context: &Context, event_id: Uuid, token: &ClaimToken) -> Outcome {
-    if let Err(e) = context.ledger.release(event_id, token).await {
-        debug!(error = %e, "could not release the claim; it will lapse");
-    }
+    context.ledger.release_or_let_lapse(event_id, token).await;
     Outcome::LeaveToRedeliver
 }

@@ -22,9 +22,10 @@ use crate::trace::Line;
 /// leaves no gap in which a copy of the event could take the claim over.
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(500);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
-/// Sent records waiting for Redis in the background, at most this many at once in a process:
-/// each is a small task, and a Redis away for long at 4,000 SMS a second would otherwise gather
-/// one per SMS. Past it a record is given up at once, as all were before there was a wait.
+/// Sent records waiting for Redis in the background, at most this many at once in a process.
+/// Each outage leaves at most the sends then in flight (no claim, so no send, starts while
+/// Redis is away), but a Redis that flaps for the life of many codes adds them up. Past it a
+/// record is given up at once, as all were before there was a wait.
 pub(super) const RECORDS_WAITING_MAX: usize = 4_096;
 
 /// Records the send in the ledger, and writes the number's timeline, ended, alongside: on one
@@ -59,15 +60,14 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
         gave_up("too_many");
         return;
     };
-    warn!(error = %error, "sent, but could not record it in Redis; trying again in the background until Redis answers or the code expires");
     let waiting = RecordWaiting::count(slot);
+    warn!(error = %error, "sent, but could not record it in Redis; trying again in the background until Redis answers or the code expires");
     let ledger = context.ledger.clone();
     let most_between_tries = RECORD_RETRY_MAX.min(context.config.claim_lease / 4);
-    let (event_id, expires_at) = (event.event_id, event.expires_at);
-    let time_left = move || {
-        let left = (expires_at - OffsetDateTime::now_utc()).whole_milliseconds();
-        Duration::from_millis(u64::try_from(left).unwrap_or(0))
-    };
+    // What the task needs of the event, its code left behind.
+    let event_id = event.event_id;
+    let event = event.without_code();
+    let time_left = move || Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     // Through the worker's stop too, while the process lasts: the stop says how many are left.
     let retrying = async move {
         let _waiting = waiting;
