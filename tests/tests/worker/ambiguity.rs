@@ -221,10 +221,10 @@ async fn a_refusal_after_an_ambiguous_call_ends_as_sent_not_dead_lettered() {
 #[tokio::test]
 async fn an_ambiguous_call_whose_claim_falls_in_doubt_ends_as_sent() {
     with_harness(QueueType::Classic, |h| async move {
-        h.fake.set_faults(Faults::latency(1_500));
+        h.fake.set_faults(Faults::latency(2_500));
         let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
         let worker = h
-            .start_worker(&[("REDIS_URL", &redis_url), ("SEND_TIMEOUT_SECS", "1")])
+            .start_worker(&[("REDIS_URL", &redis_url), ("SEND_TIMEOUT_SECS", "2")])
             .await;
         let to = phone();
         h.publish(&event(&to, CODE_VALIDITY)).await;
@@ -232,11 +232,12 @@ async fn an_ambiguous_call_whose_claim_falls_in_doubt_ends_as_sent() {
             !h.fake.requests(Some(&to)).is_empty()
         })
         .await;
-        // The call times out a second after it started, and the 1 s lease, unrenewed since,
-        // is then in doubt. An observation window, then a stop with Redis still away: an event
-        // still waiting for Redis to be claimed again would go back to the queue.
+        // The call times out two seconds after it started, and the 1 s lease, unrenewed since
+        // Redis went (up to 1.3 s after the call started), is then in doubt. An observation
+        // window, then a stop with Redis still away: an event still waiting for Redis to be
+        // claimed again would go back to the queue.
         redis.go_down();
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
         worker.stop().await;
         assert_eq!(h.queued().await, 0, "the event was not acknowledged");
         assert_eq!(

@@ -17,5 +17,6 @@ mod operations;
 mod outages;
 mod processes;
 mod receipts;
+mod redis_outages;
 mod sending;
 mod tokens;
