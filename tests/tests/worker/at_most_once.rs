@@ -4,11 +4,12 @@ use std::time::Duration;
 
 use shared::QueueType;
 use tests::fake_sms::Faults;
+use tests::program::Program;
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
 use tests::wait::eventually;
 
-use crate::harness::{CODE_VALIDITY, WAIT, event, phone, with_harness};
+use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, phone, with_harness};
 
 #[tokio::test]
 async fn the_same_event_published_twice_gives_one_sms() {
@@ -166,49 +167,63 @@ async fn a_send_recorded_once_redis_is_back_keeps_a_later_copy_from_a_second_sms
     .await;
 }
 
+/// A worker process (its own metrics and JSON log, its `/metrics` URL returned) whose Redis, behind
+/// a proxy, goes away while the provider takes an SMS that lives `ttl`: the send is acked and
+/// its record waits in the background. Returns once the worker says so.
+async fn a_sent_record_waiting(h: &Harness, ttl: Duration) -> (TcpProxy, Program, String, String) {
+    h.fake.set_faults(Faults::latency(1_000));
+    let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+    let addr = format!("127.0.0.1:{}", tests::ports::free_port());
+    let worker = h
+        .start_worker_process(&[
+            ("REDIS_URL", &redis_url),
+            ("LOG_FORMAT", "json"),
+            ("WORKER_ADDR", &addr),
+        ])
+        .await;
+    let to = phone();
+    h.publish(&event(&to, ttl)).await;
+    eventually(WAIT, "the call", || async {
+        !h.fake.requests(Some(&to)).is_empty()
+    })
+    .await;
+    redis.go_down();
+    eventually(WAIT, "the record to wait in the background", || async {
+        worker.logs().contains("trying again in the background")
+    })
+    .await;
+    (redis, worker, format!("http://{addr}/metrics"), to)
+}
+
+/// The lines of a worker's `/metrics`.
+async fn metrics_of(h: &Harness, url: &str) -> Vec<String> {
+    let metrics = h
+        .http
+        .get(url)
+        .send()
+        .await
+        .expect("the worker's /metrics")
+        .text()
+        .await
+        .expect("a body");
+    metrics.lines().map(str::to_owned).collect()
+}
+
 /// A worker that stops while a sent record still waits for Redis says so: the message was
 /// acknowledged with the send, and the record, and the guard it gives against a second copy of
 /// the event, end with the process.
 #[tokio::test]
 async fn a_worker_stopping_with_a_sent_record_still_waiting_says_so() {
     with_harness(QueueType::Classic, |h| async move {
-        h.fake.set_faults(Faults::latency(1_000));
-        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
-        let addr = format!("127.0.0.1:{}", tests::ports::free_port());
-        let mut worker = h
-            .start_worker_process(&[
-                ("REDIS_URL", &redis_url),
-                ("LOG_FORMAT", "json"),
-                ("WORKER_ADDR", &addr),
-            ])
-            .await;
-        let to = phone();
-        h.publish(&event(&to, CODE_VALIDITY)).await;
-        eventually(WAIT, "the call", || async {
-            !h.fake.requests(Some(&to)).is_empty()
-        })
-        .await;
-        redis.go_down();
-        eventually(WAIT, "the record to wait in the background", || async {
-            worker.logs().contains("trying again in the background")
-        })
-        .await;
-        let metrics = h
-            .http
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .expect("the worker's /metrics")
-            .text()
-            .await
-            .expect("a body");
-        let lines: Vec<&str> = metrics.lines().collect();
-        assert!(lines.contains(&"sms_sent_records_waiting 1"), "{metrics}");
-        // At 0 before the first is given up, so that an alert on its increase sees that one.
+        let (_redis, mut worker, metrics_url, to) = a_sent_record_waiting(&h, CODE_VALIDITY).await;
+        let metrics = metrics_of(&h, &metrics_url).await;
         assert!(
-            lines.contains(&r#"sms_sent_records_given_up_total{reason="expired"} 0"#),
-            "{metrics}"
+            metrics.iter().any(|l| l == "sms_sent_records_waiting 1"),
+            "{metrics:?}"
         );
+        // At 0 before the first is given up, so that an alert on its increase sees that one.
+        let none_expired = r#"sms_sent_records_given_up_total{reason="expired"} 0"#;
+        assert!(metrics.iter().any(|l| l == none_expired), "{metrics:?}");
         worker.terminate();
         worker.wait(WAIT).await;
 
@@ -224,6 +239,42 @@ async fn a_worker_stopping_with_a_sent_record_still_waiting_says_so() {
             "the message was acknowledged with the send"
         );
         assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+    })
+    .await;
+}
+
+/// A record whose code expires before Redis comes back is given up, logged and counted, which
+/// is what `SmsSendsUnrecorded` alerts on.
+#[tokio::test]
+async fn a_sent_record_whose_code_expires_first_is_counted_as_given_up() {
+    with_harness(QueueType::Classic, |h| async move {
+        // The SMS goes out with about two seconds of its code left.
+        let (_redis, mut worker, metrics_url, _) =
+            a_sent_record_waiting(&h, Duration::from_secs(3)).await;
+        let expired = r#"sms_sent_records_given_up_total{reason="expired"} 1"#;
+        eventually(WAIT, "the record to be given up", || async {
+            metrics_of(&h, &metrics_url)
+                .await
+                .iter()
+                .any(|l| l == expired)
+        })
+        .await;
+        assert!(
+            metrics_of(&h, &metrics_url)
+                .await
+                .iter()
+                .any(|l| l == "sms_sent_records_waiting 0"),
+            "the record still counted as waiting"
+        );
+        // The log is written by a thread of its own, so it may lag the counter.
+        eventually(WAIT, "the log to give the reason", || async {
+            worker
+                .logs()
+                .contains("the code expired before Redis answered")
+        })
+        .await;
+        worker.terminate();
+        worker.wait(WAIT).await;
     })
     .await;
 }
