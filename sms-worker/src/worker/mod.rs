@@ -45,6 +45,10 @@ use context::{Context, Stores};
 /// How long a stopping worker waits for the timeline writes still under way: a little longer
 /// than any of them may take ([`crate::trace::WRITE_DEADLINE`]).
 const TIMELINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(3_500);
+/// How long a stopping worker waits for `sent` records still waiting for Redis: long enough for
+/// a Redis failover (a few seconds), short enough to stay within what an orchestrator allows a
+/// stop after the grace period.
+const RECORDS_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
 /// `WORKER_ADDR` has port 0.
@@ -180,9 +184,15 @@ impl Worker {
         });
 
         connection::consume_until_shutdown(&context).await;
-        // The last sends' timelines are written on tasks of their own; the runtime would drop
-        // them at exit. Each has a deadline, and this wait is no longer.
-        if !context.timelines.flush(TIMELINE_FLUSH).await {
+        // The last sends' timelines and the `sent` records still waiting for Redis are written
+        // on tasks of their own; the runtime would drop them at exit. Each timeline write has a
+        // deadline, and that wait is no longer; a record waits for Redis, which may come back
+        // within seconds (a failover during a rolling restart).
+        let (timelines_flushed, ()) = tokio::join!(
+            context.timelines.flush(TIMELINE_FLUSH),
+            sent::wait_for_records(&context, RECORDS_FLUSH),
+        );
+        if !timelines_flushed {
             warn!("some timeline writes did not finish before the worker stopped");
         }
         sent::report_records_left(&context);

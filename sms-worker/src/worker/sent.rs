@@ -99,6 +99,13 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
     tokio::spawn(retrying.in_current_span());
 }
 
+/// Waits, at most `limit`, until no record waits for Redis (at once when none does).
+pub(super) async fn wait_for_records(context: &Context, limit: Duration) {
+    let all = u32::try_from(RECORDS_WAITING_MAX).unwrap_or(u32::MAX);
+    // Every slot free again: each record has landed or been given up.
+    let _ = tokio::time::timeout(limit, context.records_waiting.acquire_many(all)).await;
+}
+
 /// Says how many records still wait for Redis as the worker stops: they end with the process
 /// (or land in its last moments), and their `/metrics` with it.
 pub(super) fn report_records_left(context: &Context) {

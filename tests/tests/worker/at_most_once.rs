@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use shared::QueueType;
+use shared::{OtpRequested, QueueType};
 use tests::fake_sms::Faults;
 use tests::program::Program;
 use tests::proxy::TcpProxy;
@@ -170,7 +170,10 @@ async fn a_send_recorded_once_redis_is_back_keeps_a_later_copy_from_a_second_sms
 /// A worker process (its own metrics and JSON log, its `/metrics` URL returned) whose Redis, behind
 /// a proxy, goes away while the provider takes an SMS that lives `ttl`: the send is acked and
 /// its record waits in the background. Returns once the worker says so.
-async fn a_sent_record_waiting(h: &Harness, ttl: Duration) -> (TcpProxy, Program, String, String) {
+async fn a_sent_record_waiting(
+    h: &Harness,
+    ttl: Duration,
+) -> (TcpProxy, Program, String, OtpRequested) {
     h.fake.set_faults(Faults::latency(1_000));
     let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
     let addr = format!("127.0.0.1:{}", tests::ports::free_port());
@@ -182,7 +185,8 @@ async fn a_sent_record_waiting(h: &Harness, ttl: Duration) -> (TcpProxy, Program
         ])
         .await;
     let to = phone();
-    h.publish(&event(&to, ttl)).await;
+    let event = event(&to, ttl);
+    h.publish(&event).await;
     eventually(WAIT, "the call", || async {
         !h.fake.requests(Some(&to)).is_empty()
     })
@@ -192,7 +196,7 @@ async fn a_sent_record_waiting(h: &Harness, ttl: Duration) -> (TcpProxy, Program
         worker.logs().contains("trying again in the background")
     })
     .await;
-    (redis, worker, format!("http://{addr}/metrics"), to)
+    (redis, worker, format!("http://{addr}/metrics"), event)
 }
 
 /// The lines of a worker's `/metrics`.
@@ -215,7 +219,9 @@ async fn metrics_of(h: &Harness, url: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_worker_stopping_with_a_sent_record_still_waiting_says_so() {
     with_harness(QueueType::Classic, |h| async move {
-        let (_redis, mut worker, metrics_url, to) = a_sent_record_waiting(&h, CODE_VALIDITY).await;
+        let (_redis, mut worker, metrics_url, event) =
+            a_sent_record_waiting(&h, CODE_VALIDITY).await;
+        let to = event.phone_number.as_str();
         let metrics = metrics_of(&h, &metrics_url).await;
         assert!(
             metrics.iter().any(|l| l == "sms_sent_records_waiting 1"),
@@ -238,7 +244,30 @@ async fn a_worker_stopping_with_a_sent_record_still_waiting_says_so() {
             0,
             "the message was acknowledged with the send"
         );
-        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+        assert_eq!(h.fake.messages(Some(to)).len(), 1);
+    })
+    .await;
+}
+
+/// A record whose Redis comes back while the worker stops lands before the worker exits: the
+/// stop waits a few seconds for such records (a Redis failover during a rolling restart).
+#[tokio::test]
+async fn a_sent_record_whose_redis_comes_back_during_the_stop_lands_before_the_exit() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (redis, mut worker, _, event) = a_sent_record_waiting(&h, CODE_VALIDITY).await;
+        worker.terminate();
+        redis.come_back();
+        worker.wait(WAIT).await;
+        assert_eq!(
+            h.ledger_record(&event).await.as_deref(),
+            Some(shared::send_ledger::SENT),
+            "the record did not land before the worker exited"
+        );
+        let logs = worker.logs();
+        assert!(
+            !logs.contains("stopping with sent SMS whose record"),
+            "{logs}"
+        );
     })
     .await;
 }
