@@ -64,7 +64,7 @@ impl Context {
             shutdown,
             dead_letter_route: Mutex::new(None),
             held_dead_letters,
-            records_waiting: Arc::new(Semaphore::new(super::sent::RECORDS_WAITING_MAX)),
+            records_waiting: Arc::new(Semaphore::new(super::sent::RECORDS_WAITING_MAX as usize)),
         }
     }
 

@@ -45,10 +45,11 @@ use context::{Context, Stores};
 /// How long a stopping worker waits for the timeline writes still under way: a little longer
 /// than any of them may take ([`crate::trace::WRITE_DEADLINE`]).
 const TIMELINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(3_500);
-/// How long a stopping worker waits for `sent` records still waiting for Redis: long enough for
-/// a Redis failover (a few seconds), short enough to stay within what an orchestrator allows a
-/// stop after the grace period.
-const RECORDS_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a stopping worker waits for `sent` records still waiting for Redis: as long as for
+/// the timeline writes, alongside them, so a stop takes no longer than it did before records
+/// waited (its worst case is sized to Compose's 30 s, see `connection.rs`); records try every
+/// 250 ms meanwhile, so a Redis failover of a few seconds costs none.
+const RECORDS_FLUSH: std::time::Duration = TIMELINE_FLUSH;
 
 /// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
 /// `WORKER_ADDR` has port 0.

@@ -22,11 +22,13 @@ use crate::trace::Line;
 /// leaves no gap in which a copy of the event could take the claim over.
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(500);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Once the worker stops, tries come at least this often: the stop waits only seconds for them.
+const RECORD_RETRY_WHILE_STOPPING: Duration = Duration::from_millis(250);
 /// Sent records waiting for Redis in the background, at most this many at once in a process.
 /// Each outage leaves at most the sends then in flight (no claim, so no send, starts while
 /// Redis is away), but a Redis that flaps for the life of many codes adds them up. Past it a
 /// record is given up at once, as all were before there was a wait.
-pub(super) const RECORDS_WAITING_MAX: usize = 4_096;
+pub(super) const RECORDS_WAITING_MAX: u32 = 4_096;
 
 /// Records the send in the ledger, and writes the number's timeline, ended, alongside: on one
 /// Redis server both usually leave in one write. The timeline is written on a task of its own
@@ -63,6 +65,7 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
     let waiting = RecordWaiting::count(slot);
     warn!(error = %error, "sent, but could not record it in Redis; trying again in the background until Redis answers or the code expires");
     let ledger = context.ledger.clone();
+    let shutdown = context.shutdown.clone();
     let most_between_tries = RECORD_RETRY_MAX.min(context.config.claim_lease / 4);
     // What the task needs of the event, its code left behind.
     let event_id = event.event_id;
@@ -75,7 +78,13 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
         loop {
             // Spread, so that the records one Redis failure left behind do not all come back
             // together.
-            tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.0))).await;
+            let spread = |pause: Duration| pause.mul_f64(rand::random_range(0.5..=1.0));
+            if shutdown.is_shutdown() {
+                tokio::time::sleep(spread(pause.min(RECORD_RETRY_WHILE_STOPPING))).await;
+            } else {
+                // Cut short by a stop, after which tries come faster.
+                let _ = shutdown.sleep(spread(pause)).await;
+            }
             if time_left().is_zero() {
                 warn!("gave up recording the send: the code expired before Redis answered");
                 gave_up("expired");
@@ -99,17 +108,32 @@ fn keep_trying(context: &Context, event: &OtpRequested, error: &RedisError) {
     tokio::spawn(retrying.in_current_span());
 }
 
-/// Waits, at most `limit`, until no record waits for Redis (at once when none does).
+/// Waits, at most `limit`, until no record waits for Redis (at once when none does). Only once
+/// no send can start: a waiting `acquire_many` takes the slots as they come free, and a record
+/// asking for one meanwhile would be turned away.
 pub(super) async fn wait_for_records(context: &Context, limit: Duration) {
-    let all = u32::try_from(RECORDS_WAITING_MAX).unwrap_or(u32::MAX);
+    let waiting = records_waiting(context);
+    if waiting == 0 {
+        return;
+    }
+    info!(
+        records = waiting,
+        limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+        "waiting for sent records Redis has not taken yet"
+    );
     // Every slot free again: each record has landed or been given up.
-    let _ = tokio::time::timeout(limit, context.records_waiting.acquire_many(all)).await;
+    let all_free = context.records_waiting.acquire_many(RECORDS_WAITING_MAX);
+    let _ = tokio::time::timeout(limit, all_free).await;
+}
+
+fn records_waiting(context: &Context) -> usize {
+    RECORDS_WAITING_MAX as usize - context.records_waiting.available_permits()
 }
 
 /// Says how many records still wait for Redis as the worker stops: they end with the process
 /// (or land in its last moments), and their `/metrics` with it.
 pub(super) fn report_records_left(context: &Context) {
-    let left = RECORDS_WAITING_MAX - context.records_waiting.available_permits();
+    let left = records_waiting(context);
     if left > 0 {
         warn!(
             records = left,

@@ -256,8 +256,16 @@ async fn a_sent_record_whose_redis_comes_back_during_the_stop_lands_before_the_e
     with_harness(QueueType::Classic, |h| async move {
         let (redis, mut worker, _, event) = a_sent_record_waiting(&h, CODE_VALIDITY).await;
         worker.terminate();
+        // Redis back only once the stop waits for the record: before, the record's own tries
+        // could land it with no stop waiting at all.
+        eventually(WAIT, "the stop to wait for the record", || async {
+            worker
+                .logs()
+                .contains("waiting for sent records Redis has not taken yet")
+        })
+        .await;
         redis.come_back();
-        worker.wait(WAIT).await;
+        assert!(worker.wait(WAIT).await.success(), "{}", worker.logs());
         assert_eq!(
             h.ledger_record(&event).await.as_deref(),
             Some(shared::send_ledger::SENT),
