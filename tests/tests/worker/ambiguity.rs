@@ -145,10 +145,7 @@ async fn an_ambiguous_call_whose_worker_stops_before_the_one_more_attempt_ends_a
             .await;
         let to = phone();
         let event = h.request_sms(&to).await;
-        eventually(WAIT, "the slow call", || async {
-            !h.fake.requests(Some(&to)).is_empty()
-        })
-        .await;
+        h.wait_for_a_call(&to).await;
         // The stop lets the call end (ambiguous) and the breaker open; the wait ends at once.
         stopped.stop().await;
         assert_eq!(h.queued().await, 0, "acknowledged during the stop's drain");
@@ -228,10 +225,7 @@ async fn an_ambiguous_call_whose_claim_falls_in_doubt_ends_as_sent() {
             .await;
         let to = phone();
         h.publish(&event(&to, CODE_VALIDITY)).await;
-        eventually(WAIT, "the first call", || async {
-            !h.fake.requests(Some(&to)).is_empty()
-        })
-        .await;
+        h.wait_for_a_call(&to).await;
         // The call times out two seconds after it started, and the 1 s lease, unrenewed since
         // Redis went (up to 1.3 s after the call started), is then in doubt. An observation
         // window, then a stop with Redis still away: an event still waiting for Redis to be

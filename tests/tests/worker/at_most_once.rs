@@ -141,10 +141,7 @@ async fn a_send_recorded_once_redis_is_back_keeps_a_later_copy_from_a_second_sms
         let to = phone();
         let event = event(&to, CODE_VALIDITY);
         h.publish(&event).await;
-        eventually(WAIT, "the call", || async {
-            !h.fake.requests(Some(&to)).is_empty()
-        })
-        .await;
+        h.wait_for_a_call(&to).await;
         // The provider accepts a second after the call, with Redis away; by the time Redis is
         // back, the claim's 1 s lease has lapsed.
         redis.go_down();
@@ -187,10 +184,7 @@ async fn a_sent_record_waiting(
     let to = phone();
     let event = event(&to, ttl);
     h.publish(&event).await;
-    eventually(WAIT, "the call", || async {
-        !h.fake.requests(Some(&to)).is_empty()
-    })
-    .await;
+    h.wait_for_a_call(&to).await;
     redis.go_down();
     eventually(WAIT, "the record to wait in the background", || async {
         worker.logs().contains("trying again in the background")

@@ -185,6 +185,15 @@ impl Harness {
             .expect("the event is withdrawn");
     }
 
+    /// Waits until the provider has had a call for `to` (fake-sms records it as it arrives, so
+    /// the call may still be waiting for its answer).
+    pub async fn wait_for_a_call(&self, to: &str) {
+        eventually(WAIT, &format!("a call for {to}"), || async {
+            !self.fake.requests(Some(to)).is_empty()
+        })
+        .await;
+    }
+
     /// What the send ledger holds for `event`: `sent`, `dead`, `sending:…`, or nothing.
     pub async fn ledger_record(&self, event: &OtpRequested) -> Option<String> {
         redis::cmd("GET")

@@ -139,17 +139,16 @@ async fn calls_stop_while_redis_is_away(
         retrying_through_a_redis_proxy(h, &event(&to, CODE_VALIDITY), 1, &[]).await;
 
     go_away(&redis);
-    // Observation windows, not synchronisation: within two thirds of a lease (plus a Redis
-    // command's timeout, for a stall) the worker stops calling; over the next 1.5 s, a call
-    // every 100 ms or so would show.
+    // Within two thirds of a lease (plus a Redis command's timeout, for a stall) the worker
+    // stops calling.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let calls = h.fake.requests(Some(&to)).len();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert_eq!(
-        h.fake.requests(Some(&to)).len(),
-        calls,
-        "called the provider without a claim it could be sure of"
-    );
+    assert_no_call_over(
+        h,
+        &to,
+        Duration::from_millis(1_500),
+        "called the provider without a claim it could be sure of",
+    )
+    .await;
 
     h.fake.set_faults(Faults::default());
     come_back(&redis);
@@ -180,13 +179,13 @@ async fn a_claim_in_doubt_keeps_its_delivery_and_its_count_of_attempts() {
         // until the budget runs out.
         redis.go_down();
         tokio::time::sleep(Duration::from_millis(1_500)).await;
-        let calls_in_doubt = h.fake.requests(Some(&to)).len();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(
-            h.fake.requests(Some(&to)).len(),
-            calls_in_doubt,
-            "the claim never fell in doubt"
-        );
+        assert_no_call_over(
+            &h,
+            &to,
+            Duration::from_secs(1),
+            "the claim never fell in doubt",
+        )
+        .await;
         redis.come_back();
         let letters = h.wait_for_dead_letters(1).await;
         worker.stop().await;
@@ -245,4 +244,12 @@ async fn a_worker_cut_off_from_redis_leaves_the_event_to_the_copy_that_takes_its
         other.stop().await;
     })
     .await;
+}
+
+/// An observation window, not synchronisation: a worker still retrying (a call every 100 ms or
+/// so) would call `to` within `window`.
+async fn assert_no_call_over(h: &Harness, to: &str, window: Duration, failure: &str) {
+    let calls = h.fake.requests(Some(to)).len();
+    tokio::time::sleep(window).await;
+    assert_eq!(h.fake.requests(Some(to)).len(), calls, "{failure}");
 }
