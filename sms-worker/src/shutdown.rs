@@ -4,6 +4,8 @@
 //! a test's stop future). Every task that must notice holds a [`Shutdown`], a cheap clone of the
 //! same signal: the consume loop stops taking messages, a send waiting between retries gives its
 //! message back instead of sleeping on, and `/readyz` starts answering 503.
+//!
+//! A second signal, [`GraceOver`], ends the grace period that the stop gives sends in flight.
 
 use std::time::Duration;
 
@@ -54,6 +56,30 @@ impl Shutdown {
             () = tokio::time::sleep(delay) => Ok(()),
             () = self.recv() => Err(ShuttingDown),
         }
+    }
+}
+
+/// The end of the stop's grace period, fired by the drain (the one part of the worker that
+/// knows when the grace is over) and heard by every delivery still sending: those that have no
+/// answer from a provider yet stop at once, and those past it finish.
+pub(crate) struct GraceOver {
+    trigger: ShutdownTrigger,
+    heard: Shutdown,
+}
+
+impl GraceOver {
+    pub(crate) fn new() -> Self {
+        let (trigger, heard) = channel();
+        Self { trigger, heard }
+    }
+
+    pub(crate) fn fire(&self) {
+        self.trigger.fire();
+    }
+
+    /// Resolves once the grace period is over.
+    pub(crate) async fn recv(&self) {
+        self.heard.recv().await;
     }
 }
 

@@ -28,6 +28,12 @@ use crate::metrics as m;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Closing politely is best effort; a dead broker must not hold up the exit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the grace period, how long deliveries past their provider's answer have to record the
+/// SMS and be acknowledged. A stopping worker makes one try at each Redis write (a command waits
+/// at most 2 s) before it leaves the `sent` record to the background, so a stalled Redis costs
+/// about 4 s. It is taken from the close's own time (see `shut_down`), so the stop's worst case
+/// does not grow.
+const SETTLE_AFTER_GRACE: Duration = CLOSE_TIMEOUT;
 
 /// Connects, consumes, and reconnects with backoff whenever RabbitMQ goes away, until the worker
 /// is shut down; then drains the deliveries in flight.
@@ -85,7 +91,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
     }
     // Stopped while disconnected: what is left can finish, but cannot be acknowledged anyway.
     let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
-    drain(&mut tasks, context.config.shutdown_grace).await;
+    drain(context, &mut tasks, context.config.shutdown_grace).await;
     retired.wait_out(stop_by).await;
 }
 
@@ -263,16 +269,17 @@ impl BrokerConnection {
                 warn!(error = %e, "could not cancel a consumer");
             }
         }
+        // What follows the grace period has one deadline in all, the deliveries' last writes
+        // included, so that a broker that stopped reading cannot hold the stop past an
+        // orchestrator's patience (Compose waits 30 s; the grace is 15 s by default).
+        let hard_stop = stop_by.max(tokio::time::Instant::now()) + 2 * CLOSE_TIMEOUT;
         // Until the grace period's end, not a fresh one: cancelling may have taken some of it.
         drain(
+            context,
             tasks,
             stop_by.saturating_duration_since(tokio::time::Instant::now()),
         )
         .await;
-        // What follows the grace period has one deadline in all, so that a broker that stopped
-        // reading cannot hold the stop past an orchestrator's patience (Compose waits 30 s; the
-        // grace is 15 s by default).
-        let hard_stop = stop_by.max(tokio::time::Instant::now()) + 2 * CLOSE_TIMEOUT;
         let Self {
             connection,
             channel,
@@ -446,9 +453,13 @@ async fn with_timeout<T>(future: impl Future<Output = lapin::Result<T>>) -> Resu
     }
 }
 
-/// Waits for the tasks, at most `grace`; then aborts the rest (their messages return to the
-/// queue when the channel closes, and their claims lapse).
-async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+/// Waits for the tasks, at most `grace`. Then it tells those left that the grace is over:
+/// a delivery still waiting, claiming or without a provider's answer stops, its message left to
+/// return to the queue when the channel closes (its claim lapses), or, with a provider call under
+/// way, ends as sent-unconfirmed, as any call without an answer does. A delivery past its
+/// provider's answer goes on to record the SMS and be acknowledged: handed back, it would be sent
+/// again. Whatever has not finished [`SETTLE_AFTER_GRACE`] later is aborted.
+async fn drain(context: &Context, tasks: &mut JoinSet<()>, grace: Duration) {
     if tasks.is_empty() {
         return;
     }
@@ -457,20 +468,36 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
         grace_secs = grace.as_secs_f64(),
         "waiting for in-flight sends"
     );
-    let deadline = tokio::time::sleep(grace);
+    if join_all_within(tasks, grace).await {
+        return;
+    }
+    warn!(
+        left = tasks.len(),
+        "grace period over; handing back to the queue what has no answer from a provider yet"
+    );
+    context.grace_over.fire();
+    if join_all_within(tasks, SETTLE_AFTER_GRACE).await {
+        return;
+    }
+    warn!(
+        left = tasks.len(),
+        "deliveries still settling after the grace period; abandoning them"
+    );
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Joins tasks until none is left (true) or `limit` has passed (false).
+async fn join_all_within(tasks: &mut JoinSet<()>, limit: Duration) -> bool {
+    let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             joined = tasks.join_next() => match joined {
                 Some(joined) => log_join(joined),
-                None => return,
+                None => return true,
             },
-            () = &mut deadline => {
-                warn!(left = tasks.len(), "grace period over; handing the rest back to the queue");
-                tasks.abort_all();
-                while tasks.join_next().await.is_some() {}
-                return;
-            }
+            () = &mut deadline => return false,
         }
     }
 }

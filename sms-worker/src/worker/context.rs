@@ -12,7 +12,7 @@ use crate::http::Readiness;
 use crate::ledger::SendLedger;
 use crate::provider::Providers;
 use crate::receipts::store::ReceiptStore;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{GraceOver, Shutdown};
 use crate::trace::Timelines;
 
 /// What the worker keeps in Redis.
@@ -34,6 +34,8 @@ pub(crate) struct Context {
     pub(crate) timelines: Timelines,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) shutdown: Shutdown,
+    /// Fired when a stop's grace period ends.
+    pub(crate) grace_over: GraceOver,
     /// The dead-letter route of the current connection. Tasks read it when they need it, so a
     /// task that outlived its connection still dead-letters through the new one.
     dead_letter_route: Mutex<Option<dead_letter::Route>>,
@@ -62,6 +64,7 @@ impl Context {
             providers,
             readiness,
             shutdown,
+            grace_over: GraceOver::new(),
             dead_letter_route: Mutex::new(None),
             held_dead_letters,
             records_waiting: Arc::new(Semaphore::new(super::sent::RECORDS_WAITING_MAX as usize)),

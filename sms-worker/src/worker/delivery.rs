@@ -16,6 +16,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::acks::Acks;
 use super::context::Context;
+use super::failover::{Tried, sent_unconfirmed};
 use super::lease::Lease;
 use super::outcome::Outcome;
 use super::send::send_otp;
@@ -77,7 +78,17 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
             );
             async {
                 let mut journal = Journal::new(&event);
-                let outcome = send_otp(&context, &event, &mut journal).await;
+                let mut tried = Tried::default();
+                let sending = send_otp(&context, &event, &mut tried, &mut journal);
+                // Only the send is cut short by the end of the stop's grace period; what follows
+                // an outcome (recording an SMS, acknowledging) runs to its end: a message that
+                // went out and was not acknowledged would be sent again.
+                let outcome = tokio::select! {
+                    biased;
+                    outcome = sending => Some(outcome),
+                    () = context.grace_over.recv() => None,
+                };
+                let outcome = outcome.unwrap_or_else(|| cut_short(&tried, &mut journal));
                 let ended = ending(&outcome);
                 settle(&context, acks, &delivery, Some(&event), outcome).await;
                 if let Some((how, detail)) = ended {
@@ -94,6 +105,21 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
     }
 }
 
+/// The send was cut short by the end of the stop's grace period. With a provider call under way
+/// (or one without an answer), the SMS may have gone out: sent-unconfirmed, as for any call
+/// without an answer. Otherwise the message goes back to the queue when the channel closes, and
+/// its claim lapses.
+fn cut_short(tried: &Tried, journal: &mut Journal) -> Outcome {
+    if tried.may_have_sent() {
+        warn!(
+            "the grace period ended with a provider call under way; the SMS may have gone out, so the event is not handed to another worker"
+        );
+        return sent_unconfirmed(journal);
+    }
+    info!("the grace period ended before the SMS was sent; the message goes back to the queue");
+    Outcome::LeaveToRedeliver
+}
+
 /// How the delivery ended, for the number's timeline; `None` for a copy of an event that was
 /// handled already (its story is told by the copy that handled it), and for an SMS that went
 /// out, whose timeline was ended when the send was recorded (see `sent::record_sent`). An
@@ -104,7 +130,9 @@ fn ending(outcome: &Outcome) -> Option<(&'static str, Option<String>)> {
             "withdrawn",
             Some("the api never heard the broker's confirm and refused the request".to_owned()),
         ),
-        Outcome::Sent | Outcome::SentUnconfirmed | Outcome::AlreadyHandled(_) => return None,
+        Outcome::Sent(_) | Outcome::SentUnconfirmed(_) | Outcome::AlreadyHandled(_) => {
+            return None;
+        }
         Outcome::DeadLetter { dead_letter, .. } => (
             "dead_lettered",
             Some(format!(
@@ -192,8 +220,16 @@ async fn settle(
     outcome: Outcome,
 ) {
     match outcome {
-        Outcome::Sent => acks.finished(delivery.delivery_tag),
-        Outcome::SentUnconfirmed => {
+        Outcome::Sent(sms) => {
+            if let Some(event) = event {
+                sms.record(context, event).await;
+            }
+            acks.finished(delivery.delivery_tag);
+        }
+        Outcome::SentUnconfirmed(sms) => {
+            if let Some(event) = event {
+                sms.record(context, event).await;
+            }
             send_outcome("sent_unconfirmed");
             acks.finished(delivery.delivery_tag);
         }

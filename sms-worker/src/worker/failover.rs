@@ -11,7 +11,8 @@
 //!   gets exactly one more attempt, on the next provider where there is one, and never the
 //!   retry loop; if that ends without a clear "accepted", whatever it met, or never comes (a
 //!   breaker still open when the budget ends, a stop, a claim Redis can no longer renew), the
-//!   event ends as sent-unconfirmed. It is never dead-lettered or handed to another worker:
+//!   event ends as sent-unconfirmed. So does a call cut short by the end of a stop's grace
+//!   period (see `delivery::cut_short`). It is never dead-lettered or handed to another worker:
 //!   either could lead to a second SMS.
 
 use std::time::Duration;
@@ -24,7 +25,7 @@ use super::budget::{MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
 use super::lease::Lease;
 use super::outcome::Outcome;
-use super::sent::{await_receipts, record_sent};
+use super::sent::SentSms;
 use crate::dead_letter::{DeadLetter, ErrorKind};
 use crate::ledger::ClaimToken;
 use crate::message;
@@ -45,6 +46,8 @@ pub(super) struct Tried {
     calls: Vec<String>,
     /// A call went out without an answer: the next call is the last.
     ambiguous: bool,
+    /// A provider call is under way.
+    calling: bool,
     last_error: Option<SendError>,
 }
 
@@ -61,6 +64,12 @@ impl Tried {
 
     pub(super) fn attempts(&self) -> u32 {
         self.attempts
+    }
+
+    /// Whether an SMS may have gone out without a provider saying so: a call got no answer, or
+    /// one is under way. Such an event is never handed to another worker nor dead-lettered.
+    pub(super) fn may_have_sent(&self) -> bool {
+        self.ambiguous || self.calling
     }
 
     /// Dead-letters the event: its retry budget ran out.
@@ -134,7 +143,7 @@ pub(super) async fn send_through_providers(
         let millis_left = event.millis_left(OffsetDateTime::now_utc());
         if millis_left < MIN_MILLIS_LEFT {
             if tried.ambiguous {
-                return Ok(sent_unconfirmed(context, event, journal).await);
+                return Ok(sent_unconfirmed(journal));
             }
             return Ok(Outcome::DeadLetter {
                 dead_letter: tried
@@ -145,12 +154,12 @@ pub(super) async fn send_through_providers(
         // No provider call may start with the claim in doubt (see `claim_in_doubt`). Looked at
         // first before a breaker's probe is taken, which a claim in doubt would leave stranded.
         if !lease.make_sure().await {
-            return claim_in_doubt(context, event, journal, lease, tried).await;
+            return claim_in_doubt(journal, lease, tried);
         }
         let Some((provider, allowance)) = choose(context, tried).await else {
             if all_excluded(context, tried) {
                 if tried.ambiguous {
-                    return Ok(sent_unconfirmed(context, event, journal).await);
+                    return Ok(sent_unconfirmed(journal));
                 }
                 warn!(attempts = tried.attempts, providers = ?tried.calls, "every provider refused the SMS; dead-lettering it");
                 return Ok(Outcome::DeadLetter {
@@ -171,7 +180,7 @@ pub(super) async fn send_through_providers(
         // Once more: the breakers' state comes from Redis, and reading it may have taken long.
         // A probe taken and left is cheaper than a second SMS.
         if !lease.make_sure().await {
-            return claim_in_doubt(context, event, journal, lease, tried).await;
+            return claim_in_doubt(journal, lease, tried);
         }
 
         tried.attempts += 1;
@@ -188,14 +197,15 @@ pub(super) async fn send_through_providers(
             message_id: event.event_id.to_string(),
         };
         let timeout = config.send_timeout.min(Duration::from_millis(millis_left));
-        let result = provider
-            .send(&sms, timeout)
-            .await
-            .map_err(|e| e.masking(code));
+        // From the request's first byte, the SMS may go out: a stop's grace period that ends
+        // before the answer ends the event as sent-unconfirmed (see `delivery::handle`).
+        tried.calling = true;
+        let result = provider.send(&sms, timeout).await;
+        tried.calling = false;
+        let result = result.map_err(|e| e.masking(code));
         journal.tried(provider.name(), &result);
         let error = match result {
             Ok(accepted) => {
-                provider.breaker.success(allowance).await;
                 info!(
                     attempts = tried.attempts,
                     provider = accepted.provider,
@@ -204,10 +214,11 @@ pub(super) async fn send_through_providers(
                     "SMS sent"
                 );
                 send_outcome("sent");
+                // Recording it (and closing a half-open breaker) is left to the delivery, where
+                // the end of the grace period cannot cut it short.
                 let timeline = journal.end("sent", None);
-                record_sent(context, event, timeline).await;
-                await_receipts(context, event, &accepted, sms.body).await;
-                return Ok(Outcome::Sent);
+                let sent = SentSms::accepted(timeline, accepted, allowance, sms.body);
+                return Ok(Outcome::Sent(sent));
             }
             Err(error) => error,
         };
@@ -229,7 +240,7 @@ pub(super) async fn send_through_providers(
             // refusal naming the recipient proves little about the first call (Infobip calls any
             // 400 a recipient's), and a dead letter would record `dead` over an SMS that may be
             // on the phone.
-            return Ok(sent_unconfirmed(context, event, journal).await);
+            return Ok(sent_unconfirmed(journal));
         }
         match error.kind {
             Failure::Recipient => return Ok(dead_letter_now(tried, claim)),
@@ -317,15 +328,13 @@ async fn wait(
 /// keeping the delivery: a message handed back to a quorum queue counts toward its delivery
 /// limit, and its retry budget would start again. The claim is not released: a release that
 /// reached Redis late would delete the claim taken again with the same token.
-async fn claim_in_doubt(
-    context: &Context,
-    event: &OtpRequested,
+fn claim_in_doubt(
     journal: &mut Journal,
     lease: &Lease,
     tried: &Tried,
 ) -> Result<Outcome, ClaimInDoubt> {
     if tried.ambiguous {
-        return Ok(sent_unconfirmed(context, event, journal).await);
+        return Ok(sent_unconfirmed(journal));
     }
     warn!(
         attempts = tried.attempts,
@@ -350,7 +359,7 @@ async fn give_up(
         // more attempt never went). Handed to another worker, it would be sent a second time;
         // dead-lettered, the ledger would say `dead`, and a sign-in's late promotion would
         // refuse a code that may be on the phone.
-        return sent_unconfirmed(context, event, journal).await;
+        return sent_unconfirmed(journal);
     }
     match stop {
         Stop::ShuttingDown => {
@@ -376,18 +385,13 @@ fn dead_letter_now(tried: &Tried, claim: &ClaimToken) -> Outcome {
     }
 }
 
-/// Two calls without a clear answer: recorded as sent, so no copy sends it again.
-async fn sent_unconfirmed(
-    context: &Context,
-    event: &OtpRequested,
-    journal: &mut Journal,
-) -> Outcome {
+/// Calls without a clear answer: to be recorded as sent, so no copy sends it again.
+pub(super) fn sent_unconfirmed(journal: &mut Journal) -> Outcome {
     warn!("no provider confirmed the SMS, but it may have been sent; not trying again");
     metrics::counter!(m::AMBIGUOUS).increment(1);
     let timeline = journal.end(
         "sent_unconfirmed",
         Some("no provider confirmed it, and it may have gone out: not tried again".to_owned()),
     );
-    record_sent(context, event, timeline).await;
-    Outcome::SentUnconfirmed
+    Outcome::SentUnconfirmed(SentSms::unconfirmed(timeline))
 }

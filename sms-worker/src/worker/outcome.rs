@@ -1,14 +1,16 @@
 //! How one delivery ends.
 
+use super::sent::SentSms;
 use crate::dead_letter::DeadLetter;
 use crate::ledger::{ClaimToken, Finished};
 
 pub(crate) enum Outcome {
-    /// The provider accepted the SMS: acknowledge.
-    Sent,
-    /// Two provider calls in a row got no answer after the request went out: the SMS may well
-    /// have been sent, and a third call could send it a third time. Acknowledge, as sent.
-    SentUnconfirmed,
+    /// The provider accepted the SMS: record it, then acknowledge.
+    Sent(SentSms),
+    /// Two provider calls in a row got no answer after the request went out (or the stop's
+    /// grace period ended during a call): the SMS may well have been sent, and another call
+    /// could send it again. Record it as sent, then acknowledge.
+    SentUnconfirmed(SentSms),
     /// Another copy of the event was already sent or dead-lettered: acknowledge without sending.
     AlreadyHandled(Finished),
     /// Publish a dead letter, then acknowledge.

@@ -25,11 +25,14 @@ const CLAIM_POLL: Duration = Duration::from_millis(100);
 /// How long a delivery whose claim fell in doubt waits before it claims the event again.
 const CLAIM_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
-/// Sends the event's SMS, retrying what can be retried, and says how the delivery ends.
-/// Acknowledging is the caller's job.
-pub(crate) async fn send_otp(
+/// Sends the event's SMS, retrying what can be retried, and says how the delivery ends. What it
+/// went through is kept in `tried`, which the caller owns, so that it can tell, if this is cut
+/// short, whether an SMS may have gone out. Recording the SMS and acknowledging are the
+/// caller's job.
+pub(super) async fn send_otp(
     context: &Context,
     event: &OtpRequested,
+    tried: &mut Tried,
     journal: &mut Journal,
 ) -> Outcome {
     let config = &context.config;
@@ -53,7 +56,6 @@ pub(crate) async fn send_otp(
     // One token for every claim this delivery takes: a claim it could not release (Redis
     // away) is its own to take again.
     let token = ClaimToken::generate();
-    let mut tried = Tried::default();
     loop {
         // The claim comes first, in one round trip that also says whether the event was handled
         // already: a copy of a handled event is acknowledged whatever its age.
@@ -62,7 +64,7 @@ pub(crate) async fn send_otp(
             event.event_id,
             &token,
             started,
-            &tried,
+            tried,
             &mut retries,
         );
         let claimed_at = match claiming.await {
@@ -87,15 +89,8 @@ pub(crate) async fn send_otp(
             config.claim_lease,
             claimed_at,
         );
-        let sending = send_through_providers(
-            context,
-            event,
-            &token,
-            &lease,
-            &mut retries,
-            &mut tried,
-            journal,
-        );
+        let sending =
+            send_through_providers(context, event, &token, &lease, &mut retries, tried, journal);
         match sending.await {
             Ok(outcome) => return outcome,
             Err(ClaimInDoubt) => {

@@ -1,5 +1,6 @@
 //! What follows an SMS that went out (or may have): its `sent` record in the send ledger, its
-//! timeline, and, with receipts on, the message its receipts will look for.
+//! timeline, its provider's half-open breaker, and, with receipts on, the message its receipts
+//! will look for.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tracing::{Instrument, error, info, warn};
 use super::context::Context;
 use crate::ledger::with_a_few_tries;
 use crate::provider::Accepted;
+use crate::provider::breaker::Allowance;
 use crate::receipts::store::SentMessage;
 use crate::trace::Line;
 
@@ -30,16 +32,87 @@ const RECORD_RETRY_WHILE_STOPPING: Duration = Duration::from_millis(250);
 /// record is given up at once, as all were before there was a wait.
 pub(super) const RECORDS_WAITING_MAX: u32 = 4_096;
 
+/// An SMS that went out, or may have, with what is left to do for it: recording it, closing its
+/// provider's half-open breaker, and remembering it for its receipts. The delivery does that
+/// after its send, where the end of a stop's grace period no longer cuts it short (see
+/// `delivery::handle`): an SMS that went out and was not acknowledged would be sent again.
+pub(crate) struct SentSms {
+    /// The number's timeline, ended.
+    timeline: Vec<Line>,
+    /// What the provider answered, when one did.
+    accepted: Option<AcceptedSms>,
+}
+
+struct AcceptedSms {
+    accepted: Accepted,
+    /// Whether this send was its provider's half-open breaker's probe.
+    allowance: Allowance,
+    /// The text sent, for a resend after a carrier-side failure.
+    body: String,
+}
+
+impl SentSms {
+    /// A provider accepted the SMS.
+    pub(super) fn accepted(
+        timeline: Vec<Line>,
+        accepted: Accepted,
+        allowance: Allowance,
+        body: String,
+    ) -> Self {
+        let accepted = Some(AcceptedSms {
+            accepted,
+            allowance,
+            body,
+        });
+        Self { timeline, accepted }
+    }
+
+    /// No provider confirmed it, but it may have gone out.
+    pub(super) fn unconfirmed(timeline: Vec<Line>) -> Self {
+        Self {
+            timeline,
+            accepted: None,
+        }
+    }
+
+    /// Records the SMS, the send ledger first: that record is what keeps a copy of the event
+    /// from a second SMS.
+    pub(super) async fn record(self, context: &Context, event: &OtpRequested) {
+        record_sent(context, event, self.timeline).await;
+        let Some(AcceptedSms {
+            accepted,
+            allowance,
+            body,
+        }) = self.accepted
+        else {
+            return;
+        };
+        let providers = context.providers.all();
+        if let Some(provider) = providers.iter().find(|p| p.name() == accepted.provider) {
+            provider.breaker.success(allowance).await;
+        }
+        await_receipts(context, event, &accepted, body).await;
+    }
+}
+
 /// Records the send in the ledger, and writes the number's timeline, ended, alongside: on one
 /// Redis server both usually leave in one write. The timeline is written on a task of its own
 /// and not waited for: on a Redis Cluster it lives on another node than the ledger record, and a
 /// sick node there must not hold this delivery's ack (and its prefetch slot) for a diagnostic.
-pub(super) async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
+/// Once the worker stops, one try before the record is left to the background: what is left of
+/// the stop is short, and there a record is tried every 250 ms.
+async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
     context.timelines.append_detached(trace_id, timeline);
     let ledger = &context.ledger;
     let time_left = || Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-    match with_a_few_tries(|| ledger.record_sent(event.event_id, time_left())).await {
+    let record = || ledger.record_sent(event.event_id, time_left());
+    let recorded = if context.shutdown.is_shutdown() {
+        record().await
+    } else {
+        with_a_few_tries(record).await
+    };
+    match recorded {
         Ok(withdrawn) => report_withdrawal(withdrawn),
         Err(e) => keep_trying(context, event, &e),
     }
@@ -193,7 +266,7 @@ impl Drop for RecordWaiting {
 
 /// With receipts on, remembers the accepted message (its body sealed) so that its receipts find
 /// it and a carrier-side failure can be resent.
-pub(super) async fn await_receipts(
+async fn await_receipts(
     context: &Context,
     event: &OtpRequested,
     accepted: &Accepted,

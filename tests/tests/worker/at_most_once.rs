@@ -309,3 +309,53 @@ async fn a_sent_record_whose_code_expires_first_is_counted_as_given_up() {
     })
     .await;
 }
+
+/// An SMS a provider accepts just before the stop's grace period ends, whose record a stalled
+/// Redis holds past that end, is still acknowledged: cut off with the sends still under way, its
+/// message went back to the queue, for a copy to send it again once the claim lapsed.
+#[tokio::test]
+async fn an_sms_accepted_as_the_grace_period_ends_is_acknowledged() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(1_500));
+        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        let worker = h
+            .start_worker(&[("REDIS_URL", &redis_url), ("SHUTDOWN_GRACE_SECS", "2")])
+            .await;
+        let to = phone();
+        h.publish(&event(&to, CODE_VALIDITY)).await;
+        h.wait_for_a_call(&to).await;
+        // Redis stalls: no answer comes back, the record's included. The provider accepts about
+        // 1.5 s into the 2 s grace, and the record's try waits 2 s for its answer, past the end.
+        redis.hold_replies();
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0, "the SMS accepted was not acknowledged");
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+        assert_eq!(h.dead_lettered().await, 0);
+        redis.release_replies();
+    })
+    .await;
+}
+
+/// A provider call still under way when the grace period ends may have sent the SMS: the event
+/// ends as sent-unconfirmed, recorded and acknowledged, as after any call without an answer,
+/// rather than going back to the queue for a copy to send once the claim lapses.
+#[tokio::test]
+async fn a_call_under_way_as_the_grace_period_ends_ends_as_sent_unconfirmed() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(4_000));
+        let worker = h.start_worker(&[("SHUTDOWN_GRACE_SECS", "1")]).await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        h.wait_for_a_call(&to).await;
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0, "the event went back to the queue");
+        assert_eq!(
+            h.ledger_record(&event).await.as_deref(),
+            Some(shared::send_ledger::SENT)
+        );
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
