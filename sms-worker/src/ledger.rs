@@ -279,8 +279,12 @@ impl SendLedger {
 
 /// Runs a write of an event's outcome up to three times, 200 ms apart, and returns the last
 /// answer: without the record, a copy of the event the broker still holds could be sent again,
-/// and a Redis blip should not decide that.
-pub async fn with_a_few_tries<T, F, Fut>(mut write: F) -> Result<T, RedisError>
+/// and a Redis blip should not decide that. No try starts once `no_time_left` says so (a stop's
+/// grace period is over, and what follows the write must be done within seconds).
+pub async fn with_a_few_tries<T, F, Fut>(
+    no_time_left: impl Fn() -> bool,
+    mut write: F,
+) -> Result<T, RedisError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, RedisError>>,
@@ -288,7 +292,7 @@ where
     let mut attempt = 1;
     loop {
         match write().await {
-            Err(_) if attempt < 3 => {
+            Err(_) if attempt < 3 && !no_time_left() => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

@@ -81,6 +81,10 @@ impl GraceOver {
     pub(crate) async fn recv(&self) {
         self.heard.recv().await;
     }
+
+    pub(crate) fn is_over(&self) -> bool {
+        self.heard.is_shutdown()
+    }
 }
 
 #[cfg(test)]

@@ -255,6 +255,7 @@ impl Infobip {
             });
         }
         let body = json!({ "messages": [message] });
+        sms.going_out();
         let response = self
             .client
             .post(self.send_url.clone())

@@ -15,6 +15,7 @@ pub mod token;
 mod twilio;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use shared::PhoneNumber;
@@ -36,6 +37,15 @@ pub struct Sms<'a> {
     /// with the same id, which makes a redelivered copy harmless there): the event id, or for a
     /// resend the event id with a suffix.
     pub message_id: String,
+    /// Set as the request is handed to the HTTP client: from then on the SMS may go out, even
+    /// if the send is cut short before an answer (a token fetch before it sends nothing).
+    pub request_out: &'a AtomicBool,
+}
+
+impl Sms<'_> {
+    fn going_out(&self) {
+        self.request_out.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The provider accepted the message.

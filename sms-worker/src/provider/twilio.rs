@@ -83,6 +83,7 @@ impl Twilio {
             form.push(("StatusCallback", url.clone()));
         }
 
+        sms.going_out();
         let response = self
             .client
             .post(self.url.clone())

@@ -29,10 +29,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Closing politely is best effort; a dead broker must not hold up the exit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the grace period, how long deliveries past their provider's answer have to record the
-/// SMS and be acknowledged. A stopping worker makes one try at each Redis write (a command waits
-/// at most 2 s) before it leaves the `sent` record to the background, so a stalled Redis costs
-/// about 4 s. It is taken from the close's own time (see `shut_down`), so the stop's worst case
-/// does not grow.
+/// SMS and be acknowledged. Once the grace is over no new try of the `sent` record starts (a
+/// Redis command waits at most 2 s) before it is left to the background, and the ack comes
+/// right after it, ahead of the breaker and receipts writes: a stalled Redis costs about 2 s.
+/// With a connection, it is taken from the close's own time (see `shut_down`), so the stop's
+/// worst case does not grow.
 const SETTLE_AFTER_GRACE: Duration = CLOSE_TIMEOUT;
 
 /// Connects, consumes, and reconnects with backoff whenever RabbitMQ goes away, until the worker
@@ -473,7 +474,7 @@ async fn drain(context: &Context, tasks: &mut JoinSet<()>, grace: Duration) {
     }
     warn!(
         left = tasks.len(),
-        "grace period over; handing back to the queue what has no answer from a provider yet"
+        "grace period over; stopping the sends that have no answer from a provider yet"
     );
     context.grace_over.fire();
     if join_all_within(tasks, SETTLE_AFTER_GRACE).await {

@@ -20,6 +20,7 @@ use super::failover::{Tried, sent_unconfirmed};
 use super::lease::Lease;
 use super::outcome::Outcome;
 use super::send::send_otp;
+use super::sent::SentSms;
 use crate::dead_letter::{self, DeadLetter, ErrorKind, PublishError};
 use crate::ledger::{ClaimToken, Finished, with_a_few_tries};
 use crate::metrics::{self as m, InFlight, send_outcome};
@@ -112,7 +113,7 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
 fn cut_short(tried: &Tried, journal: &mut Journal) -> Outcome {
     if tried.may_have_sent() {
         warn!(
-            "the grace period ended with a provider call under way; the SMS may have gone out, so the event is not handed to another worker"
+            "the grace period ended with a provider call unanswered; the SMS may have gone out, so the event is not handed to another worker"
         );
         return sent_unconfirmed(journal);
     }
@@ -220,18 +221,10 @@ async fn settle(
     outcome: Outcome,
 ) {
     match outcome {
-        Outcome::Sent(sms) => {
-            if let Some(event) = event {
-                sms.record(context, event).await;
-            }
-            acks.finished(delivery.delivery_tag);
-        }
+        Outcome::Sent(sms) => record_and_acknowledge(context, acks, delivery, event, sms).await,
         Outcome::SentUnconfirmed(sms) => {
-            if let Some(event) = event {
-                sms.record(context, event).await;
-            }
             send_outcome("sent_unconfirmed");
-            acks.finished(delivery.delivery_tag);
+            record_and_acknowledge(context, acks, delivery, event, sms).await;
         }
         Outcome::AlreadyHandled(Finished::Withdrawn) => {
             info!(
@@ -304,15 +297,39 @@ async fn settle(
     }
 }
 
+/// Records an SMS that went out (or may have) in the send ledger, acknowledges it, and only then
+/// does the rest (its provider's breaker, its receipts): after the end of a stop's grace period
+/// a delivery has seconds, and the ack must not wait behind writes it can do without.
+async fn record_and_acknowledge(
+    context: &Context,
+    acks: &Acks,
+    delivery: &Delivery,
+    event: Option<&OtpRequested>,
+    sms: SentSms,
+) {
+    let Some(event) = event else {
+        acks.finished(delivery.delivery_tag);
+        return;
+    };
+    let accepted = sms.record(context, event).await;
+    acks.finished(delivery.delivery_tag);
+    if let Some(accepted) = accepted {
+        accepted.follow_up(context, event).await;
+    }
+}
+
 /// Records in the send ledger that the event was dead-lettered, with a few quick tries as for a
-/// sent SMS.
+/// sent SMS (one once a stop's grace period is over).
 async fn record_dead_letter(context: &Context, event: &OtpRequested, claim: Option<&ClaimToken>) {
     let time_left = Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
-    let recorded = with_a_few_tries(|| {
-        context
-            .ledger
-            .record_dead_letter(event.event_id, claim, time_left)
-    })
+    let recorded = with_a_few_tries(
+        || context.grace_over.is_over(),
+        || {
+            context
+                .ledger
+                .record_dead_letter(event.event_id, claim, time_left)
+        },
+    )
     .await;
     match recorded {
         Ok(None) => {}

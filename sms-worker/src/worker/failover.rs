@@ -15,6 +15,7 @@
 //!   period (see `delivery::cut_short`). It is never dead-lettered or handed to another worker:
 //!   either could lead to a second SMS.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use shared::OtpRequested;
@@ -46,8 +47,9 @@ pub(super) struct Tried {
     calls: Vec<String>,
     /// A call went out without an answer: the next call is the last.
     ambiguous: bool,
-    /// A provider call is under way.
-    calling: bool,
+    /// A provider has the SMS's request without an answer that settles it (one under way, or
+    /// one that got no answer and is not yet counted in `ambiguous`).
+    request_out: AtomicBool,
     last_error: Option<SendError>,
 }
 
@@ -69,7 +71,7 @@ impl Tried {
     /// Whether an SMS may have gone out without a provider saying so: a call got no answer, or
     /// one is under way. Such an event is never handed to another worker nor dead-lettered.
     pub(super) fn may_have_sent(&self) -> bool {
-        self.ambiguous || self.calling
+        self.ambiguous || self.request_out.load(Ordering::Relaxed)
     }
 
     /// Dead-letters the event: its retry budget ran out.
@@ -195,13 +197,18 @@ pub(super) async fn send_through_providers(
             ),
             validity_secs: millis_left / 1_000,
             message_id: event.event_id.to_string(),
+            request_out: &tried.request_out,
         };
         let timeout = config.send_timeout.min(Duration::from_millis(millis_left));
-        // From the request's first byte, the SMS may go out: a stop's grace period that ends
-        // before the answer ends the event as sent-unconfirmed (see `delivery::handle`).
-        tried.calling = true;
+        // Once the provider has the request (it says so in `request_out`), the SMS may go out:
+        // a stop's grace period that ends before the answer ends the event as sent-unconfirmed
+        // (see `delivery::cut_short`). A call without an answer stays so through the awaits
+        // below, until `ambiguous` takes over.
         let result = provider.send(&sms, timeout).await;
-        tried.calling = false;
+        let unanswered = matches!(&result, Err(e) if e.kind == Failure::Ambiguous);
+        if !unanswered {
+            tried.request_out.store(false, Ordering::Relaxed);
+        }
         let result = result.map_err(|e| e.masking(code));
         journal.tried(provider.name(), &result);
         let error = match result {
@@ -247,6 +254,7 @@ pub(super) async fn send_through_providers(
             Failure::Provider | Failure::Route => tried.excluded.push(provider.name()),
             Failure::Ambiguous => {
                 tried.ambiguous = true;
+                tried.request_out.store(false, Ordering::Relaxed);
                 // The next provider, where there is one; else this one, once.
                 if context.providers.all().len() > 1 {
                     tried.excluded.push(provider.name());

@@ -50,6 +50,8 @@ const TIMELINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(3_5
 /// waited (its worst case is sized to Compose's 30 s, see `connection.rs`); records try every
 /// 250 ms meanwhile, so a Redis failover of a few seconds costs none.
 const RECORDS_FLUSH: std::time::Duration = TIMELINE_FLUSH;
+/// How long the HTTP server (health, metrics) has, once told to stop, to answer what it holds.
+const SERVER_STOP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
 /// `WORKER_ADDR` has port 0.
@@ -188,10 +190,13 @@ impl Worker {
         // The last sends' timelines and the `sent` records still waiting for Redis are written
         // on tasks of their own; the runtime would drop them at exit. Each timeline write has a
         // deadline, and that wait is no longer; a record waits for Redis, which may come back
-        // within seconds (a failover during a rolling restart).
-        let (timelines_flushed, ()) = tokio::join!(
+        // within seconds (a failover during a rolling restart). Receipts stop alongside: one
+        // being handled may resend through a provider, which must not lengthen the stop.
+        let _ = callbacks_stop_tx.send(());
+        let (timelines_flushed, (), ()) = tokio::join!(
             context.timelines.flush(TIMELINE_FLUSH),
             sent::wait_for_records(&context, RECORDS_FLUSH),
+            stop_server("callback", callbacks, TIMELINE_FLUSH),
         );
         if !timelines_flushed {
             warn!("some timeline writes did not finish before the worker stopped");
@@ -200,16 +205,29 @@ impl Worker {
 
         signal.abort();
         let _ = http_stop_tx.send(());
-        let _ = callbacks_stop_tx.send(());
-        let servers = std::iter::once(("HTTP", http)).chain(callbacks.map(|c| ("callback", c)));
-        for (name, server) in servers {
-            match server.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(error = %e, server = name, "a server failed"),
-                Err(e) => warn!(error = %e, server = name, "a server task failed"),
-            }
-        }
+        stop_server("HTTP", Some(http), SERVER_STOP).await;
         info!("sms-worker stopped");
         Ok(())
+    }
+}
+
+/// Waits, at most `limit`, for a server told to stop to finish the requests it holds.
+async fn stop_server(
+    name: &'static str,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    limit: std::time::Duration,
+) {
+    let Some(mut server) = server else { return };
+    match tokio::time::timeout(limit, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, server = name, "a server failed"),
+        Ok(Err(e)) => warn!(error = %e, server = name, "a server task failed"),
+        Err(_) => {
+            warn!(
+                server = name,
+                "a server did not finish its requests in time; stopping anyway"
+            );
+            server.abort();
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! routed around), only while the api still holds that very code (not used, not replaced, not
 //! expired), and at most once per event however many receipts arrive (the ledger's resend claim).
 
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use redis::RedisResult;
@@ -188,6 +189,8 @@ async fn resend(
         validity_secs: millis_left / 1_000,
         // Not the event id: Infobip would refuse it as a duplicate of the first send.
         message_id: format!("{event_id}-resend"),
+        // At most one resend per event, by its claim: nothing to tell anyone.
+        request_out: &AtomicBool::new(false),
     };
     let timeout = context.config.send_timeout.min(time_left);
     let result = provider.send(&sms, timeout).await;

@@ -32,10 +32,11 @@ const RECORD_RETRY_WHILE_STOPPING: Duration = Duration::from_millis(250);
 /// record is given up at once, as all were before there was a wait.
 pub(super) const RECORDS_WAITING_MAX: u32 = 4_096;
 
-/// An SMS that went out, or may have, with what is left to do for it: recording it, closing its
-/// provider's half-open breaker, and remembering it for its receipts. The delivery does that
-/// after its send, where the end of a stop's grace period no longer cuts it short (see
-/// `delivery::handle`): an SMS that went out and was not acknowledged would be sent again.
+/// An SMS that went out, or may have, with what is left to do for it: recording it and, once
+/// the delivery is acknowledged, closing its provider's half-open breaker and remembering it for
+/// its receipts. The delivery does that after its send, where the end of a stop's grace period
+/// no longer cuts it short (see `delivery::handle`): an SMS that went out and was not
+/// acknowledged would be sent again.
 pub(crate) struct SentSms {
     /// The number's timeline, ended.
     timeline: Vec<Line>,
@@ -43,7 +44,7 @@ pub(crate) struct SentSms {
     accepted: Option<AcceptedSms>,
 }
 
-struct AcceptedSms {
+pub(crate) struct AcceptedSms {
     accepted: Accepted,
     /// Whether this send was its provider's half-open breaker's probe.
     allowance: Allowance,
@@ -75,18 +76,27 @@ impl SentSms {
         }
     }
 
-    /// Records the SMS, the send ledger first: that record is what keeps a copy of the event
-    /// from a second SMS.
-    pub(super) async fn record(self, context: &Context, event: &OtpRequested) {
+    /// Records the SMS in the send ledger: that record is what keeps a copy of the event from a
+    /// second SMS. Returns what is left to do once the delivery is acknowledged.
+    pub(super) async fn record(
+        self,
+        context: &Context,
+        event: &OtpRequested,
+    ) -> Option<AcceptedSms> {
         record_sent(context, event, self.timeline).await;
-        let Some(AcceptedSms {
+        self.accepted
+    }
+}
+
+impl AcceptedSms {
+    /// Closes the provider's breaker if this send was its half-open probe, and remembers the
+    /// message for its receipts.
+    pub(super) async fn follow_up(self, context: &Context, event: &OtpRequested) {
+        let Self {
             accepted,
             allowance,
             body,
-        }) = self.accepted
-        else {
-            return;
-        };
+        } = self;
         let providers = context.providers.all();
         if let Some(provider) = providers.iter().find(|p| p.name() == accepted.provider) {
             provider.breaker.success(allowance).await;
@@ -99,20 +109,15 @@ impl SentSms {
 /// Redis server both usually leave in one write. The timeline is written on a task of its own
 /// and not waited for: on a Redis Cluster it lives on another node than the ledger record, and a
 /// sick node there must not hold this delivery's ack (and its prefetch slot) for a diagnostic.
-/// Once the worker stops, one try before the record is left to the background: what is left of
-/// the stop is short, and there a record is tried every 250 ms.
+/// Once a stop's grace period is over, no more tries before the record is left to the
+/// background: the delivery has seconds left, and there a record is tried every 250 ms.
 async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
     context.timelines.append_detached(trace_id, timeline);
     let ledger = &context.ledger;
     let time_left = || Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     let record = || ledger.record_sent(event.event_id, time_left());
-    let recorded = if context.shutdown.is_shutdown() {
-        record().await
-    } else {
-        with_a_few_tries(record).await
-    };
-    match recorded {
+    match with_a_few_tries(|| context.grace_over.is_over(), record).await {
         Ok(withdrawn) => report_withdrawal(withdrawn),
         Err(e) => keep_trying(context, event, &e),
     }

@@ -92,6 +92,11 @@ impl FakeState {
         self.tokens().calls.clone()
     }
 
+    /// Calls to the token endpoint not answered yet.
+    pub fn token_calls_in_flight(&self) -> usize {
+        self.tokens().in_flight
+    }
+
     /// Forgets every token issued, as an expiry would.
     pub fn expire_tokens(&self) {
         self.tokens().valid.clear();

@@ -19,4 +19,5 @@ mod processes;
 mod receipts;
 mod redis_outages;
 mod sending;
+mod stopping;
 mod tokens;

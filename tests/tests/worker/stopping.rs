@@ -1,0 +1,128 @@
+//! The end of a stop's grace period: a send without an answer from a provider goes back to the
+//! queue, one whose request a provider has may have sent its SMS and ends as sent-unconfirmed,
+//! and one past the provider's answer is recorded and acknowledged.
+
+use shared::QueueType;
+use tests::fake_sms::{Faults, TokenPolicy};
+use tests::proxy::TcpProxy;
+use tests::servers::servers;
+use tests::wait::eventually;
+
+use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
+
+/// An SMS a provider accepts just before the stop's grace period ends, whose record a stalled
+/// Redis holds past that end, is still acknowledged: cut off with the sends still under way, its
+/// message went back to the queue, for a copy to send it again once the claim lapsed.
+#[tokio::test]
+async fn an_sms_accepted_as_the_grace_period_ends_is_acknowledged() {
+    with_harness(QueueType::Classic, |h| async move {
+        // The provider accepts about 1.5 s into the 2 s grace, and the record's try waits 2 s
+        // for its answer, past the end.
+        let (redis, to) = stop_with_redis_stalled_mid_call(&h, 1_500, &[]).await;
+        assert_eq!(h.queued().await, 0, "the SMS accepted was not acknowledged");
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+        assert_eq!(h.dead_lettered().await, 0);
+        redis.release_replies();
+    })
+    .await;
+}
+
+/// Has fake-sms answer after `latency_ms`, and a worker with a 2 s grace period (and
+/// `overrides`), its Redis behind a proxy, take an event for a new number. Once the provider
+/// has the call, Redis stalls (no answer comes back) and the worker is stopped. Returns once it
+/// has stopped, with the proxy (to release) and the number.
+async fn stop_with_redis_stalled_mid_call(
+    h: &Harness,
+    latency_ms: u64,
+    overrides: &[(&str, &str)],
+) -> (TcpProxy, String) {
+    h.fake.set_faults(Faults::latency(latency_ms));
+    let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+    let mut settings = vec![
+        ("REDIS_URL", redis_url.as_str()),
+        ("SHUTDOWN_GRACE_SECS", "2"),
+    ];
+    settings.extend_from_slice(overrides);
+    let worker = h.start_worker(&settings).await;
+    let to = phone();
+    h.publish(&event(&to, CODE_VALIDITY)).await;
+    h.wait_for_a_call(&to).await;
+    redis.hold_replies();
+    worker.stop().await;
+    (redis, to)
+}
+
+/// A provider call still under way when the grace period ends may have sent the SMS: the event
+/// ends as sent-unconfirmed, recorded and acknowledged, as after any call without an answer,
+/// rather than going back to the queue for a copy to send once the claim lapses.
+#[tokio::test]
+async fn a_call_under_way_as_the_grace_period_ends_ends_as_sent_unconfirmed() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(4_000));
+        let worker = h.start_worker(&[("SHUTDOWN_GRACE_SECS", "1")]).await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        h.wait_for_a_call(&to).await;
+        worker.stop().await;
+        assert_eq!(h.queued().await, 0, "the event went back to the queue");
+        assert_eq!(
+            h.ledger_record(&event).await.as_deref(),
+            Some(shared::send_ledger::SENT)
+        );
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        assert_eq!(h.dead_lettered().await, 0);
+    })
+    .await;
+}
+
+/// A call that got no answer (it timed out) just before the grace period ended, its event still
+/// waiting on Redis to count the failure toward the provider's breaker when it ends: the SMS may
+/// have gone, so the event is not handed back either.
+#[tokio::test]
+async fn a_call_that_timed_out_as_the_grace_period_ends_is_not_handed_back() {
+    with_harness(QueueType::Classic, |h| async move {
+        // The call times out a second after it started; the breaker's write then waits 2 s for
+        // a Redis that does not answer, and the grace ends about 2 s after the stop, meanwhile.
+        let (redis, to) =
+            stop_with_redis_stalled_mid_call(&h, 4_000, &[("SEND_TIMEOUT_SECS", "1")]).await;
+        assert_eq!(h.queued().await, 0, "the event went back to the queue");
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1);
+        assert_eq!(h.dead_lettered().await, 0);
+        redis.release_replies();
+    })
+    .await;
+}
+
+/// A send still waiting for Infobip's access token when the grace period ends has sent nothing:
+/// it goes back to the queue, for another worker to send, rather than end as sent-unconfirmed
+/// and leave its user without a code.
+#[tokio::test]
+async fn a_send_still_fetching_its_token_as_the_grace_period_ends_goes_back_to_the_queue() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_token_policy(TokenPolicy {
+            latency_ms: 4_000,
+            ..TokenPolicy::default()
+        });
+        let mut overrides = h.failover();
+        overrides.push(("SMS_PROVIDERS".to_owned(), "infobip".to_owned()));
+        overrides.push(("SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()));
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        eventually(WAIT, "the token fetch to start", || async {
+            h.fake.token_calls_in_flight() > 0
+        })
+        .await;
+        worker.stop().await;
+        assert_eq!(h.queued().await, 1, "the event was not handed back");
+        // Its claim stands until it lapses; what must not be there is `sent`.
+        assert_ne!(
+            h.ledger_record(&event).await.as_deref(),
+            Some(shared::send_ledger::SENT)
+        );
+        assert!(h.fake.requests(Some(&to)).is_empty());
+    })
+    .await;
+}
