@@ -12,6 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, error, info, warn};
 
 use super::context::Context;
+use super::lease::Lease;
 use crate::ledger::with_a_few_tries;
 use crate::provider::Accepted;
 use crate::provider::breaker::Allowance;
@@ -42,6 +43,9 @@ pub(crate) struct SentSms {
     timeline: Vec<Line>,
     /// What the provider answered, when one did.
     accepted: Option<AcceptedSms>,
+    /// The event's claim, renewed until the SMS is recorded: lapsed before, a copy of the event
+    /// could take it and send again.
+    claim: Option<Lease>,
 }
 
 pub(crate) struct AcceptedSms {
@@ -65,7 +69,11 @@ impl SentSms {
             allowance,
             body,
         });
-        Self { timeline, accepted }
+        Self {
+            timeline,
+            accepted,
+            claim: None,
+        }
     }
 
     /// No provider confirmed it, but it may have gone out.
@@ -73,6 +81,15 @@ impl SentSms {
         Self {
             timeline,
             accepted: None,
+            claim: None,
+        }
+    }
+
+    /// Keeps the claim's lease until the SMS is recorded.
+    pub(super) fn keeping(self, claim: Lease) -> Self {
+        Self {
+            claim: Some(claim),
+            ..self
         }
     }
 
@@ -84,6 +101,7 @@ impl SentSms {
         event: &OtpRequested,
     ) -> Option<AcceptedSms> {
         record_sent(context, event, self.timeline).await;
+        drop(self.claim);
         self.accepted
     }
 }
