@@ -215,6 +215,7 @@ impl Infobip {
                     // The token was refused (expired early, or replaced when another worker
                     // fetched a new one): forget it once and try again with the current one.
                     Err(e) if e.status == Some(401) => {
+                        sms.refused();
                         tokens.invalidate(&token).await;
                         let token = self.token(tokens).await?;
                         self.send_with(sms, timeout, bearer(tokens, &token).await?)

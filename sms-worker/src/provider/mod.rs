@@ -46,6 +46,12 @@ impl Sms<'_> {
     fn going_out(&self) {
         self.request_out.store(true, Ordering::Relaxed);
     }
+
+    /// The provider refused the request, so nothing went out (before the provider itself tries
+    /// again, which may take a while).
+    fn refused(&self) {
+        self.request_out.store(false, Ordering::Relaxed);
+    }
 }
 
 /// The provider accepted the message.

@@ -28,10 +28,10 @@ use crate::metrics as m;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Closing politely is best effort; a dead broker must not hold up the exit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// After the grace period, how long deliveries past their provider's answer have to record the
-/// SMS and be acknowledged. Once the grace is over no new try of the `sent` record starts (a
-/// Redis command waits at most 2 s) before it is left to the background, and the ack comes
-/// right after it, ahead of the breaker and receipts writes: a stalled Redis costs about 2 s.
+/// After the grace period, how long deliveries have to finish: a provider call under way gets
+/// 2 s to answer (`delivery::ANSWER_AFTER_GRACE`), and then the `sent` record gets no new try
+/// (a Redis command waits at most 2 s) before it is left to the background, and the ack comes
+/// right after it; the breaker and receipts writes after the ack are cut if they take longer.
 /// With a connection, it is taken from the close's own time (see `shut_down`), so the stop's
 /// worst case does not grow.
 const SETTLE_AFTER_GRACE: Duration = CLOSE_TIMEOUT;

@@ -16,15 +16,21 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::acks::Acks;
 use super::context::Context;
-use super::failover::{Tried, sent_unconfirmed};
+use super::failover::{Tried, Unanswered, sent_unconfirmed};
 use super::lease::Lease;
 use super::outcome::Outcome;
-use super::send::send_otp;
+use super::send::{leave_to_redeliver, send_otp};
 use super::sent::SentSms;
 use crate::dead_letter::{self, DeadLetter, ErrorKind, PublishError};
 use crate::ledger::{ClaimToken, Finished, with_a_few_tries};
 use crate::metrics::{self as m, InFlight, send_outcome};
 use crate::trace::Journal;
+
+/// Once a stop's grace period is over, how long a provider call under way may still take to
+/// answer before its event ends as sent-unconfirmed: most answers come within it, and each one
+/// that does spares a user a code that may never come. What follows (the record's last try, the
+/// ack) fits in the rest of `connection::SETTLE_AFTER_GRACE`.
+const ANSWER_AFTER_GRACE: Duration = Duration::from_secs(2);
 
 /// Handles `delivery` on a task of its own. A panic returns the message to the queue.
 pub(crate) fn spawn(
@@ -79,17 +85,7 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
             );
             async {
                 let mut journal = Journal::new(&event);
-                let mut tried = Tried::default();
-                let sending = send_otp(&context, &event, &mut tried, &mut journal);
-                // Only the send is cut short by the end of the stop's grace period; what follows
-                // an outcome (recording an SMS, acknowledging) runs to its end: a message that
-                // went out and was not acknowledged would be sent again.
-                let outcome = tokio::select! {
-                    biased;
-                    outcome = sending => Some(outcome),
-                    () = context.grace_over.recv() => None,
-                };
-                let outcome = outcome.unwrap_or_else(|| cut_short(&tried, &mut journal));
+                let outcome = send_until_the_grace_ends(&context, &event, &mut journal).await;
                 let ended = ending(&outcome);
                 settle(&context, acks, &delivery, Some(&event), outcome).await;
                 if let Some((how, detail)) = ended {
@@ -106,19 +102,46 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
     }
 }
 
-/// The send was cut short by the end of the stop's grace period. With a provider call under way
-/// (or one without an answer), the SMS may have gone out: sent-unconfirmed, as for any call
-/// without an answer. Otherwise the message goes back to the queue when the channel closes, and
-/// its claim lapses.
-fn cut_short(tried: &Tried, journal: &mut Journal) -> Outcome {
-    if tried.may_have_sent() {
+/// Sends the event (see [`send_otp`]) until the end of a stop's grace period, if that comes
+/// first. Only the send is cut short then: what follows an outcome (recording an SMS,
+/// acknowledging) runs to its end, since a message that went out and was not acknowledged would
+/// be sent again.
+///
+/// When the send is cut short with a provider call unanswered (one under way, or one that got no
+/// answer), the SMS may have gone out: the event ends as sent-unconfirmed, as after any call
+/// without an answer, rather than go to another worker, which would send it again. A call under
+/// way first gets [`ANSWER_AFTER_GRACE`] more to answer. Otherwise nothing went out: the claim is
+/// released and the message goes back to the queue when the channel closes.
+async fn send_until_the_grace_ends(
+    context: &Context,
+    event: &OtpRequested,
+    journal: &mut Journal,
+) -> Outcome {
+    let token = ClaimToken::generate();
+    let unanswered = Unanswered::default();
+    let mut tried = Tried::new(&unanswered);
+    {
+        let sending = send_otp(context, event, &token, &mut tried, journal);
+        tokio::pin!(sending);
+        tokio::select! {
+            biased;
+            outcome = &mut sending => return outcome,
+            () = context.grace_over.recv() => {}
+        }
+        if unanswered.any()
+            && let Ok(outcome) = tokio::time::timeout(ANSWER_AFTER_GRACE, &mut sending).await
+        {
+            return outcome;
+        }
+    }
+    if unanswered.any() {
         warn!(
             "the grace period ended with a provider call unanswered; the SMS may have gone out, so the event is not handed to another worker"
         );
         return sent_unconfirmed(journal);
     }
     info!("the grace period ended before the SMS was sent; the message goes back to the queue");
-    Outcome::LeaveToRedeliver
+    leave_to_redeliver(context, event.event_id, &token).await
 }
 
 /// How the delivery ended, for the number's timeline; `None` for a copy of an event that was

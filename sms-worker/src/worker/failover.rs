@@ -37,23 +37,62 @@ use crate::shutdown::ShuttingDown;
 use crate::trace::Journal;
 
 /// What this event has been through so far, across the claims its delivery took.
-#[derive(Default)]
-pub(super) struct Tried {
+pub(super) struct Tried<'a> {
     /// Provider calls made.
     attempts: u32,
     /// Providers that cannot send this event (they refused it, or were ambiguous about it).
     excluded: Vec<&'static str>,
     /// `name:status:code` per call, for the dead letter.
     calls: Vec<String>,
-    /// A call went out without an answer: the next call is the last.
-    ambiguous: bool,
-    /// A provider has the SMS's request without an answer that settles it (one under way, or
-    /// one that got no answer and is not yet counted in `ambiguous`).
-    request_out: AtomicBool,
+    /// Calls a provider has not answered; owned by the delivery, which reads it while the send
+    /// runs.
+    unanswered: &'a Unanswered,
     last_error: Option<SendError>,
 }
 
-impl Tried {
+/// Whether an SMS of this event may have gone out without a provider saying so. The end of a
+/// stop's grace period reads it while the send runs (see `delivery::handle`): such an event is
+/// never handed to another worker nor dead-lettered.
+#[derive(Default)]
+pub(super) struct Unanswered {
+    /// A provider has this call's request, not yet answered: set by the provider as the request
+    /// goes out (see [`Sms::request_out`]).
+    under_way: AtomicBool,
+    /// A call ended without an answer (a timeout, or a reset after the request was written):
+    /// the SMS may be on its way, and the next call is the last.
+    earlier: AtomicBool,
+}
+
+impl Unanswered {
+    pub(super) fn any(&self) -> bool {
+        self.under_way.load(Ordering::Relaxed) || self.earlier()
+    }
+
+    fn earlier(&self) -> bool {
+        self.earlier.load(Ordering::Relaxed)
+    }
+
+    /// A call ended, `without_an_answer` or with one. Marked before any other await, so that the
+    /// end of the grace period never finds an unanswered call forgotten.
+    fn call_ended(&self, without_an_answer: bool) {
+        if without_an_answer {
+            self.earlier.store(true, Ordering::Relaxed);
+        }
+        self.under_way.store(false, Ordering::Relaxed);
+    }
+}
+
+impl<'a> Tried<'a> {
+    pub(super) fn new(unanswered: &'a Unanswered) -> Self {
+        Self {
+            attempts: 0,
+            excluded: Vec::new(),
+            calls: Vec::new(),
+            unanswered,
+            last_error: None,
+        }
+    }
+
     fn record(&mut self, provider: &str, error: &SendError) {
         let dash = || "-".to_owned();
         self.calls.push(format!(
@@ -68,10 +107,9 @@ impl Tried {
         self.attempts
     }
 
-    /// Whether an SMS may have gone out without a provider saying so: a call got no answer, or
-    /// one is under way. Such an event is never handed to another worker nor dead-lettered.
-    pub(super) fn may_have_sent(&self) -> bool {
-        self.ambiguous || self.request_out.load(Ordering::Relaxed)
+    /// A call went out without an answer.
+    fn ambiguous(&self) -> bool {
+        self.unanswered.earlier()
     }
 
     /// Dead-letters the event: its retry budget ran out.
@@ -136,7 +174,7 @@ pub(super) async fn send_through_providers(
     claim: &ClaimToken,
     lease: &Lease,
     retries: &mut Retries,
-    tried: &mut Tried,
+    tried: &mut Tried<'_>,
     journal: &mut Journal,
 ) -> Result<Outcome, ClaimInDoubt> {
     let config = &context.config;
@@ -144,7 +182,7 @@ pub(super) async fn send_through_providers(
     loop {
         let millis_left = event.millis_left(OffsetDateTime::now_utc());
         if millis_left < MIN_MILLIS_LEFT {
-            if tried.ambiguous {
+            if tried.ambiguous() {
                 return Ok(sent_unconfirmed(journal));
             }
             return Ok(Outcome::DeadLetter {
@@ -160,7 +198,7 @@ pub(super) async fn send_through_providers(
         }
         let Some((provider, allowance)) = choose(context, tried).await else {
             if all_excluded(context, tried) {
-                if tried.ambiguous {
+                if tried.ambiguous() {
                     return Ok(sent_unconfirmed(journal));
                 }
                 warn!(attempts = tried.attempts, providers = ?tried.calls, "every provider refused the SMS; dead-lettering it");
@@ -186,6 +224,7 @@ pub(super) async fn send_through_providers(
         }
 
         tried.attempts += 1;
+        let after_an_unanswered_call = tried.ambiguous();
         let sms = Sms {
             to: &event.phone_number,
             body: message::render(&config.message, code, millis_left, event.locale.as_deref()),
@@ -197,18 +236,12 @@ pub(super) async fn send_through_providers(
             ),
             validity_secs: millis_left / 1_000,
             message_id: event.event_id.to_string(),
-            request_out: &tried.request_out,
+            request_out: &tried.unanswered.under_way,
         };
         let timeout = config.send_timeout.min(Duration::from_millis(millis_left));
-        // Once the provider has the request (it says so in `request_out`), the SMS may go out:
-        // a stop's grace period that ends before the answer ends the event as sent-unconfirmed
-        // (see `delivery::cut_short`). A call without an answer stays so through the awaits
-        // below, until `ambiguous` takes over.
         let result = provider.send(&sms, timeout).await;
         let unanswered = matches!(&result, Err(e) if e.kind == Failure::Ambiguous);
-        if !unanswered {
-            tried.request_out.store(false, Ordering::Relaxed);
-        }
+        tried.unanswered.call_ended(unanswered);
         let result = result.map_err(|e| e.masking(code));
         journal.tried(provider.name(), &result);
         let error = match result {
@@ -242,7 +275,7 @@ pub(super) async fn send_through_providers(
             error = %error,
             "send failed"
         );
-        if tried.ambiguous {
+        if after_an_unanswered_call {
             // The one attempt after an ambiguous one is the last, whatever it met. Even a
             // refusal naming the recipient proves little about the first call (Infobip calls any
             // 400 a recipient's), and a dead letter would record `dead` over an SMS that may be
@@ -253,8 +286,6 @@ pub(super) async fn send_through_providers(
             Failure::Recipient => return Ok(dead_letter_now(tried, claim)),
             Failure::Provider | Failure::Route => tried.excluded.push(provider.name()),
             Failure::Ambiguous => {
-                tried.ambiguous = true;
-                tried.request_out.store(false, Ordering::Relaxed);
                 // The next provider, where there is one; else this one, once.
                 if context.providers.all().len() > 1 {
                     tried.excluded.push(provider.name());
@@ -276,7 +307,7 @@ pub(super) async fn send_through_providers(
 }
 
 /// The first provider, in order, that is not excluded and whose breaker lets this send through.
-async fn choose<'a>(context: &'a Context, tried: &Tried) -> Option<(&'a Provider, Allowance)> {
+async fn choose<'a>(context: &'a Context, tried: &Tried<'_>) -> Option<(&'a Provider, Allowance)> {
     for provider in context.providers.all() {
         if tried.excluded.contains(&provider.name()) {
             continue;
@@ -289,7 +320,7 @@ async fn choose<'a>(context: &'a Context, tried: &Tried) -> Option<(&'a Provider
     None
 }
 
-fn all_excluded(context: &Context, tried: &Tried) -> bool {
+fn all_excluded(context: &Context, tried: &Tried<'_>) -> bool {
     context
         .providers
         .all()
@@ -298,7 +329,7 @@ fn all_excluded(context: &Context, tried: &Tried) -> bool {
 }
 
 /// Whether a provider other than `current` could take the next attempt (breakers aside).
-fn has_alternative(context: &Context, tried: &Tried, current: &str) -> bool {
+fn has_alternative(context: &Context, tried: &Tried<'_>, current: &str) -> bool {
     context
         .providers
         .all()
@@ -339,9 +370,9 @@ async fn wait(
 fn claim_in_doubt(
     journal: &mut Journal,
     lease: &Lease,
-    tried: &Tried,
+    tried: &Tried<'_>,
 ) -> Result<Outcome, ClaimInDoubt> {
-    if tried.ambiguous {
+    if tried.ambiguous() {
         return Ok(sent_unconfirmed(journal));
     }
     warn!(
@@ -359,10 +390,10 @@ async fn give_up(
     event: &OtpRequested,
     journal: &mut Journal,
     stop: Stop,
-    tried: &Tried,
+    tried: &Tried<'_>,
     claim: &ClaimToken,
 ) -> Outcome {
-    if tried.ambiguous {
+    if tried.ambiguous() {
         // The SMS may be on its way already (the next provider's breaker was open, so the one
         // more attempt never went). Handed to another worker, it would be sent a second time;
         // dead-lettered, the ledger would say `dead`, and a sign-in's late promotion would
@@ -382,7 +413,7 @@ async fn give_up(
     }
 }
 
-fn dead_letter_now(tried: &Tried, claim: &ClaimToken) -> Outcome {
+fn dead_letter_now(tried: &Tried<'_>, claim: &ClaimToken) -> Outcome {
     warn!(
         attempts = tried.attempts,
         "the SMS cannot be delivered to this recipient; dead-lettering it"

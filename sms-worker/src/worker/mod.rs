@@ -50,8 +50,6 @@ const TIMELINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(3_5
 /// waited (its worst case is sized to Compose's 30 s, see `connection.rs`); records try every
 /// 250 ms meanwhile, so a Redis failover of a few seconds costs none.
 const RECORDS_FLUSH: std::time::Duration = TIMELINE_FLUSH;
-/// How long the HTTP server (health, metrics) has, once told to stop, to answer what it holds.
-const SERVER_STOP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
 /// `WORKER_ADDR` has port 0.
@@ -167,7 +165,8 @@ impl Worker {
             });
         let http = tokio::spawn(server.into_future());
 
-        // Receipts stop with the HTTP port: a provider retries them, or another worker takes them.
+        // Receipts stop as the worker begins to stop, so that one that would start a resend does
+        // so within the grace period: a provider retries them, or another worker takes them.
         let (callbacks_stop_tx, callbacks_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let callbacks = match (callback_listener, callbacks::router(context.clone())) {
             (Some(listener), Some(router)) => Some(tokio::spawn(
@@ -184,28 +183,28 @@ impl Worker {
             shutdown.await;
             info!("stopping: no new messages; in-flight sends may finish");
             trigger.fire();
+            let _ = callbacks_stop_tx.send(());
         });
 
         connection::consume_until_shutdown(&context).await;
         // The last sends' timelines and the `sent` records still waiting for Redis are written
         // on tasks of their own; the runtime would drop them at exit. Each timeline write has a
         // deadline, and that wait is no longer; a record waits for Redis, which may come back
-        // within seconds (a failover during a rolling restart). Receipts stop alongside: one
-        // being handled may resend through a provider, which must not lengthen the stop.
-        let _ = callbacks_stop_tx.send(());
-        let (timelines_flushed, (), ()) = tokio::join!(
+        // within seconds (a failover during a rolling restart). The servers finish alongside:
+        // the receipts still being handled, and the HTTP port, whose `/readyz` has said
+        // `shutting_down` since the stop began.
+        let _ = http_stop_tx.send(());
+        let (timelines_flushed, (), (), ()) = tokio::join!(
             context.timelines.flush(TIMELINE_FLUSH),
             sent::wait_for_records(&context, RECORDS_FLUSH),
             stop_server("callback", callbacks, TIMELINE_FLUSH),
+            stop_server("HTTP", Some(http), TIMELINE_FLUSH),
         );
         if !timelines_flushed {
             warn!("some timeline writes did not finish before the worker stopped");
         }
         sent::report_records_left(&context);
-
         signal.abort();
-        let _ = http_stop_tx.send(());
-        stop_server("HTTP", Some(http), SERVER_STOP).await;
         info!("sms-worker stopped");
         Ok(())
     }

@@ -25,14 +25,15 @@ const CLAIM_POLL: Duration = Duration::from_millis(100);
 /// How long a delivery whose claim fell in doubt waits before it claims the event again.
 const CLAIM_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
-/// Sends the event's SMS, retrying what can be retried, and says how the delivery ends. What it
-/// went through is kept in `tried`, which the caller owns, so that it can tell, if this is cut
-/// short, whether an SMS may have gone out. Recording the SMS and acknowledging are the
-/// caller's job.
+/// Sends the event's SMS, retrying what can be retried, and says how the delivery ends. Every
+/// claim it takes is `token`'s: a claim it could not release (Redis away) is its own to take
+/// again, and the caller's to release if this is cut short. What it went through is kept in
+/// `tried`. Recording the SMS and acknowledging are the caller's job.
 pub(super) async fn send_otp(
     context: &Context,
     event: &OtpRequested,
-    tried: &mut Tried,
+    token: &ClaimToken,
+    tried: &mut Tried<'_>,
     journal: &mut Journal,
 ) -> Outcome {
     let config = &context.config;
@@ -53,20 +54,10 @@ pub(super) async fn send_otp(
             .build(),
     };
 
-    // One token for every claim this delivery takes: a claim it could not release (Redis
-    // away) is its own to take again.
-    let token = ClaimToken::generate();
     loop {
         // The claim comes first, in one round trip that also says whether the event was handled
         // already: a copy of a handled event is acknowledged whatever its age.
-        let claiming = claim(
-            context,
-            event.event_id,
-            &token,
-            started,
-            tried,
-            &mut retries,
-        );
+        let claiming = claim(context, event.event_id, token, started, tried, &mut retries);
         let claimed_at = match claiming.await {
             Ok(claimed_at) => claimed_at,
             Err(outcome) => return outcome,
@@ -79,7 +70,7 @@ pub(super) async fn send_otp(
                     "the OTP expired before it could be sent",
                     0,
                 ),
-                claim: Some(token),
+                claim: Some(token.clone()),
             };
         }
         let lease = Lease::keep_from(
@@ -90,7 +81,7 @@ pub(super) async fn send_otp(
             claimed_at,
         );
         let sending =
-            send_through_providers(context, event, &token, &lease, &mut retries, tried, journal);
+            send_through_providers(context, event, token, &lease, &mut retries, tried, journal);
         match sending.await {
             // The claim stays renewed until the SMS is recorded, after the send.
             Ok(Outcome::Sent(sms)) => return Outcome::Sent(sms.keeping(lease)),
@@ -105,12 +96,12 @@ pub(super) async fn send_otp(
                 match retries.pause(CLAIM_AGAIN_AFTER) {
                     Ok(pause) => {
                         if let Err(ShuttingDown) = context.shutdown.sleep(pause).await {
-                            return leave_to_redeliver(context, event.event_id, &token).await;
+                            return leave_to_redeliver(context, event.event_id, token).await;
                         }
                     }
                     Err(kind) => {
                         let reason = "Redis could not keep the send claim, so no provider call could start before the retry budget ran out";
-                        return tried.gave_up_on_redis(kind, reason.to_owned(), &token);
+                        return tried.gave_up_on_redis(kind, reason.to_owned(), token);
                     }
                 }
             }
@@ -125,7 +116,7 @@ async fn claim(
     event_id: Uuid,
     token: &ClaimToken,
     started: Instant,
-    tried: &Tried,
+    tried: &Tried<'_>,
     retries: &mut Retries,
 ) -> Result<Instant, Outcome> {
     let config = &context.config;
@@ -174,7 +165,11 @@ async fn claim(
 
 /// The worker is stopping: releases the delivery's claim where Redis answers, so that another
 /// worker need not wait for it to lapse, and leaves the message to be redelivered.
-async fn leave_to_redeliver(context: &Context, event_id: Uuid, token: &ClaimToken) -> Outcome {
+pub(super) async fn leave_to_redeliver(
+    context: &Context,
+    event_id: Uuid,
+    token: &ClaimToken,
+) -> Outcome {
     context.ledger.release_or_let_lapse(event_id, token).await;
     Outcome::LeaveToRedeliver
 }

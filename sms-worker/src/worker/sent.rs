@@ -43,8 +43,8 @@ pub(crate) struct SentSms {
     timeline: Vec<Line>,
     /// What the provider answered, when one did.
     accepted: Option<AcceptedSms>,
-    /// The event's claim, renewed until the SMS is recorded: lapsed before, a copy of the event
-    /// could take it and send again.
+    /// The event's claim, where the send still renewed it, renewed until the SMS is recorded:
+    /// lapsed before, a copy of the event could take it and send again.
     claim: Option<Lease>,
 }
 

@@ -2,13 +2,15 @@
 //! queue, one whose request a provider has may have sent its SMS and ends as sent-unconfirmed,
 //! and one past the provider's answer is recorded and acknowledged.
 
-use shared::QueueType;
+use shared::{OtpRequested, QueueType};
 use tests::fake_sms::{Faults, TokenPolicy};
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
 use tests::wait::eventually;
 
-use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
+use crate::harness::{
+    CODE_VALIDITY, Harness, RunningWorker, WAIT, event, pairs, phone, with_harness,
+};
 
 /// An SMS a provider accepts just before the stop's grace period ends, whose record a stalled
 /// Redis holds past that end, is still acknowledged: cut off with the sends still under way, its
@@ -18,7 +20,12 @@ async fn an_sms_accepted_as_the_grace_period_ends_is_acknowledged() {
     with_harness(QueueType::Classic, |h| async move {
         // The provider accepts about 1.5 s into the 2 s grace, and the record's try waits 2 s
         // for its answer, past the end.
-        let (redis, to) = stop_with_redis_stalled_mid_call(&h, 1_500, &[]).await;
+        let (redis, to, logs) = stop_with_redis_stalled_mid_call(&h, 1_500, &[]).await;
+        assert!(
+            logs.contains("SMS sent"),
+            "no answer before the stop:\n{logs}"
+        );
+        assert!(!logs.contains("provider call unanswered"), "{logs}");
         assert_eq!(h.queued().await, 0, "the SMS accepted was not acknowledged");
         assert_eq!(h.fake.messages(Some(&to)).len(), 1);
         assert_eq!(h.dead_lettered().await, 0);
@@ -27,29 +34,31 @@ async fn an_sms_accepted_as_the_grace_period_ends_is_acknowledged() {
     .await;
 }
 
-/// Has fake-sms answer after `latency_ms`, and a worker with a 2 s grace period (and
+/// Has fake-sms answer after `latency_ms`, and a worker process with a 2 s grace period (and
 /// `overrides`), its Redis behind a proxy, take an event for a new number. Once the provider
-/// has the call, Redis stalls (no answer comes back) and the worker is stopped. Returns once it
-/// has stopped, with the proxy (to release) and the number.
+/// has the call, Redis stalls (no answer comes back) and the worker is told to stop. Returns
+/// once it has exited, with the proxy (to release), the number and the worker's log.
 async fn stop_with_redis_stalled_mid_call(
     h: &Harness,
     latency_ms: u64,
     overrides: &[(&str, &str)],
-) -> (TcpProxy, String) {
+) -> (TcpProxy, String, String) {
     h.fake.set_faults(Faults::latency(latency_ms));
     let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
     let mut settings = vec![
         ("REDIS_URL", redis_url.as_str()),
         ("SHUTDOWN_GRACE_SECS", "2"),
+        ("LOG_FORMAT", "json"),
     ];
     settings.extend_from_slice(overrides);
-    let worker = h.start_worker(&settings).await;
+    let mut worker = h.start_worker_process(&settings).await;
     let to = phone();
     h.publish(&event(&to, CODE_VALIDITY)).await;
     h.wait_for_a_call(&to).await;
     redis.hold_replies();
-    worker.stop().await;
-    (redis, to)
+    worker.terminate();
+    assert!(worker.wait(WAIT).await.success(), "{}", worker.logs());
+    (redis, to, worker.logs())
 }
 
 /// A provider call still under way when the grace period ends may have sent the SMS: the event
@@ -58,7 +67,8 @@ async fn stop_with_redis_stalled_mid_call(
 #[tokio::test]
 async fn a_call_under_way_as_the_grace_period_ends_ends_as_sent_unconfirmed() {
     with_harness(QueueType::Classic, |h| async move {
-        h.fake.set_faults(Faults::latency(4_000));
+        // No answer within the grace and the 2 s a call under way gets after it.
+        h.fake.set_faults(Faults::latency(8_000));
         let worker = h.start_worker(&[("SHUTDOWN_GRACE_SECS", "1")]).await;
         let to = phone();
         let event = event(&to, CODE_VALIDITY);
@@ -76,6 +86,33 @@ async fn a_call_under_way_as_the_grace_period_ends_ends_as_sent_unconfirmed() {
     .await;
 }
 
+/// A call under way when the grace period ends, whose answer comes a second later: its event
+/// ends as that answer says (sent), not as sent-unconfirmed.
+#[tokio::test]
+async fn a_call_answered_just_after_the_grace_period_ends_as_sent() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(2_000));
+        let mut worker = h
+            .start_worker_process(&[("SHUTDOWN_GRACE_SECS", "1"), ("LOG_FORMAT", "json")])
+            .await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        h.wait_for_a_call(&to).await;
+        worker.terminate();
+        assert!(worker.wait(WAIT).await.success(), "{}", worker.logs());
+        let logs = worker.logs();
+        assert!(logs.contains("SMS sent"), "{logs}");
+        assert!(!logs.contains("provider call unanswered"), "{logs}");
+        assert_eq!(h.queued().await, 0);
+        assert_eq!(
+            h.ledger_record(&event).await.as_deref(),
+            Some(shared::send_ledger::SENT)
+        );
+    })
+    .await;
+}
+
 /// A call that got no answer (it timed out) just before the grace period ended, its event still
 /// waiting on Redis to count the failure toward the provider's breaker when it ends: the SMS may
 /// have gone, so the event is not handed back either.
@@ -84,8 +121,12 @@ async fn a_call_that_timed_out_as_the_grace_period_ends_is_not_handed_back() {
     with_harness(QueueType::Classic, |h| async move {
         // The call times out a second after it started; the breaker's write then waits 2 s for
         // a Redis that does not answer, and the grace ends about 2 s after the stop, meanwhile.
-        let (redis, to) =
+        let (redis, to, logs) =
             stop_with_redis_stalled_mid_call(&h, 4_000, &[("SEND_TIMEOUT_SECS", "1")]).await;
+        assert!(
+            logs.contains("no provider confirmed the SMS, but it may have been sent"),
+            "{logs}"
+        );
         assert_eq!(h.queued().await, 0, "the event went back to the queue");
         assert_eq!(h.fake.requests(Some(&to)).len(), 1);
         assert_eq!(h.dead_lettered().await, 0);
@@ -95,8 +136,8 @@ async fn a_call_that_timed_out_as_the_grace_period_ends_is_not_handed_back() {
 }
 
 /// A send still waiting for Infobip's access token when the grace period ends has sent nothing:
-/// it goes back to the queue, for another worker to send, rather than end as sent-unconfirmed
-/// and leave its user without a code.
+/// it releases its claim and goes back to the queue, for another worker to send at once, rather
+/// than end as sent-unconfirmed and leave its user without a code.
 #[tokio::test]
 async fn a_send_still_fetching_its_token_as_the_grace_period_ends_goes_back_to_the_queue() {
     with_harness(QueueType::Classic, |h| async move {
@@ -104,25 +145,65 @@ async fn a_send_still_fetching_its_token_as_the_grace_period_ends_goes_back_to_t
             latency_ms: 4_000,
             ..TokenPolicy::default()
         });
-        let mut overrides = h.failover();
-        overrides.push(("SMS_PROVIDERS".to_owned(), "infobip".to_owned()));
-        overrides.push(("SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()));
-        let worker = h.start_worker(&pairs(&overrides)).await;
+        let worker = infobip_worker(&h).await;
         let to = phone();
         let event = event(&to, CODE_VALIDITY);
         h.publish(&event).await;
-        eventually(WAIT, "the token fetch to start", || async {
-            h.fake.token_calls_in_flight() > 0
-        })
-        .await;
-        worker.stop().await;
-        assert_eq!(h.queued().await, 1, "the event was not handed back");
-        // Its claim stands until it lapses; what must not be there is `sent`.
-        assert_ne!(
-            h.ledger_record(&event).await.as_deref(),
-            Some(shared::send_ledger::SENT)
-        );
+        stop_during_a_token_fetch(&h, worker, &event).await;
         assert!(h.fake.requests(Some(&to)).is_empty());
     })
     .await;
+}
+
+/// Infobip refuses the worker's token (401) and a new one is slow to come when the grace period
+/// ends: the refused request sent nothing, so the event goes back to the queue too.
+#[tokio::test]
+async fn a_send_refetching_a_refused_token_as_the_grace_period_ends_goes_back_to_the_queue() {
+    with_harness(QueueType::Classic, |h| async move {
+        let worker = infobip_worker(&h).await;
+        // A first SMS, for the worker to hold a token.
+        let first = phone();
+        h.publish(&event(&first, CODE_VALIDITY)).await;
+        h.wait_for_messages(&first, 1).await;
+
+        h.fake.expire_tokens();
+        h.fake.set_token_policy(TokenPolicy {
+            latency_ms: 4_000,
+            ..TokenPolicy::default()
+        });
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        stop_during_a_token_fetch(&h, worker, &event).await;
+        assert_eq!(h.fake.requests(Some(&to)).len(), 1, "one refused request");
+        assert!(h.fake.messages(Some(&to)).is_empty());
+    })
+    .await;
+}
+
+/// A worker sending through Infobip alone, with OAuth, with a 1 s grace period.
+async fn infobip_worker(h: &Harness) -> RunningWorker {
+    let mut overrides = h.failover();
+    overrides.push(("SMS_PROVIDERS".to_owned(), "infobip".to_owned()));
+    overrides.push(("SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()));
+    h.start_worker(&pairs(&overrides)).await
+}
+
+/// Stops `worker` once a token fetch is under way, and checks that `event` went back to the
+/// queue, neither sent nor claimed.
+async fn stop_during_a_token_fetch(h: &Harness, worker: RunningWorker, event: &OtpRequested) {
+    eventually(WAIT, "a token fetch to be under way", || async {
+        h.fake.token_calls_in_flight() > 0
+    })
+    .await;
+    worker.stop().await;
+    eventually(WAIT, "the event to be back in the queue", || async {
+        h.queued().await == 1
+    })
+    .await;
+    assert_eq!(
+        h.ledger_record(event).await,
+        None,
+        "the claim was not released, or the event recorded"
+    );
 }
