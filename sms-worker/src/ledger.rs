@@ -279,8 +279,9 @@ impl SendLedger {
 
 /// Runs a write of an event's outcome up to three times, 200 ms apart, and returns the last
 /// answer: without the record, a copy of the event the broker still holds could be sent again,
-/// and a Redis blip should not decide that. No try starts once `no_time_left` says so (a stop's
-/// grace period is over, and what follows the write must be done within seconds).
+/// and a Redis blip should not decide that. No further try once `no_time_left` says so after a
+/// failed one (a stop's grace period is over, and what follows the write must be done within
+/// seconds).
 pub async fn with_a_few_tries<T, F, Fut>(
     no_time_left: impl Fn() -> bool,
     mut write: F,

@@ -37,8 +37,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const SETTLE_AFTER_GRACE: Duration = CLOSE_TIMEOUT;
 
 /// Connects, consumes, and reconnects with backoff whenever RabbitMQ goes away, until the worker
-/// is shut down; then drains the deliveries in flight.
-pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
+/// is shut down; then drains the deliveries in flight. Returns the stop's deadline: the end of
+/// the grace period and of the close's time after it.
+pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) -> tokio::time::Instant {
     let shutdown = &context.shutdown;
     // One set for every connection: tasks of a lost connection keep running (their SMS may be
     // half-sent) and are drained on shutdown like the others.
@@ -61,10 +62,9 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
                 info!(queue = %context.topology.sms_queue(), node = connection.node + 1, nodes = nodes.len(), "connected to RabbitMQ; consuming");
                 match connection.consume(context, &mut tasks, &mut retired).await {
                     ConsumeEnd::ShuttingDown => {
-                        connection
+                        return connection
                             .shut_down(context, &mut tasks, &mut retired)
                             .await;
-                        return;
                     }
                     ConsumeEnd::Lost(reason) => {
                         warn!(%reason, "lost RabbitMQ; reconnecting");
@@ -94,6 +94,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) {
     let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
     drain(context, &mut tasks, context.config.shutdown_grace).await;
     retired.wait_out(stop_by).await;
+    stop_by + 2 * CLOSE_TIMEOUT
 }
 
 fn reconnect_backoff() -> ExponentialBackoff {
@@ -254,13 +255,14 @@ impl BrokerConnection {
     }
 
     /// SIGTERM: stop taking messages, let in-flight sends finish within the grace period, then
-    /// close, which hands every unacknowledged message back to the queue.
+    /// close, which hands every unacknowledged message back to the queue. Returns the stop's
+    /// deadline.
     async fn shut_down(
         self,
         context: &Context,
         tasks: &mut JoinSet<()>,
         retired: &mut RetiredConnections,
-    ) {
+    ) -> tokio::time::Instant {
         let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
         for consumer in [&self.consumer, &self.broker_copies] {
             let cancel = self
@@ -315,6 +317,7 @@ impl BrokerConnection {
         if tokio::time::timeout_at(hard_stop, rest).await.is_err() {
             warn!("RabbitMQ did not let the worker finish closing in time; stopping anyway");
         }
+        hard_stop
     }
 
     /// Closes the consuming connection, and retires the dead-letter one: closed once its
@@ -455,11 +458,12 @@ async fn with_timeout<T>(future: impl Future<Output = lapin::Result<T>>) -> Resu
 }
 
 /// Waits for the tasks, at most `grace`. Then it tells those left that the grace is over:
-/// a delivery still waiting, claiming or without a provider's answer stops, its message left to
-/// return to the queue when the channel closes (its claim lapses), or, with a provider call under
-/// way, ends as sent-unconfirmed, as any call without an answer does. A delivery past its
-/// provider's answer goes on to record the SMS and be acknowledged: handed back, it would be sent
-/// again. Whatever has not finished [`SETTLE_AFTER_GRACE`] later is aborted.
+/// a delivery whose request no provider has stops, its claim released and its message left to
+/// return to the queue when the channel closes; one with a call unanswered ends as
+/// sent-unconfirmed, as any call without an answer does (see
+/// `delivery::send_until_the_grace_ends`). A delivery past its provider's answer goes on to
+/// record the SMS and be acknowledged: handed back, it would be sent again. Whatever has not
+/// finished [`SETTLE_AFTER_GRACE`] later is aborted.
 async fn drain(context: &Context, tasks: &mut JoinSet<()>, grace: Duration) {
     if tasks.is_empty() {
         return;

@@ -107,11 +107,12 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
 /// acknowledging) runs to its end, since a message that went out and was not acknowledged would
 /// be sent again.
 ///
-/// When the send is cut short with a provider call unanswered (one under way, or one that got no
-/// answer), the SMS may have gone out: the event ends as sent-unconfirmed, as after any call
-/// without an answer, rather than go to another worker, which would send it again. A call under
-/// way first gets [`ANSWER_AFTER_GRACE`] more to answer. Otherwise nothing went out: the claim is
-/// released and the message goes back to the queue when the channel closes.
+/// A provider call under way then gets [`ANSWER_AFTER_GRACE`] more to answer (no other call
+/// starts meanwhile). When the send is cut short with a call unanswered (that one, or one that
+/// got no answer earlier), the SMS may have gone out: the event ends as sent-unconfirmed, as
+/// after any call without an answer, rather than go to another worker, which would send it
+/// again. Otherwise nothing went out: the claim is released, so that another worker need not
+/// wait for it to lapse, and the message goes back to the queue when the channel closes.
 async fn send_until_the_grace_ends(
     context: &Context,
     event: &OtpRequested,
@@ -128,7 +129,7 @@ async fn send_until_the_grace_ends(
             outcome = &mut sending => return outcome,
             () = context.grace_over.recv() => {}
         }
-        if unanswered.any()
+        if unanswered.call_under_way()
             && let Ok(outcome) = tokio::time::timeout(ANSWER_AFTER_GRACE, &mut sending).await
         {
             return outcome;

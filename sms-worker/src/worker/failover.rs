@@ -12,7 +12,7 @@
 //!   retry loop; if that ends without a clear "accepted", whatever it met, or never comes (a
 //!   breaker still open when the budget ends, a stop, a claim Redis can no longer renew), the
 //!   event ends as sent-unconfirmed. So does a call cut short by the end of a stop's grace
-//!   period (see `delivery::cut_short`). It is never dead-lettered or handed to another worker:
+//!   period (see `delivery::send_until_the_grace_ends`). It is never dead-lettered or handed to another worker:
 //!   either could lead to a second SMS.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,8 +51,8 @@ pub(super) struct Tried<'a> {
 }
 
 /// Whether an SMS of this event may have gone out without a provider saying so. The end of a
-/// stop's grace period reads it while the send runs (see `delivery::handle`): such an event is
-/// never handed to another worker nor dead-lettered.
+/// stop's grace period reads it while the send runs (see `delivery::send_until_the_grace_ends`):
+/// such an event is never handed to another worker nor dead-lettered.
 #[derive(Default)]
 pub(super) struct Unanswered {
     /// A provider has this call's request, not yet answered: set by the provider as the request
@@ -65,7 +65,11 @@ pub(super) struct Unanswered {
 
 impl Unanswered {
     pub(super) fn any(&self) -> bool {
-        self.under_way.load(Ordering::Relaxed) || self.earlier()
+        self.call_under_way() || self.earlier()
+    }
+
+    pub(super) fn call_under_way(&self) -> bool {
+        self.under_way.load(Ordering::Relaxed)
     }
 
     fn earlier(&self) -> bool {
@@ -221,6 +225,13 @@ pub(super) async fn send_through_providers(
         // A probe taken and left is cheaper than a second SMS.
         if !lease.make_sure().await {
             return claim_in_doubt(journal, lease, tried);
+        }
+
+        // Once the stop's grace period is over, no call starts: cut short, it would leave the
+        // event sent-unconfirmed, while another worker can send it at once.
+        if context.grace_over.is_over() {
+            lease.stop();
+            return Ok(give_up(context, event, journal, Stop::ShuttingDown, tried, claim).await);
         }
 
         tried.attempts += 1;

@@ -165,8 +165,8 @@ impl Worker {
             });
         let http = tokio::spawn(server.into_future());
 
-        // Receipts stop as the worker begins to stop, so that one that would start a resend does
-        // so within the grace period: a provider retries them, or another worker takes them.
+        // Receipts are taken until the deliveries are done: a load balancer may still send them
+        // here for a while, and Twilio does not retry one that is turned away.
         let (callbacks_stop_tx, callbacks_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let callbacks = match (callback_listener, callbacks::router(context.clone())) {
             (Some(listener), Some(router)) => Some(tokio::spawn(
@@ -183,21 +183,26 @@ impl Worker {
             shutdown.await;
             info!("stopping: no new messages; in-flight sends may finish");
             trigger.fire();
-            let _ = callbacks_stop_tx.send(());
         });
 
-        connection::consume_until_shutdown(&context).await;
+        let stop_deadline = connection::consume_until_shutdown(&context).await;
         // The last sends' timelines and the `sent` records still waiting for Redis are written
         // on tasks of their own; the runtime would drop them at exit. Each timeline write has a
         // deadline, and that wait is no longer; a record waits for Redis, which may come back
         // within seconds (a failover during a rolling restart). The servers finish alongside:
-        // the receipts still being handled, and the HTTP port, whose `/readyz` has said
-        // `shutting_down` since the stop began.
+        // the HTTP port, whose `/readyz` has said `shutting_down` since the stop began, and the
+        // receipts being handled. One of those may be resending through a provider, and a resend
+        // cut short is one its user never gets (each event has one): they get until the stop's
+        // deadline, which a quick stop is far from, and at least as long as the flush.
         let _ = http_stop_tx.send(());
+        let _ = callbacks_stop_tx.send(());
+        let receipts_limit = stop_deadline
+            .max(tokio::time::Instant::now() + TIMELINE_FLUSH)
+            .saturating_duration_since(tokio::time::Instant::now());
         let (timelines_flushed, (), (), ()) = tokio::join!(
             context.timelines.flush(TIMELINE_FLUSH),
             sent::wait_for_records(&context, RECORDS_FLUSH),
-            stop_server("callback", callbacks, TIMELINE_FLUSH),
+            stop_server("callback", callbacks, receipts_limit),
             stop_server("HTTP", Some(http), TIMELINE_FLUSH),
         );
         if !timelines_flushed {

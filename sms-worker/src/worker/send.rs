@@ -83,7 +83,8 @@ pub(super) async fn send_otp(
         let sending =
             send_through_providers(context, event, token, &lease, &mut retries, tried, journal);
         match sending.await {
-            // The claim stays renewed until the SMS is recorded, after the send.
+            // The claim stays renewed until the SMS is recorded, after the send: lapsed before,
+            // a copy of the event could take it and send it again.
             Ok(Outcome::Sent(sms)) => return Outcome::Sent(sms.keeping(lease)),
             Ok(Outcome::SentUnconfirmed(sms)) => {
                 return Outcome::SentUnconfirmed(sms.keeping(lease));

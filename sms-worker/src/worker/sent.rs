@@ -25,6 +25,10 @@ use crate::trace::Line;
 /// leaves no gap in which a copy of the event could take the claim over.
 const RECORD_RETRY_FIRST: Duration = Duration::from_millis(500);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// After the end of a stop's grace period, how long a `sent` record may take before it is left
+/// to the background and the delivery acknowledged: a Redis command waits 2 s, but a reconnect
+/// can add its own 2 s, and the whole delivery has 5 s (`connection::SETTLE_AFTER_GRACE`).
+const RECORD_AFTER_GRACE: Duration = Duration::from_millis(1_500);
 /// Once the worker stops, tries come at least this often: the stop waits only seconds for them.
 const RECORD_RETRY_WHILE_STOPPING: Duration = Duration::from_millis(250);
 /// Sent records waiting for Redis in the background, at most this many at once in a process.
@@ -36,8 +40,8 @@ pub(super) const RECORDS_WAITING_MAX: u32 = 4_096;
 /// An SMS that went out, or may have, with what is left to do for it: recording it and, once
 /// the delivery is acknowledged, closing its provider's half-open breaker and remembering it for
 /// its receipts. The delivery does that after its send, where the end of a stop's grace period
-/// no longer cuts it short (see `delivery::handle`): an SMS that went out and was not
-/// acknowledged would be sent again.
+/// no longer cuts it short (see `delivery::send_until_the_grace_ends`): an SMS that went out and
+/// was not acknowledged would be sent again.
 pub(crate) struct SentSms {
     /// The number's timeline, ended.
     timeline: Vec<Line>,
@@ -127,15 +131,28 @@ impl AcceptedSms {
 /// Redis server both usually leave in one write. The timeline is written on a task of its own
 /// and not waited for: on a Redis Cluster it lives on another node than the ledger record, and a
 /// sick node there must not hold this delivery's ack (and its prefetch slot) for a diagnostic.
-/// Once a stop's grace period is over, no more tries before the record is left to the
-/// background: the delivery has seconds left, and there a record is tried every 250 ms.
+/// Once a stop's grace period is over, no new try starts, and the one under way has at most
+/// [`RECORD_AFTER_GRACE`], before the record is left to the background: the delivery has seconds
+/// left for its ack, and there a record is tried every 250 ms.
 async fn record_sent(context: &Context, event: &OtpRequested, timeline: Vec<Line>) {
     let trace_id = context.timelines.trace_id(event.phone_number.as_str());
     context.timelines.append_detached(trace_id, timeline);
     let ledger = &context.ledger;
     let time_left = || Duration::from_millis(event.millis_left(OffsetDateTime::now_utc()));
     let record = || ledger.record_sent(event.event_id, time_left());
-    match with_a_few_tries(|| context.grace_over.is_over(), record).await {
+    let tries = with_a_few_tries(|| context.grace_over.is_over(), record);
+    let past_the_grace = async {
+        context.grace_over.recv().await;
+        tokio::time::sleep(RECORD_AFTER_GRACE).await;
+    };
+    let recorded = tokio::select! {
+        biased;
+        recorded = tries => recorded,
+        () = past_the_grace => Err(RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        ))),
+    };
+    match recorded {
         Ok(withdrawn) => report_withdrawal(withdrawn),
         Err(e) => keep_trying(context, event, &e),
     }

@@ -25,6 +25,10 @@ async fn an_sms_accepted_as_the_grace_period_ends_is_acknowledged() {
             logs.contains("SMS sent"),
             "no answer before the stop:\n{logs}"
         );
+        assert!(
+            logs.contains("grace period over"),
+            "done before the grace ended:\n{logs}"
+        );
         assert!(!logs.contains("provider call unanswered"), "{logs}");
         assert_eq!(h.queued().await, 0, "the SMS accepted was not acknowledged");
         assert_eq!(h.fake.messages(Some(&to)).len(), 1);
@@ -102,7 +106,12 @@ async fn a_call_answered_just_after_the_grace_period_ends_as_sent() {
         worker.terminate();
         assert!(worker.wait(WAIT).await.success(), "{}", worker.logs());
         let logs = worker.logs();
-        assert!(logs.contains("SMS sent"), "{logs}");
+        let grace_over = logs.find("grace period over");
+        let sent = logs.find("SMS sent");
+        assert!(
+            grace_over.zip(sent).is_some_and(|(over, sent)| over < sent),
+            "not answered after the grace ended:\n{logs}"
+        );
         assert!(!logs.contains("provider call unanswered"), "{logs}");
         assert_eq!(h.queued().await, 0);
         assert_eq!(
@@ -119,10 +128,10 @@ async fn a_call_answered_just_after_the_grace_period_ends_as_sent() {
 #[tokio::test]
 async fn a_call_that_timed_out_as_the_grace_period_ends_is_not_handed_back() {
     with_harness(QueueType::Classic, |h| async move {
-        // The call times out a second after it started; the breaker's write then waits 2 s for
-        // a Redis that does not answer, and the grace ends about 2 s after the stop, meanwhile.
-        let (redis, to, logs) =
-            stop_with_redis_stalled_mid_call(&h, 4_000, &[("SEND_TIMEOUT_SECS", "1")]).await;
+        // The call times out 2 s after it started; the breaker's write then waits 2 s for a
+        // Redis that does not answer, and the grace ends about 3 s after the stop, meanwhile.
+        let settings = [("SEND_TIMEOUT_SECS", "2"), ("SHUTDOWN_GRACE_SECS", "3")];
+        let (redis, to, logs) = stop_with_redis_stalled_mid_call(&h, 6_000, &settings).await;
         assert!(
             logs.contains("no provider confirmed the SMS, but it may have been sent"),
             "{logs}"
