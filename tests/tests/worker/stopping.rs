@@ -3,7 +3,7 @@
 //! and one past the provider's answer is recorded and acknowledged.
 
 use shared::{OtpRequested, QueueType};
-use tests::fake_sms::{Faults, TokenPolicy};
+use tests::fake_sms::{Faults, InjectedResponse, SmsProvider, TokenPolicy};
 use tests::proxy::TcpProxy;
 use tests::servers::servers;
 use tests::wait::eventually;
@@ -117,6 +117,45 @@ async fn a_call_answered_just_after_the_grace_period_ends_as_sent() {
         assert_eq!(
             h.ledger_record(&event).await.as_deref(),
             Some(shared::send_ledger::SENT)
+        );
+    })
+    .await;
+}
+
+/// A call under way when the grace period ends, refused in the 2 s it then has (Twilio's
+/// credentials): the event could go to Infobip at once, but no call starts once the grace is
+/// over, so it goes back to the queue, claim released, for another worker to send.
+#[tokio::test]
+async fn no_call_starts_after_the_grace_period_even_to_fail_over() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults {
+            latency_ms: 1_500,
+            always: Some(InjectedResponse::twilio_error(401, 20003)),
+            ..Faults::default()
+        });
+        h.fake
+            .set_faults_for(SmsProvider::Infobip, Faults::default());
+        let mut overrides = h.failover();
+        overrides.push(("SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()));
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        h.wait_for_a_call(&to).await;
+        worker.stop().await;
+        eventually(WAIT, "the event to be back in the queue", || async {
+            h.queued().await == 1
+        })
+        .await;
+        assert_eq!(
+            h.fake.requests(Some(&to)).len(),
+            1,
+            "a call started after the grace period"
+        );
+        assert_eq!(
+            h.ledger_record(&event).await,
+            None,
+            "the claim was not released"
         );
     })
     .await;
