@@ -10,31 +10,42 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Fires the signal. Dropping it without firing does not stop anything.
-pub(crate) struct ShutdownTrigger(watch::Sender<bool>);
+pub(crate) struct ShutdownTrigger(watch::Sender<Option<Instant>>);
 
-/// Listens for the signal.
+/// Listens for the signal, which says when it was fired.
 #[derive(Clone)]
-pub(crate) struct Shutdown(watch::Receiver<bool>);
+pub(crate) struct Shutdown(watch::Receiver<Option<Instant>>);
 
 /// A wait that was cut short because the worker is stopping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ShuttingDown;
 
 pub(crate) fn channel() -> (ShutdownTrigger, Shutdown) {
-    let (sender, receiver) = watch::channel(false);
+    let (sender, receiver) = watch::channel(None);
     (ShutdownTrigger(sender), Shutdown(receiver))
 }
 
 impl ShutdownTrigger {
+    /// Fires the signal, once: a second call changes nothing.
     pub(crate) fn fire(&self) {
-        self.0.send_replace(true);
+        self.0.send_if_modified(|fired| {
+            let first = fired.is_none();
+            fired.get_or_insert_with(Instant::now);
+            first
+        });
     }
 }
 
 impl Shutdown {
     pub(crate) fn is_shutdown(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+
+    /// When the signal was fired: where a stop's grace period starts.
+    pub(crate) fn fired_at(&self) -> Option<Instant> {
         *self.0.borrow()
     }
 
@@ -42,7 +53,7 @@ impl Shutdown {
     pub(crate) async fn recv(&self) {
         let mut receiver = self.0.clone();
         // An error means the trigger is gone without firing: then the signal never comes.
-        if receiver.wait_for(|stopping| *stopping).await.is_err() {
+        if receiver.wait_for(Option::is_some).await.is_err() {
             std::future::pending::<()>().await;
         }
     }
@@ -102,6 +113,11 @@ mod tests {
         trigger.fire();
         assert_eq!(long_sleep.await.unwrap(), Err(ShuttingDown));
         assert!(shutdown.is_shutdown());
+        // The grace period counts from the first signal, however often it comes.
+        let fired_at = shutdown.fired_at().expect("the time of the signal");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        trigger.fire();
+        assert_eq!(shutdown.fired_at(), Some(fired_at));
         shutdown.recv().await;
         assert_eq!(
             shutdown.sleep(Duration::from_secs(60)).await,

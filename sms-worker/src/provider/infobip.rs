@@ -217,6 +217,9 @@ impl Infobip {
                     Err(e) if e.status == Some(401) => {
                         sms.refused();
                         tokens.invalidate(&token).await;
+                        if !(sms.may_start)() {
+                            return Err(e);
+                        }
                         let token = self.token(tokens).await?;
                         self.send_with(sms, timeout, bearer(tokens, &token).await?)
                             .await

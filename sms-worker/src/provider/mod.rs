@@ -40,6 +40,9 @@ pub struct Sms<'a> {
     /// Set as the request is handed to the HTTP client: from then on the SMS may go out, even
     /// if the send is cut short before an answer (a token fetch before it sends nothing).
     pub request_out: &'a AtomicBool,
+    /// Whether a further request may still start, for a provider that tries again by itself
+    /// (Infobip, after a 401): none does once a stopping worker's grace period is over.
+    pub may_start: &'a (dyn Fn() -> bool + Sync),
 }
 
 impl Sms<'_> {

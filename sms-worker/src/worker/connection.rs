@@ -29,9 +29,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Closing politely is best effort; a dead broker must not hold up the exit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the grace period, how long deliveries have to finish: a provider call under way gets
-/// 2 s to answer (`delivery::ANSWER_AFTER_GRACE`), and then the `sent` record gets no new try
-/// (a Redis command waits at most 2 s) before it is left to the background, and the ack comes
-/// right after it; the breaker and receipts writes after the ack are cut if they take longer.
+/// 2 s to answer (`delivery::ANSWER_AFTER_GRACE`), and then the `sent` record gets no new try,
+/// and at most 1.5 s for the one under way (`sent::RECORD_AFTER_GRACE`), before it is left to
+/// the background, and the ack comes right after it; the breaker and receipts writes after the ack are cut if they take longer.
 /// With a connection, it is taken from the close's own time (see `shut_down`), so the stop's
 /// worst case does not grow.
 const SETTLE_AFTER_GRACE: Duration = CLOSE_TIMEOUT;
@@ -91,10 +91,18 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) -> tokio::tim
         }
     }
     // Stopped while disconnected: what is left can finish, but cannot be acknowledged anyway.
-    let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
-    drain(context, &mut tasks, context.config.shutdown_grace).await;
+    let stop_by = grace_ends(context);
+    let grace = stop_by.saturating_duration_since(tokio::time::Instant::now());
+    drain(context, &mut tasks, grace).await;
     retired.wait_out(stop_by).await;
     stop_by + 2 * CLOSE_TIMEOUT
+}
+
+/// The end of the stop's grace period, counted from the signal: closing a lost connection, or
+/// cancelling the consumers, may have taken some of it.
+fn grace_ends(context: &Context) -> tokio::time::Instant {
+    let fired_at = context.shutdown.fired_at();
+    fired_at.unwrap_or_else(tokio::time::Instant::now) + context.config.shutdown_grace
 }
 
 fn reconnect_backoff() -> ExponentialBackoff {
@@ -263,7 +271,7 @@ impl BrokerConnection {
         tasks: &mut JoinSet<()>,
         retired: &mut RetiredConnections,
     ) -> tokio::time::Instant {
-        let stop_by = tokio::time::Instant::now() + context.config.shutdown_grace;
+        let stop_by = grace_ends(context);
         for consumer in [&self.consumer, &self.broker_copies] {
             let cancel = self
                 .channel

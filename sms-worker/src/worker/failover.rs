@@ -195,6 +195,13 @@ pub(super) async fn send_through_providers(
                 claim: Some(claim.clone()),
             });
         }
+        // Once the stop's grace period is over, no call starts: cut short, it would leave the
+        // event sent-unconfirmed, while another worker can send it at once. Looked at before a
+        // breaker's probe is taken, which would be left stranded.
+        if context.grace_over.is_over() {
+            lease.stop();
+            return Ok(give_up(context, event, journal, Stop::ShuttingDown, tried, claim).await);
+        }
         // No provider call may start with the claim in doubt (see `claim_in_doubt`). Looked at
         // first before a breaker's probe is taken, which a claim in doubt would leave stranded.
         if !lease.make_sure().await {
@@ -227,13 +234,6 @@ pub(super) async fn send_through_providers(
             return claim_in_doubt(journal, lease, tried);
         }
 
-        // Once the stop's grace period is over, no call starts: cut short, it would leave the
-        // event sent-unconfirmed, while another worker can send it at once.
-        if context.grace_over.is_over() {
-            lease.stop();
-            return Ok(give_up(context, event, journal, Stop::ShuttingDown, tried, claim).await);
-        }
-
         tried.attempts += 1;
         let after_an_unanswered_call = tried.ambiguous();
         let sms = Sms {
@@ -248,6 +248,7 @@ pub(super) async fn send_through_providers(
             validity_secs: millis_left / 1_000,
             message_id: event.event_id.to_string(),
             request_out: &tried.unanswered.under_way,
+            may_start: &|| !context.grace_over.is_over(),
         };
         let timeout = config.send_timeout.min(Duration::from_millis(millis_left));
         let result = provider.send(&sms, timeout).await;

@@ -191,6 +191,7 @@ async fn resend(
         message_id: format!("{event_id}-resend"),
         // At most one resend per event, by its claim: nothing to tell anyone.
         request_out: &AtomicBool::new(false),
+        may_start: &|| true,
     };
     let timeout = context.config.send_timeout.min(time_left);
     let result = provider.send(&sms, timeout).await;

@@ -95,7 +95,9 @@ async fn a_call_under_way_as_the_grace_period_ends_ends_as_sent_unconfirmed() {
 #[tokio::test]
 async fn a_call_answered_just_after_the_grace_period_ends_as_sent() {
     with_harness(QueueType::Classic, |h| async move {
-        h.fake.set_faults(Faults::latency(2_000));
+        // The answer comes 2.5 s after the call; the grace ends about 1 s after it, and the
+        // 2 s a call under way then gets end about 3 s after it.
+        h.fake.set_faults(Faults::latency(2_500));
         let mut worker = h
             .start_worker_process(&[("SHUTDOWN_GRACE_SECS", "1"), ("LOG_FORMAT", "json")])
             .await;
@@ -133,8 +135,6 @@ async fn no_call_starts_after_the_grace_period_even_to_fail_over() {
             always: Some(InjectedResponse::twilio_error(401, 20003)),
             ..Faults::default()
         });
-        h.fake
-            .set_faults_for(SmsProvider::Infobip, Faults::default());
         let mut overrides = h.failover();
         overrides.push(("SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()));
         let worker = h.start_worker(&pairs(&overrides)).await;
@@ -208,13 +208,7 @@ async fn a_send_still_fetching_its_token_as_the_grace_period_ends_goes_back_to_t
 #[tokio::test]
 async fn a_send_refetching_a_refused_token_as_the_grace_period_ends_goes_back_to_the_queue() {
     with_harness(QueueType::Classic, |h| async move {
-        let worker = infobip_worker(&h).await;
-        // A first SMS, for the worker to hold a token.
-        let first = phone();
-        h.publish(&event(&first, CODE_VALIDITY)).await;
-        h.wait_for_messages(&first, 1).await;
-
-        h.fake.expire_tokens();
+        let worker = infobip_worker_with_a_stale_token(&h).await;
         h.fake.set_token_policy(TokenPolicy {
             latency_ms: 4_000,
             ..TokenPolicy::default()
@@ -229,12 +223,47 @@ async fn a_send_refetching_a_refused_token_as_the_grace_period_ends_goes_back_to
     .await;
 }
 
+/// Infobip refuses the worker's token (401) in the 2 s a call under way gets after the grace
+/// period: Infobip's client would fetch a new token and post again, but no request starts once
+/// the grace is over, so the event goes back to the queue.
+#[tokio::test]
+async fn a_token_refused_after_the_grace_period_is_not_tried_again() {
+    with_harness(QueueType::Classic, |h| async move {
+        let worker = infobip_worker_with_a_stale_token(&h).await;
+        h.fake
+            .set_faults_for(SmsProvider::Infobip, Faults::latency(1_500));
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        h.publish(&event).await;
+        h.wait_for_a_call(&to).await;
+        worker.stop().await;
+        expect_it_back_in_the_queue(&h, &event).await;
+        assert_eq!(
+            h.fake.requests(Some(&to)).len(),
+            1,
+            "a request posted again after the grace period"
+        );
+    })
+    .await;
+}
+
 /// A worker sending through Infobip alone, with OAuth, with a 1 s grace period.
 async fn infobip_worker(h: &Harness) -> RunningWorker {
     let mut overrides = h.failover();
     overrides.push(("SMS_PROVIDERS".to_owned(), "infobip".to_owned()));
     overrides.push(("SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()));
     h.start_worker(&pairs(&overrides)).await
+}
+
+/// [`infobip_worker`], holding a token (a first SMS got it) that Infobip has since forgotten:
+/// its next request is refused (401).
+async fn infobip_worker_with_a_stale_token(h: &Harness) -> RunningWorker {
+    let worker = infobip_worker(h).await;
+    let first = phone();
+    h.publish(&event(&first, CODE_VALIDITY)).await;
+    h.wait_for_messages(&first, 1).await;
+    h.fake.expire_tokens();
+    worker
 }
 
 /// Stops `worker` once a token fetch is under way, and checks that `event` went back to the
@@ -245,6 +274,12 @@ async fn stop_during_a_token_fetch(h: &Harness, worker: RunningWorker, event: &O
     })
     .await;
     worker.stop().await;
+    expect_it_back_in_the_queue(h, event).await;
+}
+
+/// Waits for `event` to be back in the queue, and checks that it is neither recorded nor
+/// claimed.
+async fn expect_it_back_in_the_queue(h: &Harness, event: &OtpRequested) {
     eventually(WAIT, "the event to be back in the queue", || async {
         h.queued().await == 1
     })
