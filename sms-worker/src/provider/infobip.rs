@@ -218,7 +218,10 @@ impl Infobip {
                         sms.refused();
                         tokens.invalidate(&token).await;
                         if !(sms.may_start)() {
-                            return Err(e);
+                            return Err(SendError {
+                                kind: Failure::Withheld,
+                                ..e
+                            });
                         }
                         let token = self.token(tokens).await?;
                         self.send_with(sms, timeout, bearer(tokens, &token).await?)

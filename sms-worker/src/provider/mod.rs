@@ -41,7 +41,8 @@ pub struct Sms<'a> {
     /// if the send is cut short before an answer (a token fetch before it sends nothing).
     pub request_out: &'a AtomicBool,
     /// Whether a further request may still start, for a provider that tries again by itself
-    /// (Infobip, after a 401): none does once a stopping worker's grace period is over.
+    /// (Infobip, after a 401): for a delivery, none does once a stopping worker's grace period
+    /// is over.
     pub may_start: &'a (dyn Fn() -> bool + Sync),
 }
 
@@ -84,6 +85,10 @@ pub enum Failure {
     /// This provider cannot reach this destination (no route, region not enabled), though it
     /// works for others: the send moves to the next provider, the breaker is left alone.
     Route,
+    /// Not sent again: the provider refused a first request for a reason of ours (Infobip, a
+    /// token it had dropped), and the worker's grace period ended before the second could
+    /// start. Nothing is the provider's fault: no breaker; the send stops there.
+    Withheld,
 }
 
 impl Failure {
@@ -94,6 +99,7 @@ impl Failure {
             Self::Recipient => "recipient",
             Self::Provider => "provider",
             Self::Route => "route",
+            Self::Withheld => "withheld",
         }
     }
 
@@ -396,5 +402,6 @@ mod tests {
         assert!(Failure::Provider.counts_toward_breaker());
         assert!(!Failure::Recipient.counts_toward_breaker());
         assert!(!Failure::Route.counts_toward_breaker());
+        assert!(!Failure::Withheld.counts_toward_breaker());
     }
 }

@@ -95,7 +95,7 @@ pub(crate) async fn consume_until_shutdown(context: &Arc<Context>) -> tokio::tim
     let grace = stop_by.saturating_duration_since(tokio::time::Instant::now());
     drain(context, &mut tasks, grace).await;
     retired.wait_out(stop_by).await;
-    stop_by + 2 * CLOSE_TIMEOUT
+    stop_by.max(tokio::time::Instant::now()) + 2 * CLOSE_TIMEOUT
 }
 
 /// The end of the stop's grace period, counted from the signal: closing a lost connection, or

@@ -195,12 +195,9 @@ pub(super) async fn send_through_providers(
                 claim: Some(claim.clone()),
             });
         }
-        // Once the stop's grace period is over, no call starts: cut short, it would leave the
-        // event sent-unconfirmed, while another worker can send it at once. Looked at before a
-        // breaker's probe is taken, which would be left stranded.
-        if context.grace_over.is_over() {
-            lease.stop();
-            return Ok(give_up(context, event, journal, Stop::ShuttingDown, tried, claim).await);
+        // Looked at before a breaker's probe is taken, which would be left stranded.
+        if let Some(outcome) = after_the_grace(context, event, journal, lease, tried, claim).await {
+            return Ok(outcome);
         }
         // No provider call may start with the claim in doubt (see `claim_in_doubt`). Looked at
         // first before a breaker's probe is taken, which a claim in doubt would leave stranded.
@@ -232,6 +229,11 @@ pub(super) async fn send_through_providers(
         // A probe taken and left is cheaper than a second SMS.
         if !lease.make_sure().await {
             return claim_in_doubt(journal, lease, tried);
+        }
+
+        // Once more: the grace may have ended while the breakers or the claim were read.
+        if let Some(outcome) = after_the_grace(context, event, journal, lease, tried, claim).await {
+            return Ok(outcome);
         }
 
         tried.attempts += 1;
@@ -297,6 +299,8 @@ pub(super) async fn send_through_providers(
         match error.kind {
             Failure::Recipient => return Ok(dead_letter_now(tried, claim)),
             Failure::Provider | Failure::Route => tried.excluded.push(provider.name()),
+            // The next turn of the loop finds the grace over.
+            Failure::Withheld => {}
             Failure::Ambiguous => {
                 // The next provider, where there is one; else this one, once.
                 if context.providers.all().len() > 1 {
@@ -394,6 +398,23 @@ fn claim_in_doubt(
     send_outcome("claim_in_doubt");
     lease.stop();
     Err(ClaimInDoubt)
+}
+
+/// Once the stop's grace period is over, no call starts: cut short, it would leave the event
+/// sent-unconfirmed, while another worker can send it at once. Ends the event as a stop does.
+async fn after_the_grace(
+    context: &Context,
+    event: &OtpRequested,
+    journal: &mut Journal,
+    lease: &Lease,
+    tried: &Tried<'_>,
+    claim: &ClaimToken,
+) -> Option<Outcome> {
+    if !context.grace_over.is_over() {
+        return None;
+    }
+    lease.stop();
+    Some(give_up(context, event, journal, Stop::ShuttingDown, tried, claim).await)
 }
 
 /// Ends an event whose wait for the next attempt was cut short.

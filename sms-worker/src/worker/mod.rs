@@ -166,7 +166,8 @@ impl Worker {
         let http = tokio::spawn(server.into_future());
 
         // Receipts are taken until the deliveries are done: a load balancer may still send them
-        // here for a while, and Twilio does not retry one that is turned away.
+        // here for a while, and one turned away may be lost (Twilio retries a status callback
+        // only as its URL's connection overrides say).
         let (callbacks_stop_tx, callbacks_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let callbacks = match (callback_listener, callbacks::router(context.clone())) {
             (Some(listener), Some(router)) => Some(tokio::spawn(

@@ -191,6 +191,7 @@ async fn resend(
         message_id: format!("{event_id}-resend"),
         // At most one resend per event, by its claim: nothing to tell anyone.
         request_out: &AtomicBool::new(false),
+        // Not a delivery: a resend is held to the stop's deadline, not to the grace period.
         may_start: &|| true,
     };
     let timeout = context.config.send_timeout.min(time_left);

@@ -230,8 +230,10 @@ async fn a_send_refetching_a_refused_token_as_the_grace_period_ends_goes_back_to
 async fn a_token_refused_after_the_grace_period_is_not_tried_again() {
     with_harness(QueueType::Classic, |h| async move {
         let worker = infobip_worker_with_a_stale_token(&h).await;
+        // The 401 comes 2 s after the call: about a second after the 1 s grace ends, and a
+        // second before the 2 s a call under way then gets are over.
         h.fake
-            .set_faults_for(SmsProvider::Infobip, Faults::latency(1_500));
+            .set_faults_for(SmsProvider::Infobip, Faults::latency(2_000));
         let to = phone();
         let event = event(&to, CODE_VALIDITY);
         h.publish(&event).await;
