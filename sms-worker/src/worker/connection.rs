@@ -31,9 +31,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the grace period, how long deliveries have to finish: a provider call under way gets
 /// 2 s to answer (`delivery::ANSWER_AFTER_GRACE`), and then the `sent` record gets no new try,
 /// and at most 1.5 s for the one under way (`sent::RECORD_AFTER_GRACE`), before it is left to
-/// the background, and the ack comes right after it; the breaker and receipts writes after the ack are cut if they take longer.
-/// With a connection, it is taken from the close's own time (see `shut_down`), so the stop's
-/// worst case does not grow.
+/// the background; the ack comes right after it, and the breaker and receipts writes after the
+/// ack are cut if they take longer. With a connection, it is taken from the close's own time
+/// (see `shut_down`), so the stop's worst case does not grow.
 const SETTLE_AFTER_GRACE: Duration = CLOSE_TIMEOUT;
 
 /// Connects, consumes, and reconnects with backoff whenever RabbitMQ goes away, until the worker

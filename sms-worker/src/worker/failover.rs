@@ -12,8 +12,8 @@
 //!   retry loop; if that ends without a clear "accepted", whatever it met, or never comes (a
 //!   breaker still open when the budget ends, a stop, a claim Redis can no longer renew), the
 //!   event ends as sent-unconfirmed. So does a call cut short by the end of a stop's grace
-//!   period (see `delivery::send_until_the_grace_ends`). It is never dead-lettered or handed to another worker:
-//!   either could lead to a second SMS.
+//!   period (see `delivery::send_until_the_grace_ends`). It is never dead-lettered or handed to
+//!   another worker: either could lead to a second SMS.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
