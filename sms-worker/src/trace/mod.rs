@@ -20,7 +20,7 @@ use shared::{OtpRequested, PhoneNumber};
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use crate::provider::{Accepted, SendError};
+use crate::provider::{Accepted, Failure, SendError};
 use crate::seal::SealKey;
 
 pub use print::print;
@@ -153,6 +153,13 @@ impl Journal {
                 .status(error.kind.as_str())
                 .code(error.code.or(error.status.map(i64::from))),
         });
+    }
+
+    /// One provider call cut short by the end of a stop's grace period, still without an answer:
+    /// the SMS may have gone out through `provider`.
+    pub fn cut_short(&mut self, provider: &str) {
+        let line = Line::new(self.event_id.clone(), What::Tried).provider(provider);
+        self.lines.push(line.status(Failure::Ambiguous.as_str()));
     }
 
     /// Records how the delivery ended and hands over the lines to write. Only the first call

@@ -136,6 +136,9 @@ async fn send_until_the_grace_ends(
         }
     }
     if unanswered.any() {
+        if let Some(provider) = tried.call_cut_short() {
+            journal.cut_short(provider);
+        }
         warn!(
             "the grace period ended with a provider call unanswered; the SMS may have gone out, so the event is not handed to another worker"
         );

@@ -47,6 +47,8 @@ pub(super) struct Tried<'a> {
     /// Calls a provider has not answered; owned by the delivery, which reads it while the send
     /// runs.
     unanswered: &'a Unanswered,
+    /// The provider of the call under way: a send cut short then names it in the timeline.
+    calling: Option<&'static str>,
     last_error: Option<SendError>,
 }
 
@@ -93,8 +95,14 @@ impl<'a> Tried<'a> {
             excluded: Vec::new(),
             calls: Vec::new(),
             unanswered,
+            calling: None,
             last_error: None,
         }
+    }
+
+    /// The provider of a call cut short before its answer, if the send was.
+    pub(super) fn call_cut_short(&self) -> Option<&'static str> {
+        self.calling
     }
 
     fn record(&mut self, provider: &str, error: &SendError) {
@@ -253,7 +261,9 @@ pub(super) async fn send_through_providers(
             may_start: &|| !context.grace_over.is_over(),
         };
         let timeout = config.send_timeout.min(Duration::from_millis(millis_left));
+        tried.calling = Some(provider.name());
         let result = provider.send(&sms, timeout).await;
+        tried.calling = None;
         let unanswered = matches!(&result, Err(e) if e.kind == Failure::Ambiguous);
         tried.unanswered.call_ended(unanswered);
         let result = result.map_err(|e| e.masking(code));

@@ -86,6 +86,10 @@ async fn a_call_under_way_as_the_grace_period_ends_ends_as_sent_unconfirmed() {
         );
         assert_eq!(h.fake.requests(Some(&to)).len(), 1);
         assert_eq!(h.dead_lettered().await, 0);
+        // The number's timeline names the provider that may have sent it.
+        let trace = h.trace(&to, &[]).await;
+        assert!(trace.contains("tried twilio: ambiguous"), "{trace}");
+        assert!(trace.contains("ended: sent_unconfirmed"), "{trace}");
     })
     .await;
 }
