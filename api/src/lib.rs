@@ -7,9 +7,9 @@
 //! HTTP); `routes/` holds the handlers and `signin/` the sign-in rules; `otp` keeps codes in
 //! Redis, `limits` the velocity limits and the fraud guard, `client_ip` finds the caller, `db` every SQL
 //! statement, `tokens` the token format, `phone` number normalisation, `publisher` the
-//! confirmed publish to RabbitMQ; `jobs` runs migrations and the token purge in the background; `serve` is the
-//! server loop with its slow-client limits; `openapi` the document `docs` shows, `demo` the
-//! optional sign-in page.
+//! confirmed publish to RabbitMQ; `jobs` runs migrations and the token purge in the background;
+//! `openapi` the document `docs` shows, `demo` the optional sign-in page. The server loop with its
+//! slow-client limits is `shared::serve`, which the worker's ports use too.
 
 mod auth;
 mod client_ip;
@@ -31,7 +31,6 @@ mod publisher;
 mod request_id;
 mod router;
 mod routes;
-mod serve;
 mod signin;
 mod startup;
 mod state;

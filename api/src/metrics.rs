@@ -4,10 +4,6 @@
 pub const HTTP_REQUESTS: &str = "http_requests_total";
 /// Histogram (seconds), label `route`.
 pub const HTTP_DURATION: &str = "http_request_duration_seconds";
-/// Gauge: client connections open now.
-pub const OPEN_CONNECTIONS: &str = "http_open_connections";
-/// Counter, label `reason`: `header_timeout`, `idle_timeout`, `shutdown_deadline`.
-pub const CONNECTIONS_CLOSED: &str = "http_connections_closed_total";
 /// Counter, label `outcome`: `accepted`, `rate_limited`, `unavailable`.
 pub const OTP_REQUESTS: &str = "otp_requests_total";
 /// Counter, label `outcome`: `accepted`, `invalid`, `burned`, `rate_limited`.
@@ -58,11 +54,6 @@ pub fn describe() {
         HTTP_DURATION,
         metrics::Unit::Seconds,
         "Time to answer a request, by route template."
-    );
-    describe_gauge!(OPEN_CONNECTIONS, "Client connections open now.");
-    describe_counter!(
-        CONNECTIONS_CLOSED,
-        "Connections the server closed: header_timeout, idle_timeout, shutdown_deadline."
     );
     describe_counter!(
         OTP_REQUESTS,

@@ -6,12 +6,14 @@ use std::time::Duration;
 use axum::Router;
 use secrecy::ExposeSecret;
 use shared::redis_connection::RedisConnection;
+use shared::serve;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 
 use crate::config::ApiConfig;
 use crate::state::AppState;
-use crate::{jobs, router, serve};
+
+use crate::{jobs, router};
 
 /// How long a stopping api waits for codes Redis has yet to make current (see
 /// `signin::promotion`), after the in-flight requests: only while Redis has been failing.
@@ -94,6 +96,11 @@ impl Application {
         tokio::spawn(jobs::purge_expired_tokens(self.state.clone()));
         tracing::info!(%addr, "api listening");
         let limits = self.state.config.server;
+        let grace = self.state.config.shutdown_grace;
+        let shutdown = async move {
+            shutdown.await;
+            grace
+        };
         serve::serve(self.listener, self.router, limits, shutdown).await?;
         self.state
             .deferred_promotions

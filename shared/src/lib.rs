@@ -1,6 +1,6 @@
 //! What the `api` and the `sms-worker` both need: the `OtpRequested` event, configuration loading,
-//! the AMQP topology, telemetry (logs and metrics) and the phone-number type and mask used in every
-//! log line.
+//! the AMQP topology, telemetry (logs and metrics), the HTTP server loop with its slow-client
+//! limits, and the phone-number type and mask used in every log line.
 
 pub mod amqp;
 pub mod config;
@@ -10,6 +10,7 @@ pub mod phone;
 pub mod redis_connection;
 pub mod redis_script;
 pub mod send_ledger;
+pub mod serve;
 pub mod telemetry;
 pub mod topology;
 

@@ -133,6 +133,7 @@ pub fn describe() {
         "log_lines_dropped_total",
         "Log lines dropped because the log writer fell behind."
     );
+    crate::serve::describe();
 }
 
 /// The process-wide Prometheus recorder, installed on first use.

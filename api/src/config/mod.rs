@@ -4,8 +4,10 @@
 mod policies;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+use shared::serve::ServerLimits;
 use shared::{CommonConfig, ConfigError, Env};
 
 pub use policies::{
@@ -14,7 +16,6 @@ pub use policies::{
 };
 
 use crate::client_ip::ClientIpPolicy;
-use crate::serve::ServerLimits;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/otp_auth";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";
@@ -38,8 +39,10 @@ pub struct ApiConfig {
     pub sessions: SessionPolicy,
     /// `DATABASE_POOL_SIZE`: PostgreSQL connections per api process.
     pub database_pool_size: u32,
-    /// Slow-client limits and the shutdown deadline of the HTTP server.
+    /// Slow-client limits of the HTTP server.
     pub server: ServerLimits,
+    /// `SHUTDOWN_GRACE_SECS`: after SIGTERM, in-flight requests get this long.
+    pub shutdown_grace: Duration,
     pub phone: PhonePolicy,
     pub client_ip: ClientIpPolicy,
     /// `DEMO_PAGE`: serve the sign-in demo page at `/demo`.
@@ -91,12 +94,8 @@ impl ApiConfig {
             fraud_guard: FraudGuardPolicy::from_env(env)?,
             sessions: SessionPolicy::from_env(env)?,
             database_pool_size: env.integer_in("DATABASE_POOL_SIZE", 10, 1..=1_000)?,
-            server: ServerLimits {
-                header_timeout: env.seconds("HTTP_HEADER_TIMEOUT_SECS", 5, 1..=300)?,
-                idle_timeout: env.seconds("HTTP_IDLE_TIMEOUT_SECS", 75, 1..=3_600)?,
-                max_connections: env.integer_in("HTTP_MAX_CONNECTIONS", 10_000, 1..=1_000_000)?,
-                shutdown_grace: env.seconds("SHUTDOWN_GRACE_SECS", 10, 0..=300)?,
-            },
+            server: ServerLimits::from_env(env, 10_000)?,
+            shutdown_grace: env.seconds("SHUTDOWN_GRACE_SECS", 10, 0..=300)?,
             phone,
             client_ip: policies::client_ip_policy(env)?,
             demo_page: env.boolean("DEMO_PAGE", false)?,

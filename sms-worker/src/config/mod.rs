@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use shared::serve::ServerLimits;
 use shared::{CommonConfig, ConfigError, Env};
 
 pub use providers::{
@@ -17,6 +18,10 @@ pub use providers::{
 use crate::seal::SealKey;
 
 pub const DEFAULT_WORKER_ADDR: &str = "127.0.0.1:9091";
+/// Connections at most on each of the worker's ports. Half of the 1,024 open files a process
+/// gets by default (systemd's soft limit), so that a flood of connections to the public receipts
+/// port cannot take the descriptors the worker's own calls to the providers need.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_SMS_TEMPLATE: &str =
     "Your {app} code is {code}. It expires in {minutes} minutes.";
 /// Neutral, so that an SMS from a deployment that did not set `APP_NAME` reads naturally:
@@ -36,6 +41,9 @@ pub struct Config {
     pub seal_key: Option<SealKey>,
     /// Delivery receipts, when `CALLBACK_ADDR` is set.
     pub callbacks: Option<CallbackConfig>,
+    /// Slow-client limits of both ports (`HTTP_HEADER_TIMEOUT_SECS`, `HTTP_IDLE_TIMEOUT_SECS`,
+    /// `HTTP_MAX_CONNECTIONS`), as in the api.
+    pub server: ServerLimits,
     pub message: MessageConfig,
     /// `WORKER_CONCURRENCY`: AMQP prefetch, so also the number of sends in flight.
     pub concurrency: u16,
@@ -179,6 +187,7 @@ impl Config {
             breaker: BreakerConfig::from_env(env)?,
             seal_key,
             callbacks,
+            server: ServerLimits::from_env(env, DEFAULT_MAX_CONNECTIONS)?,
             message,
             concurrency: env.integer_in("WORKER_CONCURRENCY", 64, 1..=10_000)?,
             send_timeout,

@@ -27,9 +27,12 @@ mod sent;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::Router;
 use shared::redis_connection::RedisConnection;
+use shared::serve::ServerLimits;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -44,12 +47,14 @@ use context::{Context, Stores};
 
 /// How long a stopping worker waits for the timeline writes still under way: a little longer
 /// than any of them may take ([`crate::trace::WRITE_DEADLINE`]).
-const TIMELINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(3_500);
+const TIMELINE_FLUSH: Duration = Duration::from_millis(3_500);
 /// How long a stopping worker waits for `sent` records still waiting for Redis: as long as for
 /// the timeline writes, alongside them, so a stop takes no longer than it did before records
 /// waited (its worst case is sized to Compose's 30 s, see `connection.rs`); records try every
 /// 250 ms meanwhile, so a Redis failover of a few seconds costs none.
-const RECORDS_FLUSH: std::time::Duration = TIMELINE_FLUSH;
+const RECORDS_FLUSH: Duration = TIMELINE_FLUSH;
+/// Past a server's own limit for its requests, how long closing what is left may take.
+const SERVER_CLOSE: Duration = Duration::from_secs(1);
 
 /// A worker bound to its HTTP port, not yet consuming. Tests read [`Worker::local_addr`] when
 /// `WORKER_ADDR` has port 0.
@@ -158,25 +163,15 @@ impl Worker {
             );
         }
 
-        let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(listener, http::router(context.readiness.clone()))
-            .with_graceful_shutdown(async {
-                let _ = http_stop_rx.await;
-            });
-        let http = tokio::spawn(server.into_future());
+        let limits = config.server;
+        let (http, http_stop) =
+            spawn_server(listener, http::router(context.readiness.clone()), limits);
 
         // Receipts are taken until the deliveries are done: a load balancer may still send them
         // here for a while, and one turned away may be lost (Twilio retries a status callback
         // only as its URL's connection overrides say).
-        let (callbacks_stop_tx, callbacks_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let callbacks = match (callback_listener, callbacks::router(context.clone())) {
-            (Some(listener), Some(router)) => Some(tokio::spawn(
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async {
-                        let _ = callbacks_stop_rx.await;
-                    })
-                    .into_future(),
-            )),
+            (Some(listener), Some(router)) => Some(spawn_server(listener, router, limits)),
             _ => None,
         };
 
@@ -195,8 +190,6 @@ impl Worker {
         // receipts being handled. One of those may be resending through a provider, and a resend
         // cut short is one its user never gets (each event has one): they get until the stop's
         // deadline, which a quick stop is far from, and at least as long as the flush.
-        let _ = http_stop_tx.send(());
-        let _ = callbacks_stop_tx.send(());
         let receipts_limit = stop_deadline
             .max(tokio::time::Instant::now() + TIMELINE_FLUSH)
             .saturating_duration_since(tokio::time::Instant::now());
@@ -204,7 +197,7 @@ impl Worker {
             context.timelines.flush(TIMELINE_FLUSH),
             sent::wait_for_records(&context, RECORDS_FLUSH),
             stop_server("callback", callbacks, receipts_limit),
-            stop_server("HTTP", Some(http), TIMELINE_FLUSH),
+            stop_server("HTTP", Some((http, http_stop)), TIMELINE_FLUSH),
         );
         if !timelines_flushed {
             warn!("some timeline writes did not finish before the worker stopped");
@@ -216,21 +209,43 @@ impl Worker {
     }
 }
 
-/// Waits, at most `limit`, for a server told to stop to finish the requests it holds.
+type ServerTask = tokio::task::JoinHandle<std::io::Result<()>>;
+/// Tells a server to stop, with how long its requests in flight may take.
+type StopServer = tokio::sync::oneshot::Sender<Duration>;
+
+/// Serves `router` with the same slow-client limits as the api (`shared::serve`): the receipts
+/// port is open to anyone on the internet.
+fn spawn_server(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+) -> (ServerTask, StopServer) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<Duration>();
+    // A dropped sender (the worker's run ending early) stops the server at once.
+    let stopped = async { stopped.await.unwrap_or(Duration::ZERO) };
+    let task = tokio::spawn(shared::serve::serve(listener, router, limits, stopped));
+    (task, stop)
+}
+
+/// Stops a server, giving the requests it holds `limit` to finish; the server closes what is left.
 async fn stop_server(
     name: &'static str,
-    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    limit: std::time::Duration,
+    server: Option<(ServerTask, StopServer)>,
+    limit: Duration,
 ) {
-    let Some(mut server) = server else { return };
-    match tokio::time::timeout(limit, &mut server).await {
+    let Some((mut server, stop)) = server else {
+        return;
+    };
+    let _ = stop.send(limit);
+    // The server keeps the limit itself; this only guards against it not returning.
+    match tokio::time::timeout(limit + SERVER_CLOSE, &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!(error = %e, server = name, "a server failed"),
         Ok(Err(e)) => warn!(error = %e, server = name, "a server task failed"),
         Err(_) => {
             warn!(
                 server = name,
-                "a server did not finish its requests in time; stopping anyway"
+                "a server did not stop in time; stopping it anyway"
             );
             server.abort();
         }

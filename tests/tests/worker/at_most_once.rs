@@ -164,7 +164,7 @@ async fn a_send_recorded_once_redis_is_back_keeps_a_later_copy_from_a_second_sms
     .await;
 }
 
-/// A worker process (its own metrics and JSON log, its `/metrics` URL returned) whose Redis, behind
+/// A worker process (its own metrics and JSON log, its `WORKER_ADDR` returned) whose Redis, behind
 /// a proxy, goes away while the provider takes an SMS that lives `ttl`: the send is acked and
 /// its record waits in the background. Returns once the worker says so.
 async fn a_sent_record_waiting(
@@ -190,21 +190,16 @@ async fn a_sent_record_waiting(
         worker.logs().contains("trying again in the background")
     })
     .await;
-    (redis, worker, format!("http://{addr}/metrics"), event)
+    (redis, worker, addr, event)
 }
 
-/// The lines of a worker's `/metrics`.
-async fn metrics_of(h: &Harness, url: &str) -> Vec<String> {
-    let metrics = h
-        .http
-        .get(url)
-        .send()
+/// The lines of the `/metrics` of the worker process on `addr`.
+async fn metrics_of(h: &Harness, addr: &str) -> Vec<String> {
+    h.metrics_at(addr)
         .await
-        .expect("the worker's /metrics")
-        .text()
-        .await
-        .expect("a body");
-    metrics.lines().map(str::to_owned).collect()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A worker that stops while a sent record still waits for Redis says so: the message was
@@ -213,10 +208,10 @@ async fn metrics_of(h: &Harness, url: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_worker_stopping_with_a_sent_record_still_waiting_says_so() {
     with_harness(QueueType::Classic, |h| async move {
-        let (_redis, mut worker, metrics_url, event) =
+        let (_redis, mut worker, worker_addr, event) =
             a_sent_record_waiting(&h, CODE_VALIDITY).await;
         let to = event.phone_number.as_str();
-        let metrics = metrics_of(&h, &metrics_url).await;
+        let metrics = metrics_of(&h, &worker_addr).await;
         assert!(
             metrics.iter().any(|l| l == "sms_sent_records_waiting 1"),
             "{metrics:?}"
@@ -280,18 +275,18 @@ async fn a_sent_record_whose_redis_comes_back_during_the_stop_lands_before_the_e
 async fn a_sent_record_whose_code_expires_first_is_counted_as_given_up() {
     with_harness(QueueType::Classic, |h| async move {
         // The SMS goes out with about two seconds of its code left.
-        let (_redis, mut worker, metrics_url, _) =
+        let (_redis, mut worker, worker_addr, _) =
             a_sent_record_waiting(&h, Duration::from_secs(3)).await;
         let expired = r#"sms_sent_records_given_up_total{reason="expired"} 1"#;
         eventually(WAIT, "the record to be given up", || async {
-            metrics_of(&h, &metrics_url)
+            metrics_of(&h, &worker_addr)
                 .await
                 .iter()
                 .any(|l| l == expired)
         })
         .await;
         assert!(
-            metrics_of(&h, &metrics_url)
+            metrics_of(&h, &worker_addr)
                 .await
                 .iter()
                 .any(|l| l == "sms_sent_records_waiting 0"),

@@ -437,8 +437,13 @@ impl Harness {
 
     /// What the worker's `/metrics` says now.
     pub async fn metrics(&self, worker: &RunningWorker) -> String {
+        self.metrics_at(&worker.addr.to_string()).await
+    }
+
+    /// What `/metrics` on `addr` (a worker process's `WORKER_ADDR`) says now.
+    pub async fn metrics_at(&self, addr: &str) -> String {
         self.http
-            .get(format!("http://{}/metrics", worker.addr))
+            .get(format!("http://{addr}/metrics"))
             .send()
             .await
             .expect("the worker answers /metrics")

@@ -17,6 +17,7 @@ mod operations;
 mod outages;
 mod processes;
 mod receipts;
+mod receipts_port;
 mod redis_outages;
 mod sending;
 mod stopping;

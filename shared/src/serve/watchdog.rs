@@ -12,7 +12,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::{Instant, sleep_until};
 
 use super::ServerLimits;
-use crate::metrics as m;
 
 /// Why we closed a connection: the only values of the `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +31,8 @@ impl Close {
     }
 
     pub(super) fn record(self, connections: u64) {
-        metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => self.as_str()).increment(connections);
+        metrics::counter!(super::CONNECTIONS_CLOSED, "reason" => self.as_str())
+            .increment(connections);
     }
 }
 
@@ -44,14 +44,14 @@ pub(super) struct OpenConnection {
 
 impl OpenConnection {
     pub(super) fn new(permit: OwnedSemaphorePermit) -> Self {
-        metrics::gauge!(m::OPEN_CONNECTIONS).increment(1.0);
+        metrics::gauge!(super::OPEN_CONNECTIONS).increment(1.0);
         Self { _permit: permit }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        metrics::gauge!(m::OPEN_CONNECTIONS).decrement(1.0);
+        metrics::gauge!(super::OPEN_CONNECTIONS).decrement(1.0);
     }
 }
 

@@ -14,7 +14,8 @@ const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
 
 struct Server {
     addr: SocketAddr,
-    stop: oneshot::Sender<()>,
+    /// Sends the shutdown grace.
+    stop: oneshot::Sender<Duration>,
     task: JoinHandle<io::Result<()>>,
     /// Receives "slow" and "upload" when those handlers start.
     started: mpsc::UnboundedReceiver<&'static str>,
@@ -41,8 +42,8 @@ async fn start(limits: ServerLimits) -> Server {
         .route("/upload", post(upload));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let stopped = async { stopped.await.unwrap_or_default() };
+    let (stop, stopped) = oneshot::channel::<Duration>();
+    let stopped = async { stopped.await.unwrap_or(Duration::ZERO) };
     let task = tokio::spawn(serve(listener, router, limits, stopped));
     Server {
         addr,
@@ -192,11 +193,7 @@ async fn at_the_cap_the_next_connection_waits_until_one_closes() {
 #[tokio::test]
 async fn shutdown_finishes_in_flight_requests_and_cuts_the_rest_at_the_deadline() {
     let grace = 3 * SECOND;
-    let mut server = start(ServerLimits {
-        shutdown_grace: grace,
-        ..limits(5, 75)
-    })
-    .await;
+    let mut server = start(limits(5, 75)).await;
     let mut idle = connect(&server).await;
     assert_eq!(get_body(&mut idle, "/").await, "ok");
     let mut slow = connect(&server).await;
@@ -209,7 +206,7 @@ async fn shutdown_finishes_in_flight_requests_and_cuts_the_rest_at_the_deadline(
     }
 
     let stopped_at = Instant::now();
-    server.stop.send(()).expect("server running");
+    server.stop.send(grace).expect("server running");
     within(2 * SECOND, "idle connection closed", closed(&mut idle)).await;
     let body = within(grace, "slow response", read_response(&mut slow)).await;
     assert_eq!(body, "slow done");

@@ -1,4 +1,6 @@
-//! The HTTP server loop: what `axum::serve` does, plus the limits an exposed server needs.
+//! The HTTP server loop both programs use: what `axum::serve` does, plus the limits an exposed
+//! server needs. The api serves its clients with it, and the worker its receipts port (which
+//! anyone on the internet can reach) and its health port.
 //!
 //! `axum::serve` has no header timeout, no connection cap and no shutdown deadline, so a client
 //! that trickles a request head holds a connection (and a task) as long as it likes, and a
@@ -44,7 +46,23 @@ use tower::ServiceExt;
 
 use watchdog::{Activity, Close, OpenConnection, Watched};
 
+use crate::config::{ConfigError, Env};
+
 mod watchdog;
+
+/// Gauge: connections open now, on every port the process serves.
+pub const OPEN_CONNECTIONS: &str = "http_open_connections";
+/// Counter, label `reason`: `header_timeout`, `idle_timeout`, `shutdown_deadline`.
+pub const CONNECTIONS_CLOSED: &str = "http_connections_closed_total";
+
+/// `# HELP` for the server's metrics.
+pub fn describe() {
+    metrics::describe_gauge!(OPEN_CONNECTIONS, "Client connections open now.");
+    metrics::describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections the server closed: header_timeout, idle_timeout, shutdown_deadline."
+    );
+}
 
 /// Long enough not to flood the log while out of file descriptors, short enough to recover fast.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
@@ -57,10 +75,8 @@ pub struct ServerLimits {
     /// A connection with no request in flight and no bytes moving for this long is closed.
     /// Keep it above the load balancer's idle timeout so the balancer closes first.
     pub idle_timeout: Duration,
-    /// Beyond it, connections wait in the kernel's backlog until one of ours closes.
+    /// Beyond it, connections wait in the kernel's backlog until one of ours closes. Per port.
     pub max_connections: usize,
-    /// After the shutdown signal, in-flight requests get this long; then everything is closed.
-    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerLimits {
@@ -69,19 +85,37 @@ impl Default for ServerLimits {
             header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(75),
             max_connections: 10_000,
-            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
 
+impl ServerLimits {
+    /// `HTTP_HEADER_TIMEOUT_SECS`, `HTTP_IDLE_TIMEOUT_SECS` and `HTTP_MAX_CONNECTIONS`, the same
+    /// names in both programs. Each program picks its own connection cap: the worker's must leave
+    /// file descriptors for its own connections to the providers.
+    pub fn from_env(env: &Env, default_max_connections: usize) -> Result<Self, ConfigError> {
+        Ok(Self {
+            header_timeout: env.seconds("HTTP_HEADER_TIMEOUT_SECS", 5, 1..=300)?,
+            idle_timeout: env.seconds("HTTP_IDLE_TIMEOUT_SECS", 75, 1..=3_600)?,
+            max_connections: env.integer_in(
+                "HTTP_MAX_CONNECTIONS",
+                default_max_connections,
+                1..=1_000_000,
+            )?,
+        })
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets in-flight
-/// requests finish for up to `limits.shutdown_grace` and closes what is left. Every request
-/// carries `ConnectInfo<SocketAddr>`. Accept errors are logged and retried, never returned.
+/// requests finish for as long as `shutdown` resolved with, and closes what is left. The grace
+/// comes with the signal because the worker knows how long it can give only when it stops. Every
+/// request carries `ConnectInfo<SocketAddr>`. Accept errors are logged and retried, never
+/// returned.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = Duration> + Send + 'static,
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(
         limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
@@ -89,11 +123,11 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(());
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
-    loop {
+    let shutdown_grace = loop {
         let accepted = tokio::select! {
             // Checked first so that a flood of connections cannot delay the shutdown.
             biased;
-            () = &mut shutdown => break,
+            grace = &mut shutdown => break grace,
             Some(ended) = connections.join_next() => {
                 if let Err(e) = ended
                     && e.is_panic()
@@ -115,11 +149,11 @@ pub async fn serve(
                 permit,
             ));
         }
-    }
+    };
     // Closing the listening socket makes new clients fail fast instead of queueing unserved.
     drop(listener);
     stop_tx.send_replace(());
-    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+    let drained = tokio::time::timeout(shutdown_grace, async {
         while connections.join_next().await.is_some() {}
     })
     .await;

@@ -1,0 +1,178 @@
+//! The public receipts port (`CALLBACK_ADDR`) under a hostile client, as the api's port is: a
+//! request head trickled a byte at a time is cut at `HTTP_HEADER_TIMEOUT_SECS`, connections past
+//! `HTTP_MAX_CONNECTIONS` wait in the kernel's backlog (so a flood cannot take the descriptors the
+//! worker's calls to the providers need), and neither holds a stopping worker.
+
+use std::time::Duration;
+
+use shared::QueueType;
+use tests::program::Program;
+use tests::wait::eventually;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::harness::{Harness, WAIT, pairs, with_harness};
+
+/// A worker process with receipts on and `overrides`: the process, its receipts address and its
+/// HTTP port's address, once `/readyz` says it is consuming.
+async fn worker_with_receipts(
+    h: &Harness,
+    overrides: &[(&str, &str)],
+) -> (Program, String, String) {
+    let mut env = h.receipts();
+    let addr = format!("127.0.0.1:{}", tests::ports::free_port());
+    env.push(("WORKER_ADDR".to_owned(), addr.clone()));
+    env.extend(
+        overrides
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned())),
+    );
+    let receipts = env
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "CALLBACK_ADDR")
+        .map(|(_, value)| value.clone())
+        .expect("receipts are on");
+    let worker = h.start_worker_process(&pairs(&env)).await;
+    let ready = format!("http://{addr}/readyz");
+    eventually(WAIT, "the worker to be ready", || async {
+        matches!(h.http.get(&ready).send().await, Ok(r) if r.status().is_success())
+    })
+    .await;
+    (worker, receipts, addr)
+}
+
+/// A client that sends the start of a request head, then one more header byte every 200 ms
+/// until the server closes the connection. The task ends with when that was.
+fn trickle_a_head(mut stream: TcpStream) -> JoinHandle<Instant> {
+    tokio::spawn(async move {
+        let head = b"POST /v1/callbacks/twilio HTTP/1.1\r\nHost: receipts\r\nX-Slow: ";
+        if stream.write_all(head).await.is_err() {
+            return Instant::now();
+        }
+        let mut byte = [0u8; 1];
+        loop {
+            // A closed connection shows as a failed write or as end of file on the read.
+            if stream.write_all(b"a").await.is_err() {
+                return Instant::now();
+            }
+            let read = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut byte));
+            if let Ok(Ok(0) | Err(_)) = read.await {
+                return Instant::now();
+            }
+        }
+    })
+}
+
+/// A forged Twilio callback: the worker must answer it (403) when it serves the connection.
+async fn post_forged_callback(h: &Harness, receipts: &str) -> reqwest::Result<reqwest::Response> {
+    h.http
+        .post(format!("http://{receipts}/v1/callbacks/twilio"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("MessageSid=SM0&MessageStatus=delivered")
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await
+}
+
+#[tokio::test]
+async fn a_request_head_trickled_to_the_receipts_port_is_cut_at_the_header_timeout() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (worker, receipts, addr) =
+            worker_with_receipts(&h, &[("HTTP_HEADER_TIMEOUT_SECS", "1")]).await;
+        let connected = Instant::now();
+        let stream = TcpStream::connect(&receipts).await.expect("connect");
+        let closed = tokio::time::timeout(WAIT, trickle_a_head(stream))
+            .await
+            .expect("the trickling client was not cut off")
+            .expect("the client task");
+        let took = closed - connected;
+        assert!(
+            took >= Duration::from_millis(800) && took <= Duration::from_secs(4),
+            "closed after {took:?}, with a 1 s header timeout"
+        );
+        let metrics = h.metrics_at(&addr).await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("http_connections_closed_total{reason=\"header_timeout\"}")),
+            "no header_timeout close counted:\n{metrics}"
+        );
+        // Still serving: a forged callback gets its 403.
+        let forged = post_forged_callback(&h, &receipts)
+            .await
+            .expect("an answer");
+        assert_eq!(forged.status(), 403, "{}", worker.logs());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_receipts_port_serves_no_more_connections_than_its_cap() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (worker, receipts, addr) = worker_with_receipts(
+            &h,
+            &[
+                ("HTTP_MAX_CONNECTIONS", "2"),
+                ("HTTP_HEADER_TIMEOUT_SECS", "60"),
+            ],
+        )
+        .await;
+        // Two silent connections take the receipts port's two places.
+        let first = TcpStream::connect(&receipts).await.expect("connect");
+        let _second = TcpStream::connect(&receipts).await.expect("connect");
+        // The kernel completes a third handshake from its backlog; the worker must not serve it.
+        let beyond = post_forged_callback(&h, &receipts).await;
+        assert!(
+            beyond.as_ref().is_err_and(reqwest::Error::is_timeout),
+            "served beyond the cap: {beyond:?}"
+        );
+        // The cap is the port's own: the HTTP port still answers.
+        let health = h
+            .http
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .expect("the HTTP port answers");
+        assert!(health.status().is_success());
+        drop(first);
+        let served = post_forged_callback(&h, &receipts)
+            .await
+            .expect("served once a place is free");
+        assert_eq!(served.status(), 403, "{}", worker.logs());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_trickling_a_head_to_the_receipts_port_does_not_hold_a_stopping_worker() {
+    with_harness(QueueType::Classic, |h| async move {
+        // Without the header timeout, the stop would wait for the client until its deadline,
+        // about 20 s after SIGTERM with this grace.
+        let (mut worker, receipts, _) = worker_with_receipts(
+            &h,
+            &[
+                ("HTTP_HEADER_TIMEOUT_SECS", "2"),
+                ("SHUTDOWN_GRACE_SECS", "10"),
+            ],
+        )
+        .await;
+        let stream = TcpStream::connect(&receipts).await.expect("connect");
+        let client = trickle_a_head(stream);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stopped_at = Instant::now();
+        worker.terminate();
+        let exit = worker.wait(WAIT).await;
+        assert_eq!(exit.code(), Some(0), "{}", worker.logs());
+        let took = stopped_at.elapsed();
+        assert!(
+            took <= Duration::from_secs(8),
+            "the stop took {took:?}:\n{}",
+            worker.logs()
+        );
+        client.abort();
+    })
+    .await;
+}
