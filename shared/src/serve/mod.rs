@@ -16,7 +16,8 @@
 //! response future finished, and a per-connection watchdog closes the connection when
 //! - a request head is not complete `header_timeout` after its first byte (on a new connection,
 //!   after the accept: a client that connects and stays silent is a trickle too), or
-//! - no request is in flight and no byte has moved for `idle_timeout`.
+//! - no request is in flight and no byte has moved for `idle_timeout`, or for `header_timeout`
+//!   while every place under the connection cap is taken (`places.rs`).
 //!
 //! Shutdown has a hard deadline because graceful shutdown waits for every in-flight request,
 //! and a request whose body never arrives is in flight for as long as the client wants.
@@ -39,20 +40,22 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::sleep;
 use tower::ServiceExt;
 
+use places::{Place, Places};
 use watchdog::{Activity, Close, OpenConnection, Watched};
 
 use crate::config::{ConfigError, Env};
 
+mod places;
 mod watchdog;
 
 /// Gauge: connections open now, on every port the process serves.
 pub const OPEN_CONNECTIONS: &str = "http_open_connections";
-/// Counter, label `reason`: `header_timeout`, `idle_timeout`, `shutdown_deadline`.
+/// Counter, label `reason`: `header_timeout`, `idle_timeout`, `crowded`, `shutdown_deadline`.
 pub const CONNECTIONS_CLOSED: &str = "http_connections_closed_total";
 
 /// `# HELP` for the server's metrics.
@@ -60,7 +63,7 @@ pub fn describe() {
     metrics::describe_gauge!(OPEN_CONNECTIONS, "Client connections open now.");
     metrics::describe_counter!(
         CONNECTIONS_CLOSED,
-        "Connections the server closed: header_timeout, idle_timeout, shutdown_deadline."
+        "Connections the server closed: header_timeout, idle_timeout, crowded, shutdown_deadline."
     );
 }
 
@@ -75,7 +78,8 @@ pub struct ServerLimits {
     /// A connection with no request in flight and no bytes moving for this long is closed.
     /// Keep it above the load balancer's idle timeout so the balancer closes first.
     pub idle_timeout: Duration,
-    /// Beyond it, connections wait in the kernel's backlog until one of ours closes. Per port.
+    /// Beyond it, connections wait in the kernel's backlog until one of ours closes; at the cap,
+    /// idle connections get only `header_timeout`. Per port.
     pub max_connections: usize,
 }
 
@@ -117,9 +121,7 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: impl Future<Output = Duration> + Send + 'static,
 ) -> io::Result<()> {
-    let permits = Arc::new(Semaphore::new(
-        limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
-    ));
+    let places = Places::new(limits.max_connections);
     let (stop_tx, stop_rx) = watch::channel(());
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
@@ -136,17 +138,20 @@ pub async fn serve(
                 }
                 continue;
             }
-            accepted = accept(&listener, &permits) => accepted,
+            accepted = accept(&listener, &places) => accepted,
         };
-        if let Some((stream, peer, permit)) = accepted {
+        if let Some((stream, peer, place)) = accepted {
             let stop = stop_rx.clone();
             connections.spawn(connection(
                 stream,
                 peer,
                 router.clone(),
                 limits,
-                stop,
-                permit,
+                Watch {
+                    stop,
+                    crowding: places.crowding(),
+                },
+                place,
             ));
         }
     };
@@ -171,14 +176,11 @@ pub async fn serve(
 /// Waits for room under the cap before accepting, so at the cap clients wait in the backlog.
 async fn accept(
     listener: &TcpListener,
-    permits: &Arc<Semaphore>,
-) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
-    let permit = Arc::clone(permits)
-        .acquire_owned()
-        .await
-        .expect("the semaphore is never closed");
+    places: &Arc<Places>,
+) -> Option<(TcpStream, SocketAddr, Place)> {
+    let place = places.take().await;
     match listener.accept().await {
-        Ok((stream, peer)) => Some((stream, peer, permit)),
+        Ok((stream, peer)) => Some((stream, peer, place)),
         // The client gave up before we accepted it: nothing is wrong on our side.
         Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionReset) => None,
         // EMFILE and friends: retrying at once would spin until a descriptor frees up.
@@ -190,15 +192,25 @@ async fn accept(
     }
 }
 
+/// What a connection hears from its server: the stop, and whether every place is taken.
+struct Watch {
+    stop: watch::Receiver<()>,
+    crowding: watch::Receiver<bool>,
+}
+
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
     limits: ServerLimits,
-    mut stop: watch::Receiver<()>,
-    permit: OwnedSemaphorePermit,
+    watch: Watch,
+    place: Place,
 ) {
-    let _open = OpenConnection::new(permit);
+    let Watch {
+        mut stop,
+        mut crowding,
+    } = watch;
+    let _open = OpenConnection::new(place);
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         stream,
@@ -234,7 +246,7 @@ async fn connection(
                 }
                 return;
             }
-            close = activity.expired(&limits) => {
+            close = activity.expired(&limits, &mut crowding) => {
                 tracing::debug!(%peer, reason = close.as_str(), "closing connection");
                 close.record(1);
                 return;

@@ -191,6 +191,55 @@ async fn at_the_cap_the_next_connection_waits_until_one_closes() {
 }
 
 #[tokio::test]
+async fn at_the_cap_idle_connections_give_their_places_after_the_header_timeout() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits(1, 75)
+    })
+    .await;
+    // One quick request each, then idle: without the crowding rule they would hold both places
+    // for the 75 s idle timeout.
+    let (mut first, mut second) = (connect(&server).await, connect(&server).await);
+    assert_eq!(get_body(&mut first, "/").await, "ok");
+    assert_eq!(get_body(&mut second, "/").await, "ok");
+    let waiting_since = Instant::now();
+    let mut third = connect(&server).await;
+    send(&mut third, GET).await;
+    let body = within(5 * SECOND, "third served", read_response(&mut third)).await;
+    assert_eq!(body, "ok");
+    assert_took(waiting_since, SECOND * 8 / 10, 3 * SECOND, "served");
+    within(SECOND, "first closed", closed(&mut first)).await;
+    within(SECOND, "second closed", closed(&mut second)).await;
+}
+
+#[tokio::test]
+async fn once_places_are_free_again_idle_connections_keep_the_idle_timeout() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits(1, 75)
+    })
+    .await;
+    let mut first = connect(&server).await;
+    assert_eq!(get_body(&mut first, "/").await, "ok");
+    // A second connection fills the cap (the server is crowded) and a third waits.
+    let mut second = connect(&server).await;
+    assert_eq!(get_body(&mut second, "/").await, "ok");
+    let third = connect(&server).await;
+    drop(third);
+    // Both idle connections are closed (crowded), the third (gone) is served and ends; then no
+    // one waits and crowding ends.
+    within(5 * SECOND, "first closed", closed(&mut first)).await;
+    within(5 * SECOND, "second closed", closed(&mut second)).await;
+    let mut calm = connect(&server).await;
+    assert_eq!(get_body(&mut calm, "/").await, "ok");
+    let early = tokio::time::timeout(3 * SECOND, closed(&mut calm)).await;
+    assert!(
+        early.is_err(),
+        "an idle connection was closed with no one waiting"
+    );
+}
+
+#[tokio::test]
 async fn shutdown_finishes_in_flight_requests_and_cuts_the_rest_at_the_deadline() {
     let grace = 3 * SECOND;
     let mut server = start(limits(5, 75)).await;

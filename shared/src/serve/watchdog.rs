@@ -8,16 +8,19 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 
 use super::ServerLimits;
+use super::places::Place;
 
 /// Why we closed a connection: the only values of the `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Close {
     HeaderTimeout,
     IdleTimeout,
+    /// Idle for the header timeout while every place under the cap was taken.
+    Crowded,
     ShutdownDeadline,
 }
 
@@ -26,6 +29,7 @@ impl Close {
         match self {
             Self::HeaderTimeout => "header_timeout",
             Self::IdleTimeout => "idle_timeout",
+            Self::Crowded => "crowded",
             Self::ShutdownDeadline => "shutdown_deadline",
         }
     }
@@ -39,13 +43,13 @@ impl Close {
 /// Counts the connection in `http_open_connections` and holds its place under the cap until
 /// dropped, which also happens when the task is aborted at the shutdown deadline.
 pub(super) struct OpenConnection {
-    _permit: OwnedSemaphorePermit,
+    _place: Place,
 }
 
 impl OpenConnection {
-    pub(super) fn new(permit: OwnedSemaphorePermit) -> Self {
+    pub(super) fn new(place: Place) -> Self {
         metrics::gauge!(super::OPEN_CONNECTIONS).increment(1.0);
-        Self { _permit: permit }
+        Self { _place: place }
     }
 }
 
@@ -111,32 +115,58 @@ impl Activity {
         InFlight(Arc::clone(self))
     }
 
-    /// Resolves when the connection has broken one of the limits.
-    pub(super) async fn expired(&self, limits: &ServerLimits) -> Close {
+    /// Resolves when the connection has broken one of the limits. While `crowded` says every
+    /// place is taken, an idle connection gets only the header timeout: otherwise anyone could
+    /// hold every place for the whole idle timeout with one quick request per connection.
+    pub(super) async fn expired(
+        &self,
+        limits: &ServerLimits,
+        crowded: &mut watch::Receiver<bool>,
+    ) -> Close {
         loop {
             let deadline = {
+                let is_crowded = *crowded.borrow_and_update();
+                let (idle_timeout, idle_close) = if is_crowded {
+                    (
+                        limits.idle_timeout.min(limits.header_timeout),
+                        Close::Crowded,
+                    )
+                } else {
+                    (limits.idle_timeout, Close::IdleTimeout)
+                };
                 let state = self.lock();
                 let now = Instant::now();
                 if state.in_flight > 0 {
                     None
                 } else {
-                    let idle = state.last_io + limits.idle_timeout;
+                    let idle = state.last_io + idle_timeout;
                     let head = state.head_started.map(|t| t + limits.header_timeout);
                     match head {
                         Some(head) if head <= now => return Close::HeaderTimeout,
-                        _ if idle <= now => return Close::IdleTimeout,
+                        _ if idle <= now => return idle_close,
                         Some(head) => Some(head.min(idle)),
                         None => Some(idle),
                     }
                 }
             };
-            // A missed notification is kept by `Notify` until the next `notified().await`.
+            // A missed notification is kept by `Notify` until the next `notified().await`, and a
+            // change of `crowded` by the receiver until the next `changed()`. Err: the server is
+            // gone, and its stop reaches the connection another way.
+            let crowding = async {
+                if crowded.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             match deadline {
                 Some(deadline) => tokio::select! {
                     () = sleep_until(deadline) => {}
                     () = self.changed.notified() => {}
+                    () = crowding => {}
                 },
-                None => self.changed.notified().await,
+                None => tokio::select! {
+                    () = self.changed.notified() => {}
+                    () = crowding => {}
+                },
             }
         }
     }
