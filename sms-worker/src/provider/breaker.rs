@@ -6,17 +6,22 @@
 //! `PROVIDER_BREAKER_COOLDOWN_SECS` one worker wins the right to send one probe (half-open): a
 //! success closes the breaker, a failure opens it for another cooldown.
 //!
+//! The probe is held by the send that took it ([`Probe`]) until the provider's answer is reported;
+//! a send that ends without a report gives the probe back, so that the provider is not left out
+//! until the probe's lease runs out.
+//!
 //! The state lives in Redis so that every worker sees the same breaker (and delivery receipts,
 //! which may reach another worker, can open it too). Each worker reads it at most every
 //! [`REFRESH_EVERY`] and otherwise decides from memory, so a send while the breaker is closed
 //! costs no Redis round trip.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shared::redis_connection::RedisConnection;
 use shared::redis_script::Script;
 
+use super::Failure;
 use crate::config::BreakerConfig;
 use crate::metrics as m;
 
@@ -29,11 +34,12 @@ const PROBE_LEASE_MS: u64 = 30_000;
 /// the previous one's), `o` (open until, ms; 0 closed), `q` (a probe is out until, ms), `ds`,
 /// `dp`, `fs`, `fp` (receipts: delivered and dropped, this window and the previous).
 /// ARGV: operation, failures threshold, window ms, cooldown ms, probe lease ms, dropped ratio,
-/// minimum receipts. Operations: `read`; `failure` (count one; open when over the threshold, or
-/// again after a failed probe); `success` (a probe succeeded: close); `delivered` and `dropped`
-/// (a receipt: open when too many of enough receipts say the carrier dropped the message);
-/// `probe` (after the cooldown, claim the one probe).
-/// Returns {state, ms left open, granted}: state 0 closed, 1 open, 2 half-open.
+/// minimum receipts, probe (`q` as granted, for `release`). Operations: `read`; `failure` (count
+/// one; open when over the threshold, or again after a failed probe); `success` (a probe
+/// succeeded: close); `delivered` and `dropped` (a receipt: open when too many of enough receipts
+/// say the carrier dropped the message); `probe` (after the cooldown, claim the one probe);
+/// `release` (give that probe back unreported, if it is still the one out).
+/// Returns {state, ms left open, granted, q}: state 0 closed, 1 open, 2 half-open.
 const BREAKER: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -77,6 +83,8 @@ elseif op == 'probe' then
     probe_until = now + tonumber(ARGV[5])
     granted = 1
   end
+elseif op == 'release' then
+  if probe_until == tonumber(ARGV[8]) then probe_until = 0 end
 end
 redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'o', open_until, 'q', probe_until, 'ds', ds, 'dp', dp, 'fs', fs, 'fp', fp)
 redis.call('PEXPIRE', KEYS[1], math.max(window * 2, cooldown * 4))
@@ -84,15 +92,67 @@ local state = 0
 if open_until > 0 then
   if now < open_until then state = 1 else state = 2 end
 end
-return {state, math.max(open_until - now, 0), granted}
+return {state, math.max(open_until - now, 0), granted, probe_until}
 ";
 /// Whether a send may go to this provider now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Allowance {
     Yes,
     /// The breaker is half-open and this send is its one probe.
-    Probe,
+    Probe(Probe),
     No,
+}
+
+impl Allowance {
+    /// Whether the send may go to this provider.
+    pub fn granted(&self) -> bool {
+        !matches!(self, Self::No)
+    }
+
+    /// The provider's answer was reported another way (a failure, which reopens a half-open
+    /// breaker and ends its probe): nothing to give back.
+    pub fn reported(self) {
+        if let Self::Probe(mut probe) = self {
+            probe.breaker = None;
+        }
+    }
+}
+
+/// The one probe of a half-open breaker, held by the send that took it. Dropped before its
+/// answer was reported (a send handed back before its call, one whose answer says nothing of
+/// the provider, one cut short at a stop or aborted), it gives the probe back at once. Kept, it
+/// would leave the provider out on every worker until its lease ran out, 30 s; with one
+/// provider, every send would wait that long.
+pub struct Probe {
+    /// `None` once reported.
+    breaker: Option<Arc<Inner>>,
+    /// `q` in Redis as it was granted: giving back frees this probe only, never a later one.
+    until_ms: i64,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("until_ms", &self.until_ms)
+            .field("reported", &self.breaker.is_none())
+            .finish()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let Some(breaker) = self.breaker.take() else {
+            return;
+        };
+        let until_ms = self.until_ms;
+        // A drop cannot wait for Redis. Without a runtime (the process is ending), the lease
+        // frees the probe.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = breaker.run("release", until_ms).await;
+            });
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +162,9 @@ enum State {
     HalfOpen,
 }
 
-pub struct Breaker {
+pub struct Breaker(Arc<Inner>);
+
+struct Inner {
     provider: &'static str,
     config: BreakerConfig,
     redis: RedisConnection,
@@ -120,30 +182,41 @@ impl Breaker {
         namespace: &str,
     ) -> Self {
         metrics::gauge!(m::BREAKER_STATE, "provider" => provider).set(0.0);
-        Self {
+        Self(Arc::new(Inner {
             provider,
             config,
             redis,
             key: format!("{namespace}:breaker:{{{namespace}:{provider}}}"),
             script: Script::new(BREAKER),
             view: Mutex::new((State::Closed, None)),
-        }
+        }))
     }
 
     /// Whether to send through this provider now. Reads Redis only when this worker's view is
     /// older than [`REFRESH_EVERY`], or to claim the probe of a half-open breaker.
     pub async fn allows(&self) -> Allowance {
-        let (state, read_at) = *self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &self.0;
+        let (state, read_at) = *inner.view.lock().unwrap_or_else(|e| e.into_inner());
         let state = if read_at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
-            self.run("read").await.map_or(state, |(state, _)| state)
+            inner
+                .run("read", 0)
+                .await
+                .map_or(state, |reply| reply.state)
         } else {
             state
         };
         match state {
             State::Closed => Allowance::Yes,
             State::Open { until } if Instant::now() < until => Allowance::No,
-            State::Open { .. } | State::HalfOpen => match self.run("probe").await {
-                Ok((_, true)) => Allowance::Probe,
+            State::Open { .. } | State::HalfOpen => match inner.run("probe", 0).await {
+                Ok(Reply {
+                    granted: true,
+                    probe_until_ms,
+                    ..
+                }) => Allowance::Probe(Probe {
+                    breaker: Some(Arc::clone(inner)),
+                    until_ms: probe_until_ms,
+                }),
                 _ => Allowance::No,
             },
         }
@@ -152,7 +225,7 @@ impl Breaker {
     /// Whether the breaker is open (or half-open) in this worker's current view.
     pub fn is_open(&self) -> bool {
         !matches!(
-            self.view.lock().unwrap_or_else(|e| e.into_inner()).0,
+            self.0.view.lock().unwrap_or_else(|e| e.into_inner()).0,
             State::Closed
         )
     }
@@ -160,25 +233,50 @@ impl Breaker {
     /// A provider-side failure. Redis being away must not stop the send path: the view just
     /// stays as it was.
     pub async fn failure(&self) {
-        let _ = self.run("failure").await;
+        let _ = self.0.run("failure", 0).await;
     }
 
     /// A delivery receipt: a carrier that drops the provider's messages opens its breaker too,
     /// even while its API accepts every one.
     pub async fn receipt(&self, delivered: bool) {
         let _ = self
-            .run(if delivered { "delivered" } else { "dropped" })
+            .0
+            .run(if delivered { "delivered" } else { "dropped" }, 0)
             .await;
     }
 
-    /// A send went through: closes a half-open breaker. Costs a round trip only then.
+    /// The provider works (it took the SMS, or refused it for the recipient's or the route's
+    /// sake): closes a half-open breaker. Costs a round trip only then.
     pub async fn success(&self, allowance: Allowance) {
-        if allowance == Allowance::Probe {
-            let _ = self.run("success").await;
+        if let Allowance::Probe(mut probe) = allowance {
+            probe.breaker = None;
+            let _ = self.0.run("success", 0).await;
         }
     }
 
-    async fn run(&self, op: &str) -> redis::RedisResult<(State, bool)> {
+    /// A send `allowance` let through failed. A failure the provider is to blame for counts
+    /// (and reopens a half-open breaker, ending its probe); a refusal that shows the provider
+    /// works closes it; one that says nothing of the provider gives a probe back.
+    pub async fn failed(&self, allowance: Allowance, kind: Failure) {
+        if kind.counts_toward_breaker() {
+            self.failure().await;
+            allowance.reported();
+        } else if kind.shows_the_provider_works() {
+            self.success(allowance).await;
+        }
+    }
+}
+
+/// What the script answered.
+struct Reply {
+    state: State,
+    granted: bool,
+    /// The probe's lease (`q`), when `granted`.
+    probe_until_ms: i64,
+}
+
+impl Inner {
+    async fn run(&self, op: &str, probe_until_ms: i64) -> redis::RedisResult<Reply> {
         let reply: Vec<i64> = self
             .script
             .key(&self.key)
@@ -189,11 +287,14 @@ impl Breaker {
             .arg(PROBE_LEASE_MS)
             .arg(self.config.delivery_failure_ratio)
             .arg(self.config.delivery_min_samples)
+            .arg(probe_until_ms)
             .invoke_async(&mut self.redis.clone())
             .await?;
-        let (state, open_ms, granted) = match reply.as_slice() {
-            [state, open_ms, granted, ..] => (*state, *open_ms, *granted == 1),
-            _ => (0, 0, false),
+        let (state, open_ms, granted, probe_until_ms) = match reply.as_slice() {
+            [state, open_ms, granted, probe_until_ms, ..] => {
+                (*state, *open_ms, *granted == 1, *probe_until_ms)
+            }
+            _ => (0, 0, false, 0),
         };
         let state = match state {
             1 => State::Open {
@@ -207,7 +308,11 @@ impl Breaker {
         *view = (state, Some(Instant::now()));
         drop(view);
         self.report(was, state);
-        Ok((state, granted))
+        Ok(Reply {
+            state,
+            granted,
+            probe_until_ms,
+        })
     }
 
     fn report(&self, was: State, now: State) {
@@ -236,4 +341,81 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::SecretString;
+    use shared::redis_connection::RedisTarget;
+
+    use super::*;
+
+    /// A breaker in the Redis the integration tests use (`TEST_REDIS_URL`), under a namespace of
+    /// its own, opened by one failure and half-open 50 ms later.
+    fn breaker() -> Breaker {
+        let url = std::env::var("TEST_REDIS_URL")
+            .unwrap_or_else(|_| shared::config::DEFAULT_REDIS_URL.to_owned());
+        let target = RedisTarget::parse(&SecretString::from(url)).unwrap();
+        let namespace = format!("breaker-test-{}", uuid::Uuid::new_v4().simple());
+        let config = BreakerConfig {
+            failures: 1,
+            window: Duration::from_secs(30),
+            cooldown: Duration::from_millis(50),
+            delivery_failure_ratio: 0.5,
+            delivery_min_samples: 10,
+        };
+        Breaker::new(
+            "twilio",
+            config,
+            RedisConnection::new(&target).unwrap(),
+            &namespace,
+        )
+    }
+
+    /// Waits, at most 5 s (the probe's lease is 30 s), until the breaker grants its probe.
+    async fn take_the_probe(breaker: &Breaker) -> Probe {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Allowance::Probe(probe) = breaker.allows().await {
+                return probe;
+            }
+            assert!(Instant::now() < deadline, "no probe granted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `q`, the probe's lease, as Redis holds it.
+    async fn probe_lease(breaker: &Breaker) -> i64 {
+        redis::cmd("HGET")
+            .arg(&breaker.0.key)
+            .arg("q")
+            .query_async(&mut breaker.0.redis.clone())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_probe_dropped_unreported_is_given_back_and_only_itself() {
+        let breaker = breaker();
+        breaker.failure().await;
+        let probe = take_the_probe(&breaker).await;
+        assert!(!breaker.allows().await.granted(), "two probes at once");
+        drop(probe);
+        // Given back: the next send may probe now, not once the lease runs out.
+        let probe = take_the_probe(&breaker).await;
+        // Its lease lapsed and another worker took a new probe (`q` moved on): giving the first
+        // back must not free the other's.
+        let others = probe.until_ms + 1;
+        let () = redis::cmd("HSET")
+            .arg(&breaker.0.key)
+            .arg("q")
+            .arg(others)
+            .query_async(&mut breaker.0.redis.clone())
+            .await
+            .unwrap();
+        // What the probe's drop runs, awaited here.
+        breaker.0.run("release", probe.until_ms).await.unwrap();
+        assert_eq!(probe_lease(&breaker).await, others, "another's probe freed");
+        Allowance::Probe(probe).reported();
+    }
 }

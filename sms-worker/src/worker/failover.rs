@@ -203,12 +203,12 @@ pub(super) async fn send_through_providers(
                 claim: Some(claim.clone()),
             });
         }
-        // Looked at before a breaker's probe is taken, which would be left stranded.
+        // Looked at before a breaker's probe is taken, which would be given back for nothing.
         if let Some(outcome) = after_the_grace(context, event, journal, lease, tried, claim).await {
             return Ok(outcome);
         }
         // No provider call may start with the claim in doubt (see `claim_in_doubt`). Looked at
-        // first before a breaker's probe is taken, which a claim in doubt would leave stranded.
+        // first before a breaker's probe is taken, which a claim in doubt would give back.
         if !lease.make_sure().await {
             return claim_in_doubt(journal, lease, tried);
         }
@@ -234,7 +234,7 @@ pub(super) async fn send_through_providers(
             }
         };
         // Once more: the breakers' state comes from Redis, and reading it may have taken long.
-        // A probe taken and left is cheaper than a second SMS.
+        // A probe taken is given back when `allowance` is dropped here.
         if !lease.make_sure().await {
             return claim_in_doubt(journal, lease, tried);
         }
@@ -287,9 +287,7 @@ pub(super) async fn send_through_providers(
             Err(error) => error,
         };
         tried.record(provider.name(), &error);
-        if error.kind.counts_toward_breaker() {
-            provider.breaker.failure().await;
-        }
+        provider.breaker.failed(allowance, error.kind).await;
         warn!(
             attempts = tried.attempts,
             provider = provider.name(),
@@ -339,7 +337,7 @@ async fn choose<'a>(context: &'a Context, tried: &Tried<'_>) -> Option<(&'a Prov
             continue;
         }
         let allowance = provider.breaker.allows().await;
-        if allowance != Allowance::No {
+        if allowance.granted() {
             return Some((provider, allowance));
         }
     }

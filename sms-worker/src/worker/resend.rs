@@ -219,9 +219,7 @@ async fn resend(
                 .message_id(accepted.message_id.as_deref())
         }
         Err(error) => {
-            if error.kind.counts_toward_breaker() {
-                provider.breaker.failure().await;
-            }
+            provider.breaker.failed(allowance, error.kind).await;
             metrics::counter!(m::RESENDS, "provider" => provider.name(), "outcome" => error.kind.as_str())
                 .increment(1);
             warn!(event_id, provider = provider.name(), error = %error, "the resend failed");
@@ -242,7 +240,7 @@ async fn next_provider<'a>(
             continue;
         }
         let allowance = provider.breaker.allows().await;
-        if allowance != Allowance::No {
+        if allowance.granted() {
             return Some((provider, allowance));
         }
     }

@@ -1,6 +1,7 @@
 //! Providers in failover order: a breaker that opens on provider-side failures and sends the
-//! traffic to the next provider, a half-open probe that brings it back, recipient failures that
-//! neither fail over nor count, and dead letters that name every provider tried.
+//! traffic to the next provider, a half-open probe that brings it back (also when it is refused
+//! for its recipient) or is given back when cut short, recipient failures that neither fail over
+//! nor count, and dead letters that name every provider tried.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use shared::QueueType;
 use tests::fake_sms::{Faults, InjectedResponse, Rule, SmsProvider};
 use tests::wait::eventually;
 
-use crate::harness::{Harness, WAIT, pairs, phone, with_harness};
+use crate::harness::{Harness, RunningWorker, WAIT, pairs, phone, with_harness};
 
 /// When the provider's shared breaker stops being open (Redis ms; 0 when closed).
 async fn breaker_open_until(h: &Harness, provider: &str) -> i64 {
@@ -193,6 +194,133 @@ async fn when_every_provider_refuses_the_dead_letter_names_each() {
         );
         assert_eq!(letter.header_int("x-attempts"), Some(2));
         worker.stop().await;
+    })
+    .await;
+}
+
+/// A worker with Twilio then Infobip whose Twilio breaker has opened (three 500s in a row; a 1 s
+/// cooldown), Twilio's faults cleared again. Returns the worker and its overrides.
+async fn with_twilios_breaker_open(h: &Harness) -> (RunningWorker, Vec<(String, String)>) {
+    h.fake.set_faults(Faults {
+        always: Some(InjectedResponse::status(500)),
+        ..Faults::default()
+    });
+    let mut overrides = h.failover();
+    overrides.extend(
+        [
+            ("PROVIDER_BREAKER_FAILURES", "3"),
+            ("PROVIDER_BREAKER_WINDOW_SECS", "30"),
+            ("PROVIDER_BREAKER_COOLDOWN_SECS", "1"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned())),
+    );
+    let worker = h.start_worker(&pairs(&overrides)).await;
+    // It retries on Twilio until the third failure opens the breaker, then goes to Infobip.
+    let to = phone();
+    h.request_sms(&to).await;
+    h.wait_for_messages(&to, 1).await;
+    assert_eq!(carrier(h, &to), Some(SmsProvider::Infobip));
+    assert!(
+        breaker_open_until(h, "twilio").await > 0,
+        "Twilio's breaker did not open"
+    );
+    h.fake.set_faults(Faults::default());
+    (worker, overrides)
+}
+
+/// Waits until the provider's breaker is half-open: its cooldown over, by Redis's clock.
+async fn wait_for_half_open(h: &Harness, provider: &str) {
+    eventually(WAIT, "the breaker's cooldown to end", || async {
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(&mut h.redis().await)
+            .await
+            .expect("TIME");
+        let open_until = breaker_open_until(h, provider).await;
+        open_until > 0 && open_until <= secs * 1_000 + micros / 1_000
+    })
+    .await;
+}
+
+/// A half-open breaker's probe refused for its recipient has shown that the provider answers
+/// for itself: the breaker closes, and the next send goes through it at once. Kept out instead,
+/// the provider waited for the probe's 30 s lease, and with one provider every send with it.
+#[tokio::test]
+async fn a_probe_refused_for_its_recipient_closes_the_breaker() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (worker, _) = with_twilios_breaker_open(&h).await;
+        let invalid = phone();
+        h.fake.set_faults(Faults {
+            rules: vec![Rule {
+                to: invalid.clone(),
+                response: InjectedResponse::twilio_error(400, 21211),
+            }],
+            ..Faults::default()
+        });
+        wait_for_half_open(&h, "twilio").await;
+        h.request_sms(&invalid).await;
+        h.wait_for_dead_letters(1).await;
+        assert_eq!(
+            h.fake
+                .requests_via(SmsProvider::Twilio, Some(&invalid))
+                .len(),
+            1,
+            "the probe did not go to Twilio"
+        );
+        // Closed by the probe itself, before the dead letter: not merely given back.
+        assert_eq!(
+            breaker_open_until(&h, "twilio").await,
+            0,
+            "the probe's answer did not close the breaker"
+        );
+        let to = phone();
+        h.request_sms(&to).await;
+        h.wait_for_messages(&to, 1).await;
+        assert_eq!(
+            carrier(&h, &to),
+            Some(SmsProvider::Twilio),
+            "Twilio was still left out after its probe"
+        );
+        worker.stop().await;
+    })
+    .await;
+}
+
+/// A probe whose call is cut short by a stop's grace period (ending sent-unconfirmed) has no
+/// answer to judge the provider by: it is given back at once, and the next send, on another
+/// worker, takes it.
+#[tokio::test]
+async fn a_probe_cut_short_by_a_stop_is_given_back_at_once() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (opener, overrides) = with_twilios_breaker_open(&h).await;
+        opener.stop().await;
+        // Twilio's answer comes after the grace period and the 2 s a call under way gets.
+        h.fake.set_faults(Faults::latency(8_000));
+        wait_for_half_open(&h, "twilio").await;
+        let mut stopping = overrides.clone();
+        stopping.push(("SHUTDOWN_GRACE_SECS".to_owned(), "1".to_owned()));
+        let first = h.start_worker(&pairs(&stopping)).await;
+        let probed = phone();
+        h.request_sms(&probed).await;
+        h.wait_for_a_call(&probed).await;
+        first.stop().await;
+        assert_eq!(
+            h.fake
+                .requests_via(SmsProvider::Twilio, Some(&probed))
+                .len(),
+            1,
+            "the probe did not go to Twilio"
+        );
+        h.fake.set_faults(Faults::default());
+        let second = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        h.request_sms(&to).await;
+        h.wait_for_messages(&to, 1).await;
+        assert_eq!(
+            carrier(&h, &to),
+            Some(SmsProvider::Twilio),
+            "the probe was not given back"
+        );
+        second.stop().await;
     })
     .await;
 }
