@@ -33,22 +33,29 @@ fn carrier(h: &Harness, to: &str) -> Option<SmsProvider> {
     h.fake.messages(Some(to)).first().map(|m| m.provider)
 }
 
+/// Twilio answers 500 to everything from now on. Returns the overrides of a worker with Twilio
+/// then Infobip whose breaker opens at the third failure and cools down for `cooldown_secs`.
+fn twilio_failing(h: &Harness, cooldown_secs: &str) -> Vec<(String, String)> {
+    h.fake.set_faults(Faults {
+        always: Some(InjectedResponse::status(500)),
+        ..Faults::default()
+    });
+    let mut overrides = h.failover();
+    overrides.extend(
+        [
+            ("PROVIDER_BREAKER_FAILURES", "3"),
+            ("PROVIDER_BREAKER_WINDOW_SECS", "30"),
+            ("PROVIDER_BREAKER_COOLDOWN_SECS", cooldown_secs),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned())),
+    );
+    overrides
+}
+
 #[tokio::test]
 async fn a_failing_provider_is_bypassed_once_its_breaker_opens_and_returns_after_the_cooldown() {
     with_harness(QueueType::Classic, |h| async move {
-        h.fake.set_faults(Faults {
-            always: Some(InjectedResponse::status(500)),
-            ..Faults::default()
-        });
-        let mut overrides = h.failover();
-        overrides.extend(
-            [
-                ("PROVIDER_BREAKER_FAILURES", "3"),
-                ("PROVIDER_BREAKER_WINDOW_SECS", "30"),
-                ("PROVIDER_BREAKER_COOLDOWN_SECS", "2"),
-            ]
-            .map(|(n, v)| (n.to_owned(), v.to_owned())),
-        );
+        let overrides = twilio_failing(&h, "2");
         let worker = h.start_worker(&pairs(&overrides)).await;
 
         // Before the breaker opens, events retry on Twilio; all of them still get through.
@@ -201,19 +208,7 @@ async fn when_every_provider_refuses_the_dead_letter_names_each() {
 /// A worker with Twilio then Infobip whose Twilio breaker has opened (three 500s in a row; a 1 s
 /// cooldown), Twilio's faults cleared again. Returns the worker and its overrides.
 async fn with_twilios_breaker_open(h: &Harness) -> (RunningWorker, Vec<(String, String)>) {
-    h.fake.set_faults(Faults {
-        always: Some(InjectedResponse::status(500)),
-        ..Faults::default()
-    });
-    let mut overrides = h.failover();
-    overrides.extend(
-        [
-            ("PROVIDER_BREAKER_FAILURES", "3"),
-            ("PROVIDER_BREAKER_WINDOW_SECS", "30"),
-            ("PROVIDER_BREAKER_COOLDOWN_SECS", "1"),
-        ]
-        .map(|(n, v)| (n.to_owned(), v.to_owned())),
-    );
+    let overrides = twilio_failing(h, "1");
     let worker = h.start_worker(&pairs(&overrides)).await;
     // It retries on Twilio until the third failure opens the breaker, then goes to Infobip.
     let to = phone();
