@@ -316,6 +316,9 @@ mod tests {
         assert_eq!(config.retry_max_elapsed, Duration::from_secs(120));
         assert_eq!(config.message.template, DEFAULT_SMS_TEMPLATE);
         assert_eq!(config.message.app_name, "sign-in");
+        assert_eq!(config.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.server.header_timeout, Duration::from_secs(5));
+        assert_eq!(config.server.idle_timeout, Duration::from_secs(75));
     }
 
     #[test]
@@ -401,6 +404,9 @@ mod tests {
             ("SMS_TEMPLATE", "Hello {app}"),
             ("WEBOTP_DOMAIN", "https://example.com"),
             ("AMQP_QUEUE_TYPE", "stream"),
+            ("HTTP_MAX_CONNECTIONS", "0"),
+            ("HTTP_HEADER_TIMEOUT_SECS", "0"),
+            ("HTTP_IDLE_TIMEOUT_SECS", "forever"),
         ] {
             let err = Config::from_env(&Env::from_pairs([(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");
