@@ -12,12 +12,17 @@
 //! the same few seconds. Idle connections must outlive the load balancer's idle timeout (60 s on
 //! AWS ALB): if we closed first, the balancer could send a request on a connection we had just
 //! closed and answer 502. So the two timeouts are separate here. Each connection's IO is wrapped
-//! to see when bytes move, its service to see when a request head was parsed and when its
-//! response future finished, and a per-connection watchdog closes the connection when
+//! to see when bytes move, its service to see when a request head was parsed, when its body had
+//! all come and when its response future finished, and a per-connection watchdog closes the
+//! connection when
 //! - a request head is not complete `header_timeout` after its first byte (on a new connection,
-//!   after the accept: a client that connects and stays silent is a trickle too), or
-//! - no request is in flight and no byte has moved for `idle_timeout`, or for `header_timeout`
-//!   while every place under the connection cap is taken (`places.rs`).
+//!   after the accept: a client that connects and stays silent is a trickle too),
+//! - a request body is not complete `header_timeout` after the request's first byte (a body
+//!   trickled or held back would keep the connection, and its place, for as long as the
+//!   handler's own timeout, if it has one),
+//! - no request is in flight and no byte has moved for `idle_timeout`, or
+//! - a client waits for a place under the connection cap and the connection has been idle for
+//!   `header_timeout` (`places.rs`).
 //!
 //! Shutdown has a hard deadline because graceful shutdown waits for every in-flight request,
 //! and a request whose body never arrives is in flight for as long as the client wants.
@@ -35,18 +40,18 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::JoinSet;
 use tokio::time::sleep;
 use tower::ServiceExt;
 
-use places::{Place, Places};
-use watchdog::{Activity, Close, OpenConnection, Watched};
+use places::Places;
+use watchdog::{Activity, Close, OpenConnection, Watched, WatchedBody};
 
 use crate::config::{ConfigError, Env};
 
@@ -55,7 +60,8 @@ mod watchdog;
 
 /// Gauge: connections open now, on every port the process serves.
 pub const OPEN_CONNECTIONS: &str = "http_open_connections";
-/// Counter, label `reason`: `header_timeout`, `idle_timeout`, `crowded`, `shutdown_deadline`.
+/// Counter, label `reason`: `header_timeout`, `body_timeout`, `idle_timeout`, `crowded`,
+/// `shutdown_deadline`.
 pub const CONNECTIONS_CLOSED: &str = "http_connections_closed_total";
 
 /// `# HELP` for the server's metrics.
@@ -63,7 +69,7 @@ pub fn describe() {
     metrics::describe_gauge!(OPEN_CONNECTIONS, "Client connections open now.");
     metrics::describe_counter!(
         CONNECTIONS_CLOSED,
-        "Connections the server closed: header_timeout, idle_timeout, crowded, shutdown_deadline."
+        "Connections the server closed: header_timeout, body_timeout, idle_timeout, crowded, shutdown_deadline."
     );
 }
 
@@ -72,14 +78,14 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
-    /// Time to send a whole request head, from its first byte (from the accept on a new
-    /// connection).
+    /// Time to send a whole request head, and its body, from its first byte (from the accept on
+    /// a new connection).
     pub header_timeout: Duration,
     /// A connection with no request in flight and no bytes moving for this long is closed.
     /// Keep it above the load balancer's idle timeout so the balancer closes first.
     pub idle_timeout: Duration,
-    /// Beyond it, connections wait in the kernel's backlog until one of ours closes; at the cap,
-    /// idle connections get only `header_timeout`. Per port.
+    /// Beyond it, connections wait in the kernel's backlog until one of ours closes; a client
+    /// waiting makes a connection idle for `header_timeout` close. Per port.
     pub max_connections: usize,
 }
 
@@ -125,34 +131,40 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(());
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
-    let shutdown_grace = loop {
-        let accepted = tokio::select! {
-            // Checked first so that a flood of connections cannot delay the shutdown.
-            biased;
-            grace = &mut shutdown => break grace,
-            Some(ended) = connections.join_next() => {
-                if let Err(e) = ended
-                    && e.is_panic()
-                {
-                    tracing::error!(error = %e, "connection task panicked");
+    let shutdown_grace = {
+        // Kept across turns of the loop: it may hold a client accepted and waiting for a place,
+        // which a new future would drop.
+        let mut accepting = pin!(accept(&listener, &places));
+        loop {
+            let accepted = tokio::select! {
+                // Checked first so that a flood of connections cannot delay the shutdown.
+                biased;
+                grace = &mut shutdown => break grace,
+                Some(ended) = connections.join_next() => {
+                    if let Err(e) = ended
+                        && e.is_panic()
+                    {
+                        tracing::error!(error = %e, "connection task panicked");
+                    }
+                    continue;
                 }
-                continue;
-            }
-            accepted = accept(&listener, &places) => accepted,
-        };
-        if let Some((stream, peer, place)) = accepted {
-            let stop = stop_rx.clone();
-            connections.spawn(connection(
-                stream,
-                peer,
-                router.clone(),
-                limits,
-                Watch {
+                accepted = accepting.as_mut() => {
+                    accepting.set(accept(&listener, &places));
+                    accepted
+                }
+            };
+            if let Some((stream, peer, place)) = accepted {
+                let stop = stop_rx.clone();
+                connections.spawn(connection(
+                    stream,
+                    peer,
+                    router.clone(),
+                    limits,
                     stop,
-                    crowding: places.crowding(),
-                },
-                place,
-            ));
+                    Arc::clone(&places),
+                    place,
+                ));
+            }
         }
     };
     // Closing the listening socket makes new clients fail fast instead of queueing unserved.
@@ -173,14 +185,14 @@ pub async fn serve(
     Ok(())
 }
 
-/// Waits for room under the cap before accepting, so at the cap clients wait in the backlog.
+/// Accepts the next client, then waits for room under the cap: at the cap the rest wait in the
+/// kernel's backlog, and this one, held, tells idle connections that someone waits.
 async fn accept(
     listener: &TcpListener,
-    places: &Arc<Places>,
-) -> Option<(TcpStream, SocketAddr, Place)> {
-    let place = places.take().await;
+    places: &Places,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
     match listener.accept().await {
-        Ok((stream, peer)) => Some((stream, peer, place)),
+        Ok((stream, peer)) => Some((stream, peer, places.take().await)),
         // The client gave up before we accepted it: nothing is wrong on our side.
         Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionReset) => None,
         // EMFILE and friends: retrying at once would spin until a descriptor frees up.
@@ -192,24 +204,15 @@ async fn accept(
     }
 }
 
-/// What a connection hears from its server: the stop, and whether every place is taken.
-struct Watch {
-    stop: watch::Receiver<()>,
-    crowding: watch::Receiver<bool>,
-}
-
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
     limits: ServerLimits,
-    watch: Watch,
-    place: Place,
+    mut stop: watch::Receiver<()>,
+    places: Arc<Places>,
+    place: OwnedSemaphorePermit,
 ) {
-    let Watch {
-        mut stop,
-        mut crowding,
-    } = watch;
     let _open = OpenConnection::new(place);
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
@@ -220,8 +223,11 @@ async fn connection(
         let activity = Arc::clone(&activity);
         service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
+            let has_body = !request.body().is_end_stream();
             // Taken when hyper hands over a parsed head, released when the response is ready.
-            let in_flight = activity.request_started();
+            let in_flight = activity.request_started(has_body);
+            let activity = has_body.then(|| Arc::clone(&activity));
+            let request = request.map(|body| WatchedBody { body, activity });
             let response = router.clone().oneshot(request);
             async move {
                 let response = response.await;
@@ -246,7 +252,7 @@ async fn connection(
                 }
                 return;
             }
-            close = activity.expired(&limits, &mut crowding) => {
+            close = activity.expired(&limits, &places) => {
                 tracing::debug!(%peer, reason = close.as_str(), "closing connection");
                 close.record(1);
                 return;

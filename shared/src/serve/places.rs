@@ -1,78 +1,70 @@
-//! The connection cap (`HTTP_MAX_CONNECTIONS`): places for connections, and whether the server is
-//! "crowded", every place taken so that the next client waits for one.
+//! The connection cap (`HTTP_MAX_CONNECTIONS`): places for connections, and a client waiting
+//! for one.
 //!
-//! At the cap, new clients wait in the kernel's backlog. Without more, a client that makes one
-//! quick request on each of its connections and then leaves them idle would hold every place for
-//! the whole idle timeout (75 s by default), turning everyone else away. So while the server is
-//! crowded, idle connections get only the header timeout (the watchdog reads
-//! [`Places::crowding`]): a place then costs its holder a request every few seconds, as a
-//! trickled head already does.
+//! At the cap, new clients wait in the kernel's backlog, except one: the accept loop takes the
+//! next client first and holds it until a place frees, which is how the server knows that
+//! someone waits. Without more, a client that makes one quick request on each of its connections
+//! and then leaves them idle would hold every place for the whole idle timeout (75 s by
+//! default), turning everyone else away. So while a client waits, a connection idle for the
+//! header timeout or longer gives its place up ([`Places::make_room`], which each idle
+//! connection's watchdog asks every header timeout): one connection per waiting client, and none
+//! while no one waits, so that a server that is merely at its cap (an api holding its load
+//! balancer's keep-alive connections) keeps them all.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub(super) struct Places {
     free: Arc<Semaphore>,
-    crowded: watch::Sender<bool>,
-    /// Free places at which crowding ends. More than one, so that a server hovering at the cap
-    /// does not wake every connection's watchdog on each accept.
-    calm_at: usize,
+    /// A client waits for a place, and no idle connection has offered its own yet.
+    room_wanted: AtomicBool,
 }
 
 impl Places {
     pub(super) fn new(max_connections: usize) -> Arc<Self> {
-        let places = max_connections.clamp(1, Semaphore::MAX_PERMITS);
         Arc::new(Self {
-            free: Arc::new(Semaphore::new(places)),
-            crowded: watch::Sender::new(false),
-            calm_at: (places / 8).max(1),
+            free: Arc::new(Semaphore::new(
+                max_connections.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            room_wanted: AtomicBool::new(false),
         })
     }
 
-    /// `true` while every place is taken.
-    pub(super) fn crowding(&self) -> watch::Receiver<bool> {
-        self.crowded.subscribe()
-    }
-
-    /// Waits for a free place (the accept loop takes one before each accept). Having to wait
-    /// means the server is crowded.
-    pub(super) async fn take(self: &Arc<Self>) -> Place {
-        let permit = match Arc::clone(&self.free).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                self.crowded
-                    .send_if_modified(|crowded| !std::mem::replace(crowded, true));
-                Arc::clone(&self.free)
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed")
-            }
-        };
-        Place {
-            permit: Some(permit),
-            places: Arc::clone(self),
+    /// Waits for a free place for a client already accepted.
+    pub(super) async fn take(&self) -> OwnedSemaphorePermit {
+        if let Ok(place) = Arc::clone(&self.free).try_acquire_owned() {
+            return place;
         }
+        let _waiting = Waiting::begin(&self.room_wanted);
+        Arc::clone(&self.free)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Asked by a connection idle for the header timeout or longer: whether to close it to make
+    /// room for a waiting client. Yes to one connection per wait.
+    pub(super) fn make_room(&self) -> bool {
+        self.room_wanted
+            .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
     }
 }
 
-/// One place, given back when dropped.
-pub(super) struct Place {
-    permit: Option<OwnedSemaphorePermit>,
-    places: Arc<Places>,
+/// Room is wanted while this lives: also when the wait ends because the server stops.
+struct Waiting<'a>(&'a AtomicBool);
+
+impl<'a> Waiting<'a> {
+    fn begin(room_wanted: &'a AtomicBool) -> Self {
+        room_wanted.store(true, Ordering::Release);
+        Self(room_wanted)
+    }
 }
 
-impl Drop for Place {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        // A place given back goes to a client waiting for one first, so crowding ends only once
-        // no one waits and enough places are free.
-        drop(self.permit.take());
-        if *self.places.crowded.borrow()
-            && self.places.free.available_permits() >= self.places.calm_at
-        {
-            self.places
-                .crowded
-                .send_if_modified(|crowded| std::mem::replace(crowded, false));
-        }
+        self.0.store(false, Ordering::Release);
     }
 }

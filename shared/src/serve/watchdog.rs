@@ -1,25 +1,29 @@
 //! One connection's watchdog: what it knows about the connection (bytes moving, requests in
-//! flight, when the current head started) and the deadlines that follow from it.
+//! flight, when the current request started and whether its body is still coming) and the
+//! deadlines that follow from it.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::{Instant, sleep_until};
 
 use super::ServerLimits;
-use super::places::Place;
+use super::places::Places;
 
 /// Why we closed a connection: the only values of the `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Close {
     HeaderTimeout,
+    /// A request's body not in within the header timeout of its first byte.
+    BodyTimeout,
     IdleTimeout,
-    /// Idle for the header timeout while every place under the cap was taken.
+    /// Idle for the header timeout or longer, with a client waiting for a place under the cap.
     Crowded,
     ShutdownDeadline,
 }
@@ -28,6 +32,7 @@ impl Close {
     pub(super) fn as_str(self) -> &'static str {
         match self {
             Self::HeaderTimeout => "header_timeout",
+            Self::BodyTimeout => "body_timeout",
             Self::IdleTimeout => "idle_timeout",
             Self::Crowded => "crowded",
             Self::ShutdownDeadline => "shutdown_deadline",
@@ -43,11 +48,11 @@ impl Close {
 /// Counts the connection in `http_open_connections` and holds its place under the cap until
 /// dropped, which also happens when the task is aborted at the shutdown deadline.
 pub(super) struct OpenConnection {
-    _place: Place,
+    _place: OwnedSemaphorePermit,
 }
 
 impl OpenConnection {
-    pub(super) fn new(place: Place) -> Self {
+    pub(super) fn new(place: OwnedSemaphorePermit) -> Self {
         metrics::gauge!(super::OPEN_CONNECTIONS).increment(1.0);
         Self { _place: place }
     }
@@ -71,6 +76,8 @@ struct State {
     last_io: Instant,
     /// When the head being read started; `None` while a request is in flight or none started.
     head_started: Option<Instant>,
+    /// While a request's body is still coming: when that request's first byte came.
+    body_pending_since: Option<Instant>,
 }
 
 impl Activity {
@@ -81,6 +88,7 @@ impl Activity {
                 in_flight: 0,
                 last_io: now,
                 head_started: Some(now),
+                body_pending_since: None,
             }),
             changed: Notify::new(),
         }
@@ -108,67 +116,114 @@ impl Activity {
         self.lock().last_io = Instant::now();
     }
 
-    pub(super) fn request_started(self: &Arc<Self>) -> InFlight {
+    /// A request head was parsed; `has_body`: a body follows it.
+    pub(super) fn request_started(self: &Arc<Self>, has_body: bool) -> InFlight {
         let mut state = self.lock();
         state.in_flight += 1;
-        state.head_started = None;
+        let started = state.head_started.take().unwrap_or_else(Instant::now);
+        // The deadline can only be later than the head's was: no wake-up needed.
+        state.body_pending_since = has_body.then_some(started);
         InFlight(Arc::clone(self))
     }
 
-    /// Resolves when the connection has broken one of the limits. While `crowded` says every
-    /// place is taken, an idle connection gets only the header timeout: otherwise anyone could
-    /// hold every place for the whole idle timeout with one quick request per connection.
-    pub(super) async fn expired(
-        &self,
-        limits: &ServerLimits,
-        crowded: &mut watch::Receiver<bool>,
-    ) -> Close {
+    fn body_ended(&self) {
+        self.lock().body_pending_since = None;
+    }
+
+    /// Resolves when the connection has broken one of the limits: a request head or body not in
+    /// within the header timeout of its first byte, or no request in flight and nothing moving
+    /// for the idle timeout. An idle connection also offers its place to a waiting client, once
+    /// idle for the header timeout and again every header timeout (see `places.rs`).
+    pub(super) async fn expired(&self, limits: &ServerLimits, places: &Places) -> Close {
+        let mut next_offer: Option<Instant> = None;
         loop {
             let deadline = {
-                let is_crowded = *crowded.borrow_and_update();
-                let (idle_timeout, idle_close) = if is_crowded {
-                    (
-                        limits.idle_timeout.min(limits.header_timeout),
-                        Close::Crowded,
-                    )
-                } else {
-                    (limits.idle_timeout, Close::IdleTimeout)
-                };
                 let state = self.lock();
                 let now = Instant::now();
                 if state.in_flight > 0 {
-                    None
+                    next_offer = None;
+                    match state.body_pending_since.map(|t| t + limits.header_timeout) {
+                        Some(body) if body <= now => return Close::BodyTimeout,
+                        body => body,
+                    }
                 } else {
-                    let idle = state.last_io + idle_timeout;
-                    let head = state.head_started.map(|t| t + limits.header_timeout);
-                    match head {
+                    let idle = state.last_io + limits.idle_timeout;
+                    match state.head_started.map(|t| t + limits.header_timeout) {
                         Some(head) if head <= now => return Close::HeaderTimeout,
-                        _ if idle <= now => return idle_close,
+                        _ if idle <= now => return Close::IdleTimeout,
                         Some(head) => Some(head.min(idle)),
-                        None => Some(idle),
+                        None => {
+                            let offer = (state.last_io + limits.header_timeout)
+                                .max(next_offer.unwrap_or(now));
+                            if offer <= now {
+                                if places.make_room() {
+                                    return Close::Crowded;
+                                }
+                                next_offer = Some(now + limits.header_timeout);
+                            } else {
+                                next_offer = Some(offer);
+                            }
+                            next_offer.map(|offer| offer.min(idle))
+                        }
                     }
                 }
             };
-            // A missed notification is kept by `Notify` until the next `notified().await`, and a
-            // change of `crowded` by the receiver until the next `changed()`. Err: the server is
-            // gone, and its stop reaches the connection another way.
-            let crowding = async {
-                if crowded.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            };
+            // A missed notification is kept by `Notify` until the next `notified().await`.
             match deadline {
                 Some(deadline) => tokio::select! {
                     () = sleep_until(deadline) => {}
                     () = self.changed.notified() => {}
-                    () = crowding => {}
                 },
-                None => tokio::select! {
-                    () = self.changed.notified() => {}
-                    () = crowding => {}
-                },
+                None => self.changed.notified().await,
             }
         }
+    }
+}
+
+/// A request's body, telling the watchdog when it has all come (or is no longer read).
+pub(super) struct WatchedBody {
+    pub(super) body: Incoming,
+    /// `None` once the body has ended.
+    pub(super) activity: Option<Arc<Activity>>,
+}
+
+impl WatchedBody {
+    fn ended(&mut self) {
+        if let Some(activity) = self.activity.take() {
+            activity.body_ended();
+        }
+    }
+}
+
+impl Body for WatchedBody {
+    type Data = <Incoming as Body>::Data;
+    type Error = <Incoming as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.body.is_end_stream() {
+            self.ended();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for WatchedBody {
+    /// A handler that drops the body unread is done with it; the connection then closes or reads
+    /// the rest as a new head, whose own deadline applies.
+    fn drop(&mut self) {
+        self.ended();
     }
 }
 

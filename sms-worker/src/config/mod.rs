@@ -18,9 +18,10 @@ pub use providers::{
 use crate::seal::SealKey;
 
 pub const DEFAULT_WORKER_ADDR: &str = "127.0.0.1:9091";
-/// Connections at most on each of the worker's ports. Half of the 1,024 open files a process
-/// gets by default (systemd's soft limit), so that a flood of connections to the public receipts
-/// port cannot take the descriptors the worker's own calls to the providers need.
+/// Connections at most on the receipts port (the HTTP port takes at most 64). Half of the 1,024
+/// open files a process gets by default (systemd's soft limit), so that a flood of connections
+/// to the public receipts port cannot take the descriptors the worker's own calls to the
+/// providers need.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_SMS_TEMPLATE: &str =
     "Your {app} code is {code}. It expires in {minutes} minutes.";
@@ -42,7 +43,7 @@ pub struct Config {
     /// Delivery receipts, when `CALLBACK_ADDR` is set.
     pub callbacks: Option<CallbackConfig>,
     /// Slow-client limits of both ports (`HTTP_HEADER_TIMEOUT_SECS`, `HTTP_IDLE_TIMEOUT_SECS`,
-    /// `HTTP_MAX_CONNECTIONS`), as in the api.
+    /// `HTTP_MAX_CONNECTIONS`, for the receipts port), as in the api.
     pub server: ServerLimits,
     pub message: MessageConfig,
     /// `WORKER_CONCURRENCY`: AMQP prefetch, so also the number of sends in flight.

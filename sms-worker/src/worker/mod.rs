@@ -53,6 +53,9 @@ const TIMELINE_FLUSH: Duration = Duration::from_millis(3_500);
 /// waited (its worst case is sized to Compose's 30 s, see `connection.rs`); records try every
 /// 250 ms meanwhile, so a Redis failover of a few seconds costs none.
 const RECORDS_FLUSH: Duration = TIMELINE_FLUSH;
+/// Connections at most on the HTTP port (`WORKER_ADDR`: probes and scrapes), whatever
+/// `HTTP_MAX_CONNECTIONS` says for the receipts port.
+const HTTP_PORT_MAX_CONNECTIONS: usize = 64;
 /// Past a server's own limit for its requests, how long closing what is left may take.
 const SERVER_CLOSE: Duration = Duration::from_secs(1);
 
@@ -164,8 +167,16 @@ impl Worker {
         }
 
         let limits = config.server;
-        let (http, http_stop) =
-            spawn_server(listener, http::router(context.readiness.clone()), limits);
+        // Probes and scrapes need a few connections; the open files go to the receipts port.
+        let http_limits = ServerLimits {
+            max_connections: limits.max_connections.min(HTTP_PORT_MAX_CONNECTIONS),
+            ..limits
+        };
+        let (http, http_stop) = spawn_server(
+            listener,
+            http::router(context.readiness.clone()),
+            http_limits,
+        );
 
         // Receipts are taken until the deliveries are done: a load balancer may still send them
         // here for a while, and one turned away may be lost (Twilio retries a status callback

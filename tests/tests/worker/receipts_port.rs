@@ -1,5 +1,6 @@
 //! The public receipts port (`CALLBACK_ADDR`) under a hostile client, as the api's port is: a
-//! request head trickled a byte at a time is cut at `HTTP_HEADER_TIMEOUT_SECS`, connections past
+//! request head trickled a byte at a time, or a body held back, is cut at
+//! `HTTP_HEADER_TIMEOUT_SECS`, connections past
 //! `HTTP_MAX_CONNECTIONS` wait in the kernel's backlog (so a flood cannot take the descriptors the
 //! worker's calls to the providers need), and neither holds a stopping worker.
 
@@ -105,6 +106,34 @@ async fn a_request_head_trickled_to_the_receipts_port_is_cut_at_the_header_timeo
             .await
             .expect("an answer");
         assert_eq!(forged.status(), 403, "{}", worker.logs());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_body_held_back_on_the_receipts_port_is_cut_at_the_header_timeout() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (_worker, receipts, _) =
+            worker_with_receipts(&h, &[("HTTP_HEADER_TIMEOUT_SECS", "1")]).await;
+        let mut stream = TcpStream::connect(&receipts).await.expect("connect");
+        let sent_at = Instant::now();
+        stream
+            .write_all(
+                b"POST /v1/callbacks/twilio HTTP/1.1\r\nHost: receipts\r\n\
+                  Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        // Before, only the callbacks' 15 s request timeout ended it.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+            .await
+            .expect("the connection was not closed");
+        let took = sent_at.elapsed();
+        assert!(
+            took >= Duration::from_millis(800) && took <= Duration::from_secs(4),
+            "closed after {took:?}, with a 1 s header timeout"
+        );
     })
     .await;
 }
