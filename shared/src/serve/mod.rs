@@ -17,8 +17,8 @@
 //! connection when
 //! - a request head is not complete `header_timeout` after its first byte (on a new connection,
 //!   after the accept: a client that connects and stays silent is a trickle too),
-//! - a request body is not complete `header_timeout` after the request's first byte (a body
-//!   trickled or held back would keep the connection, and its place, for as long as the
+//! - a request body is not complete `header_timeout` after the handler first asked for it (a
+//!   body trickled or held back would keep the connection, and its place, for as long as the
 //!   handler's own timeout, if it has one),
 //! - no request is in flight and no byte has moved for `idle_timeout`, or
 //! - a client waits for a place under the connection cap and the connection has been idle for
@@ -40,7 +40,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -78,8 +78,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
-    /// Time to send a whole request head, and its body, from its first byte (from the accept on
-    /// a new connection).
+    /// Time to send a whole request head from its first byte (from the accept on a new
+    /// connection), and a whole body from the handler asking for it.
     pub header_timeout: Duration,
     /// A connection with no request in flight and no bytes moving for this long is closed.
     /// Keep it above the load balancer's idle timeout so the balancer closes first.
@@ -223,11 +223,9 @@ async fn connection(
         let activity = Arc::clone(&activity);
         service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
-            let has_body = !request.body().is_end_stream();
             // Taken when hyper hands over a parsed head, released when the response is ready.
-            let in_flight = activity.request_started(has_body);
-            let activity = has_body.then(|| Arc::clone(&activity));
-            let request = request.map(|body| WatchedBody { body, activity });
+            let in_flight = activity.request_started();
+            let request = request.map(|body| WatchedBody::new(body, &activity));
             let response = router.clone().oneshot(request);
             async move {
                 let response = response.await;

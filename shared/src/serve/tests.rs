@@ -34,8 +34,15 @@ async fn start(limits: ServerLimits) -> Server {
         let body = to_bytes(body, 1024).await;
         body.map(|b| b.len().to_string()).unwrap_or_default()
     };
+    // Reads its body only after 2 s, as a handler behind a slow middleware would.
+    let late_upload = |body: Body| async move {
+        sleep(2 * SECOND).await;
+        let body = to_bytes(body, 1024).await;
+        body.map(|b| b.len().to_string()).unwrap_or_default()
+    };
     let peer = |ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() };
     let router = Router::new()
+        .route("/late_upload", post(late_upload))
         .route("/", get(|| async { "ok" }))
         .route("/peer", get(peer))
         .route("/slow", get(slow))
@@ -182,6 +189,24 @@ async fn a_request_body_not_in_within_the_header_timeout_is_cut() {
     // The handler had the head and was reading the body.
     assert_eq!(server.started.try_recv().ok(), Some("upload"));
     assert_took(first_byte, SECOND * 9 / 10, SECOND * 5 / 2, "cut");
+}
+
+#[tokio::test]
+async fn a_body_read_late_by_the_server_is_not_cut() {
+    let server = start(limits(1, 30)).await;
+    let mut stream = connect(&server).await;
+    send(
+        &mut stream,
+        b"POST /late_upload HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n0123456789",
+    )
+    .await;
+    let body = within(
+        5 * SECOND,
+        "the late read answered",
+        read_response(&mut stream),
+    )
+    .await;
+    assert_eq!(body, "10");
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use super::places::Places;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Close {
     HeaderTimeout,
-    /// A request's body not in within the header timeout of its first byte.
+    /// A request's body not in within the header timeout of the handler asking for it.
     BodyTimeout,
     IdleTimeout,
     /// Idle for the header timeout or longer, with a client waiting for a place under the cap.
@@ -76,7 +76,7 @@ struct State {
     last_io: Instant,
     /// When the head being read started; `None` while a request is in flight or none started.
     head_started: Option<Instant>,
-    /// While a request's body is still coming: when that request's first byte came.
+    /// While a request's body is still coming: when the handler first asked for it.
     body_pending_since: Option<Instant>,
 }
 
@@ -116,23 +116,33 @@ impl Activity {
         self.lock().last_io = Instant::now();
     }
 
-    /// A request head was parsed; `has_body`: a body follows it.
-    pub(super) fn request_started(self: &Arc<Self>, has_body: bool) -> InFlight {
+    /// A request head was parsed.
+    pub(super) fn request_started(self: &Arc<Self>) -> InFlight {
         let mut state = self.lock();
         state.in_flight += 1;
-        let started = state.head_started.take().unwrap_or_else(Instant::now);
-        // The deadline can only be later than the head's was: no wake-up needed.
-        state.body_pending_since = has_body.then_some(started);
+        state.head_started = None;
         InFlight(Arc::clone(self))
+    }
+
+    /// The handler asked for the body: from now it must all come within the header timeout. The
+    /// clock starts here, not at the head, so that a server slow to read (a middleware waiting
+    /// for a database) is never blamed on the client.
+    fn body_wanted(&self) {
+        let mut state = self.lock();
+        if state.body_pending_since.is_none() {
+            state.body_pending_since = Some(Instant::now());
+            drop(state);
+            self.changed.notify_one();
+        }
     }
 
     fn body_ended(&self) {
         self.lock().body_pending_since = None;
     }
 
-    /// Resolves when the connection has broken one of the limits: a request head or body not in
-    /// within the header timeout of its first byte, or no request in flight and nothing moving
-    /// for the idle timeout. An idle connection also offers its place to a waiting client, once
+    /// Resolves when the connection has broken one of the limits: a request head not in within
+    /// the header timeout of its first byte, a body not in within the header timeout of the
+    /// handler asking for it, or no request in flight and nothing moving for the idle timeout. An idle connection also offers its place to a waiting client, once
     /// idle for the header timeout and again every header timeout (see `places.rs`).
     pub(super) async fn expired(&self, limits: &ServerLimits, places: &Places) -> Close {
         let mut next_offer: Option<Instant> = None;
@@ -180,14 +190,25 @@ impl Activity {
     }
 }
 
-/// A request's body, telling the watchdog when it has all come (or is no longer read).
+/// A request's body, telling the watchdog when the handler first asks for it and when it has
+/// all come (or is no longer read).
 pub(super) struct WatchedBody {
-    pub(super) body: Incoming,
-    /// `None` once the body has ended.
-    pub(super) activity: Option<Arc<Activity>>,
+    body: Incoming,
+    /// `None` once the body has ended, or when there is none.
+    activity: Option<Arc<Activity>>,
+    wanted: bool,
 }
 
 impl WatchedBody {
+    pub(super) fn new(body: Incoming, activity: &Arc<Activity>) -> Self {
+        let activity = (!body.is_end_stream()).then(|| Arc::clone(activity));
+        Self {
+            body,
+            activity,
+            wanted: false,
+        }
+    }
+
     fn ended(&mut self) {
         if let Some(activity) = self.activity.take() {
             activity.body_ended();
@@ -203,6 +224,12 @@ impl Body for WatchedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if !self.wanted {
+            self.wanted = true;
+            if let Some(activity) = &self.activity {
+                activity.body_wanted();
+            }
+        }
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.body.is_end_stream() {
             self.ended();
