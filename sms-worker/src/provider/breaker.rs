@@ -245,8 +245,7 @@ impl Breaker {
             .await;
     }
 
-    /// The provider works (it took the SMS, or refused it for the recipient's or the route's
-    /// sake): closes a half-open breaker. Costs a round trip only then.
+    /// The provider took the SMS: closes a half-open breaker. Costs a round trip only then.
     pub async fn success(&self, allowance: Allowance) {
         if let Allowance::Probe(mut probe) = allowance {
             probe.breaker = None;
@@ -255,14 +254,14 @@ impl Breaker {
     }
 
     /// A send `allowance` let through failed. A failure the provider is to blame for counts
-    /// (and reopens a half-open breaker, ending its probe); a refusal that shows the provider
-    /// works closes it; one that says nothing of the provider gives a probe back.
+    /// (and reopens a half-open breaker, ending its probe). Any other gives a probe back, closing
+    /// nothing: a refusal for the recipient or the route is the answer to a number the requester
+    /// chose, and an SMS-pumping attacker, who sends most of the traffic, would otherwise close
+    /// the breaker of a provider still failing everyone else.
     pub async fn failed(&self, allowance: Allowance, kind: Failure) {
         if kind.counts_toward_breaker() {
             self.failure().await;
             allowance.reported();
-        } else if kind.shows_the_provider_works() {
-            self.success(allowance).await;
         }
     }
 }

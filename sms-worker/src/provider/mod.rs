@@ -107,12 +107,6 @@ impl Failure {
     pub fn counts_toward_breaker(self) -> bool {
         matches!(self, Self::Retryable | Self::Ambiguous | Self::Provider)
     }
-
-    /// Whether the provider judged the request itself, so that it is up and takes our
-    /// credentials: a half-open breaker's probe that meets it has shown the provider works.
-    pub fn shows_the_provider_works(self) -> bool {
-        matches!(self, Self::Recipient | Self::Route)
-    }
 }
 
 /// Why a send failed.

@@ -1,7 +1,7 @@
 //! Providers in failover order: a breaker that opens on provider-side failures and sends the
-//! traffic to the next provider, a half-open probe that brings it back (also when it is refused
-//! for its recipient) or is given back when cut short, recipient failures that neither fail over
-//! nor count, and dead letters that name every provider tried.
+//! traffic to the next provider, a half-open probe that brings it back or is given back when its
+//! send says nothing of the provider, recipient failures that neither fail over nor count, and
+//! dead letters that name every provider tried.
 
 use std::time::Duration;
 
@@ -236,15 +236,19 @@ async fn wait_for_half_open(h: &Harness, provider: &str) {
     .await;
 }
 
-/// A half-open breaker's probe refused for its recipient has shown that the provider answers
-/// for itself: the breaker closes, and the next send goes through it at once. Kept out instead,
-/// the provider waited for the probe's 30 s lease, and with one provider every send with it.
+/// A half-open breaker's probe refused for its recipient says nothing of the provider: the
+/// requester chose the number, and an SMS-pumping attacker, who sends most of the traffic, would
+/// otherwise close the breaker of a provider still failing everyone else. The probe is given back
+/// at once, so the next send probes (kept instead, the provider was left out for the probe's
+/// 30 s lease, and with one provider every send waited).
 #[tokio::test]
-async fn a_probe_refused_for_its_recipient_closes_the_breaker() {
+async fn a_probe_refused_for_its_recipient_is_given_back_without_closing_the_breaker() {
     with_harness(QueueType::Classic, |h| async move {
         let (worker, _) = with_twilios_breaker_open(&h).await;
+        // Twilio still fails everyone, and refuses the attacker's invalid number.
         let invalid = phone();
         h.fake.set_faults(Faults {
+            always: Some(InjectedResponse::status(500)),
             rules: vec![Rule {
                 to: invalid.clone(),
                 response: InjectedResponse::twilio_error(400, 21211),
@@ -261,20 +265,21 @@ async fn a_probe_refused_for_its_recipient_closes_the_breaker() {
             1,
             "the probe did not go to Twilio"
         );
-        // Closed by the probe itself, before the dead letter: not merely given back.
-        assert_eq!(
-            breaker_open_until(&h, "twilio").await,
-            0,
-            "the probe's answer did not close the breaker"
+        assert!(
+            breaker_open_until(&h, "twilio").await > 0,
+            "the attacker's number closed the breaker"
         );
+        // Twilio recovers: the next send takes the probe given back, and closes the breaker.
+        h.fake.set_faults(Faults::default());
         let to = phone();
         h.request_sms(&to).await;
         h.wait_for_messages(&to, 1).await;
         assert_eq!(
             carrier(&h, &to),
             Some(SmsProvider::Twilio),
-            "Twilio was still left out after its probe"
+            "the probe was not given back"
         );
+        assert_eq!(breaker_open_until(&h, "twilio").await, 0, "still open");
         worker.stop().await;
     })
     .await;
