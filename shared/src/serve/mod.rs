@@ -27,7 +27,8 @@
 //! Shutdown has a hard deadline because graceful shutdown waits for every in-flight request,
 //! and a request whose body never arrives is in flight for as long as the client wants.
 //!
-//! HTTP/1.1 only (with upgrades), like `axum::serve` in this workspace: axum's `http2` feature
+//! HTTP/1.1 only, and without upgrades (no route upgrades, and an upgraded socket would leave
+//! its place and its watchdog behind), like `axum::serve` in this workspace: axum's `http2` feature
 //! is off and `h2` is not in Cargo.lock. HTTP/2 would need its own idle rules (client PINGs on an
 //! idle connection would look like the start of a request head here).
 
@@ -64,9 +65,17 @@ pub const OPEN_CONNECTIONS: &str = "http_open_connections";
 /// `shutdown_deadline`.
 pub const CONNECTIONS_CLOSED: &str = "http_connections_closed_total";
 
+/// Gauge: clients accepted and waiting for a place under `HTTP_MAX_CONNECTIONS` (0 or 1 per
+/// port: the rest wait in the kernel's backlog).
+pub const CLIENTS_WAITING: &str = "http_clients_waiting";
+
 /// `# HELP` for the server's metrics.
 pub fn describe() {
     metrics::describe_gauge!(OPEN_CONNECTIONS, "Client connections open now.");
+    metrics::describe_gauge!(
+        CLIENTS_WAITING,
+        "Clients accepted and waiting for a place under HTTP_MAX_CONNECTIONS (more wait in the backlog)."
+    );
     metrics::describe_counter!(
         CONNECTIONS_CLOSED,
         "Connections the server closed: header_timeout, body_timeout, idle_timeout, crowded, shutdown_deadline."
@@ -238,8 +247,7 @@ async fn connection(
     // next request, so it would cut idle connections (see the module doc).
     let conn = http1::Builder::new()
         .header_read_timeout(None)
-        .serve_connection(io, service)
-        .with_upgrades();
+        .serve_connection(io, service);
     let mut conn = pin!(conn);
     let mut stopping = false;
     loop {

@@ -45,11 +45,14 @@ impl Places {
     }
 
     /// Asked by a connection idle for the header timeout or longer: whether to close it to make
-    /// room for a waiting client. Yes to one connection per wait.
+    /// room for a waiting client. Yes to one connection per wait, and to none when a place has
+    /// freed meanwhile (the waiting client is about to take it).
     pub(super) fn make_room(&self) -> bool {
-        self.room_wanted
-            .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+        self.free.available_permits() == 0
+            && self
+                .room_wanted
+                .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -59,6 +62,7 @@ struct Waiting<'a>(&'a AtomicBool);
 impl<'a> Waiting<'a> {
     fn begin(room_wanted: &'a AtomicBool) -> Self {
         room_wanted.store(true, Ordering::Release);
+        metrics::gauge!(super::CLIENTS_WAITING).increment(1.0);
         Self(room_wanted)
     }
 }
@@ -66,5 +70,6 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+        metrics::gauge!(super::CLIENTS_WAITING).decrement(1.0);
     }
 }

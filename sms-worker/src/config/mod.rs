@@ -19,9 +19,9 @@ use crate::seal::SealKey;
 
 pub const DEFAULT_WORKER_ADDR: &str = "127.0.0.1:9091";
 /// Connections at most on the receipts port (the HTTP port takes at most 64). Half of the 1,024
-/// open files a process gets by default (systemd's soft limit), so that a flood of connections
-/// to the public receipts port cannot take the descriptors the worker's own calls to the
-/// providers need.
+/// open files a process gets by default (systemd's soft limit), so that, with the HTTP port's,
+/// a flood of connections to the public receipts port leaves about 440 descriptors for the
+/// worker's own calls to the providers.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_SMS_TEMPLATE: &str =
     "Your {app} code is {code}. It expires in {minutes} minutes.";

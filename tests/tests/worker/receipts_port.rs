@@ -158,6 +158,12 @@ async fn the_receipts_port_serves_no_more_connections_than_its_cap() {
             beyond.as_ref().is_err_and(reqwest::Error::is_timeout),
             "served beyond the cap: {beyond:?}"
         );
+        // The worker holds that client, accepted, until a place frees, and says so.
+        let metrics = h.metrics_at(&addr).await;
+        assert!(
+            metrics.lines().any(|l| l == "http_clients_waiting 1"),
+            "no client waiting:\n{metrics}"
+        );
         // The cap is the port's own: the HTTP port still answers.
         let health = h
             .http
