@@ -46,12 +46,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::sleep;
 use tower::ServiceExt;
 
-use places::Places;
+use places::{Place, Places};
 use watchdog::{Activity, Close, OpenConnection, Watched, WatchedBody};
 
 use crate::config::{ConfigError, Env};
@@ -198,8 +198,8 @@ pub async fn serve(
 /// kernel's backlog, and this one, held, tells idle connections that someone waits.
 async fn accept(
     listener: &TcpListener,
-    places: &Places,
-) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    places: &Arc<Places>,
+) -> Option<(TcpStream, SocketAddr, Place)> {
     match listener.accept().await {
         Ok((stream, peer)) => Some((stream, peer, places.take().await)),
         // The client gave up before we accepted it: nothing is wrong on our side.
@@ -220,7 +220,7 @@ async fn connection(
     limits: ServerLimits,
     mut stop: watch::Receiver<()>,
     places: Arc<Places>,
-    place: OwnedSemaphorePermit,
+    place: Place,
 ) {
     let _open = OpenConnection::new(place);
     let activity = Arc::new(Activity::new());

@@ -33,26 +33,45 @@ impl Places {
     }
 
     /// Waits for a free place for a client already accepted.
-    pub(super) async fn take(&self) -> OwnedSemaphorePermit {
-        if let Ok(place) = Arc::clone(&self.free).try_acquire_owned() {
-            return place;
+    pub(super) async fn take(self: &Arc<Self>) -> Place {
+        let permit = match Arc::clone(&self.free).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let _waiting = Waiting::begin(&self.room_wanted);
+                Arc::clone(&self.free)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed")
+            }
+        };
+        Place {
+            places: Arc::clone(self),
+            _permit: permit,
         }
-        let _waiting = Waiting::begin(&self.room_wanted);
-        Arc::clone(&self.free)
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed")
     }
 
     /// Asked by a connection idle for the header timeout or longer: whether to close it to make
-    /// room for a waiting client. Yes to one connection per wait, and to none when a place has
-    /// freed meanwhile (the waiting client is about to take it).
+    /// room for a waiting client. Yes to one connection per wait, and to none once any place has
+    /// been given back meanwhile (it went to the waiting client).
     pub(super) fn make_room(&self) -> bool {
-        self.free.available_permits() == 0
-            && self
-                .room_wanted
-                .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+        self.room_wanted
+            .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+/// A connection's place, given back when dropped.
+pub(super) struct Place {
+    places: Arc<Places>,
+    /// Dropped after [`Place::drop`] has run (fields drop after the body).
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        // A place given back goes straight to the client waiting, if one is: no room is wanted
+        // any more. Said before the place goes back, so that no idle connection closes for it.
+        self.places.room_wanted.store(false, Ordering::Release);
     }
 }
 
@@ -71,5 +90,44 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
         metrics::gauge!(super::CLIENTS_WAITING).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_place_given_back_to_a_waiting_client_wants_no_more_room() {
+        let places = Places::new(1);
+        let held = places.take().await;
+        let waiting = tokio::spawn({
+            let places = Arc::clone(&places);
+            async move { places.take().await }
+        });
+        while !places.room_wanted.load(Ordering::Acquire) {
+            tokio::task::yield_now().await;
+        }
+        // The only place closes on its own: it goes to the waiting client, and no idle
+        // connection needs to close for it.
+        drop(held);
+        assert!(!places.make_room(), "room made for a client already served");
+        let _served = waiting.await.expect("the waiting client got the place");
+    }
+
+    #[tokio::test]
+    async fn one_connection_makes_room_per_waiting_client() {
+        let places = Places::new(1);
+        let _held = places.take().await;
+        let waiting = tokio::spawn({
+            let places = Arc::clone(&places);
+            async move { places.take().await }
+        });
+        while !places.room_wanted.load(Ordering::Acquire) {
+            tokio::task::yield_now().await;
+        }
+        assert!(places.make_room());
+        assert!(!places.make_room(), "two connections closed for one client");
+        waiting.abort();
     }
 }

@@ -10,11 +10,11 @@ use std::task::{Context, Poll};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 
 use super::ServerLimits;
-use super::places::Places;
+use super::places::{Place, Places};
 
 /// Why we closed a connection: the only values of the `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +48,11 @@ impl Close {
 /// Counts the connection in `http_open_connections` and holds its place under the cap until
 /// dropped, which also happens when the task is aborted at the shutdown deadline.
 pub(super) struct OpenConnection {
-    _place: OwnedSemaphorePermit,
+    _place: Place,
 }
 
 impl OpenConnection {
-    pub(super) fn new(place: OwnedSemaphorePermit) -> Self {
+    pub(super) fn new(place: Place) -> Self {
         metrics::gauge!(super::OPEN_CONNECTIONS).increment(1.0);
         Self { _place: place }
     }
