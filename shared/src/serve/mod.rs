@@ -201,7 +201,17 @@ async fn accept(
     places: &Arc<Places>,
 ) -> Option<(TcpStream, SocketAddr, Place)> {
     match listener.accept().await {
-        Ok((stream, peer)) => Some((stream, peer, places.take().await)),
+        Ok((stream, peer)) => {
+            // A client that leaves while it waits (a port scan, a balancer's TCP check) is let go,
+            // so that no idle connection closes to make room for no one.
+            let place = tokio::select! {
+                // A free place first: no look at the socket when none is needed.
+                biased;
+                place = places.take() => place,
+                () = left_without_a_word(&stream) => return None,
+            };
+            Some((stream, peer, place))
+        }
         // The client gave up before we accepted it: nothing is wrong on our side.
         Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionReset) => None,
         // EMFILE and friends: retrying at once would spin until a descriptor frees up.
@@ -210,6 +220,15 @@ async fn accept(
             sleep(ACCEPT_BACKOFF).await;
             None
         }
+    }
+}
+
+/// Resolves when the client closes (or resets) the connection before sending anything; never
+/// once it has sent something, which is what a client that stays does.
+async fn left_without_a_word(stream: &TcpStream) {
+    let mut first = [0u8; 1];
+    if let Ok(1..) = stream.peek(&mut first).await {
+        std::future::pending::<()>().await;
     }
 }
 

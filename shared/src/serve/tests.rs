@@ -281,6 +281,25 @@ async fn at_the_cap_with_no_client_waiting_idle_connections_are_kept() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_while_waiting_makes_no_connection_close() {
+    let server = start(ServerLimits {
+        max_connections: 1,
+        ..limits(1, 75)
+    })
+    .await;
+    let mut idle = connect(&server).await;
+    assert_eq!(get_body(&mut idle, "/").await, "ok");
+    // A port scan: connects at the cap, and leaves without a word.
+    drop(connect(&server).await);
+    let early = tokio::time::timeout(SECOND * 5 / 2, closed(&mut idle)).await;
+    assert!(
+        early.is_err(),
+        "an idle connection was closed for a client that had left"
+    );
+    assert_eq!(get_body(&mut idle, "/").await, "ok");
+}
+
+#[tokio::test]
 async fn shutdown_finishes_in_flight_requests_and_cuts_the_rest_at_the_deadline() {
     let grace = 3 * SECOND;
     let mut server = start(limits(5, 75)).await;
