@@ -209,16 +209,31 @@ async fn a_body_read_late_by_the_server_is_not_cut() {
     assert_eq!(body, "10");
 }
 
-#[tokio::test]
-async fn at_the_cap_the_next_connection_waits_until_one_closes() {
+/// A server with `PLACES` places and `header_secs` of header timeout, full: a connection in
+/// each place, each idle after one request.
+async fn full_of_idle_connections<const PLACES: usize>(
+    header_secs: u64,
+) -> (Server, [TcpStream; PLACES]) {
     let server = start(ServerLimits {
-        max_connections: 2,
-        ..limits(60, 75)
+        max_connections: PLACES,
+        ..limits(header_secs, 75)
     })
     .await;
-    let (mut first, mut second) = (connect(&server).await, connect(&server).await);
-    assert_eq!(get_body(&mut first, "/").await, "ok");
-    assert_eq!(get_body(&mut second, "/").await, "ok");
+    let mut idle = Vec::new();
+    for _ in 0..PLACES {
+        let mut stream = connect(&server).await;
+        assert_eq!(get_body(&mut stream, "/").await, "ok");
+        idle.push(stream);
+    }
+    let idle = idle
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("PLACES connections"));
+    (server, idle)
+}
+
+#[tokio::test]
+async fn at_the_cap_the_next_connection_waits_until_one_closes() {
+    let (server, [first, _second]) = full_of_idle_connections::<2>(60).await;
 
     // The kernel completes the handshake from its backlog; the server must not answer yet.
     let mut third = connect(&server).await;
@@ -232,16 +247,9 @@ async fn at_the_cap_the_next_connection_waits_until_one_closes() {
 
 #[tokio::test]
 async fn a_waiting_client_takes_the_place_of_one_connection_idle_for_the_header_timeout() {
-    let server = start(ServerLimits {
-        max_connections: 2,
-        ..limits(1, 75)
-    })
-    .await;
     // One quick request each, then idle: otherwise they would hold both places for the 75 s
     // idle timeout.
-    let (mut first, mut second) = (connect(&server).await, connect(&server).await);
-    assert_eq!(get_body(&mut first, "/").await, "ok");
-    assert_eq!(get_body(&mut second, "/").await, "ok");
+    let (server, [mut first, mut second]) = full_of_idle_connections::<2>(1).await;
     let mut third = connect(&server).await;
     send(&mut third, GET).await;
     let body = within(5 * SECOND, "third served", read_response(&mut third)).await;
@@ -262,14 +270,7 @@ async fn a_waiting_client_takes_the_place_of_one_connection_idle_for_the_header_
 
 #[tokio::test]
 async fn at_the_cap_with_no_client_waiting_idle_connections_are_kept() {
-    let server = start(ServerLimits {
-        max_connections: 2,
-        ..limits(1, 75)
-    })
-    .await;
-    let (mut first, mut second) = (connect(&server).await, connect(&server).await);
-    assert_eq!(get_body(&mut first, "/").await, "ok");
-    assert_eq!(get_body(&mut second, "/").await, "ok");
+    let (_server, [mut first, mut second]) = full_of_idle_connections::<2>(1).await;
     // Idle for more than twice the header timeout with every place taken and no one waiting.
     let early = tokio::time::timeout(SECOND * 5 / 2, closed(&mut first)).await;
     assert!(
@@ -282,13 +283,7 @@ async fn at_the_cap_with_no_client_waiting_idle_connections_are_kept() {
 
 #[tokio::test]
 async fn a_client_that_leaves_while_waiting_makes_no_connection_close() {
-    let server = start(ServerLimits {
-        max_connections: 1,
-        ..limits(1, 75)
-    })
-    .await;
-    let mut idle = connect(&server).await;
-    assert_eq!(get_body(&mut idle, "/").await, "ok");
+    let (server, [mut idle]) = full_of_idle_connections::<1>(1).await;
     // A port scan: connects at the cap, and leaves without a word.
     drop(connect(&server).await);
     let early = tokio::time::timeout(SECOND * 5 / 2, closed(&mut idle)).await;

@@ -28,6 +28,14 @@ async fn breaker_open_until(h: &Harness, provider: &str) -> i64 {
     open_until.unwrap_or(0)
 }
 
+/// Which provider carried the SMS of an event for a new number, once it has arrived.
+async fn carrier_of_a_new_number(h: &Harness) -> Option<SmsProvider> {
+    let to = phone();
+    h.request_sms(&to).await;
+    h.wait_for_messages(&to, 1).await;
+    carrier(h, &to)
+}
+
 /// Which provider carried the one message to `to`.
 fn carrier(h: &Harness, to: &str) -> Option<SmsProvider> {
     h.fake.messages(Some(to)).first().map(|m| m.provider)
@@ -95,16 +103,10 @@ async fn a_failing_provider_is_bypassed_once_its_breaker_opens_and_returns_after
         // Twilio recovers: after the cooldown one probe goes through and traffic returns.
         h.fake.set_faults(Faults::default());
         eventually(WAIT, "traffic back on Twilio", || async {
-            let to = phone();
-            h.request_sms(&to).await;
-            h.wait_for_messages(&to, 1).await;
-            carrier(&h, &to) == Some(SmsProvider::Twilio)
+            carrier_of_a_new_number(&h).await == Some(SmsProvider::Twilio)
         })
         .await;
-        let to = phone();
-        h.request_sms(&to).await;
-        h.wait_for_messages(&to, 1).await;
-        assert_eq!(carrier(&h, &to), Some(SmsProvider::Twilio));
+        assert_eq!(carrier_of_a_new_number(&h).await, Some(SmsProvider::Twilio));
         worker.stop().await;
         assert_eq!(h.dead_lettered().await, 0);
     })
@@ -164,10 +166,7 @@ async fn recipient_errors_neither_fail_over_nor_open_a_breaker() {
         }
         assert!(h.fake.requests_via(SmsProvider::Infobip, None).is_empty());
         // The breaker stayed closed: the next number goes through Twilio.
-        let to = phone();
-        h.request_sms(&to).await;
-        h.wait_for_messages(&to, 1).await;
-        assert_eq!(carrier(&h, &to), Some(SmsProvider::Twilio));
+        assert_eq!(carrier_of_a_new_number(&h).await, Some(SmsProvider::Twilio));
         worker.stop().await;
     })
     .await;
@@ -211,10 +210,7 @@ async fn with_twilios_breaker_open(h: &Harness) -> (RunningWorker, Vec<(String, 
     let overrides = twilio_failing(h, "1");
     let worker = h.start_worker(&pairs(&overrides)).await;
     // It retries on Twilio until the third failure opens the breaker, then goes to Infobip.
-    let to = phone();
-    h.request_sms(&to).await;
-    h.wait_for_messages(&to, 1).await;
-    assert_eq!(carrier(h, &to), Some(SmsProvider::Infobip));
+    assert_eq!(carrier_of_a_new_number(h).await, Some(SmsProvider::Infobip));
     assert!(
         breaker_open_until(h, "twilio").await > 0,
         "Twilio's breaker did not open"
@@ -271,11 +267,8 @@ async fn a_probe_refused_for_its_recipient_is_given_back_without_closing_the_bre
         );
         // Twilio recovers: the next send takes the probe given back, and closes the breaker.
         h.fake.set_faults(Faults::default());
-        let to = phone();
-        h.request_sms(&to).await;
-        h.wait_for_messages(&to, 1).await;
         assert_eq!(
-            carrier(&h, &to),
+            carrier_of_a_new_number(&h).await,
             Some(SmsProvider::Twilio),
             "the probe was not given back"
         );
@@ -312,11 +305,8 @@ async fn a_probe_cut_short_by_a_stop_is_given_back_at_once() {
         );
         h.fake.set_faults(Faults::default());
         let second = h.start_worker(&pairs(&overrides)).await;
-        let to = phone();
-        h.request_sms(&to).await;
-        h.wait_for_messages(&to, 1).await;
         assert_eq!(
-            carrier(&h, &to),
+            carrier_of_a_new_number(&h).await,
             Some(SmsProvider::Twilio),
             "the probe was not given back"
         );
