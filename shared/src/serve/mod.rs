@@ -202,8 +202,9 @@ async fn accept(
 ) -> Option<(TcpStream, SocketAddr, Place)> {
     match listener.accept().await {
         Ok((stream, peer)) => {
-            // A client that leaves while it waits (a port scan, a balancer's TCP check) is let go,
-            // so that no idle connection closes to make room for no one.
+            // A client that leaves before sending a byte (a port scan, a balancer's TCP check) is
+            // let go, so that no idle connection closes to make room for no one. One that sends
+            // a byte and then leaves is not seen: it costs one idle connection, as any client does.
             let place = tokio::select! {
                 // A free place first: no look at the socket when none is needed.
                 biased;
