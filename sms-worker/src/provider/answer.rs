@@ -96,10 +96,10 @@ pub struct AnswerRead {
 
 impl AnswerRead {
     /// `kind`, as sorted from this answer's status and start. A refusal whose reason was cut
-    /// off may be wrongly put on the recipient (no code read): since a refusal sent nothing, it
-    /// is retried instead, rather than dead-lettered for a reason never read.
+    /// off may be wrongly put on the recipient, or on no one (no code read): since a refusal
+    /// sent nothing, it is retried instead, rather than judged by a reason never read.
     pub fn sorted(&self, kind: Failure) -> Failure {
-        if !self.whole && kind == Failure::Recipient {
+        if !self.whole && matches!(kind, Failure::Recipient | Failure::Unrecognised) {
             Failure::Retryable
         } else {
             kind

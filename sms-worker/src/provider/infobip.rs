@@ -334,17 +334,13 @@ impl Infobip {
                     .and_then(|s| s.text.clone())
             })
             .unwrap_or_else(|| "no description".to_owned());
-        let about_destination = error.violations.iter().any(|v| {
-            v.property
-                .as_deref()
-                .is_some_and(|p| p.contains("destinations") || p.ends_with(".to"))
-        });
+        let violated = Violated::of(&error.violations);
         let code = error
             .error_code
             .as_deref()
             .and_then(|c| c.trim_start_matches('E').parse().ok());
         Err(SendError {
-            kind: answer.sorted(classify(status, about_destination)),
+            kind: answer.sorted(classify(status, violated)),
             message: format!("infobip answered {status}: {}", masked_words(&text)),
             status: Some(status),
             code,
@@ -353,15 +349,45 @@ impl Infobip {
     }
 }
 
-/// An error answer, by HTTP status (docs/messaging.md#the-provider-call).
-fn classify(status: u16, about_destination: bool) -> Failure {
-    match status {
-        429 | 408 => Failure::Retryable,
-        s if s >= 500 => Failure::Retryable,
+/// What the violations of a 400 are about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Violated {
+    /// The number (`messages[0].destinations[0].to`): the requester's.
+    Destination,
+    /// Only the rest of the request (the sender, the text, the options): ours.
+    Request,
+    /// None named.
+    Nothing,
+}
+
+impl Violated {
+    fn of(violations: &[Violation]) -> Self {
+        let properties = violations.iter().filter_map(|v| v.property.as_deref());
+        let mut violated = Self::Nothing;
+        for property in properties {
+            if property.contains("destinations") || property.ends_with(".to") {
+                return Self::Destination;
+            }
+            violated = Self::Request;
+        }
+        violated
+    }
+}
+
+/// An error answer, by HTTP status and what it says was wrong
+/// (docs/messaging.md#the-provider-call). As for Twilio, only what no requester can cause counts
+/// against Infobip.
+fn classify(status: u16, violated: Violated) -> Failure {
+    match (status, violated) {
+        (429 | 408, _) => Failure::Retryable,
+        (s, _) if s >= 500 => Failure::Retryable,
         // Credentials or the account's permissions: the provider refuses us.
-        401 | 403 => Failure::Provider,
-        400 if about_destination => Failure::Recipient,
-        _ => Failure::Recipient,
+        (401 | 403, _) => Failure::Provider,
+        (400, Violated::Destination) => Failure::Recipient,
+        (400, Violated::Request) => Failure::Provider,
+        (400, Violated::Nothing) => Failure::Unrecognised,
+        // A 404, 405 or 415 is about where and how we send (a wrong base URL, a proxy's page).
+        _ => Failure::Provider,
     }
 }
 
@@ -376,7 +402,7 @@ fn classify_rejection(id: Option<i64>) -> Failure {
         // The operator's network is not set up on the account, or the operator refused it.
         Some(4 | 6) => Failure::Route,
         Some(21 | 100) => Failure::Retryable,
-        _ => Failure::Recipient,
+        _ => Failure::Unrecognised,
     }
 }
 
@@ -405,15 +431,46 @@ mod tests {
 
     #[test]
     fn classifies_infobip_answers() {
-        assert_eq!(classify(429, false), Failure::Retryable);
-        assert_eq!(classify(503, false), Failure::Retryable);
-        assert_eq!(classify(401, false), Failure::Provider);
-        assert_eq!(classify(403, false), Failure::Provider);
-        assert_eq!(classify(400, true), Failure::Recipient);
+        use Violated::*;
+        assert_eq!(classify(429, Nothing), Failure::Retryable);
+        assert_eq!(classify(503, Nothing), Failure::Retryable);
+        assert_eq!(classify(401, Nothing), Failure::Provider);
+        assert_eq!(classify(403, Nothing), Failure::Provider);
+        assert_eq!(classify(400, Destination), Failure::Recipient);
+        assert_eq!(classify(400, Request), Failure::Provider);
+        assert_eq!(classify(400, Nothing), Failure::Unrecognised);
+        for status in [404, 405, 415] {
+            assert_eq!(classify(status, Nothing), Failure::Provider, "{status}");
+        }
         assert_eq!(classify_rejection(Some(52)), Failure::Recipient);
         assert_eq!(classify_rejection(Some(12)), Failure::Provider);
         assert_eq!(classify_rejection(Some(6)), Failure::Route);
         assert_eq!(classify_rejection(Some(21)), Failure::Retryable);
+        assert_eq!(classify_rejection(Some(9_999)), Failure::Unrecognised);
+        assert_eq!(classify_rejection(None), Failure::Unrecognised);
+    }
+
+    #[test]
+    fn a_400_is_the_recipients_only_when_it_names_the_destination() {
+        let violated = |json: &str| {
+            let answer: ErrorAnswer = serde_json::from_str(json).unwrap();
+            Violated::of(&answer.violations)
+        };
+        assert_eq!(
+            violated(
+                r#"{"violations":[{"property":"messages[0].sender"},{"property":"messages[0].destinations[0].to"}]}"#
+            ),
+            Violated::Destination
+        );
+        assert_eq!(
+            violated(r#"{"violations":[{"property":"messages[0].sender"}]}"#),
+            Violated::Request
+        );
+        assert_eq!(
+            violated(r#"{"violations":[{"violation":"no property"}]}"#),
+            Violated::Nothing
+        );
+        assert_eq!(violated("{}"), Violated::Nothing);
     }
 
     #[test]

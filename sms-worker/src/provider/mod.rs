@@ -85,6 +85,11 @@ pub enum Failure {
     /// This provider cannot reach this destination (no route, region not enabled), though it
     /// works for others: the send moves to the next provider, the breaker is left alone.
     Route,
+    /// The provider refused with a reason the worker cannot place: an error code it does not
+    /// know, or none it could read (a proxy's page in the provider's stead). It may be ours or
+    /// the recipient's, so the send moves to the next provider, and the breaker is left alone:
+    /// the requester chooses the number, and must not be able to open a breaker with it.
+    Unrecognised,
     /// Not sent again: the provider refused a first request for a reason of ours (Infobip, a
     /// token it had dropped), and the worker's grace period ended before the second could
     /// start. Nothing is the provider's fault: no breaker; the send stops there.
@@ -99,6 +104,7 @@ impl Failure {
             Self::Recipient => "recipient",
             Self::Provider => "provider",
             Self::Route => "route",
+            Self::Unrecognised => "unrecognised",
             Self::Withheld => "withheld",
         }
     }
@@ -402,6 +408,7 @@ mod tests {
         assert!(Failure::Provider.counts_toward_breaker());
         assert!(!Failure::Recipient.counts_toward_breaker());
         assert!(!Failure::Route.counts_toward_breaker());
+        assert!(!Failure::Unrecognised.counts_toward_breaker());
         assert!(!Failure::Withheld.counts_toward_breaker());
     }
 }

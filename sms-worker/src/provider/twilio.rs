@@ -125,6 +125,9 @@ impl Twilio {
 }
 
 /// Twilio's answer, by HTTP status and error code (docs/messaging.md#the-provider-call).
+///
+/// Only what no requester can cause counts against Twilio: the requester chooses the number, and
+/// an SMS-pumping attacker must not be able to open a breaker with it.
 pub fn classify(status: u16, code: Option<i64>) -> Failure {
     if status == 429 || status == 408 || status >= 500 {
         return Failure::Retryable;
@@ -134,14 +137,23 @@ pub fn classify(status: u16, code: Option<i64>) -> Failure {
         return Failure::Provider;
     }
     match code {
-        // Sender, account or queue problems on our side of Twilio: another provider may work.
-        Some(20005 | 21606 | 21608 | 21611 | 30002) => Failure::Provider,
+        // Our account, sender or request, whatever the number: 20404 a wrong account SID in the
+        // URL, 21212 an invalid `From`, 21602 and 21603 a missing body or sender, 21620 a bad
+        // validity period; another provider may work.
+        Some(20003 | 20005 | 20404 | 21212 | 21602 | 21603 | 21606 | 21611 | 21620 | 30002) => {
+            Failure::Provider
+        }
         // This destination cannot be reached through this account (region not enabled, sender
-        // not allowed there): another provider may reach it, but Twilio still works for others.
-        Some(21408 | 21612 | 30024 | 30034) => Failure::Route,
-        // Invalid, unsubscribed, landline or blocked numbers (21211, 21610, 21614, 21635, …) and
-        // any other 4xx fail the same way everywhere.
-        _ => Failure::Recipient,
+        // not allowed there or not in its country, a trial account's unverified number): another
+        // provider may reach it, but Twilio still works for others.
+        Some(21408 | 21608 | 21612 | 21659 | 30024 | 30034) => Failure::Route,
+        // Invalid, unsubscribed, landline, short-code or blocked numbers: every provider would
+        // fail the same way.
+        Some(21211 | 21217 | 21265 | 21266 | 21610 | 21614 | 21635) => Failure::Recipient,
+        // Any other refusal of the request: Twilio's refusals of a number carry a code, so a 404
+        // or 405 without one (a proxy's page, a wrong base URL) is about where we send.
+        _ if status != 400 => Failure::Provider,
+        _ => Failure::Unrecognised,
     }
 }
 
@@ -156,11 +168,26 @@ mod tests {
         }
         assert_eq!(classify(401, Some(20003)), Failure::Provider);
         assert_eq!(classify(403, None), Failure::Provider);
-        assert_eq!(classify(400, Some(21608)), Failure::Provider);
-        assert_eq!(classify(400, Some(21408)), Failure::Route);
+        for code in [21212, 21606, 21620] {
+            assert_eq!(classify(400, Some(code)), Failure::Provider, "{code}");
+        }
+        assert_eq!(classify(404, Some(20404)), Failure::Provider);
+        for code in [21408, 21608, 21659] {
+            assert_eq!(classify(400, Some(code)), Failure::Route, "{code}");
+        }
         for code in [21211, 21610, 21614, 21635] {
             assert_eq!(classify(400, Some(code)), Failure::Recipient, "{code}");
         }
-        assert_eq!(classify(400, None), Failure::Recipient);
+    }
+
+    #[test]
+    fn a_refusal_without_a_known_code_is_nobodys_at_400_and_ours_otherwise() {
+        assert_eq!(classify(400, None), Failure::Unrecognised);
+        assert_eq!(classify(400, Some(63_999)), Failure::Unrecognised);
+        for status in [404, 405, 413, 415] {
+            assert_eq!(classify(status, None), Failure::Provider, "{status}");
+        }
+        // A known code decides whatever the status.
+        assert_eq!(classify(404, Some(21211)), Failure::Recipient);
     }
 }

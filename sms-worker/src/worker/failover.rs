@@ -306,7 +306,9 @@ pub(super) async fn send_through_providers(
         }
         match error.kind {
             Failure::Recipient => return Ok(dead_letter_now(tried, claim)),
-            Failure::Provider | Failure::Route => tried.excluded.push(provider.name()),
+            Failure::Provider | Failure::Route | Failure::Unrecognised => {
+                tried.excluded.push(provider.name());
+            }
             // The next turn of the loop finds the grace over.
             Failure::Withheld => {}
             Failure::Ambiguous => {

@@ -172,6 +172,60 @@ async fn recipient_errors_neither_fail_over_nor_open_a_breaker() {
     .await;
 }
 
+/// Twilio answers every send with `refusal`; three numbers are sent to one after the other,
+/// with a breaker that opens at the second provider-side failure. Returns the statuses of the
+/// calls Twilio took, once every SMS has arrived through Infobip.
+async fn three_sends_while_twilio_refuses(h: &Harness, refusal: InjectedResponse) -> Vec<u16> {
+    h.fake.set_faults(Faults {
+        always: Some(refusal),
+        ..Faults::default()
+    });
+    let mut overrides = h.failover();
+    overrides.push(("PROVIDER_BREAKER_FAILURES".to_owned(), "2".to_owned()));
+    let worker = h.start_worker(&pairs(&overrides)).await;
+    for _ in 0..3 {
+        let to = phone();
+        h.request_sms(&to).await;
+        h.wait_for_messages(&to, 1).await;
+        assert_eq!(carrier(h, &to), Some(SmsProvider::Infobip), "{to}");
+    }
+    worker.stop().await;
+    assert_eq!(h.dead_lettered().await, 0);
+    h.fake
+        .requests_via(SmsProvider::Twilio, None)
+        .iter()
+        .map(|r| r.status)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_refusal_of_our_sender_fails_over_and_counts_against_the_provider() {
+    with_harness(QueueType::Classic, |h| async move {
+        // 21212: the `From` is not a valid number. No requester can cause it.
+        let twilio =
+            three_sends_while_twilio_refuses(&h, InjectedResponse::twilio_error(400, 21212)).await;
+        assert_eq!(
+            twilio,
+            [400, 400],
+            "the breaker opened at the second refusal, so the third send skipped Twilio"
+        );
+        assert!(breaker_open_until(&h, "twilio").await > 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refusal_the_worker_cannot_place_fails_over_and_counts_against_no_one() {
+    with_harness(QueueType::Classic, |h| async move {
+        // A code the worker does not know: it may be the number's, which the requester chose.
+        let twilio =
+            three_sends_while_twilio_refuses(&h, InjectedResponse::twilio_error(400, 63_999)).await;
+        assert_eq!(twilio, [400, 400, 400], "every send tried Twilio first");
+        assert_eq!(breaker_open_until(&h, "twilio").await, 0);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn when_every_provider_refuses_the_dead_letter_names_each() {
     with_harness(QueueType::Classic, |h| async move {
