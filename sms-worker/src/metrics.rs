@@ -29,8 +29,14 @@ pub const PROVIDER_SENDS: &str = "sms_provider_sends_total";
 pub const BREAKER_STATE: &str = "sms_provider_breaker_state";
 /// Counter of token endpoint calls, labels `provider` and `outcome` (`fetched`, `failed`).
 pub const TOKEN_REFRESHES: &str = "sms_provider_token_refreshes_total";
-/// Counter: events that ended sent-unconfirmed (two ambiguous provider calls).
+/// Counter: events that ended sent-unconfirmed, label `cause`: [`UNANSWERED`] or
+/// [`CUT_AT_STOP`].
 pub const AMBIGUOUS: &str = "sms_ambiguous_total";
+/// A provider left a call unanswered (a timeout, a reset after the request went out), and no
+/// later call settled it.
+pub const UNANSWERED: &str = "unanswered";
+/// A stopping worker's grace period ended with a provider call under way.
+pub const CUT_AT_STOP: &str = "cut_at_stop";
 /// Counter of delivery receipts that moved a message's status, labels `provider`, `status`
 /// (`queued`, `sent`, `delivered`, `undelivered`, `failed`) and `country` (the destination's
 /// calling code, e.g. `44`).
@@ -148,8 +154,11 @@ pub fn describe() {
     );
     describe_counter!(
         AMBIGUOUS,
-        "Events that ended sent-unconfirmed: two provider calls without an answer."
+        "Events that ended sent-unconfirmed, by cause: unanswered (a provider left a call unanswered and no later call settled it), cut_at_stop (a stop's grace period ended with a call under way)."
     );
+    for cause in [UNANSWERED, CUT_AT_STOP] {
+        metrics::counter!(AMBIGUOUS, "cause" => cause).increment(0);
+    }
     describe_counter!(
         RECEIPTS,
         "Delivery receipts that moved a message's status, by provider, status and destination calling code."

@@ -16,7 +16,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::acks::Acks;
 use super::context::Context;
-use super::failover::{Tried, Unanswered, sent_unconfirmed};
+use super::failover::{Tried, Unanswered, Unconfirmed, sent_unconfirmed};
 use super::lease::Lease;
 use super::outcome::Outcome;
 use super::send::{leave_to_redeliver, send_otp};
@@ -136,13 +136,18 @@ async fn send_until_the_grace_ends(
         }
     }
     if unanswered.any() {
-        if let Some(provider) = tried.call_cut_short() {
-            journal.cut_short(provider);
-        }
+        // A call cut here is the stop's doing; an earlier one left unanswered, the provider's.
+        let cause = match tried.call_cut_short() {
+            Some(provider) => {
+                journal.cut_short(provider);
+                Unconfirmed::CutAtStop
+            }
+            None => Unconfirmed::Unanswered,
+        };
         warn!(
             "the grace period ended with a provider call unanswered; the SMS may have gone out, so the event is not handed to another worker"
         );
-        return sent_unconfirmed(journal);
+        return sent_unconfirmed(journal, cause);
     }
     info!("the grace period ended before the SMS was sent; the message goes back to the queue");
     leave_to_redeliver(context, event.event_id, &token).await

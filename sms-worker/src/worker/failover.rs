@@ -195,7 +195,7 @@ pub(super) async fn send_through_providers(
         let millis_left = event.millis_left(OffsetDateTime::now_utc());
         if millis_left < MIN_MILLIS_LEFT {
             if tried.ambiguous() {
-                return Ok(sent_unconfirmed(journal));
+                return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
             }
             return Ok(Outcome::DeadLetter {
                 dead_letter: tried
@@ -215,7 +215,7 @@ pub(super) async fn send_through_providers(
         let Some((provider, allowance)) = choose(context, tried).await else {
             if all_excluded(context, tried) {
                 if tried.ambiguous() {
-                    return Ok(sent_unconfirmed(journal));
+                    return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
                 }
                 warn!(attempts = tried.attempts, providers = ?tried.calls, "every provider refused the SMS; dead-lettering it");
                 return Ok(Outcome::DeadLetter {
@@ -302,7 +302,7 @@ pub(super) async fn send_through_providers(
             // refusal naming the recipient proves little about the first call (Infobip calls any
             // 400 a recipient's), and a dead letter would record `dead` over an SMS that may be
             // on the phone.
-            return Ok(sent_unconfirmed(journal));
+            return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
         }
         match error.kind {
             Failure::Recipient => return Ok(dead_letter_now(tried, claim)),
@@ -399,7 +399,7 @@ fn claim_in_doubt(
     tried: &Tried<'_>,
 ) -> Result<Outcome, ClaimInDoubt> {
     if tried.ambiguous() {
-        return Ok(sent_unconfirmed(journal));
+        return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
     }
     warn!(
         attempts = tried.attempts,
@@ -441,7 +441,7 @@ async fn give_up(
         // more attempt never went). Handed to another worker, it would be sent a second time;
         // dead-lettered, the ledger would say `dead`, and a sign-in's late promotion would
         // refuse a code that may be on the phone.
-        return sent_unconfirmed(journal);
+        return sent_unconfirmed(journal, Unconfirmed::Unanswered);
     }
     match stop {
         Stop::ShuttingDown => {
@@ -467,10 +467,32 @@ fn dead_letter_now(tried: &Tried<'_>, claim: &ClaimToken) -> Outcome {
     }
 }
 
+/// Why an SMS ended sent-unconfirmed: the label `cause` of `sms_ambiguous_total`, so that an
+/// operator can tell a provider's trouble from a stop's grace period too short for its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unconfirmed {
+    /// A provider left a call unanswered, and no later call settled it.
+    Unanswered,
+    /// The worker's grace period ended with a call still under way.
+    CutAtStop,
+}
+
+impl Unconfirmed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Unanswered => m::UNANSWERED,
+            Self::CutAtStop => m::CUT_AT_STOP,
+        }
+    }
+}
+
 /// Calls without a clear answer: to be recorded as sent, so no copy sends it again.
-pub(super) fn sent_unconfirmed(journal: &mut Journal) -> Outcome {
-    warn!("no provider confirmed the SMS, but it may have been sent; not trying again");
-    metrics::counter!(m::AMBIGUOUS).increment(1);
+pub(super) fn sent_unconfirmed(journal: &mut Journal, cause: Unconfirmed) -> Outcome {
+    warn!(
+        cause = cause.as_str(),
+        "no provider confirmed the SMS, but it may have been sent; not trying again"
+    );
+    metrics::counter!(m::AMBIGUOUS, "cause" => cause.as_str()).increment(1);
     let timeline = journal.end(
         "sent_unconfirmed",
         Some("no provider confirmed it, and it may have gone out: not tried again".to_owned()),

@@ -53,6 +53,36 @@ async fn a_slow_provider_gets_at_most_two_calls_per_event() {
 }
 
 #[tokio::test]
+async fn an_event_its_provider_left_unanswered_is_counted_as_such_not_as_cut_at_a_stop() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults::latency(1_500));
+        // A process: its metrics are its own, not shared with the tests running alongside.
+        let addr = format!("127.0.0.1:{}", tests::ports::free_port());
+        let mut worker = h
+            .start_worker_process(&[("SEND_TIMEOUT_SECS", "1"), ("WORKER_ADDR", &addr)])
+            .await;
+        let event = h.request_sms(&phone()).await;
+        eventually(WAIT, "the event to end as sent-unconfirmed", || async {
+            h.ledger_record(&event).await.as_deref() == Some(shared::send_ledger::SENT)
+        })
+        .await;
+        let metrics = h.metrics_at(&addr).await;
+        let count = |cause: &str| {
+            let series = format!("sms_ambiguous_total{{cause=\"{cause}\"}} ");
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .map(str::to_owned)
+        };
+        assert_eq!(count("unanswered").as_deref(), Some("1"), "{metrics}");
+        assert_eq!(count("cut_at_stop").as_deref(), Some("0"), "{metrics}");
+        worker.terminate();
+        worker.wait(WAIT).await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn after_an_ambiguous_call_the_next_provider_gets_the_one_more_attempt() {
     with_harness(QueueType::Classic, |h| async move {
         h.fake.set_faults(Faults::latency(1_500));
