@@ -255,8 +255,8 @@ impl Breaker {
 
     /// A send `allowance` let through failed. A failure the provider is to blame for counts
     /// (and reopens a half-open breaker, ending its probe). Any other gives a probe back, closing
-    /// nothing: a refusal for the recipient or the route is the answer to a number the requester
-    /// chose, and an SMS-pumping attacker, who sends most of the traffic, would otherwise close
+    /// nothing: a refusal for the recipient or the route, or one the worker cannot place, may be
+    /// the answer to a number the requester chose, and an SMS-pumping attacker, who sends most of the traffic, would otherwise close
     /// the breaker of a provider still failing everyone else.
     pub async fn failed(&self, allowance: Allowance, kind: Failure) {
         if kind.counts_toward_breaker() {

@@ -365,7 +365,8 @@ impl Violated {
         let properties = violations.iter().filter_map(|v| v.property.as_deref());
         let mut violated = Self::Nothing;
         for property in properties {
-            if property.contains("destinations") || property.ends_with(".to") {
+            // Only the number itself: the rest of a destination (its `messageId`) is ours.
+            if property.ends_with(".to") {
                 return Self::Destination;
             }
             violated = Self::Request;
@@ -397,10 +398,12 @@ fn classify_rejection(id: Option<i64>) -> Failure {
         // Unknown prefix, do-not-disturb, blocklisted or invalid destination; flooding and
         // anti-fraud blocks are policies another provider must not be used to get around.
         Some(8 | 10 | 14 | 20 | 52 | 87) => Failure::Recipient,
-        // Sender, credit, package, test-account or route settings of the account.
-        Some(11 | 12 | 13 | 17 | 18 | 19) => Failure::Provider,
-        // The operator's network is not set up on the account, or the operator refused it.
-        Some(4 | 6) => Failure::Route,
+        // Sender, credit, package or route settings of the account.
+        Some(11 | 12 | 13 | 17 | 19) => Failure::Provider,
+        // The operator's network is not set up on the account, or the operator refused it; or
+        // a test account may not send to this number (18, as Twilio's 21608): the number is
+        // the requester's choice, so it must not open the breaker.
+        Some(4 | 6 | 18) => Failure::Route,
         Some(21 | 100) => Failure::Retryable,
         _ => Failure::Unrecognised,
     }
@@ -445,6 +448,7 @@ mod tests {
         assert_eq!(classify_rejection(Some(52)), Failure::Recipient);
         assert_eq!(classify_rejection(Some(12)), Failure::Provider);
         assert_eq!(classify_rejection(Some(6)), Failure::Route);
+        assert_eq!(classify_rejection(Some(18)), Failure::Route);
         assert_eq!(classify_rejection(Some(21)), Failure::Retryable);
         assert_eq!(classify_rejection(Some(9_999)), Failure::Unrecognised);
         assert_eq!(classify_rejection(None), Failure::Unrecognised);
@@ -464,6 +468,10 @@ mod tests {
         );
         assert_eq!(
             violated(r#"{"violations":[{"property":"messages[0].sender"}]}"#),
+            Violated::Request
+        );
+        assert_eq!(
+            violated(r#"{"violations":[{"property":"messages[0].destinations[0].messageId"}]}"#),
             Violated::Request
         );
         assert_eq!(

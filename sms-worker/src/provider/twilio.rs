@@ -138,20 +138,20 @@ pub fn classify(status: u16, code: Option<i64>) -> Failure {
     }
     match code {
         // Our account, sender or request, whatever the number: 20404 a wrong account SID in the
-        // URL, 21212 an invalid `From`, 21602 and 21603 a missing body or sender, 21620 a bad
-        // validity period; another provider may work.
-        Some(20003 | 20005 | 20404 | 21212 | 21602 | 21603 | 21606 | 21611 | 21620 | 30002) => {
-            Failure::Provider
-        }
-        // This destination cannot be reached through this account (region not enabled, sender
-        // not allowed there or not in its country, a trial account's unverified number): another
-        // provider may reach it, but Twilio still works for others.
-        Some(21408 | 21608 | 21612 | 21659 | 30024 | 30034) => Failure::Route,
+        // URL, 21212 an invalid `From`, 21602 and 21603 a missing body or sender, 21611 the
+        // sender's queue full, 30002 a suspended account; another provider may work.
+        Some(20003 | 20005 | 20404 | 21212 | 21602 | 21603 | 21611 | 30002) => Failure::Provider,
+        // This destination cannot be reached through this account (region not enabled, a sender
+        // not capable of it or not in its country, a trial account's unverified number):
+        // another provider may reach it, and Twilio still works for others. 21606 and 21659
+        // can be a wrong sender too, but a short code sent to another country gives the same
+        // codes, so a requester could cause them.
+        Some(21408 | 21606 | 21608 | 21612 | 21659 | 30024 | 30034) => Failure::Route,
         // Invalid, unsubscribed, landline, short-code or blocked numbers: every provider would
         // fail the same way.
         Some(21211 | 21217 | 21265 | 21266 | 21610 | 21614 | 21635) => Failure::Recipient,
-        // Any other refusal of the request: Twilio's refusals of a number carry a code, so a 404
-        // or 405 without one (a proxy's page, a wrong base URL) is about where we send.
+        // Twilio refuses a number with a 400, so any other 4xx with a code not listed here, or
+        // none (a proxy's page, a wrong base URL), is about where and how we send.
         _ if status != 400 => Failure::Provider,
         _ => Failure::Unrecognised,
     }
@@ -168,11 +168,11 @@ mod tests {
         }
         assert_eq!(classify(401, Some(20003)), Failure::Provider);
         assert_eq!(classify(403, None), Failure::Provider);
-        for code in [21212, 21606, 21620] {
+        for code in [21212, 21603, 21611] {
             assert_eq!(classify(400, Some(code)), Failure::Provider, "{code}");
         }
         assert_eq!(classify(404, Some(20404)), Failure::Provider);
-        for code in [21408, 21608, 21659] {
+        for code in [21408, 21606, 21608, 21659] {
             assert_eq!(classify(400, Some(code)), Failure::Route, "{code}");
         }
         for code in [21211, 21610, 21614, 21635] {

@@ -5,7 +5,8 @@
 //! on its kind (see [`crate::provider::Failure`]):
 //! - retryable (nothing was sent): backoff and try again, within the budget; if the failure
 //!   opened the provider's breaker and another provider is open for business, at once there;
-//! - provider or route (this provider cannot send it): at once through the next provider;
+//! - provider, route or unrecognised (this provider will not send it): at once through the next
+//!   provider;
 //! - recipient (no provider could): dead-lettered;
 //! - ambiguous (the request went out, no answer came back): the SMS may be on its way, so it
 //!   gets exactly one more attempt, on the next provider where there is one, and never the
@@ -299,9 +300,9 @@ pub(super) async fn send_through_providers(
         );
         if after_an_unanswered_call {
             // The one attempt after an ambiguous one is the last, whatever it met. Even a
-            // refusal naming the recipient proves little about the first call (Infobip calls any
-            // 400 a recipient's), and a dead letter would record `dead` over an SMS that may be
-            // on the phone.
+            // refusal naming the recipient proves little about the first call (it says nothing of
+            // what the first provider did), and a dead letter would record `dead` over an SMS
+            // that may be on the phone.
             return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
         }
         match error.kind {

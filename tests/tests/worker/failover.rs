@@ -181,7 +181,15 @@ async fn three_sends_while_twilio_refuses(h: &Harness, refusal: InjectedResponse
         ..Faults::default()
     });
     let mut overrides = h.failover();
-    overrides.push(("PROVIDER_BREAKER_FAILURES".to_owned(), "2".to_owned()));
+    // A window far longer than the test: the breaker's windows are aligned to the clock, and
+    // one ending between two refusals would count the first at less than a whole failure.
+    overrides.extend(
+        [
+            ("PROVIDER_BREAKER_FAILURES", "2"),
+            ("PROVIDER_BREAKER_WINDOW_SECS", "3600"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned())),
+    );
     let worker = h.start_worker(&pairs(&overrides)).await;
     for _ in 0..3 {
         let to = phone();
