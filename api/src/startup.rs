@@ -18,6 +18,10 @@ use crate::{jobs, router};
 /// How long a stopping api waits for codes Redis has yet to make current (see
 /// `signin::promotion`), after the in-flight requests: only while Redis has been failing.
 const PROMOTIONS_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+/// Open files the api keeps for itself beside the database pool's: Redis (one per node of a
+/// cluster), RabbitMQ (and its replacement during a reconnect), the listener, the log file, and
+/// the runtime's own.
+const OWN_OPEN_FILES: u64 = 64;
 
 pub struct Application {
     listener: TcpListener,
@@ -95,8 +99,10 @@ impl Application {
         tokio::spawn(jobs::prepare_database(self.state.clone()));
         tokio::spawn(jobs::purge_expired_tokens(self.state.clone()));
         tracing::info!(%addr, "api listening");
-        let limits = self.state.config.server;
-        let grace = self.state.config.shutdown_grace;
+        let config = &self.state.config;
+        let reserved = OWN_OPEN_FILES + u64::from(config.database_pool_size);
+        let limits = config.server.within_open_files(reserved);
+        let grace = config.shutdown_grace;
         let shutdown = async move {
             shutdown.await;
             grace

@@ -19,6 +19,9 @@ use crate::client_ip::ClientIpPolicy;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/otp_auth";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";
+/// Client connections at most (`HTTP_MAX_CONNECTIONS`), lowered at start to what the open-file
+/// limit leaves (`shared::serve`'s `open_files.rs`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Used when `OTP_SECRET` is unset, with a warning at start-up: fine for a laptop, never for
 /// production, where every replica must share a real secret. Anyone who reads Redis and knows
 /// this value can try every code of every live OTP offline in seconds, so the api refuses it on
@@ -94,7 +97,7 @@ impl ApiConfig {
             fraud_guard: FraudGuardPolicy::from_env(env)?,
             sessions: SessionPolicy::from_env(env)?,
             database_pool_size: env.integer_in("DATABASE_POOL_SIZE", 10, 1..=1_000)?,
-            server: ServerLimits::from_env(env, 10_000)?,
+            server: ServerLimits::from_env(env, DEFAULT_MAX_CONNECTIONS)?,
             shutdown_grace: env.seconds("SHUTDOWN_GRACE_SECS", 10, 0..=300)?,
             phone,
             client_ip: policies::client_ip_policy(env)?,

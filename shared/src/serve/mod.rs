@@ -56,6 +56,7 @@ use watchdog::{Activity, Close, OpenConnection, Watched, WatchedBody};
 
 use crate::config::{ConfigError, Env};
 
+mod open_files;
 mod places;
 mod watchdog;
 

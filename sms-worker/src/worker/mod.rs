@@ -56,6 +56,9 @@ const RECORDS_FLUSH: Duration = TIMELINE_FLUSH;
 /// Connections at most on the HTTP port (`WORKER_ADDR`: probes and scrapes), whatever
 /// `HTTP_MAX_CONNECTIONS` says for the receipts port.
 const HTTP_PORT_MAX_CONNECTIONS: usize = 64;
+/// Open files the worker keeps for Redis, RabbitMQ, its listeners, its log file and the runtime,
+/// beside its connections to the providers.
+const OWN_OPEN_FILES: u64 = 64;
 /// Past a server's own limit for its requests, how long closing what is left may take.
 const SERVER_CLOSE: Duration = Duration::from_secs(1);
 
@@ -166,7 +169,12 @@ impl Worker {
             );
         }
 
-        let limits = config.server;
+        // The receipts port gets what the open files leave once the HTTP port's and the
+        // worker's own are kept: a connection to a provider per send in flight, for each of two
+        // providers, and Redis, RabbitMQ, the listeners and the log file.
+        let reserved =
+            OWN_OPEN_FILES + HTTP_PORT_MAX_CONNECTIONS as u64 + 2 * u64::from(config.concurrency);
+        let limits = config.server.within_open_files(reserved);
         // Probes and scrapes need a few connections; the open files go to the receipts port.
         let http_limits = ServerLimits {
             max_connections: limits.max_connections.min(HTTP_PORT_MAX_CONNECTIONS),

@@ -1,6 +1,7 @@
 //! The `api` program itself, as a child process: what it refuses to start with, how it stops,
 //! and what its logs carry.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -9,7 +10,7 @@ use tests::ports::free_port;
 use tests::program::Program;
 use tests::servers::servers;
 use tests::wait::eventually;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The `api` program with a namespace and database of its own, removed when it is dropped.
@@ -22,6 +23,12 @@ struct ApiProcess {
 impl ApiProcess {
     /// Starts `api` on the test servers with `vars` added (or replacing the defaults).
     async fn start(vars: &[(&str, String)]) -> Self {
+        Self::start_with(vars, None).await
+    }
+
+    /// As [`ApiProcess::start`], under a limit of `open_files` (soft and hard), set by
+    /// util-linux's `prlimit` before it runs the api.
+    async fn start_with(vars: &[(&str, String)], open_files: Option<u64>) -> Self {
         let servers = servers().require_all();
         let namespace = unique("proc");
         let database = unique("otp_test");
@@ -40,7 +47,15 @@ impl ApiProcess {
             env.retain(|(existing, _)| existing != name);
             env.push(((*name).to_owned(), value.clone()));
         }
-        let program = Program::start_workspace("api", &[], env).await;
+        let program = match open_files {
+            None => Program::start_workspace("api", &[], env).await,
+            Some(limit) => {
+                let api = tests::program::workspace_binary("api").await;
+                let nofile = format!("--nofile={limit}:{limit}");
+                let api = api.to_str().expect("a UTF-8 path");
+                Program::start(Path::new("/usr/bin/prlimit"), &[&nofile, api], env)
+            }
+        };
         Self {
             program: Some(program),
             namespace,
@@ -175,4 +190,67 @@ async fn the_development_otp_secret_is_refused_on_a_public_address_unless_allowe
     allowed.program().terminate();
     let status = allowed.program().wait(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[tokio::test]
+async fn a_connection_cap_past_the_open_file_limit_is_lowered_to_what_it_leaves() {
+    // 200 open files, of which the api keeps 64 and its database pool's 10: 126 connections.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut api = ApiProcess::start_with(
+        &[
+            ("API_ADDR", addr.clone()),
+            ("OTP_SECRET", "process-secret-0123456789".to_owned()),
+            // Silent connections keep their places for the whole test.
+            ("HTTP_HEADER_TIMEOUT_SECS", "60".to_owned()),
+        ],
+        Some(200),
+    )
+    .await;
+    api.wait_until_ready(&format!("http://{addr}")).await;
+    let logs = api.program().logs();
+    assert!(
+        logs.contains("HTTP_MAX_CONNECTIONS is more than the open-file limit leaves")
+            && logs.contains(r#""max_connections":126"#),
+        "{logs}"
+    );
+
+    // Connections that were each served a request, kept open, until one is not served: the
+    // readiness check's connection may still hold a place for a moment, so 125 or 126.
+    let mut served = Vec::new();
+    let waiting = loop {
+        let mut connection = TcpStream::connect(&addr).await.expect("a connection");
+        connection
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n")
+            .await
+            .expect("the request is written");
+        let mut start = [0u8; 12];
+        let read = tokio::time::timeout(Duration::from_secs(1), connection.read_exact(&mut start));
+        match read.await {
+            Ok(Ok(_)) if &start == b"HTTP/1.1 200" => served.push(connection),
+            Ok(other) => panic!("connection {}: {other:?}", served.len() + 1),
+            Err(_) => break connection,
+        }
+        assert!(
+            served.len() <= 200,
+            "no cap: {} connections served",
+            served.len()
+        );
+    };
+    assert!(
+        (125..=126).contains(&served.len()),
+        "{} connections served",
+        served.len()
+    );
+
+    // A place frees, and the client waiting takes it.
+    drop(served.pop());
+    let mut waiting = waiting;
+    let mut start = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), waiting.read_exact(&mut start))
+        .await
+        .expect("served once a place freed")
+        .expect("an answer");
+    assert_eq!(&start, b"HTTP/1.1 200");
+    drop(served);
 }
