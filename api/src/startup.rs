@@ -107,7 +107,7 @@ impl Application {
             shutdown.await;
             grace
         };
-        serve::serve(self.listener, self.router, limits, shutdown).await?;
+        serve::serve("api", self.listener, self.router, limits, shutdown).await?;
         self.state
             .deferred_promotions
             .finish(PROMOTIONS_AT_SHUTDOWN)

@@ -60,14 +60,14 @@ mod open_files;
 mod places;
 mod watchdog;
 
-/// Gauge: connections open now, on every port the process serves.
+/// Gauge, label `port`: connections open now.
 pub const OPEN_CONNECTIONS: &str = "http_open_connections";
-/// Counter, label `reason`: `header_timeout`, `body_timeout`, `idle_timeout`, `crowded`,
-/// `shutdown_deadline`.
+/// Counter, labels `port` and `reason`: `header_timeout`, `body_timeout`, `idle_timeout`,
+/// `crowded`, `shutdown_deadline`.
 pub const CONNECTIONS_CLOSED: &str = "http_connections_closed_total";
 
-/// Gauge: clients accepted and waiting for a place under `HTTP_MAX_CONNECTIONS` (0 or 1 per
-/// port: the rest wait in the kernel's backlog).
+/// Gauge, label `port`: clients accepted and waiting for a place under `HTTP_MAX_CONNECTIONS`
+/// (0 or 1: the rest wait in the kernel's backlog).
 pub const CLIENTS_WAITING: &str = "http_clients_waiting";
 
 /// `# HELP` for the server's metrics.
@@ -130,14 +130,16 @@ impl ServerLimits {
 /// requests finish for as long as `shutdown` resolved with, and closes what is left. The grace
 /// comes with the signal because the worker knows how long it can give only when it stops. Every
 /// request carries `ConnectInfo<SocketAddr>`. Accept errors are logged and retried, never
-/// returned.
+/// returned. `port` names the port in the metrics' label `port` (`api`; a worker's `http` and
+/// `receipts`).
 pub async fn serve(
+    port: &'static str,
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
     shutdown: impl Future<Output = Duration> + Send + 'static,
 ) -> io::Result<()> {
-    let places = Places::new(limits.max_connections);
+    let places = Places::new(limits.max_connections, port);
     let (stop_tx, stop_rx) = watch::channel(());
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
@@ -189,7 +191,7 @@ pub async fn serve(
             connections = connections.len(),
             "shutdown grace elapsed: closing the remaining connections"
         );
-        Close::ShutdownDeadline.record(connections.len() as u64);
+        Close::ShutdownDeadline.record(port, connections.len() as u64);
         connections.shutdown().await;
     }
     Ok(())
@@ -281,7 +283,7 @@ async fn connection(
             }
             close = activity.expired(&limits, &places) => {
                 tracing::debug!(%peer, reason = close.as_str(), "closing connection");
-                close.record(1);
+                close.record(places.port, 1);
                 return;
             }
             // Err means the server is gone, which is a stop too.

@@ -14,21 +14,30 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use metrics::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub(super) struct Places {
     free: Arc<Semaphore>,
     /// A client waits for a place, and no idle connection has offered its own yet.
     room_wanted: AtomicBool,
+    /// The port's name in the metrics' label `port`: a worker serves two.
+    pub(super) port: &'static str,
+    /// `http_open_connections` and `http_clients_waiting` of this port, looked up once.
+    pub(super) open: Gauge,
+    waiting: Gauge,
 }
 
 impl Places {
-    pub(super) fn new(max_connections: usize) -> Arc<Self> {
+    pub(super) fn new(max_connections: usize, port: &'static str) -> Arc<Self> {
         Arc::new(Self {
             free: Arc::new(Semaphore::new(
                 max_connections.clamp(1, Semaphore::MAX_PERMITS),
             )),
             room_wanted: AtomicBool::new(false),
+            port,
+            open: metrics::gauge!(super::OPEN_CONNECTIONS, "port" => port),
+            waiting: metrics::gauge!(super::CLIENTS_WAITING, "port" => port),
         })
     }
 
@@ -37,7 +46,7 @@ impl Places {
         let permit = match Arc::clone(&self.free).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let _waiting = Waiting::begin(&self.room_wanted);
+                let _waiting = Waiting::begin(self);
                 Arc::clone(&self.free)
                     .acquire_owned()
                     .await
@@ -67,6 +76,12 @@ pub(super) struct Place {
     _permit: OwnedSemaphorePermit,
 }
 
+impl Place {
+    pub(super) fn places(&self) -> &Places {
+        &self.places
+    }
+}
+
 impl Drop for Place {
     fn drop(&mut self) {
         // A place given back goes straight to the client waiting, if one is: no room is wanted
@@ -76,20 +91,20 @@ impl Drop for Place {
 }
 
 /// Room is wanted while this lives: also when the wait ends because the server stops.
-struct Waiting<'a>(&'a AtomicBool);
+struct Waiting<'a>(&'a Places);
 
 impl<'a> Waiting<'a> {
-    fn begin(room_wanted: &'a AtomicBool) -> Self {
-        room_wanted.store(true, Ordering::Release);
-        metrics::gauge!(super::CLIENTS_WAITING).increment(1.0);
-        Self(room_wanted)
+    fn begin(places: &'a Places) -> Self {
+        places.room_wanted.store(true, Ordering::Release);
+        places.waiting.increment(1.0);
+        Self(places)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-        metrics::gauge!(super::CLIENTS_WAITING).decrement(1.0);
+        self.0.room_wanted.store(false, Ordering::Release);
+        self.0.waiting.decrement(1.0);
     }
 }
 
@@ -99,7 +114,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_place_given_back_to_a_waiting_client_wants_no_more_room() {
-        let places = Places::new(1);
+        let places = Places::new(1, "test");
         let held = places.take().await;
         let waiting = tokio::spawn({
             let places = Arc::clone(&places);
@@ -117,7 +132,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_connection_makes_room_per_waiting_client() {
-        let places = Places::new(1);
+        let places = Places::new(1, "test");
         let _held = places.take().await;
         let waiting = tokio::spawn({
             let places = Arc::clone(&places);

@@ -51,7 +51,7 @@ async fn start(limits: ServerLimits) -> Server {
     let addr = listener.local_addr().expect("address");
     let (stop, stopped) = oneshot::channel::<Duration>();
     let stopped = async { stopped.await.unwrap_or(Duration::ZERO) };
-    let task = tokio::spawn(serve(listener, router, limits, stopped));
+    let task = tokio::spawn(serve("test", listener, router, limits, stopped));
     Server {
         addr,
         stop,

@@ -39,8 +39,8 @@ impl Close {
         }
     }
 
-    pub(super) fn record(self, connections: u64) {
-        metrics::counter!(super::CONNECTIONS_CLOSED, "reason" => self.as_str())
+    pub(super) fn record(self, port: &'static str, connections: u64) {
+        metrics::counter!(super::CONNECTIONS_CLOSED, "port" => port, "reason" => self.as_str())
             .increment(connections);
     }
 }
@@ -48,19 +48,19 @@ impl Close {
 /// Counts the connection in `http_open_connections` and holds its place under the cap until
 /// dropped, which also happens when the task is aborted at the shutdown deadline.
 pub(super) struct OpenConnection {
-    _place: Place,
+    place: Place,
 }
 
 impl OpenConnection {
     pub(super) fn new(place: Place) -> Self {
-        metrics::gauge!(super::OPEN_CONNECTIONS).increment(1.0);
-        Self { _place: place }
+        place.places().open.increment(1.0);
+        Self { place }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        metrics::gauge!(super::OPEN_CONNECTIONS).decrement(1.0);
+        self.place.places().open.decrement(1.0);
     }
 }
 

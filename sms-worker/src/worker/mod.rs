@@ -181,6 +181,7 @@ impl Worker {
             ..limits
         };
         let (http, http_stop) = spawn_server(
+            "http",
             listener,
             http::router(context.readiness.clone()),
             http_limits,
@@ -190,7 +191,9 @@ impl Worker {
         // here for a while, and one turned away may be lost (Twilio retries a status callback
         // only as its URL's connection overrides say).
         let callbacks = match (callback_listener, callbacks::router(context.clone())) {
-            (Some(listener), Some(router)) => Some(spawn_server(listener, router, limits)),
+            (Some(listener), Some(router)) => {
+                Some(spawn_server("receipts", listener, router, limits))
+            }
             _ => None,
         };
 
@@ -235,6 +238,7 @@ type StopServer = tokio::sync::oneshot::Sender<Duration>;
 /// Serves `router` with the same slow-client limits as the api (`shared::serve`): the receipts
 /// port is open to anyone on the internet.
 fn spawn_server(
+    port: &'static str,
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
@@ -242,7 +246,9 @@ fn spawn_server(
     let (stop, stopped) = tokio::sync::oneshot::channel::<Duration>();
     // A dropped sender (the worker's run ending early) stops the server at once.
     let stopped = async { stopped.await.unwrap_or(Duration::ZERO) };
-    let task = tokio::spawn(shared::serve::serve(listener, router, limits, stopped));
+    let task = tokio::spawn(shared::serve::serve(
+        port, listener, router, limits, stopped,
+    ));
     (task, stop)
 }
 

@@ -96,9 +96,9 @@ async fn a_request_head_trickled_to_the_receipts_port_is_cut_at_the_header_timeo
         );
         let metrics = h.metrics_at(&addr).await;
         assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("http_connections_closed_total{reason=\"header_timeout\"}")),
+            metrics.lines().any(|l| l.starts_with(
+                "http_connections_closed_total{port=\"receipts\",reason=\"header_timeout\"}"
+            )),
             "no header_timeout close counted:\n{metrics}"
         );
         // Still serving: a forged callback gets its 403.
@@ -158,12 +158,16 @@ async fn the_receipts_port_serves_no_more_connections_than_its_cap() {
             beyond.as_ref().is_err_and(reqwest::Error::is_timeout),
             "served beyond the cap: {beyond:?}"
         );
-        // The worker holds that client, accepted, until a place frees, and says so.
+        // The worker holds that client, accepted, until a place frees, and says on which port.
         let metrics = h.metrics_at(&addr).await;
-        assert!(
-            metrics.lines().any(|l| l == "http_clients_waiting 1"),
-            "no client waiting:\n{metrics}"
-        );
+        let lines: Vec<&str> = metrics.lines().collect();
+        for line in [
+            r#"http_clients_waiting{port="receipts"} 1"#,
+            r#"http_clients_waiting{port="http"} 0"#,
+            r#"http_open_connections{port="receipts"} 2"#,
+        ] {
+            assert!(lines.contains(&line), "no {line}:\n{metrics}");
+        }
         // The cap is the port's own: the HTTP port still answers.
         let health = h
             .http
