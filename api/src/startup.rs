@@ -101,7 +101,7 @@ impl Application {
         tracing::info!(%addr, "api listening");
         let config = &self.state.config;
         let reserved = OWN_OPEN_FILES + u64::from(config.database_pool_size);
-        let limits = config.server.within_open_files(reserved);
+        let limits = config.server.within_open_files(reserved, 1);
         let grace = config.shutdown_grace;
         let shutdown = async move {
             shutdown.await;

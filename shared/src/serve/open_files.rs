@@ -13,26 +13,47 @@
 use super::ServerLimits;
 
 /// At most `wanted` connections, and no more than `open_files` leaves once `reserved` are kept
-/// for the program's own use (at least one, so that a server still answers).
-fn connections_within(wanted: usize, open_files: u64, reserved: u64) -> usize {
-    let room = open_files.saturating_sub(reserved).max(1);
+/// for the program's own use, each connection taking `files_each` (at least one connection, so
+/// that a server still answers).
+fn connections_within(wanted: usize, open_files: u64, reserved: u64, files_each: u64) -> usize {
+    let room = (open_files.saturating_sub(reserved) / files_each.max(1)).max(1);
     usize::try_from(room).map_or(wanted, |room| wanted.min(room))
+}
+
+/// The soft limit of open files, raised first to the hard limit where it can be; `None` when it
+/// cannot even be read.
+fn open_files_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(open_files) => Some(open_files),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            rlimit::Resource::NOFILE.get().ok().map(|(soft, _)| soft)
+        }
+    }
 }
 
 impl ServerLimits {
     /// These limits, with `max_connections` lowered if need be to what this process's open-file
     /// limit, raised first to its hard limit, leaves after `reserved` descriptors for the
-    /// program's own connections and files. Logs a warning when it lowers the cap, and when the
-    /// limit cannot be read or raised (the cap is then kept as configured).
-    pub fn within_open_files(self, reserved: u64) -> Self {
-        let open_files = match rlimit::increase_nofile_limit(u64::MAX) {
-            Ok(open_files) => open_files,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read or raise the open-file limit; HTTP_MAX_CONNECTIONS is kept as configured");
-                return self;
-            }
+    /// program's own connections and files, when each connection served takes `files_each` (2
+    /// where handling a request may open a connection of its own). Logs a warning when it lowers
+    /// the cap; keeps it as configured only when the limit cannot be read at all.
+    pub fn within_open_files(self, reserved: u64, files_each: u64) -> Self {
+        let Some(open_files) = open_files_limit() else {
+            tracing::warn!(
+                "could not read the open-file limit; HTTP_MAX_CONNECTIONS is kept as configured"
+            );
+            return self;
         };
-        let max_connections = connections_within(self.max_connections, open_files, reserved);
+        if open_files <= reserved {
+            tracing::warn!(
+                open_files,
+                reserved,
+                "the open-file limit is below what the program keeps for its own connections; raise LimitNOFILE (or ulimit -n), or lower DATABASE_POOL_SIZE or WORKER_CONCURRENCY"
+            );
+        }
+        let max_connections =
+            connections_within(self.max_connections, open_files, reserved, files_each);
         if max_connections < self.max_connections {
             tracing::warn!(
                 configured = self.max_connections,
@@ -55,11 +76,12 @@ mod tests {
 
     #[test]
     fn a_cap_is_lowered_to_what_the_open_files_leave() {
-        assert_eq!(connections_within(10_000, 1_024, 74), 950);
-        assert_eq!(connections_within(512, 1_024, 192), 512);
-        assert_eq!(connections_within(512, 524_288, 192), 512);
+        assert_eq!(connections_within(10_000, 1_024, 74, 1), 950);
+        assert_eq!(connections_within(512, 1_024, 192, 1), 512);
+        assert_eq!(connections_within(512, 1_024, 192, 2), 416);
+        assert_eq!(connections_within(512, 524_288, 192, 2), 512);
         // Never none: a server that accepts nothing would look like one that is down.
-        assert_eq!(connections_within(10_000, 64, 74), 1);
-        assert_eq!(connections_within(10_000, u64::MAX, 74), 10_000);
+        assert_eq!(connections_within(10_000, 64, 74, 1), 1);
+        assert_eq!(connections_within(10_000, u64::MAX, 74, 1), 10_000);
     }
 }

@@ -121,6 +121,9 @@ async fn send_until_the_grace_ends(
     let token = ClaimToken::generate();
     let unanswered = Unanswered::default();
     let mut tried = Tried::new(&unanswered);
+    // Whether a provider call had its request out when the grace period ended (not one still
+    // fetching a token before it): only such a call is cut by the stop.
+    let under_way;
     {
         let sending = send_otp(context, event, &token, &mut tried, journal);
         tokio::pin!(sending);
@@ -129,7 +132,8 @@ async fn send_until_the_grace_ends(
             outcome = &mut sending => return outcome,
             () = context.grace_over.recv() => {}
         }
-        if unanswered.call_under_way()
+        under_way = unanswered.call_under_way();
+        if under_way
             && let Ok(outcome) = tokio::time::timeout(ANSWER_AFTER_GRACE, &mut sending).await
         {
             return outcome;
@@ -138,11 +142,11 @@ async fn send_until_the_grace_ends(
     if unanswered.any() {
         // A call cut here is the stop's doing; an earlier one left unanswered, the provider's.
         let cause = match tried.call_cut_short() {
-            Some(provider) => {
+            Some(provider) if under_way => {
                 journal.cut_short(provider);
                 Unconfirmed::CutAtStop
             }
-            None => Unconfirmed::Unanswered,
+            _ => Unconfirmed::Unanswered,
         };
         warn!(
             "the grace period ended with a provider call unanswered; the SMS may have gone out, so the event is not handed to another worker"

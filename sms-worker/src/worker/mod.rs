@@ -169,16 +169,11 @@ impl Worker {
             );
         }
 
-        // The receipts port gets what the open files leave once the HTTP port's and the
-        // worker's own are kept: a connection to a provider per send in flight, for each of two
-        // providers, and Redis, RabbitMQ, the listeners and the log file.
-        let reserved =
-            OWN_OPEN_FILES + HTTP_PORT_MAX_CONNECTIONS as u64 + 2 * u64::from(config.concurrency);
-        let limits = config.server.within_open_files(reserved);
-        // Probes and scrapes need a few connections; the open files go to the receipts port.
+        // Probes and scrapes need a few connections, kept whatever the open files allow (a
+        // probe left waiting for a place would have the worker restarted).
         let http_limits = ServerLimits {
-            max_connections: limits.max_connections.min(HTTP_PORT_MAX_CONNECTIONS),
-            ..limits
+            max_connections: config.server.max_connections.min(HTTP_PORT_MAX_CONNECTIONS),
+            ..config.server
         };
         let (http, http_stop) = spawn_server(
             "http",
@@ -192,6 +187,14 @@ impl Worker {
         // only as its URL's connection overrides say).
         let callbacks = match (callback_listener, callbacks::router(context.clone())) {
             (Some(listener), Some(router)) => {
+                // It gets what the open files leave once the HTTP port's and the worker's own
+                // are kept: a connection to a provider per send in flight, for each of two
+                // providers, and Redis, RabbitMQ, the listeners and the log file. A receipt may
+                // resend through a provider while its connection is open, so each takes two.
+                let reserved = OWN_OPEN_FILES
+                    + HTTP_PORT_MAX_CONNECTIONS as u64
+                    + 2 * u64::from(config.concurrency);
+                let limits = config.server.within_open_files(reserved, 2);
                 Some(spawn_server("receipts", listener, router, limits))
             }
             _ => None,

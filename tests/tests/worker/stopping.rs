@@ -73,12 +73,18 @@ async fn a_call_under_way_as_the_grace_period_ends_ends_as_sent_unconfirmed() {
     with_harness(QueueType::Classic, |h| async move {
         // No answer within the grace and the 2 s a call under way gets after it.
         h.fake.set_faults(Faults::latency(8_000));
-        let worker = h.start_worker(&[("SHUTDOWN_GRACE_SECS", "1")]).await;
+        let mut worker = h
+            .start_worker_process(&[("SHUTDOWN_GRACE_SECS", "1"), ("LOG_FORMAT", "json")])
+            .await;
         let to = phone();
         let event = event(&to, CODE_VALIDITY);
         h.publish(&event).await;
         h.wait_for_a_call(&to).await;
-        worker.stop().await;
+        worker.terminate();
+        assert!(worker.wait(WAIT).await.success(), "{}", worker.logs());
+        // Counted in `sms_ambiguous_total` as the stop's doing, not the provider's.
+        let logs = worker.logs();
+        assert!(logs.contains(r#""cause":"cut_at_stop""#), "{logs}");
         assert_eq!(h.queued().await, 0, "the event went back to the queue");
         assert_eq!(
             h.ledger_record(&event).await.as_deref(),
@@ -179,6 +185,8 @@ async fn a_call_that_timed_out_as_the_grace_period_ends_is_not_handed_back() {
             logs.contains("no provider confirmed the SMS, but it may have been sent"),
             "{logs}"
         );
+        // The call had ended, unanswered, before the stop's grace did: the provider's doing.
+        assert!(logs.contains(r#""cause":"unanswered""#), "{logs}");
         assert_eq!(h.queued().await, 0, "the event went back to the queue");
         assert_eq!(h.fake.requests(Some(&to)).len(), 1);
         assert_eq!(h.dead_lettered().await, 0);
