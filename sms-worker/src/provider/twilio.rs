@@ -147,9 +147,10 @@ pub fn classify(status: u16, code: Option<i64>) -> Failure {
         // can be a wrong sender too, but a short code sent to another country gives the same
         // codes, so a requester could cause them.
         Some(21408 | 21606 | 21608 | 21612 | 21659 | 30024 | 30034) => Failure::Route,
-        // Invalid, unsubscribed, landline, short-code or blocked numbers: every provider would
-        // fail the same way.
-        Some(21211 | 21217 | 21265 | 21266 | 21610 | 21614 | 21635) => Failure::Recipient,
+        // Invalid, unsubscribed, landline, short-code, premium-rate or blocked numbers: every
+        // provider would fail the same way, or must not be used to get around the refusal (a
+        // premium-rate number is how SMS pumping is paid).
+        Some(21211 | 21217 | 21265 | 21266 | 21268 | 21610 | 21614 | 21635) => Failure::Recipient,
         // Twilio refuses a number with a 400, so any other 4xx with a code not listed here, or
         // none (a proxy's page, a wrong base URL), is about where and how we send.
         _ if status != 400 => Failure::Provider,
@@ -175,7 +176,7 @@ mod tests {
         for code in [21408, 21606, 21608, 21659] {
             assert_eq!(classify(400, Some(code)), Failure::Route, "{code}");
         }
-        for code in [21211, 21610, 21614, 21635] {
+        for code in [21211, 21268, 21610, 21614, 21635] {
             assert_eq!(classify(400, Some(code)), Failure::Recipient, "{code}");
         }
     }
