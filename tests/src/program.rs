@@ -71,6 +71,19 @@ impl Program {
         Self::start(&binary, args, env)
     }
 
+    /// As [`Program::start_workspace`], under a limit of `open_files` (soft and hard), set by
+    /// util-linux's `prlimit` before it runs the program.
+    pub async fn start_workspace_with_open_files(
+        name: &'static str,
+        env: impl IntoIterator<Item = (String, String)>,
+        open_files: u64,
+    ) -> Self {
+        let binary = workspace_binary(name).await;
+        let binary = binary.to_str().expect("a UTF-8 path");
+        let nofile = format!("--nofile={open_files}:{open_files}");
+        Self::start(Path::new("/usr/bin/prlimit"), &[&nofile, binary], env)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -1,7 +1,6 @@
 //! The `api` program itself, as a child process: what it refuses to start with, how it stops,
 //! and what its logs carry.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -49,12 +48,7 @@ impl ApiProcess {
         }
         let program = match open_files {
             None => Program::start_workspace("api", &[], env).await,
-            Some(limit) => {
-                let api = tests::program::workspace_binary("api").await;
-                let nofile = format!("--nofile={limit}:{limit}");
-                let api = api.to_str().expect("a UTF-8 path");
-                Program::start(Path::new("/usr/bin/prlimit"), &[&nofile, api], env)
-            }
+            Some(limit) => Program::start_workspace_with_open_files("api", env, limit).await,
         };
         Self {
             program: Some(program),

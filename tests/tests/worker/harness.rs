@@ -267,6 +267,16 @@ impl Harness {
         Program::start_workspace("sms-worker", &[], self.env_with(overrides)).await
     }
 
+    /// As [`Harness::start_worker_process`], under a limit of `open_files`.
+    pub async fn start_worker_process_with_open_files(
+        &self,
+        overrides: &[(&str, &str)],
+        open_files: u64,
+    ) -> Program {
+        let env = self.env_with(overrides);
+        Program::start_workspace_with_open_files("sms-worker", env, open_files).await
+    }
+
     /// Publishes a new event for `to`, valid for [`CODE_VALIDITY`], as the api does.
     /// A new number that Twilio (fake-sms) calls invalid (21211), so its event is dead-lettered
     /// at the first call. Replaces fake-sms's faults.

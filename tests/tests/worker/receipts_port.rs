@@ -22,6 +22,15 @@ async fn worker_with_receipts(
     h: &Harness,
     overrides: &[(&str, &str)],
 ) -> (Program, String, String) {
+    worker_with_receipts_under(h, overrides, None).await
+}
+
+/// As [`worker_with_receipts`], under a limit of `open_files` when one is given.
+async fn worker_with_receipts_under(
+    h: &Harness,
+    overrides: &[(&str, &str)],
+    open_files: Option<u64>,
+) -> (Program, String, String) {
     let mut env = h.receipts();
     let addr = format!("127.0.0.1:{}", tests::ports::free_port());
     env.push(("WORKER_ADDR".to_owned(), addr.clone()));
@@ -36,7 +45,13 @@ async fn worker_with_receipts(
         .find(|(name, _)| name == "CALLBACK_ADDR")
         .map(|(_, value)| value.clone())
         .expect("receipts are on");
-    let worker = h.start_worker_process(&pairs(&env)).await;
+    let worker = match open_files {
+        None => h.start_worker_process(&pairs(&env)).await,
+        Some(limit) => {
+            h.start_worker_process_with_open_files(&pairs(&env), limit)
+                .await
+        }
+    };
     let ready = format!("http://{addr}/readyz");
     eventually(WAIT, "the worker to be ready", || async {
         matches!(h.http.get(&ready).send().await, Ok(r) if r.status().is_success())
@@ -212,6 +227,66 @@ async fn a_client_trickling_a_head_to_the_receipts_port_does_not_hold_a_stopping
             worker.logs()
         );
         client.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn under_a_low_open_file_limit_the_receipts_port_takes_what_is_left_and_probes_keep_theirs() {
+    with_harness(QueueType::Classic, |h| async move {
+        // 300 open files. The worker keeps 64, its HTTP port's 64 and two for each of its 64
+        // sends in flight: 44 are left, two for each receipts connection (a resend).
+        let (worker, receipts, addr) = worker_with_receipts_under(
+            &h,
+            &[("HTTP_HEADER_TIMEOUT_SECS", "60"), ("LOG_FORMAT", "json")],
+            Some(300),
+        )
+        .await;
+        eventually(
+            WAIT,
+            "the warning about the receipts port's cap",
+            || async {
+                let logs = worker.logs();
+                logs.contains("HTTP_MAX_CONNECTIONS is more than the open-file limit leaves")
+                    && logs.contains(r#""max_connections":22"#)
+            },
+        )
+        .await;
+
+        // The HTTP port keeps its own places: 30 connections, more than the receipts port's 22,
+        // each served and kept open.
+        let mut probes = Vec::new();
+        for n in 1..=30 {
+            let mut probe = TcpStream::connect(&addr).await.expect("connect");
+            probe
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: worker\r\n\r\n")
+                .await
+                .expect("the request is written");
+            let mut start = [0u8; 12];
+            tokio::time::timeout(WAIT, probe.read_exact(&mut start))
+                .await
+                .unwrap_or_else(|_| panic!("probe {n} not served"))
+                .expect("an answer");
+            assert_eq!(&start, b"HTTP/1.1 200", "probe {n}");
+            probes.push(probe);
+        }
+
+        // 22 silent connections take the receipts port's places; the next is not served.
+        let mut silent = Vec::new();
+        for _ in 0..22 {
+            silent.push(TcpStream::connect(&receipts).await.expect("connect"));
+        }
+        let beyond = post_forged_callback(&h, &receipts).await;
+        assert!(
+            beyond.as_ref().is_err_and(reqwest::Error::is_timeout),
+            "served beyond 22: {beyond:?}"
+        );
+        drop(silent.pop());
+        let served = post_forged_callback(&h, &receipts)
+            .await
+            .expect("served once a place is free");
+        assert_eq!(served.status(), 403, "{}", worker.logs());
+        drop((probes, silent));
     })
     .await;
 }
