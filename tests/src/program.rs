@@ -25,6 +25,9 @@ struct Output {
     stdout: String,
 }
 
+/// Long enough for a line logged at start to reach us on a busy machine.
+const WAIT_FOR_A_LINE: Duration = Duration::from_secs(20);
+
 impl Program {
     /// Starts `binary` with `args` and exactly `env`.
     pub fn start(
@@ -82,6 +85,18 @@ impl Program {
         let binary = binary.to_str().expect("a UTF-8 path");
         let nofile = format!("--nofile={open_files}:{open_files}");
         Self::start(Path::new("/usr/bin/prlimit"), &[&nofile, binary], env)
+    }
+
+    /// Waits until its JSON log has warned that the open-file limit lowered its connection cap
+    /// to `max_connections`.
+    pub async fn wait_for_cap_lowered_to(&self, max_connections: usize) {
+        let field = format!(r#""max_connections":{max_connections}"#);
+        crate::wait::eventually(WAIT_FOR_A_LINE, "the warning about the cap", || async {
+            let logs = self.logs();
+            logs.contains("HTTP_MAX_CONNECTIONS is more than the open-file limit leaves")
+                && logs.contains(&field)
+        })
+        .await;
     }
 
     pub fn name(&self) -> &str {

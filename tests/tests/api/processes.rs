@@ -203,16 +203,7 @@ async fn a_connection_cap_past_the_open_file_limit_is_lowered_to_what_it_leaves(
     .await;
     api.wait_until_ready(&format!("http://{addr}")).await;
     let program = api.program.as_ref().expect("running");
-    eventually(
-        Duration::from_secs(10),
-        "the warning about the cap",
-        || async {
-            let logs = program.logs();
-            logs.contains("HTTP_MAX_CONNECTIONS is more than the open-file limit leaves")
-                && logs.contains(r#""max_connections":126"#)
-        },
-    )
-    .await;
+    program.wait_for_cap_lowered_to(126).await;
 
     // 126 connections, each served a request and kept open. The readiness check's connection
     // may still hold a place for a moment; the last of them is served once it lets go.

@@ -242,16 +242,7 @@ async fn under_a_low_open_file_limit_the_receipts_port_takes_what_is_left_and_pr
             Some(300),
         )
         .await;
-        eventually(
-            WAIT,
-            "the warning about the receipts port's cap",
-            || async {
-                let logs = worker.logs();
-                logs.contains("HTTP_MAX_CONNECTIONS is more than the open-file limit leaves")
-                    && logs.contains(r#""max_connections":22"#)
-            },
-        )
-        .await;
+        worker.wait_for_cap_lowered_to(22).await;
 
         // The HTTP port keeps its own places: 30 connections, more than the receipts port's 22,
         // each served and kept open.
