@@ -319,18 +319,12 @@ fn millis(duration: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use secrecy::SecretString;
-    use shared::redis_connection::RedisTarget;
-
     use super::*;
+    use crate::test_redis;
 
     /// The Redis the integration tests use (`TEST_REDIS_URL`), under a namespace of its own.
     fn ledger() -> SendLedger {
-        let url = std::env::var("TEST_REDIS_URL")
-            .unwrap_or_else(|_| shared::config::DEFAULT_REDIS_URL.to_owned());
-        let target = RedisTarget::parse(&SecretString::from(url)).unwrap();
-        let namespace = format!("ledger-test-{}", Uuid::new_v4().simple());
-        SendLedger::new(RedisConnection::new(&target).unwrap(), &namespace)
+        SendLedger::new(test_redis::connection(), &test_redis::namespace("ledger"))
     }
 
     #[tokio::test]

@@ -23,6 +23,8 @@ mod provider;
 mod receipts;
 pub mod seal;
 mod shutdown;
+#[cfg(test)]
+mod test_redis;
 pub mod trace;
 mod worker;
 

@@ -110,10 +110,12 @@ impl Drop for Waiting<'_> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::task::JoinHandle;
+
     use super::*;
 
-    #[tokio::test]
-    async fn a_place_given_back_to_a_waiting_client_wants_no_more_room() {
+    /// One place, held, and a client waiting for it (once room is wanted).
+    async fn full_with_a_client_waiting() -> (Arc<Places>, Place, JoinHandle<Place>) {
         let places = Places::new(1, "test");
         let held = places.take().await;
         let waiting = tokio::spawn({
@@ -123,6 +125,12 @@ mod tests {
         while !places.room_wanted.load(Ordering::Acquire) {
             tokio::task::yield_now().await;
         }
+        (places, held, waiting)
+    }
+
+    #[tokio::test]
+    async fn a_place_given_back_to_a_waiting_client_wants_no_more_room() {
+        let (places, held, waiting) = full_with_a_client_waiting().await;
         // The only place closes on its own: it goes to the waiting client, and no idle
         // connection needs to close for it.
         drop(held);
@@ -132,15 +140,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_connection_makes_room_per_waiting_client() {
-        let places = Places::new(1, "test");
-        let _held = places.take().await;
-        let waiting = tokio::spawn({
-            let places = Arc::clone(&places);
-            async move { places.take().await }
-        });
-        while !places.room_wanted.load(Ordering::Acquire) {
-            tokio::task::yield_now().await;
-        }
+        let (places, _held, waiting) = full_with_a_client_waiting().await;
         assert!(places.make_room());
         assert!(!places.make_room(), "two connections closed for one client");
         waiting.abort();

@@ -344,18 +344,12 @@ fn millis(duration: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use secrecy::SecretString;
-    use shared::redis_connection::RedisTarget;
-
     use super::*;
+    use crate::test_redis;
 
     /// A breaker in the Redis the integration tests use (`TEST_REDIS_URL`), under a namespace of
     /// its own, opened by one failure and half-open 50 ms later.
     fn breaker() -> Breaker {
-        let url = std::env::var("TEST_REDIS_URL")
-            .unwrap_or_else(|_| shared::config::DEFAULT_REDIS_URL.to_owned());
-        let target = RedisTarget::parse(&SecretString::from(url)).unwrap();
-        let namespace = format!("breaker-test-{}", uuid::Uuid::new_v4().simple());
         let config = BreakerConfig {
             failures: 1,
             window: Duration::from_secs(30),
@@ -366,8 +360,8 @@ mod tests {
         Breaker::new(
             "twilio",
             config,
-            RedisConnection::new(&target).unwrap(),
-            &namespace,
+            test_redis::connection(),
+            &test_redis::namespace("breaker"),
         )
     }
 

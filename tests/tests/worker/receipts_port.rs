@@ -93,6 +93,21 @@ async fn post_forged_callback(h: &Harness, receipts: &str) -> reqwest::Result<re
         .await
 }
 
+/// A forged callback is served: refused, 403, as the worker refuses one it reads.
+async fn assert_served(h: &Harness, receipts: &str, worker: &Program) {
+    let answer = post_forged_callback(h, receipts).await.expect("an answer");
+    assert_eq!(answer.status(), 403, "{}", worker.logs());
+}
+
+/// A forged callback gets no answer within 1 s: the port has no place for it.
+async fn assert_not_served(h: &Harness, receipts: &str) {
+    let beyond = post_forged_callback(h, receipts).await;
+    assert!(
+        beyond.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "served beyond the cap: {beyond:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_request_head_trickled_to_the_receipts_port_is_cut_at_the_header_timeout() {
     with_harness(QueueType::Classic, |h| async move {
@@ -117,10 +132,7 @@ async fn a_request_head_trickled_to_the_receipts_port_is_cut_at_the_header_timeo
             "no header_timeout close counted:\n{metrics}"
         );
         // Still serving: a forged callback gets its 403.
-        let forged = post_forged_callback(&h, &receipts)
-            .await
-            .expect("an answer");
-        assert_eq!(forged.status(), 403, "{}", worker.logs());
+        assert_served(&h, &receipts, &worker).await;
     })
     .await;
 }
@@ -168,11 +180,7 @@ async fn the_receipts_port_serves_no_more_connections_than_its_cap() {
         let first = TcpStream::connect(&receipts).await.expect("connect");
         let _second = TcpStream::connect(&receipts).await.expect("connect");
         // The kernel completes a third handshake from its backlog; the worker must not serve it.
-        let beyond = post_forged_callback(&h, &receipts).await;
-        assert!(
-            beyond.as_ref().is_err_and(reqwest::Error::is_timeout),
-            "served beyond the cap: {beyond:?}"
-        );
+        assert_not_served(&h, &receipts).await;
         // The worker holds that client, accepted, until a place frees, and says on which port.
         let metrics = h.metrics_at(&addr).await;
         let lines: Vec<&str> = metrics.lines().collect();
@@ -192,10 +200,7 @@ async fn the_receipts_port_serves_no_more_connections_than_its_cap() {
             .expect("the HTTP port answers");
         assert!(health.status().is_success());
         drop(first);
-        let served = post_forged_callback(&h, &receipts)
-            .await
-            .expect("served once a place is free");
-        assert_eq!(served.status(), 403, "{}", worker.logs());
+        assert_served(&h, &receipts, &worker).await;
     })
     .await;
 }
@@ -267,16 +272,9 @@ async fn under_a_low_open_file_limit_the_receipts_port_takes_what_is_left_and_pr
         for _ in 0..22 {
             silent.push(TcpStream::connect(&receipts).await.expect("connect"));
         }
-        let beyond = post_forged_callback(&h, &receipts).await;
-        assert!(
-            beyond.as_ref().is_err_and(reqwest::Error::is_timeout),
-            "served beyond 22: {beyond:?}"
-        );
+        assert_not_served(&h, &receipts).await;
         drop(silent.pop());
-        let served = post_forged_callback(&h, &receipts)
-            .await
-            .expect("served once a place is free");
-        assert_eq!(served.status(), 403, "{}", worker.logs());
+        assert_served(&h, &receipts, &worker).await;
         drop((probes, silent));
     })
     .await;
