@@ -3,9 +3,10 @@
 //!
 //! At the cap, new clients wait in the kernel's backlog, except one: the accept loop takes the
 //! next client first and holds it until a place frees (or until it leaves before sending a byte,
-//! as a port scan does), which is how the server knows that someone waits. Without more, a client that makes one quick request on each of its connections
-//! and then leaves them idle would hold every place for the whole idle timeout (75 s by
-//! default), turning everyone else away. So while a client waits, a connection idle for the
+//! as a port scan does), which is how the server knows that someone waits. Without more, a
+//! client that makes one quick request on each of its connections and then leaves them idle
+//! would hold every place for the whole idle timeout (75 s by default), turning everyone else
+//! away. So while a client waits, a connection idle for the
 //! header timeout or longer gives its place up ([`Places::make_room`], which each idle
 //! connection's watchdog asks every header timeout): one connection per waiting client, and none
 //! while no one waits, so that a server that is merely at its cap (an api holding its load

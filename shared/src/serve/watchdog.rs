@@ -142,8 +142,9 @@ impl Activity {
 
     /// Resolves when the connection has broken one of the limits: a request head not in within
     /// the header timeout of its first byte, a body not in within the header timeout of the
-    /// handler asking for it, or no request in flight and nothing moving for the idle timeout. An idle connection also offers its place to a waiting client, once
-    /// idle for the header timeout and again every header timeout (see `places.rs`).
+    /// handler asking for it, or no request in flight and nothing moving for the idle timeout.
+    /// An idle connection also offers its place to a waiting client, once idle for the header
+    /// timeout and again every header timeout (see `places.rs`).
     pub(super) async fn expired(&self, limits: &ServerLimits, places: &Places) -> Close {
         let mut next_offer: Option<Instant> = None;
         loop {

@@ -112,8 +112,8 @@ impl Allowance {
     /// The provider's answer was reported another way (a failure, which reopens a half-open
     /// breaker and ends its probe): nothing to give back.
     pub fn reported(self) {
-        if let Self::Probe(mut probe) = self {
-            probe.breaker = None;
+        if let Self::Probe(probe) = self {
+            probe.reported();
         }
     }
 }
@@ -136,6 +136,13 @@ impl std::fmt::Debug for Probe {
             .field("until_ms", &self.until_ms)
             .field("reported", &self.breaker.is_none())
             .finish()
+    }
+}
+
+impl Probe {
+    /// Its answer was reported: nothing to give back when it drops.
+    fn reported(mut self) {
+        self.breaker = None;
     }
 }
 
@@ -247,8 +254,8 @@ impl Breaker {
 
     /// The provider took the SMS: closes a half-open breaker. Costs a round trip only then.
     pub async fn success(&self, allowance: Allowance) {
-        if let Allowance::Probe(mut probe) = allowance {
-            probe.breaker = None;
+        if let Allowance::Probe(probe) = allowance {
+            probe.reported();
             let _ = self.0.run("success", 0).await;
         }
     }
@@ -256,8 +263,9 @@ impl Breaker {
     /// A send `allowance` let through failed. A failure the provider is to blame for counts
     /// (and reopens a half-open breaker, ending its probe). Any other gives a probe back, closing
     /// nothing: a refusal for the recipient or the route, or one the worker cannot place, may be
-    /// the answer to a number the requester chose, and an SMS-pumping attacker, who sends most of the traffic, would otherwise close
-    /// the breaker of a provider still failing everyone else.
+    /// the answer to a number the requester chose, and an SMS-pumping attacker, who sends most
+    /// of the traffic, would otherwise close the breaker of a provider still failing everyone
+    /// else.
     pub async fn failed(&self, allowance: Allowance, kind: Failure) {
         if kind.counts_toward_breaker() {
             self.failure().await;
