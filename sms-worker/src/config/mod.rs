@@ -12,7 +12,7 @@ use shared::{CommonConfig, ConfigError, Env};
 
 pub use providers::{
     BreakerConfig, DEFAULT_TWILIO_BASE_URL, InfobipAuth, InfobipConfig, ProviderConfig, TwilioAuth,
-    TwilioConfig,
+    TwilioConfig, UnrecognisedRefusals,
 };
 
 use crate::seal::SealKey;
@@ -38,6 +38,9 @@ pub struct Config {
     /// `SMS_PROVIDERS`, in failover order.
     pub providers: Vec<ProviderConfig>,
     pub breaker: BreakerConfig,
+    /// `SMS_UNRECOGNISED_REFUSALS`: whether a refusal the worker cannot place fails over or
+    /// dead-letters.
+    pub unrecognised_refusals: UnrecognisedRefusals,
     /// `WORKER_SEAL_KEY`: seals what the worker keeps in Redis that must stay secret.
     pub seal_key: Option<SealKey>,
     /// Delivery receipts, when `CALLBACK_ADDR` is set.
@@ -186,6 +189,7 @@ impl Config {
             addr,
             providers,
             breaker: BreakerConfig::from_env(env)?,
+            unrecognised_refusals: UnrecognisedRefusals::from_env(env)?,
             seal_key,
             callbacks,
             server: ServerLimits::from_env(env, DEFAULT_MAX_CONNECTIONS)?,
@@ -320,6 +324,20 @@ mod tests {
         assert_eq!(config.server.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(config.server.header_timeout, Duration::from_secs(5));
         assert_eq!(config.server.idle_timeout, Duration::from_secs(75));
+        assert_eq!(config.unrecognised_refusals, UnrecognisedRefusals::FailOver);
+    }
+
+    #[test]
+    fn unrecognised_refusals_can_be_dead_lettered() {
+        let config = Config::from_env(&Env::from_pairs([(
+            "SMS_UNRECOGNISED_REFUSALS",
+            "Dead_Letter",
+        )]))
+        .unwrap();
+        assert_eq!(
+            config.unrecognised_refusals,
+            UnrecognisedRefusals::DeadLetter
+        );
     }
 
     #[test]
@@ -408,6 +426,7 @@ mod tests {
             ("HTTP_MAX_CONNECTIONS", "0"),
             ("HTTP_HEADER_TIMEOUT_SECS", "0"),
             ("HTTP_IDLE_TIMEOUT_SECS", "forever"),
+            ("SMS_UNRECOGNISED_REFUSALS", "drop"),
         ] {
             let err = Config::from_env(&Env::from_pairs([(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

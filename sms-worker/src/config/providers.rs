@@ -108,6 +108,34 @@ impl BreakerConfig {
     }
 }
 
+/// `SMS_UNRECOGNISED_REFUSALS`: what becomes of an event a provider refused with a reason the
+/// worker cannot place (see [`crate::provider::Failure::Unrecognised`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnrecognisedRefusals {
+    /// `fail_over` (the default): the next provider is tried. A user is not locked out when a
+    /// provider starts answering with a code the worker was not taught, at the price of a
+    /// second paid call when the code was a policy block about the number.
+    FailOver,
+    /// `dead_letter`: the event is dead-lettered, as for a refusal of the recipient. For a
+    /// deployment that would rather read new codes in `sms-worker dlq list` than pay for numbers
+    /// a provider refused for a reason no one looked at.
+    DeadLetter,
+}
+
+impl UnrecognisedRefusals {
+    pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        const NAME: &str = "SMS_UNRECOGNISED_REFUSALS";
+        match env.string(NAME, "fail_over").to_ascii_lowercase().as_str() {
+            "fail_over" => Ok(Self::FailOver),
+            "dead_letter" => Ok(Self::DeadLetter),
+            other => Err(ConfigError::new(
+                NAME,
+                format!("{other:?}: use fail_over or dead_letter"),
+            )),
+        }
+    }
+}
+
 /// `SMS_PROVIDERS` (comma-separated, in failover order), or `SMS_PROVIDER` (a list of one);
 /// `log` when neither is set.
 pub(super) fn providers_from_env(env: &Env) -> Result<Vec<ProviderConfig>, ConfigError> {

@@ -6,7 +6,8 @@
 //! - retryable (nothing was sent): backoff and try again, within the budget; if the failure
 //!   opened the provider's breaker and another provider is open for business, at once there;
 //! - provider, route or unrecognised (this provider will not send it): at once through the next
-//!   provider;
+//!   provider; an unrecognised refusal is dead-lettered instead where
+//!   `SMS_UNRECOGNISED_REFUSALS=dead_letter`;
 //! - recipient (no provider could): dead-lettered;
 //! - ambiguous (the request went out, no answer came back): the SMS may be on its way, so it
 //!   gets exactly one more attempt, on the next provider where there is one, and never the
@@ -28,6 +29,7 @@ use super::context::Context;
 use super::lease::Lease;
 use super::outcome::Outcome;
 use super::sent::SentSms;
+use crate::config::UnrecognisedRefusals;
 use crate::dead_letter::{DeadLetter, ErrorKind};
 use crate::ledger::ClaimToken;
 use crate::message;
@@ -306,7 +308,20 @@ pub(super) async fn send_through_providers(
             return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
         }
         match error.kind {
-            Failure::Recipient => return Ok(dead_letter_now(tried, claim)),
+            Failure::Recipient => {
+                return Ok(dead_letter_now(
+                    tried,
+                    claim,
+                    "it cannot be sent to this recipient",
+                ));
+            }
+            Failure::Unrecognised
+                if config.unrecognised_refusals == UnrecognisedRefusals::DeadLetter =>
+            {
+                let why = "it was refused for a reason the worker cannot place \
+                           (SMS_UNRECOGNISED_REFUSALS=dead_letter)";
+                return Ok(dead_letter_now(tried, claim, why));
+            }
             Failure::Provider | Failure::Route | Failure::Unrecognised => {
                 tried.excluded.push(provider.name());
             }
@@ -457,11 +472,9 @@ async fn give_up(
     }
 }
 
-fn dead_letter_now(tried: &Tried<'_>, claim: &ClaimToken) -> Outcome {
-    warn!(
-        attempts = tried.attempts,
-        "the SMS cannot be delivered to this recipient; dead-lettering it"
-    );
+/// Ends the event in the dead-letter queue, without another provider: `why` says for the log.
+fn dead_letter_now(tried: &Tried<'_>, claim: &ClaimToken, why: &str) -> Outcome {
+    warn!(attempts = tried.attempts, "{why}; dead-lettering it");
     Outcome::DeadLetter {
         dead_letter: tried.dead_letter(ErrorKind::Permanent, ""),
         claim: Some(claim.clone()),

@@ -238,6 +238,42 @@ async fn a_refusal_the_worker_cannot_place_fails_over_and_counts_against_no_one(
     .await;
 }
 
+/// Requests an SMS for a new number and waits for its dead letter, which must be permanent and
+/// name the provider calls `providers` (`name:status:code`, in order). Returns its attempts.
+async fn permanent_dead_letter_after(h: &Harness, providers: &str) -> Option<i64> {
+    h.request_sms(&phone()).await;
+    let letters = h.wait_for_dead_letters(1).await;
+    let letter = &letters[0];
+    assert_eq!(
+        letter.header_str("x-error-kind").as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(letter.header_str("x-providers").as_deref(), Some(providers));
+    letter.header_int("x-attempts")
+}
+
+/// Where the deployment asks for it, a refusal the worker cannot place is dead-lettered instead
+/// of paid for again at the next provider.
+#[tokio::test]
+async fn a_refusal_the_worker_cannot_place_is_dead_lettered_where_asked() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults {
+            always: Some(InjectedResponse::twilio_error(400, 63_999)),
+            ..Faults::default()
+        });
+        let mut overrides = h.failover();
+        overrides.push(("SMS_UNRECOGNISED_REFUSALS".into(), "dead_letter".into()));
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let attempts = permanent_dead_letter_after(&h, "twilio:400:63999").await;
+        assert_eq!(attempts, Some(1));
+        worker.stop().await;
+        assert!(h.fake.requests_via(SmsProvider::Infobip, None).is_empty());
+        assert!(h.fake.messages(None).is_empty());
+        assert_eq!(breaker_open_until(&h, "twilio").await, 0);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn when_every_provider_refuses_the_dead_letter_names_each() {
     with_harness(QueueType::Classic, |h| async move {
@@ -253,18 +289,8 @@ async fn when_every_provider_refuses_the_dead_letter_names_each() {
             },
         );
         let worker = h.start_worker(&pairs(&h.failover())).await;
-        h.request_sms(&phone()).await;
-        let letters = h.wait_for_dead_letters(1).await;
-        let letter = &letters[0];
-        assert_eq!(
-            letter.header_str("x-error-kind").as_deref(),
-            Some("permanent")
-        );
-        assert_eq!(
-            letter.header_str("x-providers").as_deref(),
-            Some("twilio:401:20003,infobip:403:403")
-        );
-        assert_eq!(letter.header_int("x-attempts"), Some(2));
+        let attempts = permanent_dead_letter_after(&h, "twilio:401:20003,infobip:403:403").await;
+        assert_eq!(attempts, Some(2));
         worker.stop().await;
     })
     .await;
