@@ -70,6 +70,17 @@ async fn fake_sms_answers_like_twilio() {
     let response = send(with_token(&url).form(&[("To", to.as_str()), ("Body", "x")])).await;
     assert_eq!(json_of(response).await["code"], 21603);
 
+    // Twilio's code for a validity period out of range (21620 is about a media URL).
+    let long_lived = [
+        ("To", to.as_str()),
+        ("From", "+15005550006"),
+        ("Body", "x"),
+        ("ValidityPeriod", "36001"),
+    ];
+    let response = send(with_token(&url).form(&long_lived)).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(json_of(response).await["code"], 21624);
+
     let with_api_key = http
         .post(&url)
         .basic_auth(&config.api_key_sid, Some(&config.api_key_secret));

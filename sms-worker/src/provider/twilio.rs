@@ -139,8 +139,11 @@ pub fn classify(status: u16, code: Option<i64>) -> Failure {
     match code {
         // Our account, sender or request, whatever the number: 20404 a wrong account SID in the
         // URL, 21212 an invalid `From`, 21602 and 21603 a missing body or sender, 21611 the
-        // sender's queue full, 30002 a suspended account; another provider may work.
-        Some(20003 | 20005 | 20404 | 21212 | 21602 | 21603 | 21611 | 30002) => Failure::Provider,
+        // sender's queue full, 21617 a body over 1,600 characters (the template), 21624 a
+        // `ValidityPeriod` out of range, 30002 a suspended account; another provider may work.
+        Some(20003 | 20005 | 20404 | 21212 | 21602 | 21603 | 21611 | 21617 | 21624 | 30002) => {
+            Failure::Provider
+        }
         // This destination cannot be reached through this account (region not enabled, a sender
         // not capable of it or not in its country, a trial account's unverified number):
         // another provider may reach it, and Twilio still works for others. 21606 and 21659
@@ -169,7 +172,7 @@ mod tests {
         }
         assert_eq!(classify(401, Some(20003)), Failure::Provider);
         assert_eq!(classify(403, None), Failure::Provider);
-        for code in [21212, 21603, 21611] {
+        for code in [21212, 21603, 21611, 21617, 21624] {
             assert_eq!(classify(400, Some(code)), Failure::Provider, "{code}");
         }
         assert_eq!(classify(404, Some(20404)), Failure::Provider);

@@ -129,8 +129,8 @@ fn answer(
             _ => {
                 return error(
                     400,
-                    21620,
-                    "ValidityPeriod must be an integer from 1 to 36000.",
+                    21624,
+                    "Validity period can only be set to integers between 1 and 36,000 seconds.",
                 );
             }
         },
