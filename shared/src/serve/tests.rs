@@ -268,6 +268,25 @@ async fn a_waiting_client_takes_the_place_of_one_connection_idle_for_the_header_
     assert_eq!(kept, 1, "not exactly one connection made room");
 }
 
+/// A connection idle past the header timeout is told when a client begins to wait; it does not
+/// find out at its next look some time later. (When connections looked every header timeout,
+/// this client waited 3.7 s, until the idle one's second look at 8 s.)
+#[tokio::test]
+async fn a_client_that_begins_to_wait_is_served_without_waiting_for_a_look() {
+    let (server, [_idle]) = full_of_idle_connections::<1>(4).await;
+    // Past the idle connection's first offer (at 4 s, with no one waiting).
+    tokio::time::sleep(SECOND * 43 / 10).await;
+    let mut late = connect(&server).await;
+    send(&mut late, GET).await;
+    let body = within(
+        2 * SECOND,
+        "the late client served",
+        read_response(&mut late),
+    )
+    .await;
+    assert_eq!(body, "ok");
+}
+
 #[tokio::test]
 async fn at_the_cap_with_no_client_waiting_idle_connections_are_kept() {
     let (_server, [mut first, mut second]) = full_of_idle_connections::<2>(1).await;

@@ -143,16 +143,15 @@ impl Activity {
     /// Resolves when the connection has broken one of the limits: a request head not in within
     /// the header timeout of its first byte, a body not in within the header timeout of the
     /// handler asking for it, or no request in flight and nothing moving for the idle timeout.
-    /// An idle connection also offers its place to a waiting client, once idle for the header
-    /// timeout and again every header timeout (see `places.rs`).
+    /// A connection idle for the header timeout also offers its place to a waiting client: at
+    /// once, and then whenever a client begins to wait (see `places.rs`).
     pub(super) async fn expired(&self, limits: &ServerLimits, places: &Places) -> Close {
-        let mut next_offer: Option<Instant> = None;
         loop {
+            let mut offering = false;
             let deadline = {
                 let state = self.lock();
                 let now = Instant::now();
                 if state.in_flight > 0 {
-                    next_offer = None;
                     match state.body_pending_since.map(|t| t + limits.header_timeout) {
                         Some(body) if body <= now => return Close::BodyTimeout,
                         body => body,
@@ -164,26 +163,28 @@ impl Activity {
                         _ if idle <= now => return Close::IdleTimeout,
                         Some(head) => Some(head.min(idle)),
                         None => {
-                            let offer = (state.last_io + limits.header_timeout)
-                                .max(next_offer.unwrap_or(now));
-                            if offer <= now {
+                            let may_offer = state.last_io + limits.header_timeout;
+                            if may_offer <= now {
                                 if places.make_room() {
                                     return Close::Crowded;
                                 }
-                                next_offer = Some(now + limits.header_timeout);
+                                offering = true;
+                                Some(idle)
                             } else {
-                                next_offer = Some(offer);
+                                Some(may_offer.min(idle))
                             }
-                            next_offer.map(|offer| offer.min(idle))
                         }
                     }
                 }
             };
-            // A missed notification is kept by `Notify` until the next `notified().await`.
+            // A missed notification is kept by `Notify` until the next `notified().await`; so is
+            // a begun wait no idle connection was there to hear (`notify_one`).
+            let room_wanted = places.room_wanted();
             match deadline {
                 Some(deadline) => tokio::select! {
                     () = sleep_until(deadline) => {}
                     () = self.changed.notified() => {}
+                    () = room_wanted, if offering => {}
                 },
                 None => self.changed.notified().await,
             }
