@@ -100,12 +100,20 @@ struct Presented {
     refreshes_in_window: i32,
 }
 
+/// Rotated refresh tokens a session keeps, newest first, so that presenting one again is seen
+/// as a replay. Deleting them sooner let a thief who refreshed a stolen token twice make the
+/// owner's copy an unknown token, which revokes nothing. With a refresh a day they all stay
+/// until they expire; the cap bounds the rows of a session refreshing as fast as it may (about
+/// 250 KB), and a thief would have to refresh 1,000 times before the owner's app next calls.
+const ROTATED_REFRESH_TOKENS_KEPT: i64 = 1_000;
+
 /// Exchanges a refresh token for a new pair (docs/api.md#tokens):
 /// - a live, unrotated token is rotated: marked used, its own access token deleted, a new pair
 ///   issued in the same session;
 /// - a token rotated less than `REFRESH_REUSE_GRACE_SECS` ago (a client retrying after a lost
 ///   answer, or two tabs refreshing at once) gets another new pair; nothing is revoked;
-/// - a token rotated longer ago is a replay: the whole session is revoked.
+/// - a token rotated longer ago is a replay: the whole session is revoked. Rotated tokens are kept
+///   for this until they expire ([`ROTATED_REFRESH_TOKENS_KEPT`] at most).
 pub async fn refresh(
     pool: &PgPool,
     refresh_hash: &[u8],
@@ -175,12 +183,17 @@ pub async fn refresh(
         WITH used AS (
             UPDATE tokens SET rotated_at = now() WHERE hash = $1 AND rotated_at IS NULL
         ), retired AS (
-            -- The rotated token's own access token, and refresh tokens rotated before it: the
-            -- session keeps one live pair (per client in the grace) and the last rotated token.
+            -- The rotated token's own access token, and rotated refresh tokens past the newest
+            -- $11 (this one, not yet rotated in this statement's snapshot, makes $11 + 1).
             DELETE FROM tokens
             WHERE family_id = $2
               AND ((scope = 'authentication' AND pair_id = $3)
-                   OR (scope = 'refresh' AND rotated_at IS NOT NULL AND hash <> $1))
+                   OR hash IN (
+                       SELECT hash FROM tokens
+                       WHERE family_id = $2 AND scope = 'refresh' AND rotated_at IS NOT NULL
+                       ORDER BY rotated_at DESC
+                       OFFSET $11
+                   ))
         ), counted AS (
             UPDATE sessions SET
                 refresh_window_started_at = CASE WHEN $9 THEN now() ELSE refresh_window_started_at END,
@@ -202,6 +215,7 @@ pub async fn refresh(
     .bind(Uuid::now_v7())
     .bind(restart_window)
     .bind(presented.user_id)
+    .bind(ROTATED_REFRESH_TOKENS_KEPT - 1)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -61,6 +61,35 @@ async fn refresh_rotates_and_reuse_revokes_the_family() {
         .assert_problem(401, "unauthorized");
 }
 
+/// A thief who refreshes a stolen token twice must not make the owner's copy an unknown token:
+/// the owner presenting it still revokes the sign-in, the thief's tokens with it.
+#[tokio::test]
+async fn a_token_replayed_after_two_later_rotations_still_revokes_the_family() {
+    let app = spawn_with(Spawn::default().var("REFRESH_REUSE_GRACE_SECS", 0)).await;
+    let owners = app.sign_in(PHONE).await;
+    let stolen = token(&owners, "refresh_token");
+    let second = refresh(&app, &stolen).await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.body);
+    let third = refresh(&app, &token(&second.body, "refresh_token")).await;
+    assert_eq!(third.status, StatusCode::OK, "{}", third.body);
+    let thiefs_access = token(&third.body, "access_token");
+    assert_eq!(
+        app.get_authed("/v1/me", &thiefs_access).await.status,
+        StatusCode::OK
+    );
+
+    // The owner's app, its access token gone, refreshes with the token it holds.
+    refresh(&app, &stolen)
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+    app.get_authed("/v1/me", &thiefs_access)
+        .await
+        .assert_problem(401, "unauthorized");
+    refresh(&app, &token(&third.body, "refresh_token"))
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+}
+
 #[tokio::test]
 async fn unknown_and_access_tokens_are_not_refresh_tokens() {
     let app = spawn_app().await;
