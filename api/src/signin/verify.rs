@@ -49,20 +49,30 @@ pub async fn verify_code(state: &AppState, guess: Guess) -> Result<IssuedSession
         &ClientKey::of(guess.client),
         state.config.verify_limits.fails_per_ip_per_hour,
     );
-    if let Taken::No { retry_after } = redis_step(state.limits.take(state.redis(), &fails)).await? {
-        metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "rate_limited").increment(1);
-        return Err(ApiError::RateLimited {
-            limit: Limit::VerifyFailsPerIp,
-            retry_after,
-        });
-    }
-    detached(check_then_sign_in(state.clone(), guess, fails)).await
+    let slot = match redis_step(state.limits.take(state.redis(), &fails)).await? {
+        Taken::Yes => Some(fails),
+        // Past the budget, a guess that names its code's challenge is still checked: it counts
+        // against that code's own attempts (`OTP_MAX_ATTEMPTS`), and a wrong challenge_id is
+        // not checked at all. Strangers sharing the address (a carrier's NAT, an office) must
+        // not lock out a user who has the code.
+        Taken::No { .. } if guess.challenge_id.is_some() => None,
+        Taken::No { retry_after } => {
+            metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "rate_limited").increment(1);
+            return Err(ApiError::RateLimited {
+                limit: Limit::VerifyFailsPerIp,
+                retry_after,
+            });
+        }
+    };
+    detached(check_then_sign_in(state.clone(), guess, slot)).await
 }
 
+/// Checks the guess and signs in; `fails` is the slot it took in its network's budget, if any,
+/// given back unless the guess was wrong.
 async fn check_then_sign_in(
     state: AppState,
     guess: Guess,
-    fails: Counter,
+    fails: Option<Counter>,
 ) -> Result<IssuedSession, ApiError> {
     let config = &state.config;
     let phone = &guess.destination.phone;
@@ -88,18 +98,18 @@ async fn check_then_sign_in(
         }
         Ok(CheckOutcome::Unchecked) => {
             // A challenge_id that is not this code's: nothing was guessed, nothing is counted.
-            give_back(&state, &fails).await;
+            give_back(&state, fails.as_ref()).await;
             metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "invalid").increment(1);
             return Err(ApiError::InvalidOtp);
         }
         Ok(CheckOutcome::Burned) => {
-            give_back(&state, &fails).await;
+            give_back(&state, fails.as_ref()).await;
             metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "burned").increment(1);
             tracing::info!(%phone, bound = guess.challenge_id.is_some(), "the code is burned by wrong guesses; a new one must be requested");
             return Err(ApiError::TooManyAttempts);
         }
         Ok(CheckOutcome::PhoneFailsExhausted { retry_after }) => {
-            give_back(&state, &fails).await;
+            give_back(&state, fails.as_ref()).await;
             metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "rate_limited").increment(1);
             tracing::info!(%phone, "too many wrong guesses for this number today; guesses without the challenge_id wait");
             return Err(ApiError::RateLimited {
@@ -108,7 +118,7 @@ async fn check_then_sign_in(
             });
         }
         Err(e) => {
-            give_back(&state, &fails).await;
+            give_back(&state, fails.as_ref()).await;
             return Err(e);
         }
     };
@@ -132,7 +142,7 @@ async fn check_then_sign_in(
                         tracing::debug!(error = %e, "could not count a verified code in the fraud guard");
                     }
                 };
-                tokio::join!(give_back(&state, &fails), guard);
+                tokio::join!(give_back(&state, fails.as_ref()), guard);
             };
             tokio::spawn(tracing::Instrument::in_current_span(bookkeeping));
             Ok(session)
@@ -144,13 +154,14 @@ async fn check_then_sign_in(
             {
                 tracing::warn!(error = %undo, "could not restore a consumed OTP");
             }
-            give_back(&state, &fails).await;
+            give_back(&state, fails.as_ref()).await;
             Err(e.into())
         }
     }
 }
 
-async fn give_back(state: &AppState, fails: &Counter) {
+async fn give_back(state: &AppState, fails: Option<&Counter>) {
+    let Some(fails) = fails else { return };
     if let Err(e) = redis_step(state.limits.give_back(state.redis(), fails)).await {
         tracing::debug!(error = %e, "could not give back a wrong-guess slot; it lapses with its window");
     }

@@ -84,6 +84,45 @@ async fn wrong_guesses_across_numbers_from_one_network_hit_the_hourly_cap() {
     assert_eq!(session.status, StatusCode::OK, "{}", session.body);
 }
 
+/// Strangers behind the user's address (a carrier's NAT) spend its wrong-guess budget: the user
+/// holding the code's challenge_id still signs in, while guesses without one stay refused.
+#[tokio::test]
+async fn a_network_past_its_budget_still_checks_guesses_that_name_their_challenge() {
+    let app = spawn_with(
+        Spawn::default()
+            .var("OTP_VERIFY_FAILS_PER_IP_PER_HOUR", 3)
+            .var("OTP_MAX_ATTEMPTS", 2)
+            .var("TRUST_PROXY", 1),
+    )
+    .await;
+    let phones = phones(5);
+    let shared_address = "203.0.113.77";
+    let verify_from =
+        |body: serde_json::Value| app.post_forwarded("/v1/otp/verify", shared_address, body);
+    let mut codes = Vec::new();
+    for phone in &phones[..3] {
+        codes.push(app.code_for(phone).await);
+    }
+    for (phone, code) in phones.iter().zip(&codes) {
+        verify_from(json!({ "phone_number": phone, "otp": wrong_code(code, 0) }))
+            .await
+            .assert_problem(401, "invalid_otp");
+    }
+    let unbound = app.code_for(&phones[3]).await;
+    verify_from(json!({ "phone_number": phones[3], "otp": unbound }))
+        .await
+        .assert_problem(429, "rate_limited");
+
+    let user = app.code_and_challenge(&phones[4]).await;
+    let bound = |otp: String| json!({ "phone_number": phones[4], "otp": otp, "challenge_id": user.challenge_id });
+    // Checked, and counted against the code's own attempts (two).
+    verify_from(bound(wrong_code(&user.code, 0)))
+        .await
+        .assert_problem(401, "invalid_otp");
+    let session = verify_from(bound(user.code.clone())).await;
+    assert_eq!(session.status, StatusCode::OK, "{}", session.body);
+}
+
 #[tokio::test]
 async fn right_guesses_do_not_count_toward_the_network_cap() {
     let app = spawn_with(Spawn::default().var("OTP_VERIFY_FAILS_PER_IP_PER_HOUR", 3)).await;
