@@ -217,10 +217,15 @@ impl From<sqlx::Error> for ApiError {
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Protocol(_) => true,
             // 08: connection exceptions; 57P: admin shutdown / cannot connect now; 53300: too
-            // many connections.
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+            // many connections; 57014: a statement cancelled, as the statement timeout does
+            // (startup.rs); 55P03: a lock not available in time.
+            sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+                c.starts_with("08")
+                    || c.starts_with("57P")
+                    || c == "53300"
+                    || c == "57014"
+                    || c == "55P03"
+            }),
             _ => false,
         };
         if unavailable {

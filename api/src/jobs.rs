@@ -7,6 +7,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use sqlx::Postgres;
 use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::db;
 use crate::error::error_chain;
@@ -46,8 +47,13 @@ async fn migrate(state: &AppState) -> anyhow::Result<()> {
         tracing::info!("created the database");
     }
     let mut migrator = sqlx::migrate!("../migrations");
-    let pool = state.raw_pool();
-    let applied = applied_migrations(pool).await?;
+    // A connection of its own, without the statement timeout of the api's pool (startup.rs): a
+    // migration may rightly run longer.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(url.parse::<PgConnectOptions>()?)
+        .await?;
+    let applied = applied_migrations(&pool).await?;
     let known: BTreeSet<i64> = migrator.iter().map(|m| m.version).collect();
     let newest_known = known.last().copied().unwrap_or(0);
     let unknown: Vec<i64> = applied.difference(&known).copied().collect();
@@ -71,7 +77,9 @@ async fn migrate(state: &AppState) -> anyhow::Result<()> {
         );
         migrator.set_ignore_missing(true);
     }
-    migrator.run(pool).await?;
+    let migrated = migrator.run(&pool).await;
+    pool.close().await;
+    migrated?;
     Ok(())
 }
 

@@ -23,6 +23,25 @@ const PROMOTIONS_AT_SHUTDOWN: Duration = Duration::from_secs(5);
 /// the runtime's own.
 const OWN_OPEN_FILES: u64 = 64;
 
+/// PostgreSQL ends a statement of ours that runs, or waits for a lock, longer than this. A sign-in
+/// stuck behind a lock then fails inside its request's 10 s and puts the code back; without it,
+/// the client got its 503 from the request's timeout while the statement went on to create a
+/// session no one would receive, having used up the code. Migrations run without it.
+pub(crate) const STATEMENT_TIMEOUT: &str = "5s";
+
+/// `connect` with [`STATEMENT_TIMEOUT`], unless `DATABASE_URL` sets a `statement_timeout` of
+/// its own (`?options=-c%20statement_timeout%3D…`).
+fn with_statement_timeout(connect: PgConnectOptions) -> PgConnectOptions {
+    if connect
+        .get_options()
+        .is_some_and(|options| options.contains("statement_timeout"))
+    {
+        connect
+    } else {
+        connect.options([("statement_timeout", STATEMENT_TIMEOUT)])
+    }
+}
+
 pub struct Application {
     listener: TcpListener,
     router: Router,
@@ -42,6 +61,7 @@ impl Application {
             .expose_secret()
             .parse()
             .map_err(|e| anyhow::anyhow!("invalid configuration: DATABASE_URL: {e}"))?;
+        let connect = with_statement_timeout(connect);
         let pool = PgPoolOptions::new()
             .max_connections(config.database_pool_size)
             .acquire_timeout(Duration::from_secs(3))

@@ -13,7 +13,7 @@
 //! guesses of either kind also go into the phone's daily tally, which closes the unbound path
 //! for the rest of the day once it is full (`OTP_VERIFY_FAILS_PER_PHONE_PER_DAY`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{RedisResult, Value};
 use shared::PhoneNumber;
@@ -185,6 +185,9 @@ pub struct Consumed {
     bound_attempts: i64,
     unbound_attempts: i64,
     ttl_left_ms: i64,
+    /// When Redis answered: the time since comes off `ttl_left_ms` when the code is put back,
+    /// so that a slow session step never lengthens the code's life.
+    consumed_at: Instant,
 }
 
 /// A guess to check: its digest, the fingerprint of its `challenge_id` if it has one, and the
@@ -381,6 +384,7 @@ impl OtpStore {
             1 => CheckOutcome::Accepted(Consumed {
                 digest: guess.digest.clone(),
                 ttl_left_ms: int(&reply, 1),
+                consumed_at: Instant::now(),
                 bound_attempts: int(&reply, 2),
                 unbound_attempts: int(&reply, 3),
                 challenge: text(&reply, 4).unwrap_or_default(),
@@ -404,7 +408,9 @@ impl OtpStore {
         phone: &PhoneNumber,
         consumed: &Consumed,
     ) -> RedisResult<()> {
-        if consumed.ttl_left_ms <= 0 {
+        let since = i64::try_from(consumed.consumed_at.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let ttl_left_ms = consumed.ttl_left_ms.saturating_sub(since);
+        if ttl_left_ms <= 0 {
             return Ok(());
         }
         let keys = self.keys(phone);
@@ -416,7 +422,7 @@ impl OtpStore {
             .arg(&consumed.event_id)
             .arg(consumed.bound_attempts)
             .arg(consumed.unbound_attempts)
-            .arg(consumed.ttl_left_ms)
+            .arg(ttl_left_ms)
             .invoke_async(&mut conn)
             .await?;
         Ok(())

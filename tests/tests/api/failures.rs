@@ -252,6 +252,47 @@ async fn postgres_down_during_verify_keeps_the_code_usable() {
     drop_database(&database).await;
 }
 
+/// A sign-in stuck behind a lock (a long migration, an operator's transaction) fails within its
+/// request, as PostgreSQL ends the statement, and the code is put back. Before, the client got
+/// its 503 from the request's timeout while the statement waited on, then created a session no
+/// one received, using up the code: the retry below answered 401.
+#[tokio::test]
+async fn a_sign_in_stuck_behind_a_lock_answers_503_and_keeps_the_code() {
+    let app = spawn_app().await;
+    let code = app.code_for(PHONE).await;
+    let phone = shared::PhoneNumber::parse(PHONE).expect("E.164");
+    let current = shared::otp_keys::current_code(&app.namespace, &phone);
+    let life_left = || async {
+        let millis: i64 = redis::cmd("PTTL")
+            .arg(&current)
+            .query_async(&mut app.redis().await)
+            .await
+            .expect("PTTL");
+        millis
+    };
+    let db = app.db().await;
+    let mut lock = db.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE users IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("the lock");
+    let before = life_left().await;
+    app.verify(PHONE, &code)
+        .await
+        .assert_problem(503, "unavailable");
+    // Put back with the life it had left, less the 5 s the statement waited: a slow session
+    // step never lengthens a code's life.
+    let after = life_left().await;
+    assert!(
+        (1..=before - 4_000).contains(&after),
+        "{before} ms left before, {after} ms after"
+    );
+    lock.rollback().await.expect("the lock released");
+    let session = app.verify(PHONE, &code).await;
+    assert_eq!(session.status, StatusCode::OK, "{}", session.body);
+    assert_eq!(session.body["new_user"], true);
+}
+
 #[tokio::test]
 async fn an_api_started_with_everything_down_runs_and_reports_it() {
     let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
