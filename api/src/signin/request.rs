@@ -232,20 +232,22 @@ impl Slots {
         let all = tokio::time::timeout(super::REDIS_DEADLINE, async {
             tokio::join!(phone, counted, guard)
         });
-        let Ok((phone, counted, guard)) = all.await else {
-            // What was taken expires with its window; there is nothing to give back safely.
-            return Err(ApiError::unavailable(
-                Dependency::Redis,
-                anyhow::anyhow!("Redis did not answer within {:?}", super::REDIS_DEADLINE),
-            ));
-        };
-
         let mut slots = Self {
             phone: destination.phone.clone(),
             event_id: new_code.event_id,
             calling_code: destination.calling_code,
             taken: Vec::new(),
         };
+        let Ok((phone, counted, guard)) = all.await else {
+            // Only the number's part is withdrawn (see below); the rest lapses with its windows.
+            slots.taken.push(Slot::Phone);
+            slots.give_back(state).await;
+            return Err(ApiError::unavailable(
+                Dependency::Redis,
+                anyhow::anyhow!("Redis did not answer within {:?}", super::REDIS_DEADLINE),
+            ));
+        };
+
         let mut refusal = None;
         let mut failure = None;
         match phone {
@@ -254,6 +256,13 @@ impl Slots {
                 refusal.get_or_insert((limit, retry_after));
             }
             Err(e) => {
+                // Redis may have run the script and lost only its answer (a timeout). The
+                // number's part is withdrawn by this request's event id, which is safe whether
+                // or not it ran, so the user's retry meets no resend gap and no slot of the hour
+                // spent by a request that answered 503. A counter's slot is not given back when
+                // its answer is missing: one never taken would free someone else's; it lapses
+                // with its window.
+                slots.taken.push(Slot::Phone);
                 failure.get_or_insert(e);
             }
         }
@@ -324,11 +333,11 @@ impl Slots {
         match tokio::time::timeout(super::REDIS_DEADLINE, join_all(undo)).await {
             Ok(results) => {
                 for e in results.into_iter().filter_map(Result::err) {
-                    tracing::error!(error = %e, event_id = %self.event_id, "could not give back a limit slot; it lapses with its window");
+                    tracing::warn!(error = %e, event_id = %self.event_id, "could not give back a limit slot; it lapses with its window");
                 }
             }
             Err(_) => {
-                tracing::error!(event_id = %self.event_id, "giving back limit slots timed out; they lapse with their windows")
+                tracing::warn!(event_id = %self.event_id, "giving back limit slots timed out; they lapse with their windows")
             }
         }
     }

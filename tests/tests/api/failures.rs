@@ -90,6 +90,29 @@ async fn redis_unreachable_gives_503_and_recovers() {
     wait_until_accepting(&app, "Redis").await;
 }
 
+/// Redis runs a request's scripts but its answers come too late: the request answers 503, and
+/// the number's part of what it took is withdrawn, so the user's retry is not refused by the
+/// resend gap of a request that sent nothing.
+#[tokio::test]
+async fn a_request_whose_redis_answers_came_too_late_leaves_the_number_free() {
+    let (redis, app) = app_through_proxy(&servers().redis, "REDIS_URL").await;
+    redis.hold_replies();
+    app.request_otp(PHONE)
+        .await
+        .assert_problem(503, "unavailable");
+    redis.release_replies();
+    // Within seconds (the resend gap is 30 s): the withdrawal runs after the late scripts.
+    eventually(
+        Duration::from_secs(5),
+        "the retry to be accepted",
+        || async {
+            let reply = app.request_otp(PHONE).await;
+            (reply.status == StatusCode::ACCEPTED).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
     let (broker, app) = app_through_proxy(&servers().rabbitmq, "AMQP_URL").await;
