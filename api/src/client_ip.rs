@@ -96,11 +96,13 @@ impl ClientIpPolicy {
         {
             return peer;
         }
+        // Split as bytes: an entry the client forged with bytes outside ASCII must spoil only
+        // itself, not the entries our proxies appended to the same line.
         let entries: Vec<&str> = headers
             .get_all("x-forwarded-for")
             .iter()
-            .map(|value| value.to_str().unwrap_or(""))
-            .flat_map(|value| value.split(','))
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .map(|entry| std::str::from_utf8(entry).unwrap_or(""))
             .collect();
         entries
             .len()
@@ -232,6 +234,20 @@ mod tests {
             two.client_ip(peer, &headers(&["1.1.1.1, 203.0.113.2, 10.0.0.9"])),
             ip("203.0.113.2")
         );
+    }
+
+    #[test]
+    fn bytes_outside_ascii_spoil_only_their_own_entry() {
+        let one = ClientIpPolicy {
+            trusted_hops: 1,
+            trusted_proxies: None,
+        };
+        // The client forged "ü" (UTF-8) into the header; the proxy appended the real address to
+        // the same line.
+        let mut forwarded = HeaderMap::new();
+        let line = axum::http::HeaderValue::from_bytes(b"\xc3\xbc, 203.0.113.2").unwrap();
+        forwarded.append("x-forwarded-for", line);
+        assert_eq!(one.client_ip(ip("10.0.0.1"), &forwarded), ip("203.0.113.2"));
     }
 
     #[test]
