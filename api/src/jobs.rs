@@ -51,6 +51,7 @@ async fn migrate(state: &AppState) -> anyhow::Result<()> {
     // migration may rightly run longer.
     let pool = PgPoolOptions::new()
         .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
         .connect_with(url.parse::<PgConnectOptions>()?)
         .await?;
     let applied = applied_migrations(&pool).await?;

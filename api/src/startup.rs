@@ -27,7 +27,7 @@ const OWN_OPEN_FILES: u64 = 64;
 /// stuck behind a lock then fails inside its request's 10 s and puts the code back; without it,
 /// the client got its 503 from the request's timeout while the statement went on to create a
 /// session no one would receive, having used up the code. Migrations run without it.
-pub(crate) const STATEMENT_TIMEOUT: &str = "5s";
+const STATEMENT_TIMEOUT: &str = "5s";
 
 /// `connect` with [`STATEMENT_TIMEOUT`], unless `DATABASE_URL` sets a `statement_timeout` of
 /// its own (`?options=-c%20statement_timeout%3D…`).
