@@ -329,16 +329,25 @@ pub fn mask_number(text: &str, phone: &str) -> String {
     out
 }
 
-/// `Retry-After` is either delay-seconds or an HTTP date.
+/// The longest `Retry-After` taken as given: a day, the most any retry budget allows
+/// (`RETRY_MAX_ELAPSED_SECS`). Whatever answers in a provider's stead may send any number, and a
+/// delay past what a clock can add would panic where the next attempt is scheduled.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(86_400);
+
+/// `Retry-After` is either delay-seconds or an HTTP date; at most [`RETRY_AFTER_MAX`].
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(RETRY_AFTER_MAX));
     }
     let date =
         time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
     let left = date - time::OffsetDateTime::now_utc();
-    Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
+    Some(
+        Duration::try_from(left)
+            .unwrap_or(Duration::ZERO)
+            .min(RETRY_AFTER_MAX),
+    )
 }
 
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
@@ -381,6 +390,14 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(
+            parse_retry_after("18446744073709551615"),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(Duration::from_secs(86_400))
+        );
     }
 
     #[test]

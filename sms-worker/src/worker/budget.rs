@@ -49,7 +49,9 @@ impl Budget {
 
     /// `delay`, or why an attempt after it would come too late.
     fn fits(&self, delay: Duration) -> Result<Duration, ErrorKind> {
-        let next_attempt = Instant::now() + delay;
+        let Some(next_attempt) = Instant::now().checked_add(delay) else {
+            return Err(ErrorKind::RetriesExhausted);
+        };
         // The next attempt also needs a moment before the OTP expires to be worth it.
         if next_attempt + Duration::from_millis(MIN_MILLIS_LEFT) > self.expires {
             Err(ErrorKind::Expired)
@@ -98,6 +100,8 @@ mod tests {
             budget.fits(Duration::from_secs(61)),
             Err(ErrorKind::RetriesExhausted)
         );
+        // A delay no clock can add is no reason to panic.
+        assert_eq!(budget.fits(Duration::MAX), Err(ErrorKind::RetriesExhausted));
 
         let budget = Budget {
             retry_deadline: now + Duration::from_secs(60),

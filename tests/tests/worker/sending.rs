@@ -237,6 +237,34 @@ async fn honours_retry_after_on_429() {
     .await;
 }
 
+/// A `Retry-After` no clock can add (whatever answers in the provider's stead may send it) ends
+/// the event as any wait past the code's life does; before, the send's task panicked, and each
+/// redelivered copy met the same answer.
+#[tokio::test]
+async fn a_retry_after_past_any_budget_ends_the_retries_without_a_panic() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults {
+            always: Some(InjectedResponse::status(429).retry_after(u64::MAX)),
+            ..Faults::default()
+        });
+        let worker = h.start_worker(&[]).await;
+        let to = phone();
+        h.request_sms(&to).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        assert_eq!(
+            dead[0].header_str("x-error-kind").as_deref(),
+            Some("expired")
+        );
+        assert_eq!(
+            h.fake.statuses(Some(&to)),
+            [429],
+            "one call, never redelivered"
+        );
+        worker.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn twenty_slow_sends_run_concurrently() {
     with_harness(QueueType::Classic, |h| async move {
