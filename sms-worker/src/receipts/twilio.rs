@@ -98,7 +98,10 @@ fn carrier_side(code: Option<i64>) -> bool {
         code,
         // Blocked, unknown or landline destinations, unsubscribed or invalid numbers, and
         // Twilio's own pumping protection: another provider must not be used to get around them.
-        Some(30004 | 30005 | 30006 | 21211 | 21610 | 21614 | 21635 | 30450)
+        // 30003, a handset switched off or out of coverage: another provider reaches it no
+        // sooner, and whoever holds such SIMs must not be able to buy a second SMS per code and
+        // a breaker sample against the provider with them.
+        Some(30003 | 30004 | 30005 | 30006 | 21211 | 21610 | 21614 | 21635 | 30450)
     )
 }
 
@@ -210,6 +213,16 @@ mod tests {
         )
         .unwrap();
         assert!(!landline.carrier_side);
+        let switched_off = receipt(
+            &params(&[
+                ("MessageSid", "SM1"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "30003"),
+            ]),
+            None,
+        )
+        .unwrap();
+        assert!(!switched_off.carrier_side);
         let sent = receipt(
             &params(&[("MessageSid", "SM1"), ("MessageStatus", "sent")]),
             None,
