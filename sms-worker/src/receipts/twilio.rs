@@ -7,6 +7,24 @@ use base64::Engine as _;
 
 use super::{Receipt, Status};
 
+/// Whether `signature` could be one at all: base64 of an HMAC-SHA1, 20 bytes. Checked before the
+/// body is read, so that a caller without one costs the port no form parsing and no HMAC.
+pub fn signature_is_well_formed(signature: &str) -> bool {
+    decoded(signature).is_some()
+}
+
+fn decoded(signature: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(signature.trim())
+        .ok()
+        .filter(|bytes| {
+            bytes.len()
+                == hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY
+                    .digest_algorithm()
+                    .output_len
+        })
+}
+
 /// Whether `signature` signs `params` for one of the forms of `url` Twilio's own SDKs accept:
 /// as configured, without its port, and with the scheme's default port made explicit.
 pub fn signature_is_valid(
@@ -15,7 +33,7 @@ pub fn signature_is_valid(
     params: &[(String, String)],
     signature: &str,
 ) -> bool {
-    let Ok(given) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
+    let Some(given) = decoded(signature) else {
         return false;
     };
     url_forms(url).iter().any(|form| {

@@ -121,6 +121,8 @@ async fn signed_callbacks_are_applied_and_forged_ones_refused() {
             post(url.clone(), params.clone(), Some(signed_for_other_url)).await,
             // A valid signature replayed to another URL of ours.
             post(format!("{url}?replayed=1"), params.clone(), Some(signed.clone())).await,
+            // No HMAC-SHA1 at all: refused before the form is read.
+            post(url.clone(), params.clone(), Some("AAAA".to_owned())).await,
         ];
         for response in forged {
             assert_eq!(response.status(), 403);
@@ -138,6 +140,11 @@ async fn signed_callbacks_are_applied_and_forged_ones_refused() {
             let response = h.http.post(target).json(&report).send().await.expect("an answer");
             assert_eq!(response.status(), 403);
         }
+        // Far more than a callback: refused before anyone parses or signs it.
+        let mut padded = params.clone();
+        padded.push(("Padding".to_owned(), "x".repeat(20_000)));
+        let response = post(url.clone(), padded, Some(signed.clone())).await;
+        assert_eq!(response.status(), 413);
         // Garbage with the right content type but no signature, and the wrong content type.
         let response = h
             .http
