@@ -51,18 +51,16 @@ impl Places {
         })
     }
 
-    /// Waits for a free place for a client already accepted.
+    /// Waits for a free place for a client already accepted, asking for room while it waits.
     pub(super) async fn take(self: &Arc<Self>) -> Place {
-        let permit = match Arc::clone(&self.free).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let _waiting = Waiting::begin(self);
-                Arc::clone(&self.free)
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed")
-            }
-        };
+        if let Some(place) = self.try_take() {
+            return place;
+        }
+        let _waiting = Waiting::begin(self);
+        let permit = Arc::clone(&self.free)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         Place {
             places: Arc::clone(self),
             _permit: permit,
@@ -79,10 +77,28 @@ impl Places {
     }
 
     /// Resolves when a client may have begun to wait: then ask [`Places::make_room`]. Awaited by
-    /// connections idle for the header timeout; each begun wait wakes one of them, and a woken
-    /// one that stops waiting for something else passes the call on (`Notify` does).
+    /// connections idle for the header timeout; each begun wait wakes one of them. One woken
+    /// that stops waiting for something else passes the call on (`Notify` does); one woken that
+    /// can no longer offer its place (a request came in meanwhile) must [`Places::pass_on`].
     pub(super) fn room_wanted(&self) -> Notified<'_> {
         self.room_asked.notified()
+    }
+
+    /// Hands a call for room that this connection cannot answer to another idle one, while the
+    /// client still waits.
+    pub(super) fn pass_on(&self) {
+        if self.room_wanted.load(Ordering::Acquire) {
+            self.room_asked.notify_one();
+        }
+    }
+
+    /// A free place, if there is one, without waiting (and so without asking for room).
+    pub(super) fn try_take(self: &Arc<Self>) -> Option<Place> {
+        let permit = Arc::clone(&self.free).try_acquire_owned().ok()?;
+        Some(Place {
+            places: Arc::clone(self),
+            _permit: permit,
+        })
     }
 }
 

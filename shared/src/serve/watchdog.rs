@@ -146,6 +146,8 @@ impl Activity {
     /// A connection idle for the header timeout also offers its place to a waiting client: at
     /// once, and then whenever a client begins to wait (see `places.rs`).
     pub(super) async fn expired(&self, limits: &ServerLimits, places: &Places) -> Close {
+        // Woken by a client beginning to wait, and not yet answered with `make_room`.
+        let mut asked = false;
         loop {
             let mut offering = false;
             let deadline = {
@@ -168,6 +170,7 @@ impl Activity {
                                 if places.make_room() {
                                     return Close::Crowded;
                                 }
+                                asked = false;
                                 offering = true;
                                 Some(idle)
                             } else {
@@ -177,6 +180,11 @@ impl Activity {
                     }
                 }
             };
+            if std::mem::take(&mut asked) {
+                // Asked for room, but a request came in meanwhile: another idle connection may
+                // still give its place, or the waiting client would wait for an idle timeout.
+                places.pass_on();
+            }
             // A missed notification is kept by `Notify` until the next `notified().await`; so is
             // a begun wait no idle connection was there to hear (`notify_one`).
             let room_wanted = places.room_wanted();
@@ -184,7 +192,7 @@ impl Activity {
                 Some(deadline) => tokio::select! {
                     () = sleep_until(deadline) => {}
                     () = self.changed.notified() => {}
-                    () = room_wanted, if offering => {}
+                    () = room_wanted, if offering => asked = true,
                 },
                 None => self.changed.notified().await,
             }
@@ -326,5 +334,65 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// An idle connection whose watchdog runs, asked for room in its turn.
+    fn idle(
+        places: &Arc<Places>,
+        limits: ServerLimits,
+    ) -> (Arc<Activity>, tokio::task::JoinHandle<Close>) {
+        let activity = Arc::new(Activity::new());
+        drop(activity.request_started());
+        let watchdog = tokio::spawn({
+            let activity = Arc::clone(&activity);
+            let places = Arc::clone(places);
+            async move { activity.expired(&limits, &places).await }
+        });
+        (activity, watchdog)
+    }
+
+    /// The idle connection told first that a client waits takes a request at that moment: it
+    /// cannot give its place, so the call goes on to the other idle one. Kept, the client waited
+    /// for the other's idle timeout. Which of the two wake-ups its watchdog sees first is up to
+    /// `select!`, so the race is run several times.
+    #[tokio::test]
+    async fn a_call_for_room_that_meets_a_request_goes_on_to_another_idle_connection() {
+        let limits = ServerLimits {
+            header_timeout: Duration::from_millis(20),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1,
+        };
+        for _ in 0..10 {
+            let places = Places::new(1, "test");
+            let _held = places.take().await;
+            let (busy, first) = idle(&places, limits);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let (_, second) = idle(&places, limits);
+            // Both idle past the header timeout, both waiting to be asked.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // A client begins to wait: the call reaches the first idle connection, and before
+            // its watchdog runs, a request comes in on it.
+            let mut waiting = std::pin::pin!(places.take());
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(
+                waiting.as_mut().poll(&mut cx).is_pending(),
+                "a place was free"
+            );
+            let _request = busy.request_started();
+            let closed = tokio::time::timeout(Duration::from_secs(2), second).await;
+            assert!(
+                matches!(closed, Ok(Ok(Close::Crowded))),
+                "the other idle connection was not asked: {closed:?}"
+            );
+            assert!(!first.is_finished(), "the busy connection closed");
+            first.abort();
+        }
     }
 }
