@@ -103,9 +103,14 @@ struct Presented {
 /// Rotated refresh tokens a session keeps, newest first, so that presenting one again is seen
 /// as a replay. Deleting them sooner let a thief who refreshed a stolen token twice make the
 /// owner's copy an unknown token, which revokes nothing. With a refresh a day they all stay
-/// until they expire; the cap bounds the rows of a session refreshing as fast as it may (about
-/// 250 KB), and a thief would have to refresh 1,000 times before the owner's app next calls.
+/// until they expire; past this many, the oldest go, but only once rotated for
+/// [`ROTATED_REFRESH_TOKENS_KEPT_SECS`]: a thief refreshing as fast as the rate limit allows
+/// cannot push the owner's copy out within a day, and a session's rows stay bounded (about
+/// 1,000 plus a day's refreshes at most).
 const ROTATED_REFRESH_TOKENS_KEPT: i64 = 1_000;
+/// A day: the owner's app refreshes within it, in any deployment that has not set access tokens
+/// to live longer, and so is seen presenting its copy.
+const ROTATED_REFRESH_TOKENS_KEPT_SECS: f64 = 86_400.0;
 
 /// Exchanges a refresh token for a new pair (docs/api.md#tokens):
 /// - a live, unrotated token is rotated: marked used, its own access token deleted, a new pair
@@ -184,16 +189,17 @@ pub async fn refresh(
             UPDATE tokens SET rotated_at = now() WHERE hash = $1 AND rotated_at IS NULL
         ), retired AS (
             -- The rotated token's own access token, and rotated refresh tokens past the newest
-            -- $11 (this one, not yet rotated in this statement's snapshot, makes $11 + 1).
+            -- $11 (this one, not yet rotated in this statement's snapshot, makes $11 + 1) that
+            -- were rotated more than $12 seconds ago.
             DELETE FROM tokens
             WHERE family_id = $2
               AND ((scope = 'authentication' AND pair_id = $3)
-                   OR hash IN (
+                   OR (rotated_at < now() - make_interval(secs => $12) AND hash IN (
                        SELECT hash FROM tokens
                        WHERE family_id = $2 AND scope = 'refresh' AND rotated_at IS NOT NULL
                        ORDER BY rotated_at DESC
                        OFFSET $11
-                   ))
+                   )))
         ), counted AS (
             UPDATE sessions SET
                 refresh_window_started_at = CASE WHEN $9 THEN now() ELSE refresh_window_started_at END,
@@ -216,6 +222,7 @@ pub async fn refresh(
     .bind(restart_window)
     .bind(presented.user_id)
     .bind(ROTATED_REFRESH_TOKENS_KEPT - 1)
+    .bind(ROTATED_REFRESH_TOKENS_KEPT_SECS)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
