@@ -60,12 +60,15 @@ impl Report {
             _ => return None,
         };
         let error_id = self.error.as_ref().and_then(|e| e.id).filter(|id| *id != 0);
+        let carrier_side = status.is_failure() && carrier_side(status_id, error_id);
         Some(Receipt {
             provider: "infobip",
             message_id,
             status,
             error_code: error_id.or(status_id.filter(|_| status.is_failure())),
-            carrier_side: status.is_failure() && carrier_side(status_id, error_id),
+            carrier_side,
+            // A handset out of reach is the recipient's here already: no resend, no sample.
+            counts_against_route: carrier_side,
             dedupe: None,
         })
     }

@@ -61,6 +61,10 @@ pub struct Receipt {
     /// Whether the failure lies with the carrier or the route (another provider may get
     /// through) rather than with the recipient (a landline, an unknown number, an opt-out).
     pub carrier_side: bool,
+    /// Whether the failure counts against the provider's route in its breaker: a carrier-side
+    /// failure, unless a handset out of reach may have drawn it, which whoever holds
+    /// switched-off SIMs could send at will to open a breaker for everyone.
+    pub counts_against_route: bool,
     /// The provider's id of this very report, when it gives one: a repeat is a no-op.
     pub dedupe: Option<String>,
 }

@@ -98,15 +98,23 @@ pub fn receipt(params: &[(String, String)], dedupe: Option<String>) -> Option<Re
         _ => return None,
     };
     let error_code = field("ErrorCode").and_then(|c| c.trim().parse().ok());
+    let carrier_side = status.is_failure() && carrier_side(error_code);
     Some(Receipt {
         provider: "twilio",
         message_id,
         status,
         error_code,
-        carrier_side: status.is_failure() && carrier_side(error_code),
+        carrier_side,
+        counts_against_route: carrier_side && error_code != Some(UNREACHABLE_HANDSET),
         dedupe,
     })
 }
+
+/// 30003, "unreachable destination handset": switched off or out of coverage, or trouble
+/// downstream at the carrier. It may be either, so it earns the resend (the route may be at
+/// fault) but no sample in the provider's breaker (a handset off may be, and whoever holds
+/// switched-off SIMs must not be able to open a breaker for everyone with them).
+const UNREACHABLE_HANDSET: i64 = 30003;
 
 /// Whether a delivery error lies with the carrier or route, where another provider may get
 /// through, rather than with the recipient. Twilio advises against logic on error codes, so an
@@ -116,10 +124,7 @@ fn carrier_side(code: Option<i64>) -> bool {
         code,
         // Blocked, unknown or landline destinations, unsubscribed or invalid numbers, and
         // Twilio's own pumping protection: another provider must not be used to get around them.
-        // 30003, a handset switched off or out of coverage: another provider reaches it no
-        // sooner, and whoever holds such SIMs must not be able to buy a second SMS per code and
-        // a breaker sample against the provider with them.
-        Some(30003 | 30004 | 30005 | 30006 | 21211 | 21610 | 21614 | 21635 | 30450)
+        Some(30004 | 30005 | 30006 | 21211 | 21610 | 21614 | 21635 | 30450)
     )
 }
 
@@ -240,7 +245,12 @@ mod tests {
             None,
         )
         .unwrap();
-        assert!(!switched_off.carrier_side);
+        assert!(
+            switched_off.carrier_side,
+            "resent: the route may be at fault"
+        );
+        assert!(!switched_off.counts_against_route, "no breaker sample");
+        assert!(r.counts_against_route);
         let sent = receipt(
             &params(&[("MessageSid", "SM1"), ("MessageStatus", "sent")]),
             None,

@@ -73,7 +73,7 @@ pub(crate) async fn apply(
             }
         }
         // Only the carrier's failures say something about the provider's route.
-        status if status.is_failure() && receipt.carrier_side => {
+        status if status.is_failure() && receipt.counts_against_route => {
             if let Some(breaker) = breaker {
                 breaker.receipt(false).await;
             }
