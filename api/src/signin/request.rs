@@ -241,7 +241,7 @@ impl Slots {
         let Ok((phone, counted, guard)) = all.await else {
             // Only the number's part is withdrawn (see below); the rest lapses with its windows.
             slots.taken.push(Slot::Phone);
-            slots.give_back(state).await;
+            slots.give_back_later(state);
             return Err(ApiError::unavailable(
                 Dependency::Redis,
                 anyhow::anyhow!("Redis did not answer within {:?}", super::REDIS_DEADLINE),
@@ -296,10 +296,11 @@ impl Slots {
         if failure.is_none() && refusal.is_none() {
             return Ok(slots);
         }
-        slots.give_back(state).await;
         if let Some(e) = failure {
+            slots.give_back_later(state);
             return Err(e.into());
         }
+        slots.give_back(state).await;
         let (limit, retry_after) = refusal.expect("checked above");
         tracing::info!(
             phone = %destination.phone,
@@ -308,6 +309,13 @@ impl Slots {
             "OTP request refused by a limit"
         );
         Err(ApiError::RateLimited { limit, retry_after })
+    }
+
+    /// [`Slots::give_back`] on a task of its own, for a request answering 503 because Redis
+    /// failed: the give-back, to the same Redis, must not hold the answer for another deadline.
+    fn give_back_later(self, state: &AppState) {
+        let state = state.clone();
+        tokio::spawn(async move { self.give_back(&state).await });
     }
 
     /// Gives back every slot, so a request that did not go through counts toward nothing.
