@@ -8,7 +8,8 @@ use base64::Engine as _;
 use super::{Receipt, Status};
 
 /// Whether `signature` could be one at all: base64 of an HMAC-SHA1, 20 bytes. Checked before the
-/// body is read, so that a caller without one costs the port no form parsing and no HMAC.
+/// form is parsed, so that a caller without one costs the port no parsing and no HMAC (the body,
+/// at most 16 KiB, has been read by then).
 pub fn signature_is_well_formed(signature: &str) -> bool {
     decoded(signature).is_some()
 }
