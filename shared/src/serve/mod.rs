@@ -205,19 +205,14 @@ async fn accept(
 ) -> Option<(TcpStream, SocketAddr, Place)> {
     match listener.accept().await {
         Ok((stream, peer)) => {
-            // A free place first: no look at the socket when none is needed.
-            if let Some(place) = places.try_take() {
-                return Some((stream, peer, place));
-            }
-            // At the cap. A client that leaves before sending a byte (a port scan, a balancer's
-            // TCP check) is let go, so that no idle connection closes to make room for no one;
-            // it is given a moment to do so before room is asked for, since the idle connections
-            // hear of the ask at once. One that sends a byte and then leaves is not seen: it costs
-            // one idle connection, as any client does.
-            if left_at_once(&stream).await {
-                return None;
-            }
+            // A client that leaves before sending a byte (a port scan, a balancer's TCP check) is
+            // let go, so that no idle connection closes to make room for no one. One that sends
+            // a byte and then leaves is not seen: it costs one idle connection, as any client does.
+            // Nor is one whose close comes after room was asked for: the idle connections hear
+            // of the ask at once, and giving it a moment to leave would hold every client behind
+            // it in the backlog for that moment, which a stream of silent clients could use.
             let place = tokio::select! {
+                // A free place first: no look at the socket when none is needed.
                 biased;
                 place = places.take() => place,
                 () = left_without_a_word(&stream) => return None,
@@ -233,20 +228,6 @@ async fn accept(
             None
         }
     }
-}
-
-/// How long a client accepted at the cap has to show that it stays (a byte) or leaves (a close)
-/// before room is asked for it: a TCP check closes within a round trip.
-const LEAVING_AT_ONCE: Duration = Duration::from_millis(50);
-
-/// Whether the client closed (or reset) the connection within [`LEAVING_AT_ONCE`] without
-/// sending anything; false as soon as it sends a byte.
-async fn left_at_once(stream: &TcpStream) -> bool {
-    let mut first = [0u8; 1];
-    matches!(
-        tokio::time::timeout(LEAVING_AT_ONCE, stream.peek(&mut first)).await,
-        Ok(Ok(0) | Err(_))
-    )
 }
 
 /// Resolves when the client closes (or resets) the connection before sending anything; never

@@ -93,7 +93,7 @@ impl Places {
     }
 
     /// A free place, if there is one, without waiting (and so without asking for room).
-    pub(super) fn try_take(self: &Arc<Self>) -> Option<Place> {
+    fn try_take(self: &Arc<Self>) -> Option<Place> {
         let permit = Arc::clone(&self.free).try_acquire_owned().ok()?;
         Some(Place {
             places: Arc::clone(self),
