@@ -7,7 +7,6 @@ use axum::Router;
 use secrecy::ExposeSecret;
 use shared::redis_connection::RedisConnection;
 use shared::serve;
-use sqlx::Executor as _;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
@@ -25,33 +24,35 @@ const PROMOTIONS_AT_SHUTDOWN: Duration = Duration::from_secs(5);
 /// the runtime's own.
 const OWN_OPEN_FILES: u64 = 64;
 
-/// PostgreSQL ends a statement of ours that runs, or waits for a lock, longer than this. A sign-in
-/// stuck behind a lock then fails inside its request's 10 s (2 s at most for each Redis step, 3 s
-/// for a pooled connection, and this) and puts the code back; without it, the client got its 503
-/// from the request's timeout while the statement went on to create a session no one would
-/// receive, having used up the code. Set with `SET` on each new connection rather than as a
-/// startup option, which PgBouncer refuses unless told to ignore it; migrations run on a
-/// connection of their own, without it.
-const STATEMENT_TIMEOUT: &str = "SET statement_timeout = '3s'";
-
-/// The api's pool, its connections made lazily, each with [`STATEMENT_TIMEOUT`] unless
-/// `DATABASE_URL` sets a `statement_timeout` of its own (`?options=-c%20statement_timeout%3D…`).
-fn database_pool(connect: PgConnectOptions, size: u32) -> PgPool {
-    let own_timeout = connect
-        .get_options()
-        .is_some_and(|options| options.contains("statement_timeout"));
-    PgPoolOptions::new()
+/// The api's pool, its connections made lazily, each with PostgreSQL's `statement_timeout` set to
+/// `statement_timeout` (`DATABASE_STATEMENT_TIMEOUT_MS`; zero leaves the server's).
+///
+/// PostgreSQL then ends a statement of ours that runs, or waits for a lock, longer than that. A
+/// sign-in stuck behind a lock fails inside its request's 10 s (2 s at most for each Redis step,
+/// 3 s for a pooled connection, and 3 s by default for the statement) and puts the code back;
+/// without it, the client got its 503 from the request's timeout while the statement went on to
+/// create a session no one would receive, having used up the code. Set on each new connection
+/// (`set_config`) rather than as a startup option, which PgBouncer refuses unless told to ignore
+/// it. Migrations run on a connection of their own, without it.
+fn database_pool(connect: PgConnectOptions, size: u32, statement_timeout: Duration) -> PgPool {
+    let millis = statement_timeout.as_millis();
+    let options = PgPoolOptions::new()
         .max_connections(size)
-        .acquire_timeout(Duration::from_secs(3))
-        .after_connect(move |connection, _| {
+        .acquire_timeout(Duration::from_secs(3));
+    let options = if millis == 0 {
+        options
+    } else {
+        options.after_connect(move |connection, _| {
             Box::pin(async move {
-                if !own_timeout {
-                    connection.execute(STATEMENT_TIMEOUT).await?;
-                }
+                sqlx::query("SELECT set_config('statement_timeout', $1, false)")
+                    .bind(millis.to_string())
+                    .execute(connection)
+                    .await?;
                 Ok(())
             })
         })
-        .connect_lazy_with(connect)
+    };
+    options.connect_lazy_with(connect)
 }
 
 pub struct Application {
@@ -73,7 +74,11 @@ impl Application {
             .expose_secret()
             .parse()
             .map_err(|e| anyhow::anyhow!("invalid configuration: DATABASE_URL: {e}"))?;
-        let pool = database_pool(connect, config.database_pool_size);
+        let pool = database_pool(
+            connect,
+            config.database_pool_size,
+            config.database_statement_timeout,
+        );
         let redis = RedisConnection::new(&config.common.redis)
             .map_err(|e| anyhow::anyhow!("invalid configuration: REDIS_URL: {e}"))?;
         // Installed before the first request so no sample is lost.

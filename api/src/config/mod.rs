@@ -42,6 +42,10 @@ pub struct ApiConfig {
     pub sessions: SessionPolicy,
     /// `DATABASE_POOL_SIZE`: PostgreSQL connections per api process.
     pub database_pool_size: u32,
+    /// `DATABASE_STATEMENT_TIMEOUT_MS`: PostgreSQL's `statement_timeout`, set on each of the
+    /// api's connections; zero leaves it to the server (a role's setting behind PgBouncer in
+    /// transaction pooling, where a connection's `SET` would land on any server connection).
+    pub database_statement_timeout: Duration,
     /// Slow-client limits of the HTTP server.
     pub server: ServerLimits,
     /// `SHUTDOWN_GRACE_SECS`: after SIGTERM, in-flight requests get this long.
@@ -97,6 +101,11 @@ impl ApiConfig {
             fraud_guard: FraudGuardPolicy::from_env(env)?,
             sessions: SessionPolicy::from_env(env)?,
             database_pool_size: env.integer_in("DATABASE_POOL_SIZE", 10, 1..=1_000)?,
+            database_statement_timeout: env.millis(
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                3_000,
+                0..=600_000,
+            )?,
             server: ServerLimits::from_env(env, DEFAULT_MAX_CONNECTIONS)?,
             shutdown_grace: env.seconds("SHUTDOWN_GRACE_SECS", 10, 0..=300)?,
             phone,
@@ -139,6 +148,10 @@ mod tests {
         assert_eq!(config.client_ip.trusted_hops, 0);
         assert_eq!(config.sessions.reuse_grace.as_secs(), 10);
         assert_eq!(config.sessions.max_lifetime.as_secs(), 90 * 24 * 3600);
+        assert_eq!(config.database_statement_timeout.as_millis(), 3_000);
+        let off = ApiConfig::from_env(&Env::from_pairs([("DATABASE_STATEMENT_TIMEOUT_MS", "0")]))
+            .expect("zero leaves the server's");
+        assert!(off.database_statement_timeout.is_zero());
     }
 
     #[test]
@@ -157,6 +170,7 @@ mod tests {
             ("OTP_TTL_SECS", "0"),
             ("DATABASE_POOL_SIZE", "abc"),
             ("DATABASE_POOL_SIZE", "0"),
+            ("DATABASE_STATEMENT_TIMEOUT_MS", "3s"),
             ("OTP_ALLOWED_NUMBER_TYPES", "mobile,satellite_phone"),
             ("OTP_FRAUD_GUARD", "paranoid"),
             ("OTP_FRAUD_GUARD_RATIO", "0"),
