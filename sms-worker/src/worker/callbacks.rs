@@ -28,7 +28,7 @@ use super::resend;
 use crate::config::ProviderConfig;
 use crate::metrics as m;
 use crate::receipts::store::ReceiptStore;
-use crate::receipts::{Receipt, infobip, twilio};
+use crate::receipts::{infobip, twilio};
 
 /// Infobip batches up to 100 reports.
 const BODY_LIMIT: usize = 256 * 1024;
@@ -145,7 +145,7 @@ async fn twilio_callback(
         debug!("ignored a Twilio callback without a status we track");
         return StatusCode::NO_CONTENT.into_response();
     };
-    applied(apply(&callbacks, receipt).await)
+    applied(resend::apply(&callbacks.context, &callbacks.store, receipt).await)
 }
 
 async fn infobip_callback(
@@ -196,31 +196,11 @@ async fn infobip_callback(
     for receipt in reports.results.iter().filter_map(infobip::Report::receipt) {
         // One failed report fails the batch, so Infobip sends it again; the ones applied
         // already are no-ops then.
-        if let Err(e) = apply(&callbacks, receipt).await {
+        if let Err(e) = resend::apply(&callbacks.context, &callbacks.store, receipt).await {
             outcome = Err(e);
         }
     }
     applied(outcome)
-}
-
-/// Applies one receipt ([`resend::apply`]) on a task of its own. The request's timeout must not
-/// cut a resend off once the receipt's new status is stored: the provider's retry of the same
-/// receipt would then find the status already final and change nothing, and the resend would be
-/// lost (an Infobip batch whose resends run one after another can pass the 15 s).
-async fn apply(callbacks: &Arc<Callbacks>, receipt: Receipt) -> redis::RedisResult<()> {
-    let callbacks = Arc::clone(callbacks);
-    let task =
-        tokio::spawn(
-            async move { resend::apply(&callbacks.context, &callbacks.store, receipt).await },
-        );
-    match task.await {
-        Ok(applied) => applied,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // Only when the runtime itself stops.
-        Err(_) => Err(redis::RedisError::from(std::io::Error::from(
-            std::io::ErrorKind::Interrupted,
-        ))),
-    }
 }
 
 /// The answer to a Twilio callback without a signature that matches, counted and logged.

@@ -205,36 +205,6 @@ async fn duplicate_and_out_of_order_receipts_change_nothing() {
     .await;
 }
 
-/// A resend slower than its callback request's 15 s timeout still completes: the receipt's status
-/// is stored first, so the provider's retry of it would change nothing. Before, the timeout cut
-/// the resend off with the request, and it was lost.
-#[tokio::test]
-async fn a_resend_outlasting_its_callback_request_still_completes() {
-    with_harness(QueueType::Classic, |h| async move {
-        let mut overrides = h.receipts();
-        overrides.push(("SEND_TIMEOUT_SECS".to_owned(), "30".to_owned()));
-        let _worker = h.start_worker(&pairs(&overrides)).await;
-        h.fake
-            .set_faults_for(SmsProvider::Infobip, Faults::latency(17_000));
-        let to = phone();
-        h.fake.set_carrier(Carrier {
-            outcomes: vec![Outcome::new(&to, "undelivered", Some(30007))],
-            ..Carrier::default()
-        });
-        send_held(&h, &to).await;
-        eventually(
-            Duration::from_secs(45),
-            "the resend's answer recorded",
-            || async {
-                let resent = lines_of(&h, &overrides, &to, What::Resent).await;
-                (resent.len() == 1 && resent[0].status.as_deref() == Some("accepted")).then_some(())
-            },
-        )
-        .await;
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn an_undelivered_30007_is_resent_once_through_the_second_provider() {
     with_harness(QueueType::Classic, |h| async move {
