@@ -19,10 +19,6 @@ use crate::{jobs, router};
 /// How long a stopping api waits for codes Redis has yet to make current (see
 /// `signin::promotion`), after the in-flight requests: only while Redis has been failing.
 const PROMOTIONS_AT_SHUTDOWN: Duration = Duration::from_secs(5);
-/// Open files the api keeps for itself beside the database pool's: Redis (one per node of a
-/// cluster), RabbitMQ (and its replacement during a reconnect), the listener, the log file, and
-/// the runtime's own.
-const OWN_OPEN_FILES: u64 = 64;
 
 /// The api's pool, its connections made lazily, each with PostgreSQL's `statement_timeout` set to
 /// `statement_timeout` (`DATABASE_STATEMENT_TIMEOUT_MS`; zero leaves the server's).
@@ -133,7 +129,7 @@ impl Application {
         tokio::spawn(jobs::purge_expired_tokens(self.state.clone()));
         tracing::info!(%addr, "api listening");
         let config = &self.state.config;
-        let reserved = OWN_OPEN_FILES + u64::from(config.database_pool_size);
+        let reserved = serve::OWN_OPEN_FILES + u64::from(config.database_pool_size);
         let limits = config.server.within_open_files(reserved, 1);
         let grace = config.shutdown_grace;
         let shutdown = async move {

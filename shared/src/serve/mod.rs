@@ -57,6 +57,7 @@ use watchdog::{Activity, Close, OpenConnection, Watched, WatchedBody};
 use crate::config::{ConfigError, Env};
 
 mod open_files;
+pub use open_files::OWN_OPEN_FILES;
 mod places;
 mod watchdog;
 

@@ -12,6 +12,12 @@
 
 use super::ServerLimits;
 
+/// Open files a program keeps for itself beside the connections it serves and the ones it opens
+/// per request (the api's database pool, the worker's provider calls): Redis (one per node of a
+/// cluster), RabbitMQ (and its replacement during a reconnect), its listeners, its log file and
+/// the runtime's own. Both programs reserve it in [`ServerLimits::within_open_files`].
+pub const OWN_OPEN_FILES: u64 = 64;
+
 /// At most `wanted` connections, and no more than `open_files` leaves once `reserved` are kept
 /// for the program's own use, each connection taking `files_each` (at least one connection, so
 /// that a server still answers).

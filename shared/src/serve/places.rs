@@ -61,10 +61,7 @@ impl Places {
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        Place {
-            places: Arc::clone(self),
-            _permit: permit,
-        }
+        self.place(permit)
     }
 
     /// Asked by a connection idle for the header timeout or longer: whether to close it to make
@@ -95,10 +92,14 @@ impl Places {
     /// A free place, if there is one, without waiting (and so without asking for room).
     fn try_take(self: &Arc<Self>) -> Option<Place> {
         let permit = Arc::clone(&self.free).try_acquire_owned().ok()?;
-        Some(Place {
+        Some(self.place(permit))
+    }
+
+    fn place(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Place {
+        Place {
             places: Arc::clone(self),
             _permit: permit,
-        })
+        }
     }
 }
 

@@ -56,9 +56,6 @@ const RECORDS_FLUSH: Duration = TIMELINE_FLUSH;
 /// Connections at most on the HTTP port (`WORKER_ADDR`: probes and scrapes), whatever
 /// `HTTP_MAX_CONNECTIONS` says for the receipts port.
 const HTTP_PORT_MAX_CONNECTIONS: usize = 64;
-/// Open files the worker keeps for Redis, RabbitMQ, its listeners, its log file and the runtime,
-/// beside its connections to the providers.
-const OWN_OPEN_FILES: u64 = 64;
 /// Past a server's own limit for its requests, how long closing what is left may take.
 const SERVER_CLOSE: Duration = Duration::from_secs(1);
 
@@ -191,7 +188,7 @@ impl Worker {
                 // are kept: a connection to a provider per send in flight, for each of two
                 // providers, and Redis, RabbitMQ, the listeners and the log file. A receipt may
                 // resend through a provider while its connection is open, so each takes two.
-                let reserved = OWN_OPEN_FILES
+                let reserved = shared::serve::OWN_OPEN_FILES
                     + HTTP_PORT_MAX_CONNECTIONS as u64
                     + 2 * u64::from(config.concurrency);
                 let limits = config.server.within_open_files(reserved, 2);
