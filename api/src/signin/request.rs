@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use futures_util::future::join_all;
 use shared::{OtpRequested, PhoneNumber};
+use tokio::sync::Semaphore;
 
 use super::promotion;
 use super::withdrawal::{self, Settled};
@@ -168,6 +169,11 @@ async fn settle_unknown_publish(state: &AppState, event: &OtpRequested, slots: S
     false
 }
 
+/// Give-backs after a Redis failure running at once, at most (each waits at most
+/// [`super::REDIS_DEADLINE`]).
+const GIVE_BACKS_AT_ONCE: usize = 1_024;
+static GIVE_BACKS: Semaphore = Semaphore::const_new(GIVE_BACKS_AT_ONCE);
+
 /// One limit a request took a slot on.
 enum Slot {
     /// The pending code, with its place in the phone's resend gap and hourly and daily caps.
@@ -313,9 +319,18 @@ impl Slots {
 
     /// [`Slots::give_back`] on a task of its own, for a request answering 503 because Redis
     /// failed: the give-back, to the same Redis, must not hold the answer for another deadline.
+    /// At most [`GIVE_BACKS_AT_ONCE`] run: past that (a flood of requests while Redis is slow),
+    /// the slots lapse with their windows rather than add load to a Redis already failing.
     fn give_back_later(self, state: &AppState) {
+        let Ok(permit) = GIVE_BACKS.try_acquire() else {
+            tracing::warn!(event_id = %self.event_id, "too many give-backs wait for Redis; this request's slots lapse with their windows");
+            return;
+        };
         let state = state.clone();
-        tokio::spawn(async move { self.give_back(&state).await });
+        tokio::spawn(async move {
+            let _permit = permit;
+            self.give_back(&state).await;
+        });
     }
 
     /// Gives back every slot, so a request that did not go through counts toward nothing.
