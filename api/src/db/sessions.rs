@@ -106,7 +106,7 @@ struct Presented {
 /// until they expire; past this many, the oldest go, but only once rotated for
 /// [`ROTATED_REFRESH_TOKENS_KEPT_SECS`]: a thief refreshing as fast as the rate limit allows
 /// cannot push the owner's copy out within a day, and a session's rows stay bounded (about
-/// 1,000 plus a day's refreshes at most).
+/// 1,000 plus a day's refreshes at most). They are trimmed at most once a minute per session.
 const ROTATED_REFRESH_TOKENS_KEPT: i64 = 1_000;
 /// A day: the owner's app refreshes within it, in any deployment that has not set access tokens
 /// to live longer, and so is seen presenting its copy.
@@ -188,18 +188,23 @@ pub async fn refresh(
         WITH used AS (
             UPDATE tokens SET rotated_at = now() WHERE hash = $1 AND rotated_at IS NULL
         ), retired AS (
-            -- The rotated token's own access token, and rotated refresh tokens past the newest
-            -- $11 (this one, not yet rotated in this statement's snapshot, makes $11 + 1) that
-            -- were rotated more than $12 seconds ago.
+            -- The rotated token's own access token.
             DELETE FROM tokens
-            WHERE family_id = $2
-              AND ((scope = 'authentication' AND pair_id = $3)
-                   OR (rotated_at < now() - make_interval(secs => $12) AND hash IN (
-                       SELECT hash FROM tokens
-                       WHERE family_id = $2 AND scope = 'refresh' AND rotated_at IS NOT NULL
-                       ORDER BY rotated_at DESC
-                       OFFSET $11
-                   )))
+            WHERE pair_id = $3 AND family_id = $2 AND scope = 'authentication'
+        ), trimmed AS (
+            -- Rotated refresh tokens past the newest $11 (this one, not yet rotated in this
+            -- statement's snapshot, makes $11 + 1) that were rotated more than $12 seconds ago.
+            -- It reads and sorts all of the session's rotated tokens (no index orders them by
+            -- rotation), up to about 15,000 for a session refreshing as fast as it may, so only
+            -- a refresh that starts a rate window ($9), at most one a minute, trims.
+            DELETE FROM tokens
+            WHERE $9 AND family_id = $2 AND scope = 'refresh'
+              AND rotated_at < now() - make_interval(secs => $12) AND hash IN (
+                  SELECT hash FROM tokens
+                  WHERE family_id = $2 AND scope = 'refresh' AND rotated_at IS NOT NULL
+                  ORDER BY rotated_at DESC
+                  OFFSET $11
+              )
         ), counted AS (
             UPDATE sessions SET
                 refresh_window_started_at = CASE WHEN $9 THEN now() ELSE refresh_window_started_at END,

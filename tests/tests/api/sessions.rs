@@ -170,12 +170,22 @@ async fn a_session_keeps_at_most_a_thousand_rotated_refresh_tokens_a_day_old() {
         session = rotate(&app, &token(&session, "refresh_token")).await;
     }
     assert_eq!(token_rows(&app, &user_id).await, (1, 1, 1_003));
-    // A day later, the next refresh deletes the oldest past the newest 1,000.
+    let db = app.db().await;
     sqlx::query("UPDATE tokens SET rotated_at = rotated_at - interval '25 hours' WHERE rotated_at IS NOT NULL AND user_id::text = $1")
         .bind(&user_id)
-        .execute(&app.db().await)
+        .execute(&db)
         .await
         .expect("the rotations made a day old");
+    // Within the session's rate window, a refresh trims nothing: a trim reads all of the
+    // session's rotated tokens, so it runs at most once a window.
+    session = rotate(&app, &token(&session, "refresh_token")).await;
+    assert_eq!(token_rows(&app, &user_id).await, (1, 1, 1_004));
+    // A day later, the next refresh (a new window) deletes the oldest past the newest 1,000.
+    sqlx::query("UPDATE sessions SET refresh_window_started_at = refresh_window_started_at - interval '25 hours' WHERE user_id::text = $1")
+        .bind(&user_id)
+        .execute(&db)
+        .await
+        .expect("the window made a day old");
     session = rotate(&app, &token(&session, "refresh_token")).await;
     assert_eq!(token_rows(&app, &user_id).await, (1, 1, 1_000));
     assert_eq!(
