@@ -27,13 +27,14 @@ return 1
 
 /// KEYS: status hash, sealed body, seen marker. ARGV: rank, status, dedupe token ('' none),
 /// keep (ms). Returns {0} unknown message, {2} repeat, {3} not newer, or {1, event, calling
-/// code, trace id, sent at, sealed body or ''}.
+/// code, trace id, sent at, sealed body or ''}. A receipt for a message not recorded yet leaves
+/// no seen marker: asked again once the record is there, it must not pass for a repeat.
 const APPLY: &str = r"
+local current = redis.call('HMGET', KEYS[1], 'r', 'e', 'c', 'x', 't')
+if not current[1] then return {0} end
 if ARGV[3] ~= '' then
   if not redis.call('SET', KEYS[3], 1, 'NX', 'PX', ARGV[4]) then return {2} end
 end
-local current = redis.call('HMGET', KEYS[1], 'r', 'e', 'c', 'x', 't')
-if not current[1] then return {0} end
 if tonumber(ARGV[1]) <= tonumber(current[1]) then return {3} end
 redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', ARGV[2])
 local body = redis.call('GET', KEYS[2]) or ''

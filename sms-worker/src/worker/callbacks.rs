@@ -2,11 +2,12 @@
 //! `POST /v1/callbacks/infobip`. Anyone on the internet can reach it, so nothing is believed
 //! before it is authenticated: Twilio's callbacks by their `X-Twilio-Signature`, Infobip's by the
 //! secret only our workers put in the URL they gave Infobip. A request that fails the check is
-//! answered 403 and changes nothing; one that passes is applied by [`super::resend::apply`].
+//! answered 403 and changes nothing; one that passes is applied by [`super::resend::apply`], on
+//! a task of its own ([`ReceiptTasks`]).
 //!
 //! Answers: 204 when applied (or harmlessly ignored), 403 forged, 400 unreadable, 415 not the
-//! provider's content type, 503 when Redis is away (the provider sends it again later), all
-//! errors as `application/problem+json`.
+//! provider's content type, 503 when Redis is away or every place is still applying receipts (the
+//! provider sends it again later), all errors as `application/problem+json`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +25,11 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::{debug, warn};
 
 use super::context::Context;
-use super::resend;
+use super::receipt_tasks::{Busy, ReceiptTasks};
 use crate::config::ProviderConfig;
 use crate::metrics as m;
 use crate::receipts::store::ReceiptStore;
-use crate::receipts::{infobip, twilio};
+use crate::receipts::{Receipt, infobip, twilio};
 
 /// Infobip batches up to 100 reports.
 const BODY_LIMIT: usize = 256 * 1024;
@@ -45,14 +46,15 @@ pub(crate) const INFOBIP_PATH: &str = "/v1/callbacks/infobip";
 struct Callbacks {
     context: Arc<Context>,
     store: ReceiptStore,
+    tasks: ReceiptTasks,
     /// The URL Twilio calls, as we gave it: the signature covers it.
     twilio_url: String,
     twilio_auth_token: Option<SecretString>,
     infobip_secret: Option<String>,
 }
 
-/// The callback routes, or `None` when receipts are off.
-pub(crate) fn router(context: Arc<Context>) -> Option<Router> {
+/// The callback routes, or `None` when receipts are off. Receipts are applied on `tasks`.
+pub(crate) fn router(context: Arc<Context>, tasks: ReceiptTasks) -> Option<Router> {
     let config = context.config.callbacks.as_ref()?;
     let store = context.receipts.clone()?;
     let twilio_auth_token = context.config.providers.iter().find_map(|p| match p {
@@ -68,6 +70,7 @@ pub(crate) fn router(context: Arc<Context>) -> Option<Router> {
         twilio_url: format!("{}{TWILIO_PATH}", config.base_url),
         context: context.clone(),
         store,
+        tasks,
         twilio_auth_token,
         infobip_secret,
     });
@@ -145,7 +148,7 @@ async fn twilio_callback(
         debug!("ignored a Twilio callback without a status we track");
         return StatusCode::NO_CONTENT.into_response();
     };
-    applied(resend::apply(&callbacks.context, &callbacks.store, receipt).await)
+    applied(callbacks.apply("twilio", vec![receipt]).await)
 }
 
 async fn infobip_callback(
@@ -192,15 +195,28 @@ async fn infobip_callback(
             "The body is not Infobip delivery reports.",
         );
     };
-    let mut outcome = Ok(());
-    for receipt in reports.results.iter().filter_map(infobip::Report::receipt) {
-        // One failed report fails the batch, so Infobip sends it again; the ones applied
-        // already are no-ops then.
-        if let Err(e) = resend::apply(&callbacks.context, &callbacks.store, receipt).await {
-            outcome = Err(e);
+    let receipts = reports
+        .results
+        .iter()
+        .filter_map(infobip::Report::receipt)
+        .collect();
+    // One failed report fails the batch, so Infobip sends it again; the ones applied already
+    // are no-ops then.
+    applied(callbacks.apply("infobip", receipts).await)
+}
+
+impl Callbacks {
+    async fn apply(
+        &self,
+        provider: &'static str,
+        receipts: Vec<Receipt>,
+    ) -> Result<redis::RedisResult<()>, Busy> {
+        let outcome = self.tasks.apply(&self.context, &self.store, receipts).await;
+        if outcome.is_err() {
+            rejected(provider, "busy");
         }
+        outcome
     }
-    applied(outcome)
 }
 
 /// The answer to a Twilio callback without a signature that matches, counted and logged.
@@ -219,10 +235,20 @@ fn rejected(provider: &'static str, reason: &'static str) {
         .increment(1);
 }
 
-fn applied(outcome: redis::RedisResult<()>) -> Response {
+fn applied(outcome: Result<redis::RedisResult<()>, Busy>) -> Response {
     match outcome {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Err(Busy) => {
+            warn!(
+                "every place is still applying receipts; refused one, the provider will send it again"
+            );
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "Too many receipts are being applied; send it again later.",
+            )
+        }
+        Ok(Err(e)) => {
             warn!(error = %e, "could not apply a delivery receipt; the provider will send it again");
             problem(
                 StatusCode::SERVICE_UNAVAILABLE,

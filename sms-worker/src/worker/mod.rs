@@ -7,7 +7,8 @@
 //! - [`send`]: the send path: claiming the event in the ledger, within a [`budget`], its
 //!   [`lease`] kept while the event is worked on;
 //! - [`failover`]: sending it through the providers in order, past their breakers;
-//! - [`callbacks`]: the public listener for delivery receipts, which [`resend`] applies.
+//! - [`callbacks`]: the public listener for delivery receipts, which [`resend`] applies on
+//!   [`receipt_tasks`] the worker waits for when it stops.
 
 mod acks;
 mod broker_copies;
@@ -20,6 +21,7 @@ mod failover;
 mod lease;
 mod outcome;
 mod queue_depth;
+mod receipt_tasks;
 mod resend;
 mod send;
 mod sent;
@@ -44,6 +46,7 @@ use crate::receipts::store::ReceiptStore;
 use crate::shutdown::{self, ShutdownTrigger};
 use crate::trace::Timelines;
 use context::{Context, Stores};
+use receipt_tasks::ReceiptTasks;
 
 /// How long a stopping worker waits for the timeline writes still under way: a little longer
 /// than any of them may take ([`crate::trace::WRITE_DEADLINE`]).
@@ -182,20 +185,20 @@ impl Worker {
         // Receipts are taken until the deliveries are done: a load balancer may still send them
         // here for a while, and one turned away may be lost (Twilio retries a status callback
         // only as its URL's connection overrides say).
-        let callbacks = match (callback_listener, callbacks::router(context.clone())) {
-            (Some(listener), Some(router)) => {
-                // It gets what the open files leave once the HTTP port's and the worker's own
-                // are kept: a connection to a provider per send in flight, for each of two
-                // providers, and Redis, RabbitMQ, the listeners and the log file. A receipt may
-                // resend through a provider while its connection is open, so each takes two.
-                let reserved = shared::serve::OWN_OPEN_FILES
-                    + HTTP_PORT_MAX_CONNECTIONS as u64
-                    + 2 * u64::from(config.concurrency);
-                let limits = config.server.within_open_files(reserved, 2);
-                Some(spawn_server("receipts", listener, router, limits))
-            }
-            _ => None,
-        };
+        let callbacks = callback_listener.and_then(|listener| {
+            // It gets what the open files leave once the HTTP port's and the worker's own are
+            // kept: a connection to a provider per send in flight, for each of two providers,
+            // and Redis, RabbitMQ, the listeners and the log file. A receipt may resend through
+            // a provider, on a task that may outlive its connection; there are never more such
+            // tasks than places, so each place takes two.
+            let reserved = shared::serve::OWN_OPEN_FILES
+                + HTTP_PORT_MAX_CONNECTIONS as u64
+                + 2 * u64::from(config.concurrency);
+            let limits = config.server.within_open_files(reserved, 2);
+            let tasks = ReceiptTasks::new(limits.max_connections);
+            let router = callbacks::router(context.clone(), tasks.clone())?;
+            Some((spawn_server("receipts", listener, router, limits), tasks))
+        });
 
         let signal = tokio::spawn(async move {
             shutdown.await;
@@ -212,13 +215,11 @@ impl Worker {
         // receipts being handled. One of those may be resending through a provider, and a resend
         // cut short is one its user never gets (each event has one): they get until the stop's
         // deadline, which a quick stop is far from, and at least as long as the flush.
-        let receipts_limit = stop_deadline
-            .max(tokio::time::Instant::now() + TIMELINE_FLUSH)
-            .saturating_duration_since(tokio::time::Instant::now());
+        let receipts_deadline = stop_deadline.max(tokio::time::Instant::now() + TIMELINE_FLUSH);
         let (timelines_flushed, (), (), ()) = tokio::join!(
             context.timelines.flush(TIMELINE_FLUSH),
             sent::wait_for_records(&context, RECORDS_FLUSH),
-            stop_server("callback", callbacks, receipts_limit),
+            stop_receipts(callbacks, receipts_deadline),
             stop_server("HTTP", Some((http, http_stop)), TIMELINE_FLUSH),
         );
         if !timelines_flushed {
@@ -250,6 +251,20 @@ fn spawn_server(
         port, listener, router, limits, stopped,
     ));
     (task, stop)
+}
+
+/// Stops the receipts port, then waits for the receipts still being applied (a request cut off
+/// leaves its task running), both by `deadline`.
+async fn stop_receipts(
+    callbacks: Option<((ServerTask, StopServer), ReceiptTasks)>,
+    deadline: tokio::time::Instant,
+) {
+    let Some((server, tasks)) = callbacks else {
+        return;
+    };
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    stop_server("callback", Some(server), left()).await;
+    tasks.finished(left()).await;
 }
 
 /// Stops a server, giving the requests it holds `limit` to finish; the server closes what is left.

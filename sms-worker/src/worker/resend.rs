@@ -24,17 +24,26 @@ use crate::receipts::store::{Applied, ReceiptStore, SentMessage};
 use crate::receipts::{Receipt, Status};
 use crate::trace::{Line, What, unix_ms};
 
+/// What applying a receipt found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Receipted {
+    /// Applied, or a repeat or an older status that changed nothing.
+    Applied,
+    /// No message of ours has its id: not ours, older than a day, or not recorded yet (the
+    /// record follows the send's ack, and a quick carrier can report before it). Not counted
+    /// here: the caller may ask again.
+    UnknownMessage,
+}
+
 /// Applies one receipt. An error means Redis could not be asked: the provider should send the
 /// receipt again later (nothing was changed).
 pub(crate) async fn apply(
     context: &Context,
     store: &ReceiptStore,
-    receipt: Receipt,
-) -> RedisResult<()> {
+    receipt: &Receipt,
+) -> RedisResult<Receipted> {
     let provider = receipt.provider;
-    let (event_id, calling_code, trace_id, sent_at_ms, message) = match store
-        .apply(&receipt)
-        .await?
+    let (event_id, calling_code, trace_id, sent_at_ms, message) = match store.apply(receipt).await?
     {
         Applied::Changed {
             event_id,
@@ -46,13 +55,9 @@ pub(crate) async fn apply(
         Applied::Nothing => {
             metrics::counter!(m::RECEIPTS_IGNORED, "provider" => provider, "reason" => "duplicate")
                 .increment(1);
-            return Ok(());
+            return Ok(Receipted::Applied);
         }
-        Applied::Unknown => {
-            metrics::counter!(m::RECEIPTS_IGNORED, "provider" => provider, "reason" => "unknown")
-                .increment(1);
-            return Ok(());
-        }
+        Applied::Unknown => return Ok(Receipted::UnknownMessage),
     };
     let country = calling_code.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
     metrics::counter!(m::RECEIPTS, "provider" => provider, "status" => receipt.status.as_str(), "country" => country)
@@ -99,7 +104,7 @@ pub(crate) async fn apply(
             lines.push(
                 resend(
                     context,
-                    &receipt,
+                    receipt,
                     &event_id,
                     calling_code,
                     &trace_id,
@@ -122,7 +127,7 @@ pub(crate) async fn apply(
     if let Err(e) = context.timelines.append(&trace_id, &lines).await {
         warn!(error = %e, "could not add the receipt to the number's timeline");
     }
-    Ok(())
+    Ok(Receipted::Applied)
 }
 
 /// Sends the code once more through another provider, if it is worth it; says what happened.

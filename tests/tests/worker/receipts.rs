@@ -205,6 +205,95 @@ async fn duplicate_and_out_of_order_receipts_change_nothing() {
     .await;
 }
 
+/// Sends an SMS, held, to a new number, which Twilio's carrier drops (30007) at once, with
+/// `slow` answering each send `latency_ms` late; returns the number.
+async fn dropped_by_twilio(h: &Harness, slow: SmsProvider, latency_ms: u64) -> String {
+    h.fake.set_faults_for(slow, Faults::latency(latency_ms));
+    let to = phone();
+    h.fake.set_carrier(Carrier {
+        delay_ms: 20,
+        outcomes: vec![Outcome::new(&to, "undelivered", Some(30007)).via(SmsProvider::Twilio)],
+        ..Carrier::default()
+    });
+    send_held(h, &to).await;
+    to
+}
+
+/// Carrier reports that come before the worker has recorded the message (here the provider
+/// answers the send a second after accepting it, and the carrier reports at once) are asked
+/// about again until the record is there, and the dropped code is resent. Before, they were
+/// ignored as messages not ours (Twilio sends a callback only once), and a retried Twilio
+/// callback passed for a repeat of the first.
+#[tokio::test]
+async fn a_receipt_that_comes_before_its_record_is_still_applied() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = h.receipts();
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let to = dropped_by_twilio(&h, SmsProvider::Twilio, 1_000).await;
+        // The dropped code, resent through the other provider.
+        h.wait_for_messages(&to, 2).await;
+        // The carrier reported while the send was still unanswered (it sends each report once
+        // the one before is answered, so the later ones waited behind the first).
+        let first = h
+            .fake
+            .callbacks_sent()
+            .into_iter()
+            .find(|c| c.to == to)
+            .expect("the carrier's reports");
+        let answered = h.fake.requests(Some(&to))[0]
+            .responded_at
+            .expect("the send was answered");
+        assert!(
+            first.at < answered,
+            "{first:?} came after the send's answer {answered}"
+        );
+        let messages = h.fake.messages(Some(&to));
+        assert_eq!(messages[1].provider, SmsProvider::Infobip, "{messages:?}");
+        let resent = lines_of(&h, &overrides, &to, What::Resent).await;
+        assert_eq!(resent.len(), 1, "{resent:?}");
+        worker.stop().await;
+    })
+    .await;
+}
+
+/// A resend slower than its callback request's 15 s timeout still completes, even when the
+/// worker is told to stop meanwhile: the receipt's status is stored first, so the provider's
+/// retry of it would change nothing; the resend runs on a task of its own, which the stopping
+/// worker waits for. Before, the request's timeout cut the resend off with it, and it was lost.
+#[tokio::test]
+async fn a_resend_outlasting_its_callback_request_completes_even_through_a_stop() {
+    with_harness(QueueType::Classic, |h| async move {
+        let mut overrides = h.receipts();
+        overrides.push(("SEND_TIMEOUT_SECS".to_owned(), "30".to_owned()));
+        let mut worker = h.start_worker_process(&pairs(&overrides)).await;
+        let to = dropped_by_twilio(&h, SmsProvider::Infobip, 17_000).await;
+        eventually(
+            Duration::from_secs(40),
+            "the carrier's report cut off by the request timeout",
+            || async {
+                h.fake
+                    .callbacks_sent()
+                    .iter()
+                    .any(|c| c.to == to && c.status == "undelivered" && c.answer == Some(408))
+            },
+        )
+        .await;
+        assert_eq!(
+            h.fake.requests(Some(&to)).len(),
+            2,
+            "the resend is under way"
+        );
+        worker.terminate();
+        let exit = worker.wait(Duration::from_secs(45)).await;
+        assert_eq!(exit.code(), Some(0), "{}", worker.logs());
+        let resent = lines_of(&h, &overrides, &to, What::Resent).await;
+        assert_eq!(resent.len(), 1, "{resent:?}\n{}", worker.logs());
+        assert_eq!(resent[0].status.as_deref(), Some("accepted"), "{resent:?}");
+        assert_eq!(h.fake.messages(Some(&to)).len(), 2);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_undelivered_30007_is_resent_once_through_the_second_provider() {
     with_harness(QueueType::Classic, |h| async move {
