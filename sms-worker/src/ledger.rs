@@ -89,6 +89,7 @@ pub struct SendLedger {
     renew: Script,
     release: Script,
     record_dead: Script,
+    claim_resend: Script,
 }
 
 impl SendLedger {
@@ -134,6 +135,13 @@ impl SendLedger {
                   if v and v ~= ARGV[1] then return v end
                   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
                   return false",
+            ),
+            // Taken once; asked again by the same claimant (an earlier try whose answer was
+            // lost), still its own.
+            claim_resend: Script::new(
+                r"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+                  if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+                  return 0",
             ),
         }
     }
@@ -258,22 +266,23 @@ impl SendLedger {
 }
 
 impl SendLedger {
-    /// Claims the one resend an event may get; `false` when it was claimed before. Kept as long
-    /// as the event's own record.
+    /// Claims the one resend an event may get for `claimant`; `false` when another claimed it
+    /// before. Safe to ask again after an error: a claim whose answer was lost is still the
+    /// claimant's. Kept as long as the event's own record.
     pub async fn claim_resend(
         &self,
         event_id: &str,
+        claimant: &ClaimToken,
         time_left: Duration,
     ) -> Result<bool, RedisError> {
-        let claimed: Option<String> = redis::cmd("SET")
-            .arg(format!("{}:sms:{{{event_id}}}:resend", self.namespace))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
+        let claimed: i64 = self
+            .claim_resend
+            .key(format!("{}:sms:{{{event_id}}}:resend", self.namespace))
+            .arg(&claimant.0)
             .arg(millis(time_left + DONE_MARGIN))
-            .query_async(&mut self.redis.clone())
+            .invoke_async(&mut self.redis.clone())
             .await?;
-        Ok(claimed.is_some())
+        Ok(claimed == 1)
     }
 }
 
@@ -395,6 +404,17 @@ mod tests {
             Some("withdrawn")
         );
         assert_eq!(dead(withdrawn, None).await.unwrap(), Some("withdrawn"));
+
+        // A resend is claimed once; the same claimant asking again (its answer lost) keeps it.
+        let event = own.to_string();
+        assert!(ledger.claim_resend(&event, &mine, minute).await.unwrap());
+        assert!(ledger.claim_resend(&event, &mine, minute).await.unwrap());
+        assert!(!ledger.claim_resend(&event, &other, minute).await.unwrap());
+        let _: i64 = redis::cmd("DEL")
+            .arg(format!("{}:sms:{{{event}}}:resend", ledger.namespace))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
 
         for id in [own, unclaimed, sent, taken, withdrawn] {
             let _: i64 = redis::cmd("DEL")

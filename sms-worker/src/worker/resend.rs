@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::budget::MIN_MILLIS_LEFT;
 use super::context::Context;
+use crate::ledger::{ClaimToken, with_a_few_tries};
 use crate::metrics as m;
 use crate::provider::breaker::Allowance;
 use crate::provider::{Provider, Sms};
@@ -158,7 +159,11 @@ async fn resend(
     let Ok(phone) = PhoneNumber::parse(&message.to) else {
         return skipped("unavailable", "the stored message is unreadable");
     };
-    match store.code_is_current(&phone, event_id).await {
+    // The receipt's status is stored already, so a provider's retry of it would change nothing:
+    // a Redis blip here must not decide that the code is never resent. Both asks are safe to
+    // repeat.
+    let code_is_current = with_a_few_tries(|| false, || store.code_is_current(&phone, event_id));
+    match code_is_current.await {
         Ok(true) => {}
         Ok(false) => {
             return skipped(
@@ -167,7 +172,7 @@ async fn resend(
             );
         }
         Err(e) => {
-            warn!(error = %e, "Redis did not answer; not resending");
+            warn!(error = %e, "Redis did not answer three times; not resending");
             return skipped("unavailable", "Redis did not answer");
         }
     }
@@ -178,11 +183,16 @@ async fn resend(
         );
     };
     let time_left = Duration::from_millis(millis_left);
-    match context.ledger.claim_resend(event_id, time_left).await {
+    let claimant = ClaimToken::generate();
+    let claim = with_a_few_tries(
+        || false,
+        || context.ledger.claim_resend(event_id, &claimant, time_left),
+    );
+    match claim.await {
         Ok(true) => {}
         Ok(false) => return skipped("already_resent", "this event was resent already"),
         Err(e) => {
-            warn!(error = %e, "Redis did not answer; not resending");
+            warn!(error = %e, "Redis did not answer three times; not resending");
             return skipped("unavailable", "Redis did not answer");
         }
     }
