@@ -145,9 +145,13 @@ redis.call('PEXPIRE', KEYS[2], day)
 return {0}
 ";
 
-/// Puts a consumed code back when the session could not be stored, unless a newer one exists.
+/// Puts a consumed code back when the session could not be stored, unless a newer one exists or
+/// was used meanwhile (KEYS[2], the event of the code last used, is then another's): an older
+/// code must not come back over a newer one, which could then not be put back itself.
+/// KEYS: current code, used. ARGV: digest, challenge, event, bound and unbound attempts, life (ms).
 const RESTORE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'h', ARGV[1], 'c', ARGV[2], 'e', ARGV[3], 'a', ARGV[4], 'u', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1
@@ -417,6 +421,7 @@ impl OtpStore {
         let _: i64 = self
             .restore
             .key(&keys.code)
+            .key(&keys.used)
             .arg(consumed.digest.as_str())
             .arg(&consumed.challenge)
             .arg(&consumed.event_id)

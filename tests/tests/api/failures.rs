@@ -316,6 +316,49 @@ async fn a_sign_in_stuck_behind_a_lock_answers_503_and_keeps_the_code() {
     assert_eq!(session.body["new_user"], true);
 }
 
+/// A code put back after a sign-in stuck behind a lock does not come back over a newer code the
+/// user requested and tried meanwhile. Before, the older code was put back first, the newer one
+/// then could not be (a code existed), and the user's latest SMS answered 401.
+#[tokio::test]
+async fn a_code_put_back_never_replaces_a_newer_one_used_meanwhile() {
+    let app = spawn_with(Spawn::default().var("OTP_RESEND_SECS", 0)).await;
+    let older = app.code_for(PHONE).await;
+    let phone = shared::PhoneNumber::parse(PHONE).expect("E.164");
+    let current = shared::otp_keys::current_code(&app.namespace, &phone);
+    let db = app.db().await;
+    let mut lock = db.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE users IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("the lock");
+    let meanwhile = async {
+        eventually(
+            Duration::from_secs(5),
+            "the older code consumed",
+            || async {
+                let exists: bool = redis::cmd("EXISTS")
+                    .arg(&current)
+                    .query_async(&mut app.redis().await)
+                    .await
+                    .expect("EXISTS");
+                !exists
+            },
+        )
+        .await;
+        let newer = app.code_for(PHONE).await;
+        (app.verify(PHONE, &newer).await, newer)
+    };
+    let (first, (second, newer)) = tokio::join!(app.verify(PHONE, &older), meanwhile);
+    first.assert_problem(503, "unavailable");
+    second.assert_problem(503, "unavailable");
+    lock.rollback().await.expect("the lock released");
+    app.verify(PHONE, &older)
+        .await
+        .assert_problem(401, "invalid_otp");
+    let session = app.verify(PHONE, &newer).await;
+    assert_eq!(session.status, StatusCode::OK, "{}", session.body);
+}
+
 #[tokio::test]
 async fn an_api_started_with_everything_down_runs_and_reports_it() {
     let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
