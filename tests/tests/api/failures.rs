@@ -293,12 +293,7 @@ async fn a_sign_in_stuck_behind_a_lock_answers_503_and_keeps_the_code() {
             .expect("PTTL");
         millis
     };
-    let db = app.db().await;
-    let mut lock = db.begin().await.expect("a transaction");
-    sqlx::query("LOCK TABLE users IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("the lock");
+    let lock = users_locked(&app).await;
     let before = life_left().await;
     app.verify(PHONE, &code)
         .await
@@ -316,6 +311,17 @@ async fn a_sign_in_stuck_behind_a_lock_answers_503_and_keeps_the_code() {
     assert_eq!(session.body["new_user"], true);
 }
 
+/// A transaction holding the `users` table in SHARE mode: sign-ins wait on it, until their
+/// statement timeout, to create or update their user.
+async fn users_locked(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = app.db().await.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE users IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("the lock");
+    lock
+}
+
 /// A code put back after a sign-in stuck behind a lock does not come back over a newer code the
 /// user requested and tried meanwhile. Before, the older code was put back first, the newer one
 /// then could not be (a code existed), and the user's latest SMS answered 401.
@@ -325,12 +331,7 @@ async fn a_code_put_back_never_replaces_a_newer_one_used_meanwhile() {
     let older = app.code_for(PHONE).await;
     let phone = shared::PhoneNumber::parse(PHONE).expect("E.164");
     let current = shared::otp_keys::current_code(&app.namespace, &phone);
-    let db = app.db().await;
-    let mut lock = db.begin().await.expect("a transaction");
-    sqlx::query("LOCK TABLE users IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("the lock");
+    let lock = users_locked(&app).await;
     let meanwhile = async {
         eventually(
             Duration::from_secs(5),
