@@ -10,8 +10,10 @@
 //! Why bounded: a task may outlive its request and its connection, and each holds a provider's
 //! connection while it resends. Every task holds one of as many permits as the receipts port has
 //! places, so tasks never outnumber places, and the open files the port was sized for (two per
-//! place) still hold. A request that finds no permit free is answered 503, and the provider sends
-//! it again later.
+//! place) still hold. A request that finds no permit free within [`PERMIT_WAIT`] is answered
+//! 503, and the provider sends it again later. A task only applies: waiting to ask again about a
+//! message not recorded yet is the request's, holds no permit, and ends with the request, so a
+//! caller that leaves at once costs one pass, not seconds of a permit.
 //!
 //! Why waited for: a resend cut off by the process ending is one its user never gets (each event
 //! has one). A stopping worker gives the tasks until the stop's deadline.
@@ -30,12 +32,16 @@ use crate::metrics as m;
 use crate::receipts::Receipt;
 use crate::receipts::store::ReceiptStore;
 
-/// How long a receipt for a message not yet recorded is asked about again: the record is written
-/// just after the send's ack, and a carrier reporting within milliseconds can come first. Twilio
-/// sends a callback once (unless its URL asks for retries), so a receipt dropped as unknown here
-/// would be a failure never resent. The waits double from the first, about 3.75 s in all.
+/// How long a failure receipt for a message not yet recorded is asked about again: the record is
+/// written just after the send's ack, and a carrier reporting within milliseconds can come
+/// first. Twilio sends a callback once (unless its URL asks for retries), so a failure dropped as
+/// unknown here would never be resent. The waits double from the first, about 3.75 s in all.
+/// Other statuses only move metrics, and are not waited for.
 const UNKNOWN_FIRST_WAIT: Duration = Duration::from_millis(250);
 const UNKNOWN_TRIES: u32 = 5;
+/// How long a request waits for a permit before it is answered 503: a burst of receipts while
+/// resends are slow waits its turn instead of being turned away (Twilio would not send it again).
+const PERMIT_WAIT: Duration = Duration::from_secs(2);
 
 /// The tasks applying receipts, at most one per place of the receipts port.
 #[derive(Clone)]
@@ -58,26 +64,44 @@ impl ReceiptTasks {
         }
     }
 
-    /// Applies `receipts` in order on a task of its own and waits for it. If the caller is
-    /// dropped (its request cut off), the task still finishes. Err(Busy) when no task may start
-    /// now; the inner error when Redis could not be asked about one of them (the provider should
-    /// send them again: those applied already are no-ops then).
+    /// Applies `receipts` in order, each pass on a task of its own, and waits for it. If the
+    /// caller is dropped (its request cut off), the pass under way still finishes. Failure
+    /// receipts naming a message not recorded yet are asked about again a few times, all
+    /// together, so a batch of them waits once, not once each. Err(Busy) when no task may start;
+    /// the inner error when Redis could not be asked about one of them (the provider should send
+    /// them again: those applied already are no-ops then).
     pub(crate) async fn apply(
         &self,
         context: &Arc<Context>,
         store: &ReceiptStore,
         receipts: Vec<Receipt>,
     ) -> Result<RedisResult<()>, Busy> {
-        let context = Arc::clone(context);
-        let store = store.clone();
-        let applied = self
-            .run(async move { apply_all(&context, &store, &receipts).await })
-            .await?;
-        Ok(applied.unwrap_or_else(|| {
-            Err(redis::RedisError::from(std::io::Error::from(
-                std::io::ErrorKind::Interrupted,
-            )))
-        }))
+        let mut outcome = Ok(());
+        let mut pending = receipts;
+        let mut wait = UNKNOWN_FIRST_WAIT;
+        for try_number in 1..=UNKNOWN_TRIES {
+            let pass = apply_once(Arc::clone(context), store.clone(), pending);
+            let Some((applied, unknown)) = self.run(pass).await? else {
+                return Ok(Err(interrupted()));
+            };
+            if let Err(e) = applied {
+                outcome = Err(e);
+            }
+            let (worth_asking_again, given_up): (Vec<_>, Vec<_>) = unknown
+                .into_iter()
+                .partition(|r| r.status.is_failure() && try_number < UNKNOWN_TRIES);
+            for receipt in given_up {
+                metrics::counter!(m::RECEIPTS_IGNORED, "provider" => receipt.provider, "reason" => "unknown")
+                    .increment(1);
+            }
+            if worth_asking_again.is_empty() {
+                break;
+            }
+            pending = worth_asking_again;
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+        Ok(outcome)
     }
 
     /// Runs `work` on a task of its own, holding a permit until it ends, and waits for it;
@@ -86,8 +110,9 @@ impl ReceiptTasks {
         &self,
         work: impl Future<Output = T> + Send + 'static,
     ) -> Result<Option<T>, Busy> {
-        let permit = Arc::clone(&self.permits)
-            .try_acquire_owned()
+        let permit = tokio::time::timeout(PERMIT_WAIT, Arc::clone(&self.permits).acquire_owned())
+            .await
+            .map_err(|_| Busy)?
             .map_err(|_| Busy)?;
         let task = tokio::spawn(async move {
             let done = work.await;
@@ -121,38 +146,32 @@ impl ReceiptTasks {
     }
 }
 
-/// Applies each receipt; those naming a message not recorded yet are asked about again a few
-/// times, all together, so a batch of them waits once, not once each.
-async fn apply_all(
-    context: &Context,
-    store: &ReceiptStore,
-    receipts: &[Receipt],
-) -> RedisResult<()> {
+/// One pass over `receipts`: whether Redis could be asked about each (an error is logged here,
+/// since the request that would log it may be gone), and the receipts whose message is not
+/// recorded (yet).
+async fn apply_once(
+    context: Arc<Context>,
+    store: ReceiptStore,
+    receipts: Vec<Receipt>,
+) -> (RedisResult<()>, Vec<Receipt>) {
     let mut outcome = Ok(());
-    let mut unknown: Vec<&Receipt> = receipts.iter().collect();
-    let mut wait = UNKNOWN_FIRST_WAIT;
-    for try_number in 1..=UNKNOWN_TRIES {
-        let mut still_unknown = Vec::new();
-        for receipt in unknown {
-            match resend::apply(context, store, receipt).await {
-                Ok(Receipted::Applied) => {}
-                Ok(Receipted::UnknownMessage) => still_unknown.push(receipt),
-                // One failed receipt fails the request, so the provider sends it again.
-                Err(e) => outcome = Err(e),
+    let mut unknown = Vec::new();
+    for receipt in receipts {
+        match resend::apply(&context, &store, &receipt).await {
+            Ok(Receipted::Applied) => {}
+            Ok(Receipted::UnknownMessage) => unknown.push(receipt),
+            // One failed receipt fails the request, so the provider sends it again.
+            Err(e) => {
+                warn!(error = %e, provider = receipt.provider, "could not apply a delivery receipt; the provider may send it again");
+                outcome = Err(e);
             }
         }
-        unknown = still_unknown;
-        if unknown.is_empty() || try_number == UNKNOWN_TRIES {
-            break;
-        }
-        tokio::time::sleep(wait).await;
-        wait *= 2;
     }
-    for receipt in unknown {
-        metrics::counter!(m::RECEIPTS_IGNORED, "provider" => receipt.provider, "reason" => "unknown")
-            .increment(1);
-    }
-    outcome
+    (outcome, unknown)
+}
+
+fn interrupted() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::Interrupted))
 }
 
 #[cfg(test)]
@@ -176,9 +195,14 @@ mod tests {
         // The caller gives up (its request is cut off) while the work is under way.
         let cut = tokio::time::timeout(Duration::from_millis(50), tasks.run(work)).await;
         assert!(cut.is_err(), "the caller was cut off");
+        let start = tokio::time::Instant::now();
         assert!(
             matches!(tasks.run(async {}).await, Err(Busy)),
             "its place is still held"
+        );
+        assert!(
+            start.elapsed() >= PERMIT_WAIT,
+            "a caller waits for a place first"
         );
         assert!(!tasks.finished(Duration::from_millis(50)).await);
 

@@ -152,8 +152,9 @@ async fn resend(
     let Some(message) = message else {
         return skipped("expired", "the code has expired");
     };
-    let millis_left = message.expires_ms.saturating_sub(unix_ms());
-    if millis_left < MIN_MILLIS_LEFT {
+    let millis_left = || message.expires_ms.saturating_sub(unix_ms());
+    let too_late = || millis_left() < MIN_MILLIS_LEFT;
+    if too_late() {
         return skipped("expired", "the code expires too soon to be of use");
     }
     let Ok(phone) = PhoneNumber::parse(&message.to) else {
@@ -161,8 +162,8 @@ async fn resend(
     };
     // The receipt's status is stored already, so a provider's retry of it would change nothing:
     // a Redis blip here must not decide that the code is never resent. Both asks are safe to
-    // repeat.
-    let code_is_current = with_a_few_tries(|| false, || store.code_is_current(&phone, event_id));
+    // repeat, while the code has time left.
+    let code_is_current = with_a_few_tries(too_late, || store.code_is_current(&phone, event_id));
     match code_is_current.await {
         Ok(true) => {}
         Ok(false) => {
@@ -172,7 +173,7 @@ async fn resend(
             );
         }
         Err(e) => {
-            warn!(error = %e, "Redis did not answer three times; not resending");
+            warn!(error = %e, "Redis did not answer, even when asked again; not resending");
             return skipped("unavailable", "Redis did not answer");
         }
     }
@@ -182,20 +183,25 @@ async fn resend(
             "no other provider is configured and open",
         );
     };
-    let time_left = Duration::from_millis(millis_left);
     let claimant = ClaimToken::generate();
-    let claim = with_a_few_tries(
-        || false,
-        || context.ledger.claim_resend(event_id, &claimant, time_left),
-    );
+    let claim = with_a_few_tries(too_late, || {
+        let time_left = Duration::from_millis(millis_left());
+        context.ledger.claim_resend(event_id, &claimant, time_left)
+    });
     match claim.await {
         Ok(true) => {}
         Ok(false) => return skipped("already_resent", "this event was resent already"),
         Err(e) => {
-            warn!(error = %e, "Redis did not answer three times; not resending");
+            warn!(error = %e, "Redis did not answer, even when asked again; not resending");
             return skipped("unavailable", "Redis did not answer");
         }
     }
+    // The asks above may have taken seconds: the SMS says how long the code has now.
+    let millis_left = millis_left();
+    if millis_left < MIN_MILLIS_LEFT {
+        return skipped("expired", "the code expires too soon to be of use");
+    }
+    let time_left = Duration::from_millis(millis_left);
 
     let sms = Sms {
         to: &phone,

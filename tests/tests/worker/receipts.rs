@@ -219,10 +219,10 @@ async fn dropped_by_twilio(h: &Harness, slow: SmsProvider, latency_ms: u64) -> S
     to
 }
 
-/// Carrier reports that come before the worker has recorded the message (here the provider
-/// answers the send a second after accepting it, and the carrier reports at once) are asked
-/// about again until the record is there, and the dropped code is resent. Before, they were
-/// ignored as messages not ours (Twilio sends a callback only once), and a retried Twilio
+/// A carrier's failure report that comes before the worker has recorded the message (here the
+/// provider answers the send a second after accepting it, and the carrier reports at once) is
+/// asked about again until the record is there, and the dropped code is resent. Before, it was
+/// ignored as a message not ours (Twilio sends a callback only once), and a retried Twilio
 /// callback passed for a repeat of the first.
 #[tokio::test]
 async fn a_receipt_that_comes_before_its_record_is_still_applied() {
@@ -232,14 +232,14 @@ async fn a_receipt_that_comes_before_its_record_is_still_applied() {
         let to = dropped_by_twilio(&h, SmsProvider::Twilio, 1_000).await;
         // The dropped code, resent through the other provider.
         h.wait_for_messages(&to, 2).await;
-        // The carrier reported while the send was still unanswered (it sends each report once
-        // the one before is answered, so the later ones waited behind the first).
+        wait_for_final_callback(&h, &to, SmsProvider::Twilio).await;
+        // The carrier reported the failure while the send was still unanswered.
         let first = h
             .fake
             .callbacks_sent()
             .into_iter()
-            .find(|c| c.to == to)
-            .expect("the carrier's reports");
+            .find(|c| c.to == to && c.status == "undelivered")
+            .expect("the carrier's failure report");
         let answered = h.fake.requests(Some(&to))[0]
             .responded_at
             .expect("the send was answered");
