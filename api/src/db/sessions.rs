@@ -108,6 +108,9 @@ struct Presented {
 /// cannot push the owner's copy out within a day, and a session's rows stay bounded (about
 /// 1,000 plus a day's refreshes at most). They are trimmed at most once a minute per session.
 const ROTATED_REFRESH_TOKENS_KEPT: i64 = 1_000;
+/// Live (never rotated) refresh tokens a session keeps, newest first, counted at each trim: a
+/// client has one, and two tabs refreshing at once leave two.
+const LIVE_REFRESH_TOKENS_KEPT: i64 = 100;
 /// A day: the owner's app refreshes within it, in any deployment that has not set access tokens
 /// to live longer, and so is seen presenting its copy.
 const ROTATED_REFRESH_TOKENS_KEPT_SECS: f64 = 86_400.0;
@@ -205,6 +208,26 @@ pub async fn refresh(
                   ORDER BY rotated_at DESC
                   OFFSET $11
               )
+        ), surplus AS (
+            -- Live refresh tokens past the newest $13, with their access tokens below. Only a
+            -- refresh retried within the reuse grace leaves a second live one, so a client never
+            -- holds this many; a thief alternating rotations and grace refreshes would otherwise
+            -- pile up live tokens for the refresh lifetime (about 400,000 in 30 days), which
+            -- every trim and the revocation read. The presented token is being rotated: not
+            -- surplus. Reuse detection is untouched: it goes by rotated tokens.
+            DELETE FROM tokens
+            WHERE $9 AND family_id = $2 AND scope = 'refresh' AND rotated_at IS NULL
+              AND hash <> $1 AND hash IN (
+                  SELECT hash FROM tokens
+                  WHERE family_id = $2 AND scope = 'refresh' AND rotated_at IS NULL
+                  ORDER BY created_at DESC
+                  OFFSET $13
+              )
+            RETURNING pair_id
+        ), surplus_access AS (
+            DELETE FROM tokens
+            WHERE family_id = $2 AND scope = 'authentication'
+              AND pair_id IN (SELECT pair_id FROM surplus)
         ), counted AS (
             UPDATE sessions SET
                 refresh_window_started_at = CASE WHEN $9 THEN now() ELSE refresh_window_started_at END,
@@ -228,6 +251,7 @@ pub async fn refresh(
     .bind(presented.user_id)
     .bind(ROTATED_REFRESH_TOKENS_KEPT - 1)
     .bind(ROTATED_REFRESH_TOKENS_KEPT_SECS)
+    .bind(LIVE_REFRESH_TOKENS_KEPT)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -252,12 +276,27 @@ async fn revoke(tx: &mut Transaction<'_, Postgres>, session_id: Uuid) -> sqlx::R
         .bind(session_id)
         .execute(&mut **tx)
         .await?;
-    // A separate statement, so it sees tokens a rotation committed while we waited for the lock.
-    let deleted = sqlx::query("DELETE FROM tokens WHERE family_id = $1")
+    // From here no token of the session works: every use joins a session not revoked. Deleting
+    // them is tidying, and must not undo the revocation if it fails (a session holding many rows
+    // past the statement timeout): it runs in a savepoint, and what it leaves goes with the
+    // session in the purge a day later. A separate statement, so it sees tokens a rotation
+    // committed while we waited for the lock.
+    let mut tidying = sqlx::Connection::begin(&mut **tx).await?;
+    match sqlx::query("DELETE FROM tokens WHERE family_id = $1")
         .bind(session_id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(deleted.rows_affected())
+        .execute(&mut *tidying)
+        .await
+    {
+        Ok(deleted) => {
+            tidying.commit().await?;
+            Ok(deleted.rows_affected())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %session_id, "revoked a session, but could not delete its tokens yet; the purge will");
+            tidying.rollback().await?;
+            Ok(0)
+        }
+    }
 }
 
 /// Revokes one sign-in: its session and every token of it.

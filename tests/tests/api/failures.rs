@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use serde_json::json;
 use tests::cleanup::{drop_database, unique};
 use tests::proxy::TcpProxy;
 use tests::servers::{Server, database_url, servers};
@@ -293,7 +294,7 @@ async fn a_sign_in_stuck_behind_a_lock_answers_503_and_keeps_the_code() {
             .expect("PTTL");
         millis
     };
-    let lock = users_locked(&app).await;
+    let lock = locked(&app, "LOCK TABLE users IN SHARE MODE").await;
     let before = life_left().await;
     app.verify(PHONE, &code)
         .await
@@ -311,15 +312,16 @@ async fn a_sign_in_stuck_behind_a_lock_answers_503_and_keeps_the_code() {
     assert_eq!(session.body["new_user"], true);
 }
 
-/// A transaction holding the `users` table in SHARE mode: sign-ins wait on it, until their
-/// statement timeout, to create or update their user.
-async fn users_locked(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut lock = app.db().await.begin().await.expect("a transaction");
-    sqlx::query("LOCK TABLE users IN SHARE MODE")
-        .execute(&mut *lock)
+/// A transaction holding a table in SHARE mode (`lock`, the `LOCK TABLE` statement): reads go
+/// on, and writes wait on it until their statement timeout (sign-ins, to create or update their
+/// user, for `users`).
+async fn locked(app: &TestApp, lock: &'static str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut held = app.db().await.begin().await.expect("a transaction");
+    sqlx::query(lock)
+        .execute(&mut *held)
         .await
         .expect("the lock");
-    lock
+    held
 }
 
 /// A code put back after a sign-in stuck behind a lock does not come back over a newer code the
@@ -331,7 +333,7 @@ async fn a_code_put_back_never_replaces_a_newer_one_used_meanwhile() {
     let older = app.code_for(PHONE).await;
     let phone = shared::PhoneNumber::parse(PHONE).expect("E.164");
     let current = shared::otp_keys::current_code(&app.namespace, &phone);
-    let lock = users_locked(&app).await;
+    let lock = locked(&app, "LOCK TABLE users IN SHARE MODE").await;
     let meanwhile = async {
         eventually(
             Duration::from_secs(5),
@@ -358,6 +360,52 @@ async fn a_code_put_back_never_replaces_a_newer_one_used_meanwhile() {
         .assert_problem(401, "invalid_otp");
     let session = app.verify(PHONE, &newer).await;
     assert_eq!(session.status, StatusCode::OK, "{}", session.body);
+}
+
+/// A replayed refresh token revokes its session, and a logout ends one, even when the session's
+/// tokens cannot be deleted within the statement timeout (here they are locked; in production a
+/// session with very many rows): the tokens are dead once the session is revoked, and the purge
+/// deletes them later. Before, the failed delete rolled the revocation back: 503, and the thief's
+/// tokens kept working.
+#[tokio::test]
+async fn a_revocation_holds_when_its_tokens_cannot_be_deleted_in_time() {
+    let app = spawn_with(
+        Spawn::default()
+            .var("DATABASE_STATEMENT_TIMEOUT_MS", 500)
+            .var("REFRESH_REUSE_GRACE_SECS", 0),
+    )
+    .await;
+    let owner = app.sign_in(PHONE).await;
+    let stolen = owner["refresh_token"].as_str().unwrap().to_owned();
+    let refresh = |token: String| app.post("/v1/token/refresh", json!({ "refresh_token": token }));
+    let thief = refresh(stolen.clone()).await;
+    assert_eq!(thief.status, StatusCode::OK, "{}", thief.body);
+    let thief_access = thief.body["access_token"].as_str().unwrap().to_owned();
+    let other = app.sign_in_again(PHONE).await;
+    let other_access = other["access_token"].as_str().unwrap().to_owned();
+
+    let lock = locked(&app, "LOCK TABLE tokens IN SHARE MODE").await;
+    // The owner's app presents the stolen, since rotated, token.
+    refresh(stolen)
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+    let logout = app
+        .send(
+            app.client
+                .post(app.url("/v1/logout"))
+                .bearer_auth(&other_access),
+        )
+        .await;
+    assert_eq!(logout.status, StatusCode::NO_CONTENT, "{}", logout.body);
+    for access in [&thief_access, &other_access] {
+        app.get_authed("/v1/me", access)
+            .await
+            .assert_problem(401, "unauthorized");
+    }
+    lock.rollback().await.expect("the lock released");
+    app.get_authed("/v1/me", &thief_access)
+        .await
+        .assert_problem(401, "unauthorized");
 }
 
 #[tokio::test]

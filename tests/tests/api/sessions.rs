@@ -178,6 +178,11 @@ async fn a_session_keeps_at_most_a_thousand_rotated_refresh_tokens_a_day_old() {
         .expect("the rotations made a day old");
     // Within the session's rate window, a refresh trims nothing: a trim reads all of the
     // session's rotated tokens, so it runs at most once a window.
+    sqlx::query("UPDATE sessions SET refresh_window_started_at = now() WHERE user_id::text = $1")
+        .bind(&user_id)
+        .execute(&db)
+        .await
+        .expect("a window just started");
     session = rotate(&app, &token(&session, "refresh_token")).await;
     assert_eq!(token_rows(&app, &user_id).await, (1, 1, 1_004));
     // A day later, the next refresh (a new window) deletes the oldest past the newest 1,000.
@@ -190,6 +195,51 @@ async fn a_session_keeps_at_most_a_thousand_rotated_refresh_tokens_a_day_old() {
     assert_eq!(token_rows(&app, &user_id).await, (1, 1, 1_000));
     assert_eq!(
         me(&app, &token(&session, "access_token")).await,
+        StatusCode::OK
+    );
+}
+
+/// Refreshes retried within the reuse grace each leave a live pair; past the newest 100 live
+/// refresh tokens, the next window's first refresh deletes the oldest with their access tokens.
+/// Before, a thief alternating rotations and grace refreshes piled up live tokens for the refresh
+/// lifetime, which every trim and the revocation then read.
+#[tokio::test]
+async fn a_session_keeps_at_most_a_hundred_live_refresh_tokens() {
+    let app = spawn_with(
+        Spawn::default()
+            .var("REFRESH_PER_SESSION_PER_MINUTE", 10_000)
+            .var("REFRESH_REUSE_GRACE_SECS", 300),
+    )
+    .await;
+    let first = app.sign_in(PHONE).await;
+    let user_id = first["user"]["id"].as_str().unwrap().to_owned();
+    let rotated = token(&first, "refresh_token");
+    let session = rotate(&app, &rotated).await;
+    let mut retried = Vec::new();
+    for _ in 0..104 {
+        retried.push(rotate(&app, &rotated).await);
+    }
+    // The first rotation's pair and the 104 retries' pairs, all live.
+    assert_eq!(token_rows(&app, &user_id).await, (105, 105, 1));
+    sqlx::query("UPDATE sessions SET refresh_window_started_at = now() - interval '2 minutes' WHERE user_id::text = $1")
+        .bind(&user_id)
+        .execute(&app.db().await)
+        .await
+        .expect("the window over");
+    let newest = rotate(&app, &token(&retried[103], "refresh_token")).await;
+    // 105 live before: the 5 oldest pairs go, the newest is rotated, and a new pair comes.
+    assert_eq!(token_rows(&app, &user_id).await, (100, 100, 2));
+    assert_eq!(
+        me(&app, &token(&session, "access_token")).await,
+        StatusCode::UNAUTHORIZED,
+        "the oldest live pair went"
+    );
+    assert_eq!(
+        me(&app, &token(&retried[4], "access_token")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        me(&app, &token(&newest, "access_token")).await,
         StatusCode::OK
     );
 }
