@@ -276,23 +276,27 @@ async fn revoke(tx: &mut Transaction<'_, Postgres>, session_id: Uuid) -> sqlx::R
         .bind(session_id)
         .execute(&mut **tx)
         .await?;
-    // From here no token of the session works: every use joins a session not revoked. Deleting
-    // them is tidying, and must not undo the revocation if it fails (a session holding many rows
-    // past the statement timeout): it runs in a savepoint, and what it leaves goes with the
-    // session in the purge a day later. A separate statement, so it sees tokens a rotation
-    // committed while we waited for the lock.
+    // A separate statement, so it sees tokens a rotation committed while we waited for the lock.
+    let delete = sqlx::query("DELETE FROM tokens WHERE family_id = $1").bind(session_id);
+    delete_revoked_tokens(tx, delete).await
+}
+
+/// Deletes the tokens of sessions just revoked in `tx`. From then no token of theirs works
+/// (every use joins a session not revoked), so this is tidying, and must not undo the revocation
+/// if it fails (sessions holding many rows, past the statement timeout): it runs in a savepoint,
+/// and what it leaves goes with the sessions in the purge a day later.
+async fn delete_revoked_tokens(
+    tx: &mut Transaction<'_, Postgres>,
+    delete: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+) -> sqlx::Result<u64> {
     let mut tidying = sqlx::Connection::begin(&mut **tx).await?;
-    match sqlx::query("DELETE FROM tokens WHERE family_id = $1")
-        .bind(session_id)
-        .execute(&mut *tidying)
-        .await
-    {
+    match delete.execute(&mut *tidying).await {
         Ok(deleted) => {
             tidying.commit().await?;
             Ok(deleted.rows_affected())
         }
         Err(e) => {
-            tracing::warn!(error = %e, %session_id, "revoked a session, but could not delete its tokens yet; the purge will");
+            tracing::warn!(error = %e, "revoked, but could not delete the tokens yet; the purge will");
             tidying.rollback().await?;
             Ok(0)
         }
@@ -317,12 +321,11 @@ pub async fn revoke_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<u64> {
     // Through the sessions (sessions_user_id_idx, then tokens_family_id_idx), the way who a token
     // belongs to is read everywhere else, so that tokens.user_id's foreign key and index can go
     // in a later release (BENCHMARKS.md, issue 12, round 4).
-    let deleted = sqlx::query(
+    let delete = sqlx::query(
         "DELETE FROM tokens WHERE family_id IN (SELECT id FROM sessions WHERE user_id = $1)",
     )
-    .bind(user_id)
-    .execute(&mut *tx)
-    .await?;
+    .bind(user_id);
+    let deleted = delete_revoked_tokens(&mut tx, delete).await?;
     tx.commit().await?;
-    Ok(deleted.rows_affected())
+    Ok(deleted)
 }

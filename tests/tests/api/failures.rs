@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 use tests::cleanup::{drop_database, unique};
 use tests::proxy::TcpProxy;
 use tests::servers::{Server, database_url, servers};
@@ -362,8 +362,8 @@ async fn a_code_put_back_never_replaces_a_newer_one_used_meanwhile() {
     assert_eq!(session.status, StatusCode::OK, "{}", session.body);
 }
 
-/// A replayed refresh token revokes its session, and a logout ends one, even when the session's
-/// tokens cannot be deleted within the statement timeout (here they are locked; in production a
+/// A replayed refresh token revokes its session, and a logout or a logout-all ends theirs, even
+/// when the sessions' tokens cannot be deleted within the statement timeout (here they are locked; in production a
 /// session with very many rows): the tokens are dead once the session is revoked, and the purge
 /// deletes them later. Before, the failed delete rolled the revocation back: 503, and the thief's
 /// tokens kept working.
@@ -383,21 +383,30 @@ async fn a_revocation_holds_when_its_tokens_cannot_be_deleted_in_time() {
     let thief_access = thief.body["access_token"].as_str().unwrap().to_owned();
     let other = app.sign_in_again(PHONE).await;
     let other_access = other["access_token"].as_str().unwrap().to_owned();
+    let third = app.sign_in_again(PHONE).await;
+    let third_access = third["access_token"].as_str().unwrap().to_owned();
 
     let lock = locked(&app, "LOCK TABLE tokens IN SHARE MODE").await;
     // The owner's app presents the stolen, since rotated, token.
     refresh(stolen)
         .await
         .assert_problem(401, "invalid_refresh_token");
-    let logout = app
-        .send(
+    let logout = |access: &str, body: Value| {
+        app.send(
             app.client
                 .post(app.url("/v1/logout"))
-                .bearer_auth(&other_access),
+                .bearer_auth(access)
+                .json(&body),
         )
-        .await;
-    assert_eq!(logout.status, StatusCode::NO_CONTENT, "{}", logout.body);
-    for access in [&thief_access, &other_access] {
+    };
+    for (access, body) in [
+        (&other_access, json!({})),
+        (&third_access, json!({"all": true})),
+    ] {
+        let reply = logout(access, body).await;
+        assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.body);
+    }
+    for access in [&thief_access, &other_access, &third_access] {
         app.get_authed("/v1/me", access)
             .await
             .assert_problem(401, "unauthorized");
