@@ -47,6 +47,11 @@ impl Status {
     pub fn is_failure(self) -> bool {
         matches!(self, Self::Undelivered | Self::Failed)
     }
+
+    /// Delivered, or failed for good: what the breaker and a resend go by.
+    pub fn is_final(self) -> bool {
+        self.rank() == Self::Delivered.rank()
+    }
 }
 
 /// One provider's report about one message.

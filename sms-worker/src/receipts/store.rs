@@ -27,15 +27,17 @@ return 1
 
 /// KEYS: status hash, sealed body, seen marker. ARGV: rank, status, dedupe token ('' none),
 /// keep (ms). Returns {0} unknown message, {2} repeat, {3} not newer, or {1, event, calling
-/// code, trace id, sent at, sealed body or ''}. A receipt for a message not recorded yet leaves
-/// no seen marker: asked again once the record is there, it must not pass for a repeat.
+/// code, trace id, sent at, sealed body or ''}. Only a receipt that moves the status leaves a
+/// seen marker: one for a message not recorded yet, asked again once the record is there, must
+/// not pass for a repeat, and the token is not covered by Twilio's signature, so a replayed
+/// callback with made-up tokens must not write a key each.
 const APPLY: &str = r"
 local current = redis.call('HMGET', KEYS[1], 'r', 'e', 'c', 'x', 't')
 if not current[1] then return {0} end
+if tonumber(ARGV[1]) <= tonumber(current[1]) then return {3} end
 if ARGV[3] ~= '' then
   if not redis.call('SET', KEYS[3], 1, 'NX', 'PX', ARGV[4]) then return {2} end
 end
-if tonumber(ARGV[1]) <= tonumber(current[1]) then return {3} end
 redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', ARGV[2])
 local body = redis.call('GET', KEYS[2]) or ''
 return {1, current[2], current[3], current[4], current[5], body}

@@ -32,11 +32,12 @@ use crate::metrics as m;
 use crate::receipts::Receipt;
 use crate::receipts::store::ReceiptStore;
 
-/// How long a failure receipt for a message not yet recorded is asked about again: the record is
+/// How long a final receipt for a message not yet recorded is asked about again: the record is
 /// written just after the send's ack, and a carrier reporting within milliseconds can come
 /// first. Twilio sends a callback once (unless its URL asks for retries), so a failure dropped as
-/// unknown here would never be resent. The waits double from the first, about 3.75 s in all.
-/// Other statuses only move metrics, and are not waited for.
+/// unknown here would never be resent. Deliveries wait as long: the breaker weighs them against
+/// the failures, and counting only the failures that came early would tilt it. The waits double
+/// from the first, about 3.75 s in all. `queued` and `sent` only move metrics, and do not wait.
 const UNKNOWN_FIRST_WAIT: Duration = Duration::from_millis(250);
 const UNKNOWN_TRIES: u32 = 5;
 /// How long a request waits for a permit before it is answered 503: a burst of receipts while
@@ -65,7 +66,7 @@ impl ReceiptTasks {
     }
 
     /// Applies `receipts` in order, each pass on a task of its own, and waits for it. If the
-    /// caller is dropped (its request cut off), the pass under way still finishes. Failure
+    /// caller is dropped (its request cut off), the pass under way still finishes. Final
     /// receipts naming a message not recorded yet are asked about again a few times, all
     /// together, so a batch of them waits once, not once each. Err(Busy) when no task may start;
     /// the inner error when Redis could not be asked about one of them (the provider should send
@@ -89,7 +90,7 @@ impl ReceiptTasks {
             }
             let (worth_asking_again, given_up): (Vec<_>, Vec<_>) = unknown
                 .into_iter()
-                .partition(|r| r.status.is_failure() && try_number < UNKNOWN_TRIES);
+                .partition(|r| r.status.is_final() && try_number < UNKNOWN_TRIES);
             for receipt in given_up {
                 metrics::counter!(m::RECEIPTS_IGNORED, "provider" => receipt.provider, "reason" => "unknown")
                     .increment(1);

@@ -1,6 +1,7 @@
 //! Dependencies going away and coming back. Each test puts a TCP proxy of its own between the
 //! api and one server, and cuts it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -329,11 +330,18 @@ async fn locked(app: &TestApp, lock: &'static str) -> sqlx::Transaction<'static,
 /// then could not be (a code existed), and the user's latest SMS answered 401.
 #[tokio::test]
 async fn a_code_put_back_never_replaces_a_newer_one_used_meanwhile() {
-    let app = spawn_with(Spawn::default().var("OTP_RESEND_SECS", 0)).await;
+    // Time enough for the newer code's sign-in to begin while the older one's still waits.
+    let app = spawn_with(
+        Spawn::default()
+            .var("OTP_RESEND_SECS", 0)
+            .var("DATABASE_STATEMENT_TIMEOUT_MS", 6_000),
+    )
+    .await;
     let older = app.code_for(PHONE).await;
     let phone = shared::PhoneNumber::parse(PHONE).expect("E.164");
     let current = shared::otp_keys::current_code(&app.namespace, &phone);
     let lock = locked(&app, "LOCK TABLE users IN SHARE MODE").await;
+    let older_answered = AtomicBool::new(false);
     let meanwhile = async {
         eventually(
             Duration::from_secs(5),
@@ -349,9 +357,18 @@ async fn a_code_put_back_never_replaces_a_newer_one_used_meanwhile() {
         )
         .await;
         let newer = app.code_for(PHONE).await;
+        assert!(
+            !older_answered.load(Ordering::SeqCst),
+            "the older sign-in still waits"
+        );
         (app.verify(PHONE, &newer).await, newer)
     };
-    let (first, (second, newer)) = tokio::join!(app.verify(PHONE, &older), meanwhile);
+    let first = async {
+        let answer = app.verify(PHONE, &older).await;
+        older_answered.store(true, Ordering::SeqCst);
+        answer
+    };
+    let (first, (second, newer)) = tokio::join!(first, meanwhile);
     first.assert_problem(503, "unavailable");
     second.assert_problem(503, "unavailable");
     lock.rollback().await.expect("the lock released");

@@ -162,10 +162,34 @@ async fn signed_callbacks_are_applied_and_forged_ones_refused() {
         assert_eq!(h.fake.messages(Some(&to)).len(), 1);
 
         // The correctly signed one is accepted (and, delivered being final, changes nothing).
-        let response = post(url.clone(), params.clone(), Some(signed)).await;
+        let response = post(url.clone(), params.clone(), Some(signed.clone())).await;
         assert_eq!(response.status(), 204);
         assert_eq!(lines_of(&h, &overrides, &to, What::Receipt).await.len(), 2);
         assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+        // Replayed with made-up idempotency tokens, which the signature does not cover: it
+        // moves nothing, so it writes nothing.
+        let markers = || async {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:sent:*:seen:*", h.ns))
+                .query_async(&mut h.redis().await)
+                .await
+                .expect("KEYS");
+            keys.len()
+        };
+        let before = markers().await;
+        for n in 0..5 {
+            let response = h
+                .http
+                .post(&url)
+                .form(&params)
+                .header("X-Twilio-Signature", &signed)
+                .header("I-Twilio-Idempotency-Token", format!("made-up-{n}"))
+                .send()
+                .await
+                .expect("an answer");
+            assert_eq!(response.status(), 204);
+        }
+        assert_eq!(markers().await, before);
     })
     .await;
 }
@@ -219,9 +243,9 @@ async fn dropped_by_twilio(h: &Harness, slow: SmsProvider, latency_ms: u64) -> S
     to
 }
 
-/// A carrier's failure report that comes before the worker has recorded the message (here the
+/// A carrier's final report that comes before the worker has recorded the message (here the
 /// provider answers the send a second after accepting it, and the carrier reports at once) is
-/// asked about again until the record is there, and the dropped code is resent. Before, it was
+/// asked about again until the record is there: a dropped code is resent, a delivery counted. Before, it was
 /// ignored as a message not ours (Twilio sends a callback only once), and a retried Twilio
 /// callback passed for a repeat of the first.
 #[tokio::test]
@@ -251,6 +275,18 @@ async fn a_receipt_that_comes_before_its_record_is_still_applied() {
         assert_eq!(messages[1].provider, SmsProvider::Infobip, "{messages:?}");
         let resent = lines_of(&h, &overrides, &to, What::Resent).await;
         assert_eq!(resent.len(), 1, "{resent:?}");
+
+        // A delivery reported as early is applied too (the breaker weighs deliveries against
+        // failures); the `queued` and `sent` before it are not waited for.
+        let delivered_to = phone();
+        send_held(&h, &delivered_to).await;
+        wait_for_final_callback(&h, &delivered_to, SmsProvider::Twilio).await;
+        let receipts = lines_of(&h, &overrides, &delivered_to, What::Receipt).await;
+        let statuses: Vec<_> = receipts
+            .iter()
+            .filter_map(|l| l.status.as_deref())
+            .collect();
+        assert_eq!(statuses, ["delivered"], "{receipts:?}");
         worker.stop().await;
     })
     .await;
@@ -266,7 +302,7 @@ async fn a_resend_outlasting_its_callback_request_completes_even_through_a_stop(
         let mut overrides = h.receipts();
         overrides.push(("SEND_TIMEOUT_SECS".to_owned(), "30".to_owned()));
         let mut worker = h.start_worker_process(&pairs(&overrides)).await;
-        let to = dropped_by_twilio(&h, SmsProvider::Infobip, 17_000).await;
+        let to = dropped_by_twilio(&h, SmsProvider::Infobip, 20_000).await;
         eventually(
             Duration::from_secs(40),
             "the carrier's report cut off by the request timeout",
