@@ -109,7 +109,8 @@ struct Presented {
 /// 1,000 plus a day's refreshes at most). They are trimmed at most once a minute per session.
 const ROTATED_REFRESH_TOKENS_KEPT: i64 = 1_000;
 /// Live (never rotated) refresh tokens a session keeps, newest first, counted at each trim: a
-/// client has one, and two tabs refreshing at once leave two.
+/// client has one, and two tabs refreshing at once leave two. Older ones are retired as if
+/// rotated, so presenting one revokes the session.
 const LIVE_REFRESH_TOKENS_KEPT: i64 = 100;
 /// A day: the owner's app refreshes within it, in any deployment that has not set access tokens
 /// to live longer, and so is seen presenting its copy.
@@ -209,18 +210,21 @@ pub async fn refresh(
                   OFFSET $11
               )
         ), surplus AS (
-            -- Live refresh tokens past the newest $13, with their access tokens below. Only a
-            -- refresh retried within the reuse grace leaves a second live one, so a client never
-            -- holds this many; a thief alternating rotations and grace refreshes would otherwise
-            -- pile up live tokens for the refresh lifetime (about 400,000 in 30 days), which
-            -- every trim and the revocation read. The presented token is being rotated: not
-            -- surplus. Reuse detection is untouched: it goes by rotated tokens.
-            DELETE FROM tokens
+            -- Live refresh tokens past the newest $13 are retired as if rotated past the reuse
+            -- grace ($14 seconds ago), their access tokens deleted below. Only a refresh retried
+            -- within the grace leaves a second live one, so a client never holds this many; a
+            -- thief alternating rotations and grace refreshes would otherwise pile up live
+            -- tokens for the refresh lifetime (about 400,000 in 30 days), which every trim and a
+            -- revocation read. Retired, not deleted: whoever presents one (the owner, whose
+            -- token a thief's newer ones pushed out) is seen replaying it, and the session is
+            -- revoked, where a deleted one would be refused quietly as unknown. The rotated trim
+            -- bounds them from then on. The presented token is being rotated: not surplus.
+            UPDATE tokens SET rotated_at = now() - make_interval(secs => $14)
             WHERE $9 AND family_id = $2 AND scope = 'refresh' AND rotated_at IS NULL
               AND hash <> $1 AND hash IN (
                   SELECT hash FROM tokens
                   WHERE family_id = $2 AND scope = 'refresh' AND rotated_at IS NULL
-                  ORDER BY created_at DESC
+                  ORDER BY created_at DESC, hash
                   OFFSET $13
               )
             RETURNING pair_id
@@ -252,6 +256,7 @@ pub async fn refresh(
     .bind(ROTATED_REFRESH_TOKENS_KEPT - 1)
     .bind(ROTATED_REFRESH_TOKENS_KEPT_SECS)
     .bind(LIVE_REFRESH_TOKENS_KEPT)
+    .bind(policy.reuse_grace.as_secs_f64() + 1.0)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -278,16 +283,18 @@ async fn revoke(tx: &mut Transaction<'_, Postgres>, session_id: Uuid) -> sqlx::R
         .await?;
     // A separate statement, so it sees tokens a rotation committed while we waited for the lock.
     let delete = sqlx::query("DELETE FROM tokens WHERE family_id = $1").bind(session_id);
-    delete_revoked_tokens(tx, delete).await
+    delete_revoked_tokens(tx, delete, &session_id.to_string()).await
 }
 
-/// Deletes the tokens of sessions just revoked in `tx`. From then no token of theirs works
-/// (every use joins a session not revoked), so this is tidying, and must not undo the revocation
-/// if it fails (sessions holding many rows, past the statement timeout): it runs in a savepoint,
-/// and what it leaves goes with the sessions in the purge a day later.
+/// Deletes the tokens of sessions just revoked in `tx` (`revoked`: which, for the log). From then
+/// no token of theirs works (every use joins a session not revoked), so this is tidying, and a
+/// delete that runs out of time (sessions holding many rows, past the statement timeout, or
+/// waiting on a lock) must not undo the revocation: it runs in a savepoint, and what it leaves
+/// goes in the purge. Any other failure (the connection lost) fails the revocation, as before.
 async fn delete_revoked_tokens(
     tx: &mut Transaction<'_, Postgres>,
     delete: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    revoked: &str,
 ) -> sqlx::Result<u64> {
     let mut tidying = sqlx::Connection::begin(&mut **tx).await?;
     match delete.execute(&mut *tidying).await {
@@ -295,11 +302,15 @@ async fn delete_revoked_tokens(
             tidying.commit().await?;
             Ok(deleted.rows_affected())
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "revoked, but could not delete the tokens yet; the purge will");
+        Err(sqlx::Error::Database(e))
+            if e.code()
+                .is_some_and(|c| matches!(&*c, "57014" | "55P03" | "40P01")) =>
+        {
+            tracing::warn!(error = %e, revoked, "revoked, but could not delete the tokens in time; the purge will");
             tidying.rollback().await?;
             Ok(0)
         }
+        Err(e) => Err(e),
     }
 }
 
@@ -325,7 +336,7 @@ pub async fn revoke_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<u64> {
         "DELETE FROM tokens WHERE family_id IN (SELECT id FROM sessions WHERE user_id = $1)",
     )
     .bind(user_id);
-    let deleted = delete_revoked_tokens(&mut tx, delete).await?;
+    let deleted = delete_revoked_tokens(&mut tx, delete, &format!("user {user_id}")).await?;
     tx.commit().await?;
     Ok(deleted)
 }

@@ -30,7 +30,8 @@ return 1
 /// code, trace id, sent at, sealed body or ''}. Only a receipt that moves the status leaves a
 /// seen marker: one for a message not recorded yet, asked again once the record is there, must
 /// not pass for a repeat, and the token is not covered by Twilio's signature, so a replayed
-/// callback with made-up tokens must not write a key each.
+/// callback with made-up tokens must not write a key each. With the rank checked first, a repeat
+/// is already a no-op there ({3}); the marker is redundant, and can go in a later release.
 const APPLY: &str = r"
 local current = redis.call('HMGET', KEYS[1], 'r', 'e', 'c', 'x', 't')
 if not current[1] then return {0} end

@@ -200,9 +200,10 @@ async fn a_session_keeps_at_most_a_thousand_rotated_refresh_tokens_a_day_old() {
 }
 
 /// Refreshes retried within the reuse grace each leave a live pair; past the newest 100 live
-/// refresh tokens, the next window's first refresh deletes the oldest with their access tokens.
-/// Before, a thief alternating rotations and grace refreshes piled up live tokens for the refresh
-/// lifetime, which every trim and the revocation then read.
+/// refresh tokens, the next window's first refresh retires the oldest as rotated (their access
+/// tokens deleted), so presenting one revokes the session. Before, a thief alternating rotations
+/// and grace refreshes piled up live tokens for the refresh lifetime, which every trim and a
+/// revocation then read.
 #[tokio::test]
 async fn a_session_keeps_at_most_a_hundred_live_refresh_tokens() {
     let app = spawn_with(
@@ -215,6 +216,13 @@ async fn a_session_keeps_at_most_a_hundred_live_refresh_tokens() {
     let user_id = first["user"]["id"].as_str().unwrap().to_owned();
     let rotated = token(&first, "refresh_token");
     let session = rotate(&app, &rotated).await;
+    let db = app.db().await;
+    // No window starts during the loop, however slow the machine.
+    sqlx::query("UPDATE sessions SET refresh_window_started_at = now() + interval '1 hour' WHERE user_id::text = $1")
+        .bind(&user_id)
+        .execute(&db)
+        .await
+        .expect("the window held open");
     let mut retried = Vec::new();
     for _ in 0..104 {
         retried.push(rotate(&app, &rotated).await);
@@ -223,16 +231,16 @@ async fn a_session_keeps_at_most_a_hundred_live_refresh_tokens() {
     assert_eq!(token_rows(&app, &user_id).await, (105, 105, 1));
     sqlx::query("UPDATE sessions SET refresh_window_started_at = now() - interval '2 minutes' WHERE user_id::text = $1")
         .bind(&user_id)
-        .execute(&app.db().await)
+        .execute(&db)
         .await
         .expect("the window over");
     let newest = rotate(&app, &token(&retried[103], "refresh_token")).await;
-    // 105 live before: the 5 oldest pairs go, the newest is rotated, and a new pair comes.
-    assert_eq!(token_rows(&app, &user_id).await, (100, 100, 2));
+    // 105 live before: the 5 oldest are retired, the newest is rotated, and a new pair comes.
+    assert_eq!(token_rows(&app, &user_id).await, (100, 100, 7));
     assert_eq!(
         me(&app, &token(&session, "access_token")).await,
         StatusCode::UNAUTHORIZED,
-        "the oldest live pair went"
+        "the oldest live pair was retired"
     );
     assert_eq!(
         me(&app, &token(&retried[4], "access_token")).await,
@@ -242,6 +250,12 @@ async fn a_session_keeps_at_most_a_hundred_live_refresh_tokens() {
         me(&app, &token(&newest, "access_token")).await,
         StatusCode::OK
     );
+    // Whoever held the oldest (say, the owner, pushed out by a thief's newer ones) presents it:
+    // a replay, and the whole session ends.
+    refresh(&app, &token(&session, "refresh_token"))
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+    assert_signed_out(&app, &newest).await;
 }
 
 #[tokio::test]
