@@ -266,6 +266,18 @@ impl SendLedger {
 }
 
 impl SendLedger {
+    /// Whether the event's one resend was claimed (and so made, or under way).
+    pub async fn resend_claimed(&self, event_id: &str) -> Result<bool, RedisError> {
+        redis::cmd("EXISTS")
+            .arg(self.resend_key(event_id))
+            .query_async(&mut self.redis.clone())
+            .await
+    }
+
+    fn resend_key(&self, event_id: &str) -> String {
+        format!("{}:sms:{{{event_id}}}:resend", self.namespace)
+    }
+
     /// Claims the one resend an event may get for `claimant`; `false` when another claimed it
     /// before. Safe to ask again after an error: a claim whose answer was lost is still the
     /// claimant's. Kept as long as the event's own record.
@@ -277,7 +289,7 @@ impl SendLedger {
     ) -> Result<bool, RedisError> {
         let claimed: i64 = self
             .claim_resend
-            .key(format!("{}:sms:{{{event_id}}}:resend", self.namespace))
+            .key(self.resend_key(event_id))
             .arg(&claimant.0)
             .arg(millis(time_left + DONE_MARGIN))
             .invoke_async(&mut self.redis.clone())
@@ -410,8 +422,9 @@ mod tests {
         assert!(ledger.claim_resend(&event, &mine, minute).await.unwrap());
         assert!(ledger.claim_resend(&event, &mine, minute).await.unwrap());
         assert!(!ledger.claim_resend(&event, &other, minute).await.unwrap());
+        assert!(ledger.resend_claimed(&event).await.unwrap());
         let _: i64 = redis::cmd("DEL")
-            .arg(format!("{}:sms:{{{event}}}:resend", ledger.namespace))
+            .arg(ledger.resend_key(&event))
             .query_async(&mut redis)
             .await
             .unwrap();

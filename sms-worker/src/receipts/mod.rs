@@ -73,3 +73,10 @@ pub struct Receipt {
     /// The provider's id of this very report, when it gives one: a repeat is a no-op.
     pub dedupe: Option<String>,
 }
+
+impl Receipt {
+    /// A carrier-side failure: its message is resent once (worker/resend.rs).
+    pub fn may_owe_a_resend(&self) -> bool {
+        self.status.is_failure() && self.carrier_side
+    }
+}

@@ -26,16 +26,22 @@ return 1
 ";
 
 /// KEYS: status hash, sealed body, seen marker. ARGV: rank, status, dedupe token ('' none),
-/// keep (ms). Returns {0} unknown message, {2} repeat, {3} not newer, or {1, event, calling
-/// code, trace id, sent at, sealed body or ''}. Only a receipt that moves the status leaves a
+/// keep (ms), '1' when a resend may be owed for this status. Returns {0} unknown message, {2}
+/// repeat, {3} not newer, {4, …} the same status again where a resend may be owed, or {1, event,
+/// calling code, trace id, sent at, sealed body or ''} ({4} carries the same fields). Only a receipt that moves the status leaves a
 /// seen marker: one for a message not recorded yet, asked again once the record is there, must
 /// not pass for a repeat, and the token is not covered by Twilio's signature, so a replayed
 /// callback with made-up tokens must not write a key each. With the rank checked first, a repeat
 /// is already a no-op there ({3}); the marker is redundant, and can go in a later release.
 const APPLY: &str = r"
-local current = redis.call('HMGET', KEYS[1], 'r', 'e', 'c', 'x', 't')
+local current = redis.call('HMGET', KEYS[1], 'r', 'e', 'c', 'x', 't', 's')
 if not current[1] then return {0} end
-if tonumber(ARGV[1]) <= tonumber(current[1]) then return {3} end
+if tonumber(ARGV[1]) <= tonumber(current[1]) then
+  if ARGV[5] == '1' and current[6] == ARGV[2] then
+    return {4, current[2], current[3], current[4], current[5], redis.call('GET', KEYS[2]) or ''}
+  end
+  return {3}
+end
 if ARGV[3] ~= '' then
   if not redis.call('SET', KEYS[3], 1, 'NX', 'PX', ARGV[4]) then return {2} end
 end
@@ -61,6 +67,15 @@ pub enum Applied {
     Unknown,
     /// The same report again, or a status no newer than the one known.
     Nothing,
+    /// The same failure again, as stored by an earlier copy of this receipt: only its resend may
+    /// still be owed (that copy's answer was lost to a Redis timeout, or Redis failed it before
+    /// the resend), so the provider's retry must not be a plain no-op.
+    Again {
+        event_id: String,
+        calling_code: Option<u16>,
+        trace_id: String,
+        message: Option<SentMessage>,
+    },
     /// The status moved forward.
     Changed {
         event_id: String,
@@ -150,6 +165,7 @@ impl ReceiptStore {
             .arg(receipt.status.as_str())
             .arg(receipt.dedupe.as_deref().unwrap_or(""))
             .arg(millis(KEEP))
+            .arg(if receipt.may_owe_a_resend() { "1" } else { "0" })
             .invoke_async(&mut self.redis.clone())
             .await?;
         let text = |i: usize| match reply.get(i) {
@@ -158,21 +174,30 @@ impl ReceiptStore {
             Some(Value::Int(n)) => n.to_string().into_bytes(),
             _ => Vec::new(),
         };
+        let message = || {
+            let sealed = text(5);
+            self.seal.as_ref().and_then(|seal| {
+                let plain = seal.open(&body, &sealed).ok()?;
+                serde_json::from_slice::<SentMessage>(&plain).ok()
+            })
+        };
+        let event_id = || String::from_utf8_lossy(&text(1)).into_owned();
+        let calling_code = || String::from_utf8_lossy(&text(2)).parse().ok();
+        let trace_id = || String::from_utf8_lossy(&text(3)).into_owned();
         Ok(match reply.first() {
-            Some(Value::Int(1)) => {
-                let sealed = text(5);
-                let message = self.seal.as_ref().and_then(|seal| {
-                    let plain = seal.open(&body, &sealed).ok()?;
-                    serde_json::from_slice::<SentMessage>(&plain).ok()
-                });
-                Applied::Changed {
-                    event_id: String::from_utf8_lossy(&text(1)).into_owned(),
-                    calling_code: String::from_utf8_lossy(&text(2)).parse().ok(),
-                    trace_id: String::from_utf8_lossy(&text(3)).into_owned(),
-                    sent_at_ms: String::from_utf8_lossy(&text(4)).parse().unwrap_or(0),
-                    message,
-                }
-            }
+            Some(Value::Int(1)) => Applied::Changed {
+                event_id: event_id(),
+                calling_code: calling_code(),
+                trace_id: trace_id(),
+                sent_at_ms: String::from_utf8_lossy(&text(4)).parse().unwrap_or(0),
+                message: message(),
+            },
+            Some(Value::Int(4)) => Applied::Again {
+                event_id: event_id(),
+                calling_code: calling_code(),
+                trace_id: trace_id(),
+                message: message(),
+            },
             Some(Value::Int(0)) => Applied::Unknown,
             _ => Applied::Nothing,
         })

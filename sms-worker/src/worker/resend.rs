@@ -58,6 +58,25 @@ pub(crate) async fn apply(
                 .increment(1);
             return Ok(Receipted::Applied);
         }
+        Applied::Again {
+            event_id,
+            calling_code,
+            trace_id,
+            message,
+        } => {
+            metrics::counter!(m::RECEIPTS_IGNORED, "provider" => provider, "reason" => "duplicate")
+                .increment(1);
+            resend_still_owed(
+                context,
+                receipt,
+                &event_id,
+                calling_code,
+                &trace_id,
+                message,
+            )
+            .await?;
+            return Ok(Receipted::Applied);
+        }
         Applied::Unknown => return Ok(Receipted::UnknownMessage),
     };
     let country = calling_code.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
@@ -95,7 +114,7 @@ pub(crate) async fn apply(
             .message_id(Some(&receipt.message_id)),
     ];
     if receipt.status.is_failure() {
-        if receipt.carrier_side {
+        if receipt.may_owe_a_resend() {
             info!(
                 provider,
                 event_id,
@@ -129,6 +148,31 @@ pub(crate) async fn apply(
         warn!(error = %e, "could not add the receipt to the number's timeline");
     }
     Ok(Receipted::Applied)
+}
+
+/// A carrier-side failure seen before, again: its status, breaker sample and metrics were
+/// counted then, but the resend it earned may not have happened (that copy's answer was lost to
+/// a Redis timeout, so the provider sent it again; or Redis failed before the resend). The
+/// resend claim says whether it did. One that happens now goes into the timeline; one skipped
+/// again does not, so a carrier's duplicates add no lines.
+async fn resend_still_owed(
+    context: &Context,
+    receipt: &Receipt,
+    event_id: &str,
+    calling_code: Option<u16>,
+    trace_id: &str,
+    message: Option<SentMessage>,
+) -> RedisResult<()> {
+    if context.ledger.resend_claimed(event_id).await? {
+        return Ok(());
+    }
+    let line = resend(context, receipt, event_id, calling_code, trace_id, message).await;
+    if line.what == What::Resent
+        && let Err(e) = context.timelines.append(trace_id, &[line]).await
+    {
+        warn!(error = %e, "could not add the resend to the number's timeline");
+    }
+    Ok(())
 }
 
 /// Sends the code once more through another provider, if it is worth it; says what happened.

@@ -13,6 +13,8 @@ use sms_worker::trace::{Line, Timelines, What};
 use tests::fake_sms::{
     Carrier, Faults, InjectedResponse, Outcome, Rule, SmsProvider, twilio_signature,
 };
+use tests::proxy::TcpProxy;
+use tests::servers::servers;
 use tests::wait::eventually;
 
 use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
@@ -65,6 +67,20 @@ async fn wait_for_final_callback(h: &Harness, to: &str, provider: SmsProvider) {
     .await;
 }
 
+/// The form of Twilio's callback saying message `sid` to `to` was dropped by the carrier (30007).
+fn dropped_callback(h: &Harness, sid: &str, to: &str) -> Vec<(String, String)> {
+    [
+        ("AccountSid", h.fake.config().account_sid.as_str()),
+        ("MessageSid", sid),
+        ("MessageStatus", "undelivered"),
+        ("ErrorCode", "30007"),
+        ("To", to),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect()
+}
+
 /// Sends one SMS to `to` whose code the api holds; returns the event.
 async fn send_held(h: &Harness, to: &str) -> OtpRequested {
     let event = event(to, CODE_VALIDITY);
@@ -90,16 +106,7 @@ async fn signed_callbacks_are_applied_and_forged_ones_refused() {
 
         // A genuine-looking callback saying the message was dropped, signed several wrong ways.
         let url = format!("{base}/v1/callbacks/twilio");
-        let params: Vec<(String, String)> = [
-            ("AccountSid", h.fake.config().account_sid.as_str()),
-            ("MessageSid", sid.as_str()),
-            ("MessageStatus", "undelivered"),
-            ("ErrorCode", "30007"),
-            ("To", to.as_str()),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+        let params = dropped_callback(&h, &sid, &to);
         let token = h.fake.config().auth_token.clone();
         let post = |target: String, form: Vec<(String, String)>, signature: Option<String>| {
             let mut request = h.http.post(target).form(&form);
@@ -326,6 +333,80 @@ async fn a_resend_outlasting_its_callback_request_completes_even_through_a_stop(
         assert_eq!(resent.len(), 1, "{resent:?}\n{}", worker.logs());
         assert_eq!(resent[0].status.as_deref(), Some("accepted"), "{resent:?}");
         assert_eq!(h.fake.messages(Some(&to)).len(), 2);
+    })
+    .await;
+}
+
+/// A failure receipt whose first copy was stored while Redis's answer was lost (the worker
+/// answered 503) still earns its resend when the provider sends it again. Before, the retry found
+/// the status already final and changed nothing: the code was never resent.
+#[tokio::test]
+async fn a_failure_receipt_sent_again_after_a_lost_answer_still_earns_its_resend() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (redis, redis_url) = TcpProxy::in_front_of(&servers().redis).await;
+        let mut overrides = h.receipts();
+        overrides.push(("REDIS_URL".to_owned(), redis_url));
+        let base = setting(&overrides, "CALLBACK_BASE_URL").to_owned();
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        // The test is the carrier here.
+        h.fake.set_carrier(Carrier {
+            mute: true,
+            ..Carrier::default()
+        });
+        let to = phone();
+        send_held(&h, &to).await;
+        h.wait_for_messages(&to, 1).await;
+        let sid = h.fake.messages(Some(&to))[0].sid.clone();
+        let status_key = format!("{}:sent:{{twilio:{sid}}}:status", h.ns);
+        let status = || async {
+            let status: Option<String> = redis::cmd("HGET")
+                .arg(&status_key)
+                .arg("s")
+                .query_async(&mut h.redis().await)
+                .await
+                .expect("HGET");
+            status
+        };
+        eventually(WAIT, "the message recorded for its receipts", || async {
+            status().await.is_some()
+        })
+        .await;
+
+        let url = format!("{base}/v1/callbacks/twilio");
+        let params = dropped_callback(&h, &sid, &to);
+        let signature = twilio_signature(&h.fake.config().auth_token, &url, &params);
+        // Twilio's retry of a callback carries the same idempotency token.
+        let post = || async {
+            h.http
+                .post(&url)
+                .form(&params)
+                .header("X-Twilio-Signature", &signature)
+                .header("I-Twilio-Idempotency-Token", "the-same-callback")
+                .send()
+                .await
+                .expect("an answer")
+                .status()
+        };
+        redis.hold_replies();
+        assert_eq!(post().await, 503);
+        redis.release_replies();
+        assert_eq!(status().await.as_deref(), Some("undelivered"), "stored");
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1, "nothing resent yet");
+
+        eventually(WAIT, "the callback sent again to be taken", || async {
+            post().await == 204
+        })
+        .await;
+        h.wait_for_messages(&to, 2).await;
+        let messages = h.fake.messages(Some(&to));
+        assert_eq!(messages[1].provider, SmsProvider::Infobip, "{messages:?}");
+        assert_eq!(messages[0].body, messages[1].body, "the same code, resent");
+        let resent = lines_of(&h, &overrides, &to, What::Resent).await;
+        assert_eq!(resent.len(), 1, "{resent:?}");
+        // Once more: the resend is made, so nothing happens.
+        assert_eq!(post().await, 204);
+        assert_eq!(h.fake.messages(Some(&to)).len(), 2);
+        worker.stop().await;
     })
     .await;
 }
