@@ -26,18 +26,21 @@ return 1
 ";
 
 /// KEYS: status hash, sealed body, seen marker. ARGV: rank, status, dedupe token ('' none),
-/// keep (ms), '1' when a resend may be owed for this status. Returns {0} unknown message, {2}
-/// repeat, {3} not newer, {4, …} the same status again where a resend may be owed, or {1, event,
-/// calling code, trace id, sent at, sealed body or ''} ({4} carries the same fields). Only a receipt that moves the status leaves a
+/// keep (ms), '1' when this receipt earns a resend (a carrier-side failure). Returns {0}
+/// unknown message, {2} repeat, {3} not newer, {4, …} the same status again while the resend its
+/// first copy earned is not settled (`o`, set here, cleared by [`ReceiptStore::settle`]), or {1,
+/// event, calling code, trace id, sent at, sealed body or ''} ({4} carries the same fields). A
+/// recipient-side failure sets no `o`, so a later carrier-side report of the same status cannot
+/// earn a resend it refused. Only a receipt that moves the status leaves a
 /// seen marker: one for a message not recorded yet, asked again once the record is there, must
 /// not pass for a repeat, and the token is not covered by Twilio's signature, so a replayed
 /// callback with made-up tokens must not write a key each. With the rank checked first, a repeat
 /// is already a no-op there ({3}); the marker is redundant, and can go in a later release.
 const APPLY: &str = r"
-local current = redis.call('HMGET', KEYS[1], 'r', 'e', 'c', 'x', 't', 's')
+local current = redis.call('HMGET', KEYS[1], 'r', 'e', 'c', 'x', 't', 's', 'o')
 if not current[1] then return {0} end
 if tonumber(ARGV[1]) <= tonumber(current[1]) then
-  if ARGV[5] == '1' and current[6] == ARGV[2] then
+  if ARGV[5] == '1' and current[6] == ARGV[2] and current[7] == '1' then
     return {4, current[2], current[3], current[4], current[5], redis.call('GET', KEYS[2]) or ''}
   end
   return {3}
@@ -46,6 +49,7 @@ if ARGV[3] ~= '' then
   if not redis.call('SET', KEYS[3], 1, 'NX', 'PX', ARGV[4]) then return {2} end
 end
 redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', ARGV[2])
+if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'o', 1) end
 local body = redis.call('GET', KEYS[2]) or ''
 return {1, current[2], current[3], current[4], current[5], body}
 ";
@@ -201,6 +205,17 @@ impl ReceiptStore {
             Some(Value::Int(0)) => Applied::Unknown,
             _ => Applied::Nothing,
         })
+    }
+
+    /// Marks the resend `receipt` earned as settled (made, or skipped for good): a repeat of the
+    /// receipt is then a plain no-op.
+    pub async fn settle(&self, receipt: &Receipt) -> RedisResult<()> {
+        let (status, _, _) = self.keys(receipt.provider, &receipt.message_id);
+        redis::cmd("HDEL")
+            .arg(status)
+            .arg("o")
+            .query_async(&mut self.redis.clone())
+            .await
     }
 
     /// Whether the api still holds the code this event carried, unused and not replaced by a

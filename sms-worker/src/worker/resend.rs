@@ -68,6 +68,7 @@ pub(crate) async fn apply(
                 .increment(1);
             resend_still_owed(
                 context,
+                store,
                 receipt,
                 &event_id,
                 calling_code,
@@ -106,13 +107,7 @@ pub(crate) async fn apply(
         _ => {}
     }
 
-    let mut lines = vec![
-        Line::new(event_id.clone(), What::Receipt)
-            .provider(provider)
-            .status(receipt.status.as_str())
-            .code(receipt.error_code)
-            .message_id(Some(&receipt.message_id)),
-    ];
+    let mut lines = vec![receipt_line(receipt, &event_id)];
     if receipt.status.is_failure() {
         if receipt.may_owe_a_resend() {
             info!(
@@ -121,17 +116,17 @@ pub(crate) async fn apply(
                 code = receipt.error_code,
                 "the carrier dropped an SMS"
             );
-            lines.push(
-                resend(
-                    context,
-                    receipt,
-                    &event_id,
-                    calling_code,
-                    &trace_id,
-                    message,
-                )
-                .await,
-            );
+            let outcome = resend(
+                context,
+                receipt,
+                &event_id,
+                calling_code,
+                &trace_id,
+                message,
+            )
+            .await;
+            settle(store, receipt, &outcome).await;
+            lines.push(outcome.line);
         } else {
             info!(
                 provider,
@@ -150,13 +145,15 @@ pub(crate) async fn apply(
     Ok(Receipted::Applied)
 }
 
-/// A carrier-side failure seen before, again: its status, breaker sample and metrics were
-/// counted then, but the resend it earned may not have happened (that copy's answer was lost to
-/// a Redis timeout, so the provider sent it again; or Redis failed before the resend). The
-/// resend claim says whether it did. One that happens now goes into the timeline; one skipped
-/// again does not, so a carrier's duplicates add no lines.
+/// A carrier-side failure stored before, again, whose resend was not settled then (that copy's
+/// answer was lost to a Redis timeout, so the provider sent it again; or Redis failed, or no
+/// other provider was open, before the resend). The resend claim says whether another copy made
+/// it meanwhile. One made now goes into the timeline with its receipt; one skipped again does
+/// not, so a carrier's duplicates add no lines. No breaker sample is taken here: repeats of one
+/// receipt must not weigh as many failures.
 async fn resend_still_owed(
     context: &Context,
+    store: &ReceiptStore,
     receipt: &Receipt,
     event_id: &str,
     calling_code: Option<u16>,
@@ -164,15 +161,46 @@ async fn resend_still_owed(
     message: Option<SentMessage>,
 ) -> RedisResult<()> {
     if context.ledger.resend_claimed(event_id).await? {
+        if let Err(e) = store.settle(receipt).await {
+            warn!(error = %e, "could not mark a resend settled; a repeat of its receipt will ask again");
+        }
         return Ok(());
     }
-    let line = resend(context, receipt, event_id, calling_code, trace_id, message).await;
-    if line.what == What::Resent
-        && let Err(e) = context.timelines.append(trace_id, &[line]).await
-    {
-        warn!(error = %e, "could not add the resend to the number's timeline");
+    let outcome = resend(context, receipt, event_id, calling_code, trace_id, message).await;
+    settle(store, receipt, &outcome).await;
+    if outcome.line.what == What::Resent {
+        let lines = [receipt_line(receipt, event_id), outcome.line];
+        if let Err(e) = context.timelines.append(trace_id, &lines).await {
+            warn!(error = %e, "could not add the resend to the number's timeline");
+        }
     }
     Ok(())
+}
+
+/// Marks a settled resend so that repeats of its receipt are plain no-ops. Best effort: the
+/// resend claim still keeps a repeat from a second SMS.
+async fn settle(store: &ReceiptStore, receipt: &Receipt, outcome: &ResendOutcome) {
+    if outcome.settled
+        && let Err(e) = store.settle(receipt).await
+    {
+        warn!(error = %e, "could not mark a resend settled; a repeat of its receipt will ask again");
+    }
+}
+
+/// The timeline's line for `receipt`.
+fn receipt_line(receipt: &Receipt, event_id: &str) -> Line {
+    Line::new(event_id.to_owned(), What::Receipt)
+        .provider(receipt.provider)
+        .status(receipt.status.as_str())
+        .code(receipt.error_code)
+        .message_id(Some(&receipt.message_id))
+}
+
+/// What a resend came to: its timeline line, and whether that is settled (made, or skipped for
+/// good), so a repeat of its receipt need not ask again.
+struct ResendOutcome {
+    line: Line,
+    settled: bool,
 }
 
 /// Sends the code once more through another provider, if it is worth it; says what happened.
@@ -183,11 +211,15 @@ async fn resend(
     calling_code: Option<u16>,
     trace_id: &str,
     message: Option<SentMessage>,
-) -> Line {
+) -> ResendOutcome {
     let skipped = |reason: &'static str, detail: &str| {
         metrics::counter!(m::RESENDS_SKIPPED, "reason" => reason).increment(1);
         info!(event_id, reason, "not resending");
-        Line::new(event_id.to_owned(), What::NotResent).detail(detail)
+        ResendOutcome {
+            line: Line::new(event_id.to_owned(), What::NotResent).detail(detail),
+            // Redis away, or no provider open: a repeat of the receipt may still get it through.
+            settled: !matches!(reason, "unavailable" | "no_other_provider"),
+        }
     };
     let Some(store) = context.receipts.as_ref() else {
         return skipped("unavailable", "receipts are off");
@@ -262,7 +294,7 @@ async fn resend(
     let timeout = context.config.send_timeout.min(time_left);
     let result = provider.send(&sms, timeout).await;
     let line = Line::new(event_id.to_owned(), What::Resent).provider(provider.name());
-    match result {
+    let line = match result {
         Ok(accepted) => {
             provider.breaker.success(allowance).await;
             metrics::counter!(m::RESENDS, "provider" => provider.name(), "outcome" => "accepted")
@@ -291,6 +323,10 @@ async fn resend(
             line.status(error.kind.as_str())
                 .code(error.code.or(error.status.map(i64::from)))
         }
+    };
+    ResendOutcome {
+        line,
+        settled: true,
     }
 }
 

@@ -387,6 +387,22 @@ async fn a_failure_receipt_sent_again_after_a_lost_answer_still_earns_its_resend
                 .expect("an answer")
                 .status()
         };
+        // The carrier's `sent` first, as it comes: the worker's script is then loaded in Redis
+        // (a script not yet loaded would not run at all while the replies are held).
+        let mut sent = params.clone();
+        sent.retain(|(name, _)| name != "ErrorCode");
+        sent[2].1 = "sent".to_owned();
+        let sent_signature = twilio_signature(&h.fake.config().auth_token, &url, &sent);
+        let response = h
+            .http
+            .post(&url)
+            .form(&sent)
+            .header("X-Twilio-Signature", sent_signature)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(response.status(), 204);
+        assert_eq!(status().await.as_deref(), Some("sent"));
         redis.hold_replies();
         assert_eq!(post().await, 503);
         redis.release_replies();
@@ -403,7 +419,14 @@ async fn a_failure_receipt_sent_again_after_a_lost_answer_still_earns_its_resend
         assert_eq!(messages[0].body, messages[1].body, "the same code, resent");
         let resent = lines_of(&h, &overrides, &to, What::Resent).await;
         assert_eq!(resent.len(), 1, "{resent:?}");
-        // Once more: the resend is made, so nothing happens.
+        // Settled: once more is a plain no-op.
+        let owed: bool = redis::cmd("HEXISTS")
+            .arg(&status_key)
+            .arg("o")
+            .query_async(&mut h.redis().await)
+            .await
+            .expect("HEXISTS");
+        assert!(!owed, "the resend is marked settled");
         assert_eq!(post().await, 204);
         assert_eq!(h.fake.messages(Some(&to)).len(), 2);
         worker.stop().await;
@@ -502,6 +525,25 @@ async fn no_resend_for_a_landline_an_expired_code_or_a_code_no_longer_held() {
             assert!(detail.contains(why), "{to}: {detail}");
             assert_eq!(h.fake.messages(Some(to)).len(), 1, "{to} got a resend");
         }
+
+        // A report of the same status, now carrier-side, for the landline (a complicit carrier,
+        // or a provider's second final report): the recipient-side failure stored first
+        // refused the resend, and a repeat of the status does not earn one.
+        let base = setting(&overrides, "CALLBACK_BASE_URL").to_owned();
+        let url = format!("{base}/v1/callbacks/twilio");
+        let sid = h.fake.messages(Some(&landline))[0].sid.clone();
+        let params = dropped_callback(&h, &sid, &landline);
+        let signature = twilio_signature(&h.fake.config().auth_token, &url, &params);
+        let response = h
+            .http
+            .post(&url)
+            .form(&params)
+            .header("X-Twilio-Signature", signature)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(response.status(), 204);
+        assert_eq!(h.fake.requests(Some(&landline)).len(), 1, "no resend");
     })
     .await;
 }
