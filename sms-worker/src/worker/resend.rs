@@ -37,7 +37,8 @@ pub(crate) enum Receipted {
 }
 
 /// Applies one receipt. An error means Redis could not be asked: the provider should send the
-/// receipt again later (nothing was changed).
+/// receipt again later (nothing was changed, or the status was stored and the resend it earned is
+/// still owed, which the repeat then finds).
 pub(crate) async fn apply(
     context: &Context,
     store: &ReceiptStore,
@@ -108,6 +109,7 @@ pub(crate) async fn apply(
     }
 
     let mut lines = vec![receipt_line(receipt, &event_id)];
+    let mut settled = Settled::Yes;
     if receipt.status.is_failure() {
         if receipt.may_owe_a_resend() {
             info!(
@@ -126,6 +128,7 @@ pub(crate) async fn apply(
             )
             .await;
             settle(store, receipt, &outcome).await;
+            settled = outcome.settled;
             lines.push(outcome.line);
         } else {
             info!(
@@ -142,7 +145,20 @@ pub(crate) async fn apply(
     if let Err(e) = context.timelines.append(&trace_id, &lines).await {
         warn!(error = %e, "could not add the receipt to the number's timeline");
     }
+    ask_again_if_redis_was_away(settled)?;
     Ok(Receipted::Applied)
+}
+
+/// A resend Redis kept from being decided answers the receipt 503, so that a provider that
+/// retries (Infobip does; Twilio as its URL asks) sends it again: the status is stored, and the
+/// repeat finds the resend still owed.
+fn ask_again_if_redis_was_away(settled: Settled) -> RedisResult<()> {
+    if settled == Settled::RedisAway {
+        return Err(redis::RedisError::from(std::io::Error::other(
+            "Redis could not be asked about the resend",
+        )));
+    }
+    Ok(())
 }
 
 /// A carrier-side failure stored before, again, whose resend was not settled then (that copy's
@@ -168,19 +184,20 @@ async fn resend_still_owed(
     }
     let outcome = resend(context, receipt, event_id, calling_code, trace_id, message).await;
     settle(store, receipt, &outcome).await;
+    let settled = outcome.settled;
     if outcome.line.what == What::Resent {
         let lines = [receipt_line(receipt, event_id), outcome.line];
         if let Err(e) = context.timelines.append(trace_id, &lines).await {
             warn!(error = %e, "could not add the resend to the number's timeline");
         }
     }
-    Ok(())
+    ask_again_if_redis_was_away(settled)
 }
 
 /// Marks a settled resend so that repeats of its receipt are plain no-ops. Best effort: the
 /// resend claim still keeps a repeat from a second SMS.
 async fn settle(store: &ReceiptStore, receipt: &Receipt, outcome: &ResendOutcome) {
-    if outcome.settled
+    if outcome.settled == Settled::Yes
         && let Err(e) = store.settle(receipt).await
     {
         warn!(error = %e, "could not mark a resend settled; a repeat of its receipt will ask again");
@@ -200,7 +217,19 @@ fn receipt_line(receipt: &Receipt, event_id: &str) -> Line {
 /// good), so a repeat of its receipt need not ask again.
 struct ResendOutcome {
     line: Line,
-    settled: bool,
+    settled: Settled,
+}
+
+/// Whether a resend's decision stands, or a repeat of its receipt should ask again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Made, or skipped for good (code used, replaced or expired; already resent; no other
+    /// provider configured).
+    Yes,
+    /// Redis could not be asked: the provider should send the receipt again (503).
+    RedisAway,
+    /// Another provider is configured, but none is open now.
+    NoProviderOpen,
 }
 
 /// Sends the code once more through another provider, if it is worth it; says what happened.
@@ -212,29 +241,36 @@ async fn resend(
     trace_id: &str,
     message: Option<SentMessage>,
 ) -> ResendOutcome {
-    let skipped = |reason: &'static str, detail: &str| {
+    let skipped = |reason: &'static str, detail: &str, settled: Settled| {
         metrics::counter!(m::RESENDS_SKIPPED, "reason" => reason).increment(1);
         info!(event_id, reason, "not resending");
         ResendOutcome {
             line: Line::new(event_id.to_owned(), What::NotResent).detail(detail),
-            // Redis away, or no provider open: a repeat of the receipt may still get it through.
-            settled: !matches!(reason, "unavailable" | "no_other_provider"),
+            settled,
         }
     };
     let Some(store) = context.receipts.as_ref() else {
-        return skipped("unavailable", "receipts are off");
+        return skipped("unavailable", "receipts are off", Settled::Yes);
     };
     // The sealed copy is kept only until the code expires.
     let Some(message) = message else {
-        return skipped("expired", "the code has expired");
+        return skipped("expired", "the code has expired", Settled::Yes);
     };
     let millis_left = || message.expires_ms.saturating_sub(unix_ms());
     let too_late = || millis_left() < MIN_MILLIS_LEFT;
     if too_late() {
-        return skipped("expired", "the code expires too soon to be of use");
+        return skipped(
+            "expired",
+            "the code expires too soon to be of use",
+            Settled::Yes,
+        );
     }
     let Ok(phone) = PhoneNumber::parse(&message.to) else {
-        return skipped("unavailable", "the stored message is unreadable");
+        return skipped(
+            "unavailable",
+            "the stored message is unreadable",
+            Settled::Yes,
+        );
     };
     // The receipt's status is stored already, so a provider's retry of it would change nothing:
     // a Redis blip here must not decide that the code is never resent. Both asks are safe to
@@ -246,17 +282,29 @@ async fn resend(
             return skipped(
                 "code_not_current",
                 "the code was used or replaced by a newer one",
+                Settled::Yes,
             );
         }
         Err(e) => {
             warn!(error = %e, "Redis did not answer, even when asked again; not resending");
-            return skipped("unavailable", "Redis did not answer");
+            return skipped("unavailable", "Redis did not answer", Settled::RedisAway);
         }
     }
     let Some((provider, allowance)) = next_provider(context, receipt.provider).await else {
+        // None configured stays so; one configured may open again.
+        let configured = context
+            .providers
+            .all()
+            .iter()
+            .any(|p| p.name() != receipt.provider && !p.logs_only());
         return skipped(
             "no_other_provider",
             "no other provider is configured and open",
+            if configured {
+                Settled::NoProviderOpen
+            } else {
+                Settled::Yes
+            },
         );
     };
     let claimant = ClaimToken::generate();
@@ -266,16 +314,26 @@ async fn resend(
     });
     match claim.await {
         Ok(true) => {}
-        Ok(false) => return skipped("already_resent", "this event was resent already"),
+        Ok(false) => {
+            return skipped(
+                "already_resent",
+                "this event was resent already",
+                Settled::Yes,
+            );
+        }
         Err(e) => {
             warn!(error = %e, "Redis did not answer, even when asked again; not resending");
-            return skipped("unavailable", "Redis did not answer");
+            return skipped("unavailable", "Redis did not answer", Settled::RedisAway);
         }
     }
     // The asks above may have taken seconds: the SMS says how long the code has now.
     let millis_left = millis_left();
     if millis_left < MIN_MILLIS_LEFT {
-        return skipped("expired", "the code expires too soon to be of use");
+        return skipped(
+            "expired",
+            "the code expires too soon to be of use",
+            Settled::Yes,
+        );
     }
     let time_left = Duration::from_millis(millis_left);
 
@@ -326,7 +384,7 @@ async fn resend(
     };
     ResendOutcome {
         line,
-        settled: true,
+        settled: Settled::Yes,
     }
 }
 

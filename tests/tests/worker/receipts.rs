@@ -407,6 +407,16 @@ async fn a_failure_receipt_sent_again_after_a_lost_answer_still_earns_its_resend
         assert_eq!(post().await, 503);
         redis.release_replies();
         assert_eq!(status().await.as_deref(), Some("undelivered"), "stored");
+        let owed = || async {
+            let owed: bool = redis::cmd("HEXISTS")
+                .arg(&status_key)
+                .arg("o")
+                .query_async(&mut h.redis().await)
+                .await
+                .expect("HEXISTS");
+            owed
+        };
+        assert!(owed().await, "its resend still owed");
         assert_eq!(h.fake.messages(Some(&to)).len(), 1, "nothing resent yet");
 
         eventually(WAIT, "the callback sent again to be taken", || async {
@@ -420,13 +430,7 @@ async fn a_failure_receipt_sent_again_after_a_lost_answer_still_earns_its_resend
         let resent = lines_of(&h, &overrides, &to, What::Resent).await;
         assert_eq!(resent.len(), 1, "{resent:?}");
         // Settled: once more is a plain no-op.
-        let owed: bool = redis::cmd("HEXISTS")
-            .arg(&status_key)
-            .arg("o")
-            .query_async(&mut h.redis().await)
-            .await
-            .expect("HEXISTS");
-        assert!(!owed, "the resend is marked settled");
+        assert!(!owed().await, "the resend is marked settled");
         assert_eq!(post().await, 204);
         assert_eq!(h.fake.messages(Some(&to)).len(), 2);
         worker.stop().await;
