@@ -70,7 +70,8 @@ impl ReceiptTasks {
     /// receipts naming a message not recorded yet are asked about again a few times, all
     /// together, so a batch of them waits once, not once each. Err(Busy) when no task may start;
     /// the inner error when Redis could not be asked about one of them (the provider should send
-    /// them again: those applied already are no-ops then).
+    /// them again: those applied already are no-ops then, but for a resend still owed, which the
+    /// repeat makes).
     pub(crate) async fn apply(
         &self,
         context: &Arc<Context>,
@@ -163,7 +164,7 @@ async fn apply_once(
             Ok(Receipted::UnknownMessage) => unknown.push(receipt),
             // One failed receipt fails the request, so the provider sends it again.
             Err(e) => {
-                warn!(error = %e, provider = receipt.provider, "could not apply a delivery receipt; the provider may send it again");
+                warn!(error = %e, provider = receipt.provider, "a delivery receipt was not applied in full (Redis); the provider may send it again");
                 outcome = Err(e);
             }
         }
