@@ -438,6 +438,40 @@ async fn a_failure_receipt_sent_again_after_a_lost_answer_still_earns_its_resend
     .await;
 }
 
+/// With no other provider configured, a dropped code's resend is skipped for good: marked
+/// settled, so repeats of its receipt are plain no-ops. Before, it stayed owed for a day, and
+/// every repeat asked Redis and the breakers again.
+#[tokio::test]
+async fn a_resend_with_no_other_provider_configured_is_settled() {
+    with_harness(QueueType::Classic, |h| async move {
+        let mut overrides = h.receipts();
+        overrides.push(("SMS_PROVIDERS".to_owned(), "twilio".to_owned()));
+        let _worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        h.fake.set_carrier(Carrier {
+            delay_ms: 20,
+            outcomes: vec![Outcome::new(&to, "undelivered", Some(30007))],
+            ..Carrier::default()
+        });
+        send_held(&h, &to).await;
+        wait_for_final_callback(&h, &to, SmsProvider::Twilio).await;
+        let not_resent = lines_of(&h, &overrides, &to, What::NotResent).await;
+        assert_eq!(not_resent.len(), 1, "{not_resent:?}");
+        let detail = not_resent[0].detail.as_deref().unwrap_or_default();
+        assert!(detail.contains("no other provider"), "{detail}");
+        let sid = h.fake.messages(Some(&to))[0].sid.clone();
+        let owed: bool = redis::cmd("HEXISTS")
+            .arg(format!("{}:sent:{{twilio:{sid}}}:status", h.ns))
+            .arg("o")
+            .query_async(&mut h.redis().await)
+            .await
+            .expect("HEXISTS");
+        assert!(!owed, "settled");
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_undelivered_30007_is_resent_once_through_the_second_provider() {
     with_harness(QueueType::Classic, |h| async move {
