@@ -14,6 +14,8 @@ use crate::error::error_chain;
 use crate::state::AppState;
 
 const PURGE_EVERY: Duration = Duration::from_secs(600);
+/// How often the purge looks whether the schema is migrated yet.
+const SCHEMA_LOOK: Duration = Duration::from_secs(1);
 
 /// Creates the database if it is missing and runs pending migrations, retrying until
 /// PostgreSQL answers. Database routes answer 503 until this is done.
@@ -98,17 +100,24 @@ async fn applied_migrations(pool: &sqlx::PgPool) -> anyhow::Result<BTreeSet<i64>
     Ok(versions.into_iter().collect())
 }
 
-/// Deletes expired tokens every ten minutes; they are refused anyway, this only bounds the table.
+/// Deletes expired tokens and ended sessions at start and every ten minutes; they are refused
+/// anyway, this only bounds the tables. It waits for the schema first: the first tick comes
+/// before the migrations have run, and skipping it would leave a fresh replica ten minutes
+/// without a purge.
 pub async fn purge_expired_tokens(state: AppState) {
     let mut every = tokio::time::interval(PURGE_EVERY);
     loop {
         every.tick().await;
-        if let Ok(pool) = state.db() {
-            match db::purge_expired(pool).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(purged = n, "purged expired tokens"),
-                Err(e) => tracing::warn!(error = %e, "could not purge expired tokens"),
+        let pool = loop {
+            match state.db() {
+                Ok(pool) => break pool,
+                Err(_) => tokio::time::sleep(SCHEMA_LOOK).await,
             }
+        };
+        match db::purge_expired(pool).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "purged expired tokens"),
+            Err(e) => tracing::warn!(error = %e, "could not purge expired tokens"),
         }
     }
 }

@@ -72,23 +72,53 @@ pub async fn authenticate(
 /// Deletes expired tokens, and sessions that ended or were revoked a day ago, in bounded batches
 /// so the purge never holds long locks. The tokens such sessions still hold go first, in batches
 /// of their own: a session whose tokens a revocation could not delete in time (many rows) would
-/// otherwise make its session's delete cascade past the statement timeout, on every run.
+/// otherwise make its session's delete cascade at length, on every run. Each batch may take up
+/// to [`PURGE_STATEMENT_TIMEOUT`], not the requests' statement timeout: finding a batch scans
+/// `sessions`, which in a large deployment can take longer than a request may, and a purge
+/// that always timed out would let the tables grow without end. One statement failing does not
+/// keep the others from running.
 pub async fn purge_expired(pool: &PgPool) -> sqlx::Result<u64> {
     let mut total = 0;
+    let mut failed = None;
     for statement in [
         "DELETE FROM tokens WHERE hash IN (SELECT hash FROM tokens WHERE expiry < now() LIMIT 5000)",
         "DELETE FROM tokens WHERE hash IN (SELECT t.hash FROM tokens t JOIN sessions s ON s.id = t.family_id WHERE s.expires_at < now() OR s.revoked_at < now() - interval '1 day' LIMIT 5000)",
         "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE expires_at < now() OR revoked_at < now() - interval '1 day' LIMIT 5000)",
     ] {
         loop {
-            let done = sqlx::query(statement).execute(pool).await?;
-            total += done.rows_affected();
-            if done.rows_affected() < 5000 {
-                break;
+            match purge_batch(pool, statement).await {
+                Ok(deleted) => {
+                    total += deleted;
+                    if deleted < 5000 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
     }
-    Ok(total)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+/// How long one purge batch may take.
+const PURGE_STATEMENT_TIMEOUT: &str = "60s";
+
+/// One batch of the purge, in a transaction of its own with its own statement timeout.
+async fn purge_batch(pool: &PgPool, statement: &'static str) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(PURGE_STATEMENT_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    let deleted = sqlx::query(statement).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(deleted.rows_affected())
 }
 
 pub(crate) fn secs(d: Duration) -> f64 {

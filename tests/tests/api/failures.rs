@@ -434,6 +434,62 @@ async fn a_revocation_holds_when_its_tokens_cannot_be_deleted_in_time() {
         .assert_problem(401, "unauthorized");
 }
 
+/// The purge of ended sessions is not held to the requests' statement timeout: a purge batch
+/// that must wait (here on a lock; in a large deployment, scanning `sessions`) finishes, where
+/// before it was cancelled at the timeout and tried again only ten minutes later, on every run.
+/// A second api on the same database, started while the lock is held, does the purge at start.
+#[tokio::test]
+async fn the_purge_is_not_held_to_the_requests_statement_timeout() {
+    let app = spawn_app().await;
+    let session = app.sign_in(PHONE).await;
+    let user_id = session["user"]["id"].as_str().unwrap().to_owned();
+    let db = app.db().await;
+    sqlx::query(
+        "UPDATE sessions SET revoked_at = now() - interval '2 days' WHERE user_id::text = $1",
+    )
+    .bind(&user_id)
+    .execute(&db)
+    .await
+    .expect("a session revoked two days ago");
+    let lock = locked(&app, "LOCK TABLE sessions IN SHARE MODE").await;
+    let _purger = spawn_with(Spawn {
+        wait_ready: false,
+        ..Spawn::default()
+            .var("DATABASE_URL", servers().database_url(&app.database))
+            .var("DATABASE_STATEMENT_TIMEOUT_MS", 500)
+    })
+    .await;
+    eventually(
+        Duration::from_secs(15),
+        "the purge waiting on the lock past the requests' timeout",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM sessions%' AND now() - query_start > interval '1 second'",
+            )
+            .fetch_one(&db)
+            .await
+            .expect("pg_stat_activity");
+            waiting == 1
+        },
+    )
+    .await;
+    lock.rollback().await.expect("the lock released");
+    eventually(
+        Duration::from_secs(10),
+        "the ended session purged",
+        || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id::text = $1")
+                    .bind(&user_id)
+                    .fetch_one(&db)
+                    .await
+                    .expect("a count");
+            left == 0
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_api_started_with_everything_down_runs_and_reports_it() {
     let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
