@@ -74,21 +74,20 @@ pub enum Applied {
     /// The same failure again, as stored by an earlier copy of this receipt: only its resend may
     /// still be owed (that copy's answer was lost to a Redis timeout, or Redis failed it before
     /// the resend), so the provider's retry must not be a plain no-op.
-    Again {
-        event_id: String,
-        calling_code: Option<u16>,
-        trace_id: String,
-        message: Option<SentMessage>,
-    },
+    Again(Recorded),
     /// The status moved forward.
-    Changed {
-        event_id: String,
-        calling_code: Option<u16>,
-        trace_id: String,
-        sent_at_ms: u64,
-        /// The message, while its OTP is valid.
-        message: Option<SentMessage>,
-    },
+    Changed(Recorded),
+}
+
+/// What the worker recorded about a sent message, as a receipt finds it.
+#[derive(Debug)]
+pub struct Recorded {
+    pub event_id: String,
+    pub calling_code: Option<u16>,
+    pub trace_id: String,
+    pub sent_at_ms: u64,
+    /// The message, while its OTP is valid.
+    pub message: Option<SentMessage>,
 }
 
 #[derive(Clone)]
@@ -178,30 +177,19 @@ impl ReceiptStore {
             Some(Value::Int(n)) => n.to_string().into_bytes(),
             _ => Vec::new(),
         };
-        let message = || {
-            let sealed = text(5);
-            self.seal.as_ref().and_then(|seal| {
-                let plain = seal.open(&body, &sealed).ok()?;
+        let recorded = || Recorded {
+            event_id: String::from_utf8_lossy(&text(1)).into_owned(),
+            calling_code: String::from_utf8_lossy(&text(2)).parse().ok(),
+            trace_id: String::from_utf8_lossy(&text(3)).into_owned(),
+            sent_at_ms: String::from_utf8_lossy(&text(4)).parse().unwrap_or(0),
+            message: self.seal.as_ref().and_then(|seal| {
+                let plain = seal.open(&body, &text(5)).ok()?;
                 serde_json::from_slice::<SentMessage>(&plain).ok()
-            })
+            }),
         };
-        let event_id = || String::from_utf8_lossy(&text(1)).into_owned();
-        let calling_code = || String::from_utf8_lossy(&text(2)).parse().ok();
-        let trace_id = || String::from_utf8_lossy(&text(3)).into_owned();
         Ok(match reply.first() {
-            Some(Value::Int(1)) => Applied::Changed {
-                event_id: event_id(),
-                calling_code: calling_code(),
-                trace_id: trace_id(),
-                sent_at_ms: String::from_utf8_lossy(&text(4)).parse().unwrap_or(0),
-                message: message(),
-            },
-            Some(Value::Int(4)) => Applied::Again {
-                event_id: event_id(),
-                calling_code: calling_code(),
-                trace_id: trace_id(),
-                message: message(),
-            },
+            Some(Value::Int(1)) => Applied::Changed(recorded()),
+            Some(Value::Int(4)) => Applied::Again(recorded()),
             Some(Value::Int(0)) => Applied::Unknown,
             _ => Applied::Nothing,
         })

@@ -21,7 +21,7 @@ use crate::ledger::{ClaimToken, with_a_few_tries};
 use crate::metrics as m;
 use crate::provider::breaker::Allowance;
 use crate::provider::{Provider, Sms};
-use crate::receipts::store::{Applied, ReceiptStore, SentMessage};
+use crate::receipts::store::{Applied, ReceiptStore, Recorded};
 use crate::receipts::{Receipt, Status};
 use crate::trace::{Line, What, unix_ms};
 
@@ -45,43 +45,25 @@ pub(crate) async fn apply(
     receipt: &Receipt,
 ) -> RedisResult<Receipted> {
     let provider = receipt.provider;
-    let (event_id, calling_code, trace_id, sent_at_ms, message) = match store.apply(receipt).await?
-    {
-        Applied::Changed {
-            event_id,
-            calling_code,
-            trace_id,
-            sent_at_ms,
-            message,
-        } => (event_id, calling_code, trace_id, sent_at_ms, message),
+    let recorded = match store.apply(receipt).await? {
+        Applied::Changed(recorded) => recorded,
         Applied::Nothing => {
             metrics::counter!(m::RECEIPTS_IGNORED, "provider" => provider, "reason" => "duplicate")
                 .increment(1);
             return Ok(Receipted::Applied);
         }
-        Applied::Again {
-            event_id,
-            calling_code,
-            trace_id,
-            message,
-        } => {
+        Applied::Again(recorded) => {
             metrics::counter!(m::RECEIPTS_IGNORED, "provider" => provider, "reason" => "duplicate")
                 .increment(1);
-            resend_still_owed(
-                context,
-                store,
-                receipt,
-                &event_id,
-                calling_code,
-                &trace_id,
-                message,
-            )
-            .await?;
+            resend_still_owed(context, store, receipt, &recorded).await?;
             return Ok(Receipted::Applied);
         }
         Applied::Unknown => return Ok(Receipted::UnknownMessage),
     };
-    let country = calling_code.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
+    let event_id = &recorded.event_id;
+    let country = recorded
+        .calling_code
+        .map_or_else(|| "unknown".to_owned(), |c| c.to_string());
     metrics::counter!(m::RECEIPTS, "provider" => provider, "status" => receipt.status.as_str(), "country" => country)
         .increment(1);
 
@@ -93,7 +75,7 @@ pub(crate) async fn apply(
         .map(|p| &p.breaker);
     match receipt.status {
         Status::Delivered => {
-            let seconds = unix_ms().saturating_sub(sent_at_ms) as f64 / 1_000.0;
+            let seconds = unix_ms().saturating_sub(recorded.sent_at_ms) as f64 / 1_000.0;
             metrics::histogram!(m::DELIVERY_SECONDS, "provider" => provider).record(seconds);
             if let Some(breaker) = breaker {
                 breaker.receipt(true).await;
@@ -108,7 +90,7 @@ pub(crate) async fn apply(
         _ => {}
     }
 
-    let mut lines = vec![receipt_line(receipt, &event_id)];
+    let mut lines = vec![receipt_line(receipt, event_id)];
     let mut settled = Settled::Yes;
     if receipt.status.is_failure() {
         if receipt.may_owe_a_resend() {
@@ -118,15 +100,7 @@ pub(crate) async fn apply(
                 code = receipt.error_code,
                 "the carrier dropped an SMS"
             );
-            let outcome = resend(
-                context,
-                receipt,
-                &event_id,
-                calling_code,
-                &trace_id,
-                message,
-            )
-            .await;
+            let outcome = resend(context, receipt, &recorded).await;
             settle(store, receipt, &outcome).await;
             settled = outcome.settled;
             lines.push(outcome.line);
@@ -142,7 +116,7 @@ pub(crate) async fn apply(
             ));
         }
     }
-    if let Err(e) = context.timelines.append(&trace_id, &lines).await {
+    if let Err(e) = context.timelines.append(&recorded.trace_id, &lines).await {
         warn!(error = %e, "could not add the receipt to the number's timeline");
     }
     ask_again_if_redis_was_away(settled)?;
@@ -171,23 +145,21 @@ async fn resend_still_owed(
     context: &Context,
     store: &ReceiptStore,
     receipt: &Receipt,
-    event_id: &str,
-    calling_code: Option<u16>,
-    trace_id: &str,
-    message: Option<SentMessage>,
+    recorded: &Recorded,
 ) -> RedisResult<()> {
+    let event_id = &recorded.event_id;
     if context.ledger.resend_claimed(event_id).await? {
         if let Err(e) = store.settle(receipt).await {
             warn!(error = %e, "could not mark a resend settled; a repeat of its receipt will ask again");
         }
         return Ok(());
     }
-    let outcome = resend(context, receipt, event_id, calling_code, trace_id, message).await;
+    let outcome = resend(context, receipt, recorded).await;
     settle(store, receipt, &outcome).await;
     let settled = outcome.settled;
     if outcome.line.what == What::Resent {
         let lines = [receipt_line(receipt, event_id), outcome.line];
-        if let Err(e) = context.timelines.append(trace_id, &lines).await {
+        if let Err(e) = context.timelines.append(&recorded.trace_id, &lines).await {
             warn!(error = %e, "could not add the resend to the number's timeline");
         }
     }
@@ -233,14 +205,14 @@ enum Settled {
 }
 
 /// Sends the code once more through another provider, if it is worth it; says what happened.
-async fn resend(
-    context: &Context,
-    receipt: &Receipt,
-    event_id: &str,
-    calling_code: Option<u16>,
-    trace_id: &str,
-    message: Option<SentMessage>,
-) -> ResendOutcome {
+async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> ResendOutcome {
+    let Recorded {
+        event_id,
+        calling_code,
+        trace_id,
+        message,
+        ..
+    } = recorded;
     let skipped = |reason: &'static str, detail: &str, settled: Settled| {
         metrics::counter!(m::RESENDS_SKIPPED, "reason" => reason).increment(1);
         info!(event_id, reason, "not resending");
@@ -365,7 +337,7 @@ async fn resend(
             );
             if let Some(id) = &accepted.message_id
                 && let Err(e) = store
-                    .record_sent(provider.name(), id, &message, calling_code, trace_id)
+                    .record_sent(provider.name(), id, message, *calling_code, trace_id)
                     .await
             {
                 warn!(error = %e, "could not record the resend; its receipts will be ignored");
