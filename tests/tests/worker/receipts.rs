@@ -81,6 +81,26 @@ fn dropped_callback(h: &Harness, sid: &str, to: &str) -> Vec<(String, String)> {
     .collect()
 }
 
+/// Posts `form` to the Twilio callback `url`, signed with fake-sms's auth token as Twilio signs,
+/// with `idempotency` as its `I-Twilio-Idempotency-Token`; the worker's answer.
+async fn post_signed(
+    h: &Harness,
+    url: &str,
+    form: &[(String, String)],
+    idempotency: Option<&str>,
+) -> reqwest::StatusCode {
+    let signature = twilio_signature(&h.fake.config().auth_token, url, form);
+    let mut request = h
+        .http
+        .post(url)
+        .form(form)
+        .header("X-Twilio-Signature", signature);
+    if let Some(token) = idempotency {
+        request = request.header("I-Twilio-Idempotency-Token", token);
+    }
+    request.send().await.expect("an answer").status()
+}
+
 /// Sends one SMS to `to` whose code the api holds; returns the event.
 async fn send_held(h: &Harness, to: &str) -> OtpRequested {
     let event = event(to, CODE_VALIDITY);
@@ -185,16 +205,9 @@ async fn signed_callbacks_are_applied_and_forged_ones_refused() {
         };
         let before = markers().await;
         for n in 0..5 {
-            let response = h
-                .http
-                .post(&url)
-                .form(&params)
-                .header("X-Twilio-Signature", &signed)
-                .header("I-Twilio-Idempotency-Token", format!("made-up-{n}"))
-                .send()
-                .await
-                .expect("an answer");
-            assert_eq!(response.status(), 204);
+            let token = format!("made-up-{n}");
+            let answer = post_signed(&h, &url, &params, Some(&token)).await;
+            assert_eq!(answer, 204);
         }
         assert_eq!(markers().await, before);
     })
@@ -374,34 +387,14 @@ async fn a_failure_receipt_sent_again_after_a_lost_answer_still_earns_its_resend
 
         let url = format!("{base}/v1/callbacks/twilio");
         let params = dropped_callback(&h, &sid, &to);
-        let signature = twilio_signature(&h.fake.config().auth_token, &url, &params);
         // Twilio's retry of a callback carries the same idempotency token.
-        let post = || async {
-            h.http
-                .post(&url)
-                .form(&params)
-                .header("X-Twilio-Signature", &signature)
-                .header("I-Twilio-Idempotency-Token", "the-same-callback")
-                .send()
-                .await
-                .expect("an answer")
-                .status()
-        };
+        let post = || post_signed(&h, &url, &params, Some("the-same-callback"));
         // The carrier's `sent` first, as it comes: the worker's script is then loaded in Redis
         // (a script not yet loaded would not run at all while the replies are held).
         let mut sent = params.clone();
         sent.retain(|(name, _)| name != "ErrorCode");
         sent[2].1 = "sent".to_owned();
-        let sent_signature = twilio_signature(&h.fake.config().auth_token, &url, &sent);
-        let response = h
-            .http
-            .post(&url)
-            .form(&sent)
-            .header("X-Twilio-Signature", sent_signature)
-            .send()
-            .await
-            .expect("an answer");
-        assert_eq!(response.status(), 204);
+        assert_eq!(post_signed(&h, &url, &sent, None).await, 204);
         assert_eq!(status().await.as_deref(), Some("sent"));
         redis.hold_replies();
         assert_eq!(post().await, 503);
@@ -571,16 +564,7 @@ async fn no_resend_for_a_landline_an_expired_code_or_a_code_no_longer_held() {
         let url = format!("{base}/v1/callbacks/twilio");
         let sid = h.fake.messages(Some(&landline))[0].sid.clone();
         let params = dropped_callback(&h, &sid, &landline);
-        let signature = twilio_signature(&h.fake.config().auth_token, &url, &params);
-        let response = h
-            .http
-            .post(&url)
-            .form(&params)
-            .header("X-Twilio-Signature", signature)
-            .send()
-            .await
-            .expect("an answer");
-        assert_eq!(response.status(), 204);
+        assert_eq!(post_signed(&h, &url, &params, None).await, 204);
         assert_eq!(h.fake.requests(Some(&landline)).len(), 1, "no resend");
     })
     .await;
