@@ -115,6 +115,7 @@ pub enum Limit {
     VerifyFailsPerIp,
     VerifyFailsPerPhone,
     RefreshesPerSession,
+    RefreshesPerSessionPerDay,
 }
 
 impl Limit {
@@ -134,6 +135,9 @@ impl Limit {
                 "too many wrong codes for this number today; sign in with the challenge_id of a new code"
             }
             Self::RefreshesPerSession => "this session is refreshing too often",
+            Self::RefreshesPerSessionPerDay => {
+                "this session has refreshed too many times today (REFRESH_PER_SESSION_PER_DAY)"
+            }
         }
     }
 }

@@ -148,6 +148,7 @@ mod tests {
         assert_eq!(config.client_ip.trusted_hops, 0);
         assert_eq!(config.sessions.reuse_grace.as_secs(), 10);
         assert_eq!(config.sessions.max_lifetime.as_secs(), 90 * 24 * 3600);
+        assert_eq!(config.sessions.refreshes_per_day, 100);
         assert_eq!(config.database_statement_timeout.as_millis(), 3_000);
         let off = ApiConfig::from_env(&Env::from_pairs([("DATABASE_STATEMENT_TIMEOUT_MS", "0")]))
             .expect("zero leaves the server's");
@@ -186,6 +187,30 @@ mod tests {
             let err = ApiConfig::from_env(&Env::from_pairs([(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{value}: {err}");
         }
+    }
+
+    #[test]
+    fn the_daily_refresh_cap_follows_short_access_tokens_unless_set() {
+        let per_day = |pairs: &[(&str, &str)]| {
+            ApiConfig::from_env(&Env::from_pairs(pairs.iter().copied()))
+                .unwrap()
+                .sessions
+                .refreshes_per_day
+        };
+        // Refreshed at half their life, 5-minute tokens take 576 refreshes a day: twice that.
+        assert_eq!(per_day(&[("ACCESS_TOKEN_TTL_SECS", "300")]), 1_152);
+        assert_eq!(per_day(&[("ACCESS_TOKEN_TTL_SECS", "3600")]), 100);
+        assert_eq!(per_day(&[("ACCESS_TOKEN_TTL_SECS", "1")]), 345_600);
+        assert_eq!(
+            per_day(&[
+                ("ACCESS_TOKEN_TTL_SECS", "300"),
+                ("REFRESH_PER_SESSION_PER_DAY", "20")
+            ]),
+            20
+        );
+        let err = ApiConfig::from_env(&Env::from_pairs([("REFRESH_PER_SESSION_PER_DAY", "0")]))
+            .unwrap_err();
+        assert_eq!(err.name, "REFRESH_PER_SESSION_PER_DAY");
     }
 
     #[test]

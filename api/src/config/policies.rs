@@ -138,6 +138,20 @@ pub struct SessionPolicy {
     /// A just-rotated refresh token presented again within this does not revoke the family.
     pub reuse_grace: Duration,
     pub refreshes_per_minute: u32,
+    /// Refreshes one session may make in a day: what bounds the rotated tokens a session keeps
+    /// (and a thief's rotations) where the per-minute rate alone allowed 14,400 a day.
+    pub refreshes_per_day: u32,
+}
+
+/// `REFRESH_PER_SESSION_PER_DAY`'s default: 100, or twice the refreshes a client makes in a day
+/// when it refreshes each access token at half its life, if that is more. So shortening
+/// `ACCESS_TOKEN_TTL_SECS` alone never leaves clients refused the refreshes they need.
+fn default_refreshes_per_day(access_ttl: Duration) -> u32 {
+    const DAY_SECS: u64 = 86_400;
+    let per_access_lifetime = DAY_SECS.div_ceil(access_ttl.as_secs().max(1));
+    u32::try_from(per_access_lifetime.saturating_mul(4))
+        .unwrap_or(u32::MAX)
+        .max(100)
 }
 
 impl OtpPolicy {
@@ -267,8 +281,9 @@ impl PhonePolicy {
 
 impl SessionPolicy {
     pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let access_ttl = env.seconds("ACCESS_TOKEN_TTL_SECS", 86_400, 1..=31_536_000)?;
         Ok(Self {
-            access_ttl: env.seconds("ACCESS_TOKEN_TTL_SECS", 86_400, 1..=31_536_000)?,
+            access_ttl,
             refresh_ttl: env.seconds("REFRESH_TOKEN_TTL_SECS", 2_592_000, 1..=315_360_000)?,
             max_lifetime: env.seconds("SESSION_MAX_LIFETIME_SECS", 7_776_000, 60..=315_360_000)?,
             reuse_grace: env.seconds("REFRESH_REUSE_GRACE_SECS", 10, 0..=300)?,
@@ -276,6 +291,11 @@ impl SessionPolicy {
                 "REFRESH_PER_SESSION_PER_MINUTE",
                 10,
                 1..=10_000,
+            )?,
+            refreshes_per_day: env.integer_in(
+                "REFRESH_PER_SESSION_PER_DAY",
+                default_refreshes_per_day(access_ttl),
+                1..=u32::MAX,
             )?,
         })
     }

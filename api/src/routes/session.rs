@@ -7,7 +7,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthUser;
-use crate::db::{self, RefreshOutcome};
+use crate::db::{self, RefreshOutcome, RefreshWindow};
 use crate::error::{ApiError, Limit};
 use crate::extract::ApiJson;
 use crate::metrics as m;
@@ -54,12 +54,16 @@ pub async fn refresh(
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session)))
         }
-        RefreshOutcome::RateLimited { retry_after } => {
+        RefreshOutcome::RateLimited {
+            window,
+            retry_after,
+        } => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rate_limited").increment(1);
-            Err(ApiError::RateLimited {
-                limit: Limit::RefreshesPerSession,
-                retry_after,
-            })
+            let limit = match window {
+                RefreshWindow::Minute => Limit::RefreshesPerSession,
+                RefreshWindow::Day => Limit::RefreshesPerSessionPerDay,
+            };
+            Err(ApiError::RateLimited { limit, retry_after })
         }
         RefreshOutcome::Reused => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "reused").increment(1);

@@ -135,6 +135,15 @@ async fn token_rows(app: &TestApp, user_id: &str) -> (i64, i64, i64) {
     .expect("token rows")
 }
 
+/// Runs `sql`, whose `$1` is the user's id as text; `what` says what it does, if it fails.
+async fn for_user(db: &sqlx::PgPool, user_id: &str, sql: &'static str, what: &str) {
+    sqlx::query(sql)
+        .bind(user_id)
+        .execute(db)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
 #[tokio::test]
 async fn twenty_five_refreshes_leave_one_live_pair_and_keep_the_rotated_refresh_tokens() {
     let app = spawn_with(Spawn::default().var("REFRESH_PER_SESSION_PER_MINUTE", 100)).await;
@@ -157,42 +166,57 @@ async fn twenty_five_refreshes_leave_one_live_pair_and_keep_the_rotated_refresh_
     assert_eq!(token_rows(&app, &user_id).await, (1, 1, 25));
 }
 
-/// A session refreshing as fast as it may keeps its rows bounded: the newest 1,000 rotated
-/// refresh tokens, the older ones deleted once a day old. Within the day none goes, so a thief
-/// cannot push the owner's copy out by refreshing.
+/// A session keeps its rows bounded: the newest 3,000 rotated refresh tokens, the older ones
+/// deleted once a day old. Within the day none goes, so a thief cannot push the owner's copy
+/// out by refreshing. The rotations past the first are written straight into the table: 3,000
+/// refreshes would make a slow test of a bound that only counts rows.
 #[tokio::test]
-async fn a_session_keeps_at_most_a_thousand_rotated_refresh_tokens_a_day_old() {
-    let app = spawn_with(Spawn::default().var("REFRESH_PER_SESSION_PER_MINUTE", 10_000)).await;
+async fn a_session_keeps_at_most_three_thousand_rotated_refresh_tokens_a_day_old() {
+    let app = spawn_app().await;
     let first = app.sign_in(PHONE).await;
     let user_id = first["user"]["id"].as_str().unwrap().to_owned();
-    let mut session = first.clone();
-    for _ in 0..1_003 {
-        session = rotate(&app, &token(&session, "refresh_token")).await;
-    }
-    assert_eq!(token_rows(&app, &user_id).await, (1, 1, 1_003));
+    let owners_copy = token(&first, "refresh_token");
+    let mut session = rotate(&app, &owners_copy).await;
     let db = app.db().await;
-    sqlx::query("UPDATE tokens SET rotated_at = rotated_at - interval '25 hours' WHERE rotated_at IS NOT NULL AND user_id::text = $1")
-        .bind(&user_id)
-        .execute(&db)
-        .await
-        .expect("the rotations made a day old");
+    // The owner's copy, rotated first, then a thief's 3,002 rotations.
+    for_user(&db, &user_id, "UPDATE tokens SET rotated_at = now() - interval '2 hours' WHERE rotated_at IS NOT NULL AND user_id::text = $1", "the owner's copy rotated first").await;
+    sqlx::query(
+        "INSERT INTO tokens (hash, user_id, expiry, scope, family_id, pair_id, rotated_at)
+         SELECT sha256(convert_to(gen_random_uuid()::text, 'UTF8')), user_id,
+                now() + interval '30 days', 'refresh', id, gen_random_uuid(),
+                now() - interval '1 hour' + make_interval(secs => i)
+         FROM sessions, generate_series(1, 3002) AS i
+         WHERE user_id::text = $1",
+    )
+    .bind(&user_id)
+    .execute(&db)
+    .await
+    .expect("3,002 rotations");
+    const NEW_WINDOW: &str = "UPDATE sessions SET refresh_window_started_at = now() - interval '2 minutes' WHERE user_id::text = $1";
+    // Rotated within the day, none goes, however many.
+    for_user(&db, &user_id, NEW_WINDOW, "a new window").await;
+    session = rotate(&app, &token(&session, "refresh_token")).await;
+    assert_eq!(token_rows(&app, &user_id).await, (1, 1, 3_004));
+    for_user(&db, &user_id, "UPDATE tokens SET rotated_at = rotated_at - interval '25 hours' WHERE rotated_at IS NOT NULL AND user_id::text = $1", "the rotations made a day old").await;
     // Within the session's rate window, a refresh trims nothing: a trim reads all of the
     // session's rotated tokens, so it runs at most once a window.
-    sqlx::query("UPDATE sessions SET refresh_window_started_at = now() WHERE user_id::text = $1")
-        .bind(&user_id)
-        .execute(&db)
-        .await
-        .expect("a window just started");
+    for_user(
+        &db,
+        &user_id,
+        "UPDATE sessions SET refresh_window_started_at = now() WHERE user_id::text = $1",
+        "a window just started",
+    )
+    .await;
     session = rotate(&app, &token(&session, "refresh_token")).await;
-    assert_eq!(token_rows(&app, &user_id).await, (1, 1, 1_004));
-    // A day later, the next refresh (a new window) deletes the oldest past the newest 1,000.
-    sqlx::query("UPDATE sessions SET refresh_window_started_at = refresh_window_started_at - interval '25 hours' WHERE user_id::text = $1")
-        .bind(&user_id)
-        .execute(&db)
-        .await
-        .expect("the window made a day old");
+    assert_eq!(token_rows(&app, &user_id).await, (1, 1, 3_005));
+    // The next window's first refresh deletes the oldest past the newest 3,000, the owner's
+    // copy first: presenting it now revokes nothing.
+    for_user(&db, &user_id, NEW_WINDOW, "a new window").await;
     session = rotate(&app, &token(&session, "refresh_token")).await;
-    assert_eq!(token_rows(&app, &user_id).await, (1, 1, 1_000));
+    assert_eq!(token_rows(&app, &user_id).await, (1, 1, 3_000));
+    refresh(&app, &owners_copy)
+        .await
+        .assert_problem(401, "invalid_refresh_token");
     assert_eq!(
         me(&app, &token(&session, "access_token")).await,
         StatusCode::OK
@@ -209,6 +233,7 @@ async fn a_session_keeps_at_most_a_hundred_live_refresh_tokens() {
     let app = spawn_with(
         Spawn::default()
             .var("REFRESH_PER_SESSION_PER_MINUTE", 10_000)
+            .var("REFRESH_PER_SESSION_PER_DAY", 100_000)
             .var("REFRESH_REUSE_GRACE_SECS", 300),
     )
     .await;
@@ -218,22 +243,14 @@ async fn a_session_keeps_at_most_a_hundred_live_refresh_tokens() {
     let session = rotate(&app, &rotated).await;
     let db = app.db().await;
     // No window starts during the loop, however slow the machine.
-    sqlx::query("UPDATE sessions SET refresh_window_started_at = now() + interval '1 hour' WHERE user_id::text = $1")
-        .bind(&user_id)
-        .execute(&db)
-        .await
-        .expect("the window held open");
+    for_user(&db, &user_id, "UPDATE sessions SET refresh_window_started_at = now() + interval '1 hour' WHERE user_id::text = $1", "the window held open").await;
     let mut retried = Vec::new();
     for _ in 0..104 {
         retried.push(rotate(&app, &rotated).await);
     }
     // The first rotation's pair and the 104 retries' pairs, all live.
     assert_eq!(token_rows(&app, &user_id).await, (105, 105, 1));
-    sqlx::query("UPDATE sessions SET refresh_window_started_at = now() - interval '2 minutes' WHERE user_id::text = $1")
-        .bind(&user_id)
-        .execute(&db)
-        .await
-        .expect("the window over");
+    for_user(&db, &user_id, "UPDATE sessions SET refresh_window_started_at = now() - interval '2 minutes' WHERE user_id::text = $1", "the window over").await;
     let newest = rotate(&app, &token(&retried[103], "refresh_token")).await;
     // 105 live before: the 5 oldest are retired, the newest is rotated, and a new pair comes.
     assert_eq!(token_rows(&app, &user_id).await, (100, 100, 7));
@@ -272,6 +289,64 @@ async fn a_session_refreshing_too_often_is_rate_limited() {
     // Another sign-in of the same user has a budget of its own.
     let other = app.sign_in_again(PHONE).await;
     rotate(&app, &token(&other, "refresh_token")).await;
+}
+
+/// A session refreshes at most `REFRESH_PER_SESSION_PER_DAY` times a day, refreshes retried
+/// within the reuse grace included: that bounds the rotated tokens it keeps, and how fast a
+/// thief can push the owner's copy out of them. The day's window restarts a day after it began.
+#[tokio::test]
+async fn a_session_refreshing_too_often_in_a_day_is_refused_until_the_day_is_over() {
+    let app = spawn_with(
+        Spawn::default()
+            .var("REFRESH_PER_SESSION_PER_MINUTE", 100)
+            .var("REFRESH_PER_SESSION_PER_DAY", 4),
+    )
+    .await;
+    let first = app.sign_in(PHONE).await;
+    let user_id = first["user"]["id"].as_str().unwrap().to_owned();
+    let mut session = rotate(&app, &token(&first, "refresh_token")).await;
+    // A retry within the grace counts as well.
+    rotate(&app, &token(&first, "refresh_token")).await;
+    for _ in 0..2 {
+        session = rotate(&app, &token(&session, "refresh_token")).await;
+    }
+    let refused = refresh(&app, &token(&session, "refresh_token")).await;
+    refused.assert_problem(429, "rate_limited");
+    assert!(
+        refused.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("REFRESH_PER_SESSION_PER_DAY")),
+        "{}",
+        refused.body
+    );
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (86_000..=86_400).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    // Refused, the token is not rotated: it still works once the day is over, and the access
+    // token issued with it still works meanwhile.
+    assert_eq!(
+        me(&app, &token(&session, "access_token")).await,
+        StatusCode::OK
+    );
+    let db = app.db().await;
+    for_user(&db, &user_id, "UPDATE sessions SET refresh_day_started_at = refresh_day_started_at - interval '1 day' WHERE user_id::text = $1", "the day made over").await;
+    session = rotate(&app, &token(&session, "refresh_token")).await;
+    // A new day's window, counted from this refresh.
+    let in_day: i64 =
+        sqlx::query_scalar("SELECT refreshes_in_day::int8 FROM sessions WHERE user_id::text = $1")
+            .bind(&user_id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(in_day, 1);
+    for _ in 0..3 {
+        session = rotate(&app, &token(&session, "refresh_token")).await;
+    }
+    refresh(&app, &token(&session, "refresh_token"))
+        .await
+        .assert_problem(429, "rate_limited");
 }
 
 #[tokio::test]
