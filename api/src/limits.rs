@@ -9,19 +9,17 @@
 //! each counter concurrently and gives the taken ones back when another refuses, so refused
 //! requests count toward nothing.
 //!
-//! The fraud guard counts codes sent and codes verified per calling code. SMS pumping sends
-//! codes to numbers nobody verifies, so when unverified codes exceed both a floor and a ratio
-//! of the verified ones, the calling code is tripped: counted and logged (`monitor`), or refused
-//! (`enforce`).
+//! The fraud guard itself is in `shared::fraud_guard`, since the worker counts resends in it;
+//! its alarm is here.
 
 use std::time::Duration;
 
 use redis::RedisResult;
+use shared::fraud_guard::FraudGuard;
 use shared::redis_connection::RedisConnection;
 use shared::redis_script::Script;
 
 use crate::client_ip::ClientKey;
-use crate::config::{FraudGuardMode, FraudGuardPolicy};
 use crate::error::Limit;
 use crate::metrics as m;
 
@@ -52,37 +50,6 @@ redis.call('PEXPIRE', KEYS[1], window * 2)
 return {1}
 ";
 
-/// The fraud guard of one calling code: sent (`s`, `ps`) and verified (`v`, `pv`) codes in a
-/// sliding window. ARGV: operation (`send`, `unsend`, `verified`), window in ms, mode (0 off,
-/// 1 monitor, 2 enforce), floor of unverified codes, ratio.
-/// Returns {1, tripped} or {0, retry_after_ms} (refused while tripped in enforce mode).
-const GUARD: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local op, window, mode = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local floor, ratio = tonumber(ARGV[4]), tonumber(ARGV[5])
-local index = math.floor(now / window)
-local g = redis.call('HMGET', KEYS[1], 'w', 's', 'ps', 'v', 'pv')
-local w = tonumber(g[1]) or index
-local s, ps, v, pv = tonumber(g[2]) or 0, tonumber(g[3]) or 0, tonumber(g[4]) or 0, tonumber(g[5]) or 0
-if w == index - 1 then ps, s, pv, v = s, 0, v, 0 elseif w < index - 1 then ps, s, pv, v = 0, 0, 0, 0 end
-local weight = (window - (now - index * window)) / window
-local sent, verified = ps * weight + s, pv * weight + v
-local tripped = sent - verified >= math.max(floor, ratio * verified)
-if op == 'send' then
-  if tripped and mode == 2 then return {0, window - (now - index * window)} end
-  s = s + 1
-elseif op == 'unsend' then
-  s = math.max(s - 1, 0)
-else
-  v = v + 1
-end
-redis.call('HSET', KEYS[1], 'w', index, 's', s, 'ps', ps, 'v', v, 'pv', pv)
-redis.call('PEXPIRE', KEYS[1], window * 2)
-if tripped then return {1, 1} end
-return {1, 0}
-";
-
 const HOUR: Duration = Duration::from_secs(3_600);
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -91,18 +58,6 @@ const MINUTE: Duration = Duration::from_secs(60);
 pub enum Taken {
     Yes,
     No { retry_after: Duration },
-}
-
-/// What the guard said about one more code to a calling code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GuardVerdict {
-    Clear,
-    /// Tripped, counted anyway (monitor mode).
-    Tripped,
-    /// Tripped and refused (enforce mode).
-    Refused {
-        retry_after: Duration,
-    },
 }
 
 /// One of the counters, by what it limits.
@@ -124,7 +79,7 @@ impl Counter {
 pub struct Limits {
     namespace: String,
     counter: Script,
-    guard: Script,
+    guard: FraudGuard,
 }
 
 impl Limits {
@@ -132,7 +87,7 @@ impl Limits {
         Self {
             namespace: namespace.to_owned(),
             counter: Script::new(COUNTER),
-            guard: Script::new(GUARD),
+            guard: FraudGuard::new(namespace),
         }
     }
 
@@ -198,6 +153,11 @@ impl Limits {
         Ok(())
     }
 
+    /// The per-calling-code fraud guard.
+    pub fn guard(&self) -> &FraudGuard {
+        &self.guard
+    }
+
     fn run_counter<'a>(
         &'a self,
         counter: &Counter,
@@ -209,74 +169,6 @@ impl Limits {
             .arg(counter.limit)
             .arg(u64::try_from(counter.window.as_millis()).unwrap_or(u64::MAX));
         invocation
-    }
-
-    fn guard_key(&self, calling_code: u16) -> String {
-        format!("{}:limit:cc:{{{calling_code}}}:guard", self.namespace)
-    }
-
-    /// Counts a code to `calling_code` in its fraud guard, unless the guard refuses it.
-    pub async fn guard_send(
-        &self,
-        conn: RedisConnection,
-        policy: &FraudGuardPolicy,
-        calling_code: u16,
-    ) -> RedisResult<GuardVerdict> {
-        let reply = self.run_guard(conn, policy, calling_code, "send").await?;
-        Ok(match reply.as_slice() {
-            [0, wait, ..] => GuardVerdict::Refused {
-                retry_after: Duration::from_millis(u64::try_from(*wait).unwrap_or(1).max(1)),
-            },
-            [_, 1, ..] => GuardVerdict::Tripped,
-            _ => GuardVerdict::Clear,
-        })
-    }
-
-    /// Uncounts a send the guard counted for a request that did not go through.
-    pub async fn guard_unsend(
-        &self,
-        conn: RedisConnection,
-        policy: &FraudGuardPolicy,
-        calling_code: u16,
-    ) -> RedisResult<()> {
-        self.run_guard(conn, policy, calling_code, "unsend")
-            .await
-            .map(drop)
-    }
-
-    /// Counts a verified code for `calling_code`.
-    pub async fn guard_verified(
-        &self,
-        conn: RedisConnection,
-        policy: &FraudGuardPolicy,
-        calling_code: u16,
-    ) -> RedisResult<()> {
-        self.run_guard(conn, policy, calling_code, "verified")
-            .await
-            .map(drop)
-    }
-
-    async fn run_guard(
-        &self,
-        mut conn: RedisConnection,
-        policy: &FraudGuardPolicy,
-        calling_code: u16,
-        op: &str,
-    ) -> RedisResult<Vec<i64>> {
-        let mode = match policy.mode {
-            FraudGuardMode::Off => 0,
-            FraudGuardMode::Monitor => 1,
-            FraudGuardMode::Enforce => 2,
-        };
-        self.guard
-            .key(self.guard_key(calling_code))
-            .arg(op)
-            .arg(u64::try_from(policy.window.as_millis()).unwrap_or(u64::MAX))
-            .arg(mode)
-            .arg(policy.min_unverified)
-            .arg(policy.ratio)
-            .invoke_async(&mut conn)
-            .await
     }
 }
 
@@ -323,7 +215,6 @@ mod tests {
             "ns:limit:ip:{2001:db8:0:0::/64}:sent"
         );
         assert_eq!(limits.sends_per_country(44, 1).key, "ns:limit:cc:{44}:sent");
-        assert_eq!(limits.guard_key(44), "ns:limit:cc:{44}:guard");
         assert_eq!(limits.sends_overall(1).key, "ns:limit:{global}:sent");
     }
 }

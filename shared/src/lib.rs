@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod config;
 pub mod event;
+pub mod fraud_guard;
 pub mod otp_keys;
 pub mod phone;
 pub mod redis_connection;

@@ -10,10 +10,8 @@ use secrecy::{ExposeSecret, SecretString};
 use shared::serve::ServerLimits;
 use shared::{CommonConfig, ConfigError, Env};
 
-pub use policies::{
-    FraudGuardMode, FraudGuardPolicy, OtpPolicy, PhonePolicy, SendLimits, SessionPolicy,
-    VerifyLimits,
-};
+pub use policies::{OtpPolicy, PhonePolicy, SendLimits, SessionPolicy, VerifyLimits};
+pub use shared::fraud_guard::{FraudGuardMode, FraudGuardPolicy};
 
 use crate::client_ip::ClientIpPolicy;
 

@@ -37,26 +37,6 @@ pub struct VerifyLimits {
     pub fails_per_phone_per_day: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FraudGuardMode {
-    Off,
-    /// Counts and warns, refuses nothing.
-    Monitor,
-    /// Refuses codes to a calling code while its guard is tripped.
-    Enforce,
-}
-
-/// The per-calling-code conversion guard: codes sent against codes verified.
-#[derive(Debug, Clone)]
-pub struct FraudGuardPolicy {
-    pub mode: FraudGuardMode,
-    pub window: Duration,
-    /// Unverified codes below this never trip the guard (small volumes are noise).
-    pub min_unverified: u32,
-    /// Trips when unverified codes exceed this many times the verified ones.
-    pub ratio: f64,
-}
-
 /// Which numbers may receive codes.
 #[derive(Debug, Clone)]
 pub struct PhonePolicy {
@@ -192,43 +172,6 @@ impl VerifyLimits {
                 20,
                 1..=1_000_000,
             )?,
-        })
-    }
-}
-
-impl FraudGuardPolicy {
-    pub(super) fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let mode = match env
-            .string("OTP_FRAUD_GUARD", "monitor")
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "off" => FraudGuardMode::Off,
-            "monitor" => FraudGuardMode::Monitor,
-            "enforce" => FraudGuardMode::Enforce,
-            other => {
-                return Err(ConfigError::new(
-                    "OTP_FRAUD_GUARD",
-                    format!("{other:?}: use off, monitor or enforce"),
-                ));
-            }
-        };
-        let ratio: f64 = env.parse("OTP_FRAUD_GUARD_RATIO", 1.0)?;
-        if !(0.01..=1_000.0).contains(&ratio) {
-            return Err(ConfigError::new(
-                "OTP_FRAUD_GUARD_RATIO",
-                format!("{ratio} is out of range; expected 0.01 to 1000"),
-            ));
-        }
-        Ok(Self {
-            mode,
-            window: env.seconds("OTP_FRAUD_GUARD_WINDOW_SECS", 3_600, 60..=604_800)?,
-            min_unverified: env.integer_in(
-                "OTP_FRAUD_GUARD_MIN_UNVERIFIED",
-                20,
-                1..=100_000_000,
-            )?,
-            ratio,
         })
     }
 }

@@ -13,13 +13,14 @@ use super::{ANSWER_WITHIN, PUBLISH_DEADLINE, detached, redis_step};
 use crate::client_ip::ClientKey;
 use crate::config::FraudGuardMode;
 use crate::error::{ApiError, Dependency, Limit};
-use crate::limits::{Counter, GuardVerdict, Taken};
+use crate::limits::{Counter, Taken};
 use crate::metrics as m;
 use crate::otp::store::{IssueOutcome, NewCode};
 use crate::otp::{ChallengeId, generate_code};
 use crate::phone::Destination;
 use crate::publisher::PublishError;
 use crate::state::AppState;
+use shared::fraud_guard::GuardVerdict;
 
 /// A code on its way: what the client is told.
 pub struct Requested {
@@ -231,7 +232,8 @@ impl Slots {
             Some(
                 state
                     .limits
-                    .guard_send(state.redis(), &config.fraud_guard, calling_code)
+                    .guard()
+                    .send(state.redis(), &config.fraud_guard, calling_code)
                     .await,
             )
         };
@@ -348,7 +350,8 @@ impl Slots {
                 Slot::Guard => {
                     state
                         .limits
-                        .guard_unsend(state.redis(), &config.fraud_guard, self.calling_code)
+                        .guard()
+                        .unsend(state.redis(), &config.fraud_guard, self.calling_code)
                         .await
                 }
             }

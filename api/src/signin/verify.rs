@@ -136,7 +136,8 @@ async fn check_then_sign_in(
                     if state.config.fraud_guard.mode != crate::config::FraudGuardMode::Off
                         && let Err(e) = state
                             .limits
-                            .guard_verified(state.redis(), &state.config.fraud_guard, calling_code)
+                            .guard()
+                            .verified(state.redis(), &state.config.fraud_guard, calling_code)
                             .await
                     {
                         tracing::debug!(error = %e, "could not count a verified code in the fraud guard");

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use shared::fraud_guard::FraudGuardPolicy;
 use shared::serve::ServerLimits;
 use shared::{CommonConfig, ConfigError, Env};
 
@@ -45,6 +46,9 @@ pub struct Config {
     pub seal_key: Option<SealKey>,
     /// Delivery receipts, when `CALLBACK_ADDR` is set.
     pub callbacks: Option<CallbackConfig>,
+    /// `OTP_FRAUD_GUARD*`, as the api reads them: a resend a receipt earns counts in the guard,
+    /// and in `enforce` a tripped calling code gets none.
+    pub fraud_guard: FraudGuardPolicy,
     /// Slow-client limits of both ports (`HTTP_HEADER_TIMEOUT_SECS`, `HTTP_IDLE_TIMEOUT_SECS`,
     /// `HTTP_MAX_CONNECTIONS`, for the receipts port), as in the api.
     pub server: ServerLimits,
@@ -192,6 +196,7 @@ impl Config {
             unrecognised_refusals: UnrecognisedRefusals::from_env(env)?,
             seal_key,
             callbacks,
+            fraud_guard: FraudGuardPolicy::from_env(env)?,
             server: ServerLimits::from_env(env, DEFAULT_MAX_CONNECTIONS)?,
             message,
             concurrency: env.integer_in("WORKER_CONCURRENCY", 64, 1..=10_000)?,

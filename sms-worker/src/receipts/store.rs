@@ -8,6 +8,7 @@ use std::sync::Arc;
 use redis::{RedisResult, Value};
 use serde::{Deserialize, Serialize};
 use shared::PhoneNumber;
+use shared::fraud_guard::{FraudGuard, FraudGuardPolicy, GuardVerdict};
 use shared::redis_connection::RedisConnection;
 use shared::redis_script::Script;
 use uuid::Uuid;
@@ -97,6 +98,7 @@ pub struct ReceiptStore {
     seal: Option<Arc<SealKey>>,
     record: Script,
     apply: Script,
+    fraud_guard: FraudGuard,
 }
 
 impl ReceiptStore {
@@ -107,6 +109,7 @@ impl ReceiptStore {
             seal,
             record: Script::new(RECORD),
             apply: Script::new(APPLY),
+            fraud_guard: FraudGuard::new(namespace),
         }
     }
 
@@ -222,5 +225,17 @@ impl ReceiptStore {
             .query_async(&mut self.redis.clone())
             .await?;
         Ok(current.as_deref() == Some(event_id) || pending.as_deref() == Some(event_id))
+    }
+
+    /// Counts a resend to `calling_code` in the fraud guard the api counts its codes in, unless
+    /// the guard refuses it (tripped, in `enforce`).
+    pub async fn count_resend(
+        &self,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+    ) -> RedisResult<GuardVerdict> {
+        self.fraud_guard
+            .send(self.redis.clone(), policy, calling_code)
+            .await
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use redis::RedisResult;
 use shared::PhoneNumber;
+use shared::fraud_guard::{FraudGuardMode, GuardVerdict};
 use tracing::{info, warn};
 
 use super::budget::MIN_MILLIS_LEFT;
@@ -298,6 +299,9 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
             return skipped("unavailable", "Redis did not answer", Settled::RedisAway);
         }
     }
+    if let Some(refused) = refused_by_the_fraud_guard(context, store, *calling_code, &phone).await {
+        return skipped("fraud_guard", refused, Settled::Yes);
+    }
     // The asks above may have taken seconds: the SMS says how long the code has now.
     let millis_left = millis_left();
     if millis_left < MIN_MILLIS_LEFT {
@@ -357,6 +361,43 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
     ResendOutcome {
         line,
         settled: Settled::Yes,
+    }
+}
+
+/// Counts the resend in the calling code's fraud guard, as the api counts every code it sends,
+/// and says why not to make it if the guard refuses it (tripped, in `enforce`). A resend is a
+/// second paid SMS: without this, a carrier in on SMS pumping, reporting its numbers' codes
+/// undelivered, would earn a second SMS for each pumped code, uncounted. Asked after the claim,
+/// so only a resend about to be made counts; a refusal spends the claim, as a skip for good
+/// should. Redis not answering lets the resend through: the claim already holds it to one.
+async fn refused_by_the_fraud_guard(
+    context: &Context,
+    store: &ReceiptStore,
+    calling_code: Option<u16>,
+    phone: &PhoneNumber,
+) -> Option<&'static str> {
+    let policy = &context.config.fraud_guard;
+    if policy.mode == FraudGuardMode::Off {
+        return None;
+    }
+    let calling_code = calling_code.or_else(|| phone.calling_code())?;
+    match store.count_resend(policy, calling_code).await {
+        Ok(GuardVerdict::Clear) => None,
+        Ok(GuardVerdict::Tripped) => {
+            // As often as the resends themselves: the api warns once a minute per calling code.
+            info!(
+                country = calling_code,
+                "resending to a calling code whose fraud guard is tripped (monitor mode)"
+            );
+            None
+        }
+        Ok(GuardVerdict::Refused { .. }) => {
+            Some("the fraud guard holds this calling code: its codes are mostly not being used")
+        }
+        Err(e) => {
+            warn!(error = %e, "could not count the resend in the fraud guard; resending");
+            None
+        }
     }
 }
 

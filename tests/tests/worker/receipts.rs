@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use shared::fraud_guard::{FraudGuard, FraudGuardPolicy, GuardVerdict};
 use shared::{OtpRequested, PhoneNumber, QueueType};
 use sms_worker::trace::{Line, Timelines, What};
 use tests::fake_sms::{
@@ -509,6 +510,61 @@ async fn an_undelivered_30007_is_resent_once_through_the_second_provider() {
         let code = event.otp.as_deref().expect("a code");
         assert!(!out.contains(code), "the code leaked:\n{out}");
         assert!(!out.contains(&to[2..]), "the number leaked:\n{out}");
+    })
+    .await;
+}
+
+/// A resend is a second paid SMS: it counts in the calling code's fraud guard, as the api counts
+/// the codes it sends, and in `enforce` a calling code the guard holds tripped gets none. So a
+/// carrier in on SMS pumping, reporting its numbers' codes undelivered, earns no second SMS.
+#[tokio::test]
+async fn resends_count_in_the_fraud_guard_and_a_tripped_calling_code_gets_none() {
+    with_harness(QueueType::Classic, |h| async move {
+        let guard_settings = [
+            ("OTP_FRAUD_GUARD", "enforce"),
+            ("OTP_FRAUD_GUARD_MIN_UNVERIFIED", "2"),
+        ];
+        let mut overrides = h.receipts();
+        overrides.extend(guard_settings.map(|(n, v)| (n.to_owned(), v.to_owned())));
+        let _worker = h.start_worker(&pairs(&overrides)).await;
+        // The api's side of the guard, as the api counts a code it sends to +1.
+        let policy = FraudGuardPolicy::from_env(&shared::Env::from_pairs(guard_settings))
+            .expect("the guard's settings");
+        let guard = FraudGuard::new(&h.ns);
+        let config = h.config(&pairs(&overrides));
+        let redis =
+            || shared::redis_connection::RedisConnection::new(&config.common.redis).expect("Redis");
+        let api_sends = || async { guard.send(redis(), &policy, 1).await.expect("the guard") };
+
+        let (first, second) = (phone(), phone());
+        h.fake.set_carrier(Carrier {
+            delay_ms: 20,
+            outcomes: vec![
+                Outcome::new(&first, "undelivered", Some(30007)),
+                Outcome::new(&second, "undelivered", Some(30007)),
+            ],
+            ..Carrier::default()
+        });
+        // One code unverified, under the floor of two: the carrier's drop earns its resend.
+        assert_eq!(api_sends().await, GuardVerdict::Clear);
+        send_held(&h, &first).await;
+        wait_for_final_callback(&h, &first, SmsProvider::Infobip).await;
+        assert_eq!(h.fake.messages(Some(&first)).len(), 2, "resent");
+
+        // That resend counted: two unverified now, so the guard is tripped. A code the api sent
+        // before that is dropped too, and gets no resend.
+        send_held(&h, &second).await;
+        wait_for_final_callback(&h, &second, SmsProvider::Twilio).await;
+        let not_resent = lines_of(&h, &overrides, &second, What::NotResent).await;
+        assert_eq!(not_resent.len(), 1, "{not_resent:?}");
+        let detail = not_resent[0].detail.as_deref().unwrap_or_default();
+        assert!(detail.contains("fraud guard"), "{detail}");
+        assert_eq!(h.fake.messages(Some(&second)).len(), 1, "not resent");
+        // And the api's next code to +1 is refused.
+        assert!(
+            matches!(api_sends().await, GuardVerdict::Refused { .. }),
+            "the guard is tripped"
+        );
     })
     .await;
 }

@@ -1,0 +1,228 @@
+//! The per-calling-code fraud guard (docs/api.md#request-limits): codes sent and codes verified
+//! per calling code, in a sliding window in one Redis hash. SMS pumping sends codes to numbers
+//! nobody verifies, so while a calling code's unverified codes exceed both a floor and a ratio of
+//! its verified ones, it is tripped: counted and logged (`monitor`), or refused (`enforce`).
+//!
+//! Both programs count in it: the api each code it sends and each one verified, the worker each
+//! resend a delivery receipt earns (a second paid SMS a complicit carrier could otherwise earn
+//! for every pumped code), so both read the same settings and share this one script.
+
+use std::time::Duration;
+
+use redis::RedisResult;
+
+use crate::config::{ConfigError, Env};
+use crate::redis_connection::RedisConnection;
+use crate::redis_script::Script;
+
+/// The fraud guard of one calling code: sent (`s`, `ps`) and verified (`v`, `pv`) codes in a
+/// sliding window. ARGV: operation (`send`, `unsend`, `verified`), window in ms, mode (0 off,
+/// 1 monitor, 2 enforce), floor of unverified codes, ratio.
+/// Returns {1, tripped} or {0, retry_after_ms} (refused while tripped in enforce mode).
+const GUARD: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op, window, mode = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local floor, ratio = tonumber(ARGV[4]), tonumber(ARGV[5])
+local index = math.floor(now / window)
+local g = redis.call('HMGET', KEYS[1], 'w', 's', 'ps', 'v', 'pv')
+local w = tonumber(g[1]) or index
+local s, ps, v, pv = tonumber(g[2]) or 0, tonumber(g[3]) or 0, tonumber(g[4]) or 0, tonumber(g[5]) or 0
+if w == index - 1 then ps, s, pv, v = s, 0, v, 0 elseif w < index - 1 then ps, s, pv, v = 0, 0, 0, 0 end
+local weight = (window - (now - index * window)) / window
+local sent, verified = ps * weight + s, pv * weight + v
+local tripped = sent - verified >= math.max(floor, ratio * verified)
+if op == 'send' then
+  if tripped and mode == 2 then return {0, window - (now - index * window)} end
+  s = s + 1
+elseif op == 'unsend' then
+  s = math.max(s - 1, 0)
+else
+  v = v + 1
+end
+redis.call('HSET', KEYS[1], 'w', index, 's', s, 'ps', ps, 'v', v, 'pv', pv)
+redis.call('PEXPIRE', KEYS[1], window * 2)
+if tripped then return {1, 1} end
+return {1, 0}
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FraudGuardMode {
+    Off,
+    /// Counts and warns, refuses nothing.
+    Monitor,
+    /// Refuses codes to a calling code while its guard is tripped.
+    Enforce,
+}
+
+/// The per-calling-code conversion guard: codes sent against codes verified.
+#[derive(Debug, Clone)]
+pub struct FraudGuardPolicy {
+    pub mode: FraudGuardMode,
+    pub window: Duration,
+    /// Unverified codes below this never trip the guard (small volumes are noise).
+    pub min_unverified: u32,
+    /// Trips when unverified codes exceed this many times the verified ones.
+    pub ratio: f64,
+}
+
+impl FraudGuardPolicy {
+    /// `OTP_FRAUD_GUARD`, `OTP_FRAUD_GUARD_WINDOW_SECS`, `OTP_FRAUD_GUARD_MIN_UNVERIFIED` and
+    /// `OTP_FRAUD_GUARD_RATIO`, read the same way by both programs.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let mode = match env
+            .string("OTP_FRAUD_GUARD", "monitor")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "off" => FraudGuardMode::Off,
+            "monitor" => FraudGuardMode::Monitor,
+            "enforce" => FraudGuardMode::Enforce,
+            other => {
+                return Err(ConfigError::new(
+                    "OTP_FRAUD_GUARD",
+                    format!("{other:?}: use off, monitor or enforce"),
+                ));
+            }
+        };
+        let ratio: f64 = env.parse("OTP_FRAUD_GUARD_RATIO", 1.0)?;
+        if !(0.01..=1_000.0).contains(&ratio) {
+            return Err(ConfigError::new(
+                "OTP_FRAUD_GUARD_RATIO",
+                format!("{ratio} is out of range; expected 0.01 to 1000"),
+            ));
+        }
+        Ok(Self {
+            mode,
+            window: env.seconds("OTP_FRAUD_GUARD_WINDOW_SECS", 3_600, 60..=604_800)?,
+            min_unverified: env.integer_in(
+                "OTP_FRAUD_GUARD_MIN_UNVERIFIED",
+                20,
+                1..=100_000_000,
+            )?,
+            ratio,
+        })
+    }
+}
+
+/// What the guard said about one more code to a calling code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardVerdict {
+    Clear,
+    /// Tripped, counted anyway (monitor mode).
+    Tripped,
+    /// Tripped and refused (enforce mode).
+    Refused {
+        retry_after: Duration,
+    },
+}
+
+/// The guards of one namespace.
+#[derive(Clone)]
+pub struct FraudGuard {
+    namespace: String,
+    script: Script,
+}
+
+impl FraudGuard {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            script: Script::new(GUARD),
+        }
+    }
+
+    /// The key of `calling_code`'s guard: a hash slot of its own on a Redis Cluster.
+    pub fn key(&self, calling_code: u16) -> String {
+        format!("{}:limit:cc:{{{calling_code}}}:guard", self.namespace)
+    }
+
+    /// Counts a code to `calling_code`, unless the guard refuses it.
+    pub async fn send(
+        &self,
+        conn: RedisConnection,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+    ) -> RedisResult<GuardVerdict> {
+        let reply = self.run(conn, policy, calling_code, "send").await?;
+        Ok(match reply.as_slice() {
+            [0, wait, ..] => GuardVerdict::Refused {
+                retry_after: Duration::from_millis(u64::try_from(*wait).unwrap_or(1).max(1)),
+            },
+            [_, 1, ..] => GuardVerdict::Tripped,
+            _ => GuardVerdict::Clear,
+        })
+    }
+
+    /// Uncounts a send counted for a request that did not go through.
+    pub async fn unsend(
+        &self,
+        conn: RedisConnection,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+    ) -> RedisResult<()> {
+        self.run(conn, policy, calling_code, "unsend")
+            .await
+            .map(drop)
+    }
+
+    /// Counts a verified code for `calling_code`.
+    pub async fn verified(
+        &self,
+        conn: RedisConnection,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+    ) -> RedisResult<()> {
+        self.run(conn, policy, calling_code, "verified")
+            .await
+            .map(drop)
+    }
+
+    async fn run(
+        &self,
+        mut conn: RedisConnection,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+        op: &str,
+    ) -> RedisResult<Vec<i64>> {
+        let mode = match policy.mode {
+            FraudGuardMode::Off => 0,
+            FraudGuardMode::Monitor => 1,
+            FraudGuardMode::Enforce => 2,
+        };
+        self.script
+            .key(self.key(calling_code))
+            .arg(op)
+            .arg(u64::try_from(policy.window.as_millis()).unwrap_or(u64::MAX))
+            .arg(mode)
+            .arg(policy.min_unverified)
+            .arg(policy.ratio)
+            .invoke_async(&mut conn)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_calling_code_is_a_hash_slot_of_its_own() {
+        assert_eq!(FraudGuard::new("ns").key(44), "ns:limit:cc:{44}:guard");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        for (name, value) in [
+            ("OTP_FRAUD_GUARD", "paranoid"),
+            ("OTP_FRAUD_GUARD_RATIO", "0"),
+            ("OTP_FRAUD_GUARD_WINDOW_SECS", "10"),
+        ] {
+            let err = FraudGuardPolicy::from_env(&Env::from_pairs([(name, value)])).unwrap_err();
+            assert_eq!(err.name, name, "{value}: {err}");
+        }
+        let policy =
+            FraudGuardPolicy::from_env(&Env::from_pairs([("OTP_FRAUD_GUARD", "ENFORCE")])).unwrap();
+        assert_eq!(policy.mode, FraudGuardMode::Enforce);
+    }
+}
