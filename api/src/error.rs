@@ -115,7 +115,6 @@ pub enum Limit {
     VerifyFailsPerIp,
     VerifyFailsPerPhone,
     RefreshesPerSession,
-    RefreshesPerSessionPerDay,
 }
 
 impl Limit {
@@ -135,9 +134,6 @@ impl Limit {
                 "too many wrong codes for this number today; sign in with the challenge_id of a new code"
             }
             Self::RefreshesPerSession => "this session is refreshing too often",
-            Self::RefreshesPerSessionPerDay => {
-                "this session has refreshed too many times today (REFRESH_PER_SESSION_PER_DAY)"
-            }
         }
     }
 }

@@ -52,6 +52,7 @@ return {1}
 
 const HOUR: Duration = Duration::from_secs(3_600);
 const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
 
 /// What taking a slot on one counter gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +117,12 @@ impl Limits {
     /// Codes sent overall per rolling minute.
     pub fn sends_overall(&self, limit: u32) -> Counter {
         self.counter_for(Limit::Global, "{global}:sent".to_owned(), limit, MINUTE)
+    }
+
+    /// Refreshes of one session per rolling day (`REFRESH_PER_SESSION_PER_DAY`).
+    pub fn refreshes_per_session(&self, session_id: uuid::Uuid, limit: u32) -> Counter {
+        let key = format!("session:{{{session_id}}}:refreshes");
+        self.counter_for(Limit::RefreshesPerSession, key, limit, DAY)
     }
 
     fn counter_for(&self, kind: Limit, key: String, limit: u32, window: Duration) -> Counter {
@@ -216,5 +223,10 @@ mod tests {
         );
         assert_eq!(limits.sends_per_country(44, 1).key, "ns:limit:cc:{44}:sent");
         assert_eq!(limits.sends_overall(1).key, "ns:limit:{global}:sent");
+        let session = uuid::Uuid::nil();
+        assert_eq!(
+            limits.refreshes_per_session(session, 1).key,
+            format!("ns:limit:session:{{{session}}}:refreshes")
+        );
     }
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::tokens::PlainToken;
 
-pub use sessions::{RefreshOutcome, RefreshWindow, refresh, revoke_session, revoke_user, sign_in};
+pub use sessions::{RefreshOutcome, refresh, revoke_session, revoke_user, sign_in};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct User {

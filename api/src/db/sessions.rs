@@ -77,20 +77,12 @@ pub enum RefreshOutcome {
     Invalid,
     /// Rotated before, outside the reuse grace: the session has been revoked.
     Reused,
-    /// The session refreshed too often in its current minute or day.
+    /// The session refreshed too often in the last minute.
     RateLimited {
-        window: RefreshWindow,
         retry_after: Duration,
     },
-}
-
-/// Which of a session's refresh windows is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefreshWindow {
-    /// `REFRESH_PER_SESSION_PER_MINUTE`.
-    Minute,
-    /// `REFRESH_PER_SESSION_PER_DAY`.
-    Day,
+    /// The session used up its refreshes of the day: it has been revoked.
+    OverDailyCap,
 }
 
 /// What the refresh token's row and its session say, read under the session's lock.
@@ -108,8 +100,6 @@ struct Presented {
     session_secs_left: f64,
     window_secs: f64,
     refreshes_in_window: i32,
-    day_secs: f64,
-    refreshes_in_day: i32,
 }
 
 /// Rotated refresh tokens a session keeps, newest first, so that presenting one again is seen
@@ -127,13 +117,6 @@ const LIVE_REFRESH_TOKENS_KEPT: i64 = 100;
 /// A day: the owner's app refreshes within it, in any deployment that has not set access tokens
 /// to live longer, and so is seen presenting its copy.
 const ROTATED_REFRESH_TOKENS_KEPT_SECS: f64 = 86_400.0;
-/// The length of a session's daily refresh window.
-const DAY_SECS: f64 = 86_400.0;
-
-/// Whether a window that has counted `made` refreshes is full at `limit`.
-fn exceeds(made: i32, limit: u32) -> bool {
-    i64::from(made) >= i64::from(limit)
-}
 
 /// Exchanges a refresh token for a new pair (docs/api.md#tokens):
 /// - a live, unrotated token is rotated: marked used, its own access token deleted, a new pair
@@ -141,11 +124,15 @@ fn exceeds(made: i32, limit: u32) -> bool {
 /// - a token rotated less than `REFRESH_REUSE_GRACE_SECS` ago (a client retrying after a lost
 ///   answer, or two tabs refreshing at once) gets another new pair; nothing is revoked;
 /// - a token rotated longer ago is a replay: the whole session is revoked. Rotated tokens are kept
-///   for this until they expire ([`ROTATED_REFRESH_TOKENS_KEPT`] at most).
+///   for this until they expire ([`ROTATED_REFRESH_TOKENS_KEPT`] at most);
+/// - a refresh `within_daily_cap` refuses (given the session, it counts one refresh of the day)
+///   revokes the session too: no client refreshes that often, and a thief who forked the session
+///   within the grace, two chains neither of which ever replays, is signed out with it.
 pub async fn refresh(
     pool: &PgPool,
     refresh_hash: &[u8],
     policy: &SessionPolicy,
+    within_daily_cap: impl AsyncFnOnce(Uuid) -> bool,
 ) -> sqlx::Result<RefreshOutcome> {
     let mut tx = pool.begin().await?;
     // Lock first, read second. The read must be a later statement than the lock: under READ
@@ -172,9 +159,7 @@ pub async fn refresh(
                extract(epoch FROM now() - t.rotated_at)::float8 AS rotated_secs_ago,
                extract(epoch FROM s.expires_at - now())::float8 AS session_secs_left,
                extract(epoch FROM now() - s.refresh_window_started_at)::float8 AS window_secs,
-               s.refreshes_in_window,
-               extract(epoch FROM now() - s.refresh_day_started_at)::float8 AS day_secs,
-               s.refreshes_in_day
+               s.refreshes_in_window
         FROM tokens t
         JOIN sessions s ON s.id = t.family_id
         JOIN users u ON u.id = s.user_id
@@ -195,23 +180,19 @@ pub async fn refresh(
         tx.commit().await?;
         return Ok(RefreshOutcome::Reused);
     }
-    // At most `refreshes_per_day` and `refreshes_per_minute`, each in a fixed window that
-    // restarts a day (a minute) after it began. The day's is checked first: when both are full,
-    // its wait is the one that counts. A refresh retried within the reuse grace counts too, or
-    // a thief alternating the two would rotate without bound.
-    let restart_day = presented.day_secs >= DAY_SECS;
-    if !restart_day && exceeds(presented.refreshes_in_day, policy.refreshes_per_day) {
-        return Ok(RefreshOutcome::RateLimited {
-            window: RefreshWindow::Day,
-            retry_after: Duration::from_secs_f64((DAY_SECS - presented.day_secs).max(1.0)),
-        });
-    }
+    // At most `refreshes_per_minute` in a fixed window that restarts a minute after it began.
     let restart_window = presented.window_secs >= 60.0;
-    if !restart_window && exceeds(presented.refreshes_in_window, policy.refreshes_per_minute) {
+    if !restart_window && presented.refreshes_in_window >= policy.refreshes_per_minute as i32 {
         return Ok(RefreshOutcome::RateLimited {
-            window: RefreshWindow::Minute,
             retry_after: Duration::from_secs_f64((60.0 - presented.window_secs).max(1.0)),
         });
+    }
+    // Counted last, so that only a refresh about to be made counts: a retry within the grace
+    // too, or a thief alternating the two would rotate without bound.
+    if !within_daily_cap(presented.session_id).await {
+        revoke(&mut tx, presented.session_id).await?;
+        tx.commit().await?;
+        return Ok(RefreshOutcome::OverDailyCap);
     }
 
     let access = PlainToken::generate();
@@ -231,7 +212,7 @@ pub async fn refresh(
             -- Rotated refresh tokens past the newest $11 (this one, not yet rotated in this
             -- statement's snapshot, makes $11 + 1) that were rotated more than $12 seconds ago.
             -- It reads and sorts all of the session's rotated tokens (no index orders them by
-            -- rotation), up to about 3,100 for a session refreshing as often as it may, so only
+            -- rotation), up to 3,000 plus a day's refreshes (3,100 at the default cap), so only
             -- a refresh that starts a rate window ($9), at most one a minute, trims.
             DELETE FROM tokens
             WHERE $9 AND family_id = $2 AND scope = 'refresh'
@@ -267,9 +248,7 @@ pub async fn refresh(
         ), counted AS (
             UPDATE sessions SET
                 refresh_window_started_at = CASE WHEN $9 THEN now() ELSE refresh_window_started_at END,
-                refreshes_in_window = CASE WHEN $9 THEN 1 ELSE refreshes_in_window + 1 END,
-                refresh_day_started_at = CASE WHEN $15 THEN now() ELSE refresh_day_started_at END,
-                refreshes_in_day = CASE WHEN $15 THEN 1 ELSE refreshes_in_day + 1 END
+                refreshes_in_window = CASE WHEN $9 THEN 1 ELSE refreshes_in_window + 1 END
             WHERE id = $2
         )
         INSERT INTO tokens (hash, user_id, expiry, scope, family_id, pair_id)
@@ -291,7 +270,6 @@ pub async fn refresh(
     .bind(ROTATED_REFRESH_TOKENS_KEPT_SECS)
     .bind(LIVE_REFRESH_TOKENS_KEPT)
     .bind(policy.reuse_grace.as_secs_f64() + 1.0)
-    .bind(restart_day)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -1,15 +1,19 @@
 //! `POST /v1/token/refresh`, `POST /v1/logout` and `GET /v1/me`.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::auth::AuthUser;
-use crate::db::{self, RefreshOutcome, RefreshWindow};
+use crate::db::{self, RefreshOutcome};
 use crate::error::{ApiError, Limit};
 use crate::extract::ApiJson;
+use crate::limits::Taken;
 use crate::metrics as m;
 use crate::routes::{SessionView, UserView};
 use crate::state::AppState;
@@ -32,12 +36,13 @@ pub struct LogoutBody {
 /// The old refresh token and its access token stop working. Within `REFRESH_REUSE_GRACE_SECS`
 /// of a rotation, presenting the just-rotated refresh token again (a retry after a lost answer,
 /// two tabs at once) gives another new pair; after that, it revokes the whole sign-in and
-/// answers 401. A sign-in cannot be refreshed past `SESSION_MAX_LIFETIME_SECS`.
+/// answers 401. A sign-in cannot be refreshed past `SESSION_MAX_LIFETIME_SECS`, and one refreshed
+/// more than `REFRESH_PER_SESSION_PER_DAY` times in a day is revoked (401).
 #[utoipa::path(post, path = "/v1/token/refresh", tag = "session", request_body = RefreshBody,
     responses(
         (status = 200, description = "New session", body = SessionView),
-        (status = 401, description = "`invalid_refresh_token`"),
-        (status = 429, description = "`rate_limited`: this session refreshes too often"),
+        (status = 401, description = "`invalid_refresh_token`: unknown, expired, revoked or reused; or the session's daily refreshes are used up, which revokes it"),
+        (status = 429, description = "`rate_limited`: this session refreshes too often this minute"),
         (status = 503, description = "`unavailable`"),
     ))]
 pub async fn refresh(
@@ -49,21 +54,25 @@ pub async fn refresh(
     }
     let pool = state.db()?;
     let hash = tokens::hash(&body.refresh_token);
-    match db::refresh(pool, &hash, &state.config.sessions).await? {
+    let within_daily_cap = async |session_id| within_daily_cap(&state, session_id).await;
+    match db::refresh(pool, &hash, &state.config.sessions, within_daily_cap).await? {
         RefreshOutcome::Rotated(session) => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session)))
         }
-        RefreshOutcome::RateLimited {
-            window,
-            retry_after,
-        } => {
+        RefreshOutcome::RateLimited { retry_after } => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rate_limited").increment(1);
-            let limit = match window {
-                RefreshWindow::Minute => Limit::RefreshesPerSession,
-                RefreshWindow::Day => Limit::RefreshesPerSessionPerDay,
-            };
-            Err(ApiError::RateLimited { limit, retry_after })
+            Err(ApiError::RateLimited {
+                limit: Limit::RefreshesPerSession,
+                retry_after,
+            })
+        }
+        RefreshOutcome::OverDailyCap => {
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
+            tracing::warn!(
+                "a session used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
+            );
+            Err(ApiError::InvalidRefreshToken)
         }
         RefreshOutcome::Reused => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "reused").increment(1);
@@ -78,6 +87,37 @@ pub async fn refresh(
         }
     }
 }
+
+/// Counts one refresh of `session_id` against `REFRESH_PER_SESSION_PER_DAY` (a rolling day, in
+/// Redis: PostgreSQL's schema gains no column within a release, docs/operations.md); `false` when
+/// it is used up. Redis away or slow lets the refresh through, with a warning: the cap bounds
+/// rotations (a session's rows, a thief's pace), and refresh must not depend on Redis.
+async fn within_daily_cap(state: &AppState, session_id: Uuid) -> bool {
+    let counter = state
+        .limits
+        .refreshes_per_session(session_id, state.config.sessions.refreshes_per_day);
+    let taken = tokio::time::timeout(
+        REFRESH_CAP_DEADLINE,
+        state.limits.take(state.redis(), &counter),
+    );
+    match taken.await {
+        Ok(Ok(Taken::Yes)) => true,
+        Ok(Ok(Taken::No { .. })) => false,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not count a refresh against the daily cap; letting it through");
+            true
+        }
+        Err(_) => {
+            tracing::warn!(
+                "Redis was too slow to count a refresh against the daily cap; letting it through"
+            );
+            true
+        }
+    }
+}
+
+/// How long a refresh waits for Redis to count it, holding its session's lock.
+const REFRESH_CAP_DEADLINE: Duration = Duration::from_millis(500);
 
 /// Signs out: revokes this session's tokens, or with `{"all": true}` every token of the user.
 #[utoipa::path(post, path = "/v1/logout", tag = "session", request_body(content = Option<LogoutBody>, description = "Optional"),

@@ -115,6 +115,35 @@ async fn a_request_whose_redis_answers_came_too_late_leaves_the_number_free() {
     .await;
 }
 
+/// Refresh does not depend on Redis: when Redis cannot count a refresh against the session's
+/// daily cap (its answers held, then its connection gone), the refresh goes ahead.
+#[tokio::test]
+async fn a_refresh_goes_ahead_while_redis_cannot_count_it() {
+    let (redis, app) = app_through_proxy(&servers().redis, "REDIS_URL").await;
+    let session = app.sign_in(PHONE).await;
+    let refresh = async |session: &serde_json::Value| {
+        let refresh_token = session["refresh_token"].as_str().expect("a refresh token");
+        let reply = app
+            .post(
+                "/v1/token/refresh",
+                serde_json::json!({ "refresh_token": refresh_token }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body
+    };
+    redis.hold_replies();
+    let session = refresh(&session).await;
+    redis.release_replies();
+    redis.go_down();
+    let session = refresh(&session).await;
+    let me = app
+        .get_authed("/v1/me", session["access_token"].as_str().expect("a token"))
+        .await;
+    assert_eq!(me.status, StatusCode::OK);
+    redis.come_back();
+}
+
 #[tokio::test]
 async fn broker_down_gives_503_leaves_no_valid_code_and_recovers() {
     let (broker, app) = app_through_proxy(&servers().rabbitmq, "AMQP_URL").await;
