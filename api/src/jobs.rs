@@ -121,3 +121,26 @@ pub async fn purge_expired_tokens(state: AppState) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// SHA-384 of `000004_fewer_token_writes.sql` as shipped (commit `0e92396`), which some
+    /// databases have applied: sqlx refuses one whose version 4 has another checksum.
+    const SHIPPED_VERSION_4: &str = "ae5d75734bf5bd10ba7694138867b45444ddd09941e0d958515f290e0596660e882cb848b2b501184fd749636d4bc982";
+
+    #[test]
+    fn version_4_comes_back_only_as_it_shipped() {
+        let migrator = sqlx::migrate!("../migrations");
+        for migration in migrator.iter().filter(|m| m.version == 4) {
+            let checksum: String = migration
+                .checksum
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(
+                checksum, SHIPPED_VERSION_4,
+                "migration 4 must be the fewer-writes SQL of 0e92396, byte for byte (docs/operations.md)"
+            );
+        }
+    }
+}
