@@ -69,7 +69,7 @@ pub fn describe() {
     );
     describe_counter!(
         TOKEN_REFRESHES,
-        "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited."
+        "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited, over_daily_cap (its session was revoked)."
     );
     describe_counter!(
         PUBLISH_RETRIES,

@@ -82,7 +82,9 @@ pub enum RefreshOutcome {
         retry_after: Duration,
     },
     /// The session used up its refreshes of the day: it has been revoked.
-    OverDailyCap,
+    OverDailyCap {
+        session_id: Uuid,
+    },
 }
 
 /// What the refresh token's row and its session say, read under the session's lock.
@@ -192,7 +194,9 @@ pub async fn refresh(
     if !within_daily_cap(presented.session_id).await {
         revoke(&mut tx, presented.session_id).await?;
         tx.commit().await?;
-        return Ok(RefreshOutcome::OverDailyCap);
+        return Ok(RefreshOutcome::OverDailyCap {
+            session_id: presented.session_id,
+        });
     }
 
     let access = PlainToken::generate();

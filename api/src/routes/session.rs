@@ -67,9 +67,10 @@ pub async fn refresh(
                 retry_after,
             })
         }
-        RefreshOutcome::OverDailyCap => {
+        RefreshOutcome::OverDailyCap { session_id } => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
             tracing::warn!(
+                %session_id,
                 "a session used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
             );
             Err(ApiError::InvalidRefreshToken)
