@@ -71,6 +71,10 @@ pub fn describe() {
         TOKEN_REFRESHES,
         "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited, over_daily_cap (its session was revoked)."
     );
+    // From 0, so that an alert's increase() sees the first revocation of each process.
+    for outcome in ["reused", "over_daily_cap"] {
+        metrics::counter!(TOKEN_REFRESHES, "outcome" => outcome).increment(0);
+    }
     describe_counter!(
         PUBLISH_RETRIES,
         "Publishes tried again on a fresh channel: nacked, unconfirmed in time, or connection lost."

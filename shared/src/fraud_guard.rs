@@ -3,9 +3,11 @@
 //! nobody verifies, so while a calling code's unverified codes exceed both a floor and a ratio of
 //! its verified ones, it is tripped: counted and logged (`monitor`), or refused (`enforce`).
 //!
-//! Both programs count in it: the api each code it sends and each one verified, the worker each
-//! resend a delivery receipt earns (a second paid SMS a complicit carrier could otherwise earn
-//! for every pumped code), so both read the same settings and share this one script.
+//! Both programs use it: the api counts each code it sends and each one verified; the worker asks
+//! it, counting nothing, before the resend a delivery receipt earns (a second paid SMS a complicit
+//! carrier could otherwise earn for every pumped code), so both read the same settings and share
+//! this one script. Resends are not counted: a resent code that is then used would weigh as one
+//! unused, and a carrier's bad day (many resends) would trip a country's genuine sign-ins.
 
 use std::time::Duration;
 
@@ -16,8 +18,9 @@ use crate::redis_connection::RedisConnection;
 use crate::redis_script::Script;
 
 /// The fraud guard of one calling code: sent (`s`, `ps`) and verified (`v`, `pv`) codes in a
-/// sliding window. ARGV: operation (`send`, `unsend`, `verified`), window in ms, mode (0 off,
-/// 1 monitor, 2 enforce), floor of unverified codes, ratio.
+/// sliding window. ARGV: operation (`send`, `unsend`, `verified`, or `peek`: what `send` would
+/// answer, writing nothing), window in ms, mode (0 off, 1 monitor, 2 enforce), floor of
+/// unverified codes, ratio.
 /// Returns {1, tripped} or {0, retry_after_ms} (refused while tripped in enforce mode).
 const GUARD: &str = r"
 local t = redis.call('TIME')
@@ -32,6 +35,11 @@ if w == index - 1 then ps, s, pv, v = s, 0, v, 0 elseif w < index - 1 then ps, s
 local weight = (window - (now - index * window)) / window
 local sent, verified = ps * weight + s, pv * weight + v
 local tripped = sent - verified >= math.max(floor, ratio * verified)
+if op == 'peek' then
+  if tripped and mode == 2 then return {0, window - (now - index * window)} end
+  if tripped then return {1, 1} end
+  return {1, 0}
+end
 if op == 'send' then
   if tripped and mode == 2 then return {0, window - (now - index * window)} end
   s = s + 1
@@ -145,13 +153,18 @@ impl FraudGuard {
         calling_code: u16,
     ) -> RedisResult<GuardVerdict> {
         let reply = self.run(conn, policy, calling_code, "send").await?;
-        Ok(match reply.as_slice() {
-            [0, wait, ..] => GuardVerdict::Refused {
-                retry_after: Duration::from_millis(u64::try_from(*wait).unwrap_or(1).max(1)),
-            },
-            [_, 1, ..] => GuardVerdict::Tripped,
-            _ => GuardVerdict::Clear,
-        })
+        Ok(verdict(&reply))
+    }
+
+    /// What [`Self::send`] would answer for `calling_code` now, counting nothing.
+    pub async fn peek(
+        &self,
+        conn: RedisConnection,
+        policy: &FraudGuardPolicy,
+        calling_code: u16,
+    ) -> RedisResult<GuardVerdict> {
+        let reply = self.run(conn, policy, calling_code, "peek").await?;
+        Ok(verdict(&reply))
     }
 
     /// Uncounts a send counted for a request that did not go through.
@@ -199,6 +212,16 @@ impl FraudGuard {
             .arg(policy.ratio)
             .invoke_async(&mut conn)
             .await
+    }
+}
+
+fn verdict(reply: &[i64]) -> GuardVerdict {
+    match reply {
+        [0, wait, ..] => GuardVerdict::Refused {
+            retry_after: Duration::from_millis(u64::try_from(*wait).unwrap_or(1).max(1)),
+        },
+        [_, 1, ..] => GuardVerdict::Tripped,
+        _ => GuardVerdict::Clear,
     }
 }
 

@@ -72,19 +72,17 @@ pub async fn sign_in(
 }
 
 pub enum RefreshOutcome {
-    Rotated(IssuedSession),
+    /// A new pair, in the session `session_id`.
+    Rotated {
+        session: IssuedSession,
+        session_id: Uuid,
+    },
     /// Unknown, expired, revoked, or the session outlived `SESSION_MAX_LIFETIME_SECS`.
     Invalid,
     /// Rotated before, outside the reuse grace: the session has been revoked.
     Reused,
     /// The session refreshed too often in the last minute.
-    RateLimited {
-        retry_after: Duration,
-    },
-    /// The session used up its refreshes of the day: it has been revoked.
-    OverDailyCap {
-        session_id: Uuid,
-    },
+    RateLimited { retry_after: Duration },
 }
 
 /// What the refresh token's row and its session say, read under the session's lock.
@@ -126,15 +124,11 @@ const ROTATED_REFRESH_TOKENS_KEPT_SECS: f64 = 86_400.0;
 /// - a token rotated less than `REFRESH_REUSE_GRACE_SECS` ago (a client retrying after a lost
 ///   answer, or two tabs refreshing at once) gets another new pair; nothing is revoked;
 /// - a token rotated longer ago is a replay: the whole session is revoked. Rotated tokens are kept
-///   for this until they expire ([`ROTATED_REFRESH_TOKENS_KEPT`] at most);
-/// - a refresh `within_daily_cap` refuses (given the session, it counts one refresh of the day)
-///   revokes the session too: no client refreshes that often, and a thief who forked the session
-///   within the grace, two chains neither of which ever replays, is signed out with it.
+///   for this until they expire ([`ROTATED_REFRESH_TOKENS_KEPT`] at most).
 pub async fn refresh(
     pool: &PgPool,
     refresh_hash: &[u8],
     policy: &SessionPolicy,
-    within_daily_cap: impl AsyncFnOnce(Uuid) -> bool,
 ) -> sqlx::Result<RefreshOutcome> {
     let mut tx = pool.begin().await?;
     // Lock first, read second. The read must be a later statement than the lock: under READ
@@ -187,15 +181,6 @@ pub async fn refresh(
     if !restart_window && presented.refreshes_in_window >= policy.refreshes_per_minute as i32 {
         return Ok(RefreshOutcome::RateLimited {
             retry_after: Duration::from_secs_f64((60.0 - presented.window_secs).max(1.0)),
-        });
-    }
-    // Counted last, so that only a refresh about to be made counts: a retry within the grace
-    // too, or a thief alternating the two would rotate without bound.
-    if !within_daily_cap(presented.session_id).await {
-        revoke(&mut tx, presented.session_id).await?;
-        tx.commit().await?;
-        return Ok(RefreshOutcome::OverDailyCap {
-            session_id: presented.session_id,
         });
     }
 
@@ -277,7 +262,7 @@ pub async fn refresh(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(RefreshOutcome::Rotated(IssuedSession {
+    let session = IssuedSession {
         user: User {
             id: presented.user_id,
             phone_number: presented.phone_number,
@@ -288,7 +273,11 @@ pub async fn refresh(
         refresh_token: refresh,
         access_expires_in: access_ttl,
         refresh_expires_in: refresh_ttl,
-    }))
+    };
+    Ok(RefreshOutcome::Rotated {
+        session,
+        session_id: presented.session_id,
+    })
 }
 
 /// Marks the session revoked and deletes its tokens. The caller holds the session's lock, or

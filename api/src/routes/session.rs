@@ -54,9 +54,24 @@ pub async fn refresh(
     }
     let pool = state.db()?;
     let hash = tokens::hash(&body.refresh_token);
-    let within_daily_cap = async |session_id| within_daily_cap(&state, session_id).await;
-    match db::refresh(pool, &hash, &state.config.sessions, within_daily_cap).await? {
-        RefreshOutcome::Rotated(session) => {
+    match db::refresh(pool, &hash, &state.config.sessions).await? {
+        RefreshOutcome::Rotated {
+            session,
+            session_id,
+        } => {
+            // Counted once the rotation is committed, so that no PostgreSQL lock or connection
+            // waits on Redis, and only refreshes made count: retries within the grace too, or a
+            // thief alternating the two would rotate without bound. The one past the cap is
+            // revoked with its session; nobody holds its pair yet.
+            if !within_daily_cap(&state, session_id).await {
+                db::revoke_session(pool, session_id).await?;
+                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
+                tracing::warn!(
+                    %session_id,
+                    "a session used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
+                );
+                return Err(ApiError::InvalidRefreshToken);
+            }
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session)))
         }
@@ -66,14 +81,6 @@ pub async fn refresh(
                 limit: Limit::RefreshesPerSession,
                 retry_after,
             })
-        }
-        RefreshOutcome::OverDailyCap { session_id } => {
-            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
-            tracing::warn!(
-                %session_id,
-                "a session used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
-            );
-            Err(ApiError::InvalidRefreshToken)
         }
         RefreshOutcome::Reused => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "reused").increment(1);
@@ -91,8 +98,8 @@ pub async fn refresh(
 
 /// Counts one refresh of `session_id` against `REFRESH_PER_SESSION_PER_DAY` (a rolling day, in
 /// Redis: PostgreSQL's schema gains no column within a release, docs/operations.md); `false` when
-/// it is used up. Redis away or slow lets the refresh through, with a warning: the cap bounds
-/// rotations (a session's rows, a thief's pace), and refresh must not depend on Redis.
+/// it was already used up. Redis away or slow lets the refresh through, with a warning: the cap
+/// bounds rotations (a session's rows, a thief's pace), and refresh must not depend on Redis.
 async fn within_daily_cap(state: &AppState, session_id: Uuid) -> bool {
     let counter = state
         .limits
@@ -117,7 +124,7 @@ async fn within_daily_cap(state: &AppState, session_id: Uuid) -> bool {
     }
 }
 
-/// How long a refresh waits for Redis to count it, holding its session's lock.
+/// How long a refresh waits for Redis to count it.
 const REFRESH_CAP_DEADLINE: Duration = Duration::from_millis(500);
 
 /// Signs out: revokes this session's tokens, or with `{"all": true}` every token of the user.

@@ -227,15 +227,15 @@ impl ReceiptStore {
         Ok(current.as_deref() == Some(event_id) || pending.as_deref() == Some(event_id))
     }
 
-    /// Counts a resend to `calling_code` in the fraud guard the api counts its codes in, unless
-    /// the guard refuses it (tripped, in `enforce`).
-    pub async fn count_resend(
+    /// What the fraud guard the api counts its codes in says of one more to `calling_code`,
+    /// counting nothing.
+    pub async fn fraud_guard(
         &self,
         policy: &FraudGuardPolicy,
         calling_code: u16,
     ) -> RedisResult<GuardVerdict> {
         self.fraud_guard
-            .send(self.redis.clone(), policy, calling_code)
+            .peek(self.redis.clone(), policy, calling_code)
             .await
     }
 }

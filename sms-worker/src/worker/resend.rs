@@ -364,11 +364,10 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
     }
 }
 
-/// Counts the resend in the calling code's fraud guard, as the api counts every code it sends,
-/// and says why not to make it if the guard refuses it (tripped, in `enforce`). A resend is a
-/// second paid SMS: without this, a carrier in on SMS pumping, reporting its numbers' codes
-/// undelivered, would earn a second SMS for each pumped code, uncounted. Asked after the claim,
-/// so only a resend about to be made counts; a refusal spends the claim, as a skip for good
+/// Says why not to resend if the calling code's fraud guard is tripped, in `enforce`: a resend
+/// is a second paid SMS, and a carrier in on SMS pumping, reporting its numbers' codes
+/// undelivered, would earn one for each pumped code. The guard is asked, not counted in (see
+/// `shared::fraud_guard`). Asked after the claim, so that a refusal spends it, as a skip for good
 /// should. Redis not answering lets the resend through: the claim already holds it to one.
 async fn refused_by_the_fraud_guard(
     context: &Context,
@@ -381,7 +380,7 @@ async fn refused_by_the_fraud_guard(
         return None;
     }
     let calling_code = calling_code.or_else(|| phone.calling_code())?;
-    match store.count_resend(policy, calling_code).await {
+    match store.fraud_guard(policy, calling_code).await {
         Ok(GuardVerdict::Clear) => None,
         Ok(GuardVerdict::Tripped) => {
             // As often as the resends themselves: the api warns once a minute per calling code.
@@ -395,7 +394,7 @@ async fn refused_by_the_fraud_guard(
             Some("the fraud guard holds this calling code: its codes are mostly not being used")
         }
         Err(e) => {
-            warn!(error = %e, "could not count the resend in the fraud guard; resending");
+            warn!(error = %e, "could not ask the fraud guard about the resend; resending");
             None
         }
     }
