@@ -45,8 +45,10 @@ if op == 'send' then
   s = s + 1
 elseif op == 'unsend' then
   s = math.max(s - 1, 0)
-else
+elseif op == 'verified' then
   v = v + 1
+else
+  return redis.error_reply('unknown fraud guard operation ' .. tostring(op))
 end
 redis.call('HSET', KEYS[1], 'w', index, 's', s, 'ps', ps, 'v', v, 'pv', pv)
 redis.call('PEXPIRE', KEYS[1], window * 2)

@@ -16,6 +16,7 @@ use crate::extract::ApiJson;
 use crate::limits::Taken;
 use crate::metrics as m;
 use crate::routes::{SessionView, UserView};
+use crate::signin::detached;
 use crate::state::AppState;
 use crate::tokens;
 
@@ -52,26 +53,13 @@ pub async fn refresh(
     if !tokens::is_well_formed(&body.refresh_token) {
         return Err(ApiError::InvalidRefreshToken);
     }
-    let pool = state.db()?;
     let hash = tokens::hash(&body.refresh_token);
-    match db::refresh(pool, &hash, &state.config.sessions).await? {
-        RefreshOutcome::Rotated {
-            session,
-            session_id,
-        } => {
-            // Counted once the rotation is committed, so that no PostgreSQL lock or connection
-            // waits on Redis, and only refreshes made count: retries within the grace too, or a
-            // thief alternating the two would rotate without bound. The one past the cap is
-            // revoked with its session; nobody holds its pair yet.
-            if !within_daily_cap(&state, session_id).await {
-                db::revoke_session(pool, session_id).await?;
-                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
-                tracing::warn!(
-                    %session_id,
-                    "a session used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
-                );
-                return Err(ApiError::InvalidRefreshToken);
-            }
+    // On a task of its own: nothing that drops the request (the router's timeout, a server that
+    // stops serving a client that hung up) can stop it between the rotation's commit and its
+    // count against the daily cap, or the revocation that follows, which would leave rotations
+    // uncounted, or a session past its cap alive.
+    match detached(rotate_and_count(state, hash)).await? {
+        RefreshOutcome::Rotated { session, .. } => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session)))
         }
@@ -94,6 +82,29 @@ pub async fn refresh(
             Err(ApiError::InvalidRefreshToken)
         }
     }
+}
+
+/// Rotates the refresh token, then counts the refresh against the session's daily cap. Counted
+/// once the rotation is committed, so that no PostgreSQL lock or connection waits on Redis, and
+/// only refreshes made count: retries within the grace too, or a thief alternating the two would
+/// rotate without bound. The one past the cap is revoked with its session (`invalid_refresh_token`);
+/// nobody holds its pair yet.
+async fn rotate_and_count(state: AppState, hash: Vec<u8>) -> Result<RefreshOutcome, ApiError> {
+    let pool = state.db()?;
+    let outcome = db::refresh(pool, &hash, &state.config.sessions).await?;
+    if let RefreshOutcome::Rotated { session_id, .. } = outcome
+        && !within_daily_cap(&state, session_id).await
+    {
+        // Recorded first: a revocation that fails (503) must not hide that the cap was reached.
+        metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
+        tracing::warn!(
+            %session_id,
+            "a session used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
+        );
+        db::revoke_session(pool, session_id).await?;
+        return Err(ApiError::InvalidRefreshToken);
+    }
+    Ok(outcome)
 }
 
 /// Counts one refresh of `session_id` against `REFRESH_PER_SESSION_PER_DAY` (a rolling day, in

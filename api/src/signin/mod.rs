@@ -29,8 +29,9 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(9);
 /// Connecting to RabbitMQ (when needed) and the broker's confirm, together.
 pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Awaits a sign-in step that runs on its own task (see the module doc).
-async fn detached<T: Send + 'static>(
+/// Awaits a sign-in step that runs on its own task (see the module doc): a client that hangs up
+/// cannot stop it halfway.
+pub(crate) async fn detached<T: Send + 'static>(
     step: impl Future<Output = Result<T, crate::error::ApiError>> + Send + 'static,
 ) -> Result<T, crate::error::ApiError> {
     // The task logs on behalf of the request: it keeps the request's span (and its id).

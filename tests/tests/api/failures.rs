@@ -133,7 +133,15 @@ async fn a_refresh_goes_ahead_while_redis_cannot_count_it() {
         reply.body
     };
     redis.hold_replies();
+    // Within the cap's own 0.5 s wait, not Redis's 2 s command timeout: a refresh holding no
+    // lock still should not make its user wait for Redis.
+    let started = std::time::Instant::now();
     let session = refresh(&session).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1_800),
+        "{:?}",
+        started.elapsed()
+    );
     redis.release_replies();
     redis.go_down();
     let session = refresh(&session).await;

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tests::wait::eventually;
 
-use crate::helpers::{PHONE, Reply, Spawn, TestApp, spawn_app, spawn_with};
+use crate::helpers::{PHONE, Reply, Spawn, TestApp, metric_value, spawn_app, spawn_with};
 
 fn token(session: &Value, name: &str) -> String {
     session[name]
@@ -323,17 +323,25 @@ async fn a_session_refreshing_past_its_daily_cap_is_revoked() {
         me(&app, &token(&thief, "access_token")).await,
         StatusCode::OK
     );
-    // The fifth of the day revokes the session: both chains are signed out.
+    // The fifth of the day revokes the session: both chains are signed out, and no token of it
+    // is left, not even the pair that fifth refresh made.
+    let over_cap = r#"token_refreshes_total{outcome="over_daily_cap"}"#;
+    let before = metric_value(&app.metrics().await, over_cap);
     refresh(&app, &token(&thief, "refresh_token"))
         .await
         .assert_problem(401, "invalid_refresh_token");
     assert_signed_out(&app, &owner).await;
     assert_signed_out(&app, &thief).await;
-    let metrics = app.metrics().await;
-    assert!(
-        metrics.contains(r#"token_refreshes_total{outcome="over_daily_cap"} 1"#),
-        "{metrics}"
-    );
+    assert_eq!(token_rows(&app, &user_id).await, (0, 0, 0));
+    let revoked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sessions WHERE user_id::text = $1 AND revoked_at IS NOT NULL",
+    )
+    .bind(&user_id)
+    .fetch_one(&db)
+    .await
+    .expect("the session");
+    assert_eq!(revoked, 1);
+    assert_eq!(metric_value(&app.metrics().await, over_cap), before + 1.0);
     // Another sign-in of the same user has a day of its own.
     let other = app.sign_in_again(PHONE).await;
     rotate(&app, &token(&other, "refresh_token")).await;
