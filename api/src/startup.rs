@@ -127,8 +127,9 @@ impl Application {
         let addr = self.local_addr();
         tokio::spawn(jobs::prepare_database(self.state.clone()));
         tokio::spawn(jobs::purge_expired_tokens(self.state.clone()));
-        tracing::info!(%addr, "api listening");
         let config = &self.state.config;
+        // The workers ask the same guard before a resend: their settings should agree.
+        tracing::info!(%addr, fraud_guard = %config.fraud_guard, "api listening");
         let reserved = serve::OWN_OPEN_FILES + u64::from(config.database_pool_size);
         let limits = config.server.within_open_files(reserved, 1);
         let grace = config.shutdown_grace;

@@ -115,6 +115,24 @@ impl FraudGuardPolicy {
     }
 }
 
+/// As both programs log it at start, so that an operator can see that they agree.
+impl std::fmt::Display for FraudGuardPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.mode {
+            FraudGuardMode::Off => return f.write_str("off"),
+            FraudGuardMode::Monitor => "monitor",
+            FraudGuardMode::Enforce => "enforce",
+        };
+        write!(
+            f,
+            "{mode} (window {} s, at least {} unverified, ratio {})",
+            self.window.as_secs(),
+            self.min_unverified,
+            self.ratio
+        )
+    }
+}
+
 /// What the guard said about one more code to a calling code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardVerdict {
@@ -249,5 +267,9 @@ mod tests {
         let policy =
             FraudGuardPolicy::from_env(&Env::from_pairs([("OTP_FRAUD_GUARD", "ENFORCE")])).unwrap();
         assert_eq!(policy.mode, FraudGuardMode::Enforce);
+        assert_eq!(
+            policy.to_string(),
+            "enforce (window 3600 s, at least 20 unverified, ratio 1)"
+        );
     }
 }

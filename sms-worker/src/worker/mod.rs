@@ -161,6 +161,8 @@ impl Worker {
             concurrency = config.concurrency,
             providers = ?context.providers.names(),
             callbacks = ?callback_listener.as_ref().and_then(|l| l.local_addr().ok()),
+            // Resends ask the api's guard: the two programs' settings should agree.
+            fraud_guard = %config.fraud_guard,
             "sms-worker starting"
         );
         if context.providers.logs_only() {
