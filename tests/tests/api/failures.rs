@@ -362,6 +362,45 @@ async fn locked(app: &TestApp, lock: &'static str) -> sqlx::Transaction<'static,
     held
 }
 
+/// `DATABASE_STATEMENT_TIMEOUT_MS=0` leaves PostgreSQL's own `statement_timeout` (set here on the
+/// database, as behind PgBouncer it would be on the role): a sign-in stuck behind a lock answers
+/// 503 at the server's 700 ms, where an api that set 0 itself would wait for the lock.
+#[tokio::test]
+async fn with_no_statement_timeout_of_its_own_the_api_keeps_the_servers() {
+    let app = spawn_app().await;
+    let code = app.code_for(PHONE).await;
+    let db = app.db().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{}\" SET statement_timeout = '700ms'",
+        app.database
+    )))
+    .execute(&db)
+    .await
+    .expect("the server's timeout, for new connections");
+    let second = spawn_with(
+        Spawn::default()
+            .var("DATABASE_URL", servers().database_url(&app.database))
+            .var("NAMESPACE", &app.namespace)
+            .var("DATABASE_STATEMENT_TIMEOUT_MS", 0),
+    )
+    .await;
+    let lock = locked(&app, "LOCK TABLE users IN SHARE MODE").await;
+    let started = std::time::Instant::now();
+    second
+        .verify(PHONE, &code)
+        .await
+        .assert_problem(503, "unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held to the server's 700 ms, not the lock: {:?}",
+        started.elapsed()
+    );
+    lock.rollback().await.expect("the lock released");
+    // The code was put back: it still signs in.
+    let reply = second.verify(PHONE, &code).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
 /// A code put back after a sign-in stuck behind a lock does not come back over a newer code the
 /// user requested and tried meanwhile. Before, the older code was put back first, the newer one
 /// then could not be (a code existed), and the user's latest SMS answered 401.
