@@ -114,7 +114,7 @@ pub enum Limit {
     FraudGuard,
     VerifyFailsPerIp,
     VerifyFailsPerPhone,
-    RefreshesPerSession,
+    RefreshesPerSessionPerMinute,
 }
 
 impl Limit {
@@ -133,7 +133,9 @@ impl Limit {
             Self::VerifyFailsPerPhone => {
                 "too many wrong codes for this number today; sign in with the challenge_id of a new code"
             }
-            Self::RefreshesPerSession => "this session is refreshing too often",
+            Self::RefreshesPerSessionPerMinute => {
+                "this session is refreshing too often (REFRESH_PER_SESSION_PER_MINUTE)"
+            }
         }
     }
 }

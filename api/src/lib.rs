@@ -16,6 +16,7 @@ mod client_ip;
 pub mod config;
 mod db;
 mod demo;
+mod detached;
 mod docs;
 mod error;
 mod extract;

@@ -9,7 +9,7 @@
 //! each counter concurrently and gives the taken ones back when another refuses, so refused
 //! requests count toward nothing.
 //!
-//! The fraud guard itself is in `shared::fraud_guard`, since the worker counts resends in it;
+//! The fraud guard itself is in `shared::fraud_guard`, since the worker asks it before a resend;
 //! its alarm is here.
 
 use std::time::Duration;
@@ -119,10 +119,11 @@ impl Limits {
         self.counter_for(Limit::Global, "{global}:sent".to_owned(), limit, MINUTE)
     }
 
-    /// Refreshes of one session per rolling day (`REFRESH_PER_SESSION_PER_DAY`).
+    /// Refreshes of one session per sliding day (`REFRESH_PER_SESSION_PER_DAY`). Past it the
+    /// session is revoked, so its kind never reaches a client as a 429.
     pub fn refreshes_per_session(&self, session_id: uuid::Uuid, limit: u32) -> Counter {
         let key = format!("session:{{{session_id}}}:refreshes");
-        self.counter_for(Limit::RefreshesPerSession, key, limit, DAY)
+        self.counter_for(Limit::RefreshesPerSessionPerMinute, key, limit, DAY)
     }
 
     fn counter_for(&self, kind: Limit, key: String, limit: u32, window: Duration) -> Counter {
@@ -160,7 +161,7 @@ impl Limits {
         Ok(())
     }
 
-    /// The per-calling-code fraud guard.
+    /// The fraud guard, with the limits a code request takes a slot on (and gives back).
     pub fn guard(&self) -> &FraudGuard {
         &self.guard
     }

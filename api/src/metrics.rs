@@ -10,7 +10,7 @@ pub const OTP_REQUESTS: &str = "otp_requests_total";
 pub const OTP_VERIFICATIONS: &str = "otp_verifications_total";
 /// Counter, label `country` (calling code).
 pub const FRAUD_GUARD_TRIPS: &str = "otp_fraud_guard_trips_total";
-/// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`.
+/// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`, `over_daily_cap`.
 pub const TOKEN_REFRESHES: &str = "token_refreshes_total";
 /// Counter, label `step` (`request`, `verify`): uses of a fixed test number (`OTP_TEST_NUMBERS`).
 pub const TEST_NUMBER_USES: &str = "otp_test_number_uses_total";

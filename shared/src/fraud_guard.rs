@@ -137,7 +137,7 @@ impl std::fmt::Display for FraudGuardPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardVerdict {
     Clear,
-    /// Tripped, counted anyway (monitor mode).
+    /// Tripped, let through (monitor mode): `send` counts it, `peek` does not.
     Tripped,
     /// Tripped and refused (enforce mode).
     Refused {
@@ -161,7 +161,7 @@ impl FraudGuard {
     }
 
     /// The key of `calling_code`'s guard: a hash slot of its own on a Redis Cluster.
-    pub fn key(&self, calling_code: u16) -> String {
+    fn key(&self, calling_code: u16) -> String {
         format!("{}:limit:cc:{{{calling_code}}}:guard", self.namespace)
     }
 

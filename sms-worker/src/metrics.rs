@@ -52,7 +52,7 @@ pub const DELIVERY_SECONDS: &str = "sms_delivery_seconds";
 /// through) and `outcome` (`accepted` or the failure kind).
 pub const RESENDS: &str = "sms_resends_total";
 /// Counter of carrier-side failures not resent, label `reason` (`expired`, `code_not_current`,
-/// `no_other_provider`, `already_resent`, `unavailable`).
+/// `no_other_provider`, `already_resent`, `fraud_guard`, `unavailable`).
 pub const RESENDS_SKIPPED: &str = "sms_resends_skipped_total";
 /// Counter of callbacks refused, labels `provider` and `reason` (`signature`, `secret`,
 /// `malformed`).

@@ -201,7 +201,7 @@ pub async fn refresh(
             -- Rotated refresh tokens past the newest $11 (this one, not yet rotated in this
             -- statement's snapshot, makes $11 + 1) that were rotated more than $12 seconds ago.
             -- It reads and sorts all of the session's rotated tokens (no index orders them by
-            -- rotation), up to 3,000 plus a day's refreshes (3,100 at the default cap), so only
+            -- rotation), up to 3,000 plus a day's refreshes (3,200 at the default cap), so only
             -- a refresh that starts a rate window ($9), at most one a minute, trims.
             DELETE FROM tokens
             WHERE $9 AND family_id = $2 AND scope = 'refresh'

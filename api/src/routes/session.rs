@@ -11,12 +11,12 @@ use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::db::{self, RefreshOutcome};
+use crate::detached::detached;
 use crate::error::{ApiError, Limit};
 use crate::extract::ApiJson;
 use crate::limits::Taken;
 use crate::metrics as m;
 use crate::routes::{SessionView, UserView};
-use crate::signin::detached;
 use crate::state::AppState;
 use crate::tokens;
 
@@ -66,7 +66,7 @@ pub async fn refresh(
         RefreshOutcome::RateLimited { retry_after } => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rate_limited").increment(1);
             Err(ApiError::RateLimited {
-                limit: Limit::RefreshesPerSession,
+                limit: Limit::RefreshesPerSessionPerMinute,
                 retry_after,
             })
         }
@@ -107,7 +107,7 @@ async fn rotate_and_count(state: AppState, hash: Vec<u8>) -> Result<RefreshOutco
     Ok(outcome)
 }
 
-/// Counts one refresh of `session_id` against `REFRESH_PER_SESSION_PER_DAY` (a rolling day, in
+/// Counts one refresh of `session_id` against `REFRESH_PER_SESSION_PER_DAY` (a sliding day, in
 /// Redis: PostgreSQL's schema gains no column within a release, docs/operations.md); `false` when
 /// it was already used up. Redis away or slow lets the refresh through, with a warning: the cap
 /// bounds rotations (a session's rows, a thief's pace), and refresh must not depend on Redis.
@@ -135,7 +135,8 @@ async fn within_daily_cap(state: &AppState, session_id: Uuid) -> bool {
     }
 }
 
-/// How long a refresh waits for Redis to count it.
+/// How long a refresh waits for Redis to count it: well under Redis's 2 s command timeout, so that
+/// while Redis is away each refresh is slower by at most this, not by the whole timeout.
 const REFRESH_CAP_DEADLINE: Duration = Duration::from_millis(500);
 
 /// Signs out: revokes this session's tokens, or with `{"all": true}` every token of the user.

@@ -4,7 +4,7 @@
 //! Both halves end with an undo that must run whatever happens to the HTTP request (a client
 //! that hangs up, the request timeout): withdrawing a code whose event was not confirmed, or
 //! putting back a code whose session could not be stored. So that work runs on a task of its
-//! own, which the handler awaits but does not own. Its deadlines add up to no more than the
+//! own (`crate::detached`), which the handler awaits but does not own. Its deadlines add up to no more than the
 //! request timeout (10 s), so the client hears the outcome rather than a generic timeout:
 //! Redis at most [`REDIS_DEADLINE`] per step, the publish at most [`PUBLISH_DEADLINE`], and
 //! withdrawing an event whose publish went unanswered at most 1 s (`withdrawal`). Making a
@@ -28,20 +28,6 @@ pub const REDIS_DEADLINE: Duration = Duration::from_secs(2);
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(9);
 /// Connecting to RabbitMQ (when needed) and the broker's confirm, together.
 pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Awaits a sign-in step that runs on its own task (see the module doc): a client that hangs up
-/// cannot stop it halfway.
-pub(crate) async fn detached<T: Send + 'static>(
-    step: impl Future<Output = Result<T, crate::error::ApiError>> + Send + 'static,
-) -> Result<T, crate::error::ApiError> {
-    // The task logs on behalf of the request: it keeps the request's span (and its id).
-    let step = tracing::Instrument::instrument(step, tracing::Span::current());
-    tokio::spawn(step).await.unwrap_or_else(|e| {
-        Err(crate::error::ApiError::Internal(anyhow::anyhow!(
-            "a sign-in step failed: {e}"
-        )))
-    })
-}
 
 /// Runs a Redis step within [`REDIS_DEADLINE`]; a timeout is Redis being unavailable.
 async fn redis_step<T>(

@@ -4,14 +4,15 @@
 use std::net::IpAddr;
 
 use futures_util::future::join_all;
+use shared::fraud_guard::{FraudGuardMode, GuardVerdict};
 use shared::{OtpRequested, PhoneNumber};
 use tokio::sync::Semaphore;
 
 use super::promotion;
 use super::withdrawal::{self, Settled};
-use super::{ANSWER_WITHIN, PUBLISH_DEADLINE, detached, redis_step};
+use super::{ANSWER_WITHIN, PUBLISH_DEADLINE, redis_step};
 use crate::client_ip::ClientKey;
-use crate::config::FraudGuardMode;
+use crate::detached::detached;
 use crate::error::{ApiError, Dependency, Limit};
 use crate::limits::{Counter, Taken};
 use crate::metrics as m;
@@ -20,7 +21,6 @@ use crate::otp::{ChallengeId, generate_code};
 use crate::phone::Destination;
 use crate::publisher::PublishError;
 use crate::state::AppState;
-use shared::fraud_guard::GuardVerdict;
 
 /// A code on its way: what the client is told.
 pub struct Requested {

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use crate::client_ip::ClientKey;
 use crate::db::{self, IssuedSession};
+use crate::detached::detached;
 use crate::error::{ApiError, Limit};
 use crate::limits::{Counter, Taken};
 use crate::metrics as m;
@@ -13,7 +14,7 @@ use crate::otp::{self, ChallengeId};
 use crate::phone::Destination;
 use crate::state::AppState;
 
-use super::{detached, late_promotion, redis_step};
+use super::{late_promotion, redis_step};
 
 /// One guess, as the client sent it (the number already normalised).
 pub struct Guess {

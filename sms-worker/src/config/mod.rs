@@ -46,8 +46,8 @@ pub struct Config {
     pub seal_key: Option<SealKey>,
     /// Delivery receipts, when `CALLBACK_ADDR` is set.
     pub callbacks: Option<CallbackConfig>,
-    /// `OTP_FRAUD_GUARD*`, as the api reads them: a resend a receipt earns counts in the guard,
-    /// and in `enforce` a tripped calling code gets none.
+    /// `OTP_FRAUD_GUARD*`, as the api reads them: the worker asks the guard (counting nothing)
+    /// before a resend a receipt earns, and in `enforce` a tripped calling code gets none.
     pub fraud_guard: FraudGuardPolicy,
     /// Slow-client limits of both ports (`HTTP_HEADER_TIMEOUT_SECS`, `HTTP_IDLE_TIMEOUT_SECS`,
     /// `HTTP_MAX_CONNECTIONS`, for the receipts port), as in the api.

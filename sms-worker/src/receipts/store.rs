@@ -229,7 +229,7 @@ impl ReceiptStore {
 
     /// What the fraud guard the api counts its codes in says of one more to `calling_code`,
     /// counting nothing.
-    pub async fn fraud_guard(
+    pub async fn peek_fraud_guard(
         &self,
         policy: &FraudGuardPolicy,
         calling_code: u16,

@@ -380,7 +380,7 @@ async fn refused_by_the_fraud_guard(
         return None;
     }
     let calling_code = calling_code.or_else(|| phone.calling_code())?;
-    match store.fraud_guard(policy, calling_code).await {
+    match store.peek_fraud_guard(policy, calling_code).await {
         Ok(GuardVerdict::Clear) => None,
         Ok(GuardVerdict::Tripped) => {
             // As often as the resends themselves: the api warns once a minute per calling code.
