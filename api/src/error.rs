@@ -115,6 +115,7 @@ pub enum Limit {
     VerifyFailsPerIp,
     VerifyFailsPerPhone,
     RefreshesPerSessionPerMinute,
+    RefreshesPerSessionPerDay,
 }
 
 impl Limit {
@@ -135,6 +136,9 @@ impl Limit {
             }
             Self::RefreshesPerSessionPerMinute => {
                 "this session is refreshing too often (REFRESH_PER_SESSION_PER_MINUTE)"
+            }
+            Self::RefreshesPerSessionPerDay => {
+                "this session has refreshed too many times today (REFRESH_PER_SESSION_PER_DAY)"
             }
         }
     }

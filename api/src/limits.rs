@@ -119,11 +119,10 @@ impl Limits {
         self.counter_for(Limit::Global, "{global}:sent".to_owned(), limit, MINUTE)
     }
 
-    /// Refreshes of one session per sliding day (`REFRESH_PER_SESSION_PER_DAY`). Past it the
-    /// session is revoked, so its kind never reaches a client as a 429.
+    /// Refreshes of one session per sliding day (`REFRESH_PER_SESSION_PER_DAY`).
     pub fn refreshes_per_session(&self, session_id: uuid::Uuid, limit: u32) -> Counter {
         let key = format!("session:{{{session_id}}}:refreshes");
-        self.counter_for(Limit::RefreshesPerSessionPerMinute, key, limit, DAY)
+        self.counter_for(Limit::RefreshesPerSessionPerDay, key, limit, DAY)
     }
 
     fn counter_for(&self, kind: Limit, key: String, limit: u32, window: Duration) -> Counter {

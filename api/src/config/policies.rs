@@ -118,9 +118,9 @@ pub struct SessionPolicy {
     /// A just-rotated refresh token presented again within this does not revoke the family.
     pub reuse_grace: Duration,
     pub refreshes_per_minute: u32,
-    /// Refreshes one session may make in a (sliding) day; the one past it revokes the session. It
-    /// bounds the rotated tokens a session keeps (and a thief's rotations), where the per-minute
-    /// rate alone allowed 14,400 a day.
+    /// Refreshes one session may make in a (sliding) day; past it a session with two holders is
+    /// revoked, and one client alone waits. It bounds the rotated tokens a session keeps (and a
+    /// thief's rotations), where the per-minute rate alone allowed 14,400 a day.
     pub refreshes_per_day: u32,
 }
 

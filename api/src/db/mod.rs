@@ -12,7 +12,10 @@ use uuid::Uuid;
 
 use crate::tokens::PlainToken;
 
-pub use sessions::{RefreshOutcome, refresh, revoke_session, revoke_user, sign_in};
+pub use sessions::{
+    RefreshOutcome, refresh, revoke_session, revoke_user, session_of_refresh_token,
+    shows_two_holders, sign_in,
+};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct User {

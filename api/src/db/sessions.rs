@@ -72,17 +72,15 @@ pub async fn sign_in(
 }
 
 pub enum RefreshOutcome {
-    /// A new pair, in the session `session_id`.
-    Rotated {
-        session: IssuedSession,
-        session_id: Uuid,
-    },
+    Rotated(IssuedSession),
     /// Unknown, expired, revoked, or the session outlived `SESSION_MAX_LIFETIME_SECS`.
     Invalid,
     /// Rotated before, outside the reuse grace: the session has been revoked.
     Reused,
     /// The session refreshed too often in the last minute.
-    RateLimited { retry_after: Duration },
+    RateLimited {
+        retry_after: Duration,
+    },
 }
 
 /// What the refresh token's row and its session say, read under the session's lock.
@@ -262,7 +260,7 @@ pub async fn refresh(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    let session = IssuedSession {
+    Ok(RefreshOutcome::Rotated(IssuedSession {
         user: User {
             id: presented.user_id,
             phone_number: presented.phone_number,
@@ -273,11 +271,39 @@ pub async fn refresh(
         refresh_token: refresh,
         access_expires_in: access_ttl,
         refresh_expires_in: refresh_ttl,
-    };
-    Ok(RefreshOutcome::Rotated {
-        session,
-        session_id: presented.session_id,
-    })
+    }))
+}
+
+/// The session a refresh token belongs to, whatever its state; `None` for an unknown token.
+pub async fn session_of_refresh_token(
+    pool: &PgPool,
+    refresh_hash: &[u8],
+) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar("SELECT family_id FROM tokens WHERE hash = $1 AND scope = 'refresh'")
+        .bind(refresh_hash)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Whether the session of a refresh token shows two holders: the token was already rotated (a
+/// replay, or a retry), or the session has more than one live refresh token (a chain forked
+/// within the reuse grace). One client refreshing alone has exactly one live token and presents
+/// it.
+pub async fn shows_two_holders(pool: &PgPool, refresh_hash: &[u8]) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        r"
+        SELECT t.rotated_at IS NOT NULL OR (
+            SELECT count(*) FROM tokens
+            WHERE family_id = t.family_id AND scope = 'refresh' AND rotated_at IS NULL
+        ) > 1
+        FROM tokens t
+        WHERE t.hash = $1 AND t.scope = 'refresh'
+        ",
+    )
+    .bind(refresh_hash)
+    .fetch_optional(pool)
+    .await
+    .map(|two| two.unwrap_or(false))
 }
 
 /// Marks the session revoked and deletes its tokens. The caller holds the session's lock, or

@@ -7,14 +7,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::db::{self, RefreshOutcome};
 use crate::detached::detached;
 use crate::error::{ApiError, Limit};
 use crate::extract::ApiJson;
-use crate::limits::Taken;
+use crate::limits::{Counter, Taken};
 use crate::metrics as m;
 use crate::routes::{SessionView, UserView};
 use crate::state::AppState;
@@ -37,13 +36,13 @@ pub struct LogoutBody {
 /// The old refresh token and its access token stop working. Within `REFRESH_REUSE_GRACE_SECS`
 /// of a rotation, presenting the just-rotated refresh token again (a retry after a lost answer,
 /// two tabs at once) gives another new pair; after that, it revokes the whole sign-in and
-/// answers 401. A sign-in cannot be refreshed past `SESSION_MAX_LIFETIME_SECS`, and one refreshed
-/// more than `REFRESH_PER_SESSION_PER_DAY` times in a day is revoked (401).
+/// answers 401. A sign-in cannot be refreshed past `SESSION_MAX_LIFETIME_SECS`, nor more than
+/// `REFRESH_PER_SESSION_PER_DAY` times in a day (429; or 401, revoked, if it has two holders).
 #[utoipa::path(post, path = "/v1/token/refresh", tag = "session", request_body = RefreshBody,
     responses(
         (status = 200, description = "New session", body = SessionView),
-        (status = 401, description = "`invalid_refresh_token`: unknown, expired, revoked or reused; or the session's daily refreshes are used up, which revokes it"),
-        (status = 429, description = "`rate_limited`: this session refreshes too often this minute"),
+        (status = 401, description = "`invalid_refresh_token`: unknown, expired, revoked or reused; or the session, with two holders, used up its daily refreshes, which revokes it"),
+        (status = 429, description = "`rate_limited`: this session refreshes too often (this minute, or today)"),
         (status = 503, description = "`unavailable`"),
     ))]
 pub async fn refresh(
@@ -55,11 +54,10 @@ pub async fn refresh(
     }
     let hash = tokens::hash(&body.refresh_token);
     // On a task of its own: nothing that drops the request (the router's timeout, a server that
-    // stops serving a client that hung up) can stop it between the rotation's commit and its
-    // count against the daily cap, or the revocation that follows, which would leave rotations
-    // uncounted, or a session past its cap alive.
-    match detached(rotate_and_count(state, hash)).await? {
-        RefreshOutcome::Rotated { session, .. } => {
+    // stops serving a client that hung up) can stop it between its count against the daily cap
+    // and the rotation, or the give-back or revocation that follows.
+    match detached(refresh_within_daily_cap(state, hash)).await? {
+        RefreshOutcome::Rotated(session) => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session)))
         }
@@ -84,54 +82,103 @@ pub async fn refresh(
     }
 }
 
-/// Rotates the refresh token, then counts the refresh against the session's daily cap. Counted
-/// once the rotation is committed, so that no PostgreSQL lock or connection waits on Redis, and
-/// only refreshes made count: retries within the grace too, or a thief alternating the two would
-/// rotate without bound. The one past the cap is revoked with its session (`invalid_refresh_token`);
-/// nobody holds its pair yet.
-async fn rotate_and_count(state: AppState, hash: Vec<u8>) -> Result<RefreshOutcome, ApiError> {
+/// Counts the refresh against its session's daily cap, then rotates the token. Every refresh
+/// attempted counts, retries within the grace too (or a thief alternating the two would rotate
+/// without bound); one that then rotates nothing (unknown, expired, replayed, over the minute's
+/// limit) is given back. Counted before the rotation's transaction, so that no PostgreSQL lock or
+/// connection waits on Redis. At the cap:
+/// - a session with two holders (its token already rotated, or two live chains: forked within
+///   the reuse grace) is revoked, answering `invalid_refresh_token`: reuse detection never sees a
+///   fork, and this signs the thief out with the owner rather than let either spend the other's
+///   refreshes;
+/// - one client alone (a single live chain, presenting its token) gets `429` until the sliding
+///   day frees a refresh: its token stays unrotated and keeps working, so a client refreshing in
+///   a loop is slowed, not signed out.
+async fn refresh_within_daily_cap(
+    state: AppState,
+    hash: Vec<u8>,
+) -> Result<RefreshOutcome, ApiError> {
     let pool = state.db()?;
-    let outcome = db::refresh(pool, &hash, &state.config.sessions).await?;
-    if let RefreshOutcome::Rotated { session_id, .. } = outcome
-        && !within_daily_cap(&state, session_id).await
-    {
-        // Recorded first: a revocation that fails (503) must not hide that the cap was reached.
-        metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
-        tracing::warn!(
-            %session_id,
-            "a session used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
-        );
-        db::revoke_session(pool, session_id).await?;
-        return Err(ApiError::InvalidRefreshToken);
-    }
-    Ok(outcome)
-}
-
-/// Counts one refresh of `session_id` against `REFRESH_PER_SESSION_PER_DAY` (a sliding day, in
-/// Redis: PostgreSQL's schema gains no column within a release, docs/operations.md); `false` when
-/// it was already used up. Redis away or slow lets the refresh through, with a warning: the cap
-/// bounds rotations (a session's rows, a thief's pace), and refresh must not depend on Redis.
-async fn within_daily_cap(state: &AppState, session_id: Uuid) -> bool {
+    let Some(session_id) = db::session_of_refresh_token(pool, &hash).await? else {
+        return Ok(RefreshOutcome::Invalid);
+    };
     let counter = state
         .limits
         .refreshes_per_session(session_id, state.config.sessions.refreshes_per_day);
+    match count_refresh(&state, &counter).await {
+        DailyCount::Counted => {
+            let outcome = db::refresh(pool, &hash, &state.config.sessions).await;
+            if !matches!(outcome, Ok(RefreshOutcome::Rotated(_))) {
+                give_back_refresh(&state, &counter).await;
+            }
+            Ok(outcome?)
+        }
+        DailyCount::Uncounted => Ok(db::refresh(pool, &hash, &state.config.sessions).await?),
+        DailyCount::UsedUp { retry_after } => {
+            if !db::shows_two_holders(pool, &hash).await? {
+                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rate_limited").increment(1);
+                return Err(ApiError::RateLimited {
+                    limit: Limit::RefreshesPerSessionPerDay,
+                    retry_after,
+                });
+            }
+            // Recorded first: a revocation that fails (503) must not hide that the cap was hit.
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
+            tracing::warn!(
+                %session_id,
+                "a session with two holders used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
+            );
+            db::revoke_session(pool, session_id).await?;
+            Err(ApiError::InvalidRefreshToken)
+        }
+    }
+}
+
+/// What counting a refresh against its session's daily cap came to.
+enum DailyCount {
+    Counted,
+    /// Redis did not answer in time: the refresh goes ahead uncounted.
+    Uncounted,
+    UsedUp {
+        retry_after: Duration,
+    },
+}
+
+/// Counts one refresh against `REFRESH_PER_SESSION_PER_DAY` (a sliding day, in Redis:
+/// PostgreSQL's schema gains no column within a release, docs/operations.md). Redis away or slow
+/// lets the refresh through, with a warning: the cap bounds rotations (a session's rows, a
+/// thief's pace), and refresh must not depend on Redis.
+async fn count_refresh(state: &AppState, counter: &Counter) -> DailyCount {
     let taken = tokio::time::timeout(
         REFRESH_CAP_DEADLINE,
-        state.limits.take(state.redis(), &counter),
+        state.limits.take(state.redis(), counter),
     );
     match taken.await {
-        Ok(Ok(Taken::Yes)) => true,
-        Ok(Ok(Taken::No { .. })) => false,
+        Ok(Ok(Taken::Yes)) => DailyCount::Counted,
+        Ok(Ok(Taken::No { retry_after })) => DailyCount::UsedUp { retry_after },
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not count a refresh against the daily cap; letting it through");
-            true
+            DailyCount::Uncounted
         }
         Err(_) => {
             tracing::warn!(
                 "Redis was too slow to count a refresh against the daily cap; letting it through"
             );
-            true
+            DailyCount::Uncounted
         }
+    }
+}
+
+/// Uncounts a refresh that rotated nothing. Best effort: one not given back lapses with the day.
+async fn give_back_refresh(state: &AppState, counter: &Counter) {
+    let given = tokio::time::timeout(
+        REFRESH_CAP_DEADLINE,
+        state.limits.give_back(state.redis(), counter),
+    );
+    if !matches!(given.await, Ok(Ok(()))) {
+        tracing::debug!(
+            "could not give back a refresh that rotated nothing; it lapses with the day"
+        );
     }
 }
 

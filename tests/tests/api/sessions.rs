@@ -7,7 +7,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tests::wait::eventually;
 
-use crate::helpers::{PHONE, Reply, Spawn, TestApp, metric_value, spawn_app, spawn_with};
+use crate::helpers::{
+    PHONE, Reply, Spawn, TestApp, captured_logs, metric_value, spawn_app, spawn_with,
+};
 
 fn token(session: &Value, name: &str) -> String {
     session[name]
@@ -294,10 +296,9 @@ async fn a_session_refreshing_too_often_is_rate_limited() {
 }
 
 /// A session refreshes at most `REFRESH_PER_SESSION_PER_DAY` times a day, refreshes retried
-/// within the reuse grace included; the refresh past that revokes it. So a thief who forked the
-/// session within the grace (two chains, neither ever replaying) is signed out with it, and a
-/// session's rotations, which bound its rows, are bounded. Refreshes refused for another reason
-/// do not count.
+/// within the reuse grace included. Past that, a session with two holders is revoked: a thief who
+/// forked it within the grace (two chains, neither ever replaying) is signed out with the owner.
+/// Refreshes refused for another reason do not count.
 #[tokio::test]
 async fn a_session_refreshing_past_its_daily_cap_is_revoked() {
     let app = spawn_with(
@@ -341,10 +342,80 @@ async fn a_session_refreshing_past_its_daily_cap_is_revoked() {
     .await
     .expect("the session");
     assert_eq!(revoked, 1);
-    assert_eq!(metric_value(&app.metrics().await, over_cap), before + 1.0);
+    // Other tests in this process revoke sessions too: the warning names this one.
+    let session_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM sessions WHERE user_id::text = $1")
+            .bind(&user_id)
+            .fetch_one(&db)
+            .await
+            .expect("the session");
+    let logs = captured_logs();
+    assert!(
+        logs.lines()
+            .any(|line| line.contains("used up its refreshes of the day")
+                && line.contains(&session_id.to_string())),
+        "the warning names the session"
+    );
+    assert!(metric_value(&app.metrics().await, over_cap) >= before + 1.0);
     // Another sign-in of the same user has a day of its own.
     let other = app.sign_in_again(PHONE).await;
     rotate(&app, &token(&other, "refresh_token")).await;
+}
+
+/// One client alone at its daily cap is slowed, not signed out: `429` naming the limit, its
+/// refresh token unrotated and still good once the sliding day frees a refresh. A rotated token
+/// presented at the cap (a replay) still revokes the session.
+#[tokio::test]
+async fn one_client_at_its_daily_cap_waits_and_a_replay_there_still_revokes() {
+    let app = spawn_with(Spawn::default().var("REFRESH_PER_SESSION_PER_DAY", 2)).await;
+    let first = app.sign_in(PHONE).await;
+    let user_id = first["user"]["id"].as_str().unwrap().to_owned();
+    let mut session = rotate(&app, &token(&first, "refresh_token")).await;
+    session = rotate(&app, &token(&session, "refresh_token")).await;
+    let refused = refresh(&app, &token(&session, "refresh_token")).await;
+    refused.assert_problem(429, "rate_limited");
+    assert!(
+        refused.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("REFRESH_PER_SESSION_PER_DAY")),
+        "{}",
+        refused.body
+    );
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry_after > 60, "Retry-After {retry_after}");
+    assert_eq!(
+        me(&app, &token(&session, "access_token")).await,
+        StatusCode::OK
+    );
+    // The day frees its refreshes: the same token, never rotated, refreshes.
+    let session_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM sessions WHERE user_id::text = $1")
+            .bind(&user_id)
+            .fetch_one(&app.db().await)
+            .await
+            .expect("the session");
+    let day = format!("{}:limit:session:{{{session_id}}}:refreshes", app.namespace);
+    let () = redis::cmd("DEL")
+        .arg(&day)
+        .query_async(&mut app.redis().await)
+        .await
+        .expect("the day over");
+    let rotated = token(&session, "refresh_token");
+    session = rotate(&app, &rotated).await;
+    session = rotate(&app, &token(&session, "refresh_token")).await;
+    // At the cap again, a replay of a rotated token (past the grace) revokes the session.
+    let db = app.db().await;
+    for_user(
+        &db,
+        &user_id,
+        "UPDATE tokens SET rotated_at = rotated_at - interval '1 minute' WHERE rotated_at IS NOT NULL AND user_id::text = $1",
+        "the rotations past the grace",
+    )
+    .await;
+    refresh(&app, &rotated)
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+    assert_signed_out(&app, &session).await;
 }
 
 #[tokio::test]
