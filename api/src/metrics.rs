@@ -10,7 +10,8 @@ pub const OTP_REQUESTS: &str = "otp_requests_total";
 pub const OTP_VERIFICATIONS: &str = "otp_verifications_total";
 /// Counter, label `country` (calling code).
 pub const FRAUD_GUARD_TRIPS: &str = "otp_fraud_guard_trips_total";
-/// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`, `over_daily_cap`.
+/// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`, `daily_cap`,
+/// `over_daily_cap`.
 pub const TOKEN_REFRESHES: &str = "token_refreshes_total";
 /// Counter, label `step` (`request`, `verify`): uses of a fixed test number (`OTP_TEST_NUMBERS`).
 pub const TEST_NUMBER_USES: &str = "otp_test_number_uses_total";
@@ -69,7 +70,7 @@ pub fn describe() {
     );
     describe_counter!(
         TOKEN_REFRESHES,
-        "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited, over_daily_cap (its session was revoked)."
+        "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited, daily_cap (one client over its daily cap, told to wait), over_daily_cap (a session with two holders over it, revoked)."
     );
     // From 0, so that an alert's increase() sees the first revocation of each process.
     for outcome in ["reused", "over_daily_cap"] {

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use crate::tokens::PlainToken;
 
 pub use sessions::{
-    RefreshOutcome, refresh, revoke_session, revoke_user, session_of_refresh_token,
-    shows_two_holders, sign_in,
+    Holders, RefreshOutcome, holders, refresh, revoke_session, revoke_user,
+    session_of_refresh_token, sign_in,
 };
 
 #[derive(Debug, Clone, sqlx::FromRow)]

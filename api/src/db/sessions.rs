@@ -285,25 +285,45 @@ pub async fn session_of_refresh_token(
         .await
 }
 
-/// Whether the session of a refresh token shows two holders: the token was already rotated (a
-/// replay, or a retry), or the session has more than one live refresh token (a chain forked
-/// within the reuse grace). One client refreshing alone has exactly one live token and presents
-/// it.
-pub async fn shows_two_holders(pool: &PgPool, refresh_hash: &[u8]) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
+/// Who holds a session, as far as a refresh token presented at its daily cap tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holders {
+    /// The token, or its session, can no longer be used (expired, ended, revoked, unknown).
+    Unusable,
+    /// One client alone: it presents its newest live refresh token, never rotated.
+    One,
+    /// Two: the token was already rotated (a replay, or a retry), or the session has a live
+    /// refresh token newer than it (a chain forked within the reuse grace, refreshed since).
+    Two,
+}
+
+/// [`Holders`] for the refresh token `refresh_hash`. Live tokens older than the presented one do
+/// not count: they are what a client's own retries within the grace leave behind, and in a real
+/// fork whichever side presents the older chain is seen. One statement; the `EXISTS` reads the
+/// session's rows only until it finds a newer live token.
+pub async fn holders(pool: &PgPool, refresh_hash: &[u8]) -> sqlx::Result<Holders> {
+    let row: Option<(bool, bool)> = sqlx::query_as(
         r"
-        SELECT t.rotated_at IS NOT NULL OR (
-            SELECT count(*) FROM tokens
-            WHERE family_id = t.family_id AND scope = 'refresh' AND rotated_at IS NULL
-        ) > 1
+        SELECT (t.expiry > now() AND s.expires_at > now() AND s.revoked_at IS NULL),
+               t.rotated_at IS NOT NULL OR EXISTS (
+                   SELECT 1 FROM tokens o
+                   WHERE o.family_id = t.family_id AND o.scope = 'refresh'
+                     AND o.rotated_at IS NULL AND o.expiry > now()
+                     AND o.created_at > t.created_at
+               )
         FROM tokens t
+        JOIN sessions s ON s.id = t.family_id
         WHERE t.hash = $1 AND t.scope = 'refresh'
         ",
     )
     .bind(refresh_hash)
     .fetch_optional(pool)
-    .await
-    .map(|two| two.unwrap_or(false))
+    .await?;
+    Ok(match row {
+        Some((true, false)) => Holders::One,
+        Some((true, true)) => Holders::Two,
+        Some((false, _)) | None => Holders::Unusable,
+    })
 }
 
 /// Marks the session revoked and deletes its tokens. The caller holds the session's lock, or

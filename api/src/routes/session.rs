@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthUser;
-use crate::db::{self, RefreshOutcome};
+use crate::db::{self, Holders, RefreshOutcome};
 use crate::detached::detached;
 use crate::error::{ApiError, Limit};
 use crate::extract::ApiJson;
@@ -86,14 +86,15 @@ pub async fn refresh(
 /// attempted counts, retries within the grace too (or a thief alternating the two would rotate
 /// without bound); one that then rotates nothing (unknown, expired, replayed, over the minute's
 /// limit) is given back. Counted before the rotation's transaction, so that no PostgreSQL lock or
-/// connection waits on Redis. At the cap:
-/// - a session with two holders (its token already rotated, or two live chains: forked within
-///   the reuse grace) is revoked, answering `invalid_refresh_token`: reuse detection never sees a
-///   fork, and this signs the thief out with the owner rather than let either spend the other's
-///   refreshes;
-/// - one client alone (a single live chain, presenting its token) gets `429` until the sliding
-///   day frees a refresh: its token stays unrotated and keeps working, so a client refreshing in
-///   a loop is slowed, not signed out.
+/// connection waits on Redis. At the cap ([`db::holders`]):
+/// - a session with two holders (its token already rotated, or a newer live token: a chain
+///   forked within the reuse grace) is revoked, answering `invalid_refresh_token`: reuse
+///   detection never sees a fork, and this signs the thief out with the owner rather than let
+///   either spend the other's refreshes;
+/// - one client alone (presenting its newest live token) gets `429` until the sliding day frees
+///   a refresh: its token stays unrotated and keeps working, so a client refreshing in a loop is
+///   slowed, not signed out;
+/// - a token that can no longer be used answers `invalid_refresh_token`, as below the cap.
 async fn refresh_within_daily_cap(
     state: AppState,
     hash: Vec<u8>,
@@ -109,28 +110,36 @@ async fn refresh_within_daily_cap(
         DailyCount::Counted => {
             let outcome = db::refresh(pool, &hash, &state.config.sessions).await;
             if !matches!(outcome, Ok(RefreshOutcome::Rotated(_))) {
-                give_back_refresh(&state, &counter).await;
+                // Not waited for: the answer need not wait on Redis a second time.
+                let (state, counter) = (state.clone(), counter.clone());
+                tokio::spawn(async move { give_back_refresh(&state, &counter).await });
             }
             Ok(outcome?)
         }
         DailyCount::Uncounted => Ok(db::refresh(pool, &hash, &state.config.sessions).await?),
-        DailyCount::UsedUp { retry_after } => {
-            if !db::shows_two_holders(pool, &hash).await? {
-                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rate_limited").increment(1);
-                return Err(ApiError::RateLimited {
+        DailyCount::UsedUp { retry_after } => match db::holders(pool, &hash).await? {
+            Holders::Unusable => {
+                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "invalid").increment(1);
+                Err(ApiError::InvalidRefreshToken)
+            }
+            Holders::One => {
+                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "daily_cap").increment(1);
+                Err(ApiError::RateLimited {
                     limit: Limit::RefreshesPerSessionPerDay,
                     retry_after,
-                });
+                })
             }
-            // Recorded first: a revocation that fails (503) must not hide that the cap was hit.
-            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
-            tracing::warn!(
-                %session_id,
-                "a session with two holders used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
-            );
-            db::revoke_session(pool, session_id).await?;
-            Err(ApiError::InvalidRefreshToken)
-        }
+            Holders::Two => {
+                // Recorded first: a revocation that fails (503) must not hide that the cap was hit.
+                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
+                tracing::warn!(
+                    %session_id,
+                    "a session with two holders used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
+                );
+                db::revoke_session(pool, session_id).await?;
+                Err(ApiError::InvalidRefreshToken)
+            }
+        },
     }
 }
 
@@ -170,6 +179,8 @@ async fn count_refresh(state: &AppState, counter: &Counter) -> DailyCount {
 }
 
 /// Uncounts a refresh that rotated nothing. Best effort: one not given back lapses with the day.
+/// A commit whose answer was lost (the connection dropped during it) may have rotated all the
+/// same, and is given back too: an accident, not something a client can cause.
 async fn give_back_refresh(state: &AppState, counter: &Counter) {
     let given = tokio::time::timeout(
         REFRESH_CAP_DEADLINE,

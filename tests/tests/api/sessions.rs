@@ -325,7 +325,7 @@ async fn a_session_refreshing_past_its_daily_cap_is_revoked() {
         StatusCode::OK
     );
     // The fifth of the day revokes the session: both chains are signed out, and no token of it
-    // is left, not even the pair that fifth refresh made.
+    // is left.
     let over_cap = r#"token_refreshes_total{outcome="over_daily_cap"}"#;
     let before = metric_value(&app.metrics().await, over_cap);
     refresh(&app, &token(&thief, "refresh_token"))
@@ -363,15 +363,20 @@ async fn a_session_refreshing_past_its_daily_cap_is_revoked() {
 }
 
 /// One client alone at its daily cap is slowed, not signed out: `429` naming the limit, its
-/// refresh token unrotated and still good once the sliding day frees a refresh. A rotated token
-/// presented at the cap (a replay) still revokes the session.
+/// refresh token unrotated and still good once the sliding day frees a refresh. The pair its own
+/// retry within the grace left behind does not make it two holders. A rotated token presented at
+/// the cap (a replay) still revokes the session.
 #[tokio::test]
 async fn one_client_at_its_daily_cap_waits_and_a_replay_there_still_revokes() {
     let app = spawn_with(Spawn::default().var("REFRESH_PER_SESSION_PER_DAY", 2)).await;
     let first = app.sign_in(PHONE).await;
     let user_id = first["user"]["id"].as_str().unwrap().to_owned();
+    // A refresh whose answer was lost, and the client's retry within the grace: the first pair
+    // stays live, unused.
+    rotate(&app, &token(&first, "refresh_token")).await;
     let mut session = rotate(&app, &token(&first, "refresh_token")).await;
-    session = rotate(&app, &token(&session, "refresh_token")).await;
+    let throttled = r#"token_refreshes_total{outcome="daily_cap"}"#;
+    let before = metric_value(&app.metrics().await, throttled);
     let refused = refresh(&app, &token(&session, "refresh_token")).await;
     refused.assert_problem(429, "rate_limited");
     assert!(
@@ -383,6 +388,7 @@ async fn one_client_at_its_daily_cap_waits_and_a_replay_there_still_revokes() {
     );
     let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     assert!(retry_after > 60, "Retry-After {retry_after}");
+    assert!(metric_value(&app.metrics().await, throttled) >= before + 1.0);
     assert_eq!(
         me(&app, &token(&session, "access_token")).await,
         StatusCode::OK
