@@ -238,9 +238,12 @@ pub async fn refresh(
                 refreshes_in_window = CASE WHEN $9 THEN 1 ELSE refreshes_in_window + 1 END
             WHERE id = $2
         )
-        INSERT INTO tokens (hash, user_id, expiry, scope, family_id, pair_id)
-        VALUES ($4, $10, now() + make_interval(secs => $5), 'authentication', $2, $8),
-               ($6, $10, now() + make_interval(secs => $7), 'refresh', $2, $8)
+        -- Stamped with the clock, not the transaction's start: rotations of one session run in
+        -- the order of its lock, and which of its live tokens is newest must follow that order
+        -- (`holders`), even when one waited for the lock.
+        INSERT INTO tokens (hash, user_id, expiry, scope, family_id, pair_id, created_at)
+        VALUES ($4, $10, now() + make_interval(secs => $5), 'authentication', $2, $8, clock_timestamp()),
+               ($6, $10, now() + make_interval(secs => $7), 'refresh', $2, $8, clock_timestamp())
         ",
     )
     .bind(refresh_hash)

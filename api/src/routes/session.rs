@@ -110,9 +110,8 @@ async fn refresh_within_daily_cap(
         DailyCount::Counted => {
             let outcome = db::refresh(pool, &hash, &state.config.sessions).await;
             if !matches!(outcome, Ok(RefreshOutcome::Rotated(_))) {
-                // Not waited for: the answer need not wait on Redis a second time.
-                let (state, counter) = (state.clone(), counter.clone());
-                tokio::spawn(async move { give_back_refresh(&state, &counter).await });
+                // Waited for (at most 0.5 s), so that the client's next refresh finds it given back.
+                give_back_refresh(&state, &counter).await;
             }
             Ok(outcome?)
         }

@@ -389,6 +389,19 @@ async fn one_client_at_its_daily_cap_waits_and_a_replay_there_still_revokes() {
     let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     assert!(retry_after > 60, "Retry-After {retry_after}");
     assert!(metric_value(&app.metrics().await, throttled) >= before + 1.0);
+    // At the cap, a token that can no longer be used answers as below it, revoking nothing.
+    let db = app.db().await;
+    const EXPIRE: &str = "UPDATE tokens SET expiry = expiry - interval '60 days' WHERE scope = 'refresh' AND user_id::text = $1";
+    const UNEXPIRE: &str = "UPDATE tokens SET expiry = expiry + interval '60 days' WHERE scope = 'refresh' AND user_id::text = $1";
+    for_user(&db, &user_id, EXPIRE, "the refresh tokens expired").await;
+    refresh(&app, &token(&session, "refresh_token"))
+        .await
+        .assert_problem(401, "invalid_refresh_token");
+    for_user(&db, &user_id, UNEXPIRE, "the refresh tokens back").await;
+    assert_eq!(
+        me(&app, &token(&session, "access_token")).await,
+        StatusCode::OK
+    );
     assert_eq!(
         me(&app, &token(&session, "access_token")).await,
         StatusCode::OK
@@ -410,7 +423,6 @@ async fn one_client_at_its_daily_cap_waits_and_a_replay_there_still_revokes() {
     session = rotate(&app, &rotated).await;
     session = rotate(&app, &token(&session, "refresh_token")).await;
     // At the cap again, a replay of a rotated token (past the grace) revokes the session.
-    let db = app.db().await;
     for_user(
         &db,
         &user_id,
