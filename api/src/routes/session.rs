@@ -84,8 +84,8 @@ pub async fn refresh(
 
 /// Counts the refresh against its session's daily cap, then rotates the token. Every refresh
 /// attempted counts, retries within the grace too (or a thief alternating the two would rotate
-/// without bound); one that then rotates nothing (unknown, expired, replayed, over the minute's
-/// limit) is given back. Counted before the rotation's transaction, so that no PostgreSQL lock or
+/// without bound); one that then rotates nothing (expired, replayed, over the minute's limit) is
+/// given back, and an unknown token is never counted. Counted before the rotation's transaction, so that no PostgreSQL lock or
 /// connection waits on Redis. At the cap ([`db::holders`]):
 /// - a session with two holders (its token already rotated, or a newer live token: a chain
 ///   forked within the reuse grace) is revoked, answering `invalid_refresh_token`: reuse
@@ -145,7 +145,7 @@ async fn refresh_within_daily_cap(
 /// What counting a refresh against its session's daily cap came to.
 enum DailyCount {
     Counted,
-    /// Redis did not answer in time: the refresh goes ahead uncounted.
+    /// Redis failed or did not answer in time: the refresh goes ahead uncounted.
     Uncounted,
     UsedUp {
         retry_after: Duration,
