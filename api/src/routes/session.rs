@@ -11,11 +11,12 @@ use utoipa::ToSchema;
 use crate::auth::AuthUser;
 use crate::db::{self, Holders, RefreshOutcome};
 use crate::detached::detached;
-use crate::error::{ApiError, Limit};
+use crate::error::{ApiError, Dependency, Limit};
 use crate::extract::ApiJson;
 use crate::limits::{Counter, Taken};
 use crate::metrics as m;
 use crate::routes::{SessionView, UserView};
+use crate::signin::ANSWER_WITHIN;
 use crate::state::AppState;
 use crate::tokens;
 
@@ -55,8 +56,21 @@ pub async fn refresh(
     let hash = tokens::hash(&body.refresh_token);
     // On a task of its own: nothing that drops the request (the router's timeout, a server that
     // stops serving a client that hung up) can stop it between its count against the daily cap
-    // and the rotation, or the give-back or revocation that follows.
-    match detached(refresh_within_daily_cap(state, hash)).await? {
+    // and the rotation, or the give-back or revocation that follows. But within the request's
+    // time (`ANSWER_WITHIN`, under the router's 10 s): a refresh stuck on a busy database is
+    // dropped, its transaction rolled back, before the client is told 503, so a token the
+    // client was told nothing of is never rotated behind its back.
+    let within_the_request = async move {
+        tokio::time::timeout(ANSWER_WITHIN, refresh_within_daily_cap(state, hash))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::unavailable(
+                    Dependency::Postgres,
+                    anyhow::anyhow!("the refresh did not finish within the request's time"),
+                ))
+            })
+    };
+    match detached(within_the_request).await? {
         RefreshOutcome::Rotated(session) => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session)))

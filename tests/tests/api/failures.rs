@@ -362,6 +362,41 @@ async fn locked(app: &TestApp, lock: &'static str) -> sqlx::Transaction<'static,
     held
 }
 
+/// A refresh stuck on a busy database answers 503 within the request's time and rotates
+/// nothing afterwards: the token the client was told nothing of still works. Before, the refresh
+/// went on after the router's timeout and rotated the token once the lock was free, so with no
+/// reuse grace the client's retry revoked its session.
+#[tokio::test]
+async fn a_refresh_that_runs_out_of_time_rotates_nothing_later() {
+    let app = spawn_with(
+        Spawn::default()
+            .var("DATABASE_STATEMENT_TIMEOUT_MS", 30_000)
+            .var("REFRESH_REUSE_GRACE_SECS", 0),
+    )
+    .await;
+    let session = app.sign_in(PHONE).await;
+    let body = serde_json::json!({ "refresh_token": session["refresh_token"] });
+    let lock = locked(&app, "SELECT id FROM sessions FOR UPDATE").await;
+    app.post("/v1/token/refresh", body.clone())
+        .await
+        .assert_problem(503, "unavailable");
+    lock.rollback().await.expect("the lock released");
+    let db = app.db().await;
+    // Whatever was still waiting on the lock has had its turn once no query waits on it.
+    eventually(Duration::from_secs(5), "no refresh waiting on the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db)
+        .await
+        .expect("pg_stat_activity");
+        (waiting == 0).then_some(())
+    })
+    .await;
+    let reply = app.post("/v1/token/refresh", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
 /// `DATABASE_STATEMENT_TIMEOUT_MS=0` leaves PostgreSQL's own `statement_timeout` (set here on the
 /// database, as behind PgBouncer it would be on the role): a sign-in stuck behind a lock answers
 /// 503 at the server's 700 ms, where an api that set 0 itself would wait for the lock.
