@@ -13,6 +13,9 @@ pub const FRAUD_GUARD_TRIPS: &str = "otp_fraud_guard_trips_total";
 /// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`, `daily_cap`,
 /// `over_daily_cap`.
 pub const TOKEN_REFRESHES: &str = "token_refreshes_total";
+/// Counter: refreshes let through without a count against `REFRESH_PER_SESSION_PER_DAY`,
+/// because Redis failed or did not answer within 0.5 s (the cap fails open).
+pub const TOKEN_REFRESHES_UNCOUNTED: &str = "token_refreshes_uncounted_total";
 /// Counter, label `step` (`request`, `verify`): uses of a fixed test number (`OTP_TEST_NUMBERS`).
 pub const TEST_NUMBER_USES: &str = "otp_test_number_uses_total";
 /// Histogram (seconds): publishing an `OtpRequested` until the broker's confirm.
@@ -76,6 +79,11 @@ pub fn describe() {
     for outcome in ["reused", "over_daily_cap"] {
         metrics::counter!(TOKEN_REFRESHES, "outcome" => outcome).increment(0);
     }
+    describe_counter!(
+        TOKEN_REFRESHES_UNCOUNTED,
+        "Refreshes let through without a count against the daily cap: Redis failed or was too slow."
+    );
+    metrics::counter!(TOKEN_REFRESHES_UNCOUNTED).increment(0);
     describe_counter!(
         PUBLISH_RETRIES,
         "Publishes tried again on a fresh channel: nacked, unconfirmed in time, or connection lost."

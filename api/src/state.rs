@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use shared::redis_connection::RedisConnection;
+use shared::telemetry::throttle::Throttle;
 use sqlx::PgPool;
 
 use crate::config::ApiConfig;
@@ -25,6 +26,9 @@ pub struct Inner {
     pub otp_store: OtpStore,
     pub limits: Limits,
     pub fraud_alarm: FraudAlarm,
+    /// Warnings that Redis could not count a refresh against its daily cap: one every few
+    /// seconds while Redis is away, not one per refresh.
+    pub refresh_cap_warnings: Throttle,
     pub hasher: OtpHasher,
     pub publisher: Publisher,
     /// Confirmed codes that Redis has yet to make current, retried in the background.
@@ -49,6 +53,7 @@ impl AppState {
             otp_store: OtpStore::new(&config.common.namespace),
             limits: Limits::new(&config.common.namespace),
             fraud_alarm: FraudAlarm::default(),
+            refresh_cap_warnings: Throttle::new(std::time::Duration::from_secs(10)),
             hasher: OtpHasher::new(&config.otp_secret),
             publisher: Publisher::new(config.common.amqp.clone(), topology),
             deferred_promotions: DeferredPromotions::default(),

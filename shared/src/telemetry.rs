@@ -1,6 +1,7 @@
 //! Logs (`LOG_FORMAT`, `RUST_LOG`) and the Prometheus recorder shared by both programs.
 
 mod log_writer;
+pub mod throttle;
 
 use std::sync::OnceLock;
 use std::time::Duration;

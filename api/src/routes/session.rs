@@ -54,23 +54,32 @@ pub async fn refresh(
         return Err(ApiError::InvalidRefreshToken);
     }
     let hash = tokens::hash(&body.refresh_token);
-    // On a task of its own: nothing that drops the request (the router's timeout, a server that
-    // stops serving a client that hung up) can stop it between its count against the daily cap
-    // and the rotation, or the give-back or revocation that follows. But within the request's
-    // time (`ANSWER_WITHIN`, under the router's 10 s): a refresh stuck on a busy database is
-    // dropped, its transaction rolled back, before the client is told 503, so a token the
-    // client was told nothing of is never rotated behind its back.
-    let within_the_request = async move {
-        tokio::time::timeout(ANSWER_WITHIN, refresh_within_daily_cap(state, hash))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ApiError::unavailable(
-                    Dependency::Postgres,
-                    anyhow::anyhow!("the refresh did not finish within the request's time"),
-                ))
-            })
+    // Looked up by the request itself, lock-free: a token that names no session (a flood of
+    // random ones) costs one indexed read that ends with the request, and starts no task.
+    let outcome = match db::session_of_refresh_token(state.db()?, &hash).await? {
+        None => RefreshOutcome::Invalid,
+        // On a task of its own: nothing that drops the request (the router's timeout, a server
+        // that stops serving a client that hung up) can stop it between its count against the
+        // daily cap and the rotation, or the give-back or revocation that follows. But within
+        // the request's time (`ANSWER_WITHIN`, under the router's 10 s): a refresh stuck on a
+        // busy database is dropped, its transaction rolled back, before the client is told 503,
+        // so a token the client was told nothing of is never rotated behind its back.
+        Some(session_id) => {
+            let within_the_request = async move {
+                let refresh = refresh_within_daily_cap(state, session_id, hash);
+                tokio::time::timeout(ANSWER_WITHIN, refresh)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::unavailable(
+                            Dependency::Postgres,
+                            anyhow::anyhow!("the refresh did not finish within the request's time"),
+                        ))
+                    })
+            };
+            detached(within_the_request).await?
+        }
     };
-    match detached(within_the_request).await? {
+    match outcome {
         RefreshOutcome::Rotated(session) => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "rotated").increment(1);
             Ok(Json(SessionView::new(session)))
@@ -99,8 +108,8 @@ pub async fn refresh(
 /// Counts the refresh against its session's daily cap, then rotates the token. Every refresh
 /// attempted counts, retries within the grace too (or a thief alternating the two would rotate
 /// without bound); one that then rotates nothing (expired, replayed, over the minute's limit) is
-/// given back, and an unknown token is never counted. Counted before the rotation's transaction, so that no PostgreSQL lock or
-/// connection waits on Redis. At the cap ([`db::holders`]):
+/// given back; an unknown token never gets here. Counted before the rotation's transaction, so
+/// that no PostgreSQL lock or connection waits on Redis. At the cap ([`db::holders`]):
 /// - a session with two holders (its token already rotated, or a newer live token: a chain
 ///   forked within the reuse grace) is revoked, answering `invalid_refresh_token`: reuse
 ///   detection never sees a fork, and this signs the thief out with the owner rather than let
@@ -111,16 +120,14 @@ pub async fn refresh(
 /// - a token that can no longer be used answers `invalid_refresh_token`, as below the cap.
 async fn refresh_within_daily_cap(
     state: AppState,
+    session_id: uuid::Uuid,
     hash: Vec<u8>,
 ) -> Result<RefreshOutcome, ApiError> {
     let pool = state.db()?;
-    let Some(session_id) = db::session_of_refresh_token(pool, &hash).await? else {
-        return Ok(RefreshOutcome::Invalid);
-    };
     let counter = state
         .limits
         .refreshes_per_session(session_id, state.config.sessions.refreshes_per_day);
-    match count_refresh(&state, &counter).await {
+    match count_refresh(&state, session_id, &counter).await {
         DailyCount::Counted => {
             let outcome = db::refresh(pool, &hash, &state.config.sessions).await;
             if !matches!(outcome, Ok(RefreshOutcome::Rotated(_))) {
@@ -168,30 +175,49 @@ enum DailyCount {
 
 /// Counts one refresh against `REFRESH_PER_SESSION_PER_DAY` (a sliding day, in Redis:
 /// PostgreSQL's schema gains no column within a release, docs/operations.md). Redis away or slow
-/// lets the refresh through, with a warning: the cap bounds rotations (a session's rows, a
-/// thief's pace), and refresh must not depend on Redis.
-async fn count_refresh(state: &AppState, counter: &Counter) -> DailyCount {
-    let taken = tokio::time::timeout(
-        REFRESH_CAP_DEADLINE,
-        state.limits.take(state.redis(), counter),
-    );
-    match taken.await {
-        Ok(Ok(Taken::Yes)) => DailyCount::Counted,
-        Ok(Ok(Taken::No { retry_after })) => DailyCount::UsedUp { retry_after },
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "could not count a refresh against the daily cap; letting it through");
-            DailyCount::Uncounted
-        }
+/// lets the refresh through, counted in `token_refreshes_uncounted_total`, with a warning every
+/// few seconds: the cap bounds rotations (a session's rows, a thief's pace), and refresh must
+/// not depend on Redis.
+async fn count_refresh(state: &AppState, session_id: uuid::Uuid, counter: &Counter) -> DailyCount {
+    // On a task of its own, so that a count Redis makes but answers after the deadline is still
+    // seen, and given back: a refresh let through uncounted then counts nothing, late or not,
+    // and a client is not held to its cap early by a slow Redis. The task ends within Redis's
+    // 2 s command timeout.
+    let mut count = tokio::spawn({
+        let state = state.clone();
+        let counter = counter.clone();
+        async move { state.limits.take(state.redis(), &counter).await }
+    });
+    let why_uncounted = match tokio::time::timeout(REFRESH_CAP_DEADLINE, &mut count).await {
+        Ok(Ok(Ok(Taken::Yes))) => return DailyCount::Counted,
+        Ok(Ok(Ok(Taken::No { retry_after }))) => return DailyCount::UsedUp { retry_after },
+        Ok(Ok(Err(e))) => e.to_string(),
+        Ok(Err(e)) => format!("the count's task failed: {e}"),
         Err(_) => {
-            tracing::warn!(
-                "Redis was too slow to count a refresh against the daily cap; letting it through"
-            );
-            DailyCount::Uncounted
+            let state = state.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(Taken::Yes)) = count.await {
+                    give_back_refresh(&state, &counter).await;
+                }
+            });
+            format!("Redis did not answer within {REFRESH_CAP_DEADLINE:?}")
         }
+    };
+    metrics::counter!(m::TOKEN_REFRESHES_UNCOUNTED).increment(1);
+    if let Some(held_back) = state.refresh_cap_warnings.let_through() {
+        tracing::warn!(
+            %session_id,
+            error = %why_uncounted,
+            held_back,
+            "could not count a refresh against the daily cap; letting it through (one such warning per 10 s: held_back counts the others)"
+        );
     }
+    DailyCount::Uncounted
 }
 
-/// Uncounts a refresh that rotated nothing. Best effort: one not given back lapses with the day.
+/// Uncounts a refresh that rotated nothing, or one Redis counted after it had been let through
+/// uncounted. Best effort: one not given back lapses with the day.
 /// A commit whose answer was lost (the connection dropped during it) may have rotated all the
 /// same, and is given back too: an accident, not something a client can cause.
 async fn give_back_refresh(state: &AppState, counter: &Counter) {
