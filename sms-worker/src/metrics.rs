@@ -54,6 +54,10 @@ pub const RESENDS: &str = "sms_resends_total";
 /// Counter of carrier-side failures not resent, label `reason` (`expired`, `code_not_current`,
 /// `no_other_provider`, `already_resent`, `fraud_guard`, `unavailable`).
 pub const RESENDS_SKIPPED: &str = "sms_resends_skipped_total";
+/// Counter of resends asked for while the calling code's fraud guard was tripped, labels
+/// `country` (the calling code) and `refused` (`true` in `enforce`, where no resend is made;
+/// `false` in `monitor`, where it is made all the same).
+pub const RESEND_FRAUD_GUARD_TRIPS: &str = "sms_resend_fraud_guard_trips_total";
 /// Counter of callbacks refused, labels `provider` and `reason` (`signature`, `secret`,
 /// `malformed`).
 pub const CALLBACKS_REJECTED: &str = "sms_callbacks_rejected_total";
@@ -180,6 +184,10 @@ pub fn describe() {
     describe_counter!(
         RESENDS_SKIPPED,
         "Carrier-side failures not resent, by reason."
+    );
+    describe_counter!(
+        RESEND_FRAUD_GUARD_TRIPS,
+        "Resends asked for while the calling code's fraud guard was tripped: refused (enforce) or made (monitor)."
     );
     describe_counter!(
         CALLBACKS_REJECTED,

@@ -299,7 +299,8 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
             return skipped("unavailable", "Redis did not answer", Settled::RedisAway);
         }
     }
-    if let Some(refused) = refused_by_the_fraud_guard(context, store, *calling_code, &phone).await {
+    let refused = refused_by_the_fraud_guard(context, store, *calling_code, &phone, too_late);
+    if let Some(refused) = refused.await {
         return skipped("fraud_guard", refused, Settled::Yes);
     }
     // The asks above may have taken seconds: the SMS says how long the code has now.
@@ -368,36 +369,45 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
 /// is a second paid SMS, and a carrier in on SMS pumping, reporting its numbers' codes
 /// undelivered, would earn one for each pumped code. The guard is asked, not counted in (see
 /// `shared::fraud_guard`). Asked after the claim, so that a refusal spends it, as a skip for good
-/// should. Redis not answering lets the resend through: the claim already holds it to one.
+/// should. Asked up to three times, as the claim is; Redis still not answering then lets the
+/// resend through: the claim already holds it to one. Every ask that finds the guard tripped is
+/// counted in `sms_resend_fraud_guard_trips_total`, refused or (in `monitor`) not.
 async fn refused_by_the_fraud_guard(
     context: &Context,
     store: &ReceiptStore,
     calling_code: Option<u16>,
     phone: &PhoneNumber,
+    too_late: impl Fn() -> bool,
 ) -> Option<&'static str> {
     let policy = &context.config.fraud_guard;
     if policy.mode == FraudGuardMode::Off {
         return None;
     }
     let calling_code = calling_code.or_else(|| phone.calling_code())?;
-    match store.peek_fraud_guard(policy, calling_code).await {
-        Ok(GuardVerdict::Clear) => None,
-        Ok(GuardVerdict::Tripped) => {
-            // As often as the resends themselves: the api warns once a minute per calling code.
-            info!(
-                country = calling_code,
-                "resending to a calling code whose fraud guard is tripped (monitor mode)"
-            );
-            None
-        }
-        Ok(GuardVerdict::Refused { .. }) => {
-            Some("the fraud guard holds this calling code: its codes are mostly not being used")
-        }
+    let verdict = with_a_few_tries(too_late, || store.peek_fraud_guard(policy, calling_code));
+    let refused = match verdict.await {
+        Ok(GuardVerdict::Clear) => return None,
+        Ok(GuardVerdict::Tripped) => false,
+        Ok(GuardVerdict::Refused { .. }) => true,
         Err(e) => {
-            warn!(error = %e, "could not ask the fraud guard about the resend; resending");
-            None
+            warn!(error = %e, "could not ask the fraud guard about the resend, even when asked again; resending");
+            return None;
         }
+    };
+    // A calling code from libphonenumber: a bounded set, never a carrier's free text.
+    metrics::counter!(m::RESEND_FRAUD_GUARD_TRIPS, "country" => calling_code.to_string(), "refused" => refused.to_string())
+        .increment(1);
+    if refused {
+        return Some(
+            "the fraud guard holds this calling code: its codes are mostly not being used",
+        );
     }
+    // As often as the resends themselves: the api warns once a minute per calling code.
+    info!(
+        country = calling_code,
+        "resending to a calling code whose fraud guard is tripped (monitor mode)"
+    );
+    None
 }
 
 /// The first provider in `SMS_PROVIDERS` order, other than the one that dropped the message,

@@ -18,7 +18,9 @@ use tests::proxy::TcpProxy;
 use tests::servers::servers;
 use tests::wait::eventually;
 
-use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
+use crate::harness::{
+    CODE_VALIDITY, Harness, RunningWorker, WAIT, event, pairs, phone, with_harness,
+};
 
 /// The value of `name` in `overrides`.
 fn setting<'a>(overrides: &'a [(String, String)], name: &str) -> &'a str {
@@ -517,7 +519,8 @@ async fn an_undelivered_30007_is_resent_once_through_the_second_provider() {
 /// A resend is a second paid SMS: in `enforce`, a calling code the fraud guard holds tripped gets
 /// none, so a carrier in on SMS pumping, reporting its numbers' codes undelivered, earns no second
 /// SMS. The worker asks the guard without counting in it: a resent code that is then used must
-/// not weigh as an unused one.
+/// not weigh as an unused one. In `monitor` the resend is made, and both are counted
+/// (`sms_resend_fraud_guard_trips_total`), so that what monitoring costs shows.
 #[tokio::test]
 async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_nothing() {
     with_harness(QueueType::Classic, |h| async move {
@@ -527,7 +530,7 @@ async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_n
         ];
         let mut overrides = h.receipts();
         overrides.extend(guard_settings.map(|(n, v)| (n.to_owned(), v.to_owned())));
-        let _worker = h.start_worker(&pairs(&overrides)).await;
+        let worker = h.start_worker(&pairs(&overrides)).await;
         // The api's side of the guard: codes sent to +1, counted as the api counts them (in
         // `monitor`, so that each counts whatever the guard says).
         let policy = FraudGuardPolicy {
@@ -562,6 +565,18 @@ async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_n
         // dropped too, and gets no resend.
         api_sends().await;
         assert_eq!(api_sends().await, GuardVerdict::Tripped);
+        // By difference: the in-process workers of the tests alongside share one recorder
+        // (none of them trips a guard).
+        let trips = async |worker: &RunningWorker, refused: &str| {
+            let series = format!("country=\"1\",refused=\"{refused}\"}} ");
+            h.metrics(worker)
+                .await
+                .lines()
+                .filter(|line| line.starts_with("sms_resend_fraud_guard_trips_total{"))
+                .find_map(|line| line.split_once(&series).map(|(_, n)| n.trim().to_owned()))
+                .map_or(0, |n| n.parse::<u64>().expect("a count"))
+        };
+        let refused_before = trips(&worker, "true").await;
         send_held(&h, &second).await;
         wait_for_final_callback(&h, &second, SmsProvider::Twilio).await;
         let not_resent = lines_of(&h, &overrides, &second, What::NotResent).await;
@@ -569,6 +584,29 @@ async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_n
         let detail = not_resent[0].detail.as_deref().unwrap_or_default();
         assert!(detail.contains("fraud guard"), "{detail}");
         assert_eq!(h.fake.messages(Some(&second)).len(), 1, "not resent");
+        assert_eq!(trips(&worker, "true").await, refused_before + 1);
+        worker.stop().await;
+
+        // In `monitor`, a tripped calling code is resent all the same, and the trip counted.
+        for (name, value) in &mut overrides {
+            if name == "OTP_FRAUD_GUARD" {
+                *value = "monitor".to_owned();
+            }
+        }
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let third = phone();
+        h.fake.set_carrier(Carrier {
+            delay_ms: 20,
+            outcomes: vec![Outcome::new(&third, "undelivered", Some(30007))],
+            ..Carrier::default()
+        });
+        let (refused_before, made_before) =
+            (trips(&worker, "true").await, trips(&worker, "false").await);
+        send_held(&h, &third).await;
+        wait_for_final_callback(&h, &third, SmsProvider::Infobip).await;
+        assert_eq!(h.fake.messages(Some(&third)).len(), 2, "resent in monitor");
+        assert_eq!(trips(&worker, "false").await, made_before + 1);
+        assert_eq!(trips(&worker, "true").await, refused_before);
     })
     .await;
 }
