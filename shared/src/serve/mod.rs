@@ -56,6 +56,13 @@ use watchdog::{Activity, Close, OpenConnection, Watched, WatchedBody};
 
 use crate::config::{ConfigError, Env};
 
+/// About the most a connection's read buffer holds (hyper may read up to as much again in one go
+/// before it checks), and so the largest request head. hyper's default is about 400 KiB, which a
+/// few hundred connections trickling heads would turn into a few hundred MiB. Heads here are a
+/// few hundred bytes; 64 KiB is more than proxies allow (nginx: 32 KiB). A head that fills it is
+/// answered 431.
+const READ_BUFFER_LIMIT: usize = 64 * 1024;
+
 mod open_files;
 pub use open_files::OWN_OPEN_FILES;
 mod places;
@@ -274,6 +281,7 @@ async fn connection(
     // next request, so it would cut idle connections (see the module doc).
     let conn = http1::Builder::new()
         .header_read_timeout(None)
+        .max_buf_size(READ_BUFFER_LIMIT)
         .serve_connection(io, service);
     let mut conn = pin!(conn);
     let mut stopping = false;

@@ -14,13 +14,14 @@ use std::time::Duration;
 
 use aws_lc_rs::constant_time;
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
+use shared::telemetry::throttle::Throttle;
 use tower_http::timeout::TimeoutLayer;
 use tracing::{debug, warn};
 
@@ -51,6 +52,9 @@ struct Callbacks {
     twilio_url: String,
     twilio_auth_token: Option<SecretString>,
     infobip_secret: Option<String>,
+    /// Warnings of forged callbacks: anyone can send them, as fast as they like, and a line
+    /// each would crowd out the log's real warnings. `sms_callbacks_rejected_total` counts all.
+    forged_warnings: Throttle,
 }
 
 /// The callback routes, or `None` when receipts are off. Receipts are applied on `tasks`.
@@ -73,6 +77,7 @@ pub(crate) fn router(context: Arc<Context>, tasks: ReceiptTasks) -> Option<Route
         tasks,
         twilio_auth_token,
         infobip_secret,
+        forged_warnings: Throttle::new(Duration::from_secs(10)),
     });
     Some(
         Router::new()
@@ -121,7 +126,7 @@ async fn twilio_callback(
     // A caller with no signature of the right shape costs no parsing and no HMAC (the port is
     // public).
     if !twilio::signature_is_well_formed(signature) {
-        return forged_twilio_callback(reject);
+        return forged_twilio_callback(&callbacks, reject);
     }
     let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
         reject("malformed");
@@ -137,7 +142,7 @@ async fn twilio_callback(
         None => callbacks.twilio_url.clone(),
     };
     if !twilio::signature_is_valid(auth_token.expose_secret(), &url, &params, signature) {
-        return forged_twilio_callback(reject);
+        return forged_twilio_callback(&callbacks, reject);
     }
     let dedupe = headers
         .get("i-twilio-idempotency-token")
@@ -155,7 +160,7 @@ async fn infobip_callback(
     State(callbacks): State<Arc<Callbacks>>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let reject = |reason| rejected("infobip", reason);
     let given = uri.query().and_then(|query| {
@@ -172,7 +177,12 @@ async fn infobip_callback(
     };
     if !authentic {
         reject("secret");
-        warn!("refused an Infobip delivery report without the callback secret");
+        if let Some(held_back) = callbacks.forged_warnings.let_through() {
+            warn!(
+                held_back,
+                "refused an Infobip delivery report without the callback secret (one such warning per 10 s: held_back counts the others)"
+            );
+        }
         return problem(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -187,6 +197,16 @@ async fn infobip_callback(
             "Delivery reports are expected as application/json.",
         );
     }
+    // Read only now, once the caller is known: an unauthenticated one is answered before its
+    // body is read, so a flood of large bodies holds no memory.
+    let Ok(body) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        reject("malformed");
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "The delivery reports are larger than a batch can be, or were cut off.",
+        );
+    };
     let Ok(reports) = serde_json::from_slice::<infobip::Reports>(&body) else {
         reject("malformed");
         return problem(
@@ -220,9 +240,14 @@ impl Callbacks {
 }
 
 /// The answer to a Twilio callback without a signature that matches, counted and logged.
-fn forged_twilio_callback(reject: impl Fn(&'static str)) -> Response {
+fn forged_twilio_callback(callbacks: &Callbacks, reject: impl Fn(&'static str)) -> Response {
     reject("signature");
-    warn!("refused a Twilio callback with a missing or wrong X-Twilio-Signature");
+    if let Some(held_back) = callbacks.forged_warnings.let_through() {
+        warn!(
+            held_back,
+            "refused a Twilio callback with a missing or wrong X-Twilio-Signature (one such warning per 10 s: held_back counts the others)"
+        );
+    }
     problem(
         StatusCode::FORBIDDEN,
         "forbidden",

@@ -165,6 +165,70 @@ async fn a_request_body_held_back_on_the_receipts_port_is_cut_at_the_header_time
     .await;
 }
 
+/// An unauthenticated caller gets nothing held for it: an Infobip report without the secret is
+/// refused before its body is read (a flood of 256 KiB bodies pinned that much each), a request
+/// head is bounded far under hyper's default 400 KiB, and forged callbacks are warned of once per
+/// 10 s (all of them counted), so that they cannot crowd the log's real warnings out.
+#[tokio::test]
+async fn the_receipts_port_holds_nothing_for_a_caller_it_does_not_know() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (mut worker, receipts, addr) = worker_with_receipts(&h, &[]).await;
+        // A head announcing a large body, and no body: the refusal comes without waiting for it.
+        let mut stream = TcpStream::connect(&receipts).await.expect("connect");
+        stream
+            .write_all(
+                b"POST /v1/callbacks/infobip?secret=wrong HTTP/1.1\r\nHost: receipts\r\n\
+                  Content-Type: application/json\r\nContent-Length: 200000\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        let mut status_line = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(3), stream.read_exact(&mut status_line))
+            .await
+            .expect("refused before the body came")
+            .expect("read");
+        assert_eq!(&status_line, b"HTTP/1.1 403");
+        drop(stream);
+
+        let infobip = format!("http://{receipts}/v1/callbacks/infobip");
+        let big_head = h
+            .http
+            .post(&infobip)
+            .header("X-Padding", "a".repeat(200 * 1024))
+            .body("{}")
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(big_head.status(), 431);
+
+        for _ in 0..5 {
+            let forged = h
+                .http
+                .post(&infobip)
+                .body("{}")
+                .send()
+                .await
+                .expect("an answer");
+            assert_eq!(forged.status(), 403);
+        }
+        let metrics = h.metrics_at(&addr).await;
+        let series = r#"sms_callbacks_rejected_total{provider="infobip",reason="secret"} 6"#;
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "no {series}:\n{metrics}"
+        );
+        // Every line written: the worker has exited.
+        worker.terminate();
+        worker.wait(WAIT).await;
+        let warnings = worker
+            .logs()
+            .matches("refused an Infobip delivery report")
+            .count();
+        assert_eq!(warnings, 1, "{}", worker.logs());
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_receipts_port_serves_no_more_connections_than_its_cap() {
     with_harness(QueueType::Classic, |h| async move {
