@@ -97,6 +97,12 @@ impl Application {
                 "OTP_SECRET is not set: using a development value; set it in production, the same on every replica"
             );
         }
+        if config.believes_any_forwarder() {
+            tracing::warn!(
+                trusted_hops = config.client_ip.trusted_hops,
+                "TRUST_PROXY is set without TRUSTED_PROXIES: X-Forwarded-For is believed from any peer, so a client that reaches the api without going through the proxy picks its own address for every per-IP limit; set TRUSTED_PROXIES to the proxies' networks"
+            );
+        }
         let state = AppState::new(config, pool, redis);
         let router = router::router(state.clone(), Router::new());
         Ok(Self {

@@ -115,6 +115,15 @@ impl ApiConfig {
     pub fn uses_dev_otp_secret(&self) -> bool {
         self.otp_secret.expose_secret() == DEV_OTP_SECRET
     }
+
+    /// `X-Forwarded-For` believed from any peer (`TRUST_PROXY` without `TRUSTED_PROXIES`) on an
+    /// address other clients can reach: one that connects to the api directly (another pod, a
+    /// second listener, the host's IPv6) then names its own address for every per-IP limit.
+    pub fn believes_any_forwarder(&self) -> bool {
+        self.client_ip.trusted_hops > 0
+            && self.client_ip.trusted_proxies.is_none()
+            && !self.api_addr.ip().is_loopback()
+    }
 }
 
 /// `HOST:PORT`, or `:PORT` for every interface.
@@ -263,5 +272,29 @@ mod tests {
         assert!(!format!("{config:?}").contains("0123456789abcdef-secret"));
         let one = Env::from_pairs([("TRUST_PROXY", "true")]);
         assert_eq!(ApiConfig::from_env(&one).unwrap().client_ip.trusted_hops, 1);
+    }
+
+    #[test]
+    fn forwarded_addresses_from_any_peer_on_a_public_address_are_flagged() {
+        let config = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("OTP_SECRET_ALLOW_DEV", "true")];
+            all.extend_from_slice(pairs);
+            ApiConfig::from_env(&Env::from_pairs(all)).unwrap()
+        };
+        let public = ("API_ADDR", "0.0.0.0:8080");
+        assert!(config(&[public, ("TRUST_PROXY", "1")]).believes_any_forwarder());
+        assert!(
+            !config(&[
+                public,
+                ("TRUST_PROXY", "1"),
+                ("TRUSTED_PROXIES", "10.0.0.0/8")
+            ])
+            .believes_any_forwarder()
+        );
+        assert!(!config(&[public]).believes_any_forwarder());
+        assert!(
+            !config(&[("API_ADDR", "127.0.0.1:8080"), ("TRUST_PROXY", "1")])
+                .believes_any_forwarder()
+        );
     }
 }
