@@ -93,7 +93,7 @@ return 1
 /// byte without an early exit, so its time does not depend on how much of the guess matched.
 /// Returns {0} wrong/absent, {1, pttl, a, u, challenge, event} right (the code is consumed, and
 /// its event noted as used for PROMOTE), {2} burned, {3} the unbound budget is spent,
-/// {4, retry_ms} the phone's daily fails are, {5} the guess carries another code's
+/// {4, retry_ms} the phone's daily fails are (for an unbound guess, code or no code), {5} the guess carries another code's
 /// `challenge_id` (not checked, not counted), {6, event} a pending code exists and the guess
 /// carries no `challenge_id` or the pending code's (nothing checked or counted, whatever the code
 /// guessed, so its answer says nothing about the guess). A guess bound to another code skips the
@@ -107,21 +107,23 @@ end
 local s = redis.call('HMGET', KEYS[1], 'h', 'c', 'e', 'a', 'u')
 local bound = ARGV[2] ~= ''
 if bound and ARGV[2] ~= s[2] then return {5} end
-if not s[1] then return {0} end
-local max = tonumber(ARGV[3])
-local a, u = tonumber(s[4]), tonumber(s[5])
-if a >= max then return {2} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local day = 86400000
 if not bound then
-  if u >= max then return {3} end
+  -- Before whether a code exists: a full tally answers alike with a code live or none, so its
+  -- answer does not tell a stranger that the number is signing in right now.
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - day)
   if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
     local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     return {4, math.max(tonumber(oldest[2]) + day - now, 1)}
   end
 end
+if not s[1] then return {0} end
+local max = tonumber(ARGV[3])
+local a, u = tonumber(s[4]), tonumber(s[5])
+if a >= max then return {2} end
+if not bound and u >= max then return {3} end
 local stored, given = s[1], ARGV[1]
 local diff = 0
 if #stored ~= #given then diff = 1 end

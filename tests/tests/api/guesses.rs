@@ -205,6 +205,11 @@ async fn a_numbers_daily_wrong_guess_tally_closes_only_unbound_verification() {
         .verify_bound(PHONE, &second.code, &second.challenge_id)
         .await;
     assert_eq!(session.status, StatusCode::OK, "{}", session.body);
+    // No code is live now, and an unbound guess answers as it did while one was: the answer
+    // does not tell a stranger whether the number is signing in.
+    app.verify(PHONE, &second.code)
+        .await
+        .assert_problem(429, "rate_limited");
 }
 
 /// Twenty simultaneous unbound guesses for one number whose daily tally is 4: four are checked.
