@@ -146,6 +146,13 @@ impl TcpProxy {
         }
     }
 
+    /// Cuts every open connection, and takes new ones: the network broke for a moment (or the
+    /// server's side of a connection was lost), with the server still there.
+    pub fn cut_connections(&self) {
+        self.go_down();
+        self.come_back();
+    }
+
     /// Accepts connections again.
     pub fn come_back(&self) {
         self.inner.up.store(true, Ordering::SeqCst);

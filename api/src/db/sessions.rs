@@ -19,10 +19,13 @@ use crate::tokens::PlainToken;
 
 /// Finds or creates the user and opens a session with a fresh access and refresh token, in one
 /// statement.
+/// Stores a new session `session_id` for the user of `phone` (created if new), with its first
+/// pair of tokens. One statement: written whole or not at all.
 pub async fn sign_in(
     pool: &PgPool,
     phone: &PhoneNumber,
     policy: &SessionPolicy,
+    session_id: Uuid,
 ) -> sqlx::Result<IssuedSession> {
     let access = PlainToken::generate();
     let refresh = PlainToken::generate();
@@ -52,7 +55,7 @@ pub async fn sign_in(
     .bind(secs(policy.access_ttl.min(policy.max_lifetime)))
     .bind(refresh.hash())
     .bind(secs(policy.refresh_ttl.min(policy.max_lifetime)))
-    .bind(Uuid::now_v7())
+    .bind(session_id)
     .bind(secs(policy.max_lifetime))
     .bind(Uuid::now_v7())
     .fetch_one(pool)
@@ -69,6 +72,24 @@ pub async fn sign_in(
         access_expires_in: policy.access_ttl.min(policy.max_lifetime),
         refresh_expires_in: policy.refresh_ttl.min(policy.max_lifetime),
     })
+}
+
+/// Whether a failed [`sign_in`] may have been stored all the same: the statement was sent and
+/// its answer lost with the connection. PostgreSQL's own refusal (a timeout, a lock, a
+/// constraint) rolled it back, and a statement that never got a connection was never sent.
+pub fn sign_in_may_have_been_stored(error: &sqlx::Error) -> bool {
+    !matches!(
+        error,
+        sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    )
+}
+
+/// Whether session `session_id` was stored (revoked or not).
+pub async fn session_exists(pool: &PgPool, session_id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1)")
+        .bind(session_id)
+        .fetch_one(pool)
+        .await
 }
 
 pub enum RefreshOutcome {

@@ -124,7 +124,8 @@ async fn check_then_sign_in(
         }
     };
     let pool = state.db()?;
-    match db::sign_in(pool, phone, &config.sessions).await {
+    let session_id = uuid::Uuid::now_v7();
+    match db::sign_in(pool, phone, &config.sessions, session_id).await {
         Ok(session) => {
             metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "accepted").increment(1);
             tracing::info!(user_id = %session.user.id, new_user = session.new_user, "signed in");
@@ -150,8 +151,15 @@ async fn check_then_sign_in(
             Ok(session)
         }
         Err(e) => {
-            // Nothing half-done: give the code back so the user can retry once PostgreSQL is back.
-            if let Err(undo) =
+            // Nothing half-done: give the code back so the user can retry once PostgreSQL is back,
+            // unless the session was stored after all (its answer lost with the connection): a
+            // code signs in once.
+            if stored_after_all(pool, &e, session_id).await {
+                tracing::warn!(
+                    %session_id,
+                    "a sign-in was stored, but its answer was lost with the connection; its code is used up"
+                );
+            } else if let Err(undo) =
                 redis_step(state.otp_store.restore(state.redis(), phone, &consumed)).await
             {
                 tracing::warn!(error = %undo, "could not restore a consumed OTP");
@@ -160,6 +168,19 @@ async fn check_then_sign_in(
             Err(e.into())
         }
     }
+}
+
+/// Whether the failed sign-in of `session_id` is in the database all the same. When PostgreSQL
+/// cannot be asked (still away), it is taken as not stored and its code is put back: a user
+/// locked out of their code by an outage is the likelier harm than a code that could sign in
+/// twice after a failover's lost answer.
+async fn stored_after_all(
+    pool: &sqlx::PgPool,
+    error: &sqlx::Error,
+    session_id: uuid::Uuid,
+) -> bool {
+    db::sign_in_may_have_been_stored(error)
+        && db::session_exists(pool, session_id).await.unwrap_or(false)
 }
 
 async fn give_back(state: &AppState, fails: Option<&Counter>) {

@@ -344,6 +344,89 @@ async fn postgres_down_during_verify_keeps_the_code_usable() {
     drop_database(&database).await;
 }
 
+/// A sign-in PostgreSQL stored, whose answer was lost with the connection (a failover, a broken
+/// network), is not taken for one that failed: the code is not put back, so it cannot sign in a
+/// second time. The client hears 503 and asks for a new code.
+#[tokio::test]
+async fn a_sign_in_stored_whose_answer_was_lost_does_not_give_its_code_back() {
+    let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
+    let database = unique("otp_test");
+    let app = spawn_with(
+        Spawn::default()
+            .var("DATABASE_URL", database_url(&postgres_url, &database))
+            .var("DATABASE_STATEMENT_TIMEOUT_MS", 30_000)
+            .var("DATABASE_POOL_SIZE", 1),
+    )
+    .await;
+    // A sign-in first, so that the one connection has the statement prepared: the next sends
+    // it whole, with nothing more to wait for before PostgreSQL runs it.
+    app.sign_in("+14155550123").await;
+    let code = app.code_for(PHONE).await;
+    // Straight to PostgreSQL, not through the proxy.
+    let db = sqlx::PgPool::connect(&servers().database_url(&database))
+        .await
+        .expect("the test database");
+    let sessions = || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
+            .fetch_one(&db)
+            .await
+            .expect("count");
+        count
+    };
+
+    // The sign-in waits behind a lock (its connection already checked out), so that only its
+    // answer is held: the lock goes, PostgreSQL stores the session, and the answer never comes.
+    let mut lock = db.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE users IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("the lock");
+    let first = tokio::spawn({
+        let (client, url) = (
+            app.client.clone(),
+            format!("http://{}/v1/otp/verify", app.addr),
+        );
+        let body = json!({ "phone_number": PHONE, "otp": code });
+        async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("an answer")
+                .status()
+        }
+    });
+    eventually(Duration::from_secs(10), "the sign-in waiting on the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db)
+        .await
+        .expect("pg_stat_activity");
+        waiting == 1
+    })
+    .await;
+    postgres.hold_replies();
+    lock.rollback().await.expect("the lock released");
+    eventually(Duration::from_secs(10), "the session stored", || async {
+        sessions().await == 2
+    })
+    .await;
+    postgres.cut_connections();
+    postgres.release_replies();
+    assert_eq!(
+        first.await.expect("the request"),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    app.verify(PHONE, &code)
+        .await
+        .assert_problem(401, "invalid_otp");
+    assert_eq!(sessions().await, 2);
+    drop(app);
+    drop_database(&database).await;
+}
+
 /// A sign-in stuck behind a lock (a long migration, an operator's transaction) fails within its
 /// request, as PostgreSQL ends the statement, and the code is put back. Before, the client got
 /// its 503 from the request's timeout while the statement waited on, then created a session no
