@@ -1,4 +1,5 @@
-//! Background jobs of the api: preparing the database, and purging expired tokens.
+//! Background jobs of the api: preparing the database, purging expired tokens, and noting the
+//! fraud guard's settings for the workers.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -118,6 +119,22 @@ pub async fn purge_expired_tokens(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "purged expired tokens"),
             Err(e) => tracing::warn!(error = %e, "could not purge expired tokens"),
+        }
+    }
+}
+
+/// Notes this api's fraud-guard settings in Redis now and every minute, for the workers to compare
+/// theirs with (`shared::fraud_guard::SETTINGS_ANNOUNCED_EVERY`). Redis away only skips a note.
+pub async fn announce_fraud_guard_settings(state: AppState) {
+    let mut tick = tokio::time::interval(shared::fraud_guard::SETTINGS_ANNOUNCED_EVERY);
+    loop {
+        tick.tick().await;
+        let announced = state
+            .limits
+            .guard()
+            .announce_settings(state.redis(), &state.config.fraud_guard);
+        if let Err(e) = announced.await {
+            tracing::debug!(error = %e, "could not note the fraud guard's settings for the workers");
         }
     }
 }

@@ -133,6 +133,7 @@ impl Application {
         let addr = self.local_addr();
         tokio::spawn(jobs::prepare_database(self.state.clone()));
         tokio::spawn(jobs::purge_expired_tokens(self.state.clone()));
+        tokio::spawn(jobs::announce_fraud_guard_settings(self.state.clone()));
         let config = &self.state.config;
         // The workers ask the same guard before a resend: their settings should agree.
         tracing::info!(%addr, fraud_guard = %config.fraud_guard, "api listening");

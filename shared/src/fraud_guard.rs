@@ -133,6 +133,14 @@ impl std::fmt::Display for FraudGuardPolicy {
     }
 }
 
+/// How often the api notes its guard settings in Redis. A worker with other settings (left in
+/// `monitor` beside an api in `enforce`, say) would resend, and pay for, codes to a calling code
+/// the api refuses; each worker compares its own with the note, and says when they differ
+/// (`sms_fraud_guard_settings_differ`).
+pub const SETTINGS_ANNOUNCED_EVERY: Duration = Duration::from_secs(60);
+/// How long a note lasts: a few announcements, so that it outlives a slow Redis but not the apis.
+pub const SETTINGS_LAST: Duration = Duration::from_secs(300);
+
 /// What the guard said about one more code to a calling code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardVerdict {
@@ -185,6 +193,37 @@ impl FraudGuard {
     ) -> RedisResult<GuardVerdict> {
         let reply = self.run(conn, policy, calling_code, "peek").await?;
         Ok(verdict(&reply))
+    }
+
+    /// Notes `policy` as the api's, for the workers to compare theirs with
+    /// ([`SETTINGS_ANNOUNCED_EVERY`]); it lapses [`SETTINGS_LAST`] after the last api stops.
+    pub async fn announce_settings(
+        &self,
+        mut conn: RedisConnection,
+        policy: &FraudGuardPolicy,
+    ) -> RedisResult<()> {
+        redis::cmd("SET")
+            .arg(self.settings_key())
+            .arg(policy.to_string())
+            .arg("PX")
+            .arg(u64::try_from(SETTINGS_LAST.as_millis()).unwrap_or(u64::MAX))
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// The settings an api announced last, if one did within [`SETTINGS_LAST`].
+    pub async fn announced_settings(
+        &self,
+        mut conn: RedisConnection,
+    ) -> RedisResult<Option<String>> {
+        redis::cmd("GET")
+            .arg(self.settings_key())
+            .query_async(&mut conn)
+            .await
+    }
+
+    fn settings_key(&self) -> String {
+        format!("{}:fraud_guard:{{settings}}", self.namespace)
     }
 
     /// Uncounts a send counted for a request that did not go through.

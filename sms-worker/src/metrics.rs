@@ -58,6 +58,9 @@ pub const RESENDS_SKIPPED: &str = "sms_resends_skipped_total";
 /// `country` (the calling code) and `refused` (`true` in `enforce`, where no resend is made;
 /// `false` in `monitor`, where it is made all the same).
 pub const RESEND_FRAUD_GUARD_TRIPS: &str = "sms_resend_fraud_guard_trips_total";
+/// Gauge: 1 while the fraud-guard settings the api noted in Redis are not this worker's
+/// (`OTP_FRAUD_GUARD*`), else 0 (read every minute by a worker with receipts on).
+pub const FRAUD_GUARD_SETTINGS_DIFFER: &str = "sms_fraud_guard_settings_differ";
 /// Counter of callbacks refused, labels `provider` and `reason` (`signature`, `secret`,
 /// `malformed`).
 pub const CALLBACKS_REJECTED: &str = "sms_callbacks_rejected_total";
@@ -184,6 +187,10 @@ pub fn describe() {
     describe_counter!(
         RESENDS_SKIPPED,
         "Carrier-side failures not resent, by reason."
+    );
+    describe_gauge!(
+        FRAUD_GUARD_SETTINGS_DIFFER,
+        "1 while this worker's fraud guard settings differ from those the api noted in Redis."
     );
     describe_counter!(
         RESEND_FRAUD_GUARD_TRIPS,

@@ -229,6 +229,13 @@ impl ReceiptStore {
 
     /// What the fraud guard the api counts its codes in says of one more to `calling_code`,
     /// counting nothing.
+    /// The fraud-guard settings an api noted last (`shared::fraud_guard::SETTINGS_LAST`).
+    pub async fn api_fraud_guard_settings(&self) -> RedisResult<Option<String>> {
+        self.fraud_guard
+            .announced_settings(self.redis.clone())
+            .await
+    }
+
     pub async fn peek_fraud_guard(
         &self,
         policy: &FraudGuardPolicy,

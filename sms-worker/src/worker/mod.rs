@@ -18,6 +18,7 @@ mod connection;
 mod context;
 mod delivery;
 mod failover;
+mod guard_settings;
 mod lease;
 mod outcome;
 mod queue_depth;
@@ -202,6 +203,7 @@ impl Worker {
             Some((spawn_server("receipts", listener, router, limits), tasks))
         });
 
+        let _guard_settings = guard_settings::SettingsWatch::start(&context);
         let signal = tokio::spawn(async move {
             shutdown.await;
             info!("stopping: no new messages; in-flight sends may finish");

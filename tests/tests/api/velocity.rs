@@ -112,6 +112,18 @@ async fn the_fraud_guard_blocks_a_calling_code_whose_codes_go_unverified() {
     assert_limited(&app.request_otp(UK_MOBILES[2]).await, "network", 7200);
     let after = metric_value(&app.metrics().await, US_TRIPS);
     assert!(after >= before + 1.0, "{US_TRIPS}: {before} then {after}");
+    // The api notes the settings it runs, for the workers to compare theirs with.
+    let key = format!("{}:fraud_guard:{{settings}}", app.namespace);
+    let noted = eventually(Duration::from_secs(5), "the api's note", || async {
+        let noted: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut app.redis().await)
+            .await
+            .expect("GET");
+        noted
+    })
+    .await;
+    assert!(noted.starts_with("enforce ("), "{noted}");
 }
 
 #[tokio::test]

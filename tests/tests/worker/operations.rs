@@ -1,13 +1,15 @@
 //! What an operator uses: `sms-worker dlq list|purge` (in-process and as the program), and
 //! `/healthz`, `/readyz` and `/metrics`.
 
+use shared::fraud_guard::{FraudGuard, FraudGuardPolicy};
+use shared::redis_connection::RedisConnection;
 use shared::{CommonConfig, Env, QueueType};
 use sms_worker::dead_letter;
 use tests::program::Program;
 
 use tests::wait::eventually;
 
-use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, phone, with_harness};
+use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, pairs, phone, with_harness};
 
 /// Runs `sms-worker dlq ARGS` as an operator does: its stdout, once it succeeded.
 async fn dlq_command(h: &Harness, args: &[&str]) -> String {
@@ -208,6 +210,57 @@ async fn reports_readiness_and_metrics() {
         })
         .await;
         worker.stop().await;
+    })
+    .await;
+}
+
+/// A worker asks the fraud guard before a resend with its own settings, so one left in `monitor`
+/// beside an api in `enforce` would pay for resends the api refuses: it compares its settings
+/// with the ones the api notes in Redis and says when they differ (the gauge, and a warning).
+#[tokio::test]
+async fn a_worker_says_when_its_fraud_guard_settings_are_not_the_apis() {
+    with_harness(QueueType::Classic, |h| async move {
+        let guard = FraudGuard::new(&h.ns);
+        let config = h.config(&[]);
+        let redis = || RedisConnection::new(&config.common.redis).expect("Redis");
+        let settings = |mode: &str| {
+            FraudGuardPolicy::from_env(&Env::from_pairs([("OTP_FRAUD_GUARD", mode)]))
+                .expect("the guard's settings")
+        };
+        // A process each: the gauge is a process's own.
+        let watch = async |api_mode: &str| {
+            guard
+                .announce_settings(redis(), &settings(api_mode))
+                .await
+                .expect("the api's note");
+            let mut env = h.receipts();
+            let addr = format!("127.0.0.1:{}", tests::ports::free_port());
+            env.push(("WORKER_ADDR".to_owned(), addr.clone()));
+            let worker = h.start_worker_process(&pairs(&env)).await;
+            let metrics = format!("http://{addr}/metrics");
+            let gauge = eventually(WAIT, "the settings compared", || async {
+                let text = h.http.get(&metrics).send().await.ok()?.text().await.ok()?;
+                text.lines()
+                    .find_map(|l| l.strip_prefix("sms_fraud_guard_settings_differ "))
+                    .map(str::to_owned)
+            })
+            .await;
+            (worker, gauge)
+        };
+        // The worker runs the default, `monitor`.
+        let (mut differs, gauge) = watch("enforce").await;
+        assert_eq!(gauge, "1");
+        differs.terminate();
+        differs.wait(WAIT).await;
+        assert!(
+            differs.logs().contains("are not the api's"),
+            "{}",
+            differs.logs()
+        );
+        let (mut agrees, gauge) = watch("monitor").await;
+        assert_eq!(gauge, "0");
+        agrees.terminate();
+        agrees.wait(WAIT).await;
     })
     .await;
 }
