@@ -15,6 +15,9 @@ use crate::otp::store::OtpStore;
 use crate::publisher::Publisher;
 use crate::signin::promotion::DeferredPromotions;
 
+/// See [`Inner::late_refresh_counts`].
+const LATE_REFRESH_COUNTS: usize = 256;
+
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
@@ -29,6 +32,9 @@ pub struct Inner {
     /// Warnings that Redis could not count a refresh against its daily cap: one every few
     /// seconds while Redis is away, not one per refresh.
     pub refresh_cap_warnings: Throttle,
+    /// Room for refresh counts that Redis answered late, each waiting to be given back: at most
+    /// this many at once, so that a slow Redis is not sent twice the scripts.
+    pub late_refresh_counts: Arc<tokio::sync::Semaphore>,
     pub hasher: OtpHasher,
     pub publisher: Publisher,
     /// Confirmed codes that Redis has yet to make current, retried in the background.
@@ -54,6 +60,7 @@ impl AppState {
             limits: Limits::new(&config.common.namespace),
             fraud_alarm: FraudAlarm::default(),
             refresh_cap_warnings: Throttle::new(std::time::Duration::from_secs(10)),
+            late_refresh_counts: Arc::new(tokio::sync::Semaphore::new(LATE_REFRESH_COUNTS)),
             hasher: OtpHasher::new(&config.otp_secret),
             publisher: Publisher::new(config.common.amqp.clone(), topology),
             deferred_promotions: DeferredPromotions::default(),

@@ -75,13 +75,21 @@ pub async fn sign_in(
 }
 
 /// Whether a failed [`sign_in`] may have been stored all the same: the statement was sent and
-/// its answer lost with the connection. PostgreSQL's own refusal (a timeout, a lock, a
-/// constraint) rolled it back, and a statement that never got a connection was never sent.
+/// its answer lost with the connection, or the server ended the connection itself (SQLSTATE
+/// classes 08 and 57: a shutdown, or a synchronous-replication wait cancelled after the local
+/// commit). PostgreSQL's refusal of the statement (a timeout, a lock, a constraint) rolled it
+/// back, and a statement that never got a connection was never sent.
 pub fn sign_in_may_have_been_stored(error: &sqlx::Error) -> bool {
-    !matches!(
-        error,
-        sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-    )
+    match error {
+        sqlx::Error::Database(e) => e
+            .code()
+            // 57014 is a cancelled statement (`statement_timeout`): rolled back.
+            .is_some_and(|code| {
+                code.starts_with("08") || (code.starts_with("57") && code != "57014")
+            }),
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => false,
+        _ => true,
+    }
 }
 
 /// Whether session `session_id` was stored (revoked or not).

@@ -54,30 +54,38 @@ pub async fn refresh(
         return Err(ApiError::InvalidRefreshToken);
     }
     let hash = tokens::hash(&body.refresh_token);
+    // Everything within the request's time (`ANSWER_WITHIN`, under the router's 10 s), counted
+    // from here: a refresh stuck on a busy database is dropped, its transaction rolled back,
+    // before the client is told 503, so a token the client was told nothing of is never rotated
+    // behind its back.
+    let answer_by = tokio::time::Instant::now() + ANSWER_WITHIN;
+    let out_of_time = || {
+        ApiError::unavailable(
+            Dependency::Postgres,
+            anyhow::anyhow!("the refresh did not finish within the request's time"),
+        )
+    };
     // Looked up by the request itself, lock-free: a token that names no session (a flood of
     // random ones) costs one indexed read that ends with the request, and starts no task.
-    let outcome = match db::session_of_refresh_token(state.db()?, &hash).await? {
-        None => RefreshOutcome::Invalid,
-        // On a task of its own: nothing that drops the request (the router's timeout, a server
-        // that stops serving a client that hung up) can stop it between its count against the
-        // daily cap and the rotation, or the give-back or revocation that follows. But within
-        // the request's time (`ANSWER_WITHIN`, under the router's 10 s): a refresh stuck on a
-        // busy database is dropped, its transaction rolled back, before the client is told 503,
-        // so a token the client was told nothing of is never rotated behind its back.
-        Some(session_id) => {
-            let within_the_request = async move {
-                let refresh = refresh_within_daily_cap(state, session_id, hash);
-                tokio::time::timeout(ANSWER_WITHIN, refresh)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ApiError::unavailable(
-                            Dependency::Postgres,
-                            anyhow::anyhow!("the refresh did not finish within the request's time"),
-                        ))
-                    })
-            };
-            detached(within_the_request).await?
-        }
+    let lookup = db::session_of_refresh_token(state.db()?, &hash);
+    let outcome = match tokio::time::timeout_at(answer_by, lookup).await {
+        Err(_) => return Err(out_of_time()),
+        Ok(found) => match found? {
+            None => RefreshOutcome::Invalid,
+            // On a task of its own: nothing that drops the request (the router's timeout, a
+            // server that stops serving a client that hung up) can stop it between its count
+            // against the daily cap and the rotation, or the give-back or revocation that
+            // follows.
+            Some(session_id) => {
+                let within_the_request = async move {
+                    let refresh = refresh_within_daily_cap(state, session_id, hash);
+                    tokio::time::timeout_at(answer_by, refresh)
+                        .await
+                        .unwrap_or_else(|_| Err(out_of_time()))
+                };
+                detached(within_the_request).await?
+            }
+        },
     };
     match outcome {
         RefreshOutcome::Rotated(session) => {
@@ -179,10 +187,10 @@ enum DailyCount {
 /// few seconds: the cap bounds rotations (a session's rows, a thief's pace), and refresh must
 /// not depend on Redis.
 async fn count_refresh(state: &AppState, session_id: uuid::Uuid, counter: &Counter) -> DailyCount {
-    // On a task of its own, so that a count Redis makes but answers after the deadline is still
-    // seen, and given back: a refresh let through uncounted then counts nothing, late or not,
-    // and a client is not held to its cap early by a slow Redis. The task ends within Redis's
-    // 2 s command timeout.
+    // On a task of its own, so that a count Redis makes but answers after the deadline (within
+    // its 2 s command timeout, when the task ends) is still seen, and given back: a refresh let
+    // through uncounted then usually counts nothing, and a slow Redis rarely holds a client to
+    // its cap early. A count answered later still, or one whose give-back fails, stays.
     let mut count = tokio::spawn({
         let state = state.clone();
         let counter = counter.clone();
@@ -194,13 +202,18 @@ async fn count_refresh(state: &AppState, session_id: uuid::Uuid, counter: &Count
         Ok(Ok(Err(e))) => e.to_string(),
         Ok(Err(e)) => format!("the count's task failed: {e}"),
         Err(_) => {
-            let state = state.clone();
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                if let Ok(Ok(Taken::Yes)) = count.await {
-                    give_back_refresh(&state, &counter).await;
-                }
-            });
+            // Past the room for them (Redis slow for many refreshes at once), a late count stays
+            // and lapses with the day.
+            if let Ok(room) = state.late_refresh_counts.clone().try_acquire_owned() {
+                let state = state.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(Taken::Yes)) = count.await {
+                        give_back_refresh(&state, &counter).await;
+                    }
+                    drop(room);
+                });
+            }
             format!("Redis did not answer within {REFRESH_CAP_DEADLINE:?}")
         }
     };

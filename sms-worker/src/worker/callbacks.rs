@@ -37,6 +37,8 @@ const BODY_LIMIT: usize = 256 * 1024;
 /// Twilio's callbacks are a few hundred bytes: a larger body is refused before anyone parses or
 /// signs it.
 const TWILIO_BODY_LIMIT: usize = 16 * 1024;
+/// At most one warning of forged callbacks per provider in this long.
+const FORGED_WARNINGS_EVERY: Duration = Duration::from_secs(10);
 /// A request that takes longer than this (a slow client) is cut off.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -52,9 +54,12 @@ struct Callbacks {
     twilio_url: String,
     twilio_auth_token: Option<SecretString>,
     infobip_secret: Option<String>,
-    /// Warnings of forged callbacks: anyone can send them, as fast as they like, and a line
-    /// each would crowd out the log's real warnings. `sms_callbacks_rejected_total` counts all.
-    forged_warnings: Throttle,
+    /// Warnings of forged callbacks, one throttle per provider: anyone can send them, as fast as
+    /// they like, and a line each would crowd out the log's real warnings (a flood of forged
+    /// Twilio callbacks must not hide a real Infobip secret gone wrong either).
+    /// `sms_callbacks_rejected_total` counts them all.
+    forged_twilio_warnings: Throttle,
+    forged_infobip_warnings: Throttle,
 }
 
 /// The callback routes, or `None` when receipts are off. Receipts are applied on `tasks`.
@@ -77,7 +82,8 @@ pub(crate) fn router(context: Arc<Context>, tasks: ReceiptTasks) -> Option<Route
         tasks,
         twilio_auth_token,
         infobip_secret,
-        forged_warnings: Throttle::new(Duration::from_secs(10)),
+        forged_twilio_warnings: Throttle::new(FORGED_WARNINGS_EVERY),
+        forged_infobip_warnings: Throttle::new(FORGED_WARNINGS_EVERY),
     });
     Some(
         Router::new()
@@ -177,7 +183,7 @@ async fn infobip_callback(
     };
     if !authentic {
         reject("secret");
-        if let Some(held_back) = callbacks.forged_warnings.let_through() {
+        if let Some(held_back) = callbacks.forged_infobip_warnings.let_through() {
             warn!(
                 held_back,
                 "refused an Infobip delivery report without the callback secret (one such warning per 10 s: held_back counts the others)"
@@ -242,7 +248,7 @@ impl Callbacks {
 /// The answer to a Twilio callback without a signature that matches, counted and logged.
 fn forged_twilio_callback(callbacks: &Callbacks, reject: impl Fn(&'static str)) -> Response {
     reject("signature");
-    if let Some(held_back) = callbacks.forged_warnings.let_through() {
+    if let Some(held_back) = callbacks.forged_twilio_warnings.let_through() {
         warn!(
             held_back,
             "refused a Twilio callback with a missing or wrong X-Twilio-Signature (one such warning per 10 s: held_back counts the others)"

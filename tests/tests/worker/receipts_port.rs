@@ -167,7 +167,7 @@ async fn a_request_body_held_back_on_the_receipts_port_is_cut_at_the_header_time
 
 /// An unauthenticated caller gets nothing held for it: an Infobip report without the secret is
 /// refused before its body is read (a flood of 256 KiB bodies pinned that much each), a request
-/// head is bounded far under hyper's default 400 KiB, and forged callbacks are warned of once per
+/// head is bounded under hyper's default 400 KiB, and forged callbacks are warned of once per
 /// 10 s (all of them counted), so that they cannot crowd the log's real warnings out.
 #[tokio::test]
 async fn the_receipts_port_holds_nothing_for_a_caller_it_does_not_know() {
@@ -194,7 +194,7 @@ async fn the_receipts_port_holds_nothing_for_a_caller_it_does_not_know() {
         let big_head = h
             .http
             .post(&infobip)
-            .header("X-Padding", "a".repeat(200 * 1024))
+            .header("X-Padding", "a".repeat(300 * 1024))
             .body("{}")
             .send()
             .await
