@@ -151,6 +151,18 @@ impl ClientKey {
         }
     }
 
+    /// The IPv6 /48 around `ip` (a site: one tunnel or customer often routes a whole /48, 65,536
+    /// /64s); `None` for IPv4.
+    pub fn site_of(ip: IpAddr) -> Option<Self> {
+        match canonical(ip) {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                Some(Self(format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])))
+            }
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -109,6 +109,7 @@ pub enum Limit {
     PhonePerHour,
     PhonePerDay,
     IpPerHour,
+    Ipv6SitePerHour,
     CountryPerHour,
     Global,
     FraudGuard,
@@ -125,6 +126,9 @@ impl Limit {
             Self::PhonePerHour => "too many codes sent to this number in the last hour",
             Self::PhonePerDay => "too many codes sent to this number in the last day",
             Self::IpPerHour => "too many codes requested from your network in the last hour",
+            Self::Ipv6SitePerHour => {
+                "too many codes requested from your network's IPv6 /48 in the last hour"
+            }
             Self::CountryPerHour => "too many codes sent to this country in the last hour",
             Self::Global => "the service is sending too many codes right now",
             Self::FraudGuard => {

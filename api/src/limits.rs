@@ -102,6 +102,12 @@ impl Limits {
         )
     }
 
+    /// Codes requested on behalf of one IPv6 /48 per rolling hour (`OTP_PER_IPV6_48_PER_HOUR`).
+    pub fn sends_per_site(&self, site: &ClientKey, limit: u32) -> Counter {
+        let key = format!("ip:{{{}}}:sent", site.as_str());
+        self.counter_for(Limit::Ipv6SitePerHour, key, limit, HOUR)
+    }
+
     /// Wrong guesses from one client network per rolling hour.
     pub fn fails_per_client(&self, client: &ClientKey, limit: u32) -> Counter {
         let key = format!("ip:{{{}}}:fails", client.as_str());
@@ -220,6 +226,16 @@ mod tests {
         assert_eq!(
             limits.sends_per_client(&client, 1).key,
             "ns:limit:ip:{2001:db8:0:0::/64}:sent"
+        );
+        let site = ClientKey::site_of("2001:db8:7:3::1".parse().unwrap()).unwrap();
+        assert_eq!(
+            limits.sends_per_site(&site, 1).key,
+            "ns:limit:ip:{2001:db8:7::/48}:sent"
+        );
+        assert_eq!(ClientKey::site_of("203.0.113.7".parse().unwrap()), None);
+        assert_eq!(
+            ClientKey::site_of("::ffff:203.0.113.7".parse().unwrap()),
+            None
         );
         assert_eq!(limits.sends_per_country(44, 1).key, "ns:limit:cc:{44}:sent");
         assert_eq!(limits.sends_overall(1).key, "ns:limit:{global}:sent");

@@ -24,6 +24,8 @@ pub struct SendLimits {
     pub per_phone_per_hour: u32,
     pub per_phone_per_day: u32,
     pub per_ip_per_hour: u32,
+    /// Codes per IPv6 /48 (a site: 65,536 /64s) per hour; off when unset.
+    pub per_ipv6_48_per_hour: Option<u32>,
     /// Off when unset.
     pub per_country_per_hour: Option<u32>,
     /// Off when unset.
@@ -154,6 +156,7 @@ impl SendLimits {
             per_phone_per_hour,
             per_phone_per_day,
             per_ip_per_hour: env.integer_in("OTP_PER_IP_PER_HOUR", 30, 1..=100_000_000)?,
+            per_ipv6_48_per_hour: optional_limit(env, "OTP_PER_IPV6_48_PER_HOUR")?,
             per_country_per_hour: optional_limit(env, "OTP_PER_COUNTRY_PER_HOUR")?,
             global_per_minute: optional_limit(env, "OTP_GLOBAL_PER_MINUTE")?,
         })

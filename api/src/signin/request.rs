@@ -194,7 +194,7 @@ struct Slots {
 impl Slots {
     /// Takes a slot on every limit at once. When any refuses, or Redis fails, gives back the
     /// ones that were taken and says why (the first refusal in the order phone, client network,
-    /// country, overall, fraud guard).
+    /// its IPv6 /48, country, overall, fraud guard).
     async fn take(
         state: &AppState,
         destination: &Destination,
@@ -208,6 +208,9 @@ impl Slots {
                 .limits
                 .sends_per_client(&ClientKey::of(client), limits.per_ip_per_hour),
         ];
+        if let (Some(cap), Some(site)) = (limits.per_ipv6_48_per_hour, ClientKey::site_of(client)) {
+            counters.push(state.limits.sends_per_site(&site, cap));
+        }
         if let Some(cap) = limits.per_country_per_hour {
             counters.push(
                 state

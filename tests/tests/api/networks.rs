@@ -45,6 +45,48 @@ async fn ipv6_clients_are_limited_per_64() {
     assert_eq!(other.status, StatusCode::ACCEPTED, "{}", other.body);
 }
 
+/// A client with a whole /48 (a free tunnel routes one) has 65,536 /64s: with
+/// `OTP_PER_IPV6_48_PER_HOUR` set, the /48 has a cap of its own, which IPv4 clients never meet.
+#[tokio::test]
+async fn with_a_site_cap_an_ipv6_48_is_limited_as_a_whole() {
+    let app = spawn_with(
+        Spawn::default()
+            .var("TRUST_PROXY", 1)
+            .var("OTP_PER_IPV6_48_PER_HOUR", 2),
+    )
+    .await;
+    let mut replies = Vec::new();
+    for i in 1..=3 {
+        replies.push(request_via(&app, &format!("2001:db8:7:{i:x}::1"), i).await);
+    }
+    assert_eq!(statuses(&replies), [202, 202, 429]);
+    let detail = replies[2].body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("/48"), "{detail}");
+    // Another /48 is another site; IPv4 clients have no site.
+    for (i, client) in [
+        (4, "2001:db8:8:1::1"),
+        (5, "203.0.113.7"),
+        (6, "203.0.113.7"),
+    ] {
+        let reply = request_via(&app, client, i).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::ACCEPTED,
+            "{client}: {}",
+            reply.body
+        );
+    }
+    // The refused request counted nowhere: its /64's slot was given back.
+    let key = format!("{}:limit:ip:{{2001:db8:7:3::/64}}:sent", app.namespace);
+    let counted: Option<u32> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("c")
+        .query_async(&mut app.redis().await)
+        .await
+        .expect("HGET");
+    assert_eq!(counted, Some(0), "{key}");
+}
+
 #[tokio::test]
 async fn a_client_cannot_choose_its_address_with_x_forwarded_for() {
     let app = spawn_with(
