@@ -170,6 +170,10 @@ impl Worker {
             warn!(
                 "SMS_PROVIDERS=log: no SMS is sent; each one is written to the log, masked. Set SMS_PROVIDERS (twilio, infobip) in production"
             );
+        } else if config.seal_key.is_none() {
+            warn!(
+                "WORKER_SEAL_KEY is not set: the timelines' key names in Redis are a plain hash of each number, so anyone who can read Redis can tell which numbers of a range were sent codes; set it (openssl rand -base64 32, the same on every worker)"
+            );
         }
 
         // Probes and scrapes need a few connections, kept whatever the open files allow (a

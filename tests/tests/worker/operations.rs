@@ -264,3 +264,28 @@ async fn a_worker_says_when_its_fraud_guard_settings_are_not_the_apis() {
     })
     .await;
 }
+
+/// A timeline's key name is a hash of its number, keyed by `WORKER_SEAL_KEY` when there is one:
+/// without it, anyone who reads Redis can hash a range of numbers and see which were sent codes.
+/// A worker sending real SMS without the key says so at start.
+#[tokio::test]
+async fn a_worker_sending_sms_without_a_seal_key_warns_that_its_timelines_give_numbers_away() {
+    with_harness(QueueType::Classic, |h| async move {
+        let warning = "WORKER_SEAL_KEY is not set";
+        for (seal_key, warned) in [(None, true), (Some(crate::harness::SEAL_KEY), false)] {
+            let addr = format!("127.0.0.1:{}", tests::ports::free_port());
+            let mut env = vec![("WORKER_ADDR", addr.as_str())];
+            env.extend(seal_key.map(|key| ("WORKER_SEAL_KEY", key)));
+            let mut worker = h.start_worker_process(&env).await;
+            let ready = format!("http://{addr}/readyz");
+            eventually(WAIT, "the worker to be ready", || async {
+                matches!(h.http.get(&ready).send().await, Ok(r) if r.status().is_success())
+            })
+            .await;
+            worker.terminate();
+            worker.wait(WAIT).await;
+            assert_eq!(worker.logs().contains(warning), warned, "{}", worker.logs());
+        }
+    })
+    .await;
+}
