@@ -16,6 +16,9 @@ pub const TOKEN_REFRESHES: &str = "token_refreshes_total";
 /// Counter: refreshes let through without a count against `REFRESH_PER_SESSION_PER_DAY`,
 /// because Redis failed or did not answer within 0.5 s (the cap fails open).
 pub const TOKEN_REFRESHES_UNCOUNTED: &str = "token_refreshes_uncounted_total";
+/// Counter: refreshes of a known token counted against `REFRESH_PER_SESSION_PER_DAY` (asked of
+/// Redis, whatever it answered): the denominator of the uncounted share.
+pub const TOKEN_REFRESH_CAP_CHECKS: &str = "token_refresh_cap_checks_total";
 /// Counter, label `step` (`request`, `verify`): uses of a fixed test number (`OTP_TEST_NUMBERS`).
 pub const TEST_NUMBER_USES: &str = "otp_test_number_uses_total";
 /// Histogram (seconds): publishing an `OtpRequested` until the broker's confirm.
@@ -84,6 +87,11 @@ pub fn describe() {
         "Refreshes let through without a count against the daily cap: Redis failed or was too slow."
     );
     metrics::counter!(TOKEN_REFRESHES_UNCOUNTED).increment(0);
+    describe_counter!(
+        TOKEN_REFRESH_CAP_CHECKS,
+        "Refreshes of a known token counted against the daily cap (asked of Redis, whatever it answered)."
+    );
+    metrics::counter!(TOKEN_REFRESH_CAP_CHECKS).increment(0);
     describe_counter!(
         PUBLISH_RETRIES,
         "Publishes tried again on a fresh channel: nacked, unconfirmed in time, or connection lost."

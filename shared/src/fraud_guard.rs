@@ -141,6 +141,14 @@ pub const SETTINGS_ANNOUNCED_EVERY: Duration = Duration::from_secs(60);
 /// How long a note lasts: a few announcements, so that it outlives a slow Redis but not the apis.
 pub const SETTINGS_LAST: Duration = Duration::from_secs(300);
 
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 /// What the guard said about one more code to a calling code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardVerdict {
@@ -195,29 +203,45 @@ impl FraudGuard {
         Ok(verdict(&reply))
     }
 
-    /// Notes `policy` as the api's, for the workers to compare theirs with
-    /// ([`SETTINGS_ANNOUNCED_EVERY`]); it lapses [`SETTINGS_LAST`] after the last api stops.
+    /// Notes `policy` as an api's, for the workers to compare theirs with
+    /// ([`SETTINGS_ANNOUNCED_EVERY`]). A sorted set of every api's settings, scored by when each
+    /// was last noted, so that one replica configured apart from the rest shows however the
+    /// notes interleave; a note lapses [`SETTINGS_LAST`] after it was last made.
     pub async fn announce_settings(
         &self,
         mut conn: RedisConnection,
         policy: &FraudGuardPolicy,
     ) -> RedisResult<()> {
-        redis::cmd("SET")
-            .arg(self.settings_key())
+        let now = unix_millis();
+        let last = u64::try_from(SETTINGS_LAST.as_millis()).unwrap_or(u64::MAX);
+        let key = self.settings_key();
+        redis::pipe()
+            .atomic()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(now)
             .arg(policy.to_string())
-            .arg("PX")
-            .arg(u64::try_from(SETTINGS_LAST.as_millis()).unwrap_or(u64::MAX))
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now.saturating_sub(last))
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(last)
+            .ignore()
             .query_async(&mut conn)
             .await
     }
 
-    /// The settings an api announced last, if one did within [`SETTINGS_LAST`].
-    pub async fn announced_settings(
-        &self,
-        mut conn: RedisConnection,
-    ) -> RedisResult<Option<String>> {
-        redis::cmd("GET")
+    /// The settings apis noted within [`SETTINGS_LAST`], each once.
+    pub async fn announced_settings(&self, mut conn: RedisConnection) -> RedisResult<Vec<String>> {
+        let last = u64::try_from(SETTINGS_LAST.as_millis()).unwrap_or(u64::MAX);
+        redis::cmd("ZRANGEBYSCORE")
             .arg(self.settings_key())
+            .arg(unix_millis().saturating_sub(last))
+            .arg("+inf")
             .query_async(&mut conn)
             .await
     }

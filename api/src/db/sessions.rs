@@ -76,9 +76,9 @@ pub async fn sign_in(
 
 /// Whether a failed [`sign_in`] may have been stored all the same: the statement was sent and
 /// its answer lost with the connection, or the server ended the connection itself (SQLSTATE
-/// classes 08 and 57: a shutdown, or a synchronous-replication wait cancelled after the local
-/// commit). PostgreSQL's refusal of the statement (a timeout, a lock, a constraint) rolled it
-/// back, and a statement that never got a connection was never sent.
+/// classes 08 and 57: a shutdown or a terminated backend, which may come after the commit).
+/// PostgreSQL's refusal of the statement (a timeout, a lock, a constraint) rolled it back, and
+/// a statement that never got a connection was never sent. Asking costs one lookup.
 pub fn sign_in_may_have_been_stored(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(e) => e

@@ -137,11 +137,16 @@ async fn refresh_within_daily_cap(
         .refreshes_per_session(session_id, state.config.sessions.refreshes_per_day);
     match count_refresh(&state, session_id, &counter).await {
         DailyCount::Counted => {
+            // Given back should the refresh run out of its request's time before it is known
+            // whether it rotated: a client retrying through a slow database spends nothing.
+            let held = CountHeld {
+                state: &state,
+                counter: &counter,
+                settled: false,
+            };
             let outcome = db::refresh(pool, &hash, &state.config.sessions).await;
-            if !matches!(outcome, Ok(RefreshOutcome::Rotated(_))) {
-                // Waited for (at most 0.5 s), so that the client's next refresh finds it given back.
-                give_back_refresh(&state, &counter).await;
-            }
+            held.settle(matches!(outcome, Ok(RefreshOutcome::Rotated(_))))
+                .await;
             Ok(outcome?)
         }
         DailyCount::Uncounted => Ok(db::refresh(pool, &hash, &state.config.sessions).await?),
@@ -187,35 +192,32 @@ enum DailyCount {
 /// few seconds: the cap bounds rotations (a session's rows, a thief's pace), and refresh must
 /// not depend on Redis.
 async fn count_refresh(state: &AppState, session_id: uuid::Uuid, counter: &Counter) -> DailyCount {
-    // On a task of its own, so that a count Redis makes but answers after the deadline (within
-    // its 2 s command timeout, when the task ends) is still seen, and given back: a refresh let
-    // through uncounted then usually counts nothing, and a slow Redis rarely holds a client to
-    // its cap early. A count answered later still, or one whose give-back fails, stays.
-    let mut count = tokio::spawn({
+    // On a task of its own, which gives its count back itself when no one waits for it any more:
+    // Redis answered after the deadline (within its 2 s command timeout, when the task ends), or
+    // the refresh ran out of its request's time meanwhile. A refresh let through uncounted then
+    // usually counts nothing, and a slow Redis rarely holds a client to its cap early. A count
+    // answered later still, one past the room for give-backs (Redis slow for many refreshes at
+    // once), or one whose give-back fails, stays and lapses with the day.
+    metrics::counter!(m::TOKEN_REFRESH_CAP_CHECKS).increment(1);
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    tokio::spawn({
         let state = state.clone();
         let counter = counter.clone();
-        async move { state.limits.take(state.redis(), &counter).await }
+        async move {
+            let taken = state.limits.take(state.redis(), &counter).await;
+            if let Err(Ok(Taken::Yes)) = answer.send(taken)
+                && let Ok(_room) = state.late_refresh_counts.try_acquire()
+            {
+                give_back_refresh(&state, &counter).await;
+            }
+        }
     });
-    let why_uncounted = match tokio::time::timeout(REFRESH_CAP_DEADLINE, &mut count).await {
+    let why_uncounted = match tokio::time::timeout(REFRESH_CAP_DEADLINE, answered).await {
         Ok(Ok(Ok(Taken::Yes))) => return DailyCount::Counted,
         Ok(Ok(Ok(Taken::No { retry_after }))) => return DailyCount::UsedUp { retry_after },
         Ok(Ok(Err(e))) => e.to_string(),
-        Ok(Err(e)) => format!("the count's task failed: {e}"),
-        Err(_) => {
-            // Past the room for them (Redis slow for many refreshes at once), a late count stays
-            // and lapses with the day.
-            if let Ok(room) = state.late_refresh_counts.clone().try_acquire_owned() {
-                let state = state.clone();
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    if let Ok(Ok(Taken::Yes)) = count.await {
-                        give_back_refresh(&state, &counter).await;
-                    }
-                    drop(room);
-                });
-            }
-            format!("Redis did not answer within {REFRESH_CAP_DEADLINE:?}")
-        }
+        Ok(Err(_)) => "the count's task ended without an answer".to_owned(),
+        Err(_) => format!("Redis did not answer within {REFRESH_CAP_DEADLINE:?}"),
     };
     metrics::counter!(m::TOKEN_REFRESHES_UNCOUNTED).increment(1);
     if let Some(held_back) = state.refresh_cap_warnings.let_through() {
@@ -227,6 +229,34 @@ async fn count_refresh(state: &AppState, session_id: uuid::Uuid, counter: &Count
         );
     }
     DailyCount::Uncounted
+}
+
+/// A refresh counted against its daily cap, until it is known whether it rotated.
+struct CountHeld<'a> {
+    state: &'a AppState,
+    counter: &'a Counter,
+    settled: bool,
+}
+
+impl CountHeld<'_> {
+    /// Keeps the count when the refresh rotated, else gives it back. Waited for (at most 0.5 s),
+    /// so that the client's next refresh finds it given back.
+    async fn settle(mut self, rotated: bool) {
+        self.settled = true;
+        if !rotated {
+            give_back_refresh(self.state, self.counter).await;
+        }
+    }
+}
+
+impl Drop for CountHeld<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let state = self.state.clone();
+            let counter = self.counter.clone();
+            tokio::spawn(async move { give_back_refresh(&state, &counter).await });
+        }
+    }
 }
 
 /// Uncounts a refresh that rotated nothing, or one Redis counted after it had been let through

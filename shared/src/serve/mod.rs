@@ -59,10 +59,11 @@ use crate::config::{ConfigError, Env};
 /// About the most a connection's read buffer holds (hyper may read up to as much again in one go
 /// before it checks), and so the largest request head. hyper's default is about 400 KiB, which a
 /// few hundred connections trickling heads would turn into a few hundred MiB. Heads here are a
-/// few hundred bytes; 128 KiB is above what proxies pass on (nginx 32 KiB, AWS's load balancer
-/// 64 KiB, plus the headers they add), so the proxy refuses an oversized head first. A head
-/// that fills it is answered 431.
-const READ_BUFFER_LIMIT: usize = 128 * 1024;
+/// few hundred bytes. At 64 KiB, heads up to about twice that still pass (hyper checks between
+/// reads), above what proxies pass on (nginx 32 KiB, AWS's load balancer 64 KiB plus the headers
+/// it adds), so a proxy refuses an oversized head first; a connection holds at most about
+/// 128 KiB of head. A head that fills it is answered 431.
+const READ_BUFFER_LIMIT: usize = 64 * 1024;
 
 mod open_files;
 pub use open_files::OWN_OPEN_FILES;

@@ -227,15 +227,15 @@ impl ReceiptStore {
         Ok(current.as_deref() == Some(event_id) || pending.as_deref() == Some(event_id))
     }
 
-    /// What the fraud guard the api counts its codes in says of one more to `calling_code`,
-    /// counting nothing.
-    /// The fraud-guard settings an api noted last (`shared::fraud_guard::SETTINGS_LAST`).
-    pub async fn api_fraud_guard_settings(&self) -> RedisResult<Option<String>> {
+    /// The fraud-guard settings the apis noted lately (`shared::fraud_guard::SETTINGS_LAST`).
+    pub async fn api_fraud_guard_settings(&self) -> RedisResult<Vec<String>> {
         self.fraud_guard
             .announced_settings(self.redis.clone())
             .await
     }
 
+    /// What the fraud guard the api counts its codes in says of one more to `calling_code`,
+    /// counting nothing.
     pub async fn peek_fraud_guard(
         &self,
         policy: &FraudGuardPolicy,

@@ -485,10 +485,11 @@ async fn locked(app: &TestApp, lock: &'static str) -> sqlx::Transaction<'static,
     held
 }
 
-/// A refresh stuck on a busy database answers 503 within the request's time and rotates
-/// nothing afterwards: the token the client was told nothing of still works. Before, the refresh
-/// went on after the router's timeout and rotated the token once the lock was free, so with no
-/// reuse grace the client's retry revoked its session.
+/// A refresh stuck on a busy database answers 503 within the request's time, rotates nothing
+/// afterwards (the token the client was told nothing of still works), and spends none of the
+/// session's refreshes of the day. Before, the refresh went on after the router's timeout and
+/// rotated the token once the lock was free, so with no reuse grace the client's retry revoked
+/// its session.
 #[tokio::test]
 async fn a_refresh_that_runs_out_of_time_rotates_nothing_later() {
     let app = spawn_with(
@@ -503,6 +504,22 @@ async fn a_refresh_that_runs_out_of_time_rotates_nothing_later() {
     app.post("/v1/token/refresh", body.clone())
         .await
         .assert_problem(503, "unavailable");
+    // Nor did it spend one of the session's refreshes of the day: the count is given back.
+    let session_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM sessions")
+        .fetch_one(&app.db().await)
+        .await
+        .expect("the session");
+    let day = format!("{}:limit:session:{{{session_id}}}:refreshes", app.namespace);
+    eventually(Duration::from_secs(5), "the count given back", || async {
+        let count: Option<u32> = redis::cmd("HGET")
+            .arg(&day)
+            .arg("c")
+            .query_async(&mut app.redis().await)
+            .await
+            .expect("HGET");
+        count == Some(0)
+    })
+    .await;
     lock.rollback().await.expect("the lock released");
     let db = app.db().await;
     // Whatever was still waiting on the lock has had its turn once no query waits on it.

@@ -115,12 +115,14 @@ async fn the_fraud_guard_blocks_a_calling_code_whose_codes_go_unverified() {
     // The api notes the settings it runs, for the workers to compare theirs with.
     let key = format!("{}:fraud_guard:{{settings}}", app.namespace);
     let noted = eventually(Duration::from_secs(5), "the api's note", || async {
-        let noted: Option<String> = redis::cmd("GET")
+        let noted: Vec<String> = redis::cmd("ZRANGE")
             .arg(&key)
+            .arg(0)
+            .arg(-1)
             .query_async(&mut app.redis().await)
             .await
-            .expect("GET");
-        noted
+            .expect("ZRANGE");
+        (noted.len() == 1).then(|| noted[0].clone())
     })
     .await;
     assert!(noted.starts_with("enforce ("), "{noted}");

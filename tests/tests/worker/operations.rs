@@ -229,6 +229,12 @@ async fn a_worker_says_when_its_fraud_guard_settings_are_not_the_apis() {
         };
         // A process each: the gauge is a process's own.
         let watch = async |api_mode: &str| {
+            // Only this api's note: as if the others had stopped more than 5 minutes ago.
+            let () = redis::cmd("DEL")
+                .arg(format!("{}:fraud_guard:{{settings}}", h.ns))
+                .query_async(&mut redis())
+                .await
+                .expect("DEL");
             guard
                 .announce_settings(redis(), &settings(api_mode))
                 .await
