@@ -407,15 +407,11 @@ async fn a_sign_in_stored_whose_answer_was_lost_does_not_give_its_code_back() {
                 .status()
         }
     });
-    eventually(Duration::from_secs(10), "the sign-in waiting on the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db)
-        .await
-        .expect("pg_stat_activity");
-        waiting == 1
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the sign-in waiting on the lock",
+        || async { waiting_on_a_lock(&db).await == 1 },
+    )
     .await;
     postgres.hold_replies();
     lock.rollback().await.expect("the lock released");
@@ -473,6 +469,16 @@ async fn a_sign_in_stuck_behind_a_lock_answers_503_and_keeps_the_code() {
     assert_eq!(session.body["new_user"], true);
 }
 
+/// How many queries of the test's database wait on a lock now.
+async fn waiting_on_a_lock(db: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(db)
+    .await
+    .expect("pg_stat_activity")
+}
+
 /// A transaction holding a table in SHARE mode (`lock`, the `LOCK TABLE` statement): reads go
 /// on, and writes wait on it until their statement timeout (sign-ins, to create or update their
 /// user, for `users`).
@@ -485,13 +491,10 @@ async fn locked(app: &TestApp, lock: &'static str) -> sqlx::Transaction<'static,
     held
 }
 
-/// A refresh stuck on a busy database answers 503 within the request's time, rotates nothing
-/// afterwards (the token the client was told nothing of still works), and spends none of the
-/// session's refreshes of the day. Before, the refresh went on after the router's timeout and
-/// rotated the token once the lock was free, so with no reuse grace the client's retry revoked
-/// its session.
-#[tokio::test]
-async fn a_refresh_that_runs_out_of_time_rotates_nothing_later() {
+/// A signed-in app whose statements wait up to 30 s and whose refresh tokens have no reuse grace
+/// (a token rotated behind its client's back then revokes on its next use), and the body of a
+/// refresh of its session.
+async fn signed_in_with_no_reuse_grace() -> (TestApp, serde_json::Value) {
     let app = spawn_with(
         Spawn::default()
             .var("DATABASE_STATEMENT_TIMEOUT_MS", 30_000)
@@ -500,6 +503,17 @@ async fn a_refresh_that_runs_out_of_time_rotates_nothing_later() {
     .await;
     let session = app.sign_in(PHONE).await;
     let body = serde_json::json!({ "refresh_token": session["refresh_token"] });
+    (app, body)
+}
+
+/// A refresh stuck on a busy database answers 503 within the request's time, rotates nothing
+/// afterwards (the token the client was told nothing of still works), and spends none of the
+/// session's refreshes of the day. Before, the refresh went on after the router's timeout and
+/// rotated the token once the lock was free, so with no reuse grace the client's retry revoked
+/// its session.
+#[tokio::test]
+async fn a_refresh_that_runs_out_of_time_rotates_nothing_later() {
+    let (app, body) = signed_in_with_no_reuse_grace().await;
     let lock = locked(&app, "SELECT id FROM sessions FOR UPDATE").await;
     app.post("/v1/token/refresh", body.clone())
         .await
@@ -523,18 +537,68 @@ async fn a_refresh_that_runs_out_of_time_rotates_nothing_later() {
     lock.rollback().await.expect("the lock released");
     let db = app.db().await;
     // Whatever was still waiting on the lock has had its turn once no query waits on it.
-    eventually(Duration::from_secs(5), "no refresh waiting on the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db)
-        .await
-        .expect("pg_stat_activity");
-        (waiting == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "no refresh waiting on the lock",
+        || async { (waiting_on_a_lock(&db).await == 0).then_some(()) },
+    )
     .await;
     let reply = app.post("/v1/token/refresh", body).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
+/// The request's time counts from its start, the token's lookup included: a refresh whose lookup
+/// waited on a busy database, and whose rotation then waited too, still answers 503 within it and
+/// rotates nothing afterwards. Before, the deadline started after the lookup, so the rotation
+/// could commit after the router had answered 503, and with no reuse grace the client's retry
+/// then revoked its session.
+#[tokio::test]
+async fn a_refresh_whose_lookup_was_slow_still_ends_within_the_requests_time() {
+    let (app, body) = signed_in_with_no_reuse_grace().await;
+    let db = app.db().await;
+    // The rotation's lock, and the lookup's.
+    let row = locked(&app, "SELECT id FROM sessions FOR UPDATE").await;
+    let table = locked(&app, "LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE").await;
+    let started = std::time::Instant::now();
+    let refreshed = tokio::spawn({
+        let (client, url) = (
+            app.client.clone(),
+            format!("http://{}/v1/token/refresh", app.addr),
+        );
+        let body = body.clone();
+        async move {
+            let reply = client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("an answer");
+            (reply.status(), started.elapsed())
+        }
+    });
+    eventually(Duration::from_secs(5), "the lookup waiting", || async {
+        waiting_on_a_lock(&db).await == 1
+    })
+    .await;
+    // A third of the request's time goes on the lookup; time itself is what this test needs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    table.rollback().await.expect("the table's lock released");
+    let (status, took) = refreshed.await.expect("the request");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    row.rollback().await.expect("the row's lock released");
+    eventually(
+        Duration::from_secs(5),
+        "no refresh waiting on a lock",
+        || async { waiting_on_a_lock(&db).await == 0 },
+    )
+    .await;
+    let reply = app.post("/v1/token/refresh", body).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "after {took:?}: {}",
+        reply.body
+    );
 }
 
 /// `DATABASE_STATEMENT_TIMEOUT_MS=0` leaves PostgreSQL's own `statement_timeout` (set here on the
