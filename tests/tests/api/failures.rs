@@ -165,20 +165,11 @@ async fn a_refresh_goes_ahead_while_redis_cannot_count_it() {
     );
     // The late count is given back, so the refresh let through uncounted counts nothing, and the
     // client is not held to its cap early.
-    let day = format!("{}:limit:session:{{{session_id}}}:refreshes", app.namespace);
-    let direct = app.redis().await;
+    let day = app.refresh_day().await;
     eventually(
         Duration::from_secs(5),
         "the late count given back",
-        || async {
-            let count: Option<u32> = redis::cmd("HGET")
-                .arg(&day)
-                .arg("c")
-                .query_async(&mut direct.clone())
-                .await
-                .expect("HGET");
-            count == Some(0)
-        },
+        || async { app.limit_count(&day).await == Some(0) },
     )
     .await;
     redis.go_down();
@@ -519,19 +510,9 @@ async fn a_refresh_that_runs_out_of_time_rotates_nothing_later() {
         .await
         .assert_problem(503, "unavailable");
     // Nor did it spend one of the session's refreshes of the day: the count is given back.
-    let session_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM sessions")
-        .fetch_one(&app.db().await)
-        .await
-        .expect("the session");
-    let day = format!("{}:limit:session:{{{session_id}}}:refreshes", app.namespace);
+    let day = app.refresh_day().await;
     eventually(Duration::from_secs(5), "the count given back", || async {
-        let count: Option<u32> = redis::cmd("HGET")
-            .arg(&day)
-            .arg("c")
-            .query_async(&mut app.redis().await)
-            .await
-            .expect("HGET");
-        count == Some(0)
+        app.limit_count(&day).await == Some(0)
     })
     .await;
     lock.rollback().await.expect("the lock released");

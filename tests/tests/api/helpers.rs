@@ -435,6 +435,26 @@ impl TestApp {
             .expect("test database")
     }
 
+    /// What the sliding-window limit `{ns}:limit:<key>` counts in its current window (`c` of its
+    /// hash), or `None` before it counted anything.
+    pub async fn limit_count(&self, key: &str) -> Option<u32> {
+        redis::cmd("HGET")
+            .arg(format!("{}:limit:{key}", self.namespace))
+            .arg("c")
+            .query_async(&mut self.redis().await)
+            .await
+            .expect("HGET")
+    }
+
+    /// The key, under `{ns}:limit:`, of the only session's daily refresh count.
+    pub async fn refresh_day(&self) -> String {
+        let session_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM sessions")
+            .fetch_one(&self.db().await)
+            .await
+            .expect("the one session");
+        format!("session:{{{session_id}}}:refreshes")
+    }
+
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(servers().redis.url())
             .expect("a Redis URL")
