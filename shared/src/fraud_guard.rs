@@ -141,14 +141,6 @@ pub const SETTINGS_ANNOUNCED_EVERY: Duration = Duration::from_secs(60);
 /// How long a note lasts: a few announcements, so that it outlives a slow Redis but not the apis.
 pub const SETTINGS_LAST: Duration = Duration::from_secs(300);
 
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
 /// What the guard said about one more code to a calling code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardVerdict {
@@ -212,7 +204,7 @@ impl FraudGuard {
         mut conn: RedisConnection,
         policy: &FraudGuardPolicy,
     ) -> RedisResult<()> {
-        let now = unix_millis();
+        let now = crate::clock::unix_ms();
         let last = u64::try_from(SETTINGS_LAST.as_millis()).unwrap_or(u64::MAX);
         let key = self.settings_key();
         redis::pipe()
@@ -240,7 +232,7 @@ impl FraudGuard {
         let last = u64::try_from(SETTINGS_LAST.as_millis()).unwrap_or(u64::MAX);
         redis::cmd("ZRANGEBYSCORE")
             .arg(self.settings_key())
-            .arg(unix_millis().saturating_sub(last))
+            .arg(crate::clock::unix_ms().saturating_sub(last))
             .arg("+inf")
             .query_async(&mut conn)
             .await

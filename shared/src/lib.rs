@@ -3,6 +3,7 @@
 //! limits, and the phone-number type and mask used in every log line.
 
 pub mod amqp;
+pub mod clock;
 pub mod config;
 pub mod event;
 pub mod fraud_guard;

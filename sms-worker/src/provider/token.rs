@@ -15,10 +15,11 @@
 //! rather than each waiting its turn for a fetch of its own.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use shared::clock::unix_ms;
 use shared::redis_connection::RedisConnection;
 use shared::redis_script::Script;
 
@@ -369,10 +370,4 @@ fn cached_from(stored: Stored, sealed: Vec<u8>) -> Cached {
         refresh_at: now + until_refresh,
         expires_at: now + left,
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
