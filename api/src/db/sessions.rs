@@ -219,7 +219,9 @@ pub async fn refresh(
     sqlx::query(
         r"
         WITH used AS (
-            UPDATE tokens SET rotated_at = now() WHERE hash = $1 AND rotated_at IS NULL
+            -- The clock, not the transaction's start: a rotation that waited for the session's
+            -- lock starts its reuse grace when it happens, not seconds before.
+            UPDATE tokens SET rotated_at = clock_timestamp() WHERE hash = $1 AND rotated_at IS NULL
         ), retired AS (
             -- The rotated token's own access token.
             DELETE FROM tokens

@@ -179,9 +179,20 @@ async fn stored_after_all(
     error: &sqlx::Error,
     session_id: uuid::Uuid,
 ) -> bool {
-    db::sign_in_may_have_been_stored(error)
-        && db::session_exists(pool, session_id).await.unwrap_or(false)
+    if !db::sign_in_may_have_been_stored(error) {
+        return false;
+    }
+    // Within a second: past it the code is put back, as when PostgreSQL cannot be asked, so
+    // that a client retrying its right code is not told it is wrong meanwhile.
+    let asked = tokio::time::timeout(
+        STORED_AFTER_ALL_WITHIN,
+        db::session_exists(pool, session_id),
+    );
+    matches!(asked.await, Ok(Ok(true)))
 }
+
+/// How long a failed sign-in waits to learn whether it was stored after all.
+const STORED_AFTER_ALL_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn give_back(state: &AppState, fails: Option<&Counter>) {
     let Some(fails) = fails else { return };
