@@ -2,11 +2,25 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, JsonRejection};
-use axum::extract::{FromRequest, OptionalFromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequest, Request};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+
+/// When the handler was called, before its body is read: the router's timeout counts from about
+/// here, and a client slow to send its body spends the request's time, not a time of its own.
+/// Put before the body's extractor, which axum runs last.
+pub struct Arrived(pub tokio::time::Instant);
+
+impl<S: Send + Sync> FromRequestParts<S> for Arrived {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(tokio::time::Instant::now()))
+    }
+}
 
 /// `axum::Json` with its rejections mapped: 415 without a JSON content type, 413 over the body
 /// limit, 400 for syntax errors, missing or wrong-typed fields.

@@ -21,7 +21,7 @@ use crate::{auth, demo, docs, routes};
 /// Bodies over 16 KiB are refused with 413.
 const BODY_LIMIT: usize = 16 * 1024;
 /// Longer than any dependency timeout, so a slow dependency answers its own 503 first.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every route under the middleware stack, plus `extra` routes (tests add one that panics).
 pub fn router(state: AppState, extra: Router<AppState>) -> Router {

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use crate::tokens::PlainToken;
 
 pub use sessions::{
-    Holders, RefreshOutcome, holders, refresh, revoke_session, revoke_user, session_exists,
-    session_of_refresh_token, sign_in, sign_in_may_have_been_stored,
+    Holders, RefreshDeadlines, RefreshOutcome, holders, may_have_committed, refresh,
+    revoke_session, revoke_user, session_exists, session_of_refresh_token, sign_in,
 };
 
 #[derive(Debug, Clone, sqlx::FromRow)]

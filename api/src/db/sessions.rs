@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use shared::PhoneNumber;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
@@ -74,12 +76,13 @@ pub async fn sign_in(
     })
 }
 
-/// Whether a failed [`sign_in`] may have been stored all the same: the statement was sent and
-/// its answer lost with the connection, or the server ended the connection itself (SQLSTATE
-/// classes 08 and 57: a shutdown or a terminated backend, which may come after the commit).
-/// PostgreSQL's refusal of the statement (a timeout, a lock, a constraint) rolled it back, and
-/// a statement that never got a connection was never sent. Asking costs one lookup.
-pub fn sign_in_may_have_been_stored(error: &sqlx::Error) -> bool {
+/// Whether a failed write (a [`sign_in`], a rotation's commit) may have been stored all the
+/// same: the statement was sent and its answer lost with the connection, or the server ended the
+/// connection itself (SQLSTATE classes 08 and 57: a shutdown or a terminated backend, which may
+/// come after the commit). PostgreSQL's refusal of the statement (a timeout, a lock, a
+/// constraint) rolled it back, and a statement that never got a connection was never sent.
+/// Asking costs one lookup.
+pub fn may_have_committed(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(e) => e
             .code()
@@ -110,6 +113,18 @@ pub enum RefreshOutcome {
     RateLimited {
         retry_after: Duration,
     },
+    /// The statements before the commit did not end in time (a lock, a busy database): rolled
+    /// back, nothing rotated.
+    OutOfTime,
+}
+
+/// When a rotation must be done by, from the refresh's start.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshDeadlines {
+    /// Its statements before the commit: past it they are dropped and rolled back.
+    pub statements_by: Instant,
+    /// The commit's answer, once the commit is sent: past it the outcome is unknown.
+    pub committed_by: Instant,
 }
 
 /// What the refresh token's row and its session say, read under the session's lock.
@@ -156,7 +171,67 @@ pub async fn refresh(
     pool: &PgPool,
     refresh_hash: &[u8],
     policy: &SessionPolicy,
+    deadlines: RefreshDeadlines,
 ) -> sqlx::Result<RefreshOutcome> {
+    // Only the statements before the commit are cut short: dropped, their transaction rolls
+    // back, and nothing rotated. A commit once sent is waited for, since a commit cut short may
+    // still land, rotating the token of a client told 503 (with no reuse grace, its retry would
+    // then revoke the session).
+    let statements = tokio::time::timeout_at(
+        deadlines.statements_by,
+        rotation(pool, refresh_hash, policy),
+    );
+    let (tx, outcome) = match statements.await {
+        Err(_) => return Ok(RefreshOutcome::OutOfTime),
+        Ok(prepared) => prepared?,
+    };
+    let Some(tx) = tx else { return Ok(outcome) };
+    let committed = match tokio::time::timeout_at(deadlines.committed_by, tx.commit()).await {
+        Ok(committed) => committed,
+        // Rare: a commit slower than the room left for it. Its outcome is unknown; the client
+        // hears 503 and retries within the reuse grace.
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the commit did not answer in time",
+        ))),
+    };
+    match (committed, &outcome) {
+        (Ok(()), _) => Ok(outcome),
+        // The answer was lost with the connection: the new refresh token tells whether it
+        // landed, and if so the client gets the pair it holds.
+        (Err(e), RefreshOutcome::Rotated(issued)) if may_have_committed(&e) => {
+            let new_refresh = issued.refresh_token.hash();
+            let asked =
+                tokio::time::timeout(LOST_COMMIT_LOOKUP_WITHIN, token_exists(pool, &new_refresh));
+            if matches!(asked.await, Ok(Ok(true))) {
+                tracing::info!(error = %e, "a rotation's commit lost its answer but landed; answering with its tokens");
+                Ok(outcome)
+            } else {
+                Err(e)
+            }
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// How long a rotation whose commit lost its answer waits to learn whether it landed.
+const LOST_COMMIT_LOOKUP_WITHIN: Duration = Duration::from_secs(1);
+
+/// Whether a token with this hash is stored.
+async fn token_exists(pool: &PgPool, hash: &[u8]) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens WHERE hash = $1)")
+        .bind(hash)
+        .fetch_one(pool)
+        .await
+}
+
+/// A refresh's statements up to its commit: the outcome, and the transaction to commit when it
+/// wrote something (a rotation, a revocation); `None` when it only read (rolled back on drop).
+async fn rotation(
+    pool: &PgPool,
+    refresh_hash: &[u8],
+    policy: &SessionPolicy,
+) -> sqlx::Result<(Option<Transaction<'static, Postgres>>, RefreshOutcome)> {
     let mut tx = pool.begin().await?;
     // Lock first, read second. The read must be a later statement than the lock: under READ
     // COMMITTED a statement that waited for a lock still sees the other tables as they were
@@ -172,7 +247,7 @@ pub async fn refresh(
     .fetch_optional(&mut *tx)
     .await?;
     if locked.is_none() {
-        return Ok(RefreshOutcome::Invalid);
+        return Ok((None, RefreshOutcome::Invalid));
     }
     let presented: Option<Presented> = sqlx::query_as(
         r"
@@ -193,22 +268,20 @@ pub async fn refresh(
     .fetch_optional(&mut *tx)
     .await?;
     let Some(presented) = presented.filter(|p| p.usable) else {
-        return Ok(RefreshOutcome::Invalid);
+        return Ok((None, RefreshOutcome::Invalid));
     };
     let grace = policy.reuse_grace.as_secs_f64();
     if let Some(ago) = presented.rotated_secs_ago
         && (policy.reuse_grace.is_zero() || ago > grace)
     {
         revoke(&mut tx, presented.session_id).await?;
-        tx.commit().await?;
-        return Ok(RefreshOutcome::Reused);
+        return Ok((Some(tx), RefreshOutcome::Reused));
     }
     // At most `refreshes_per_minute` in a fixed window that restarts a minute after it began.
     let restart_window = presented.window_secs >= 60.0;
     if !restart_window && presented.refreshes_in_window >= policy.refreshes_per_minute as i32 {
-        return Ok(RefreshOutcome::RateLimited {
-            retry_after: Duration::from_secs_f64((60.0 - presented.window_secs).max(1.0)),
-        });
+        let retry_after = Duration::from_secs_f64((60.0 - presented.window_secs).max(1.0));
+        return Ok((None, RefreshOutcome::RateLimited { retry_after }));
     }
 
     let access = PlainToken::generate();
@@ -293,8 +366,7 @@ pub async fn refresh(
     .bind(policy.reuse_grace.as_secs_f64() + 1.0)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await?;
-    Ok(RefreshOutcome::Rotated(IssuedSession {
+    let issued = IssuedSession {
         user: User {
             id: presented.user_id,
             phone_number: presented.phone_number,
@@ -305,7 +377,8 @@ pub async fn refresh(
         refresh_token: refresh,
         access_expires_in: access_ttl,
         refresh_expires_in: refresh_ttl,
-    }))
+    };
+    Ok((Some(tx), RefreshOutcome::Rotated(issued)))
 }
 
 /// The session a refresh token belongs to, whatever its state; `None` for an unknown token.

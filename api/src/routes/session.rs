@@ -9,14 +9,14 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthUser;
-use crate::db::{self, Holders, RefreshOutcome};
+use crate::db::{self, Holders, RefreshDeadlines, RefreshOutcome};
 use crate::detached::detached;
 use crate::error::{ApiError, Dependency, Limit};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, Arrived};
 use crate::limits::{Counter, Taken};
 use crate::metrics as m;
+use crate::router::REQUEST_TIMEOUT;
 use crate::routes::{SessionView, UserView};
-use crate::signin::ANSWER_WITHIN;
 use crate::state::AppState;
 use crate::tokens;
 
@@ -47,6 +47,7 @@ pub struct LogoutBody {
         (status = 503, description = "`unavailable`"),
     ))]
 pub async fn refresh(
+    Arrived(arrived): Arrived,
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RefreshBody>,
 ) -> Result<Json<SessionView>, ApiError> {
@@ -54,21 +55,18 @@ pub async fn refresh(
         return Err(ApiError::InvalidRefreshToken);
     }
     let hash = tokens::hash(&body.refresh_token);
-    // Everything within the request's time (`ANSWER_WITHIN`, under the router's 10 s), counted
-    // from here: a refresh stuck on a busy database is dropped, its transaction rolled back,
-    // before the client is told 503, so a token the client was told nothing of is never rotated
-    // behind its back.
-    let answer_by = tokio::time::Instant::now() + ANSWER_WITHIN;
-    let out_of_time = || {
-        ApiError::unavailable(
-            Dependency::Postgres,
-            anyhow::anyhow!("the refresh did not finish within the request's time"),
-        )
+    // Within the request's time, counted from its arrival as the router's timeout is. A refresh
+    // stuck on a busy database is rolled back before the client is told 503, and a commit once
+    // sent is waited for, so a token the client was told nothing of is never rotated behind its
+    // back (with no reuse grace, its retry would revoke the session).
+    let deadlines = RefreshDeadlines {
+        statements_by: arrived + STATEMENTS_WITHIN,
+        committed_by: arrived + COMMIT_ANSWERED_WITHIN,
     };
     // Looked up by the request itself, lock-free: a token that names no session (a flood of
     // random ones) costs one indexed read that ends with the request, and starts no task.
     let lookup = db::session_of_refresh_token(state.db()?, &hash);
-    let outcome = match tokio::time::timeout_at(answer_by, lookup).await {
+    let outcome = match tokio::time::timeout_at(deadlines.statements_by, lookup).await {
         Err(_) => return Err(out_of_time()),
         Ok(found) => match found? {
             None => RefreshOutcome::Invalid,
@@ -77,13 +75,7 @@ pub async fn refresh(
             // against the daily cap and the rotation, or the give-back or revocation that
             // follows.
             Some(session_id) => {
-                let within_the_request = async move {
-                    let refresh = refresh_within_daily_cap(state, session_id, hash);
-                    tokio::time::timeout_at(answer_by, refresh)
-                        .await
-                        .unwrap_or_else(|_| Err(out_of_time()))
-                };
-                detached(within_the_request).await?
+                detached(refresh_within_daily_cap(state, session_id, hash, deadlines)).await?
             }
         },
     };
@@ -110,7 +102,22 @@ pub async fn refresh(
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "invalid").increment(1);
             Err(ApiError::InvalidRefreshToken)
         }
+        RefreshOutcome::OutOfTime => Err(out_of_time()),
     }
+}
+
+/// The refresh's statements before its commit, the token's lookup included, end within this of
+/// its arrival, or roll back: room is left for the commit's answer before the router's timeout.
+const STATEMENTS_WITHIN: Duration = Duration::from_secs(7);
+/// A commit once sent is waited for until this after the refresh's arrival, just under the
+/// router's timeout, so that the client hears what it came to.
+const COMMIT_ANSWERED_WITHIN: Duration = REQUEST_TIMEOUT.saturating_sub(Duration::from_millis(250));
+
+fn out_of_time() -> ApiError {
+    ApiError::unavailable(
+        Dependency::Postgres,
+        anyhow::anyhow!("the refresh did not finish within the request's time"),
+    )
 }
 
 /// Counts the refresh against its session's daily cap, then rotates the token. Every refresh
@@ -130,6 +137,7 @@ async fn refresh_within_daily_cap(
     state: AppState,
     session_id: uuid::Uuid,
     hash: Vec<u8>,
+    deadlines: RefreshDeadlines,
 ) -> Result<RefreshOutcome, ApiError> {
     let pool = state.db()?;
     let counter = state
@@ -144,35 +152,54 @@ async fn refresh_within_daily_cap(
                 counter: &counter,
                 settled: false,
             };
-            let outcome = db::refresh(pool, &hash, &state.config.sessions).await;
+            let outcome = db::refresh(pool, &hash, &state.config.sessions, deadlines).await;
             held.settle(matches!(outcome, Ok(RefreshOutcome::Rotated(_))))
                 .await;
             Ok(outcome?)
         }
-        DailyCount::Uncounted => Ok(db::refresh(pool, &hash, &state.config.sessions).await?),
-        DailyCount::UsedUp { retry_after } => match db::holders(pool, &hash).await? {
-            Holders::Unusable => {
-                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "invalid").increment(1);
-                Err(ApiError::InvalidRefreshToken)
-            }
-            Holders::One => {
-                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "daily_cap").increment(1);
-                Err(ApiError::RateLimited {
-                    limit: Limit::RefreshesPerSessionPerDay,
-                    retry_after,
-                })
-            }
-            Holders::Two => {
-                // Recorded first: a revocation that fails (503) must not hide that the cap was hit.
-                metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
-                tracing::warn!(
-                    %session_id,
-                    "a session with two holders used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
-                );
-                db::revoke_session(pool, session_id).await?;
-                Err(ApiError::InvalidRefreshToken)
-            }
-        },
+        DailyCount::Uncounted => {
+            Ok(db::refresh(pool, &hash, &state.config.sessions, deadlines).await?)
+        }
+        DailyCount::UsedUp { retry_after } => {
+            // A revocation that lands after the client heard 503 only signs out what its
+            // answer would have.
+            let at_the_cap = at_the_daily_cap(pool, &hash, session_id, retry_after);
+            tokio::time::timeout_at(deadlines.committed_by, at_the_cap)
+                .await
+                .unwrap_or_else(|_| Err(out_of_time()))
+        }
+    }
+}
+
+/// The answer to a refresh over its session's daily cap (see [`refresh_within_daily_cap`]).
+async fn at_the_daily_cap(
+    pool: &sqlx::PgPool,
+    hash: &[u8],
+    session_id: uuid::Uuid,
+    retry_after: Duration,
+) -> Result<RefreshOutcome, ApiError> {
+    match db::holders(pool, hash).await? {
+        Holders::Unusable => {
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "invalid").increment(1);
+            Err(ApiError::InvalidRefreshToken)
+        }
+        Holders::One => {
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "daily_cap").increment(1);
+            Err(ApiError::RateLimited {
+                limit: Limit::RefreshesPerSessionPerDay,
+                retry_after,
+            })
+        }
+        Holders::Two => {
+            // Recorded first: a revocation that fails (503) must not hide that the cap was hit.
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "over_daily_cap").increment(1);
+            tracing::warn!(
+                %session_id,
+                "a session with two holders used up its refreshes of the day (REFRESH_PER_SESSION_PER_DAY); it is revoked"
+            );
+            db::revoke_session(pool, session_id).await?;
+            Err(ApiError::InvalidRefreshToken)
+        }
     }
 }
 

@@ -179,7 +179,7 @@ async fn stored_after_all(
     error: &sqlx::Error,
     session_id: uuid::Uuid,
 ) -> bool {
-    if !db::sign_in_may_have_been_stored(error) {
+    if !db::may_have_committed(error) {
         return false;
     }
     // Within a second: past it the code is put back, as when PostgreSQL cannot be asked, so

@@ -345,28 +345,34 @@ async fn postgres_down_during_verify_keeps_the_code_usable() {
     drop_database(&database).await;
 }
 
-/// A sign-in PostgreSQL stored, whose answer was lost with the connection (a failover, a broken
-/// network), is not taken for one that failed: the code is not put back, so it cannot sign in a
-/// second time. The client hears 503 and asks for a new code.
-#[tokio::test]
-async fn a_sign_in_stored_whose_answer_was_lost_does_not_give_its_code_back() {
+/// An app with `spawn`'s settings whose one PostgreSQL connection goes through a proxy the test
+/// can cut, its statements waiting up to 30 s; its database's name, and a pool straight to it.
+async fn one_connection_through_a_proxy(spawn: Spawn) -> (TcpProxy, TestApp, String, sqlx::PgPool) {
     let (postgres, postgres_url) = TcpProxy::in_front_of(&servers().postgres).await;
     let database = unique("otp_test");
     let app = spawn_with(
-        Spawn::default()
+        spawn
             .var("DATABASE_URL", database_url(&postgres_url, &database))
             .var("DATABASE_STATEMENT_TIMEOUT_MS", 30_000)
             .var("DATABASE_POOL_SIZE", 1),
     )
     .await;
+    let db = sqlx::PgPool::connect(&servers().database_url(&database))
+        .await
+        .expect("the test database");
+    (postgres, app, database, db)
+}
+
+/// A sign-in PostgreSQL stored, whose answer was lost with the connection (a failover, a broken
+/// network), is not taken for one that failed: the code is not put back, so it cannot sign in a
+/// second time. The client hears 503 and asks for a new code.
+#[tokio::test]
+async fn a_sign_in_stored_whose_answer_was_lost_does_not_give_its_code_back() {
+    let (postgres, app, database, db) = one_connection_through_a_proxy(Spawn::default()).await;
     // A sign-in first, so that the one connection has the statement prepared: the next sends
     // it whole, with nothing more to wait for before PostgreSQL runs it.
     app.sign_in("+14155550123").await;
     let code = app.code_for(PHONE).await;
-    // Straight to PostgreSQL, not through the proxy.
-    let db = sqlx::PgPool::connect(&servers().database_url(&database))
-        .await
-        .expect("the test database");
     let sessions = || async {
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
             .fetch_one(&db)
@@ -541,22 +547,7 @@ async fn a_refresh_whose_lookup_was_slow_still_ends_within_the_requests_time() {
     let row = locked(&app, "SELECT id FROM sessions FOR UPDATE").await;
     let table = locked(&app, "LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE").await;
     let started = std::time::Instant::now();
-    let refreshed = tokio::spawn({
-        let (client, url) = (
-            app.client.clone(),
-            format!("http://{}/v1/token/refresh", app.addr),
-        );
-        let body = body.clone();
-        async move {
-            let reply = client
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .expect("an answer");
-            (reply.status(), started.elapsed())
-        }
-    });
+    let refreshed = refresh_meanwhile(&app, body.clone());
     eventually(Duration::from_secs(5), "the lookup waiting", || async {
         waiting_on_a_lock(&db).await == 1
     })
@@ -564,7 +555,8 @@ async fn a_refresh_whose_lookup_was_slow_still_ends_within_the_requests_time() {
     // A third of the request's time goes on the lookup; time itself is what this test needs.
     tokio::time::sleep(Duration::from_secs(3)).await;
     table.rollback().await.expect("the table's lock released");
-    let (status, took) = refreshed.await.expect("the request");
+    let (status, _) = refreshed.await.expect("the request");
+    let took = started.elapsed();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     row.rollback().await.expect("the row's lock released");
     eventually(
@@ -580,6 +572,121 @@ async fn a_refresh_whose_lookup_was_slow_still_ends_within_the_requests_time() {
         "after {took:?}: {}",
         reply.body
     );
+}
+
+/// From here on, a transaction that stores a token waits at its commit for as long as the test
+/// holds advisory lock 4242 (`held_commits`): a deferred trigger, run by the commit itself.
+async fn commits_wait_on_the_test(db: &sqlx::PgPool) {
+    for statement in [
+        r"CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$
+          BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NULL; END $$",
+        r"CREATE CONSTRAINT TRIGGER commit_waits AFTER INSERT ON tokens
+          DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_for_the_test()",
+    ] {
+        sqlx::query(statement)
+            .execute(db)
+            .await
+            .expect("the commit's wait");
+    }
+}
+
+/// Holds the commits of [`commits_wait_on_the_test`] until the transaction is rolled back.
+async fn held_commits(db: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut held = db.begin().await.expect("a transaction");
+    sqlx::query("SELECT pg_advisory_xact_lock(4242)")
+        .execute(&mut *held)
+        .await
+        .expect("the advisory lock");
+    held
+}
+
+/// `POST /v1/token/refresh` with `body` on a task of its own: its status and JSON body.
+fn refresh_meanwhile(app: &TestApp, body: Value) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let (client, url) = (
+        app.client.clone(),
+        format!("http://{}/v1/token/refresh", app.addr),
+    );
+    tokio::spawn(async move {
+        let reply = client
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .expect("an answer");
+        let status = reply.status();
+        (status, reply.json().await.expect("a JSON body"))
+    })
+}
+
+/// A refresh whose commit is sent in time waits for its answer, even past the time its
+/// statements had, and tells the client what it came to. Before, the whole refresh was cut at
+/// 9 s, the commit with it: the client heard 503 while the commit landed, and with no reuse
+/// grace its retry then revoked the session.
+#[tokio::test]
+async fn a_refresh_whose_commit_is_slow_answers_with_its_tokens() {
+    let (app, body) = signed_in_with_no_reuse_grace().await;
+    let db = app.db().await;
+    commits_wait_on_the_test(&db).await;
+    let held = held_commits(&db).await;
+    let started = std::time::Instant::now();
+    let refreshed = refresh_meanwhile(&app, body);
+    eventually(Duration::from_secs(5), "the commit waiting", || async {
+        waiting_on_a_lock(&db).await == 1
+    })
+    .await;
+    // Past the 9 s the refresh as a whole once had, within the router's 10 s; time itself is
+    // what this test needs.
+    tokio::time::sleep(Duration::from_millis(9_200).saturating_sub(started.elapsed())).await;
+    held.rollback().await.expect("the commit let go");
+    let (status, session) = refreshed.await.expect("the request");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "after {:?}: {session}",
+        started.elapsed()
+    );
+    let next = json!({ "refresh_token": session["refresh_token"] });
+    let reply = app.post("/v1/token/refresh", next).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
+/// A refresh whose commit landed but whose answer was lost with the connection looks for its new
+/// token, finds it, and answers with the pair. Before, it answered 503 for a rotation that had
+/// happened, and with no reuse grace the client's retry revoked the session.
+#[tokio::test]
+async fn a_refresh_whose_commit_lost_its_answer_finds_it_landed() {
+    let (postgres, app, database, db) =
+        one_connection_through_a_proxy(Spawn::default().var("REFRESH_REUSE_GRACE_SECS", 0)).await;
+    let session = app.sign_in(PHONE).await;
+    let body = json!({ "refresh_token": session["refresh_token"] });
+    commits_wait_on_the_test(&db).await;
+    let held = held_commits(&db).await;
+    let refreshed = refresh_meanwhile(&app, body);
+    eventually(Duration::from_secs(5), "the commit waiting", || async {
+        waiting_on_a_lock(&db).await == 1
+    })
+    .await;
+    postgres.hold_replies();
+    held.rollback().await.expect("the commit let go");
+    eventually(Duration::from_secs(5), "the rotation stored", || async {
+        let rotated: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tokens WHERE rotated_at IS NOT NULL")
+                .fetch_one(&db)
+                .await
+                .expect("count");
+        rotated == 1
+    })
+    .await;
+    postgres.cut_connections();
+    postgres.release_replies();
+    let (status, session) = refreshed.await.expect("the request");
+    assert_eq!(status, StatusCode::OK, "{session}");
+    let next = json!({ "refresh_token": session["refresh_token"] });
+    let reply = app.post("/v1/token/refresh", next).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    drop(app);
+    db.close().await;
+    drop_database(&database).await;
 }
 
 /// `DATABASE_STATEMENT_TIMEOUT_MS=0` leaves PostgreSQL's own `statement_timeout` (set here on the
