@@ -4,6 +4,7 @@
 
 mod after_the_confirm;
 mod challenges;
+mod database;
 mod errors;
 mod exposure;
 mod failures;
