@@ -116,6 +116,9 @@ pub enum RefreshOutcome {
     /// The statements before the commit did not end in time (a lock, a busy database): rolled
     /// back, nothing rotated.
     OutOfTime,
+    /// The commit was sent but did not answer within the request's time: whether the token
+    /// rotated is unknown (a retry within the reuse grace gets a pair either way).
+    CommitUnanswered,
 }
 
 /// When a rotation must be done by, from the refresh's start.
@@ -186,14 +189,9 @@ pub async fn refresh(
         Ok(prepared) => prepared?,
     };
     let Some(tx) = tx else { return Ok(outcome) };
-    let committed = match tokio::time::timeout_at(deadlines.committed_by, tx.commit()).await {
-        Ok(committed) => committed,
-        // Rare: a commit slower than the room left for it. Its outcome is unknown; the client
-        // hears 503 and retries within the reuse grace.
-        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the commit did not answer in time",
-        ))),
+    let Ok(committed) = tokio::time::timeout_at(deadlines.committed_by, tx.commit()).await else {
+        // Rare: a commit slower than the request's time (a stalled synchronous standby).
+        return Ok(RefreshOutcome::CommitUnanswered);
     };
     match (committed, &outcome) {
         (Ok(()), _) => Ok(outcome),

@@ -103,6 +103,12 @@ pub async fn refresh(
             Err(ApiError::InvalidRefreshToken)
         }
         RefreshOutcome::OutOfTime => Err(out_of_time()),
+        RefreshOutcome::CommitUnanswered => Err(ApiError::unavailable(
+            Dependency::Postgres,
+            anyhow::anyhow!(
+                "a refresh's commit did not answer within the request's time; its token may have rotated"
+            ),
+        )),
     }
 }
 

@@ -344,6 +344,27 @@ async fn a_refresh_whose_commit_is_slow_answers_with_its_tokens() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
 }
 
+/// A commit that has not answered by the end of the request's time (a stalled synchronous
+/// standby) is the one case left: the client hears 503, and the warning says the token may have
+/// rotated, where a refresh rolled back says nothing of the kind.
+#[tokio::test]
+async fn a_refresh_whose_commit_outlasts_the_request_says_the_token_may_have_rotated() {
+    let (app, body) = signed_in_with_no_reuse_grace().await;
+    let db = app.db().await;
+    commits_wait_on_the_test(&db).await;
+    let held = held_commits(&db).await;
+    let (status, problem) = refresh_meanwhile(&app, body).await.expect("the request");
+    held.rollback().await.expect("the commit let go");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    let request_id = problem["request_id"].as_str().expect("a request id");
+    let logs = crate::helpers::captured_logs();
+    assert!(
+        logs.lines()
+            .any(|line| line.contains(request_id) && line.contains("may have rotated")),
+        "no warning for {request_id}"
+    );
+}
+
 /// A refresh whose commit landed but whose answer was lost with the connection looks for its new
 /// token, finds it, and answers with the pair. Before, it answered 503 for a rotation that had
 /// happened, and with no reuse grace the client's retry revoked the session.
