@@ -11,7 +11,7 @@ pub const OTP_VERIFICATIONS: &str = "otp_verifications_total";
 /// Counter, label `country` (calling code).
 pub const FRAUD_GUARD_TRIPS: &str = "otp_fraud_guard_trips_total";
 /// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`, `daily_cap`,
-/// `over_daily_cap`.
+/// `over_daily_cap`, `out_of_time`, `commit_unanswered`.
 pub const TOKEN_REFRESHES: &str = "token_refreshes_total";
 /// Counter: refreshes let through without a count against `REFRESH_PER_SESSION_PER_DAY`,
 /// because Redis failed or did not answer within 0.5 s (the cap fails open).
@@ -76,7 +76,7 @@ pub fn describe() {
     );
     describe_counter!(
         TOKEN_REFRESHES,
-        "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited, daily_cap (one client over its daily cap, told to wait), over_daily_cap (a session with two holders over it, revoked)."
+        "Refresh token uses: rotated, invalid, reused (a replayed token; its session was revoked), rate_limited, daily_cap (one client over its daily cap, told to wait), over_daily_cap (a session with two holders over it, revoked), out_of_time (the database too slow: rolled back, 503), commit_unanswered (a commit not answered in the request's time: it may have landed, 503)."
     );
     // From 0, so that an alert's increase() sees the first revocation of each process.
     for outcome in ["reused", "over_daily_cap"] {

@@ -184,52 +184,92 @@ pub async fn refresh(
         deadlines.statements_by,
         rotation(pool, refresh_hash, policy),
     );
-    let (tx, outcome) = match statements.await {
+    let (pending, outcome) = match statements.await {
         Err(_) => return Ok(RefreshOutcome::OutOfTime),
         Ok(prepared) => prepared?,
     };
-    let Some(tx) = tx else { return Ok(outcome) };
+    let Some(Pending { tx, xid }) = pending else {
+        return Ok(outcome);
+    };
     let Ok(committed) = tokio::time::timeout_at(deadlines.committed_by, tx.commit()).await else {
         // Rare: a commit slower than the request's time (a stalled synchronous standby).
-        return Ok(RefreshOutcome::CommitUnanswered);
+        return Ok(commit_unanswered("it did not answer"));
     };
-    match (committed, &outcome) {
+    match (committed, xid) {
         (Ok(()), _) => Ok(outcome),
-        // The answer was lost with the connection: the new refresh token tells whether it
-        // landed, and if so the client gets the pair it holds.
-        (Err(e), RefreshOutcome::Rotated(issued)) if may_have_committed(&e) => {
-            let new_refresh = issued.refresh_token.hash();
-            let asked =
-                tokio::time::timeout(LOST_COMMIT_LOOKUP_WITHIN, token_exists(pool, &new_refresh));
-            if matches!(asked.await, Ok(Ok(true))) {
-                tracing::info!(error = %e, "a rotation's commit lost its answer but landed; answering with its tokens");
-                Ok(outcome)
-            } else {
-                Err(e)
+        // The answer was lost with the connection: PostgreSQL tells what became of the
+        // rotation's transaction. Its new token alone would not: a commit under way (flushing,
+        // waiting for a standby) is invisible until it ends, and it ends all the same.
+        (Err(e), Some(xid)) if may_have_committed(&e) => {
+            match commit_fate(pool, &xid, deadlines.committed_by).await {
+                CommitFate::Committed => {
+                    tracing::info!(error = %e, "a rotation's commit lost its answer but landed; answering with its tokens");
+                    Ok(outcome)
+                }
+                CommitFate::Aborted => Err(e),
+                CommitFate::Unknown => Ok(commit_unanswered(
+                    "it lost its answer, and PostgreSQL could not say whether it landed",
+                )),
             }
         }
         (Err(e), _) => Err(e),
     }
 }
 
-/// How long a rotation whose commit lost its answer waits to learn whether it landed.
-const LOST_COMMIT_LOOKUP_WITHIN: Duration = Duration::from_secs(1);
-
-/// Whether a token with this hash is stored.
-async fn token_exists(pool: &PgPool, hash: &[u8]) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens WHERE hash = $1)")
-        .bind(hash)
-        .fetch_one(pool)
-        .await
+/// Warned here, as it is found: the router's timeout may answer the client before the error
+/// reaches the request's own log line.
+fn commit_unanswered(why: &str) -> RefreshOutcome {
+    tracing::warn!(
+        "a refresh's commit is unsettled within the request's time ({why}); it may have landed: a token rotated, or a replayed session revoked"
+    );
+    RefreshOutcome::CommitUnanswered
 }
 
-/// A refresh's statements up to its commit: the outcome, and the transaction to commit when it
-/// wrote something (a rotation, a revocation); `None` when it only read (rolled back on drop).
+/// A refresh's writes, awaiting their commit.
+struct Pending {
+    tx: Transaction<'static, Postgres>,
+    /// A rotation's transaction id (`pg_current_xact_id`), to ask after should the commit's
+    /// answer be lost; `None` for a revocation, whose late landing signs out no one its answer
+    /// would not have.
+    xid: Option<String>,
+}
+
+enum CommitFate {
+    Committed,
+    Aborted,
+    /// Still under way, or PostgreSQL could not be asked, by the deadline.
+    Unknown,
+}
+
+/// What became of transaction `xid`, asked every 50 ms until it has ended or `by` has passed.
+async fn commit_fate(pool: &PgPool, xid: &str, by: Instant) -> CommitFate {
+    let ask = async {
+        loop {
+            let status: sqlx::Result<Option<String>> =
+                sqlx::query_scalar("SELECT pg_xact_status($1::xid8)")
+                    .bind(xid)
+                    .fetch_one(pool)
+                    .await;
+            match status.as_ref().map(Option::as_deref) {
+                Ok(Some("committed")) => return CommitFate::Committed,
+                Ok(Some("aborted")) => return CommitFate::Aborted,
+                // In progress, or not asked (a new connection failing during a failover).
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    };
+    tokio::time::timeout_at(by, ask)
+        .await
+        .unwrap_or(CommitFate::Unknown)
+}
+
+/// A refresh's statements up to its commit: the outcome, and the writes to commit when there are
+/// any (a rotation, a revocation); `None` when it only read (rolled back on drop).
 async fn rotation(
     pool: &PgPool,
     refresh_hash: &[u8],
     policy: &SessionPolicy,
-) -> sqlx::Result<(Option<Transaction<'static, Postgres>>, RefreshOutcome)> {
+) -> sqlx::Result<(Option<Pending>, RefreshOutcome)> {
     let mut tx = pool.begin().await?;
     // Lock first, read second. The read must be a later statement than the lock: under READ
     // COMMITTED a statement that waited for a lock still sees the other tables as they were
@@ -273,7 +313,8 @@ async fn rotation(
         && (policy.reuse_grace.is_zero() || ago > grace)
     {
         revoke(&mut tx, presented.session_id).await?;
-        return Ok((Some(tx), RefreshOutcome::Reused));
+        let revocation = Pending { tx, xid: None };
+        return Ok((Some(revocation), RefreshOutcome::Reused));
     }
     // At most `refreshes_per_minute` in a fixed window that restarts a minute after it began.
     let restart_window = presented.window_secs >= 60.0;
@@ -287,7 +328,8 @@ async fn rotation(
     let session_left = Duration::from_secs_f64(presented.session_secs_left.max(0.0));
     let access_ttl = policy.access_ttl.min(session_left);
     let refresh_ttl = policy.refresh_ttl.min(session_left);
-    sqlx::query(
+    // The transaction's id comes back with the rows, for a commit whose answer is lost.
+    let xid: String = sqlx::query_scalar(
         r"
         WITH used AS (
             -- The clock, not the transaction's start: a rotation that waited for the session's
@@ -346,6 +388,7 @@ async fn rotation(
         INSERT INTO tokens (hash, user_id, expiry, scope, family_id, pair_id, created_at)
         VALUES ($4, $10, now() + make_interval(secs => $5), 'authentication', $2, $8, clock_timestamp()),
                ($6, $10, now() + make_interval(secs => $7), 'refresh', $2, $8, clock_timestamp())
+        RETURNING pg_current_xact_id()::text
         ",
     )
     .bind(refresh_hash)
@@ -362,7 +405,7 @@ async fn rotation(
     .bind(ROTATED_REFRESH_TOKENS_KEPT_SECS)
     .bind(LIVE_REFRESH_TOKENS_KEPT)
     .bind(policy.reuse_grace.as_secs_f64() + 1.0)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
     let issued = IssuedSession {
         user: User {
@@ -376,7 +419,8 @@ async fn rotation(
         access_expires_in: access_ttl,
         refresh_expires_in: refresh_ttl,
     };
-    Ok((Some(tx), RefreshOutcome::Rotated(issued)))
+    let rotation = Pending { tx, xid: Some(xid) };
+    Ok((Some(rotation), RefreshOutcome::Rotated(issued)))
 }
 
 /// The session a refresh token belongs to, whatever its state; `None` for an unknown token.

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use crate::client_ip::ClientIp;
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, Arrived};
 use crate::request_id::RequestId;
 use crate::routes::SessionView;
 use crate::signin::request::request_code;
@@ -81,6 +81,7 @@ pub struct SignupBody {
         (status = 503, description = "`unavailable`; see `Retry-After`"),
     ))]
 pub async fn request_otp(
+    Arrived(arrived): Arrived,
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     request_id: axum::Extension<RequestId>,
@@ -88,7 +89,15 @@ pub async fn request_otp(
     ApiJson(body): ApiJson<OtpRequestBody>,
 ) -> Result<Response, ApiError> {
     let locale = locale::choose(body.locale.as_deref(), &headers)?;
-    send_code(&state, &body.phone_number, locale, ip, &request_id.0.0).await
+    send_code(
+        &state,
+        &body.phone_number,
+        locale,
+        ip,
+        &request_id.0.0,
+        arrived,
+    )
+    .await
 }
 
 async fn send_code(
@@ -97,9 +106,10 @@ async fn send_code(
     locale: Option<String>,
     ip: std::net::IpAddr,
     request_id: &str,
+    arrived: tokio::time::Instant,
 ) -> Result<Response, ApiError> {
     let destination = phone::normalize(raw_phone, &state.config.phone)?;
-    let requested = request_code(state, destination, locale, ip, request_id).await?;
+    let requested = request_code(state, destination, locale, ip, request_id, arrived).await?;
     let policy = &state.config.otp;
     let accepted = OtpAccepted {
         phone_number: requested.phone.as_str().to_owned(),
@@ -161,6 +171,7 @@ async fn check_code(
         (status = 503, description = "`unavailable`"),
     ))]
 pub async fn signup(
+    Arrived(arrived): Arrived,
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     request_id: axum::Extension<RequestId>,
@@ -175,7 +186,15 @@ pub async fn signup(
         }
         None => {
             let locale = locale::choose(body.locale.as_deref(), &headers)?;
-            send_code(&state, &body.phone_number, locale, ip, &request_id.0.0).await
+            send_code(
+                &state,
+                &body.phone_number,
+                locale,
+                ip,
+                &request_id.0.0,
+                arrived,
+            )
+            .await
         }
     }
 }

@@ -102,13 +102,17 @@ pub async fn refresh(
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "invalid").increment(1);
             Err(ApiError::InvalidRefreshToken)
         }
-        RefreshOutcome::OutOfTime => Err(out_of_time()),
-        RefreshOutcome::CommitUnanswered => Err(ApiError::unavailable(
-            Dependency::Postgres,
-            anyhow::anyhow!(
-                "a refresh's commit did not answer within the request's time; its token may have rotated"
-            ),
-        )),
+        RefreshOutcome::OutOfTime => {
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "out_of_time").increment(1);
+            Err(out_of_time())
+        }
+        RefreshOutcome::CommitUnanswered => {
+            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "commit_unanswered").increment(1);
+            Err(ApiError::unavailable(
+                Dependency::Postgres,
+                anyhow::anyhow!("a refresh's commit is unsettled (warned above)"),
+            ))
+        }
     }
 }
 
@@ -159,8 +163,13 @@ async fn refresh_within_daily_cap(
                 settled: false,
             };
             let outcome = db::refresh(pool, &hash, &state.config.sessions, deadlines).await;
-            held.settle(matches!(outcome, Ok(RefreshOutcome::Rotated(_))))
-                .await;
+            // A commit whose outcome is unknown most likely landed: the cap bounds rotations,
+            // so it stays counted.
+            let may_have_rotated = matches!(
+                outcome,
+                Ok(RefreshOutcome::Rotated(_) | RefreshOutcome::CommitUnanswered)
+            );
+            held.settle(may_have_rotated).await;
             Ok(outcome?)
         }
         DailyCount::Uncounted => {
@@ -272,11 +281,11 @@ struct CountHeld<'a> {
 }
 
 impl CountHeld<'_> {
-    /// Keeps the count when the refresh rotated, else gives it back. Waited for (at most 0.5 s),
-    /// so that the client's next refresh finds it given back.
-    async fn settle(mut self, rotated: bool) {
+    /// Keeps the count when the refresh may have rotated, else gives it back. Waited for (at most
+    /// 0.5 s), so that the client's next refresh finds it given back.
+    async fn settle(mut self, may_have_rotated: bool) {
         self.settled = true;
-        if !rotated {
+        if !may_have_rotated {
             give_back_refresh(self.state, self.counter).await;
         }
     }
@@ -294,8 +303,6 @@ impl Drop for CountHeld<'_> {
 
 /// Uncounts a refresh that rotated nothing, or one Redis counted after it had been let through
 /// uncounted. Best effort: one not given back lapses with the day.
-/// A commit whose answer was lost (the connection dropped during it) may have rotated all the
-/// same, and is given back too: an accident, not something a client can cause.
 async fn give_back_refresh(state: &AppState, counter: &Counter) {
     let given = tokio::time::timeout(
         REFRESH_CAP_DEADLINE,

@@ -13,7 +13,7 @@ use tests::servers::{database_url, servers};
 use tests::wait::eventually;
 
 use crate::helpers::{
-    PHONE, Spawn, TestApp, signs_in_a_new_user_within_15_s, spawn_app, spawn_with,
+    PHONE, Spawn, TestApp, refresh_day_in, signs_in_a_new_user_within_15_s, spawn_app, spawn_with,
 };
 
 #[tokio::test]
@@ -330,7 +330,7 @@ async fn a_refresh_whose_commit_is_slow_answers_with_its_tokens() {
     .await;
     // Past the 9 s the refresh as a whole once had, within the router's 10 s; time itself is
     // what this test needs.
-    tokio::time::sleep(Duration::from_millis(9_200).saturating_sub(started.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(9_100).saturating_sub(started.elapsed())).await;
     held.rollback().await.expect("the commit let go");
     let (status, session) = refreshed.await.expect("the request");
     assert_eq!(
@@ -344,11 +344,43 @@ async fn a_refresh_whose_commit_is_slow_answers_with_its_tokens() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
 }
 
-/// A commit that has not answered by the end of the request's time (a stalled synchronous
-/// standby) is the one case left: the client hears 503, and the warning says the token may have
-/// rotated, where a refresh rolled back says nothing of the kind.
+/// A commit that failed with its connection (its backend ended while committing) is not taken
+/// for one that landed: PostgreSQL says it was aborted, the client hears 503, the token still
+/// works, and the day's count is given back.
 #[tokio::test]
-async fn a_refresh_whose_commit_outlasts_the_request_says_the_token_may_have_rotated() {
+async fn a_refresh_whose_commit_was_cut_short_rotates_nothing() {
+    let (app, body) = signed_in_with_no_reuse_grace().await;
+    let db = app.db().await;
+    commits_wait_on_the_test(&db).await;
+    let held = held_commits(&db).await;
+    let refreshed = refresh_meanwhile(&app, body.clone());
+    eventually(Duration::from_secs(5), "the commit waiting", || async {
+        waiting_on_a_lock(&db).await == 1
+    })
+    .await;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .execute(&db)
+    .await
+    .expect("the committing backend ended");
+    held.rollback().await.expect("the lock released");
+    let (status, problem) = refreshed.await.expect("the request");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    let day = app.refresh_day().await;
+    eventually(Duration::from_secs(5), "the count given back", || async {
+        app.limit_count(&day).await == Some(0)
+    })
+    .await;
+    let reply = app.post("/v1/token/refresh", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
+/// A commit that has not answered by the end of the request's time (a stalled synchronous
+/// standby) is the one case left: the client hears 503, and the warning says the commit may have
+/// landed, where a refresh rolled back says nothing of the kind.
+#[tokio::test]
+async fn a_refresh_whose_commit_outlasts_the_request_says_it_may_have_landed() {
     let (app, body) = signed_in_with_no_reuse_grace().await;
     let db = app.db().await;
     commits_wait_on_the_test(&db).await;
@@ -360,9 +392,11 @@ async fn a_refresh_whose_commit_outlasts_the_request_says_the_token_may_have_rot
     let logs = crate::helpers::captured_logs();
     assert!(
         logs.lines()
-            .any(|line| line.contains(request_id) && line.contains("may have rotated")),
+            .any(|line| line.contains(request_id) && line.contains("may have landed")),
         "no warning for {request_id}"
     );
+    // It most likely landed: it stays counted against the day.
+    assert_eq!(app.limit_count(&app.refresh_day().await).await, Some(1));
 }
 
 /// A refresh whose commit landed but whose answer was lost with the connection looks for its new
@@ -396,6 +430,8 @@ async fn a_refresh_whose_commit_lost_its_answer_finds_it_landed() {
     postgres.release_replies();
     let (status, session) = refreshed.await.expect("the request");
     assert_eq!(status, StatusCode::OK, "{session}");
+    // It rotated, so it stays counted against the day.
+    assert_eq!(app.limit_count(&refresh_day_in(&db).await).await, Some(1));
     let next = json!({ "refresh_token": session["refresh_token"] });
     let reply = app.post("/v1/token/refresh", next).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);

@@ -448,11 +448,7 @@ impl TestApp {
 
     /// The key, under `{ns}:limit:`, of the only session's daily refresh count.
     pub async fn refresh_day(&self) -> String {
-        let session_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM sessions")
-            .fetch_one(&self.db().await)
-            .await
-            .expect("the one session");
-        format!("session:{{{session_id}}}:refreshes")
+        refresh_day_in(&self.db().await).await
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
@@ -485,4 +481,13 @@ impl Drop for TestApp {
         }
         tests::cleanup::remove_now(&self.namespace, Some(&self.database));
     }
+}
+
+/// The daily refresh count's key (for [`TestApp::limit_count`]) of the one session in `db`.
+pub async fn refresh_day_in(db: &sqlx::PgPool) -> String {
+    let session_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM sessions")
+        .fetch_one(db)
+        .await
+        .expect("the one session");
+    format!("session:{{{session_id}}}:refreshes")
 }
