@@ -225,6 +225,7 @@ pub fn format_table(entries: &[Entry]) -> String {
                 entry.providers.clone().unwrap_or_else(dash),
                 entry.error.clone(),
             ]
+            .map(|cell| printable(&cell))
         })
         .collect();
     let mut widths = HEADER.map(str::len);
@@ -250,6 +251,21 @@ pub fn format_table(entries: &[Entry]) -> String {
         out.push_str(&line(row.each_ref().map(String::as_str)));
     }
     out
+}
+
+/// `cell` with its control characters written out (`\u{1b}`): what a dead letter's headers hold
+/// came from providers, proxies and whoever can publish to the broker, and an escape sequence
+/// printed as is would act on the operator's terminal.
+fn printable(cell: &str) -> String {
+    cell.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `1 entry`, `2 entries`.
@@ -326,6 +342,19 @@ mod tests {
             "{table}"
         );
         assert!(!table.contains("+14155550100"), "{table}");
+        // A provider's, a proxy's or a publisher's escape sequence is written out, not sent to
+        // the operator's terminal.
+        let hostile = Entry {
+            error: "refused \u{1b}]0;owned\u{7}\u{1b}[2J\r\nFAKE".to_owned(),
+            ..entry
+        };
+        let table = format_table(std::slice::from_ref(&hostile));
+        assert!(
+            !table.chars().any(|c| c.is_control() && c != '\n'),
+            "{table:?}"
+        );
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(table.contains("refused \\u{1b}]0;owned"), "{table}");
         assert_eq!(entries(1), "1 entry");
         assert_eq!(entries(0), "0 entries");
         assert_eq!(entries(2), "2 entries");

@@ -307,10 +307,15 @@ impl Providers {
 /// phone number") or the message, code included, whole or cut short; and they end up in logs, the
 /// dead-letter queue and timelines. Masking every digit, not only those of the code, keeps what
 /// is masked from telling anything about the code. The status and the provider's error code are
-/// kept in fields of their own.
+/// kept in fields of their own. Control characters become spaces: a provider's (or a proxy's)
+/// escape sequence must not reach a terminal that reads the log or the dead letters.
 pub fn masked_words(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_ascii_digit() { '*' } else { c })
+        .map(|c| match c {
+            c if c.is_ascii_digit() => '*',
+            c if c.is_control() => ' ',
+            c => c,
+        })
         .collect()
 }
 
@@ -416,6 +421,7 @@ mod tests {
             "The body 'Your code is ****' (cut) to +*********** was refused"
         );
         assert_eq!(masked_words("Invalid destination"), "Invalid destination");
+        assert_eq!(masked_words("bad\u{1b}[2J\r\nline"), "bad [*J  line");
     }
 
     #[test]
