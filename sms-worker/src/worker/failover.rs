@@ -338,9 +338,21 @@ pub(super) async fn send_through_providers(
                     provider.breaker.is_open() && has_alternative(context, tried, provider.name());
                 if !elsewhere {
                     send_outcome("retried");
-                    if let Err(stop) = wait(context, retries, error.retry_after).await {
-                        lease.stop();
-                        return Ok(give_up(context, event, journal, stop, tried, claim).await);
+                    match wait(context, retries, error.retry_after).await {
+                        Ok(()) => {}
+                        // A wait past the budget (a `Retry-After` of minutes) leaves this
+                        // provider to the next one while an attempt still fits, rather than
+                        // dead-letter an event another provider could send now.
+                        Err(Stop::Budget(_))
+                            if retries.pause(Duration::ZERO).is_ok()
+                                && has_alternative(context, tried, provider.name()) =>
+                        {
+                            tried.excluded.push(provider.name());
+                        }
+                        Err(stop) => {
+                            lease.stop();
+                            return Ok(give_up(context, event, journal, stop, tried, claim).await);
+                        }
                     }
                 }
             }

@@ -135,6 +135,33 @@ async fn refused_credentials_move_the_send_to_the_next_provider_at_once() {
     .await;
 }
 
+/// A provider that asks for minutes (`Retry-After: 300`, past any event's budget) hands the
+/// event to the next provider at once. Before, the event was dead-lettered after that one call,
+/// while Infobip could have sent it, until enough such answers opened Twilio's breaker.
+#[tokio::test]
+async fn a_provider_asking_for_minutes_hands_the_event_to_the_next() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults {
+            always: Some(InjectedResponse::status(429).retry_after(300)),
+            ..Faults::default()
+        });
+        let worker = h.start_worker(&pairs(&h.failover())).await;
+        let to = phone();
+        h.request_sms(&to).await;
+        h.wait_for_messages(&to, 1).await;
+        assert_eq!(carrier(&h, &to), Some(SmsProvider::Infobip));
+        let twilio: Vec<u16> = h
+            .fake
+            .requests_via(SmsProvider::Twilio, Some(&to))
+            .iter()
+            .map(|r| r.status)
+            .collect();
+        assert_eq!(twilio, [429], "one call to Twilio, which asked for minutes");
+        worker.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn recipient_errors_neither_fail_over_nor_open_a_breaker() {
     with_harness(QueueType::Classic, |h| async move {
