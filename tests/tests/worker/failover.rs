@@ -41,6 +41,15 @@ fn carrier(h: &Harness, to: &str) -> Option<SmsProvider> {
     h.fake.messages(Some(to)).first().map(|m| m.provider)
 }
 
+/// The statuses `provider` answered the sends to `to`, in order.
+fn statuses_via(h: &Harness, provider: SmsProvider, to: &str) -> Vec<u16> {
+    h.fake
+        .requests_via(provider, Some(to))
+        .iter()
+        .map(|r| r.status)
+        .collect()
+}
+
 /// Twilio answers 500 to everything from now on. Returns the overrides of a worker with Twilio
 /// then Infobip whose breaker opens at the third failure and cools down for `cooldown_secs`.
 fn twilio_failing(h: &Harness, cooldown_secs: &str) -> Vec<(String, String)> {
@@ -123,12 +132,7 @@ async fn refused_credentials_move_the_send_to_the_next_provider_at_once() {
         h.request_sms(&to).await;
         h.wait_for_messages(&to, 1).await;
         assert_eq!(carrier(&h, &to), Some(SmsProvider::Infobip));
-        let twilio: Vec<u16> = h
-            .fake
-            .requests_via(SmsProvider::Twilio, Some(&to))
-            .iter()
-            .map(|r| r.status)
-            .collect();
+        let twilio = statuses_via(&h, SmsProvider::Twilio, &to);
         assert_eq!(twilio, [401], "one call to Twilio, refused");
         worker.stop().await;
     })
@@ -150,12 +154,7 @@ async fn a_provider_asking_for_minutes_hands_the_event_to_the_next() {
         h.request_sms(&to).await;
         h.wait_for_messages(&to, 1).await;
         assert_eq!(carrier(&h, &to), Some(SmsProvider::Infobip));
-        let twilio: Vec<u16> = h
-            .fake
-            .requests_via(SmsProvider::Twilio, Some(&to))
-            .iter()
-            .map(|r| r.status)
-            .collect();
+        let twilio = statuses_via(&h, SmsProvider::Twilio, &to);
         assert_eq!(twilio, [429], "one call to Twilio, which asked for minutes");
         worker.stop().await;
     })
