@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use reqwest::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -203,13 +205,17 @@ impl Infobip {
         })
     }
 
+    /// One attempt within `timeout`: a request starts only with time left in it, and with the
+    /// SMS's validity (reckoned when the attempt began) less what a wait for a token spent, so a
+    /// code that ran out meanwhile is not sent.
     pub async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
+        let within = Within::starting_now(timeout);
         match &self.auth {
-            Auth::ApiKey(header) => self.send_with(sms, timeout, header.clone()).await,
+            Auth::ApiKey(header) => self.send_with(sms, within, header.clone()).await,
             Auth::OAuth(tokens) => {
                 let token = self.token(tokens).await?;
                 match self
-                    .send_with(sms, timeout, bearer(tokens, &token).await?)
+                    .send_with(sms, within, bearer(tokens, &token).await?)
                     .await
                 {
                     // The token was refused (expired early, or replaced when another worker
@@ -224,7 +230,7 @@ impl Infobip {
                             });
                         }
                         let token = self.token(tokens).await?;
-                        self.send_with(sms, timeout, bearer(tokens, &token).await?)
+                        self.send_with(sms, within, bearer(tokens, &token).await?)
                             .await
                     }
                     other => other,
@@ -234,6 +240,9 @@ impl Infobip {
     }
 
     async fn token(&self, tokens: &TokenManager<OAuthEndpoint>) -> Result<Token, SendError> {
+        // Not cut short by the attempt's time: this send may be the one fetching the token that
+        // every send waits for, and a fetch dropped halfway would hold the lock for its lease.
+        // What the wait spent is looked at before the SMS goes (`Within::left`).
         tokens.token().await.map_err(|e| {
             // Nothing was sent: the provider's side failed before the message could go.
             SendError::new(Failure::Retryable, format!("infobip: no access token: {e}"))
@@ -243,16 +252,22 @@ impl Infobip {
     async fn send_with(
         &self,
         sms: &Sms<'_>,
-        timeout: Duration,
+        within: Within,
         authorization: HeaderValue,
     ) -> Result<Accepted, SendError> {
+        let (timeout, validity_secs) = within.left(sms.validity_secs).ok_or_else(|| {
+            SendError::new(
+                Failure::Retryable,
+                "infobip: the attempt's time ran out before the SMS could go",
+            )
+        })?;
         let to = sms.to.as_str().trim_start_matches('+');
         let mut message = json!({
             "sender": self.sender,
             "destinations": [{ "to": to, "messageId": sms.message_id }],
             "content": { "text": sms.body },
             "options": {
-                "validityPeriod": { "amount": sms.validity_secs.max(1), "timeUnit": "SECONDS" }
+                "validityPeriod": { "amount": validity_secs, "timeUnit": "SECONDS" }
             }
         });
         if let Some(url) = &self.notify_url {
@@ -428,9 +443,58 @@ async fn bearer(
     }
 }
 
+/// One attempt's time: it began at `started` and must end by `deadline`.
+#[derive(Clone, Copy)]
+struct Within {
+    started: Instant,
+    deadline: Instant,
+}
+
+impl Within {
+    fn starting_now(timeout: Duration) -> Self {
+        let started = Instant::now();
+        Self {
+            started,
+            deadline: started + timeout,
+        }
+    }
+
+    /// The time left for a request, and the SMS's validity less the time already spent (from
+    /// `validity_secs` at the start); `None` once either is gone.
+    fn left(&self, validity_secs: u64) -> Option<(Duration, u64)> {
+        let now = Instant::now();
+        let time = self.deadline.checked_duration_since(now)?;
+        let spent = now.duration_since(self.started).as_secs();
+        let validity = validity_secs.checked_sub(spent).filter(|v| *v > 0)?;
+        (time >= Duration::from_millis(100)).then_some((time, validity))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attempt_sends_only_with_time_and_validity_left() {
+        let now = Instant::now();
+        let two_seconds_in = Within {
+            started: now - Duration::from_secs(2),
+            deadline: now + Duration::from_secs(1),
+        };
+        let (time, validity) = two_seconds_in.left(3).expect("a second of each left");
+        assert!(time > Duration::from_millis(900) && time <= Duration::from_secs(1));
+        assert_eq!(validity, 1);
+        assert_eq!(
+            two_seconds_in.left(2),
+            None,
+            "the code ran out while it waited"
+        );
+        let out_of_time = Within {
+            started: now - Duration::from_secs(2),
+            deadline: now - Duration::from_millis(1),
+        };
+        assert_eq!(out_of_time.left(300), None);
+    }
 
     #[test]
     fn classifies_infobip_answers() {

@@ -7,7 +7,7 @@ use shared::QueueType;
 use tests::fake_sms::{SmsProvider, TokenPolicy};
 use tests::wait::eventually;
 
-use crate::harness::{Harness, WAIT, pairs, phone, with_harness};
+use crate::harness::{Harness, WAIT, event, pairs, phone, with_harness};
 
 /// Infobip alone, with OAuth: every send needs the shared token.
 fn infobip_only(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -59,6 +59,39 @@ async fn a_hundred_concurrent_sends_on_an_empty_cache_make_one_token_call() {
         let calls = h.fake.token_calls();
         assert_eq!(calls.len(), 1, "{calls:?}");
         assert_eq!(calls[0].status, 200);
+    })
+    .await;
+}
+
+/// A code that runs out while its send waits for a token is not sent: the wait counts against
+/// the attempt's time, which the code's life bounds. Before, the SMS went out once the token
+/// came, 4 s later, with a code that no longer worked (and was billed).
+#[tokio::test]
+async fn a_code_that_runs_out_while_its_send_waits_for_a_token_is_not_sent() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_token_policy(TokenPolicy {
+            latency_ms: 4_000,
+            ..TokenPolicy::default()
+        });
+        let worker = h.start_worker(&pairs(&infobip_only(&h, &[]))).await;
+        let to = phone();
+        h.publish(&event(&to, Duration::from_secs(3))).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        assert_eq!(
+            dead[0].header_str("x-error-kind").as_deref(),
+            Some("expired")
+        );
+        // The token came meanwhile; no SMS followed it.
+        eventually(WAIT, "the token fetched", || async {
+            !h.fake.token_calls().is_empty() && h.fake.token_calls_in_flight() == 0
+        })
+        .await;
+        assert!(
+            h.fake
+                .requests_via(SmsProvider::Infobip, Some(&to))
+                .is_empty()
+        );
+        worker.stop().await;
     })
     .await;
 }
