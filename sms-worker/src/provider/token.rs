@@ -32,6 +32,9 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for another process to bring a token before it may try itself.
 const WAIT_LIMIT: Duration = Duration::from_secs(12);
 const POLL: Duration = Duration::from_millis(50);
+/// How long a token due for renewal, which this process is not renewing, is used from memory
+/// before Redis is asked again whether the next one has come.
+const LOOK_AGAIN_AFTER: Duration = Duration::from_millis(250);
 /// After a failed fetch this process leaves the endpoint alone for this long: its sends use the
 /// current token while it lasts, or wait for the next fetch, rather than each calling the
 /// endpoint again.
@@ -177,7 +180,15 @@ impl<S: TokenSource> TokenManager<S> {
             if let Some(current) = stored
                 && Instant::now() < current.expires_at
             {
-                return Ok(current.token);
+                // Due for renewal, by another process or after a failed fetch: kept in memory a
+                // moment, so that this process's next sends do not each queue for the slow path
+                // and Redis until the new token comes.
+                let token = current.token.clone();
+                self.remember(Cached {
+                    refresh_at: (Instant::now() + LOOK_AGAIN_AFTER).min(current.expires_at),
+                    ..current
+                });
+                return Ok(token);
             }
             // A fetch of this process failed while this send waited for it: that is its outcome,
             // as for the sends that waited beside it, rather than a turn at a fetch of its own
