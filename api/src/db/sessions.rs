@@ -188,20 +188,20 @@ pub async fn refresh(
         Err(_) => return Ok(RefreshOutcome::OutOfTime),
         Ok(prepared) => prepared?,
     };
-    let Some(Pending { tx, xid }) = pending else {
+    let Some(Pending { tx, rotation }) = pending else {
         return Ok(outcome);
     };
     let Ok(committed) = tokio::time::timeout_at(deadlines.committed_by, tx.commit()).await else {
         // Rare: a commit slower than the request's time (a stalled synchronous standby).
         return Ok(commit_unanswered("it did not answer"));
     };
-    match (committed, xid) {
+    match (committed, rotation) {
         (Ok(()), _) => Ok(outcome),
         // The answer was lost with the connection: PostgreSQL tells what became of the
         // rotation's transaction. Its new token alone would not: a commit under way (flushing,
         // waiting for a standby) is invisible until it ends, and it ends all the same.
-        (Err(e), Some(xid)) if may_have_committed(&e) => {
-            match commit_fate(pool, &xid, deadlines.committed_by).await {
+        (Err(e), Some(rotation)) if may_have_committed(&e) => {
+            match commit_fate(pool, &rotation, deadlines.committed_by).await {
                 CommitFate::Committed => {
                     tracing::info!(error = %e, "a rotation's commit lost its answer but landed; answering with its tokens");
                     Ok(outcome)
@@ -228,10 +228,16 @@ fn commit_unanswered(why: &str) -> RefreshOutcome {
 /// A refresh's writes, awaiting their commit.
 struct Pending {
     tx: Transaction<'static, Postgres>,
-    /// A rotation's transaction id (`pg_current_xact_id`), to ask after should the commit's
-    /// answer be lost; `None` for a revocation, whose late landing signs out no one its answer
-    /// would not have.
-    xid: Option<String>,
+    /// What tells whether a rotation landed, should its commit's answer be lost; `None` for a
+    /// revocation, whose late landing signs out no one its answer would not have.
+    rotation: Option<RotationIds>,
+}
+
+struct RotationIds {
+    /// The transaction's id (`pg_current_xact_id`).
+    xid: String,
+    /// The hash of the new refresh token it stores.
+    new_refresh: Vec<u8>,
 }
 
 enum CommitFate {
@@ -241,21 +247,46 @@ enum CommitFate {
     Unknown,
 }
 
-/// What became of transaction `xid`, asked every 50 ms until it has ended or `by` has passed.
-async fn commit_fate(pool: &PgPool, xid: &str, by: Instant) -> CommitFate {
+/// What became of `rotation`'s transaction: asked every 50 ms,
+/// then less often (up to 400 ms), until it has ended or `by` has passed.
+///
+/// Committed counts only with the new token there to see: after a crash that lost the commit's
+/// WAL (or a failover to a standby it had not reached), the server may give the same id to
+/// another transaction, whose outcome would otherwise be taken for this one's. An id the server
+/// has not yet given out (22023, "in the future") is a commit that never reached it.
+async fn commit_fate(pool: &PgPool, rotation: &RotationIds, by: Instant) -> CommitFate {
     let ask = async {
+        let mut pause = Duration::from_millis(50);
         loop {
-            let status: sqlx::Result<Option<String>> =
-                sqlx::query_scalar("SELECT pg_xact_status($1::xid8)")
-                    .bind(xid)
-                    .fetch_one(pool)
-                    .await;
-            match status.as_ref().map(Option::as_deref) {
-                Ok(Some("committed")) => return CommitFate::Committed,
-                Ok(Some("aborted")) => return CommitFate::Aborted,
+            let answer: sqlx::Result<(Option<String>, bool)> = sqlx::query_as(
+                "SELECT pg_xact_status($1::xid8), EXISTS (SELECT 1 FROM tokens WHERE hash = $2)",
+            )
+            .bind(&rotation.xid)
+            .bind(&rotation.new_refresh)
+            .fetch_one(pool)
+            .await;
+            match answer {
+                Ok((Some(status), stored)) if status == "committed" => {
+                    // Not stored: another transaction's id, or the session revoked since; either
+                    // way there are no tokens to give.
+                    return if stored {
+                        CommitFate::Committed
+                    } else {
+                        CommitFate::Aborted
+                    };
+                }
+                Ok((Some(status), _)) if status == "aborted" => return CommitFate::Aborted,
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("22023") => {
+                    return CommitFate::Aborted;
+                }
                 // In progress, or not asked (a new connection failing during a failover).
-                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not ask what became of a rotation's commit")
+                }
             }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(400));
         }
     };
     tokio::time::timeout_at(by, ask)
@@ -313,7 +344,7 @@ async fn rotation(
         && (policy.reuse_grace.is_zero() || ago > grace)
     {
         revoke(&mut tx, presented.session_id).await?;
-        let revocation = Pending { tx, xid: None };
+        let revocation = Pending { tx, rotation: None };
         return Ok((Some(revocation), RefreshOutcome::Reused));
     }
     // At most `refreshes_per_minute` in a fixed window that restarts a minute after it began.
@@ -419,8 +450,15 @@ async fn rotation(
         access_expires_in: access_ttl,
         refresh_expires_in: refresh_ttl,
     };
-    let rotation = Pending { tx, xid: Some(xid) };
-    Ok((Some(rotation), RefreshOutcome::Rotated(issued)))
+    let rotation = RotationIds {
+        xid,
+        new_refresh: issued.refresh_token.hash(),
+    };
+    let pending = Pending {
+        tx,
+        rotation: Some(rotation),
+    };
+    Ok((Some(pending), RefreshOutcome::Rotated(issued)))
 }
 
 /// The session a refresh token belongs to, whatever its state; `None` for an unknown token.

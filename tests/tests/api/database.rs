@@ -344,6 +344,46 @@ async fn a_refresh_whose_commit_is_slow_answers_with_its_tokens() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
 }
 
+/// A commit whose connection broke while it was still under way is waited for: PostgreSQL says
+/// "in progress" until it lands, then the client gets its new pair. Looking for the new token
+/// at once, as a first version did, found nothing and answered 503 for a rotation that then
+/// landed.
+#[tokio::test]
+async fn a_refresh_whose_commit_lands_after_its_connection_broke_answers_with_its_tokens() {
+    let (postgres, app, database, db) =
+        one_connection_through_a_proxy(Spawn::default().var("REFRESH_REUSE_GRACE_SECS", 0)).await;
+    let session = app.sign_in(PHONE).await;
+    let body = json!({ "refresh_token": session["refresh_token"] });
+    commits_wait_on_the_test(&db).await;
+    let held = held_commits(&db).await;
+    let refreshed = refresh_meanwhile(&app, body);
+    eventually(Duration::from_secs(5), "the commit waiting", || async {
+        waiting_on_a_lock(&db).await == 1
+    })
+    .await;
+    postgres.cut_connections();
+    // The api asks after its commit on a new connection, and hears "in progress".
+    eventually(Duration::from_secs(5), "the api asking after its commit", || async {
+        let asked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'SELECT pg_xact_status%'",
+        )
+        .fetch_one(&db)
+        .await
+        .expect("pg_stat_activity");
+        asked > 0
+    })
+    .await;
+    held.rollback().await.expect("the commit let go");
+    let (status, session) = refreshed.await.expect("the request");
+    assert_eq!(status, StatusCode::OK, "{session}");
+    let next = json!({ "refresh_token": session["refresh_token"] });
+    let reply = app.post("/v1/token/refresh", next).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    drop(app);
+    db.close().await;
+    drop_database(&database).await;
+}
+
 /// A commit that failed with its connection (its backend ended while committing) is not taken
 /// for one that landed: PostgreSQL says it was aborted, the client hears 503, the token still
 /// works, and the day's count is given back.
