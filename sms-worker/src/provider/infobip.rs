@@ -289,7 +289,7 @@ impl Infobip {
             .await
             .map_err(|e| SendError::transport("infobip", &e, sms.to))?;
         let status = response.status();
-        let retry_after = retry_after(response.headers());
+        let retry_after = retry_after(status, response.headers());
         let answer = read_send_answer("infobip", response, sms.to).await;
         let bytes = &answer.bytes;
         let status = status.as_u16();

@@ -355,7 +355,16 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+/// The `Retry-After` of a 429 or a 503, which say nothing was done; on another answer (a 502 or
+/// 504 from an edge, which may come after the provider took the request) it is not heeded, so
+/// that it never sends the event to another provider (see `worker::failover`).
+fn retry_after(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+) -> Option<Duration> {
+    if !matches!(status.as_u16(), 429 | 503) {
+        return None;
+    }
     headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())

@@ -96,7 +96,7 @@ impl Twilio {
             .map_err(|e| SendError::transport("twilio", &e, sms.to))?;
 
         let status = response.status();
-        let retry_after = retry_after(response.headers());
+        let retry_after = retry_after(status, response.headers());
         let answer = read_send_answer("twilio", response, sms.to).await;
         let body = &answer.bytes;
 

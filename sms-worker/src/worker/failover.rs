@@ -342,9 +342,12 @@ pub(super) async fn send_through_providers(
                         Ok(()) => {}
                         // A wait past the budget (a `Retry-After` of minutes) leaves this
                         // provider to the next one while an attempt still fits, rather than
-                        // dead-letter an event another provider could send now.
+                        // dead-letter an event another provider could send now; only after an
+                        // answer that says nothing went out (no connection, 429, 503), since no
+                        // id keeps two providers from both sending it.
                         Err(Stop::Budget(_))
-                            if retries.pause(Duration::ZERO).is_ok()
+                            if surely_unsent(&error)
+                                && retries.pause(Duration::ZERO).is_ok()
                                 && has_alternative(context, tried, provider.name()) =>
                         {
                             tried.excluded.push(provider.name());
@@ -380,6 +383,15 @@ fn all_excluded(context: &Context, tried: &Tried<'_>) -> bool {
         .all()
         .iter()
         .all(|p| tried.excluded.contains(&p.name()))
+}
+
+/// Whether a retryable failure says for sure that nothing was sent: no answer because no
+/// connection (no status), or a 429 or 503. A 500, 502 or 504 may come from an edge after the
+/// provider took the request.
+fn surely_unsent(error: &SendError) -> bool {
+    error
+        .status
+        .is_none_or(|status| matches!(status, 429 | 503))
 }
 
 /// Whether a provider other than `current` could take the next attempt (breakers aside).

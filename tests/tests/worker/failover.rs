@@ -161,6 +161,43 @@ async fn a_provider_asking_for_minutes_hands_the_event_to_the_next() {
     .await;
 }
 
+/// A 502 may come from an edge after the provider took the request: its `Retry-After` is not
+/// heeded, and the event is never handed to another provider for it (no id keeps two providers
+/// from both sending). It is retried on the same provider, as any 5xx, until its budget ends.
+#[tokio::test]
+async fn a_bad_gateway_asking_for_minutes_is_not_handed_to_the_next_provider() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_faults(Faults {
+            always: Some(InjectedResponse::status(502).retry_after(300)),
+            ..Faults::default()
+        });
+        let mut overrides = h.failover();
+        overrides.extend(
+            [
+                ("RETRY_MAX_ELAPSED_SECS", "2"),
+                ("PROVIDER_BREAKER_FAILURES", "50"),
+            ]
+            .map(|(n, v)| (n.to_owned(), v.to_owned())),
+        );
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        h.request_sms(&to).await;
+        let dead = h.wait_for_dead_letters(1).await;
+        assert_eq!(
+            dead[0].header_str("x-error-kind").as_deref(),
+            Some("retries_exhausted")
+        );
+        let twilio = statuses_via(&h, SmsProvider::Twilio, &to);
+        assert!(
+            twilio.len() > 1 && twilio.iter().all(|s| *s == 502),
+            "{twilio:?}"
+        );
+        assert!(statuses_via(&h, SmsProvider::Infobip, &to).is_empty());
+        worker.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn recipient_errors_neither_fail_over_nor_open_a_breaker() {
     with_harness(QueueType::Classic, |h| async move {
