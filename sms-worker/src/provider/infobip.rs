@@ -2,9 +2,7 @@
 //! (`POST {base}/auth/1/oauth2/token`) or an API key.
 
 use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::time::Instant;
+use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
@@ -209,7 +207,7 @@ impl Infobip {
     /// SMS's validity (reckoned when the attempt began) less what a wait for a token spent, so a
     /// code that ran out meanwhile is not sent.
     pub async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
-        let within = Within::starting_now(timeout);
+        let within = Within::starting_now(timeout, sms.expires_at);
         match &self.auth {
             Auth::ApiKey(header) => self.send_with(sms, within, header.clone()).await,
             Auth::OAuth(tokens) => {
@@ -255,10 +253,10 @@ impl Infobip {
         within: Within,
         authorization: HeaderValue,
     ) -> Result<Accepted, SendError> {
-        let (timeout, validity_secs) = within.left(sms.validity_secs).ok_or_else(|| {
+        let (timeout, validity_secs) = within.left_at(Instant::now()).ok_or_else(|| {
             SendError::new(
-                Failure::Retryable,
-                "infobip: the attempt's time ran out before the SMS could go",
+                Failure::NoTimeLeft,
+                "infobip: too little of the attempt's time or of the code's life was left for the SMS to go",
             )
         })?;
         let to = sms.to.as_str().trim_start_matches('+');
@@ -443,30 +441,36 @@ async fn bearer(
     }
 }
 
-/// One attempt's time: it began at `started` and must end by `deadline`.
+/// Less of the code's life than this is not worth an SMS (the worker's own floor before any
+/// attempt, `MIN_MILLIS_LEFT`).
+const LEAST_LIFE: Duration = Duration::from_secs(1);
+
+/// One attempt's time: it must end by `deadline`, and the SMS is of use until `expires_at`.
 #[derive(Clone, Copy)]
 struct Within {
-    started: Instant,
     deadline: Instant,
+    expires_at: Instant,
+    /// Below this much of the attempt's time, a request would likely time out after it went
+    /// out (an ambiguous send, where not sending is clean): a second, or half the attempt.
+    least_time: Duration,
 }
 
 impl Within {
-    fn starting_now(timeout: Duration) -> Self {
-        let started = Instant::now();
+    fn starting_now(timeout: Duration, expires_at: Instant) -> Self {
         Self {
-            started,
-            deadline: started + timeout,
+            deadline: Instant::now() + timeout,
+            expires_at,
+            least_time: (timeout / 2).min(Duration::from_secs(1)),
         }
     }
 
-    /// The time left for a request, and the SMS's validity less the time already spent (from
-    /// `validity_secs` at the start); `None` once either is gone.
-    fn left(&self, validity_secs: u64) -> Option<(Duration, u64)> {
-        let now = Instant::now();
+    /// At `now`: the time left for a request, and the SMS's validity in whole seconds; `None`
+    /// once too little of either is left.
+    fn left_at(&self, now: Instant) -> Option<(Duration, u64)> {
         let time = self.deadline.checked_duration_since(now)?;
-        let spent = now.duration_since(self.started).as_secs();
-        let validity = validity_secs.checked_sub(spent).filter(|v| *v > 0)?;
-        (time >= Duration::from_millis(100)).then_some((time, validity))
+        let life = self.expires_at.checked_duration_since(now)?;
+        let enough = time >= self.least_time && life >= LEAST_LIFE;
+        enough.then_some((time, life.as_secs().max(1)))
     }
 }
 
@@ -477,23 +481,31 @@ mod tests {
     #[test]
     fn an_attempt_sends_only_with_time_and_validity_left() {
         let now = Instant::now();
-        let two_seconds_in = Within {
-            started: now - Duration::from_secs(2),
-            deadline: now + Duration::from_secs(1),
+        let within = Within {
+            deadline: now + Duration::from_secs(3),
+            expires_at: now + Duration::from_millis(2_500),
+            least_time: Duration::from_secs(1),
         };
-        let (time, validity) = two_seconds_in.left(3).expect("a second of each left");
-        assert!(time > Duration::from_millis(900) && time <= Duration::from_secs(1));
-        assert_eq!(validity, 1);
         assert_eq!(
-            two_seconds_in.left(2),
-            None,
-            "the code ran out while it waited"
+            within.left_at(now),
+            Some((Duration::from_secs(3), 2)),
+            "whole seconds of the code's life"
         );
-        let out_of_time = Within {
-            started: now - Duration::from_secs(2),
-            deadline: now - Duration::from_millis(1),
+        let later = |millis| now + Duration::from_millis(millis);
+        assert_eq!(
+            within.left_at(later(1_400)),
+            Some((Duration::from_millis(1_600), 1))
+        );
+        assert_eq!(within.left_at(later(1_600)), None, "under a second of life");
+        let short_attempt = Within {
+            expires_at: now + Duration::from_secs(60),
+            ..within
         };
-        assert_eq!(out_of_time.left(300), None);
+        assert_eq!(
+            short_attempt.left_at(later(2_100)),
+            None,
+            "under a second of the attempt, which would end in doubt"
+        );
     }
 
     #[test]

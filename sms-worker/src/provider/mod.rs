@@ -31,8 +31,9 @@ pub struct Sms<'a> {
     pub body: String,
     /// The same body with the code replaced, for anything that is logged.
     pub masked_body: String,
-    /// Seconds until the OTP expires: providers drop the SMS if they cannot deliver it by then.
-    pub validity_secs: u64,
+    /// When the OTP expires: providers are told to drop the SMS if they cannot deliver it by
+    /// then ([`Sms::validity_secs`]).
+    pub expires_at: Instant,
     /// Our id for this message, where the provider takes one (Infobip refuses a second message
     /// with the same id, which makes a redelivered copy harmless there): the event id, or for a
     /// resend the event id with a suffix.
@@ -47,6 +48,13 @@ pub struct Sms<'a> {
 }
 
 impl Sms<'_> {
+    /// Whole seconds until the OTP expires, from now.
+    pub fn validity_secs(&self) -> u64 {
+        self.expires_at
+            .saturating_duration_since(Instant::now())
+            .as_secs()
+    }
+
     fn going_out(&self) {
         self.request_out.store(true, Ordering::Relaxed);
     }
@@ -94,6 +102,10 @@ pub enum Failure {
     /// token it had dropped), and the worker's grace period ended before the second could
     /// start. Nothing is the provider's fault: no breaker; the send stops there.
     Withheld,
+    /// Not sent: a wait before the request (for a token) left too little of the attempt's time,
+    /// or of the code's life. The event's clock, not the provider's fault: no breaker; the send
+    /// tries again while the code lives.
+    NoTimeLeft,
 }
 
 impl Failure {
@@ -106,6 +118,7 @@ impl Failure {
             Self::Route => "route",
             Self::Unrecognised => "unrecognised",
             Self::Withheld => "withheld",
+            Self::NoTimeLeft => "no_time_left",
         }
     }
 
@@ -209,7 +222,7 @@ impl Provider {
                 tracing::info!(
                     to = %sms.to,
                     body = %sms.masked_body,
-                    validity_secs = sms.validity_secs,
+                    validity_secs = sms.validity_secs(),
                     "SMS_PROVIDERS=log: not sending this SMS, only logging it"
                 );
                 Ok(Accepted {
@@ -442,5 +455,6 @@ mod tests {
         assert!(!Failure::Route.counts_toward_breaker());
         assert!(!Failure::Unrecognised.counts_toward_breaker());
         assert!(!Failure::Withheld.counts_toward_breaker());
+        assert!(!Failure::NoTimeLeft.counts_toward_breaker());
     }
 }

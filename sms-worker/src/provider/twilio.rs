@@ -77,7 +77,7 @@ impl Twilio {
         // Twilio accepts 1 to 36000.
         form.push((
             "ValidityPeriod",
-            sms.validity_secs.clamp(1, 36_000).to_string(),
+            sms.validity_secs().clamp(1, 36_000).to_string(),
         ));
         if let Some(url) = &self.status_callback {
             form.push(("StatusCallback", url.clone()));

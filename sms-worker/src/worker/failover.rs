@@ -258,7 +258,7 @@ pub(super) async fn send_through_providers(
                 millis_left,
                 event.locale.as_deref(),
             ),
-            validity_secs: millis_left / 1_000,
+            expires_at: std::time::Instant::now() + Duration::from_millis(millis_left),
             message_id: event.event_id.to_string(),
             request_out: &tried.unanswered.under_way,
             may_start: &|| !context.grace_over.is_over(),
@@ -325,8 +325,9 @@ pub(super) async fn send_through_providers(
             Failure::Provider | Failure::Route | Failure::Unrecognised => {
                 tried.excluded.push(provider.name());
             }
-            // The next turn of the loop finds the grace over.
-            Failure::Withheld => {}
+            // The next turn of the loop finds the grace over, or the code too near its end, or
+            // tries again at once (the token came).
+            Failure::Withheld | Failure::NoTimeLeft => {}
             Failure::Ambiguous => {
                 // The next provider, where there is one; else this one, once.
                 if context.providers.all().len() > 1 {

@@ -318,7 +318,7 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
         to: &phone,
         body: message.body.clone(),
         masked_body: "(a resent code)".to_owned(),
-        validity_secs: millis_left / 1_000,
+        expires_at: std::time::Instant::now() + time_left,
         // Not the event id: Infobip would refuse it as a duplicate of the first send.
         message_id: format!("{event_id}-resend"),
         // At most one resend per event, by its claim: nothing to tell anyone.
