@@ -19,7 +19,7 @@ pub const DEAD_LETTERS_HELD_NOW: &str = "sms_dead_letters_held";
 pub const DEAD_LETTERS_WAITING_FOR_ROOM: &str = "sms_dead_letters_waiting_for_room";
 /// Histogram (seconds) of one provider call, labels `provider` and `outcome` (`accepted`, or the
 /// failure kind: `retryable`, `ambiguous`, `recipient`, `provider`, `route`, `unrecognised`,
-/// `withheld`).
+/// `withheld`, `no_time_left`).
 pub const PROVIDER_DURATION: &str = "sms_provider_request_duration_seconds";
 /// Counter, label `provider`: answers to a send cut short (longer than 64 KiB, still coming 2 s
 /// after the status, or broken off); each was decided by its status alone.
