@@ -90,6 +90,9 @@ pub struct TokenManager<S> {
     slow_path: tokio::sync::Mutex<()>,
     /// This process's failed fetches.
     failures: Mutex<FetchFailures>,
+    /// The token this process last saw refused (sealed): never taken back into memory from a
+    /// read of Redis that began before the refusal.
+    refused: Mutex<Option<Arc<Vec<u8>>>>,
 }
 
 /// This process's failed fetches: how many, the last one's time and error.
@@ -119,6 +122,7 @@ impl<S: TokenSource> TokenManager<S> {
             cached: Mutex::new(None),
             slow_path: tokio::sync::Mutex::new(()),
             failures: Mutex::default(),
+            refused: Mutex::default(),
         }
     }
 
@@ -205,6 +209,7 @@ impl<S: TokenSource> TokenManager<S> {
 
     /// The provider refused `token`: forget it, in Redis only if it is still the current one.
     pub async fn invalidate(&self, token: &Token) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.sealed.clone());
         {
             let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
             if cached.as_ref().is_some_and(|c| {
@@ -268,6 +273,13 @@ impl<S: TokenSource> TokenManager<S> {
     }
 
     fn remember(&self, cached: Cached) {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        if refused
+            .as_ref()
+            .is_some_and(|r| **r == *cached.token.sealed)
+        {
+            return;
+        }
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(cached);
     }
 
