@@ -149,7 +149,7 @@ async fn dlq(config: &CommonConfig, command: DlqCommand) -> anyhow::Result<()> {
             let listing = crate::dead_letter::list(config, limit).await?;
             if json {
                 for entry in &listing.entries {
-                    println!("{}", serde_json::to_string(entry)?);
+                    println!("{}", crate::dead_letter::json_line(entry)?);
                 }
             } else if !listing.entries.is_empty() {
                 println!("{}", crate::dead_letter::format_table(&listing.entries));

@@ -259,13 +259,30 @@ pub fn format_table(entries: &[Entry]) -> String {
 fn printable(cell: &str) -> String {
     cell.chars()
         .map(|c| {
-            if c.is_control() {
+            if crate::provider::unprintable(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
+}
+
+/// One entry as a line of JSON, with every [`crate::provider::unprintable`] character escaped
+/// (`\u009b`): serde escapes C0 controls, but not DEL, C1 (an 8-bit escape) or the bidirectional
+/// marks, and `dlq list --json` is read on terminals too.
+pub fn json_line(entry: &Entry) -> serde_json::Result<String> {
+    let json = serde_json::to_string(entry)?;
+    let mut line = String::with_capacity(json.len());
+    for c in json.chars() {
+        if crate::provider::unprintable(c) {
+            // Every such character is in the Basic Multilingual Plane: one \u escape.
+            line.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            line.push(c);
+        }
+    }
+    Ok(line)
 }
 
 /// `1 entry`, `2 entries`.
@@ -345,16 +362,26 @@ mod tests {
         // A provider's, a proxy's or a publisher's escape sequence is written out, not sent to
         // the operator's terminal.
         let hostile = Entry {
-            error: "refused \u{1b}]0;owned\u{7}\u{1b}[2J\r\nFAKE".to_owned(),
+            error: "refused \u{1b}]0;owned\u{7}\u{1b}[2J\r\nFAKE \u{9b}2J \u{202e}desrever"
+                .to_owned(),
             ..entry
         };
         let table = format_table(std::slice::from_ref(&hostile));
-        assert!(
-            !table.chars().any(|c| c.is_control() && c != '\n'),
-            "{table:?}"
-        );
+        let raw = |text: &str| {
+            text.chars()
+                .any(|c| c != '\n' && crate::provider::unprintable(c))
+        };
+        assert!(!raw(&table), "{table:?}");
         assert_eq!(table.lines().count(), 2, "{table}");
         assert!(table.contains("refused \\u{1b}]0;owned"), "{table}");
+        let json = json_line(&hostile).expect("JSON");
+        assert!(!raw(&json), "{json:?}");
+        let read: serde_json::Value = serde_json::from_str(&json).expect("still JSON");
+        assert_eq!(
+            read["error"],
+            hostile.error.as_str(),
+            "the same text, escaped"
+        );
         assert_eq!(entries(1), "1 entry");
         assert_eq!(entries(0), "0 entries");
         assert_eq!(entries(2), "2 entries");

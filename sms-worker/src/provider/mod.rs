@@ -320,16 +320,30 @@ impl Providers {
 /// phone number") or the message, code included, whole or cut short; and they end up in logs, the
 /// dead-letter queue and timelines. Masking every digit, not only those of the code, keeps what
 /// is masked from telling anything about the code. The status and the provider's error code are
-/// kept in fields of their own. Control characters become spaces: a provider's (or a proxy's)
-/// escape sequence must not reach a terminal that reads the log or the dead letters.
+/// kept in fields of their own. Characters that would act on a terminal or reorder the text
+/// ([`unprintable`]) are written out (`\u{1b}`): a provider's (or a proxy's) escape sequence must
+/// not reach a terminal that reads the log or the dead letters, and operators still see it came.
 pub fn masked_words(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            c if c.is_ascii_digit() => '*',
-            c if c.is_control() => ' ',
-            c => c,
-        })
-        .collect()
+    let mut masked = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            c if c.is_ascii_digit() => masked.push('*'),
+            c if unprintable(c) => masked.extend(c.escape_default()),
+            c => masked.push(c),
+        }
+    }
+    masked
+}
+
+/// Control characters (C0, DEL, C1: terminal escapes), line and paragraph separators, and the
+/// marks that reorder text on screen (bidirectional overrides, isolates, the byte-order mark).
+pub fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+                | '\u{2028}' | '\u{2029}' | '\u{FEFF}'
+        )
 }
 
 /// Texts that may quote the number, masked as the logs mask numbers.
@@ -443,7 +457,11 @@ mod tests {
             "The body 'Your code is ****' (cut) to +*********** was refused"
         );
         assert_eq!(masked_words("Invalid destination"), "Invalid destination");
-        assert_eq!(masked_words("bad\u{1b}[2J\r\nline"), "bad [*J  line");
+        // Escapes are written out (their hex digits name the character, not a code).
+        assert_eq!(
+            masked_words("bad\u{1b}[2J\r\nline\u{202e}"),
+            "bad\\u{1b}[*J\\r\\nline\\u{202e}"
+        );
     }
 
     #[test]
