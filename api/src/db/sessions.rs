@@ -247,42 +247,39 @@ enum CommitFate {
     Unknown,
 }
 
-/// What became of `rotation`'s transaction: asked every 50 ms,
-/// then less often (up to 400 ms), until it has ended or `by` has passed.
+/// What became of `rotation`'s transaction: asked every 50 ms, then less often (up to 400 ms),
+/// until it has ended or `by` has passed.
 ///
-/// Committed counts only with the new token there to see: after a crash that lost the commit's
-/// WAL (or a failover to a standby it had not reached), the server may give the same id to
-/// another transaction, whose outcome would otherwise be taken for this one's. An id the server
-/// has not yet given out (22023, "in the future") is a commit that never reached it.
+/// `pg_xact_status` reads the commit log, which says committed before the transaction stops
+/// looking in progress to other sessions (a commit waiting for a synchronous standby is marked
+/// there, and not yet visible). So a commit counts only once its new token can be seen, asked in
+/// a statement of its own after the status, with a newer snapshot; until then it is waited for.
+/// That also keeps a crash that lost the commit from passing for it: the server may give the same
+/// id to another transaction, which committed, but stored no such token. An id the server has not
+/// yet given out (22023, "in the future") is a commit that never reached it.
 async fn commit_fate(pool: &PgPool, rotation: &RotationIds, by: Instant) -> CommitFate {
     let ask = async {
         let mut pause = Duration::from_millis(50);
         loop {
-            let answer: sqlx::Result<(Option<String>, bool)> = sqlx::query_as(
-                "SELECT pg_xact_status($1::xid8), EXISTS (SELECT 1 FROM tokens WHERE hash = $2)",
-            )
-            .bind(&rotation.xid)
-            .bind(&rotation.new_refresh)
-            .fetch_one(pool)
-            .await;
-            match answer {
-                Ok((Some(status), stored)) if status == "committed" => {
-                    // Not stored: another transaction's id, or the session revoked since; either
-                    // way there are no tokens to give.
-                    return if stored {
-                        CommitFate::Committed
-                    } else {
-                        CommitFate::Aborted
-                    };
+            let status: sqlx::Result<Option<String>> =
+                sqlx::query_scalar("SELECT pg_xact_status($1::xid8)")
+                    .bind(&rotation.xid)
+                    .fetch_one(pool)
+                    .await;
+            match status.as_ref().map(Option::as_deref) {
+                Ok(Some("committed")) => {
+                    if let Ok(true) = token_stored(pool, &rotation.new_refresh).await {
+                        return CommitFate::Committed;
+                    }
                 }
-                Ok((Some(status), _)) if status == "aborted" => return CommitFate::Aborted,
+                Ok(Some("aborted")) => return CommitFate::Aborted,
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("22023") => {
                     return CommitFate::Aborted;
                 }
                 // In progress, or not asked (a new connection failing during a failover).
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, "could not ask what became of a rotation's commit")
+                    tracing::debug!(error = %e, "could not ask what became of a rotation's commit");
                 }
             }
             tokio::time::sleep(pause).await;
@@ -292,6 +289,14 @@ async fn commit_fate(pool: &PgPool, rotation: &RotationIds, by: Instant) -> Comm
     tokio::time::timeout_at(by, ask)
         .await
         .unwrap_or(CommitFate::Unknown)
+}
+
+/// Whether a token with this hash can be seen.
+async fn token_stored(pool: &PgPool, hash: &[u8]) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens WHERE hash = $1)")
+        .bind(hash)
+        .fetch_one(pool)
+        .await
 }
 
 /// A refresh's statements up to its commit: the outcome, and the writes to commit when there are
