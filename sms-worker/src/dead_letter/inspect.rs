@@ -259,7 +259,7 @@ pub fn format_table(entries: &[Entry]) -> String {
 fn printable(cell: &str) -> String {
     cell.chars()
         .map(|c| {
-            if crate::provider::unprintable(c) {
+            if c == '\\' || crate::provider::unprintable(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
@@ -276,8 +276,10 @@ pub fn json_line(entry: &Entry) -> serde_json::Result<String> {
     let mut line = String::with_capacity(json.len());
     for c in json.chars() {
         if crate::provider::unprintable(c) {
-            // Every such character is in the Basic Multilingual Plane: one \u escape.
-            line.push_str(&format!("\\u{:04x}", u32::from(c)));
+            // One \u escape per UTF-16 unit: a surrogate pair beyond the first plane.
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                line.push_str(&format!("\\u{unit:04x}"));
+            }
         } else {
             line.push(c);
         }
@@ -362,7 +364,7 @@ mod tests {
         // A provider's, a proxy's or a publisher's escape sequence is written out, not sent to
         // the operator's terminal.
         let hostile = Entry {
-            error: "refused \u{1b}]0;owned\u{7}\u{1b}[2J\r\nFAKE \u{9b}2J \u{202e}desrever"
+            error: "refused \u{1b}]0;owned\u{7}\u{1b}[2J\r\nFAKE \u{9b}2J \u{202e}desrever \u{e0041}\u{200b} C:\\x"
                 .to_owned(),
             ..entry
         };
@@ -374,6 +376,10 @@ mod tests {
         assert!(!raw(&table), "{table:?}");
         assert_eq!(table.lines().count(), 2, "{table}");
         assert!(table.contains("refused \\u{1b}]0;owned"), "{table}");
+        assert!(
+            table.contains(r"C:\\x"),
+            "a backslash is written out too: {table}"
+        );
         let json = json_line(&hostile).expect("JSON");
         assert!(!raw(&json), "{json:?}");
         let read: serde_json::Value = serde_json::from_str(&json).expect("still JSON");

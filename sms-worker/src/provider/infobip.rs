@@ -228,8 +228,16 @@ impl Infobip {
                             });
                         }
                         let token = self.token(tokens).await?;
-                        self.send_with(sms, within, bearer(tokens, &token).await?)
+                        match self
+                            .send_with(sms, within, bearer(tokens, &token).await?)
                             .await
+                        {
+                            // No time left for the second try: the refusal is the answer, and
+                            // counts as one (a provider refusing every token must open its
+                            // breaker, not loop the event until its code runs out).
+                            Err(late) if late.kind == Failure::NoTimeLeft => Err(e),
+                            second => second,
+                        }
                     }
                     other => other,
                 }

@@ -104,7 +104,7 @@ pub enum Failure {
     Withheld,
     /// Not sent: a wait before the request (for a token) left too little of the attempt's time,
     /// or of the code's life. The event's clock, not the provider's fault: no breaker; the send
-    /// tries again while the code lives.
+    /// backs off and tries again within its budget.
     NoTimeLeft,
 }
 
@@ -328,21 +328,28 @@ pub fn masked_words(text: &str) -> String {
     for c in text.chars() {
         match c {
             c if c.is_ascii_digit() => masked.push('*'),
-            c if unprintable(c) => masked.extend(c.escape_default()),
+            // A backslash too, so that a provider's own text `\u{1b}` stays told apart.
+            c if c == '\\' || unprintable(c) => masked.extend(c.escape_default()),
             c => masked.push(c),
         }
     }
     masked
 }
 
-/// Control characters (C0, DEL, C1: terminal escapes), line and paragraph separators, and the
-/// marks that reorder text on screen (bidirectional overrides, isolates, the byte-order mark).
+/// Control characters (C0, DEL, C1: terminal escapes), line and paragraph separators, the marks
+/// that reorder text on screen (bidirectional marks, overrides, isolates), and the invisible ones
+/// that make two ids look alike (zero-width, word joiners, the byte-order mark, tag characters).
 pub fn unprintable(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
-                | '\u{2028}' | '\u{2029}' | '\u{FEFF}'
+            '\u{061C}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+                | '\u{E0000}'..='\u{E007F}'
         )
 }
 

@@ -35,6 +35,8 @@ const POLL: Duration = Duration::from_millis(50);
 /// How long a token due for renewal, which this process is not renewing, is used from memory
 /// before Redis is asked again whether the next one has come.
 const LOOK_AGAIN_AFTER: Duration = Duration::from_millis(250);
+/// How long a refused token is kept out of memory: longer than a read of Redis takes.
+const REFUSAL_REMEMBERED: Duration = Duration::from_secs(10);
 /// After a failed fetch this process leaves the endpoint alone for this long: its sends use the
 /// current token while it lasts, or wait for the next fetch, rather than each calling the
 /// endpoint again.
@@ -90,9 +92,10 @@ pub struct TokenManager<S> {
     slow_path: tokio::sync::Mutex<()>,
     /// This process's failed fetches.
     failures: Mutex<FetchFailures>,
-    /// The token this process last saw refused (sealed): never taken back into memory from a
-    /// read of Redis that began before the refusal.
-    refused: Mutex<Option<Arc<Vec<u8>>>>,
+    /// The token this process last saw refused (sealed), and when: not taken back into memory
+    /// from a read of Redis that began before the refusal. For [`REFUSAL_REMEMBERED`] only: a
+    /// token refused by mistake that stays current must not keep every send on the slow path.
+    refused: Mutex<Option<(Arc<Vec<u8>>, Instant)>>,
 }
 
 /// This process's failed fetches: how many, the last one's time and error.
@@ -209,7 +212,8 @@ impl<S: TokenSource> TokenManager<S> {
 
     /// The provider refused `token`: forget it, in Redis only if it is still the current one.
     pub async fn invalidate(&self, token: &Token) {
-        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.sealed.clone());
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((token.sealed.clone(), Instant::now()));
         {
             let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
             if cached.as_ref().is_some_and(|c| {
@@ -274,10 +278,9 @@ impl<S: TokenSource> TokenManager<S> {
 
     fn remember(&self, cached: Cached) {
         let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-        if refused
-            .as_ref()
-            .is_some_and(|r| **r == *cached.token.sealed)
-        {
+        if refused.as_ref().is_some_and(|(token, at)| {
+            at.elapsed() < REFUSAL_REMEMBERED && **token == *cached.token.sealed
+        }) {
             return;
         }
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(cached);

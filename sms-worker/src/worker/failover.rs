@@ -325,9 +325,16 @@ pub(super) async fn send_through_providers(
             Failure::Provider | Failure::Route | Failure::Unrecognised => {
                 tried.excluded.push(provider.name());
             }
-            // The next turn of the loop finds the grace over, or the code too near its end, or
-            // tries again at once (the token came).
-            Failure::Withheld | Failure::NoTimeLeft => {}
+            // The next turn of the loop finds the grace over.
+            Failure::Withheld => {}
+            // The event's clock, not the provider's fault: no breaker, but a backoff within the
+            // budget like any retry, so that slow tokens cannot loop the event.
+            Failure::NoTimeLeft => {
+                if let Err(stop) = wait(context, retries, None).await {
+                    lease.stop();
+                    return Ok(give_up(context, event, journal, stop, tried, claim).await);
+                }
+            }
             Failure::Ambiguous => {
                 // The next provider, where there is one; else this one, once.
                 if context.providers.all().len() > 1 {
