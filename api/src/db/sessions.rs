@@ -116,8 +116,9 @@ pub enum RefreshOutcome {
     /// The statements before the commit did not end in time (a lock, a busy database): rolled
     /// back, nothing rotated.
     OutOfTime,
-    /// The commit was sent but did not answer within the request's time: whether the token
-    /// rotated is unknown (a retry within the reuse grace gets a pair either way).
+    /// The commit was sent, and whether it landed is not known within the request's time (no
+    /// answer, or one lost that PostgreSQL could not settle): a token may have rotated, or a
+    /// replayed session been revoked.
     CommitUnanswered,
 }
 

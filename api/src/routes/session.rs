@@ -102,10 +102,7 @@ pub async fn refresh(
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "invalid").increment(1);
             Err(ApiError::InvalidRefreshToken)
         }
-        RefreshOutcome::OutOfTime => {
-            metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "out_of_time").increment(1);
-            Err(out_of_time())
-        }
+        RefreshOutcome::OutOfTime => Err(out_of_time()),
         RefreshOutcome::CommitUnanswered => {
             metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "commit_unanswered").increment(1);
             Err(ApiError::unavailable(
@@ -123,7 +120,10 @@ const STATEMENTS_WITHIN: Duration = Duration::from_secs(7);
 /// router's timeout, so that the client hears what it came to.
 const COMMIT_ANSWERED_WITHIN: Duration = REQUEST_TIMEOUT.saturating_sub(Duration::from_millis(250));
 
+/// A refresh the database did not finish in time (its lookup, its statements, or its answer at
+/// the daily cap), counted.
 fn out_of_time() -> ApiError {
+    metrics::counter!(m::TOKEN_REFRESHES, "outcome" => "out_of_time").increment(1);
     ApiError::unavailable(
         Dependency::Postgres,
         anyhow::anyhow!("the refresh did not finish within the request's time"),
