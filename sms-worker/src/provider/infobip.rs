@@ -203,9 +203,9 @@ impl Infobip {
         })
     }
 
-    /// One attempt within `timeout`: a request starts only with time left in it, and with the
-    /// SMS's validity (reckoned when the attempt began) less what a wait for a token spent, so a
-    /// code that ran out meanwhile is not sent.
+    /// One attempt within `timeout`: a request starts only with enough of it left, and of the
+    /// code's life ([`Within::left_at`]), its validity counted from then, so a code that ran out
+    /// while a token was fetched is not sent.
     pub async fn send(&self, sms: &Sms<'_>, timeout: Duration) -> Result<Accepted, SendError> {
         let within = Within::starting_now(timeout, sms.expires_at);
         match &self.auth {
@@ -248,7 +248,7 @@ impl Infobip {
     async fn token(&self, tokens: &TokenManager<OAuthEndpoint>) -> Result<Token, SendError> {
         // Not cut short by the attempt's time: this send may be the one fetching the token that
         // every send waits for, and a fetch dropped halfway would hold the lock for its lease.
-        // What the wait spent is looked at before the SMS goes (`Within::left`).
+        // What the wait spent is looked at before the SMS goes (`Within::left_at`).
         tokens.token().await.map_err(|e| {
             // Nothing was sent: the provider's side failed before the message could go.
             SendError::new(Failure::Retryable, format!("infobip: no access token: {e}"))
