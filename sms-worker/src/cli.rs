@@ -149,7 +149,7 @@ async fn dlq(config: &CommonConfig, command: DlqCommand) -> anyhow::Result<()> {
             let listing = crate::dead_letter::list(config, limit).await?;
             if json {
                 for entry in &listing.entries {
-                    println!("{}", crate::dead_letter::json_line(entry)?);
+                    println!("{}", crate::terminal::json_line(entry)?);
                 }
             } else if !listing.entries.is_empty() {
                 println!("{}", crate::dead_letter::format_table(&listing.entries));
@@ -210,7 +210,7 @@ async fn trace(
     }
     if json {
         for line in &lines {
-            println!("{}", serde_json::to_string(line)?);
+            println!("{}", crate::terminal::json_line(line)?);
         }
     } else {
         print!("{}", crate::trace::print(&phone.masked(), &lines));

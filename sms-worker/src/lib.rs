@@ -23,6 +23,7 @@ mod provider;
 mod receipts;
 pub mod seal;
 mod shutdown;
+mod terminal;
 #[cfg(test)]
 mod test_redis;
 pub mod trace;

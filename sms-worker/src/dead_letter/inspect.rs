@@ -225,7 +225,7 @@ pub fn format_table(entries: &[Entry]) -> String {
                 entry.providers.clone().unwrap_or_else(dash),
                 entry.error.clone(),
             ]
-            .map(|cell| printable(&cell))
+            .map(|cell| crate::terminal::printable(&cell))
         })
         .collect();
     let mut widths = HEADER.map(str::len);
@@ -251,40 +251,6 @@ pub fn format_table(entries: &[Entry]) -> String {
         out.push_str(&line(row.each_ref().map(String::as_str)));
     }
     out
-}
-
-/// `cell` with its control characters written out (`\u{1b}`): what a dead letter's headers hold
-/// came from providers, proxies and whoever can publish to the broker, and an escape sequence
-/// printed as is would act on the operator's terminal.
-fn printable(cell: &str) -> String {
-    cell.chars()
-        .map(|c| {
-            if c == '\\' || crate::provider::unprintable(c) {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
-/// One entry as a line of JSON, with every [`crate::provider::unprintable`] character escaped
-/// (`\u009b`): serde escapes C0 controls, but not DEL, C1 (an 8-bit escape) or the bidirectional
-/// marks, and `dlq list --json` is read on terminals too.
-pub fn json_line(entry: &Entry) -> serde_json::Result<String> {
-    let json = serde_json::to_string(entry)?;
-    let mut line = String::with_capacity(json.len());
-    for c in json.chars() {
-        if crate::provider::unprintable(c) {
-            // One \u escape per UTF-16 unit: a surrogate pair beyond the first plane.
-            for unit in c.encode_utf16(&mut [0; 2]) {
-                line.push_str(&format!("\\u{unit:04x}"));
-            }
-        } else {
-            line.push(c);
-        }
-    }
-    Ok(line)
 }
 
 /// `1 entry`, `2 entries`.
@@ -371,7 +337,7 @@ mod tests {
         let table = format_table(std::slice::from_ref(&hostile));
         let raw = |text: &str| {
             text.chars()
-                .any(|c| c != '\n' && crate::provider::unprintable(c))
+                .any(|c| c != '\n' && crate::terminal::unprintable(c))
         };
         assert!(!raw(&table), "{table:?}");
         assert_eq!(table.lines().count(), 2, "{table}");
@@ -380,7 +346,7 @@ mod tests {
             table.contains(r"C:\\x"),
             "a backslash is written out too: {table}"
         );
-        let json = json_line(&hostile).expect("JSON");
+        let json = crate::terminal::json_line(&hostile).expect("JSON");
         assert!(!raw(&json), "{json:?}");
         let read: serde_json::Value = serde_json::from_str(&json).expect("still JSON");
         assert_eq!(

@@ -9,7 +9,7 @@ pub mod inspect;
 pub mod publish;
 mod reason;
 
-pub use inspect::{Entry, Listing, count, entries, format_table, json_line, list, purge};
+pub use inspect::{Entry, Listing, count, entries, format_table, list, purge};
 pub use publish::{
     HeldCopies, PublishError, Route, forward_broker_copy, properties, publish, without_code,
 };

@@ -320,37 +320,15 @@ impl Providers {
 /// phone number") or the message, code included, whole or cut short; and they end up in logs, the
 /// dead-letter queue and timelines. Masking every digit, not only those of the code, keeps what
 /// is masked from telling anything about the code. The status and the provider's error code are
-/// kept in fields of their own. Characters that would act on a terminal or reorder the text
-/// ([`unprintable`]) are written out (`\u{1b}`): a provider's (or a proxy's) escape sequence must
+/// kept in fields of their own. What would act on a terminal or reorder the text is written out
+/// (`\u{1b}`, [`crate::terminal::printable`]): a provider's (or a proxy's) escape sequence must
 /// not reach a terminal that reads the log or the dead letters, and operators still see it came.
 pub fn masked_words(text: &str) -> String {
-    let mut masked = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            c if c.is_ascii_digit() => masked.push('*'),
-            // A backslash too, so that a provider's own text `\u{1b}` stays told apart.
-            c if c == '\\' || unprintable(c) => masked.extend(c.escape_default()),
-            c => masked.push(c),
-        }
-    }
-    masked
-}
-
-/// Control characters (C0, DEL, C1: terminal escapes), line and paragraph separators, the marks
-/// that reorder text on screen (bidirectional marks, overrides, isolates), and the invisible ones
-/// that make two ids look alike (zero-width, word joiners, the byte-order mark, tag characters).
-pub fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061C}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{2028}'..='\u{202E}'
-                | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{2069}'
-                | '\u{FEFF}'
-                | '\u{E0000}'..='\u{E007F}'
-        )
+    let masked: String = text
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '*' } else { c })
+        .collect();
+    crate::terminal::printable(&masked)
 }
 
 /// Texts that may quote the number, masked as the logs mask numbers.

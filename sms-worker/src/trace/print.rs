@@ -28,9 +28,11 @@ pub fn print(masked_phone: &str, lines: &[Line]) -> String {
     );
     for (event_id, mut lines) in events {
         lines.sort_by_key(|line| line.at_ms);
-        let _ = writeln!(out, "\nevent {event_id}");
+        let _ = writeln!(out, "\nevent {}", crate::terminal::printable(event_id));
         for line in lines {
-            let _ = writeln!(out, "  {}  {}", clock(line.at_ms), describe(line));
+            // A provider's message id and words are shown as they came, escapes written out.
+            let described = crate::terminal::printable(&describe(line));
+            let _ = writeln!(out, "  {}  {}", clock(line.at_ms), described);
         }
     }
     out
@@ -107,5 +109,17 @@ mod tests {
             text.contains("1970-01-01 00:00:01.010  tried twilio: accepted"),
             "{text}"
         );
+        // What a provider answered is shown with its escapes written out.
+        let hostile = [line("e3", 4_000, What::Tried)
+            .provider("twilio")
+            .status("accepted\u{1b}[2J\u{202e}")];
+        let text = print("+1415*****00", &hostile);
+        assert!(
+            !text
+                .chars()
+                .any(|c| c != '\n' && crate::terminal::unprintable(c)),
+            "{text:?}"
+        );
+        assert!(text.contains(r"accepted\u{1b}[2J\u{202e}"), "{text}");
     }
 }
