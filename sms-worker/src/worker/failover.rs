@@ -327,8 +327,12 @@ pub(super) async fn send_through_providers(
             }
             // The next turn of the loop finds the grace over.
             Failure::Withheld => {}
-            // The event's clock, not the provider's fault: no breaker, but a backoff within the
-            // budget like any retry, so that slow tokens cannot loop the event.
+            // The event's clock, not the provider's fault: no breaker. Nothing went out, so the
+            // next provider may take it at once; with none, a backoff within the budget like any
+            // retry, so that slow tokens cannot loop the event.
+            Failure::NoTimeLeft if has_alternative(context, tried, provider.name()) => {
+                tried.excluded.push(provider.name());
+            }
             Failure::NoTimeLeft => {
                 if let Err(stop) = wait(context, retries, None).await {
                     lease.stop();
@@ -351,8 +355,8 @@ pub(super) async fn send_through_providers(
                         // A wait past the budget (a `Retry-After` of minutes) leaves this
                         // provider to the next one while an attempt still fits, rather than
                         // dead-letter an event another provider could send now; only after an
-                        // answer that says nothing went out (no connection, 429, 503), since no
-                        // id keeps two providers from both sending it.
+                        // answer that says nothing went out (`surely_unsent`), since no id keeps
+                        // two providers from both sending it.
                         Err(Stop::Budget(_))
                             if surely_unsent(&error)
                                 && retries.pause(Duration::ZERO).is_ok()
@@ -394,12 +398,15 @@ fn all_excluded(context: &Context, tried: &Tried<'_>) -> bool {
 }
 
 /// Whether a retryable failure says for sure that nothing was sent: no answer because no
-/// connection (no status), or a 429 or 503. A 500, 502 or 504 may come from an edge after the
-/// provider took the request.
+/// connection (no status), a 429, or a 503 in the provider's own words (its error code). A 500,
+/// 502 or 504, or a 503 without the provider's code (a proxy's "upstream reset"), may come from an
+/// edge after the provider took the request.
 fn surely_unsent(error: &SendError) -> bool {
-    error
-        .status
-        .is_none_or(|status| matches!(status, 429 | 503))
+    match error.status {
+        None | Some(429) => true,
+        Some(503) => error.code.is_some(),
+        Some(_) => false,
+    }
 }
 
 /// Whether a provider other than `current` could take the next attempt (breakers aside).
@@ -544,4 +551,36 @@ pub(super) fn sent_unconfirmed(journal: &mut Journal, cause: Unconfirmed) -> Out
         Some("no provider confirmed it, and it may have gone out: not tried again".to_owned()),
     );
     Outcome::SentUnconfirmed(SentSms::unconfirmed(timeline))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_that_say_nothing_went_out_are_surely_unsent() {
+        let answered = |status: Option<u16>, code: Option<i64>| SendError {
+            kind: Failure::Retryable,
+            message: String::new(),
+            status,
+            code,
+            retry_after: None,
+        };
+        assert!(surely_unsent(&answered(None, None)), "no connection");
+        assert!(surely_unsent(&answered(Some(429), None)));
+        assert!(
+            surely_unsent(&answered(Some(503), Some(20503))),
+            "the provider's own 503"
+        );
+        assert!(
+            !surely_unsent(&answered(Some(503), None)),
+            "a proxy's bare 503"
+        );
+        for status in [500, 502, 504] {
+            assert!(
+                !surely_unsent(&answered(Some(status), Some(20500))),
+                "{status}"
+            );
+        }
+    }
 }

@@ -96,6 +96,39 @@ async fn a_code_that_runs_out_while_its_send_waits_for_a_token_is_not_sent() {
     .await;
 }
 
+/// A send whose token came too late for its attempt goes to the next provider at once: nothing
+/// went out, and a slow token endpoint must not hold every event on Infobip while Twilio works.
+/// Before, the event backed off and went to Infobip again.
+#[tokio::test]
+async fn a_send_whose_token_came_too_late_goes_to_the_next_provider() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake.set_token_policy(TokenPolicy {
+            latency_ms: 3_000,
+            ..TokenPolicy::default()
+        });
+        let mut overrides = h.failover();
+        overrides.extend(
+            [
+                ("SMS_PROVIDERS", "infobip,twilio"),
+                ("SEND_TIMEOUT_SECS", "2"),
+            ]
+            .map(|(n, v)| (n.to_owned(), v.to_owned())),
+        );
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        h.request_sms(&to).await;
+        h.wait_for_messages(&to, 1).await;
+        assert!(
+            h.fake
+                .requests_via(SmsProvider::Infobip, Some(&to))
+                .is_empty()
+        );
+        assert_eq!(h.fake.requests_via(SmsProvider::Twilio, Some(&to)).len(), 1);
+        worker.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn fifty_sends_refused_with_a_stale_token_cause_one_refresh() {
     with_harness(QueueType::Classic, |h| async move {
