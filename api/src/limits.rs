@@ -1,5 +1,5 @@
 //! Velocity limits that span phones: per client network, per calling code, overall, and the
-//! per-calling-code fraud guard (docs/api.md#request-limits).
+//! per-country fraud guard (docs/api.md#request-limits).
 //!
 //! Each limit is a sliding-window counter in one Redis hash: the count of the current fixed
 //! window and of the one before, the older one weighted by how much of it still overlaps the
@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use redis::RedisResult;
-use shared::fraud_guard::FraudGuard;
+use shared::fraud_guard::{FraudGuard, GuardZone};
 use shared::redis_connection::RedisConnection;
 use shared::redis_script::Script;
 
@@ -186,31 +186,30 @@ impl Limits {
 }
 
 /// Reports guard trips: `otp_fraud_guard_trips_total{country}` for every code sent to (or
-/// refused for) a tripped calling code, and a warning at most once a minute per calling code,
-/// so an attack does not flood the log.
+/// refused for) a tripped country, and a warning at most once a minute per country, so an attack
+/// does not flood the log.
 #[derive(Default)]
 pub struct FraudAlarm {
-    last_warned: std::sync::Mutex<std::collections::HashMap<u16, std::time::Instant>>,
+    last_warned: std::sync::Mutex<std::collections::HashMap<GuardZone, std::time::Instant>>,
 }
 
 impl FraudAlarm {
-    pub fn tripped(&self, calling_code: u16, refused: bool) {
-        // A calling code from libphonenumber: a bounded set, never a client's free text.
-        metrics::counter!(m::FRAUD_GUARD_TRIPS, "country" => calling_code.to_string()).increment(1);
+    pub fn tripped(&self, zone: GuardZone, refused: bool) {
+        metrics::counter!(m::FRAUD_GUARD_TRIPS, "country" => zone.to_string()).increment(1);
         let now = std::time::Instant::now();
         let mut last = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
         if last
-            .get(&calling_code)
+            .get(&zone)
             .is_some_and(|at| now.duration_since(*at) < MINUTE)
         {
             return;
         }
-        last.insert(calling_code, now);
+        last.insert(zone, now);
         drop(last);
         tracing::warn!(
-            country = calling_code,
+            country = %zone,
             refused,
-            "SMS fraud guard tripped: codes to this calling code are mostly not being verified"
+            "SMS fraud guard tripped: codes to this country are mostly not being verified"
         );
     }
 }

@@ -8,7 +8,7 @@ pub const HTTP_DURATION: &str = "http_request_duration_seconds";
 pub const OTP_REQUESTS: &str = "otp_requests_total";
 /// Counter, label `outcome`: `accepted`, `invalid`, `burned`, `rate_limited`.
 pub const OTP_VERIFICATIONS: &str = "otp_verifications_total";
-/// Counter, label `country` (calling code).
+/// Counter, label `country`: ISO region (`JM`), or the calling code of a number of none (`+881`).
 pub const FRAUD_GUARD_TRIPS: &str = "otp_fraud_guard_trips_total";
 /// Counter, label `outcome`: `rotated`, `invalid`, `reused`, `rate_limited`, `daily_cap`,
 /// `over_daily_cap`, `out_of_time`, `commit_unanswered`.
@@ -72,7 +72,7 @@ pub fn describe() {
     );
     describe_counter!(
         FRAUD_GUARD_TRIPS,
-        "Codes sent (monitor) or refused (enforce) while a calling code's fraud guard is tripped."
+        "Codes sent (monitor) or refused (enforce) while a country's fraud guard is tripped."
     );
     describe_counter!(
         TOKEN_REFRESHES,

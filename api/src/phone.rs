@@ -3,6 +3,7 @@
 use phonenumber::Type;
 use phonenumber::country::Id;
 use shared::PhoneNumber;
+use shared::fraud_guard::GuardZone;
 
 use crate::config::PhonePolicy;
 use crate::error::ApiError;
@@ -37,8 +38,10 @@ pub const NUMBER_TYPES: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Destination {
     pub phone: PhoneNumber,
-    /// The country calling code (`1`, `44`, `881`…).
+    /// The country calling code (`1`, `44`, `881`…): `OTP_PER_COUNTRY_PER_HOUR`'s key.
     pub calling_code: u16,
+    /// The country (or, for a number of none, the calling code): the fraud guard's key.
+    pub guard_zone: GuardZone,
 }
 
 /// Parses `input` (E.164, or national format when `DEFAULT_REGION` is set), checks it is a valid
@@ -56,9 +59,12 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiEr
         && policy.test_code(&phone).is_some()
         && let Some(calling_code) = phone.calling_code()
     {
+        // A test number need not be a valid one (+1 555…): placed if it can be.
+        let guard_zone = GuardZone::of(&phone).unwrap_or(GuardZone::CallingCode(calling_code));
         return Ok(Destination {
             phone,
             calling_code,
+            guard_zone,
         });
     }
     let region = if input.starts_with('+') {
@@ -91,6 +97,7 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiEr
     Ok(Destination {
         phone,
         calling_code,
+        guard_zone: GuardZone::new(country, calling_code),
     })
 }
 

@@ -1,7 +1,7 @@
-//! The per-calling-code fraud guard (docs/api.md#request-limits): codes sent and codes verified
-//! per calling code, in a sliding window in one Redis hash. SMS pumping sends codes to numbers
-//! nobody verifies, so while a calling code's unverified codes exceed both a floor and a ratio of
-//! its verified ones, it is tripped: counted and logged (`monitor`), or refused (`enforce`).
+//! The per-country fraud guard (docs/api.md#request-limits): codes sent and codes verified per
+//! country, in a sliding window in one Redis hash. SMS pumping sends codes to numbers nobody
+//! verifies, so while a country's unverified codes exceed both a floor and a ratio of its verified
+//! ones, it is tripped: counted and logged (`monitor`), or refused (`enforce`).
 //!
 //! Both programs use it: the api counts each code it sends and each one verified; the worker asks
 //! it, counting nothing, before the resend a delivery receipt earns (a second paid SMS a complicit
@@ -14,10 +14,11 @@ use std::time::Duration;
 use redis::RedisResult;
 
 use crate::config::{ConfigError, Env};
+use crate::phone::PhoneNumber;
 use crate::redis_connection::RedisConnection;
 use crate::redis_script::Script;
 
-/// The fraud guard of one calling code: sent (`s`, `ps`) and verified (`v`, `pv`) codes in a
+/// The fraud guard of one country: sent (`s`, `ps`) and verified (`v`, `pv`) codes in a
 /// sliding window. ARGV: operation (`send`, `unsend`, `verified`, or `peek`: what `send` would
 /// answer, writing nothing), window in ms, mode (0 off, 1 monitor, 2 enforce), floor of
 /// unverified codes, ratio.
@@ -61,11 +62,11 @@ pub enum FraudGuardMode {
     Off,
     /// Counts and warns, refuses nothing.
     Monitor,
-    /// Refuses codes to a calling code while its guard is tripped.
+    /// Refuses codes to a country while its guard is tripped.
     Enforce,
 }
 
-/// The per-calling-code conversion guard: codes sent against codes verified.
+/// The per-country conversion guard: codes sent against codes verified.
 #[derive(Debug, Clone)]
 pub struct FraudGuardPolicy {
     pub mode: FraudGuardMode,
@@ -134,14 +135,55 @@ impl std::fmt::Display for FraudGuardPolicy {
 }
 
 /// How often the api notes its guard settings in Redis. A worker with other settings (left in
-/// `monitor` beside an api in `enforce`, say) would resend, and pay for, codes to a calling code
-/// the api refuses; each worker compares its own with the note, and says when they differ
+/// `monitor` beside an api in `enforce`, say) would resend, and pay for, codes to a country the
+/// api refuses; each worker compares its own with the note, and says when they differ
 /// (`sms_fraud_guard_settings_differ`).
 pub const SETTINGS_ANNOUNCED_EVERY: Duration = Duration::from_secs(60);
 /// How long a note lasts: a few announcements, so that it outlives a slow Redis but not the apis.
 pub const SETTINGS_LAST: Duration = Duration::from_secs(300);
 
-/// What the guard said about one more code to a calling code.
+/// Where the guard counts a number's codes: the country libphonenumber places the number in
+/// (its ISO 3166 region), or, for a number of no country (+881, +882…) or one it cannot place,
+/// the calling code.
+///
+/// Not the calling code alone: +1 is shared by the United States, Canada and 23 Caribbean and
+/// Pacific regions, whose premium routes are a favourite of SMS pumping (as +7 is shared by
+/// Russia and Kazakhstan, +44 by the UK and its Crown Dependencies). Counted under one calling
+/// code, a country's genuine sign-ins would hide a pumped neighbour from the guard, and a tripped
+/// neighbour would hold the country's genuine sign-ins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuardZone {
+    Country(phonenumber::country::Id),
+    CallingCode(u16),
+}
+
+impl GuardZone {
+    /// The zone of a number libphonenumber has parsed and placed in `country` (`None`: no
+    /// country), for the api, which has done both already.
+    pub fn new(country: Option<phonenumber::country::Id>, calling_code: u16) -> Self {
+        country.map_or(Self::CallingCode(calling_code), Self::Country)
+    }
+
+    /// The zone of `phone`, parsed here: what [`GuardZone::new`] gives for the same number. For
+    /// the worker, which has only the number; `None` for a number that is not one.
+    pub fn of(phone: &PhoneNumber) -> Option<Self> {
+        let number = phonenumber::parse(None, phone.as_str()).ok()?;
+        Some(Self::new(number.country().id(), number.code().value()))
+    }
+}
+
+/// `JM`, or `+882` for a calling code: a bounded set (libphonenumber's), never a client's free
+/// text, so fit for a metric's label.
+impl std::fmt::Display for GuardZone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Country(id) => f.write_str(id.as_ref()),
+            Self::CallingCode(code) => write!(f, "+{code}"),
+        }
+    }
+}
+
+/// What the guard said about one more code to a country.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardVerdict {
     Clear,
@@ -168,30 +210,30 @@ impl FraudGuard {
         }
     }
 
-    /// The key of `calling_code`'s guard: a hash slot of its own on a Redis Cluster.
-    fn key(&self, calling_code: u16) -> String {
-        format!("{}:limit:cc:{{{calling_code}}}:guard", self.namespace)
+    /// The key of `zone`'s guard: a hash slot of its own on a Redis Cluster.
+    fn key(&self, zone: GuardZone) -> String {
+        format!("{}:limit:guard:{{{zone}}}", self.namespace)
     }
 
-    /// Counts a code to `calling_code`, unless the guard refuses it.
+    /// Counts a code to `zone`, unless the guard refuses it.
     pub async fn send(
         &self,
         conn: RedisConnection,
         policy: &FraudGuardPolicy,
-        calling_code: u16,
+        zone: GuardZone,
     ) -> RedisResult<GuardVerdict> {
-        let reply = self.run(conn, policy, calling_code, "send").await?;
+        let reply = self.run(conn, policy, zone, "send").await?;
         Ok(verdict(&reply))
     }
 
-    /// What [`Self::send`] would answer for `calling_code` now, counting nothing.
+    /// What [`Self::send`] would answer for `zone` now, counting nothing.
     pub async fn peek(
         &self,
         conn: RedisConnection,
         policy: &FraudGuardPolicy,
-        calling_code: u16,
+        zone: GuardZone,
     ) -> RedisResult<GuardVerdict> {
-        let reply = self.run(conn, policy, calling_code, "peek").await?;
+        let reply = self.run(conn, policy, zone, "peek").await?;
         Ok(verdict(&reply))
     }
 
@@ -247,30 +289,26 @@ impl FraudGuard {
         &self,
         conn: RedisConnection,
         policy: &FraudGuardPolicy,
-        calling_code: u16,
+        zone: GuardZone,
     ) -> RedisResult<()> {
-        self.run(conn, policy, calling_code, "unsend")
-            .await
-            .map(drop)
+        self.run(conn, policy, zone, "unsend").await.map(drop)
     }
 
-    /// Counts a verified code for `calling_code`.
+    /// Counts a verified code for `zone`.
     pub async fn verified(
         &self,
         conn: RedisConnection,
         policy: &FraudGuardPolicy,
-        calling_code: u16,
+        zone: GuardZone,
     ) -> RedisResult<()> {
-        self.run(conn, policy, calling_code, "verified")
-            .await
-            .map(drop)
+        self.run(conn, policy, zone, "verified").await.map(drop)
     }
 
     async fn run(
         &self,
         mut conn: RedisConnection,
         policy: &FraudGuardPolicy,
-        calling_code: u16,
+        zone: GuardZone,
         op: &str,
     ) -> RedisResult<Vec<i64>> {
         let mode = match policy.mode {
@@ -279,7 +317,7 @@ impl FraudGuard {
             FraudGuardMode::Enforce => 2,
         };
         self.script
-            .key(self.key(calling_code))
+            .key(self.key(zone))
             .arg(op)
             .arg(u64::try_from(policy.window.as_millis()).unwrap_or(u64::MAX))
             .arg(mode)
@@ -305,8 +343,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_calling_code_is_a_hash_slot_of_its_own() {
-        assert_eq!(FraudGuard::new("ns").key(44), "ns:limit:cc:{44}:guard");
+    fn each_zone_is_a_hash_slot_of_its_own() {
+        let guard = FraudGuard::new("ns");
+        let zone = |phone: &str| GuardZone::of(&PhoneNumber::parse(phone).unwrap()).unwrap();
+        assert_eq!(guard.key(zone("+447400123456")), "ns:limit:guard:{GB}");
+        assert_eq!(guard.key(zone("+881612345678")), "ns:limit:guard:{+881}");
+    }
+
+    #[test]
+    fn countries_sharing_a_calling_code_are_zones_of_their_own() {
+        let zone = |phone: &str| {
+            GuardZone::of(&PhoneNumber::parse(phone).unwrap())
+                .unwrap()
+                .to_string()
+        };
+        // +1: the United States, Canada, Jamaica, the Dominican Republic, Guam.
+        assert_eq!(zone("+14155550123"), "US");
+        assert_eq!(zone("+16137827274"), "CA");
+        assert_eq!(zone("+18762101234"), "JM");
+        assert_eq!(zone("+18092345678"), "DO");
+        assert_eq!(zone("+16713001234"), "GU");
+        // +7 and +44.
+        assert_eq!(zone("+79123456789"), "RU");
+        assert_eq!(zone("+77012345678"), "KZ");
+        assert_eq!(zone("+447400123456"), "GB");
+        assert_eq!(zone("+447781123456"), "GG");
+        assert_eq!(zone("+447624123456"), "IM");
+        // No country: satellite and international networks keep their calling code.
+        assert_eq!(zone("+881612345678"), "+881");
+        assert_eq!(zone("+882345678901"), "+882");
     }
 
     #[test]

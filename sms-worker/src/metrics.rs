@@ -54,9 +54,9 @@ pub const RESENDS: &str = "sms_resends_total";
 /// Counter of carrier-side failures not resent, label `reason` (`expired`, `code_not_current`,
 /// `no_other_provider`, `already_resent`, `fraud_guard`, `unavailable`).
 pub const RESENDS_SKIPPED: &str = "sms_resends_skipped_total";
-/// Counter of resends asked for while the calling code's fraud guard was tripped, labels
-/// `country` (the calling code) and `refused` (`true` in `enforce`, where no resend is made;
-/// `false` in `monitor`, where it is made all the same).
+/// Counter of resends asked for while the country's fraud guard was tripped, labels
+/// `country` (ISO region, or the calling code of a number of none, `+881`) and `refused` (`true`
+/// in `enforce`, where no resend is made; `false` in `monitor`, where it is made all the same).
 pub const RESEND_FRAUD_GUARD_TRIPS: &str = "sms_resend_fraud_guard_trips_total";
 /// Gauge: 1 while the fraud-guard settings the api noted in Redis are not this worker's
 /// (`OTP_FRAUD_GUARD*`), else 0 (read every minute by a worker with receipts on).
@@ -194,7 +194,7 @@ pub fn describe() {
     );
     describe_counter!(
         RESEND_FRAUD_GUARD_TRIPS,
-        "Resends asked for while the calling code's fraud guard was tripped: refused (enforce) or made (monitor)."
+        "Resends asked for while the country's fraud guard was tripped: refused (enforce) or made (monitor)."
     );
     describe_counter!(
         CALLBACKS_REJECTED,

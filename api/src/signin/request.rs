@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use futures_util::future::join_all;
-use shared::fraud_guard::{FraudGuardMode, GuardVerdict};
+use shared::fraud_guard::{FraudGuardMode, GuardVerdict, GuardZone};
 use shared::{OtpRequested, PhoneNumber};
 use tokio::sync::Semaphore;
 
@@ -190,7 +190,7 @@ enum Slot {
 struct Slots {
     phone: PhoneNumber,
     event_id: uuid::Uuid,
-    calling_code: u16,
+    guard_zone: GuardZone,
     taken: Vec<Slot>,
 }
 
@@ -234,12 +234,11 @@ impl Slots {
             if !guard_on {
                 return None;
             }
-            let calling_code = destination.calling_code;
             Some(
                 state
                     .limits
                     .guard()
-                    .send(state.redis(), &config.fraud_guard, calling_code)
+                    .send(state.redis(), &config.fraud_guard, destination.guard_zone)
                     .await,
             )
         };
@@ -249,7 +248,7 @@ impl Slots {
         let mut slots = Self {
             phone: destination.phone.clone(),
             event_id: new_code.event_id,
-            calling_code: destination.calling_code,
+            guard_zone: destination.guard_zone,
             taken: Vec::new(),
         };
         let Ok((phone, counted, guard)) = all.await else {
@@ -295,11 +294,11 @@ impl Slots {
             None => {}
             Some(Ok(GuardVerdict::Clear)) => slots.taken.push(Slot::Guard),
             Some(Ok(GuardVerdict::Tripped)) => {
-                state.fraud_alarm.tripped(destination.calling_code, false);
+                state.fraud_alarm.tripped(destination.guard_zone, false);
                 slots.taken.push(Slot::Guard);
             }
             Some(Ok(GuardVerdict::Refused { retry_after })) => {
-                state.fraud_alarm.tripped(destination.calling_code, true);
+                state.fraud_alarm.tripped(destination.guard_zone, true);
                 refusal.get_or_insert((Limit::FraudGuard, retry_after));
             }
             Some(Err(e)) => {
@@ -357,7 +356,7 @@ impl Slots {
                     state
                         .limits
                         .guard()
-                        .unsend(state.redis(), &config.fraud_guard, self.calling_code)
+                        .unsend(state.redis(), &config.fraud_guard, self.guard_zone)
                         .await
                 }
             }

@@ -130,7 +130,7 @@ async fn check_then_sign_in(
             metrics::counter!(m::OTP_VERIFICATIONS, "outcome" => "accepted").increment(1);
             tracing::info!(user_id = %session.user.id, new_user = session.new_user, "signed in");
             // Bookkeeping the user need not wait for.
-            let calling_code = guess.destination.calling_code;
+            let guard_zone = guess.destination.guard_zone;
             let state = state.clone();
             let bookkeeping = async move {
                 // Both at once: they leave in one write to Redis.
@@ -139,7 +139,7 @@ async fn check_then_sign_in(
                         && let Err(e) = state
                             .limits
                             .guard()
-                            .verified(state.redis(), &state.config.fraud_guard, calling_code)
+                            .verified(state.redis(), &state.config.fraud_guard, guard_zone)
                             .await
                     {
                         tracing::debug!(error = %e, "could not count a verified code in the fraud guard");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use redis::{RedisResult, Value};
 use serde::{Deserialize, Serialize};
 use shared::PhoneNumber;
-use shared::fraud_guard::{FraudGuard, FraudGuardPolicy, GuardVerdict};
+use shared::fraud_guard::{FraudGuard, FraudGuardPolicy, GuardVerdict, GuardZone};
 use shared::redis_connection::RedisConnection;
 use shared::redis_script::Script;
 use uuid::Uuid;
@@ -234,15 +234,15 @@ impl ReceiptStore {
             .await
     }
 
-    /// What the fraud guard the api counts its codes in says of one more to `calling_code`,
-    /// counting nothing.
+    /// What the fraud guard the api counts its codes in says of one more to `zone`, counting
+    /// nothing.
     pub async fn peek_fraud_guard(
         &self,
         policy: &FraudGuardPolicy,
-        calling_code: u16,
+        zone: GuardZone,
     ) -> RedisResult<GuardVerdict> {
         self.fraud_guard
-            .peek(self.redis.clone(), policy, calling_code)
+            .peek(self.redis.clone(), policy, zone)
             .await
     }
 }

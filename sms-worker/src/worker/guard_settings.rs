@@ -1,6 +1,6 @@
 //! Whether this worker's fraud-guard settings are the api's. The worker asks the guard before a
 //! resend, with its own `OTP_FRAUD_GUARD*` settings: a worker left in `monitor` (its default)
-//! beside an api in `enforce` resends, and pays for, codes to a calling code the api refuses.
+//! beside an api in `enforce` resends, and pays for, codes to a country the api refuses.
 //! Every api notes its settings in Redis every minute (`shared::fraud_guard`); each worker with
 //! receipts on compares those of the last minutes with its own as often, and says when any
 //! differ: the gauge `sms_fraud_guard_settings_differ` (the `FraudGuardSettingsDiffer` alert) and

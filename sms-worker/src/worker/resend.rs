@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use redis::RedisResult;
 use shared::PhoneNumber;
-use shared::fraud_guard::{FraudGuardMode, GuardVerdict};
+use shared::fraud_guard::{FraudGuardMode, GuardVerdict, GuardZone};
 use tracing::{info, warn};
 
 use super::budget::MIN_MILLIS_LEFT;
@@ -299,7 +299,7 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
             return skipped("unavailable", "Redis did not answer", Settled::RedisAway);
         }
     }
-    let refused = refused_by_the_fraud_guard(context, store, *calling_code, &phone, too_late);
+    let refused = refused_by_the_fraud_guard(context, store, &phone, too_late);
     if let Some(refused) = refused.await {
         return skipped("fraud_guard", refused, Settled::Yes);
     }
@@ -365,7 +365,7 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
     }
 }
 
-/// Says why not to resend if the calling code's fraud guard is tripped, in `enforce`: a resend
+/// Says why not to resend if the country's fraud guard is tripped, in `enforce`: a resend
 /// is a second paid SMS, and a carrier in on SMS pumping, reporting its numbers' codes
 /// undelivered, would earn one for each pumped code. The guard is asked, not counted in (see
 /// `shared::fraud_guard`). Asked after the claim, so that a refusal spends it, as a skip for good
@@ -375,7 +375,6 @@ async fn resend(context: &Context, receipt: &Receipt, recorded: &Recorded) -> Re
 async fn refused_by_the_fraud_guard(
     context: &Context,
     store: &ReceiptStore,
-    calling_code: Option<u16>,
     phone: &PhoneNumber,
     too_late: impl Fn() -> bool,
 ) -> Option<&'static str> {
@@ -383,8 +382,22 @@ async fn refused_by_the_fraud_guard(
     if policy.mode == FraudGuardMode::Off {
         return None;
     }
-    let calling_code = calling_code.or_else(|| phone.calling_code())?;
-    let verdict = with_a_few_tries(too_late, || store.peek_fraud_guard(policy, calling_code));
+    // Placing a number walks the numbering plans of every country sharing its calling code
+    // (compiling their patterns, the first time metadata for it is loaded too): milliseconds,
+    // off the threads that answer receipts. Resends are few; the api places each number anyway.
+    let placed = tokio::task::spawn_blocking({
+        let phone = phone.clone();
+        move || GuardZone::of(&phone)
+    });
+    let zone = match placed.await {
+        Ok(Some(zone)) => zone,
+        Ok(None) => GuardZone::CallingCode(phone.calling_code()?),
+        Err(e) => {
+            warn!(error = %e, "could not place the number for the fraud guard; resending");
+            return None;
+        }
+    };
+    let verdict = with_a_few_tries(too_late, || store.peek_fraud_guard(policy, zone));
     let refused = match verdict.await {
         Ok(GuardVerdict::Clear) => return None,
         Ok(GuardVerdict::Tripped) => false,
@@ -394,18 +407,15 @@ async fn refused_by_the_fraud_guard(
             return None;
         }
     };
-    // A calling code from libphonenumber: a bounded set, never a carrier's free text.
-    metrics::counter!(m::RESEND_FRAUD_GUARD_TRIPS, "country" => calling_code.to_string(), "refused" => refused.to_string())
+    metrics::counter!(m::RESEND_FRAUD_GUARD_TRIPS, "country" => zone.to_string(), "refused" => refused.to_string())
         .increment(1);
     if refused {
-        return Some(
-            "the fraud guard holds this calling code: its codes are mostly not being used",
-        );
+        return Some("the fraud guard holds this country: its codes are mostly not being used");
     }
-    // As often as the resends themselves: the api warns once a minute per calling code.
+    // As often as the resends themselves: the api warns once a minute per country.
     info!(
-        country = calling_code,
-        "resending to a calling code whose fraud guard is tripped (monitor mode)"
+        country = %zone,
+        "resending to a country whose fraud guard is tripped (monitor mode)"
     );
     None
 }

@@ -1,5 +1,5 @@
-//! Send limits that span numbers: per calling code, overall, and the fraud guard; a refused
-//! request counts toward nothing.
+//! Send limits that span numbers: per calling code, overall, and the per-country fraud guard; a
+//! refused request counts toward nothing.
 
 use std::time::Duration;
 
@@ -10,10 +10,16 @@ use uuid::Uuid;
 use crate::helpers::{Reply, Spawn, TestApp, captured_logs, metric_value, spawn_with};
 
 const UK_MOBILES: [&str; 3] = ["+447911123456", "+447911123457", "+447911123458"];
-const US_TRIPS: &str = r#"otp_fraud_guard_trips_total{country="1"}"#;
+const US_TRIPS: &str = r#"otp_fraud_guard_trips_total{country="US"}"#;
+const JM_TRIPS: &str = r#"otp_fraud_guard_trips_total{country="JM"}"#;
 
 fn us_phone(i: usize) -> String {
     format!("+1415555{:04}", 300 + i)
+}
+
+/// Jamaica shares +1 with the United States.
+fn jamaican_mobile(i: usize) -> String {
+    format!("+1876210{:04}", 100 + i)
 }
 
 /// A 429 naming its limit. The per-network, per-country and overall limits are sliding-window
@@ -94,8 +100,29 @@ fn fraud_guard(mode: &str) -> Spawn {
         .var("OTP_FRAUD_GUARD_WINDOW_SECS", 604_800)
 }
 
+/// Waits until `country`'s guard has counted `count` verified codes: a verified code is counted
+/// just after the sign-in answers.
+async fn verified_codes_counted(app: &TestApp, country: &str, count: u32) {
+    let key = format!("{}:limit:guard:{{{country}}}", app.namespace);
+    let redis = app.redis().await;
+    let what = format!("{count} verified codes counted for {country}");
+    eventually(Duration::from_secs(5), &what, || {
+        let (key, mut redis) = (key.clone(), redis.clone());
+        async move {
+            let verified: Option<u32> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("v")
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            (verified == Some(count)).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
-async fn the_fraud_guard_blocks_a_calling_code_whose_codes_go_unverified() {
+async fn the_fraud_guard_blocks_a_country_whose_codes_go_unverified() {
     let app = spawn_with(fraud_guard("enforce").var("OTP_PER_IP_PER_HOUR", 5)).await;
     // The recorder is shared by the test binary: compare before and after.
     let before = metric_value(&app.metrics().await, US_TRIPS);
@@ -105,7 +132,7 @@ async fn the_fraud_guard_blocks_a_calling_code_whose_codes_go_unverified() {
     let refused = app.request_otp(&us_phone(3)).await;
     assert_limited(&refused, "temporarily blocked", 604_800);
     assert_eq!(keys_of(&app, &us_phone(3)).await, Vec::<String>::new());
-    // Another calling code is not affected, and the refused request gave its place in the
+    // Another country is not affected, and the refused request gave its place in the
     // network's 5 an hour back: two more go through, the third does not.
     accepted(&app, UK_MOBILES[0]).await;
     accepted(&app, UK_MOBILES[1]).await;
@@ -164,22 +191,7 @@ async fn verified_codes_keep_the_fraud_guard_from_tripping() {
     for i in 0..3 {
         app.sign_in(&us_phone(i)).await;
     }
-    // A verified code is counted just after the answer.
-    let key = format!("{}:limit:cc:{{1}}:guard", app.namespace);
-    let redis = app.redis().await;
-    eventually(Duration::from_secs(5), "3 verified codes counted", || {
-        let (key, mut redis) = (key.clone(), redis.clone());
-        async move {
-            let verified: Option<u32> = redis::cmd("HGET")
-                .arg(&key)
-                .arg("v")
-                .query_async(&mut redis)
-                .await
-                .ok()?;
-            (verified == Some(3)).then_some(())
-        }
-    })
-    .await;
+    verified_codes_counted(&app, "US", 3).await;
     // 3 sent, 3 verified: three more unverified codes are still below max(3, 1 × 3).
     for i in 3..6 {
         accepted(&app, &us_phone(i)).await;
@@ -189,4 +201,30 @@ async fn verified_codes_keep_the_fraud_guard_from_tripping() {
         "temporarily blocked",
         604_800,
     );
+}
+
+/// Countries sharing a calling code are guarded apart. Jamaica's numbers, a classic target of SMS
+/// pumping, share +1 with the United States: counted together, the US's verified codes would let
+/// Jamaica's unverified ones through, and a tripped Jamaica would hold the US's sign-ins.
+#[tokio::test]
+async fn countries_sharing_a_calling_code_are_guarded_apart() {
+    let app = spawn_with(fraud_guard("enforce").var("OTP_PER_IP_PER_HOUR", 50)).await;
+    let before = metric_value(&app.metrics().await, JM_TRIPS);
+    for i in 0..4 {
+        app.sign_in(&us_phone(i)).await;
+    }
+    verified_codes_counted(&app, "US", 4).await;
+    // The US's 4 verified codes do not cover Jamaica's unverified ones.
+    for i in 0..3 {
+        accepted(&app, &jamaican_mobile(i)).await;
+    }
+    assert_limited(
+        &app.request_otp(&jamaican_mobile(3)).await,
+        "temporarily blocked",
+        604_800,
+    );
+    // Nor does a tripped Jamaica hold the US.
+    accepted(&app, &us_phone(4)).await;
+    let after = metric_value(&app.metrics().await, JM_TRIPS);
+    assert!(after >= before + 1.0, "{JM_TRIPS}: {before} then {after}");
 }

@@ -522,9 +522,11 @@ pub fn pairs(overrides: &[(String, String)]) -> Vec<(&str, &str)> {
         .collect()
 }
 
-/// A random, valid-looking US number, distinct per call.
+/// A random valid US number (libphonenumber places it in the US: its exchange starts with 2 to
+/// 9), distinct per call.
 pub fn phone() -> String {
-    format!("+1415{:07}", rand::random_range(0..10_000_000u32))
+    let exchange = rand::random_range(200..1_000u32);
+    format!("+1415{exchange}{:04}", rand::random_range(0..10_000u32))
 }
 
 pub struct RunningWorker {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::fraud_guard::{FraudGuard, FraudGuardMode, FraudGuardPolicy, GuardVerdict};
+use shared::fraud_guard::{FraudGuard, FraudGuardMode, FraudGuardPolicy, GuardVerdict, GuardZone};
 use shared::{OtpRequested, PhoneNumber, QueueType};
 use sms_worker::trace::{Line, Timelines, What};
 use tests::fake_sms::{
@@ -516,13 +516,13 @@ async fn an_undelivered_30007_is_resent_once_through_the_second_provider() {
     .await;
 }
 
-/// A resend is a second paid SMS: in `enforce`, a calling code the fraud guard holds tripped gets
+/// A resend is a second paid SMS: in `enforce`, a country the fraud guard holds tripped gets
 /// none, so a carrier in on SMS pumping, reporting its numbers' codes undelivered, earns no second
 /// SMS. The worker asks the guard without counting in it: a resent code that is then used must
 /// not weigh as an unused one. In `monitor` the resend is made, and both are counted
 /// (`sms_resend_fraud_guard_trips_total`), so that what monitoring costs shows.
 #[tokio::test]
-async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_nothing() {
+async fn a_country_the_fraud_guard_holds_gets_no_resend_and_resends_count_nothing() {
     with_harness(QueueType::Classic, |h| async move {
         let guard_settings = [
             ("OTP_FRAUD_GUARD", "enforce"),
@@ -531,8 +531,9 @@ async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_n
         let mut overrides = h.receipts();
         overrides.extend(guard_settings.map(|(n, v)| (n.to_owned(), v.to_owned())));
         let worker = h.start_worker(&pairs(&overrides)).await;
-        // The api's side of the guard: codes sent to +1, counted as the api counts them (in
-        // `monitor`, so that each counts whatever the guard says).
+        // The api's side of the guard: codes sent to the US, counted as the api counts them (in
+        // `monitor`, so that each counts whatever the guard says). The worker places each
+        // number itself: it must find the zone the api counts in.
         let policy = FraudGuardPolicy {
             mode: FraudGuardMode::Monitor,
             ..FraudGuardPolicy::from_env(&shared::Env::from_pairs(guard_settings))
@@ -542,9 +543,11 @@ async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_n
         let config = h.config(&pairs(&overrides));
         let redis =
             || shared::redis_connection::RedisConnection::new(&config.common.redis).expect("Redis");
-        let api_sends = || async { guard.send(redis(), &policy, 1).await.expect("the guard") };
-
         let (first, second) = (phone(), phone());
+        let us = GuardZone::of(&PhoneNumber::parse(&first).expect("E.164")).expect("placed");
+        assert_eq!(us.to_string(), "US");
+        let api_sends = || async { guard.send(redis(), &policy, us).await.expect("the guard") };
+
         h.fake.set_carrier(Carrier {
             delay_ms: 20,
             outcomes: vec![
@@ -568,7 +571,7 @@ async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_n
         // By difference: the in-process workers of the tests alongside share one recorder
         // (none of them trips a guard).
         let trips = async |worker: &RunningWorker, refused: &str| {
-            let series = format!("country=\"1\",refused=\"{refused}\"}} ");
+            let series = format!("country=\"US\",refused=\"{refused}\"}} ");
             h.metrics(worker)
                 .await
                 .lines()
@@ -587,7 +590,7 @@ async fn a_calling_code_the_fraud_guard_holds_gets_no_resend_and_resends_count_n
         assert_eq!(trips(&worker, "true").await, refused_before + 1);
         worker.stop().await;
 
-        // In `monitor`, a tripped calling code is resent all the same, and the trip counted.
+        // In `monitor`, a tripped country is resent all the same, and the trip counted.
         for (name, value) in &mut overrides {
             if name == "OTP_FRAUD_GUARD" {
                 *value = "monitor".to_owned();
