@@ -320,7 +320,7 @@ impl Infobip {
             if group.eq_ignore_ascii_case("REJECTED") || group.eq_ignore_ascii_case("UNDELIVERABLE")
             {
                 // A duplicate message id: this very event was accepted before (a redelivered copy).
-                if id == Some(23) {
+                if id == Some(crate::receipts::infobip::REJECTED_DUPLICATE_MESSAGE_ID) {
                     return Ok(Accepted {
                         provider: "infobip",
                         message_id: message.message_id,

@@ -45,12 +45,25 @@ pub fn callback_secret(seal: &SealKey) -> String {
         .collect()
 }
 
+/// Infobip's status id of a message id it has taken before, in a send's answer or a report.
+pub(crate) const REJECTED_DUPLICATE_MESSAGE_ID: i64 = 23;
+
 impl Report {
     pub fn receipt(&self) -> Option<Receipt> {
         let message_id = self.message_id.clone()?;
         let status = self.status.as_ref()?;
         let status_id = status.id;
-        let status = match status.group_name.as_deref()?.to_ascii_uppercase().as_str() {
+        let group = status.group_name.as_deref()?.to_ascii_uppercase();
+        if group == "REJECTED" && status_id == Some(REJECTED_DUPLICATE_MESSAGE_ID) {
+            // A later request with this message id, refused as a duplicate (Infobip's
+            // idempotency rejects it as it is processed, and reports that under the same id):
+            // it says nothing of the message sent first. Taken as that message's failure, it
+            // would earn a resend through the next provider (the very second SMS idempotency
+            // is for), count against Infobip's route, and, as a final status, keep the real
+            // outcome from being recorded.
+            return None;
+        }
+        let status = match group.as_str() {
             "PENDING" | "ACCEPTED" => Status::Queued,
             // DELIVERED_TO_OPERATOR (2) is on its way; DELIVERED_TO_HANDSET (5) arrived.
             "DELIVERED" if status_id == Some(2) => Status::Sent,
@@ -124,6 +137,20 @@ mod tests {
             r#"{"results":[{"messageId":"m1","status":{"groupName":"UNDELIVERABLE","id":9},"error":{"id":1}}]}"#,
         );
         assert!(!unknown_subscriber.carrier_side);
+    }
+
+    #[test]
+    fn a_report_of_a_duplicate_request_is_no_receipt() {
+        let reports: Reports = serde_json::from_str(
+            r#"{"results":[{"messageId":"m1","status":{"groupId":5,"groupName":"REJECTED","id":23,"name":"REJECTED_DUPLICATE_MESSAGE_ID"},"error":{"groupId":0,"groupName":"OK","id":0,"name":"NO_ERROR","permanent":false}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(reports.results[0].receipt(), None);
+        // Other refusals are the message's.
+        let refused = report(
+            r#"{"results":[{"messageId":"m1","status":{"groupName":"REJECTED","id":14,"name":"REJECTED_DESTINATION"}}]}"#,
+        );
+        assert_eq!(refused.status, Status::Failed);
     }
 
     #[test]

@@ -317,6 +317,9 @@ fn answer(
         messaging_service_sid: None,
         body: text.to_owned(),
         validity_period: validity_secs.and_then(|s| u32::try_from(s).ok()),
+        callback_url: message["webhooks"]["delivery"]["url"]
+            .as_str()
+            .map(str::to_owned),
         received_at,
     });
     let response = status_answer(&message_id, to, 1, "PENDING", 26, "PENDING_ACCEPTED");

@@ -43,6 +43,10 @@ pub struct RecordedMessage {
     pub messaging_service_sid: Option<String>,
     pub body: String,
     pub validity_period: Option<u32>,
+    /// Where the sender asked for its delivery reports (Twilio's `StatusCallback`, Infobip's
+    /// `webhooks.delivery.url`).
+    #[serde(default)]
+    pub callback_url: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
 }
@@ -291,6 +295,7 @@ mod tests {
             messaging_service_sid: None,
             body: format!("message {n}"),
             validity_period: None,
+            callback_url: None,
             received_at: OffsetDateTime::UNIX_EPOCH,
         };
         records.record(message("+1", 0));

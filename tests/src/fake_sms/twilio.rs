@@ -156,6 +156,7 @@ fn answer(
         messaging_service_sid: form.messaging_service_sid.clone(),
         body: body.clone(),
         validity_period,
+        callback_url: form.status_callback.clone(),
         received_at,
     });
     let date = received_at

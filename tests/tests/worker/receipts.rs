@@ -252,6 +252,57 @@ async fn duplicate_and_out_of_order_receipts_change_nothing() {
     .await;
 }
 
+/// With Infobip's idempotency enabled, a second request with a message id it has taken is
+/// refused as it is processed, and the refusal comes as a delivery report under that same id
+/// (`REJECTED_DUPLICATE_MESSAGE_ID`, status 23). It says nothing of the message sent first: it
+/// must neither fail it (a resend through the next provider, the very second SMS idempotency is
+/// for) nor, as a final status, keep the message's real outcome from being recorded.
+#[tokio::test]
+async fn infobips_report_of_a_duplicate_request_leaves_the_message_alone() {
+    with_harness(QueueType::Classic, |h| async move {
+        let mut overrides = h.receipts();
+        overrides.push(("SMS_PROVIDERS".to_owned(), "infobip,twilio".to_owned()));
+        let _worker = h.start_worker(&pairs(&overrides)).await;
+        // The carrier's own report comes well after the duplicate's.
+        h.fake.set_carrier(Carrier {
+            delay_ms: 1_500,
+            ..Carrier::default()
+        });
+        let to = phone();
+        send_held(&h, &to).await;
+        let sent = eventually(WAIT, "the SMS through Infobip", || async {
+            h.fake.messages(Some(&to)).into_iter().next()
+        })
+        .await;
+        assert_eq!(sent.provider, SmsProvider::Infobip);
+        let url = sent.callback_url.expect("Infobip was given a report URL");
+        let duplicate = serde_json::json!({"results": [{
+            "messageId": sent.sid,
+            "to": to.trim_start_matches('+'),
+            "status": {"groupId": 5, "groupName": "REJECTED", "id": 23, "name": "REJECTED_DUPLICATE_MESSAGE_ID"},
+            "error": {"groupId": 0, "groupName": "OK", "id": 0, "name": "NO_ERROR", "permanent": false},
+        }]});
+        // Once the worker has recorded the message: a report it cannot match yet is asked
+        // about again, which would only delay the same answer.
+        eventually(WAIT, "the worker answers the duplicate's report", || async {
+            let response = h.http.post(&url).json(&duplicate).send().await.ok()?;
+            (response.status() == 204).then_some(())
+        })
+        .await;
+        wait_for_final_callback(&h, &to, SmsProvider::Infobip).await;
+        let receipts = lines_of(&h, &overrides, &to, What::Receipt).await;
+        let statuses: Vec<_> = receipts
+            .iter()
+            .filter_map(|l| l.status.as_deref())
+            .collect();
+        assert_eq!(statuses.last(), Some(&"delivered"), "{receipts:?}");
+        assert!(!statuses.contains(&"failed"), "{receipts:?}");
+        assert_eq!(lines_of(&h, &overrides, &to, What::Resent).await, []);
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1, "no second SMS");
+    })
+    .await;
+}
+
 /// Sends an SMS, held, to a new number, which Twilio's carrier drops (30007) at once, with
 /// `slow` answering each send `latency_ms` late; returns the number.
 async fn dropped_by_twilio(h: &Harness, slow: SmsProvider, latency_ms: u64) -> String {
