@@ -478,6 +478,7 @@ mod tests {
             panic!("infobip second");
         };
         assert!(matches!(keyed.auth, InfobipAuth::ApiKey(_)));
+        assert!(!keyed.idempotent, "only where the operator says so");
         assert_eq!(config.breaker.failures, 5);
     }
 
@@ -501,6 +502,7 @@ mod tests {
                 ("INFOBIP_API_KEY", "k"),
             ),
             ("PROVIDER_BREAKER_FAILURES", "0", ("INFOBIP_API_KEY", "k")),
+            ("INFOBIP_IDEMPOTENT", "maybe", ("INFOBIP_API_KEY", "k")),
         ] {
             let err = infobip(&[(name, value), extra]).unwrap_err();
             assert_eq!(err.name, name, "{err}");

@@ -54,6 +54,9 @@ pub struct InfobipConfig {
     pub base_url: String,
     pub sender: String,
     pub auth: InfobipAuth,
+    /// `INFOBIP_IDEMPOTENT`: the operator says Infobip's idempotency is enabled for the account,
+    /// so a repeat of a `messageId` it has taken sends nothing (docs/messaging.md).
+    pub idempotent: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -311,6 +314,7 @@ impl InfobipConfig {
             base_url,
             sender,
             auth,
+            idempotent: env.boolean("INFOBIP_IDEMPOTENT", false)?,
         })
     }
 }

@@ -201,11 +201,19 @@ pub struct Provider {
     name: &'static str,
     client: Client,
     pub breaker: Breaker,
+    /// A repeat of a message id it has taken sends nothing (`INFOBIP_IDEMPOTENT`).
+    ignores_repeats: bool,
 }
 
 impl Provider {
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// Whether sending this event again, under the same message id, sends nothing more when
+    /// the provider took it already: what makes a retry after an unanswered call safe.
+    pub fn ignores_repeats(&self) -> bool {
+        self.ignores_repeats
     }
 
     /// Whether this "provider" only writes SMS to the log (development).
@@ -288,6 +296,7 @@ impl Providers {
                     .increment(0);
                 Ok(Provider {
                     name: provider.name(),
+                    ignores_repeats: matches!(provider, ProviderConfig::Infobip(i) if i.idempotent),
                     client,
                     breaker: Breaker::new(
                         provider.name(),

@@ -13,7 +13,9 @@
 //!   gets exactly one more attempt, on the next provider where there is one, and never the
 //!   retry loop; if that ends without a clear "accepted", whatever it met, or never comes (a
 //!   breaker still open when the budget ends, a stop, a claim Redis can no longer renew), the
-//!   event ends as sent-unconfirmed. So does a call cut short by the end of a stop's grace
+//!   event ends as sent-unconfirmed. A provider that ignores repeats of a message id
+//!   (`INFOBIP_IDEMPOTENT`) is instead asked again, in the retry loop, and the event stays with
+//!   it: another provider could send a second SMS, a repeat to it cannot. So does a call cut short by the end of a stop's grace
 //!   period (see `delivery::send_until_the_grace_ends`). It is never dead-lettered or handed to
 //!   another worker: either could lead to a second SMS.
 
@@ -45,6 +47,9 @@ pub(super) struct Tried<'a> {
     attempts: u32,
     /// Providers that cannot send this event (they refused it, or were ambiguous about it).
     excluded: Vec<&'static str>,
+    /// The provider that left a call unanswered and ignores repeats: every later attempt is
+    /// its, since a repeat to it sends nothing more and another provider could.
+    stays_with: Option<&'static str>,
     /// `name:status:code` per call, for the dead letter.
     calls: Vec<String>,
     /// Calls a provider has not answered; owned by the delivery, which reads it while the send
@@ -96,6 +101,7 @@ impl<'a> Tried<'a> {
         Self {
             attempts: 0,
             excluded: Vec::new(),
+            stays_with: None,
             calls: Vec::new(),
             unanswered,
             calling: None,
@@ -125,6 +131,22 @@ impl<'a> Tried<'a> {
     /// A call went out without an answer.
     fn ambiguous(&self) -> bool {
         self.unanswered.earlier()
+    }
+
+    /// Whether `provider` may not take the next attempt: it refused the event, or another
+    /// provider holds it (see [`Tried::stays_with`]).
+    fn rules_out(&self, provider: &str) -> bool {
+        self.excluded.contains(&provider) || self.stays_with.is_some_and(|p| p != provider)
+    }
+
+    /// Whether, after an unanswered call, `provider`'s `failure` still leaves it to try again:
+    /// the event stays with it, and nothing in the answer says the first call was refused.
+    fn may_repeat(&self, provider: &str, failure: Failure) -> bool {
+        self.stays_with == Some(provider)
+            && matches!(
+                failure,
+                Failure::Ambiguous | Failure::Retryable | Failure::NoTimeLeft | Failure::Withheld
+            )
     }
 
     /// Dead-letters the event: its retry budget ran out.
@@ -300,7 +322,7 @@ pub(super) async fn send_through_providers(
             error = %error,
             "send failed"
         );
-        if after_an_unanswered_call {
+        if after_an_unanswered_call && !tried.may_repeat(provider.name(), error.kind) {
             // The one attempt after an ambiguous one is the last, whatever it met. Even a
             // refusal naming the recipient proves little about the first call (it says nothing of
             // what the first provider did), and a dead letter would record `dead` over an SMS
@@ -334,6 +356,17 @@ pub(super) async fn send_through_providers(
                 tried.excluded.push(provider.name());
             }
             Failure::NoTimeLeft => {
+                if let Err(stop) = wait(context, retries, None).await {
+                    lease.stop();
+                    return Ok(give_up(context, event, journal, stop, tried, claim).await);
+                }
+            }
+            Failure::Ambiguous if provider.ignores_repeats() => {
+                // Asked again under the same message id, after a backoff, within the budget:
+                // it answers for the first call (accepted, or a duplicate of it) or sends this
+                // one, never both.
+                tried.stays_with = Some(provider.name());
+                send_outcome("retried");
                 if let Err(stop) = wait(context, retries, None).await {
                     lease.stop();
                     return Ok(give_up(context, event, journal, stop, tried, claim).await);
@@ -378,7 +411,7 @@ pub(super) async fn send_through_providers(
 /// The first provider, in order, that is not excluded and whose breaker lets this send through.
 async fn choose<'a>(context: &'a Context, tried: &Tried<'_>) -> Option<(&'a Provider, Allowance)> {
     for provider in context.providers.all() {
-        if tried.excluded.contains(&provider.name()) {
+        if tried.rules_out(provider.name()) {
             continue;
         }
         let allowance = provider.breaker.allows().await;
@@ -394,7 +427,7 @@ fn all_excluded(context: &Context, tried: &Tried<'_>) -> bool {
         .providers
         .all()
         .iter()
-        .all(|p| tried.excluded.contains(&p.name()))
+        .all(|p| tried.rules_out(p.name()))
 }
 
 /// Whether a retryable failure says for sure that nothing was sent: no answer because no
@@ -415,7 +448,7 @@ fn has_alternative(context: &Context, tried: &Tried<'_>, current: &str) -> bool 
         .providers
         .all()
         .iter()
-        .any(|p| p.name() != current && !tried.excluded.contains(&p.name()) && !p.breaker.is_open())
+        .any(|p| p.name() != current && !tried.rules_out(p.name()) && !p.breaker.is_open())
 }
 
 /// Why waiting for the next attempt ended the event instead.

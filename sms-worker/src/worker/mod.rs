@@ -161,6 +161,14 @@ impl Worker {
             queue = %context.topology.sms_queue(),
             concurrency = config.concurrency,
             providers = ?context.providers.names(),
+            // Which providers take an unanswered call's repeat (INFOBIP_IDEMPOTENT).
+            repeats_ignored_by = ?context
+                .providers
+                .all()
+                .iter()
+                .filter(|p| p.ignores_repeats())
+                .map(|p| p.name())
+                .collect::<Vec<_>>(),
             callbacks = ?callback_listener.as_ref().and_then(|l| l.local_addr().ok()),
             // Resends ask the api's guard: the two programs' settings should agree.
             fraud_guard = %config.fraud_guard,

@@ -108,6 +108,55 @@ async fn after_an_ambiguous_call_the_next_provider_gets_the_one_more_attempt() {
     .await;
 }
 
+/// With `INFOBIP_IDEMPOTENT` (the account's idempotency enabled), an Infobip call left
+/// unanswered is made again under the same message id, in the retry loop, and the event stays
+/// with Infobip: here the repeat goes unanswered too, and the next is answered as a duplicate of
+/// the message Infobip took (nothing sent twice). The event ends sent, confirmed, without a call
+/// to Twilio, which could have sent a second SMS.
+#[tokio::test]
+async fn an_idempotent_infobip_is_asked_again_after_an_unanswered_call_and_keeps_the_event() {
+    with_harness(QueueType::Classic, |h| async move {
+        h.fake
+            .set_faults_for(SmsProvider::Infobip, Faults::latency(3_000));
+        let mut overrides = h.failover();
+        overrides.extend(
+            [
+                ("SMS_PROVIDERS", "infobip,twilio"),
+                ("INFOBIP_IDEMPOTENT", "true"),
+                ("SEND_TIMEOUT_SECS", "1"),
+                ("SMS_RETRY_MAX_DELAY_MS", "200"),
+            ]
+            .map(|(n, v)| (n.to_owned(), v.to_owned())),
+        );
+        let overrides = pairs(&overrides);
+        let worker = h.start_worker(&overrides).await;
+        let to = phone();
+        let event = h.request_sms(&to).await;
+        // Infobip takes the first call's message, and answers it, and the repeat, too late.
+        eventually(WAIT, "two calls to Infobip", || async {
+            h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len() == 2
+        })
+        .await;
+        h.fake
+            .set_faults_for(SmsProvider::Infobip, Faults::default());
+        assert_eq!(
+            wait_for_the_end(&h, &event).await,
+            shared::send_ledger::SENT
+        );
+        worker.stop().await;
+        assert_eq!(h.fake.requests_via(SmsProvider::Twilio, Some(&to)).len(), 0);
+        assert_eq!(
+            h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len(),
+            3
+        );
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1, "one SMS");
+        let trace = h.trace(&to, &overrides).await;
+        assert!(trace.contains("ended: sent"), "{trace}");
+        assert!(!trace.contains("sent_unconfirmed"), "confirmed: {trace}");
+    })
+    .await;
+}
+
 /// Waits until the ledger says how `event` ended, `sent` or `dead`, and says which.
 async fn wait_for_the_end(h: &Harness, event: &OtpRequested) -> String {
     eventually(WAIT, "the event to end", || async {
