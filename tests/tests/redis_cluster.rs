@@ -1,8 +1,8 @@
 //! The whole stack on a Redis Cluster (`REDIS_URL=redis+cluster://…`): api and sms-worker as
 //! programs, a throwaway three-master cluster, and a sign-in through them. Every script keeps
 //! its keys in one hash slot, so nothing answers CROSSSLOT: the code, its limits (per phone,
-//! per client network, per calling code, the fraud guard), the worker's ledger, the number's
-//! timeline and Infobip's shared OAuth token all land on the cluster.
+//! per client network, per calling code, the fraud guard per country), the worker's ledger,
+//! the number's timeline and Infobip's shared OAuth token all land on the cluster.
 //!
 //! Skipped with a message where `redis-server` is not installed, unless `CI` is set.
 
@@ -90,7 +90,14 @@ async fn signs_in_with_redis_cluster() {
 
     // Everything lives on the cluster, namespaced: limits, the ledger, the timelines.
     let keys = cluster.keys(&format!("{}:*", stack.namespace));
-    for part in [":limit:ip:", ":limit:cc:", ":sms:", ":trace:", ":token"] {
+    for part in [
+        ":limit:ip:",
+        ":limit:cc:",
+        ":limit:guard:",
+        ":sms:",
+        ":trace:",
+        ":token",
+    ] {
         assert!(
             keys.iter().any(|k| k.contains(part)),
             "no {part} key in {keys:?}"
