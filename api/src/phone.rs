@@ -303,4 +303,42 @@ mod tests {
             );
         }
     }
+
+    /// The worker places a number in its fraud guard's zone from the E.164 alone, before a
+    /// resend; the api from what it parsed. They must name the same zone, or the worker asks a
+    /// guard the api never counts in.
+    #[test]
+    fn the_worker_places_each_number_in_the_zone_the_api_counts_it_in() {
+        let jamaica = PhonePolicy {
+            default_region: Some(Id::JM),
+            ..any_type()
+        };
+        let italy = PhonePolicy {
+            default_region: Some(Id::IT),
+            ..any_type()
+        };
+        for (input, policy, zone) in [
+            ("+14155550100", &any_type(), "US"),
+            ("+16135550123", &any_type(), "CA"),
+            ("+18762101234", &any_type(), "JM"),
+            ("876 210 1234", &jamaica, "JM"),
+            ("+447781123456", &any_type(), "GG"),
+            ("+447911123456", &any_type(), "GG"),
+            ("+442079460958", &any_type(), "GB"),
+            ("+77012345678", &any_type(), "KZ"),
+            ("+390612345678", &any_type(), "+39"),
+            ("06 1234 5678", &italy, "+39"),
+            ("+393123456789", &any_type(), "IT"),
+            ("+881631234567", &any_type(), "+881"),
+            ("+870773111632", &any_type(), "+870"),
+        ] {
+            let destination = normalize(input, policy).expect(input);
+            assert_eq!(destination.guard_zone.to_string(), zone, "{input}");
+            assert_eq!(
+                GuardZone::of(&destination.phone),
+                Some(destination.guard_zone),
+                "{input}"
+            );
+        }
+    }
 }

@@ -43,7 +43,8 @@ pub const CUT_AT_STOP: &str = "cut_at_stop";
 /// calling code, e.g. `44`).
 pub const RECEIPTS: &str = "sms_receipts_total";
 /// Counter of receipts that changed nothing, labels `provider` and `reason` (`duplicate`: the
-/// same or an older status again; `unknown`: no message of ours with that id).
+/// same or an older status again; `unknown`: no message of ours with that id;
+/// `duplicate_request`: Infobip's report of a repeated message id it refused, status 23).
 pub const RECEIPTS_IGNORED: &str = "sms_receipts_ignored_total";
 /// Histogram (seconds) from the provider accepting an SMS to its `delivered` receipt, label
 /// `provider`.
@@ -173,7 +174,7 @@ pub fn describe() {
     );
     describe_counter!(
         RECEIPTS_IGNORED,
-        "Receipts that changed nothing: duplicate (a repeat or an older status), unknown (not ours)."
+        "Receipts that changed nothing: duplicate (a repeat or an older status), unknown (not ours), duplicate_request (Infobip refused a repeated message id)."
     );
     describe_histogram!(
         DELIVERY_SECONDS,

@@ -49,12 +49,19 @@ pub fn callback_secret(seal: &SealKey) -> String {
 pub(crate) const REJECTED_DUPLICATE_MESSAGE_ID: i64 = 23;
 
 impl Report {
+    /// Whether this reports a repeat of the message id refused as a duplicate (status 23, in
+    /// whichever group), not the message itself.
+    pub fn is_duplicate_request(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| s.id == Some(REJECTED_DUPLICATE_MESSAGE_ID))
+    }
+
     pub fn receipt(&self) -> Option<Receipt> {
         let message_id = self.message_id.clone()?;
         let status = self.status.as_ref()?;
         let status_id = status.id;
-        let group = status.group_name.as_deref()?.to_ascii_uppercase();
-        if group == "REJECTED" && status_id == Some(REJECTED_DUPLICATE_MESSAGE_ID) {
+        if self.is_duplicate_request() {
             // A later request with this message id, refused as a duplicate (Infobip's
             // idempotency rejects it as it is processed, and reports that under the same id):
             // it says nothing of the message sent first. Taken as that message's failure, it
@@ -63,7 +70,7 @@ impl Report {
             // outcome from being recorded.
             return None;
         }
-        let status = match group.as_str() {
+        let status = match status.group_name.as_deref()?.to_ascii_uppercase().as_str() {
             "PENDING" | "ACCEPTED" => Status::Queued,
             // DELIVERED_TO_OPERATOR (2) is on its way; DELIVERED_TO_HANDSET (5) arrived.
             "DELIVERED" if status_id == Some(2) => Status::Sent,
@@ -145,6 +152,13 @@ mod tests {
             r#"{"results":[{"messageId":"m1","status":{"groupId":5,"groupName":"REJECTED","id":23,"name":"REJECTED_DUPLICATE_MESSAGE_ID"},"error":{"groupId":0,"groupName":"OK","id":0,"name":"NO_ERROR","permanent":false}}]}"#,
         )
         .unwrap();
+        assert_eq!(reports.results[0].receipt(), None);
+        // By its id, in whichever group it comes.
+        let reports: Reports = serde_json::from_str(
+            r#"{"results":[{"messageId":"m1","status":{"groupName":"UNDELIVERABLE","id":23}}]}"#,
+        )
+        .unwrap();
+        assert!(reports.results[0].is_duplicate_request());
         assert_eq!(reports.results[0].receipt(), None);
         // Other refusals are the message's.
         let refused = report(

@@ -221,6 +221,16 @@ async fn infobip_callback(
             "The body is not Infobip delivery reports.",
         );
     };
+    let repeats_refused = reports
+        .results
+        .iter()
+        .filter(|r| r.is_duplicate_request())
+        .count();
+    if repeats_refused > 0 {
+        // The proof that Infobip's idempotency is on (INFOBIP_IDEMPOTENT counts on it).
+        metrics::counter!(m::RECEIPTS_IGNORED, "provider" => "infobip", "reason" => "duplicate_request")
+            .increment(u64::try_from(repeats_refused).unwrap_or(u64::MAX));
+    }
     let receipts = reports
         .results
         .iter()

@@ -13,11 +13,14 @@
 //!   gets exactly one more attempt, on the next provider where there is one, and never the
 //!   retry loop; if that ends without a clear "accepted", whatever it met, or never comes (a
 //!   breaker still open when the budget ends, a stop, a claim Redis can no longer renew), the
-//!   event ends as sent-unconfirmed. A provider that ignores repeats of a message id
-//!   (`INFOBIP_IDEMPOTENT`) is instead asked again, in the retry loop, and the event stays with
-//!   it: another provider could send a second SMS, a repeat to it cannot. So does a call cut short by the end of a stop's grace
+//!   event ends as sent-unconfirmed. So does a call cut short by the end of a stop's grace
 //!   period (see `delivery::send_until_the_grace_ends`). It is never dead-lettered or handed to
 //!   another worker: either could lead to a second SMS.
+//!
+//!   A provider that ignores repeats of a message id (`INFOBIP_IDEMPOTENT`) is asked again
+//!   instead, up to [`REPEATS_AFTER_UNANSWERED`] times, with backoff, and the event stays with
+//!   it: another provider could send a second SMS, a repeat to it cannot. Its breaker open ends
+//!   the event sent-unconfirmed at once, rather than hold a worker's slot for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -41,6 +44,12 @@ use crate::provider::{Failure, Provider, SendError, Sms};
 use crate::shutdown::ShuttingDown;
 use crate::trace::Journal;
 
+/// How many more calls a provider that ignores repeats gets after one it left unanswered: a few,
+/// since each may wait out the whole send timeout while the worker's slot is held, and should the
+/// provider not ignore repeats after all (its idempotency not enabled, or its window shorter than
+/// the retries), each one is a paid SMS.
+const REPEATS_AFTER_UNANSWERED: u32 = 2;
+
 /// What this event has been through so far, across the claims its delivery took.
 pub(super) struct Tried<'a> {
     /// Provider calls made.
@@ -50,6 +59,8 @@ pub(super) struct Tried<'a> {
     /// The provider that left a call unanswered and ignores repeats: every later attempt is
     /// its, since a repeat to it sends nothing more and another provider could.
     stays_with: Option<&'static str>,
+    /// Calls made to that provider since.
+    repeats: u32,
     /// `name:status:code` per call, for the dead letter.
     calls: Vec<String>,
     /// Calls a provider has not answered; owned by the delivery, which reads it while the send
@@ -102,6 +113,7 @@ impl<'a> Tried<'a> {
             attempts: 0,
             excluded: Vec::new(),
             stays_with: None,
+            repeats: 0,
             calls: Vec::new(),
             unanswered,
             calling: None,
@@ -143,6 +155,7 @@ impl<'a> Tried<'a> {
     /// the event stays with it, and nothing in the answer says the first call was refused.
     fn may_repeat(&self, provider: &str, failure: Failure) -> bool {
         self.stays_with == Some(provider)
+            && self.repeats < REPEATS_AFTER_UNANSWERED
             && matches!(
                 failure,
                 Failure::Ambiguous | Failure::Retryable | Failure::NoTimeLeft | Failure::Withheld
@@ -238,6 +251,12 @@ pub(super) async fn send_through_providers(
             return claim_in_doubt(journal, lease, tried);
         }
         let Some((provider, allowance)) = choose(context, tried).await else {
+            if tried.stays_with.is_some() {
+                // The provider that holds the event takes no calls now (its breaker is open):
+                // waiting for it would hold this worker's slot, and the first call may have
+                // gone out.
+                return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
+            }
             if all_excluded(context, tried) {
                 if tried.ambiguous() {
                     return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
@@ -270,6 +289,9 @@ pub(super) async fn send_through_providers(
         }
 
         tried.attempts += 1;
+        if tried.stays_with.is_some() {
+            tried.repeats += 1;
+        }
         let after_an_unanswered_call = tried.ambiguous();
         let sms = Sms {
             to: &event.phone_number,
@@ -362,9 +384,9 @@ pub(super) async fn send_through_providers(
                 }
             }
             Failure::Ambiguous if provider.ignores_repeats() => {
-                // Asked again under the same message id, after a backoff, within the budget:
-                // it answers for the first call (accepted, or a duplicate of it) or sends this
-                // one, never both.
+                // Asked again under the same message id, after a backoff, within the budget: a
+                // message it took already is not sent again (the repeat is answered as a
+                // duplicate, or accepted and refused as one in a delivery report).
                 tried.stays_with = Some(provider.name());
                 send_outcome("retried");
                 if let Err(stop) = wait(context, retries, None).await {

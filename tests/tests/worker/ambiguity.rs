@@ -108,6 +108,50 @@ async fn after_an_ambiguous_call_the_next_provider_gets_the_one_more_attempt() {
     .await;
 }
 
+/// Settings for `infobip,twilio` with `INFOBIP_IDEMPOTENT`, a 1 s send timeout and `extra`;
+/// Infobip answers every call 3 s late until the test says otherwise.
+fn slow_idempotent_infobip(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    h.fake
+        .set_faults_for(SmsProvider::Infobip, Faults::latency(3_000));
+    let mut overrides = h.failover();
+    let idempotent = [
+        ("SMS_PROVIDERS", "infobip,twilio"),
+        ("INFOBIP_IDEMPOTENT", "true"),
+        ("SEND_TIMEOUT_SECS", "1"),
+    ];
+    overrides.extend(
+        idempotent
+            .iter()
+            .chain(extra)
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+    );
+    overrides
+}
+
+/// Sends one SMS with [`slow_idempotent_infobip`] and `extra`, and waits for its event to end,
+/// as sent (after an unanswered call, never dead-lettered); its number and the settings.
+async fn one_unanswered_send(
+    h: &Harness,
+    extra: &[(&str, &str)],
+) -> (String, Vec<(String, String)>) {
+    let overrides = slow_idempotent_infobip(h, extra);
+    let worker = h.start_worker(&pairs(&overrides)).await;
+    let to = phone();
+    let event = h.request_sms(&to).await;
+    assert_eq!(wait_for_the_end(h, &event).await, shared::send_ledger::SENT);
+    worker.stop().await;
+    (to, overrides)
+}
+
+/// Infobip got `calls` requests for `to`, and Twilio none (it could have sent a second SMS).
+fn assert_only_infobip_called(h: &Harness, to: &str, calls: usize) {
+    assert_eq!(
+        h.fake.requests_via(SmsProvider::Infobip, Some(to)).len(),
+        calls
+    );
+    assert_eq!(h.fake.requests_via(SmsProvider::Twilio, Some(to)).len(), 0);
+}
+
 /// With `INFOBIP_IDEMPOTENT` (the account's idempotency enabled), an Infobip call left
 /// unanswered is made again under the same message id, in the retry loop, and the event stays
 /// with Infobip: here the repeat goes unanswered too, and the next is answered as a duplicate of
@@ -116,18 +160,7 @@ async fn after_an_ambiguous_call_the_next_provider_gets_the_one_more_attempt() {
 #[tokio::test]
 async fn an_idempotent_infobip_is_asked_again_after_an_unanswered_call_and_keeps_the_event() {
     with_harness(QueueType::Classic, |h| async move {
-        h.fake
-            .set_faults_for(SmsProvider::Infobip, Faults::latency(3_000));
-        let mut overrides = h.failover();
-        overrides.extend(
-            [
-                ("SMS_PROVIDERS", "infobip,twilio"),
-                ("INFOBIP_IDEMPOTENT", "true"),
-                ("SEND_TIMEOUT_SECS", "1"),
-                ("SMS_RETRY_MAX_DELAY_MS", "200"),
-            ]
-            .map(|(n, v)| (n.to_owned(), v.to_owned())),
-        );
+        let overrides = slow_idempotent_infobip(&h, &[("SMS_RETRY_MAX_DELAY_MS", "200")]);
         let overrides = pairs(&overrides);
         let worker = h.start_worker(&overrides).await;
         let to = phone();
@@ -144,15 +177,54 @@ async fn an_idempotent_infobip_is_asked_again_after_an_unanswered_call_and_keeps
             shared::send_ledger::SENT
         );
         worker.stop().await;
-        assert_eq!(h.fake.requests_via(SmsProvider::Twilio, Some(&to)).len(), 0);
-        assert_eq!(
-            h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len(),
-            3
-        );
+        assert_only_infobip_called(&h, &to, 3);
         assert_eq!(h.fake.messages(Some(&to)).len(), 1, "one SMS");
         let trace = h.trace(&to, &overrides).await;
         assert!(trace.contains("ended: sent"), "{trace}");
         assert!(!trace.contains("sent_unconfirmed"), "confirmed: {trace}");
+    })
+    .await;
+}
+
+/// An idempotent Infobip that answers nothing in time gets two repeats, no more: each holds the
+/// worker's slot for a whole send timeout, and should its idempotency not be on after all, each
+/// would be one more paid SMS. The event then ends sent-unconfirmed, still without Twilio.
+#[tokio::test]
+async fn an_idempotent_infobip_that_never_answers_gets_two_repeats_then_the_event_ends() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (to, overrides) = one_unanswered_send(
+            &h,
+            &[
+                ("SMS_RETRY_MAX_DELAY_MS", "200"),
+                ("RETRY_MAX_ELAPSED_SECS", "20"),
+            ],
+        )
+        .await;
+        assert_only_infobip_called(&h, &to, 3);
+        let trace = h.trace(&to, &pairs(&overrides)).await;
+        assert!(trace.contains("ended: sent_unconfirmed"), "{trace}");
+    })
+    .await;
+}
+
+/// An idempotent Infobip whose breaker the unanswered call opened takes no repeat: the event
+/// ends sent-unconfirmed at once (its first call may have gone out), rather than hold the
+/// worker's slot until the breaker or the minute-long budget ends.
+#[tokio::test]
+async fn an_idempotent_infobip_whose_breaker_opened_ends_the_event_at_once() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (to, _) = one_unanswered_send(
+            &h,
+            &[
+                ("PROVIDER_BREAKER_FAILURES", "1"),
+                ("PROVIDER_BREAKER_COOLDOWN_SECS", "120"),
+                // Far past the wait for the end: only an event that does not wait for the
+                // breaker ends within it.
+                ("RETRY_MAX_ELAPSED_SECS", "110"),
+            ],
+        )
+        .await;
+        assert_only_infobip_called(&h, &to, 1);
     })
     .await;
 }

@@ -262,12 +262,23 @@ async fn infobips_report_of_a_duplicate_request_leaves_the_message_alone() {
     with_harness(QueueType::Classic, |h| async move {
         let mut overrides = h.receipts();
         overrides.push(("SMS_PROVIDERS".to_owned(), "infobip,twilio".to_owned()));
-        let _worker = h.start_worker(&pairs(&overrides)).await;
+        let worker = h.start_worker(&pairs(&overrides)).await;
         // The carrier's own report comes well after the duplicate's.
         h.fake.set_carrier(Carrier {
-            delay_ms: 1_500,
+            delay_ms: 3_000,
             ..Carrier::default()
         });
+        // By difference: the in-process workers of the tests alongside share one recorder.
+        let refused_repeats = async || {
+            let series =
+                r#"sms_receipts_ignored_total{provider="infobip",reason="duplicate_request"} "#;
+            h.metrics(&worker)
+                .await
+                .lines()
+                .find_map(|line| line.strip_prefix(series))
+                .map_or(0, |n| n.trim().parse::<u64>().expect("a count"))
+        };
+        let before = refused_repeats().await;
         let to = phone();
         send_held(&h, &to).await;
         let sent = eventually(WAIT, "the SMS through Infobip", || async {
@@ -299,6 +310,7 @@ async fn infobips_report_of_a_duplicate_request_leaves_the_message_alone() {
         assert!(!statuses.contains(&"failed"), "{receipts:?}");
         assert_eq!(lines_of(&h, &overrides, &to, What::Resent).await, []);
         assert_eq!(h.fake.messages(Some(&to)).len(), 1, "no second SMS");
+        assert_eq!(refused_repeats().await, before + 1, "counted");
     })
     .await;
 }
