@@ -85,7 +85,7 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
             );
             async {
                 let mut journal = Journal::new(&event);
-                let outcome = send_until_the_grace_ends(&context, &event, &mut journal).await;
+                let outcome = send_until_the_grace_ends(&context, acks, &event, &mut journal).await;
                 let ended = ending(&outcome);
                 settle(&context, acks, &delivery, Some(&event), outcome).await;
                 if let Some((how, detail)) = ended {
@@ -115,6 +115,7 @@ async fn handle(context: Arc<Context>, acks: &Acks, delivery: Delivery) {
 /// wait for it to lapse, and the message goes back to the queue when the channel closes.
 async fn send_until_the_grace_ends(
     context: &Context,
+    acks: &Acks,
     event: &OtpRequested,
     journal: &mut Journal,
 ) -> Outcome {
@@ -125,7 +126,7 @@ async fn send_until_the_grace_ends(
     // fetching a token before it): only such a call is cut by the stop.
     let under_way;
     {
-        let sending = send_otp(context, event, &token, &mut tried, journal);
+        let sending = send_otp(context, acks, event, &token, &mut tried, journal);
         tokio::pin!(sending);
         tokio::select! {
             biased;

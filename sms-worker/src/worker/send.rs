@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use super::acks::Acks;
 use super::budget::{Budget, MIN_MILLIS_LEFT, Retries};
 use super::context::Context;
 use super::failover::{ClaimInDoubt, Tried, send_through_providers};
@@ -28,9 +29,10 @@ const CLAIM_AGAIN_AFTER: Duration = Duration::from_secs(1);
 /// Sends the event's SMS, retrying what can be retried, and says how the delivery ends. Every
 /// claim it takes is `token`'s: a claim it could not release (Redis away) is its own to take
 /// again, and the caller's to release if this is cut short. What it went through is kept in
-/// `tried`. Recording the SMS and acknowledging are the caller's job.
+/// `tried`. Recording the SMS and acknowledging (on the channel of `acks`) are the caller's job.
 pub(super) async fn send_otp(
     context: &Context,
+    acks: &Acks,
     event: &OtpRequested,
     token: &ClaimToken,
     tried: &mut Tried<'_>,
@@ -57,7 +59,15 @@ pub(super) async fn send_otp(
     loop {
         // The claim comes first, in one round trip that also says whether the event was handled
         // already: a copy of a handled event is acknowledged whatever its age.
-        let claiming = claim(context, event.event_id, token, started, tried, &mut retries);
+        let claiming = claim(
+            context,
+            acks,
+            event.event_id,
+            token,
+            started,
+            tried,
+            &mut retries,
+        );
         let claimed_at = match claiming.await {
             Ok(claimed_at) => claimed_at,
             Err(outcome) => return outcome,
@@ -111,9 +121,13 @@ pub(super) async fn send_otp(
 }
 
 /// Takes the event's claim, so that no other copy sends it at the same time. A copy that finds
-/// the claim held waits for the holder to finish.
+/// the claim held waits for the holder to finish, unless its own delivery is taken back meanwhile
+/// (its channel closed, `acks`): the broker hands that copy out again, and the new one waits
+/// instead. This one would poll Redis until the holder finished, up to minutes, for an
+/// acknowledgement it can no longer send.
 async fn claim(
     context: &Context,
+    acks: &Acks,
     event_id: Uuid,
     token: &ClaimToken,
     started: Instant,
@@ -142,6 +156,12 @@ async fn claim(
                 if started.elapsed() > wait_limit {
                     warn!("the other copy never finished; returning this one to the queue");
                     return Err(Outcome::Requeue);
+                }
+                if !acks.channel_connected() {
+                    info!(
+                        "this copy's channel closed while it waited for another copy; the broker hands it out again, and that delivery waits instead"
+                    );
+                    return Err(Outcome::LeaveToRedeliver);
                 }
                 if let Err(ShuttingDown) = context.shutdown.sleep(CLAIM_POLL).await {
                     return Err(Outcome::LeaveToRedeliver);

@@ -11,7 +11,7 @@ use tests::proxy::TcpProxy;
 use tests::servers::servers;
 use tests::wait::eventually;
 
-use crate::harness::{CODE_VALIDITY, Harness, event, phone, with_harness};
+use crate::harness::{CODE_VALIDITY, Harness, WAIT, event, phone, with_harness};
 
 #[tokio::test]
 async fn keeps_running_through_a_rabbitmq_outage() {
@@ -390,6 +390,79 @@ async fn a_stopping_worker_hands_a_dead_letter_waiting_for_room_back_to_the_queu
         )
         .await;
         broker.unblock();
+    })
+    .await;
+}
+
+/// A copy of an event that waits for another copy's claim stops waiting when its connection
+/// breaks: the broker takes the delivery back and hands it out again, and that delivery waits
+/// instead. Before, the stale copy polled Redis every 100 ms until the holder finished, up to
+/// minutes, for an acknowledgement it could no longer send.
+#[tokio::test]
+async fn a_copy_waiting_for_another_stops_when_its_connection_breaks() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (broker, amqp_url) = TcpProxy::in_front_of(&servers().rabbitmq).await;
+        // A process: its log is its own.
+        let mut worker = h.start_worker_process(&[("AMQP_URL", &amqp_url)]).await;
+        let to = phone();
+        let event = event(&to, CODE_VALIDITY);
+        // Another copy holds the event's claim, and keeps it for the whole test.
+        let claim = shared::send_ledger::key(&h.ns, event.event_id);
+        let held = format!("{}another-copy", shared::send_ledger::SENDING_PREFIX);
+        let set = |value: &str| {
+            redis::cmd("SET")
+                .arg(&claim)
+                .arg(value)
+                .arg("PX")
+                .arg(60_000)
+                .to_owned()
+        };
+        let () = set(&held)
+            .query_async(&mut h.redis().await)
+            .await
+            .expect("SET");
+        h.publish(&event).await;
+        let waiting = |copies: usize| {
+            let worker = &worker;
+            move || async move {
+                worker
+                    .logs()
+                    .matches("another copy of this event is being sent; waiting")
+                    .count()
+                    == copies
+            }
+        };
+        eventually(WAIT, "the copy to wait", waiting(1)).await;
+
+        broker.cut_connections();
+        eventually(
+            WAIT,
+            "the copy handed out again to wait in turn",
+            waiting(2),
+        )
+        .await;
+        eventually(WAIT, "the first copy to stop waiting", || async {
+            worker
+                .logs()
+                .contains("this copy's channel closed while it waited for another copy")
+        })
+        .await;
+
+        // The holder finishes: the waiting copy is acknowledged, and nothing was sent.
+        let () = set(shared::send_ledger::SENT)
+            .query_async(&mut h.redis().await)
+            .await
+            .expect("SET");
+        eventually(
+            WAIT,
+            "the copy to be acknowledged as a duplicate",
+            || async { worker.logs().contains("this event was already handled") },
+        )
+        .await;
+        worker.terminate();
+        worker.wait(WAIT).await;
+        assert_eq!(h.queued().await, 0, "{}", worker.logs());
+        assert_eq!(h.fake.requests(Some(&to)).len(), 0);
     })
     .await;
 }
