@@ -143,8 +143,8 @@ pub const SETTINGS_ANNOUNCED_EVERY: Duration = Duration::from_secs(60);
 pub const SETTINGS_LAST: Duration = Duration::from_secs(300);
 
 /// Where the guard counts a number's codes: the country libphonenumber places the number in
-/// (its ISO 3166 region), or, for a number of no country (+881, +882…) or one it cannot place,
-/// the calling code.
+/// (its ISO 3166 region; for one it cannot place, the main country of its calling code), or,
+/// for a number of no country (+881, +882…), the calling code.
 ///
 /// Not the calling code alone: +1 is shared by the United States, Canada and 23 Caribbean and
 /// Pacific regions, whose premium routes are a favourite of SMS pumping (as +7 is shared by
@@ -159,9 +159,14 @@ pub enum GuardZone {
 
 impl GuardZone {
     /// The zone of a number libphonenumber has parsed and placed in `country` (`None`: no
-    /// country), for the api, which has done both already.
+    /// country), for the api, which has done both already. A number of a country's calling code
+    /// that the `phonenumber` crate places in none (it drops the leading zero of Italian fixed
+    /// lines, +39 06…) counts in that code's main country: a zone of its own would give a
+    /// pump one more floor to stay under.
     pub fn new(country: Option<phonenumber::country::Id>, calling_code: u16) -> Self {
-        country.map_or(Self::CallingCode(calling_code), Self::Country)
+        country
+            .or_else(|| main_country(calling_code))
+            .map_or(Self::CallingCode(calling_code), Self::Country)
     }
 
     /// The zone of `phone`, parsed here: what [`GuardZone::new`] gives for the same number. For
@@ -170,6 +175,13 @@ impl GuardZone {
         let number = phonenumber::parse(None, phone.as_str()).ok()?;
         Some(Self::new(number.country().id(), number.code().value()))
     }
+}
+
+/// The main country of `calling_code` (Italy for +39, the United States for +1); `None` for the
+/// codes of no country (+881, +882…), which libphonenumber lists under the region `001`.
+fn main_country(calling_code: u16) -> Option<phonenumber::country::Id> {
+    let regions = phonenumber::metadata::DATABASE.region(&calling_code)?;
+    regions.first()?.parse().ok()
 }
 
 /// `JM`, or `+882` for a calling code: a bounded set (libphonenumber's), never a client's free

@@ -226,11 +226,6 @@ async fn infobip_callback(
         .iter()
         .filter(|r| r.is_duplicate_request())
         .count();
-    if repeats_refused > 0 {
-        // The proof that Infobip's idempotency is on (INFOBIP_IDEMPOTENT counts on it).
-        metrics::counter!(m::RECEIPTS_IGNORED, "provider" => "infobip", "reason" => "duplicate_request")
-            .increment(u64::try_from(repeats_refused).unwrap_or(u64::MAX));
-    }
     let receipts = reports
         .results
         .iter()
@@ -238,7 +233,14 @@ async fn infobip_callback(
         .collect();
     // One failed report fails the batch, so Infobip sends it again; the ones applied already
     // are no-ops then.
-    applied(callbacks.apply("infobip", receipts).await)
+    let outcome = callbacks.apply("infobip", receipts).await;
+    if repeats_refused > 0 && matches!(outcome, Ok(Ok(()))) {
+        // Once the batch is taken (a batch refused comes again): a sign that Infobip's
+        // idempotency is on, which INFOBIP_IDEMPOTENT counts on.
+        metrics::counter!(m::RECEIPTS_IGNORED, "provider" => "infobip", "reason" => "duplicate_request")
+            .increment(u64::try_from(repeats_refused).unwrap_or(u64::MAX));
+    }
+    applied(outcome)
 }
 
 impl Callbacks {

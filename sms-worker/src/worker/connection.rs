@@ -147,6 +147,10 @@ impl BrokerConnection {
         // Named after the namespace, so an operator (or a test) can tell the connections apart.
         let name = format!("sms-worker {}", config.common.namespace);
         let properties = ConnectionProperties::default().with_connection_name(name.clone().into());
+        // Without lapin's automatic recovery: a broken connection is replaced by a new one, whose
+        // channel starts its delivery tags afresh. Acks and the tasks' check that their channel
+        // still holds their delivery (`Acks::channel_connected`) count on a channel that, once
+        // closed, stays closed.
         let (connection, node) = config.common.amqp.connect(first_node, properties).await?;
         let channel = connection.create_channel().await?;
         // Prefetch = concurrency: the broker never hands this process more than it works on, so

@@ -19,8 +19,9 @@
 //!
 //!   A provider that ignores repeats of a message id (`INFOBIP_IDEMPOTENT`) is asked again
 //!   instead, up to [`REPEATS_AFTER_UNANSWERED`] times, with backoff, and the event stays with
-//!   it: another provider could send a second SMS, a repeat to it cannot. Its breaker open ends
-//!   the event sent-unconfirmed at once, rather than hold a worker's slot for it.
+//!   it: another provider could send a second SMS, a repeat to it cannot. Its breaker open, or
+//!   a `Retry-After` longer than a backoff, ends the event sent-unconfirmed at once, rather
+//!   than hold a worker's slot for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -251,11 +252,19 @@ pub(super) async fn send_through_providers(
             return claim_in_doubt(journal, lease, tried);
         }
         let Some((provider, allowance)) = choose(context, tried).await else {
-            if tried.stays_with.is_some() {
-                // The provider that holds the event takes no calls now (its breaker is open):
-                // waiting for it would hold this worker's slot, and the first call may have
-                // gone out.
-                return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
+            if let Some(holder) = tried.stays_with {
+                // The provider that holds the event takes no call now. Open for longer than a
+                // backoff, or waited for as often as a repeat may be made: waiting on would hold
+                // this worker's slot, and the first call may have gone out. Half-open with its
+                // probe taken elsewhere, or its state unread (Redis): one backoff, counted as
+                // a repeat.
+                let shut = context.providers.all().iter().any(|p| {
+                    p.name() == holder && p.breaker.stays_shut_for(config.retry_max_delay)
+                });
+                if shut || tried.repeats >= REPEATS_AFTER_UNANSWERED {
+                    return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
+                }
+                tried.repeats += 1;
             }
             if all_excluded(context, tried) {
                 if tried.ambiguous() {
@@ -399,6 +408,16 @@ pub(super) async fn send_through_providers(
                 if context.providers.all().len() > 1 {
                     tried.excluded.push(provider.name());
                 }
+            }
+            Failure::Retryable
+                if tried.stays_with.is_some()
+                    && error
+                        .retry_after
+                        .is_some_and(|after| after > config.retry_max_delay) =>
+            {
+                // A provider holding the event that asks for a long wait: waited out, it would
+                // hold this worker's slot, and the first call may have gone out.
+                return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
             }
             Failure::Retryable => {
                 let elsewhere =

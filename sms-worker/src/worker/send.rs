@@ -167,6 +167,12 @@ async fn claim(
                     return Err(Outcome::LeaveToRedeliver);
                 }
             }
+            Err(_) if !acks.channel_connected() => {
+                info!(
+                    "this copy's channel closed while Redis was away; the broker hands it out again"
+                );
+                return Err(leave_to_redeliver(context, event_id, token).await);
+            }
             Err(e) => {
                 warn!(error = %e, "Redis unavailable: cannot tell whether this event was already sent; not sending blindly");
                 let error = format!("Redis unavailable, so the duplicate check could not run: {e}");

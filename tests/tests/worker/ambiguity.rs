@@ -108,6 +108,45 @@ async fn after_an_ambiguous_call_the_next_provider_gets_the_one_more_attempt() {
     .await;
 }
 
+/// An idempotent Infobip that, asked again, wants a minute's wait (`Retry-After`) is not waited
+/// for: the wait would hold the worker's slot, and the first call may have gone out. The event
+/// ends sent-unconfirmed at once, still without Twilio.
+#[tokio::test]
+async fn an_idempotent_infobip_asking_for_a_long_wait_on_a_repeat_ends_the_event_at_once() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = slow_idempotent_infobip(
+            &h,
+            &[
+                ("SMS_RETRY_MAX_DELAY_MS", "200"),
+                // Room for the wait within the budget: only an event that does not wait for it
+                // ends within the wait for the end.
+                ("RETRY_MAX_ELAPSED_SECS", "110"),
+            ],
+        );
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        let to = phone();
+        let event = h.request_sms(&to).await;
+        eventually(WAIT, "the first call to Infobip", || async {
+            h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len() == 1
+        })
+        .await;
+        h.fake.set_faults_for(
+            SmsProvider::Infobip,
+            Faults {
+                responses: [InjectedResponse::status(429).retry_after(60)].into(),
+                ..Faults::default()
+            },
+        );
+        assert_eq!(
+            wait_for_the_end(&h, &event).await,
+            shared::send_ledger::SENT
+        );
+        worker.stop().await;
+        assert_only_infobip_called(&h, &to, 2);
+    })
+    .await;
+}
+
 /// Settings for `infobip,twilio` with `INFOBIP_IDEMPOTENT`, a 1 s send timeout and `extra`;
 /// Infobip answers every call 3 s late until the test says otherwise.
 fn slow_idempotent_infobip(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, String)> {
