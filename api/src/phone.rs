@@ -59,12 +59,12 @@ pub fn normalize(input: &str, policy: &PhonePolicy) -> Result<Destination, ApiEr
         && policy.test_code(&phone).is_some()
         && let Some(calling_code) = phone.calling_code()
     {
-        // A test number need not be a valid one (+1 555…): placed if it can be.
-        let guard_zone = GuardZone::of(&phone).unwrap_or(GuardZone::CallingCode(calling_code));
+        // A test number need not be a valid one (+1 555…), and gets no SMS: counted apart,
+        // under its calling code, so that a synthetic check's codes weigh on no country.
         return Ok(Destination {
             phone,
             calling_code,
-            guard_zone,
+            guard_zone: GuardZone::CallingCode(calling_code),
         });
     }
     let region = if input.starts_with('+') {

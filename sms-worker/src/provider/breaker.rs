@@ -229,16 +229,16 @@ impl Breaker {
         }
     }
 
-    /// Whether the breaker is open (or half-open) in this worker's current view.
-    /// Whether, as this worker last read it, the breaker stays open (no probe either) for
-    /// longer than `horizon`; not while it is half-open, nor when its state is unknown.
-    pub fn stays_shut_for(&self, horizon: Duration) -> bool {
+    /// How long, as this worker last read it, the breaker stays open before it lets a probe
+    /// through; `None` while it is closed or half-open.
+    pub fn shut_for(&self) -> Option<Duration> {
         match self.0.view.lock().unwrap_or_else(|e| e.into_inner()).0 {
-            State::Open { until } => until.saturating_duration_since(Instant::now()) > horizon,
-            State::Closed | State::HalfOpen => false,
+            State::Open { until } => Some(until.saturating_duration_since(Instant::now())),
+            State::Closed | State::HalfOpen => None,
         }
     }
 
+    /// Whether the breaker is open (or half-open) in this worker's current view.
     pub fn is_open(&self) -> bool {
         !matches!(
             self.0.view.lock().unwrap_or_else(|e| e.into_inner()).0,

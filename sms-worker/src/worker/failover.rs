@@ -19,9 +19,10 @@
 //!
 //!   A provider that ignores repeats of a message id (`INFOBIP_IDEMPOTENT`) is asked again
 //!   instead, up to [`REPEATS_AFTER_UNANSWERED`] times, with backoff, and the event stays with
-//!   it: another provider could send a second SMS, a repeat to it cannot. Its breaker open, or
-//!   a `Retry-After` longer than a backoff, ends the event sent-unconfirmed at once, rather
-//!   than hold a worker's slot for it.
+//!   it: another provider could send a second SMS, a repeat to it cannot. Its breaker open for
+//!   longer than a backoff may last (`SMS_RETRY_MAX_DELAY_MS`), or a `Retry-After` that long,
+//!   ends the event sent-unconfirmed at once, rather than hold a worker's slot for it; a
+//!   shorter wait for its breaker takes the place of a repeat.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -60,7 +61,7 @@ pub(super) struct Tried<'a> {
     /// The provider that left a call unanswered and ignores repeats: every later attempt is
     /// its, since a repeat to it sends nothing more and another provider could.
     stays_with: Option<&'static str>,
-    /// Calls made to that provider since.
+    /// Calls made to that provider since, and waits for its breaker.
     repeats: u32,
     /// `name:status:code` per call, for the dead letter.
     calls: Vec<String>,
@@ -252,19 +253,27 @@ pub(super) async fn send_through_providers(
             return claim_in_doubt(journal, lease, tried);
         }
         let Some((provider, allowance)) = choose(context, tried).await else {
+            // With the event pinned, how long the provider that holds it stays shut.
+            let mut reopens_in = None;
             if let Some(holder) = tried.stays_with {
-                // The provider that holds the event takes no call now. Open for longer than a
-                // backoff, or waited for as often as a repeat may be made: waiting on would hold
-                // this worker's slot, and the first call may have gone out. Half-open with its
-                // probe taken elsewhere, or its state unread (Redis): one backoff, counted as
-                // a repeat.
-                let shut = context.providers.all().iter().any(|p| {
-                    p.name() == holder && p.breaker.stays_shut_for(config.retry_max_delay)
-                });
-                if shut || tried.repeats >= REPEATS_AFTER_UNANSWERED {
+                // It takes no call now. Open for longer than a backoff may last, or waited for
+                // as often as a repeat may be made: waiting on would hold this worker's slot,
+                // and the first call may have gone out. Open for less: waited out. Half-open
+                // with its probe taken elsewhere, or its state unread (Redis): one backoff.
+                // Either wait takes the place of a repeat.
+                let shut_for = context
+                    .providers
+                    .all()
+                    .iter()
+                    .find(|p| p.name() == holder)
+                    .and_then(|p| p.breaker.shut_for());
+                if shut_for.is_some_and(|left| left > config.retry_max_delay)
+                    || tried.repeats >= REPEATS_AFTER_UNANSWERED
+                {
                     return Ok(sent_unconfirmed(journal, Unconfirmed::Unanswered));
                 }
                 tried.repeats += 1;
+                reopens_in = shut_for;
             }
             if all_excluded(context, tried) {
                 if tried.ambiguous() {
@@ -278,7 +287,7 @@ pub(super) async fn send_through_providers(
             }
             // Every remaining provider's breaker is open: wait as for a retryable failure.
             debug!("every provider's breaker is open; waiting");
-            match wait(context, retries, None).await {
+            match wait(context, retries, reopens_in).await {
                 Ok(()) => continue,
                 Err(stop) => {
                     lease.stop();

@@ -108,13 +108,36 @@ async fn after_an_ambiguous_call_the_next_provider_gets_the_one_more_attempt() {
     .await;
 }
 
+/// An idempotent Infobip whose breaker the unanswered call opened for a moment (shorter than a
+/// backoff may last) is waited for: the repeat then goes through its probe, and the event ends
+/// sent, confirmed.
+#[tokio::test]
+async fn an_idempotent_infobip_whose_breaker_opened_for_a_moment_is_waited_for() {
+    with_harness(QueueType::Classic, |h| async move {
+        let (to, overrides) = one_unanswered_send(
+            &h,
+            &[
+                ("PROVIDER_BREAKER_FAILURES", "1"),
+                ("PROVIDER_BREAKER_COOLDOWN_SECS", "2"),
+            ],
+            Some((1, Faults::default())),
+        )
+        .await;
+        assert_only_infobip_called(&h, &to, 2);
+        let trace = h.trace(&to, &pairs(&overrides)).await;
+        assert!(trace.contains("ended: sent"), "{trace}");
+        assert!(!trace.contains("sent_unconfirmed"), "confirmed: {trace}");
+    })
+    .await;
+}
+
 /// An idempotent Infobip that, asked again, wants a minute's wait (`Retry-After`) is not waited
 /// for: the wait would hold the worker's slot, and the first call may have gone out. The event
 /// ends sent-unconfirmed at once, still without Twilio.
 #[tokio::test]
 async fn an_idempotent_infobip_asking_for_a_long_wait_on_a_repeat_ends_the_event_at_once() {
     with_harness(QueueType::Classic, |h| async move {
-        let overrides = slow_idempotent_infobip(
+        let (to, _) = one_unanswered_send(
             &h,
             &[
                 ("SMS_RETRY_MAX_DELAY_MS", "200"),
@@ -122,26 +145,15 @@ async fn an_idempotent_infobip_asking_for_a_long_wait_on_a_repeat_ends_the_event
                 // ends within the wait for the end.
                 ("RETRY_MAX_ELAPSED_SECS", "110"),
             ],
-        );
-        let worker = h.start_worker(&pairs(&overrides)).await;
-        let to = phone();
-        let event = h.request_sms(&to).await;
-        eventually(WAIT, "the first call to Infobip", || async {
-            h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len() == 1
-        })
+            Some((
+                1,
+                Faults {
+                    responses: [InjectedResponse::status(429).retry_after(60)].into(),
+                    ..Faults::default()
+                },
+            )),
+        )
         .await;
-        h.fake.set_faults_for(
-            SmsProvider::Infobip,
-            Faults {
-                responses: [InjectedResponse::status(429).retry_after(60)].into(),
-                ..Faults::default()
-            },
-        );
-        assert_eq!(
-            wait_for_the_end(&h, &event).await,
-            shared::send_ledger::SENT
-        );
-        worker.stop().await;
         assert_only_infobip_called(&h, &to, 2);
     })
     .await;
@@ -167,16 +179,25 @@ fn slow_idempotent_infobip(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, 
     overrides
 }
 
-/// Sends one SMS with [`slow_idempotent_infobip`] and `extra`, and waits for its event to end,
+/// Sends one SMS with [`slow_idempotent_infobip`] and `extra`; once Infobip has had `calls`
+/// calls (all answered too late), answers the next ones with `then`. Waits for the event to end,
 /// as sent (after an unanswered call, never dead-lettered); its number and the settings.
 async fn one_unanswered_send(
     h: &Harness,
     extra: &[(&str, &str)],
+    then: Option<(usize, Faults)>,
 ) -> (String, Vec<(String, String)>) {
     let overrides = slow_idempotent_infobip(h, extra);
     let worker = h.start_worker(&pairs(&overrides)).await;
     let to = phone();
     let event = h.request_sms(&to).await;
+    if let Some((calls, faults)) = then {
+        eventually(WAIT, &format!("{calls} calls to Infobip"), || async {
+            h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len() == calls
+        })
+        .await;
+        h.fake.set_faults_for(SmsProvider::Infobip, faults);
+    }
     assert_eq!(wait_for_the_end(h, &event).await, shared::send_ledger::SENT);
     worker.stop().await;
     (to, overrides)
@@ -199,26 +220,16 @@ fn assert_only_infobip_called(h: &Harness, to: &str, calls: usize) {
 #[tokio::test]
 async fn an_idempotent_infobip_is_asked_again_after_an_unanswered_call_and_keeps_the_event() {
     with_harness(QueueType::Classic, |h| async move {
-        let overrides = slow_idempotent_infobip(&h, &[("SMS_RETRY_MAX_DELAY_MS", "200")]);
-        let overrides = pairs(&overrides);
-        let worker = h.start_worker(&overrides).await;
-        let to = phone();
-        let event = h.request_sms(&to).await;
         // Infobip takes the first call's message, and answers it, and the repeat, too late.
-        eventually(WAIT, "two calls to Infobip", || async {
-            h.fake.requests_via(SmsProvider::Infobip, Some(&to)).len() == 2
-        })
+        let (to, overrides) = one_unanswered_send(
+            &h,
+            &[("SMS_RETRY_MAX_DELAY_MS", "200")],
+            Some((2, Faults::default())),
+        )
         .await;
-        h.fake
-            .set_faults_for(SmsProvider::Infobip, Faults::default());
-        assert_eq!(
-            wait_for_the_end(&h, &event).await,
-            shared::send_ledger::SENT
-        );
-        worker.stop().await;
         assert_only_infobip_called(&h, &to, 3);
         assert_eq!(h.fake.messages(Some(&to)).len(), 1, "one SMS");
-        let trace = h.trace(&to, &overrides).await;
+        let trace = h.trace(&to, &pairs(&overrides)).await;
         assert!(trace.contains("ended: sent"), "{trace}");
         assert!(!trace.contains("sent_unconfirmed"), "confirmed: {trace}");
     })
@@ -237,6 +248,7 @@ async fn an_idempotent_infobip_that_never_answers_gets_two_repeats_then_the_even
                 ("SMS_RETRY_MAX_DELAY_MS", "200"),
                 ("RETRY_MAX_ELAPSED_SECS", "20"),
             ],
+            None,
         )
         .await;
         assert_only_infobip_called(&h, &to, 3);
@@ -261,6 +273,7 @@ async fn an_idempotent_infobip_whose_breaker_opened_ends_the_event_at_once() {
                 // breaker ends within it.
                 ("RETRY_MAX_ELAPSED_SECS", "110"),
             ],
+            None,
         )
         .await;
         assert_only_infobip_called(&h, &to, 1);
