@@ -88,13 +88,11 @@ return 1
 ";
 
 /// Checks a guess against the current code. KEYS: current code, the phone's fails, pending code,
-/// used, strays (wrong unbound guesses at the number, code or none, for a code's lifetime).
-/// ARGV: digest, challenge fingerprint ('' when the guess carries none), max attempts, daily fail
-/// cap, '1' to report a pending code first, a code's lifetime (ms). The digest comparison runs over every
+/// used. ARGV: digest, challenge fingerprint ('' when the guess carries none), max attempts,
+/// daily fail cap, '1' to report a pending code first. The digest comparison runs over every
 /// byte without an early exit, so its time does not depend on how much of the guess matched.
 /// Returns {0} wrong/absent, {1, pttl, a, u, challenge, event} right (the code is consumed, and
-/// its event noted as used for PROMOTE), {2} burned, {3} the unbound budget is spent (with no
-/// code: as many wrong unbound guesses were made within a code's lifetime),
+/// its event noted as used for PROMOTE), {2} burned, {3} the unbound budget is spent,
 /// {4, retry_ms} the phone's daily fails are (for an unbound guess, code or no code), {5} the guess carries another code's
 /// `challenge_id` (not checked, not counted), {6, event} a pending code exists and the guess
 /// carries no `challenge_id` or the pending code's (nothing checked or counted, whatever the code
@@ -121,16 +119,8 @@ if not bound then
     return {4, math.max(tonumber(oldest[2]) + day - now, 1)}
   end
 end
+if not s[1] then return {0} end
 local max = tonumber(ARGV[3])
-if not s[1] then
-  -- No code (a guess without one is unbound: a bound one answered {5} above). It is counted all
-  -- the same, and once a code's unbound budget of them is spent it answers as a live code's
-  -- spent budget does: otherwise a stranger's next wrong guess would tell a number signing in
-  -- right now (too_many_attempts) from one that is not (invalid_otp).
-  if tonumber(redis.call('GET', KEYS[5]) or '0') >= max then return {3} end
-  if redis.call('INCR', KEYS[5]) == 1 then redis.call('PEXPIRE', KEYS[5], ARGV[6]) end
-  return {0}
-end
 local a, u = tonumber(s[4]), tonumber(s[5])
 if a >= max then return {2} end
 if not bound and u >= max then return {3} end
@@ -150,10 +140,6 @@ if bound then
   redis.call('HINCRBY', KEYS[1], 'a', 1)
 else
   redis.call('HINCRBY', KEYS[1], 'u', 1)
-  -- Also among the strays, read only once no code is live: after the code is used or expires,
-  -- the stranger's spent budget then ends when it would have with no code at all, and its end
-  -- says nothing of when the code went.
-  if redis.call('INCR', KEYS[5]) == 1 then redis.call('PEXPIRE', KEYS[5], ARGV[6]) end
 end
 -- Unique per guess: this code's event and its count of wrong guesses so far.
 redis.call('ZADD', KEYS[2], now, s[3] .. ':' .. (a + u + 1))
@@ -217,8 +203,6 @@ pub struct CheckedGuess<'a> {
     pub challenge: Option<&'a str>,
     pub max_attempts: u32,
     pub fails_per_phone_per_day: u32,
-    /// `OTP_TTL_SECS`: how long wrong unbound guesses at a number with no code are remembered.
-    pub code_lifetime: Duration,
 }
 
 /// A new code: for whom, its digest, the fingerprint of its `challenge_id` and its event.
@@ -238,8 +222,6 @@ struct PhoneKeys {
     fails: String,
     /// The event of the code last used: lets PROMOTE tell a used code from a lost one.
     used: String,
-    /// Wrong unbound guesses at the number within a code's lifetime, code or none (CHECK).
-    strays: String,
 }
 
 impl PhoneKeys {
@@ -252,7 +234,6 @@ impl PhoneKeys {
             sent: key("sent"),
             fails: key("fails"),
             used: key("used"),
-            strays: key("strays"),
         }
     }
 }
@@ -398,13 +379,11 @@ impl OtpStore {
             .key(&keys.fails)
             .key(&keys.pending)
             .key(&keys.used)
-            .key(&keys.strays)
             .arg(guess.digest.as_str())
             .arg(guess.challenge.unwrap_or(""))
             .arg(guess.max_attempts)
             .arg(guess.fails_per_phone_per_day)
             .arg(if pending_first { "1" } else { "0" })
-            .arg(millis(guess.code_lifetime))
             .invoke_async(&mut conn)
             .await?;
         Ok(match int(&reply, 0) {

@@ -87,7 +87,6 @@ async fn check_then_sign_in(
             challenge: challenge.as_deref(),
             max_attempts: config.otp.max_attempts,
             fails_per_phone_per_day: config.verify_limits.fails_per_phone_per_day,
-            code_lifetime: config.otp.ttl,
         },
     )
     .await;
