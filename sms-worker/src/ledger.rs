@@ -18,7 +18,9 @@
 //!   SMS may go for it.
 //!
 //! A second key, `{ns}:sms:{<event_id>}:resend`, is the one resend a carrier-side delivery
-//! failure may earn (see `worker::resend`): set once, however many receipts arrive.
+//! failure may earn (see `worker::resend`): set once, however many receipts arrive. A third,
+//! `{ns}:sms:{<event_id>}:unanswered`, names a provider that ignores repeats and left a call of
+//! the event unanswered (see [`SendLedger::note_unanswered`]).
 //!
 //! `sent` and `dead` live until the OTP expires plus [`DONE_MARGIN`]. No copy can reach a worker
 //! later than that: the message's `expiration` makes the broker dead-letter it at `expires_at`.
@@ -38,8 +40,9 @@ pub use shared::send_ledger::DONE_MARGIN;
 /// What a claim attempt found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// This worker now holds the claim.
-    Acquired,
+    /// This worker now holds the claim. Taken over from a worker that left a call unanswered
+    /// at a provider that ignores repeats (see [`SendLedger::note_unanswered`]): that provider.
+    Acquired { unanswered_at: Option<String> },
     /// Another worker (or another copy in this one) is sending right now.
     HeldElsewhere,
     /// Already sent or dead-lettered: nothing left to do.
@@ -104,6 +107,8 @@ impl SendLedger {
                 r"local v = redis.call('GET', KEYS[1])
                   if not v then
                     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+                    local unanswered = redis.call('GET', KEYS[2])
+                    if unanswered then return 'acquired:' .. unanswered end
                     return 'acquired'
                   end
                   if v == ARGV[1] then
@@ -150,6 +155,31 @@ impl SendLedger {
         shared::send_ledger::key(&self.namespace, event_id)
     }
 
+    /// `{ns}:sms:{<event_id>}:unanswered`: the provider that ignores repeats and left a call of
+    /// the event unanswered (in the event's hash slot).
+    fn unanswered_key(&self, event_id: Uuid) -> String {
+        format!("{}:unanswered", self.key(event_id))
+    }
+
+    /// Notes that `provider`, which ignores repeats of a message id, left a call of the event
+    /// unanswered, for `keep` (the OTP's life and the records' margin): a copy that takes the
+    /// claim over after this worker died then repeats the call to it too, rather than hand the
+    /// event to the next provider, which could send a second SMS.
+    pub async fn note_unanswered(
+        &self,
+        event_id: Uuid,
+        provider: &str,
+        keep: Duration,
+    ) -> Result<(), RedisError> {
+        redis::cmd("SET")
+            .arg(self.unanswered_key(event_id))
+            .arg(provider)
+            .arg("PX")
+            .arg(millis(keep))
+            .query_async(&mut self.redis.clone())
+            .await
+    }
+
     pub async fn claim(
         &self,
         event_id: Uuid,
@@ -159,14 +189,23 @@ impl SendLedger {
         let value: String = self
             .claim
             .key(self.key(event_id))
+            .key(self.unanswered_key(event_id))
             .arg(&token.0)
             .arg(millis(lease))
             .invoke_async(&mut self.redis.clone())
             .await?;
         Ok(match value.as_str() {
-            "acquired" => Claim::Acquired,
-            // Our own token: a previous attempt of this same task already holds it.
-            v if v == token.0 => Claim::Acquired,
+            "acquired" => Claim::Acquired {
+                unanswered_at: None,
+            },
+            v if v.starts_with("acquired:") => Claim::Acquired {
+                unanswered_at: v.strip_prefix("acquired:").map(str::to_owned),
+            },
+            // Our own token: a previous attempt of this same task already holds it (and knows
+            // what it left unanswered).
+            v if v == token.0 => Claim::Acquired {
+                unanswered_at: None,
+            },
             v => match parse_finished(v) {
                 Some(finished) => Claim::Finished(finished),
                 None => Claim::HeldElsewhere,
@@ -362,7 +401,9 @@ mod tests {
 
         assert_eq!(
             ledger.claim(own, &mine, minute).await.unwrap(),
-            Claim::Acquired
+            Claim::Acquired {
+                unanswered_at: None
+            }
         );
         assert_eq!(dead(own, Some(&mine)).await.unwrap(), None);
         assert_eq!(looked_at(own).await.unwrap(), dead_lettered);
@@ -383,7 +424,9 @@ mod tests {
         let theirs = ClaimToken::generate();
         assert_eq!(
             ledger.claim(taken, &theirs, minute).await.unwrap(),
-            Claim::Acquired
+            Claim::Acquired {
+                unanswered_at: None
+            }
         );
         assert_eq!(
             dead(taken, Some(&mine)).await.unwrap(),
@@ -432,6 +475,50 @@ mod tests {
         for id in [own, unclaimed, sent, taken, withdrawn] {
             let _: i64 = redis::cmd("DEL")
                 .arg(ledger.key(id))
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A claim taken over where a worker noted an unanswered call says at which provider; its
+    /// own holder asking again, or a claim of an event with no note, says nothing.
+    #[tokio::test]
+    async fn a_claim_taken_over_says_where_a_call_went_unanswered() {
+        let ledger = ledger();
+        let minute = Duration::from_secs(60);
+        let (event, quiet) = (Uuid::new_v4(), Uuid::new_v4());
+        let (first, second) = (ClaimToken::generate(), ClaimToken::generate());
+        let plain = Claim::Acquired {
+            unanswered_at: None,
+        };
+        assert_eq!(ledger.claim(event, &first, minute).await.unwrap(), plain);
+        ledger
+            .note_unanswered(event, "infobip", minute)
+            .await
+            .unwrap();
+        assert_eq!(ledger.claim(event, &first, minute).await.unwrap(), plain);
+        // The first worker died: its claim lapsed.
+        let mut redis = test_redis::connection();
+        let _: i64 = redis::cmd("DEL")
+            .arg(ledger.key(event))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(
+            ledger.claim(event, &second, minute).await.unwrap(),
+            Claim::Acquired {
+                unanswered_at: Some("infobip".to_owned())
+            }
+        );
+        assert_eq!(ledger.claim(quiet, &second, minute).await.unwrap(), plain);
+        for key in [
+            ledger.key(event),
+            ledger.unanswered_key(event),
+            ledger.key(quiet),
+        ] {
+            let _: i64 = redis::cmd("DEL")
+                .arg(key)
                 .query_async(&mut redis)
                 .await
                 .unwrap();

@@ -38,7 +38,7 @@ use super::outcome::Outcome;
 use super::sent::SentSms;
 use crate::config::UnrecognisedRefusals;
 use crate::dead_letter::{DeadLetter, ErrorKind};
-use crate::ledger::ClaimToken;
+use crate::ledger::{ClaimToken, DONE_MARGIN};
 use crate::message;
 use crate::metrics::{self as m, send_outcome};
 use crate::provider::breaker::Allowance;
@@ -145,6 +145,34 @@ impl<'a> Tried<'a> {
     /// A call went out without an answer.
     fn ambiguous(&self) -> bool {
         self.unanswered.earlier()
+    }
+
+    /// The claim was taken over from a worker that left a call unanswered at `provider` (the
+    /// ledger noted it): that call is this event's, so the SMS may be on its way. The event
+    /// stays with `provider` where it still ignores repeats; else (its settings changed meanwhile)
+    /// it gets the one more attempt an unanswered call earns, elsewhere.
+    pub(super) fn took_over_unanswered(&mut self, context: &Context, provider: &str) {
+        if self.stays_with.is_some() {
+            return;
+        }
+        warn!(
+            provider,
+            "took over an event whose worker left a call unanswered; the SMS may be on its way"
+        );
+        self.unanswered.call_ended(true);
+        let Some(provider) = context
+            .providers
+            .all()
+            .iter()
+            .find(|p| p.name() == provider)
+        else {
+            return;
+        };
+        if provider.ignores_repeats() {
+            self.stays_with = Some(provider.name());
+        } else if context.providers.all().len() > 1 {
+            self.excluded.push(provider.name());
+        }
     }
 
     /// Whether `provider` may not take the next attempt: it refused the event, or another
@@ -405,6 +433,16 @@ pub(super) async fn send_through_providers(
                 // Asked again under the same message id, after a backoff, within the budget: a
                 // message it took already is not sent again (the repeat is answered as a
                 // duplicate, or accepted and refused as one in a delivery report).
+                if tried.stays_with.is_none() {
+                    let keep = Duration::from_millis(millis_left) + DONE_MARGIN;
+                    let noted =
+                        context
+                            .ledger
+                            .note_unanswered(event.event_id, provider.name(), keep);
+                    if let Err(e) = noted.await {
+                        warn!(error = %e, "could not note the unanswered call in the ledger; a copy that takes this event over may use the next provider");
+                    }
+                }
                 tried.stays_with = Some(provider.name());
                 send_outcome("retried");
                 if let Err(stop) = wait(context, retries, None).await {

@@ -131,7 +131,7 @@ async fn claim(
     event_id: Uuid,
     token: &ClaimToken,
     started: Instant,
-    tried: &Tried<'_>,
+    tried: &mut Tried<'_>,
     retries: &mut Retries,
 ) -> Result<Instant, Outcome> {
     let config = &context.config;
@@ -146,7 +146,12 @@ async fn claim(
             .claim(event_id, token, config.claim_lease)
             .await
         {
-            Ok(Claim::Acquired) => return Ok(asked_at),
+            Ok(Claim::Acquired { unanswered_at }) => {
+                if let Some(provider) = unanswered_at {
+                    tried.took_over_unanswered(context, &provider);
+                }
+                return Ok(asked_at);
+            }
             Ok(Claim::Finished(finished)) => return Err(Outcome::AlreadyHandled(finished)),
             Ok(Claim::HeldElsewhere) => {
                 if !waiting {

@@ -159,6 +159,54 @@ async fn an_idempotent_infobip_asking_for_a_long_wait_on_a_repeat_ends_the_event
     .await;
 }
 
+/// A worker that dies while an idempotent Infobip holds its event (an unanswered call, noted in
+/// the ledger) leaves it to a copy that repeats the call to Infobip too, waiting out Infobip's
+/// breaker, rather than hand it to Twilio, which could send a second SMS.
+#[tokio::test]
+async fn a_copy_taking_over_from_a_dead_worker_keeps_the_event_with_an_idempotent_infobip() {
+    with_harness(QueueType::Classic, |h| async move {
+        let overrides = slow_idempotent_infobip(
+            &h,
+            &[
+                ("PROVIDER_BREAKER_FAILURES", "1"),
+                ("PROVIDER_BREAKER_COOLDOWN_SECS", "6"),
+                // A breaker open for 6 s is waited out (longer than that would end the event).
+                ("SMS_RETRY_MAX_DELAY_MS", "10000"),
+                ("SMS_CLAIM_LEASE_MS", "1000"),
+            ],
+        );
+        // A process, to die as a crash does.
+        let mut dying = h.start_worker_process(&pairs(&overrides)).await;
+        let to = phone();
+        let event = h.request_sms(&to).await;
+        let noted = format!(
+            "{}:unanswered",
+            shared::send_ledger::key(&h.ns, event.event_id)
+        );
+        eventually(WAIT, "the unanswered call noted in the ledger", || async {
+            redis::cmd("EXISTS")
+                .arg(&noted)
+                .query_async::<bool>(&mut h.redis().await)
+                .await
+                .unwrap_or(false)
+        })
+        .await;
+        dying.kill().await;
+        h.fake
+            .set_faults_for(SmsProvider::Infobip, Faults::default());
+
+        let worker = h.start_worker(&pairs(&overrides)).await;
+        assert_eq!(
+            wait_for_the_end(&h, &event).await,
+            shared::send_ledger::SENT
+        );
+        worker.stop().await;
+        assert_only_infobip_called(&h, &to, 2);
+        assert_eq!(h.fake.messages(Some(&to)).len(), 1, "one SMS");
+    })
+    .await;
+}
+
 /// Settings for `infobip,twilio` with `INFOBIP_IDEMPOTENT`, a 1 s send timeout and `extra`;
 /// Infobip answers every call 3 s late until the test says otherwise.
 fn slow_idempotent_infobip(h: &Harness, extra: &[(&str, &str)]) -> Vec<(String, String)> {
