@@ -142,8 +142,8 @@ impl<'a> Tried<'a> {
         self.attempts
     }
 
-    /// A call went out without an answer.
-    fn ambiguous(&self) -> bool {
+    /// A call went out without an answer (this copy's, or one a copy it took over from noted).
+    pub(super) fn ambiguous(&self) -> bool {
         self.unanswered.earlier()
     }
 
@@ -170,6 +170,8 @@ impl<'a> Tried<'a> {
         };
         if provider.ignores_repeats() {
             self.stays_with = Some(provider.name());
+            // One repeat, to confirm the send: the dead worker may have made its two.
+            self.repeats = REPEATS_AFTER_UNANSWERED - 1;
         } else if context.providers.all().len() > 1 {
             self.excluded.push(provider.name());
         }

@@ -72,7 +72,12 @@ pub(super) async fn send_otp(
             Ok(claimed_at) => claimed_at,
             Err(outcome) => return outcome,
         };
-        if tried.attempts() == 0 && event.millis_left(OffsetDateTime::now_utc()) < MIN_MILLIS_LEFT {
+        // Not after a call a worker it took over from left unanswered: the SMS may be on the
+        // phone, and `dead` would say otherwise (see `failover`).
+        if tried.attempts() == 0
+            && !tried.ambiguous()
+            && event.millis_left(OffsetDateTime::now_utc()) < MIN_MILLIS_LEFT
+        {
             info!("the OTP expired before it could be sent; dead-lettering it");
             return Outcome::DeadLetter {
                 dead_letter: DeadLetter::new(
