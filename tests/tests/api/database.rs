@@ -312,6 +312,29 @@ fn refresh_meanwhile(app: &TestApp, body: Value) -> tokio::task::JoinHandle<(Sta
     })
 }
 
+/// A refresh of `body` on a task of its own, its commit held by the test (see
+/// [`commits_wait_on_the_test`]) until the returned transaction ends; returned once the commit
+/// waits, with when the refresh was sent.
+async fn a_refresh_held_at_its_commit(
+    app: &TestApp,
+    db: &sqlx::PgPool,
+    body: Value,
+) -> (
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::task::JoinHandle<(StatusCode, Value)>,
+    std::time::Instant,
+) {
+    commits_wait_on_the_test(db).await;
+    let held = held_commits(db).await;
+    let sent = std::time::Instant::now();
+    let refreshed = refresh_meanwhile(app, body);
+    eventually(Duration::from_secs(5), "the commit waiting", || async {
+        waiting_on_a_lock(db).await == 1
+    })
+    .await;
+    (held, refreshed, sent)
+}
+
 /// A refresh whose commit is sent in time waits for its answer, even past the time its
 /// statements had, and tells the client what it came to. Before, the whole refresh was cut at
 /// 9 s, the commit with it: the client heard 503 while the commit landed, and with no reuse
@@ -320,14 +343,7 @@ fn refresh_meanwhile(app: &TestApp, body: Value) -> tokio::task::JoinHandle<(Sta
 async fn a_refresh_whose_commit_is_slow_answers_with_its_tokens() {
     let (app, body) = signed_in_with_no_reuse_grace().await;
     let db = app.db().await;
-    commits_wait_on_the_test(&db).await;
-    let held = held_commits(&db).await;
-    let started = std::time::Instant::now();
-    let refreshed = refresh_meanwhile(&app, body);
-    eventually(Duration::from_secs(5), "the commit waiting", || async {
-        waiting_on_a_lock(&db).await == 1
-    })
-    .await;
+    let (held, refreshed, started) = a_refresh_held_at_its_commit(&app, &db, body).await;
     // Past the 9 s the refresh as a whole once had, within the router's 10 s; time itself is
     // what this test needs.
     tokio::time::sleep(Duration::from_millis(9_100).saturating_sub(started.elapsed())).await;
@@ -354,13 +370,7 @@ async fn a_refresh_whose_commit_lands_after_its_connection_broke_answers_with_it
         one_connection_through_a_proxy(Spawn::default().var("REFRESH_REUSE_GRACE_SECS", 0)).await;
     let session = app.sign_in(PHONE).await;
     let body = json!({ "refresh_token": session["refresh_token"] });
-    commits_wait_on_the_test(&db).await;
-    let held = held_commits(&db).await;
-    let refreshed = refresh_meanwhile(&app, body);
-    eventually(Duration::from_secs(5), "the commit waiting", || async {
-        waiting_on_a_lock(&db).await == 1
-    })
-    .await;
+    let (held, refreshed, _) = a_refresh_held_at_its_commit(&app, &db, body).await;
     postgres.cut_connections();
     // The api asks after its commit on a new connection, and hears "in progress".
     eventually(Duration::from_secs(5), "the api asking after its commit", || async {
@@ -391,13 +401,7 @@ async fn a_refresh_whose_commit_lands_after_its_connection_broke_answers_with_it
 async fn a_refresh_whose_commit_was_cut_short_rotates_nothing() {
     let (app, body) = signed_in_with_no_reuse_grace().await;
     let db = app.db().await;
-    commits_wait_on_the_test(&db).await;
-    let held = held_commits(&db).await;
-    let refreshed = refresh_meanwhile(&app, body.clone());
-    eventually(Duration::from_secs(5), "the commit waiting", || async {
-        waiting_on_a_lock(&db).await == 1
-    })
-    .await;
+    let (held, refreshed, _) = a_refresh_held_at_its_commit(&app, &db, body.clone()).await;
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
     )
@@ -448,13 +452,7 @@ async fn a_refresh_whose_commit_lost_its_answer_finds_it_landed() {
         one_connection_through_a_proxy(Spawn::default().var("REFRESH_REUSE_GRACE_SECS", 0)).await;
     let session = app.sign_in(PHONE).await;
     let body = json!({ "refresh_token": session["refresh_token"] });
-    commits_wait_on_the_test(&db).await;
-    let held = held_commits(&db).await;
-    let refreshed = refresh_meanwhile(&app, body);
-    eventually(Duration::from_secs(5), "the commit waiting", || async {
-        waiting_on_a_lock(&db).await == 1
-    })
-    .await;
+    let (held, refreshed, _) = a_refresh_held_at_its_commit(&app, &db, body).await;
     postgres.hold_replies();
     held.rollback().await.expect("the commit let go");
     eventually(Duration::from_secs(5), "the rotation stored", || async {
